@@ -1,0 +1,1 @@
+"""Ingest: the message contract, decoders and the dead-letter topic."""

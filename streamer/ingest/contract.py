@@ -1,0 +1,184 @@
+"""The input message contract: one chunk of lead-II samples of one patient, in JSON or binary.
+
+Kafka key = patient id (UTF-8). The value is detected per message: a binary frame starts with b"ECG1",
+anything else is parsed as JSON. See README "Input messages".
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from streamer.settings import WindowSettings
+
+MAGIC = b"ECG1"
+FORMAT_VERSION = 1
+DTYPE_FLOAT32_MV = 1
+DTYPE_INT16_COUNTS = 2
+NO_VALUE = -(1 << 63)  # int64 sentinel for "absent" in the binary header
+# magic, version, dtype, reserved, fs, t0_ns, segment_start_ns, seq, gain, baseline, n_samples, lead, id_len
+_HEADER = struct.Struct("<4sBBHdqqqddI8sH")
+HEADER_SIZE = _HEADER.size
+MIN_TIMESTAMP_NS = 946_684_800 * 10**9  # 2000-01-01: anything earlier is a broken clock
+MAX_PATIENT_ID = 128
+
+
+class InvalidMessage(ValueError):
+    """A message that cannot be accepted; `reason` is a stable, short, machine-readable code."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    patient_id: str
+    lead: str
+    t0_ns: int  # timestamp of the first sample, epoch ns
+    fs: float  # samples per second
+    samples: np.ndarray  # float64 millivolts
+    seq: int | None = None
+    segment_start_ns: int | None = None  # first sample of the continuous recording segment
+
+
+class JsonChunk(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    patient_id: str = Field(min_length=1, max_length=MAX_PATIENT_ID)
+    lead: str = Field("II", max_length=8)
+    t0_ns: int
+    fs: float | int
+    samples: list[float | int] | None = None
+    counts: list[int] | None = None
+    gain: float | int | None = None  # counts per mV
+    baseline: float | int = 0
+    units: str = "mV"
+    seq: int | None = None
+    segment_start_ns: int | None = None
+
+
+def _check(chunk: Chunk, key: bytes | None, s: WindowSettings, now_ns: int) -> Chunk:
+    if key is not None:
+        try:
+            key_id = key.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidMessage("bad_key", "message key is not UTF-8") from None
+        if key_id != chunk.patient_id:
+            raise InvalidMessage("key_mismatch", "message key differs from the patient id in the value")
+    if not chunk.patient_id or len(chunk.patient_id) > MAX_PATIENT_ID or not chunk.patient_id.isprintable():
+        raise InvalidMessage("bad_patient_id", "patient id must be 1-128 printable characters")
+    if not (np.isfinite(chunk.fs) and s.min_rate_hz <= chunk.fs <= s.max_rate_hz):
+        raise InvalidMessage("bad_rate", f"sample rate {chunk.fs!r} outside [{s.min_rate_hz}, {s.max_rate_hz}] Hz")
+    if not MIN_TIMESTAMP_NS <= chunk.t0_ns <= now_ns + int(s.max_clock_skew_s * 1e9):
+        raise InvalidMessage("bad_timestamp", f"t0_ns {chunk.t0_ns} before 2000 or too far in the future")
+    if chunk.segment_start_ns is not None and not MIN_TIMESTAMP_NS <= chunk.segment_start_ns <= chunk.t0_ns:
+        raise InvalidMessage("bad_segment_start", "segment_start_ns must be a timestamp not after t0_ns")
+    if chunk.lead not in s.accepted_leads:
+        raise InvalidMessage("wrong_lead", f"lead {chunk.lead!r} is not one of {s.accepted_leads}"[:200])
+    n = len(chunk.samples)
+    if n == 0:
+        raise InvalidMessage("empty", "no samples")
+    if n > s.max_chunk_s * chunk.fs:
+        raise InvalidMessage("oversized", f"{n} samples is more than {s.max_chunk_s} s at {chunk.fs} Hz")
+    if not np.isfinite(chunk.samples).all():
+        raise InvalidMessage("non_finite", "samples hold NaN or infinity")
+    return chunk
+
+
+def decode_json(value: bytes) -> Chunk:
+    try:
+        raw = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidMessage("malformed_json", str(exc)[:200]) from None
+    if not isinstance(raw, dict):
+        raise InvalidMessage("malformed_json", "the value must be a JSON object")
+    try:
+        msg = JsonChunk.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InvalidMessage("invalid_field", f"{where}: {first['msg']}"[:200]) from None
+    if (msg.samples is None) == (msg.counts is None):
+        raise InvalidMessage("invalid_field", "exactly one of samples (mV) or counts (+ gain) is required")
+    if msg.samples is not None:
+        if msg.units not in ("mV", "uV"):
+            raise InvalidMessage("invalid_field", f"units must be mV or uV, not {msg.units!r}"[:200])
+        samples = np.asarray(msg.samples, dtype=np.float64)
+        if msg.units == "uV":
+            samples = samples / 1000.0
+    else:
+        if not msg.gain or not np.isfinite(msg.gain):
+            raise InvalidMessage("invalid_field", "counts need a finite non-zero gain (counts per mV)")
+        samples = (np.asarray(msg.counts, dtype=np.float64) - msg.baseline) / msg.gain
+    return Chunk(msg.patient_id, msg.lead, msg.t0_ns, float(msg.fs), samples, msg.seq, msg.segment_start_ns)
+
+
+def decode_binary(value: bytes) -> Chunk:
+    if len(value) < HEADER_SIZE:
+        raise InvalidMessage("malformed_binary", f"{len(value)} bytes is shorter than the {HEADER_SIZE}-byte header")
+    (magic, version, dtype, _reserved, fs, t0_ns, seg, seq, gain, baseline, n, lead, id_len) = _HEADER.unpack_from(value)
+    if version != FORMAT_VERSION:
+        raise InvalidMessage("malformed_binary", f"unknown format version {version}")
+    width = {DTYPE_FLOAT32_MV: 4, DTYPE_INT16_COUNTS: 2}.get(dtype)
+    if width is None:
+        raise InvalidMessage("malformed_binary", f"unknown sample type {dtype}")
+    expected = HEADER_SIZE + id_len + n * width
+    if len(value) != expected:
+        raise InvalidMessage("malformed_binary", f"header says {expected} bytes, message has {len(value)}")
+    try:
+        patient_id = value[HEADER_SIZE:HEADER_SIZE + id_len].decode("utf-8")
+        lead_s = lead.rstrip(b"\0").decode("ascii")
+    except UnicodeDecodeError:
+        raise InvalidMessage("malformed_binary", "patient id or lead is not valid text") from None
+    body = value[HEADER_SIZE + id_len:]
+    if dtype == DTYPE_FLOAT32_MV:
+        samples = np.frombuffer(body, dtype="<f4").astype(np.float64)
+    else:
+        if not (np.isfinite(gain) and gain != 0 and np.isfinite(baseline)):
+            raise InvalidMessage("malformed_binary", "int16 counts need a finite non-zero gain")
+        samples = (np.frombuffer(body, dtype="<i2").astype(np.float64) - baseline) / gain
+    return Chunk(patient_id, lead_s, t0_ns, fs, samples,
+                 None if seq == NO_VALUE else seq, None if seg == NO_VALUE else seg)
+
+
+def decode(key: bytes | None, value: bytes | None, settings: WindowSettings, now_ns: int | None = None) -> Chunk:
+    """Decode and validate one Kafka record; raises InvalidMessage with a reason."""
+    if value is None:
+        raise InvalidMessage("empty", "record has no value (tombstone)")
+    chunk = decode_binary(value) if value[:4] == MAGIC else decode_json(value)
+    return _check(chunk, key, settings, now_ns if now_ns is not None else time.time_ns())
+
+
+def encode_json(chunk: Chunk) -> bytes:
+    doc = {"patient_id": chunk.patient_id, "lead": chunk.lead, "t0_ns": chunk.t0_ns, "fs": chunk.fs,
+           "samples": np.asarray(chunk.samples, dtype=np.float64)}
+    if chunk.seq is not None:
+        doc["seq"] = chunk.seq
+    if chunk.segment_start_ns is not None:
+        doc["segment_start_ns"] = chunk.segment_start_ns
+    return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def encode_binary(chunk: Chunk, counts_gain: float | None = None, baseline: float = 0.0) -> bytes:
+    """float32 mV by default; with `counts_gain`, int16 counts = round(mV * gain + baseline)."""
+    pid = chunk.patient_id.encode("utf-8")
+    lead = chunk.lead.encode("ascii")[:8]
+    if counts_gain is None:
+        body = np.asarray(chunk.samples, dtype="<f4").tobytes()
+        dtype, gain = DTYPE_FLOAT32_MV, 1.0
+    else:
+        counts = np.round(np.asarray(chunk.samples) * counts_gain + baseline)
+        body = np.clip(counts, -32768, 32767).astype("<i2").tobytes()
+        dtype, gain = DTYPE_INT16_COUNTS, counts_gain
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, dtype, 0, float(chunk.fs), chunk.t0_ns,
+                          NO_VALUE if chunk.segment_start_ns is None else chunk.segment_start_ns,
+                          NO_VALUE if chunk.seq is None else chunk.seq, gain, baseline,
+                          len(chunk.samples), lead, len(pid))
+    return header + pid + body

@@ -1,0 +1,71 @@
+"""The commit rule, in one place.
+
+Per input partition, the committed offset never passes a record that still holds a sample of a window
+not yet published and acknowledged: commit = min(oldest record feeding an open window, oldest record
+feeding an in-flight window, oldest dead-letter record not yet acknowledged, last consumed + 1).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+
+class CommitTracker:
+    def __init__(self) -> None:
+        self.next_offset: dict[int, int] = {}  # last consumed + 1
+        self.inflight: dict[int, Counter[int]] = {}  # partition -> offsets held by unacked outputs
+        self.committed: dict[int, int] = {}
+
+    def consumed(self, partition: int, offset: int) -> None:
+        if offset + 1 > self.next_offset.get(partition, -1):
+            self.next_offset[partition] = offset + 1
+
+    def hold(self, partition: int, offset: int | None) -> None:
+        """An output (window or dead letter) that depends on `offset` is on its way to the broker."""
+        if offset is not None:
+            self.inflight.setdefault(partition, Counter())[offset] += 1
+
+    def release(self, partition: int, offset: int | None) -> None:
+        """That output was acknowledged by the broker."""
+        if offset is None:
+            return
+        held = self.inflight.get(partition)
+        if held is None or held[offset] <= 0:
+            return  # partition was revoked meanwhile
+        held[offset] -= 1
+        if held[offset] == 0:
+            del held[offset]
+
+    def commit_points(self, open_offsets: dict[int, int]) -> dict[int, int]:
+        """Offsets safe to commit now, only those that moved forward since the last commit."""
+        out = {}
+        for partition, nxt in self.next_offset.items():
+            point = nxt
+            if partition in open_offsets:
+                point = min(point, open_offsets[partition])
+            held = self.inflight.get(partition)
+            if held:
+                point = min(point, min(held))
+            if point > self.committed.get(partition, -1):
+                out[partition] = point
+        return out
+
+    def mark_committed(self, points: dict[int, int]) -> None:
+        for p, off in points.items():
+            self.committed[p] = max(off, self.committed.get(p, -1))
+
+    def start_partition(self, partition: int, committed: int | None) -> None:
+        self.next_offset.pop(partition, None)
+        self.inflight.pop(partition, None)
+        if committed is not None:
+            self.committed[partition] = committed
+        else:
+            self.committed.pop(partition, None)
+
+    def drop_partition(self, partition: int) -> None:
+        self.next_offset.pop(partition, None)
+        self.inflight.pop(partition, None)
+        self.committed.pop(partition, None)
+
+    def pending(self) -> int:
+        return sum(sum(c.values()) for c in self.inflight.values())

@@ -1,0 +1,1 @@
+"""The released artifact model: preprocessing, network, checkpoint loading, batched scoring."""

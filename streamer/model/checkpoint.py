@@ -1,0 +1,75 @@
+"""Loading a checkpoint in the released format, with a clear error for every way it can be wrong."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from pathlib import Path
+
+import torch
+
+from streamer.model.network import ArtifactNet
+
+RELEASED_NAME = "okekeclean-ecg-efficientnet_b0"
+RELEASED_FILE = "cnn-efficientnet_b0-full-best-v65-5ef1694d9ae9fab6c6e0023903f63997.pth"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_state_dict(path: str | Path, expected_sha256: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """Returns (state_dict, sha256). Never unpickles code: torch.load(weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    digest = sha256_of(path)
+    if expected_sha256 and digest.lower() != expected_sha256.strip().lower():
+        raise CheckpointError(f"checkpoint {path} has sha256 {digest}, but model.expected_sha256 pins "
+                              f"{expected_sha256.strip().lower()}: refusing to load another file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"checkpoint {path} holds objects other than tensors (refused by "
+                              f"weights_only loading): {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # truncated or not a torch file at all
+        raise CheckpointError(f"checkpoint {path} is not a readable torch file: {exc}") from None
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"checkpoint {path} is not a state dict (got {type(obj).__name__}); "
+                              "expected a plain mapping of parameter names to tensors")
+    return obj, digest
+
+
+def build_network(state: dict[str, torch.Tensor], source: str = "checkpoint") -> ArtifactNet:
+    """An ArtifactNet holding `state`, after checking keys and shapes against the released layout."""
+    net = ArtifactNet()
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        hint = ""
+        if unexpected and not any(k.startswith("efficientnet.") for k in state):
+            hint = " (keys must carry the released 'efficientnet.' prefix)"
+        raise CheckpointError(
+            f"{source} does not match the released layout{hint}: "
+            f"{len(missing)} missing key(s) {missing[:5]}, {len(unexpected)} unexpected key(s) {unexpected[:5]}")
+    wrong = [f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+             if tuple(state[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise CheckpointError(f"{source} has wrong tensor shapes: {wrong[:5]}")
+    net.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    return net.eval()
+
+
+def model_name_for(path: Path) -> str:
+    if path.name == RELEASED_FILE:
+        return RELEASED_NAME
+    return path.stem

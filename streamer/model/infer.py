@@ -1,0 +1,90 @@
+"""Batched scoring: 5000-sample windows -> artifact probabilities, the same code online and offline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from streamer.logs import get_logger
+from streamer.model.checkpoint import (CheckpointError, build_network, load_state_dict,
+                                       model_name_for)
+from streamer.model.network import fold_grayscale_stem
+from streamer.model.preprocess import Preprocessor
+from streamer.settings import ModelSettings
+
+log = get_logger(__name__)
+
+_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def demo_checkpoint_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "assets" / DEMO_CHECKPOINT_FILE
+
+
+DEMO_CHECKPOINT_FILE = "SYNTHETIC-DEMO-not-for-clinical-use-efficientnet_b0.pth"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("model.device=cuda but CUDA is not available on this machine")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    sha256: str
+    device: str
+    precision: str
+    threshold: float
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.name}@sha256:{self.sha256[:16]}"
+
+
+class ArtifactScorer:
+    """Loads the checkpoint once; `probabilities(windows)` scores a (B, 5000) float32 batch."""
+
+    def __init__(self, settings: ModelSettings):
+        path = Path(settings.checkpoint) if settings.checkpoint else demo_checkpoint_path()
+        state, digest = load_state_dict(path, settings.expected_sha256)
+        self.device = resolve_device(settings.device)
+        net = build_network(state, source=str(path))
+        if settings.fold_stem:
+            net = fold_grayscale_stem(net)
+        self.dtype = _HALF.get(settings.precision, torch.float32) if self.device.type == "cuda" else torch.float32
+        net = net.to(self.device, self.dtype)
+        self.memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+        self.net = net.to(memory_format=self.memory_format).eval()
+        self.fold_stem = settings.fold_stem
+        self.preprocess = Preprocessor(self.device)
+        precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+        self.info = ModelInfo(settings.name or model_name_for(path), digest, str(self.device), precision,
+                              settings.threshold)
+        log.info("model_loaded", path=str(path), sha256=digest, model_id=self.info.model_id,
+                 device=str(self.device), precision=precision)
+
+    @property
+    def threshold(self) -> float:
+        return self.info.threshold
+
+    def images(self, windows: np.ndarray | torch.Tensor) -> torch.Tensor:
+        return self.preprocess(windows)
+
+    @torch.inference_mode()
+    def probabilities(self, windows: np.ndarray | torch.Tensor) -> np.ndarray:
+        """(B, 5000) float32 windows -> (B,) float64 artifact probabilities (softmax class 1)."""
+        if len(windows) == 0:
+            return np.zeros(0, dtype=np.float64)
+        x = self.images(windows)
+        if not self.fold_stem:
+            x = x.expand(-1, 3, -1, -1)
+        x = x.to(self.dtype).contiguous(memory_format=self.memory_format)
+        logits = self.net(x).float()
+        return torch.softmax(logits, dim=1)[:, 1].double().cpu().numpy()

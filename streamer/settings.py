@@ -1,0 +1,174 @@
+"""Settings: defaults < TOML file (configs/) < STREAMER_* environment < explicit overrides.
+
+Nested groups use a double underscore in env vars, e.g. STREAMER_KAFKA__BOOTSTRAP_SERVERS.
+The TOML file is chosen with STREAMER_CONFIG (or `--config` on the CLI).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+RELEASED_THRESHOLD = 0.20802117884159088
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client_id: str = "streamer"
+    group_id: str = "streamer-artifact"
+    input_topics: list[str] = ["ecg.lead2"]
+    flags_topic: str = "ecg.artifact.flags"
+    episodes_topic: str = "ecg.artifact.episodes"
+    dead_letter_topic: str = "ecg.deadletter"
+    input_partitions: int = Field(8, ge=1, description="used when the worker or `broker` creates topics")
+    create_topics: bool = Field(False, description="create missing topics at start (demo/tests only)")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    sasl_password_file: Path | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    max_poll_records: int = Field(2000, ge=1)
+    session_timeout_ms: int = Field(10000, ge=1000)
+    heartbeat_interval_ms: int = Field(3000, ge=100)
+    commit_interval_s: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> "KafkaSettings":
+        if self.security_protocol.startswith("SASL"):
+            if not self.sasl_mechanism or not self.sasl_username:
+                raise ValueError(
+                    "kafka.sasl_mechanism and kafka.sasl_username are required "
+                    f"with security_protocol={self.security_protocol}"
+                )
+            if self.sasl_password is None and self.sasl_password_file is None:
+                raise ValueError("kafka.sasl_password or kafka.sasl_password_file is required for SASL")
+        return self
+
+    def password(self) -> str | None:
+        if self.sasl_password is not None:
+            return self.sasl_password.get_secret_value()
+        if self.sasl_password_file is not None:
+            return self.sasl_password_file.read_text().strip()
+        return None
+
+
+class WindowSettings(BaseModel):
+    window_s: float = Field(10.0, gt=0, description="fixed by the released model; change only for experiments")
+    overlap_s: float = Field(0.0, ge=0)
+    reorder_tolerance_s: float = Field(2.0, ge=0, description="how long a window with holes waits for late chunks")
+    max_interpolated_gap_samples: int = Field(5, ge=0)
+    max_missing_fraction: float = Field(0.05, ge=0, le=1)
+    max_forward_jump_s: float = Field(3600.0, gt=0, description="larger jumps within one segment are dead-lettered")
+    idle_evict_s: float = Field(60.0, gt=0)
+    max_chunk_s: float = Field(10.0, gt=0, description="larger messages are dead-lettered as oversized")
+    max_buffer_bytes: int = Field(1 << 30, gt=0, description="total bytes held by open windows, all patients")
+    min_rate_hz: float = Field(50.0, gt=0)
+    max_rate_hz: float = Field(10000.0, gt=0)
+    max_clock_skew_s: float = Field(86400.0, gt=0, description="timestamps further in the future are rejected")
+    unknown_lead: Literal["dead_letter", "drop"] = "dead_letter"
+    accepted_leads: list[str] = ["II", "MLII"]
+
+    @model_validator(mode="after")
+    def _overlap_below_window(self) -> "WindowSettings":
+        if self.overlap_s >= self.window_s:
+            raise ValueError("windows.overlap_s must be smaller than windows.window_s")
+        return self
+
+
+class ModelSettings(BaseModel):
+    checkpoint: Path | None = Field(None, description="released .pth state dict; the demo checkpoint if unset")
+    expected_sha256: str | None = Field(None, description="refuse any checkpoint with another digest")
+    threshold: float = Field(RELEASED_THRESHOLD, ge=0, le=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="half precision applies on CUDA only")
+    fold_stem: bool = True
+    channels_last: bool = True
+    name: str | None = Field(None, description="model name in the model id; derived from the file if unset")
+
+
+class BatchSettings(BaseModel):
+    max_batch: int = Field(64, ge=1)
+    max_wait_ms: float = Field(200.0, ge=0)
+    max_pending_windows: int = Field(2048, ge=1, description="pause fetching above this many queued windows")
+
+
+class EpisodeSettings(BaseModel):
+    open_after: int = Field(2, ge=1, description="consecutive flagged windows that open an episode")
+    close_after: int = Field(2, ge=1, description="consecutive clean windows that close it")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        toml_file=None,
+    )
+
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    patient_id_in_logs: Literal["plain", "hashed", "omit"] = "plain"
+    shutdown_deadline_s: float = Field(30.0, gt=0)
+    kafka: KafkaSettings = KafkaSettings()
+    windows: WindowSettings = WindowSettings()
+    model: ModelSettings = ModelSettings()
+    batching: BatchSettings = BatchSettings()
+    episodes: EpisodeSettings = EpisodeSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config = os.environ.get("STREAMER_CONFIG")
+        if config:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config)))
+        return tuple(sources)
+
+
+class SettingsError(SystemExit):
+    """Raised at start when settings are invalid; the message names each bad setting."""
+
+
+def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build settings; `config` (a TOML path) takes the place of STREAMER_CONFIG."""
+    previous = os.environ.get("STREAMER_CONFIG")
+    try:
+        if config is not None:
+            if not Path(config).is_file():
+                raise SettingsError(f"settings: config file not found: {config}")
+            os.environ["STREAMER_CONFIG"] = str(config)
+        elif previous and not Path(previous).is_file():
+            raise SettingsError(f"settings: STREAMER_CONFIG file not found: {previous}")
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"]) or "(settings)"
+            lines.append(f"  {name}: {err['msg']} (got {err.get('input')!r})"
+                         if "password" not in name else f"  {name}: {err['msg']}")
+        raise SettingsError("invalid settings:\n" + "\n".join(lines)) from None
+    finally:
+        if config is not None:
+            if previous is None:
+                os.environ.pop("STREAMER_CONFIG", None)
+            else:
+                os.environ["STREAMER_CONFIG"] = previous

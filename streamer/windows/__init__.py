@@ -1,0 +1,1 @@
+"""Windows: grid arithmetic, offline segmentation, the streaming per-patient buffers, resampling."""

@@ -1,0 +1,61 @@
+"""Exact window-grid arithmetic in integers: no float drift over days of samples at any rate.
+
+A segment is anchored at `anchor_ns` with sample rate `fs` (a Fraction). Sample i is at
+anchor_ns + i / fs. Window k starts at anchor_ns + k * step_ns and holds the samples from the index
+nearest to its start up to, not including, the index nearest to its end (REFERENCE.md). Ties go to the
+lower index, as an argmin over |t - s| does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+NS = 1_000_000_000
+
+
+def nearest_index(numerator: int, denominator: int) -> int:
+    """round(numerator / denominator) with exact halves going down (denominator > 0)."""
+    return -((denominator - 2 * numerator) // (2 * denominator))
+
+
+def as_rate(fs: float) -> Fraction:
+    """A sample rate as an exact fraction (250, 360, 500.0, 128.5 ...)."""
+    return Fraction(str(fs)).limit_denominator(1_000_000)
+
+
+@dataclass(frozen=True)
+class WindowGrid:
+    anchor_ns: int
+    fs: Fraction
+    window_ns: int
+    step_ns: int
+
+    def sample_index(self, t_ns: int) -> int:
+        """Index of the sample nearest to t_ns."""
+        num = (t_ns - self.anchor_ns) * self.fs.numerator
+        return nearest_index(num, NS * self.fs.denominator)
+
+    def start_ns(self, k: int) -> int:
+        return self.anchor_ns + k * self.step_ns
+
+    def start_index(self, k: int) -> int:
+        return self.sample_index(self.start_ns(k))
+
+    def end_index(self, k: int) -> int:
+        return self.sample_index(self.start_ns(k) + self.window_ns)
+
+    def first_window_ending_after(self, i: int) -> int:
+        """Smallest k whose sample range ends after index i (the first window sample i can belong to)."""
+        k = max((((i * NS * self.fs.denominator) // self.fs.numerator) - self.window_ns) // self.step_ns, 0) - 1
+        k = max(k, 0)
+        while self.end_index(k) <= i:
+            k += 1
+        return k
+
+    def last_window_starting_at_or_before(self, i: int) -> int:
+        """Largest k whose sample range starts at or before index i (-1 if none)."""
+        k = ((i * NS * self.fs.denominator) // self.fs.numerator) // self.step_ns + 1
+        while k >= 0 and self.start_index(k) > i:
+            k -= 1
+        return k
