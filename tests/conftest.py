@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from streamer.synthetic import generate, inject
+
+os.environ.setdefault("STREAMER_LOG_FORMAT", "console")
+
+
+def varied_windows(n_each: int = 4, seed: int = 0) -> dict[str, list[np.ndarray]]:
+    """Source-rate windows of many kinds: clean ECG, each artifact, noise, flat line, other rates."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[np.ndarray]] = {}
+    for fs in (500, 250, 360, 1000):
+        rec = generate(10.0 * n_each, fs=fs, seed=seed + fs, artifact_fraction=0.0)
+        w = int(10 * fs)
+        out[f"ecg_{fs}hz"] = [rec.values[i * w:(i + 1) * w] for i in range(n_each)]
+    for kind in ("motion", "emg", "baseline", "powerline", "flatline", "saturation", "step"):
+        wins = []
+        for i in range(n_each):
+            x = generate(10.0, fs=500, seed=seed * 100 + i, artifact_fraction=0.0).values
+            inject(x, 500, kind, 0, 5000, rng)
+            wins.append(x)
+        out[kind] = wins
+    out["white_noise"] = [rng.normal(0, 1, 5000) for _ in range(n_each)]
+    out["zeros"] = [np.zeros(5000)]
+    out["huge"] = [rng.normal(0, 1e4, 5000)]
+    return out
+
+
+@pytest.fixture(scope="session")
+def windows_by_kind() -> dict[str, list[np.ndarray]]:
+    return varied_windows()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, windows_by_kind) -> str:
+    """A released-format checkpoint: random weights, BatchNorm calibrated on real spectrograms."""
+    from streamer.model.training import calibrated_checkpoint
+    from streamer.windows.resample import to_model_samples
+
+    wins = np.stack([to_model_samples(w) for ws in windows_by_kind.values() for w in ws])
+    return str(calibrated_checkpoint(tmp_path_factory.mktemp("ckpt") / "test-model.pth", wins, seed=7))

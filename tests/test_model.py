@@ -1,0 +1,117 @@
+"""The released model path: checkpoint loading errors, digest pinning, probability parity."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from streamer.model.checkpoint import CheckpointError, build_network, load_state_dict
+from streamer.model.infer import ArtifactScorer
+from streamer.model.network import ArtifactNet
+from streamer.settings import RELEASED_THRESHOLD, ModelSettings
+from streamer.windows.resample import to_model_samples
+from tests import reference_impl as ref
+
+
+def test_released_layout_has_362_tensors_with_prefix():
+    keys = list(ArtifactNet().state_dict())
+    assert len(keys) == 362
+    assert all(k.startswith("efficientnet.") for k in keys)
+    assert "efficientnet.classifier.0.weight" in keys and "efficientnet.classifier.3.bias" in keys
+
+
+def test_batched_probabilities_equal_per_window_reference(checkpoint, windows_by_kind):
+    """Batched, folded-stem, channels_last scorer vs the per-window path: torch.stft per window (as the
+    released offline path), numpy dB/8-bit, Pillow resize, plain 3-channel NCHW fp32 model, batch 1."""
+    scorer = ArtifactScorer(ModelSettings(checkpoint=checkpoint))
+    raw = [w for ws in windows_by_kind.values() for w in ws]
+    batched = scorer.probabilities(np.stack([to_model_samples(w) for w in raw]))
+    state, _ = load_state_dict(checkpoint)
+    plain = build_network(state)
+    per_window = []
+    with torch.no_grad():
+        for w in raw:
+            img = torch.from_numpy(ref.image(ref.resample_5000(w), fft="torch"))[None]
+            per_window.append(torch.softmax(plain(img), 1)[0, 1].item())
+    dp = np.abs(batched - np.array(per_window))
+    assert dp.max() <= 1e-5, f"max |dp| {dp.max():.2e}"
+    assert np.ptp(batched) > 1e-3, "the calibrated test model must respond to its input"
+
+
+def test_threshold_default_and_model_id(checkpoint):
+    scorer = ArtifactScorer(ModelSettings(checkpoint=checkpoint))
+    assert scorer.threshold == RELEASED_THRESHOLD == 0.20802117884159088
+    assert scorer.info.model_id.startswith("test-model@sha256:")
+    assert len(scorer.info.sha256) == 64
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_state_dict(tmp_path / "nope.pth")
+
+
+def test_not_a_torch_file(tmp_path):
+    p = tmp_path / "junk.pth"
+    p.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable torch file"):
+        load_state_dict(p)
+
+
+def test_not_a_state_dict(tmp_path):
+    p = tmp_path / "list.pth"
+    torch.save([torch.zeros(3)], p)
+    with pytest.raises(CheckpointError, match="not a state dict"):
+        load_state_dict(p)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_pickled_code_is_refused(tmp_path):
+    p = tmp_path / "evil.pth"
+    with open(p, "wb") as f:
+        pickle.dump({"x": _Evil()}, f)
+    with pytest.raises(CheckpointError, match="weights_only|not a readable"):
+        load_state_dict(p)
+    p2 = tmp_path / "evil2.pth"
+    torch.save({"efficientnet.x": _Evil()}, p2)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_state_dict(p2)
+
+
+def test_missing_and_unexpected_keys(checkpoint):
+    state, _ = load_state_dict(checkpoint)
+    unprefixed = {k.removeprefix("efficientnet."): v for k, v in state.items()}
+    with pytest.raises(CheckpointError, match="prefix"):
+        build_network(unprefixed)
+    partial = dict(state)
+    partial.pop("efficientnet.classifier.3.bias")
+    with pytest.raises(CheckpointError, match="1 missing key"):
+        build_network(partial)
+
+
+def test_wrong_shapes(checkpoint):
+    state, _ = load_state_dict(checkpoint)
+    state = dict(state)
+    state["efficientnet.classifier.3.weight"] = torch.zeros(3, 256)
+    with pytest.raises(CheckpointError, match="wrong tensor shapes"):
+        build_network(state)
+
+
+def test_digest_pin(checkpoint):
+    _, digest = load_state_dict(checkpoint)
+    load_state_dict(checkpoint, expected_sha256=digest.upper())
+    with pytest.raises(CheckpointError, match="refusing"):
+        load_state_dict(checkpoint, expected_sha256="0" * 64)
+
+
+def test_cuda_requested_without_cuda(checkpoint):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(CheckpointError, match="CUDA is not available"):
+        ArtifactScorer(ModelSettings(checkpoint=checkpoint, device="cuda"))

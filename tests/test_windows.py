@@ -1,0 +1,196 @@
+"""Stream windows equal REFERENCE.md's offline segmentation, whatever the chunking, duplication or order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+from streamer.ingest.contract import Chunk
+from streamer.ingest.producer import chunks_of
+from streamer.offline.recordings import regular_times
+from streamer.settings import WindowSettings
+from streamer.synthetic import generate
+from streamer.windows.buffer import INSUFFICIENT, SCORABLE, PatientStream, fill_gaps
+from streamer.windows.grid import WindowGrid, as_rate, nearest_index
+from streamer.windows.segmentation import segment
+from streamer.windows.stage import WindowStage
+
+START = 1_795_000_000_000_000_000
+
+
+def run_stream(chunks, settings=None, offsets=None):
+    stream = PatientStream("p1", 0, settings or WindowSettings())
+    out = []
+    for i, c in enumerate(chunks):
+        out.extend(stream.accept(c, offsets[i] if offsets else i, now=float(i)).windows)
+    return out, stream
+
+
+def recording(fs, seconds, seed=0):
+    rec = generate(seconds, fs=fs, seed=seed)
+    return regular_times(len(rec.values), fs, START), rec.values
+
+
+def offline(times, values, overlap_s=0.0):
+    return [(w.start_ns, values[w.first:w.stop]) for w in segment(times, 10.0, overlap_s)]
+
+
+@pytest.mark.parametrize("fs", [500, 360, 250, 1000, 128.5])
+@pytest.mark.parametrize("overlap_s", [0.0, 2.5])
+def test_stream_equals_offline_segmentation(fs, overlap_s):
+    times, values = recording(fs, 63.3)
+    want = offline(times, values, overlap_s)
+    got, _ = run_stream(chunks_of("p1", times, values, chunk_samples=int(fs * 0.25), fs=fs),
+                        WindowSettings(overlap_s=overlap_s))
+    assert [w.start_ns for w in got] == [s for s, _ in want]
+    for w, (_, x) in zip(got, want):
+        assert w.status == SCORABLE
+        np.testing.assert_array_equal(w.samples, x)
+    assert len(want) == (6 if overlap_s == 0 else 8)  # starts every 7.5 s up to 52.5 s
+
+
+def test_360hz_window_has_3600_samples_and_5000_after_resampling():
+    from streamer.windows.resample import to_model_samples
+
+    times, values = recording(360, 21)
+    got, _ = run_stream(chunks_of("p1", times, values, 90, fs=360))
+    assert [len(w.samples) for w in got] == [3600, 3600]
+    assert to_model_samples(got[0].samples).shape == (5000,)
+
+
+@st.composite
+def chunkings(draw):
+    """Chunks of 1 sample to 1 s, some sent twice, shuffled within groups of 3 (late by at most 2 s)."""
+    fs = draw(st.sampled_from([250, 360, 500]))
+    n = int(fs * 31.7)
+    lengths = draw(st.lists(st.integers(1, fs), min_size=1, max_size=200))
+    bounds = [0]
+    while bounds[-1] < n:
+        bounds.append(min(n, bounds[-1] + lengths[len(bounds) % len(lengths)]))
+    pieces = list(zip(bounds, bounds[1:]))
+    dups = draw(st.lists(st.integers(0, len(pieces) - 1), max_size=10))
+    order = sorted(list(range(len(pieces))) + dups)
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    for g in range(0, len(order), 3):
+        group = order[g:g + 3]
+        rng.shuffle(group)
+        order[g:g + 3] = group
+    return fs, n, pieces, order
+
+
+@hsettings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chunkings())
+def test_any_chunking_duplication_and_local_reordering_gives_identical_windows(case):
+    fs, n, pieces, order = case
+    times = regular_times(n, fs, START)
+    values = np.random.default_rng(n).normal(size=n)
+    settings = WindowSettings(reorder_tolerance_s=5.0)
+    chunks = [Chunk("p1", "II", int(times[a]), float(fs), values[a:b], None, START) for a, b in pieces]
+    got, _ = run_stream([chunks[i] for i in order], settings)
+    want = offline(times, values)
+    assert [(w.start_ns, w.status) for w in got] == [(s, SCORABLE) for s, _ in want]
+    for w, (_, x) in zip(got, want):
+        np.testing.assert_array_equal(w.samples, x)
+
+
+def test_small_gap_is_interpolated_and_large_gap_is_insufficient():
+    fs = 500
+    times, values = recording(fs, 42)
+    chunks = list(chunks_of("p1", times, values, 100, fs=fs))
+    # window 0: drop 3 samples -> interpolated; window 1: drop a whole 100-sample chunk -> gap too long;
+    chunks[5] = Chunk("p1", "II", chunks[5].t0_ns, fs, chunks[5].samples[:97], 5, START)
+    del chunks[60]
+    got, _ = run_stream(chunks)
+    assert [w.status for w in got] == [SCORABLE, INSUFFICIENT, SCORABLE, SCORABLE]
+    assert got[0].interpolated == 3 and got[1].reason == "gap_too_long" and got[1].missing == 100
+    np.testing.assert_allclose(got[0].samples[597:600], np.interp([597, 598, 599], [596, 600],
+                                                                  [values[596], values[600]]))
+
+
+def test_lead_off_gap_emits_insufficient_windows_for_the_whole_gap():
+    fs = 250
+    times, values = recording(fs, 80)
+    chunks = [c for c in chunks_of("p1", times, values, 250, fs=fs) if not 12 <= (c.t0_ns - START) / 1e9 < 47]
+    got, _ = run_stream(chunks)
+    assert [w.status for w in got] == [SCORABLE, INSUFFICIENT, INSUFFICIENT, INSUFFICIENT, INSUFFICIENT,
+                                       SCORABLE, SCORABLE]
+    assert got[2].reason == "no_data"
+
+
+def test_late_data_beyond_tolerance_is_reported():
+    fs = 500
+    times, values = recording(fs, 30)
+    chunks = list(chunks_of("p1", times, values, 500, fs=fs))
+    stream = PatientStream("p1", 0, WindowSettings(reorder_tolerance_s=1.0))
+    for i, c in enumerate(chunks[1:], start=1):
+        stream.accept(c, i, 0.0)
+    res = stream.accept(chunks[0], 99, 0.0)
+    assert res.rejected == "late" and res.late_samples == 500
+
+
+def test_duplicates_are_counted_and_ignored():
+    fs = 500
+    times, values = recording(fs, 12)
+    chunks = list(chunks_of("p1", times, values, 500, fs=fs))
+    stream = PatientStream("p1", 0, WindowSettings())
+    stream.accept(chunks[0], 0, 0.0)
+    res = stream.accept(chunks[0], 1, 0.0)
+    assert res.duplicate_samples == 500 and res.new_samples == 0
+
+
+def test_rate_change_starts_a_new_segment():
+    times, values = recording(500, 25)
+    first = list(chunks_of("p1", times, values, 500, fs=500))
+    t2 = regular_times(360 * 25, 360, int(times[-1]) + 2_000_000)
+    v2 = generate(25, fs=360, seed=3).values
+    second = list(chunks_of("p1", t2, v2, 360, fs=360))
+    got, _ = run_stream(first + second)
+    assert [w.fs for w in got] == [500.0, 500.0, 500.0, 360.0, 360.0]
+    assert got[2].status == INSUFFICIENT and got[2].reason == "truncated"
+    assert got[3].start_ns == int(t2[0])
+
+
+def test_restart_mid_recording_skips_half_seen_window_but_keeps_the_rest():
+    fs = 500
+    times, values = recording(fs, 40)
+    chunks = list(chunks_of("p1", times, values, 300, fs=fs))
+    got, _ = run_stream(chunks[40:])  # resumes at 24 s: window 20-30 s is half seen
+    want = offline(times, values)
+    assert [w.start_ns for w in got] == [s for s, _ in want[3:]]
+
+
+def test_grid_arithmetic_matches_fractions():
+    g = WindowGrid(START, as_rate(360), 10 * 10**9, 10 * 10**9)
+    assert g.start_index(3) == 3 * 3600 and g.end_index(3) == 4 * 3600
+    assert nearest_index(5, 2) == 2 and nearest_index(7, 2) == 3  # halves go down
+    for i in (0, 1, 3599, 3600, 3601, 100000):
+        k = g.first_window_ending_after(i)
+        assert g.end_index(k) > i and (k == 0 or g.end_index(k - 1) <= i)
+
+
+def test_fill_gaps_limits():
+    mask = np.ones(100, bool)
+    mask[10:20] = False
+    assert fill_gaps(np.zeros(100), mask, 5, 0.5) == "gap_too_long"
+    assert fill_gaps(np.zeros(100), mask, 10, 0.05) == "too_many_missing"
+
+
+def test_ten_thousand_patients_memory_bounded_and_evicted():
+    settings = WindowSettings(idle_evict_s=5.0, max_buffer_bytes=20 << 20)
+    stage = WindowStage(settings)
+    peak = 0
+    emitted = 0
+    rng = np.random.default_rng(0)
+    for i in range(10_000):
+        now = i * 0.01  # 100 new patients per simulated second, each sending 3 s then going silent
+        for j in range(3):
+            c = Chunk(f"bed-{i}", "II", START + j * 10**9, 500.0, rng.normal(size=500), j, START)
+            stage.accept(i % 8, i * 3 + j, c, now)
+        emitted += len(stage.evict(now))
+        peak = max(peak, stage.nbytes)
+    assert peak <= 20 << 20
+    assert len(stage.streams) <= 600
+    emitted += len(stage.close_all(1e9))
+    assert emitted == 10_000  # each patient's partial window is reported, none is silently lost
