@@ -103,6 +103,7 @@ class BatchSettings(BaseModel):
     max_batch: int = Field(64, ge=1)
     max_wait_ms: float = Field(200.0, ge=0)
     max_pending_windows: int = Field(2048, ge=1, description="pause fetching above this many queued windows")
+    test_inference_delay_s: float = Field(0.0, ge=0, description="test hook: slows every batch (campaigns)")
 
 
 class EpisodeSettings(BaseModel):
@@ -122,6 +123,8 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     patient_id_in_logs: Literal["plain", "hashed", "omit"] = "plain"
     shutdown_deadline_s: float = Field(30.0, gt=0)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="serve /metrics, /healthz, /readyz")
     kafka: KafkaSettings = KafkaSettings()
     windows: WindowSettings = WindowSettings()
     model: ModelSettings = ModelSettings()

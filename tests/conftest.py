@@ -44,3 +44,21 @@ def checkpoint(tmp_path_factory, windows_by_kind) -> str:
 
     wins = np.stack([to_model_samples(w) for ws in windows_by_kind.values() for w in ws])
     return str(calibrated_checkpoint(tmp_path_factory.mktemp("ckpt") / "test-model.pth", wins, seed=7))
+
+
+@pytest.fixture(scope="session")
+def broker():
+    """One embedded broker for the session; each test uses its own topics and group."""
+    from streamer.kafka.broker import EmbeddedBroker
+
+    b = EmbeddedBroker().start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="session")
+def scorer(checkpoint):
+    from streamer.model.infer import ArtifactScorer
+    from streamer.settings import ModelSettings
+
+    return ArtifactScorer(ModelSettings(checkpoint=checkpoint))

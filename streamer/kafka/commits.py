@@ -8,24 +8,25 @@ feeding an in-flight window, oldest dead-letter record not yet acknowledged, las
 from __future__ import annotations
 
 from collections import Counter
+from typing import Hashable
 
 
 class CommitTracker:
     def __init__(self) -> None:
-        self.next_offset: dict[int, int] = {}  # last consumed + 1
-        self.inflight: dict[int, Counter[int]] = {}  # partition -> offsets held by unacked outputs
-        self.committed: dict[int, int] = {}
+        self.next_offset: dict[Hashable, int] = {}  # last consumed + 1
+        self.inflight: dict[Hashable, Counter[int]] = {}  # partition -> offsets held by unacked outputs
+        self.committed: dict[Hashable, int] = {}
 
-    def consumed(self, partition: int, offset: int) -> None:
+    def consumed(self, partition: Hashable, offset: int) -> None:
         if offset + 1 > self.next_offset.get(partition, -1):
             self.next_offset[partition] = offset + 1
 
-    def hold(self, partition: int, offset: int | None) -> None:
+    def hold(self, partition: Hashable, offset: int | None) -> None:
         """An output (window or dead letter) that depends on `offset` is on its way to the broker."""
         if offset is not None:
             self.inflight.setdefault(partition, Counter())[offset] += 1
 
-    def release(self, partition: int, offset: int | None) -> None:
+    def release(self, partition: Hashable, offset: int | None) -> None:
         """That output was acknowledged by the broker."""
         if offset is None:
             return
@@ -36,7 +37,7 @@ class CommitTracker:
         if held[offset] == 0:
             del held[offset]
 
-    def commit_points(self, open_offsets: dict[int, int]) -> dict[int, int]:
+    def commit_points(self, open_offsets: dict[Hashable, int]) -> dict[Hashable, int]:
         """Offsets safe to commit now, only those that moved forward since the last commit."""
         out = {}
         for partition, nxt in self.next_offset.items():
@@ -50,11 +51,11 @@ class CommitTracker:
                 out[partition] = point
         return out
 
-    def mark_committed(self, points: dict[int, int]) -> None:
+    def mark_committed(self, points: dict[Hashable, int]) -> None:
         for p, off in points.items():
             self.committed[p] = max(off, self.committed.get(p, -1))
 
-    def start_partition(self, partition: int, committed: int | None) -> None:
+    def start_partition(self, partition: Hashable, committed: int | None) -> None:
         self.next_offset.pop(partition, None)
         self.inflight.pop(partition, None)
         if committed is not None:
@@ -62,7 +63,7 @@ class CommitTracker:
         else:
             self.committed.pop(partition, None)
 
-    def drop_partition(self, partition: int) -> None:
+    def drop_partition(self, partition: Hashable) -> None:
         self.next_offset.pop(partition, None)
         self.inflight.pop(partition, None)
         self.committed.pop(partition, None)

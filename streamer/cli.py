@@ -1,0 +1,235 @@
+"""`streamer` command line: broker, run, replay, score, validate, watch, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+from pathlib import Path
+
+from streamer.logs import configure_logging, get_logger
+from streamer.settings import Settings, SettingsError, load_settings
+
+log = get_logger("streamer.cli")
+
+
+def _settings(args) -> Settings:
+    s = load_settings(getattr(args, "config", None))
+    if getattr(args, "bootstrap", None):
+        s.kafka.bootstrap_servers = args.bootstrap
+    configure_logging(s.log_format, s.log_level, s.patient_id_in_logs)
+    return s
+
+
+def _install_stop(loop: asyncio.AbstractEventLoop, stop) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+
+
+# -- broker ---------------------------------------------------------------------------------------
+def cmd_broker(args) -> int:
+    from streamer.kafka.broker import BrokerError, EmbeddedBroker
+    from streamer.kafka.clients import ensure_topics
+
+    s = _settings(args)
+    try:
+        broker = EmbeddedBroker(port=args.port).start()
+    except BrokerError as exc:
+        print(f"streamer broker: {exc}", file=sys.stderr)
+        return 2
+    try:
+        s.kafka.bootstrap_servers = broker.bootstrap
+        created = asyncio.run(ensure_topics(s.kafka, partitions=args.partitions))
+        print(f"bootstrap={broker.bootstrap}", flush=True)
+        log.info("broker_ready", bootstrap=broker.bootstrap, topics_created=created)
+        stop = {"now": False}
+
+        def _stop(*_):
+            stop["now"] = True
+
+        signal.signal(signal.SIGINT, _stop)
+        signal.signal(signal.SIGTERM, _stop)
+        while not stop["now"] and broker.process.poll() is None:
+            time.sleep(0.2)
+        return 0 if stop["now"] else 1
+    finally:
+        broker.stop()
+        log.info("broker_stopped")
+
+
+# -- run ------------------------------------------------------------------------------------------
+def cmd_run(args) -> int:
+    from streamer.model.checkpoint import CheckpointError
+    from streamer.worker import StartupError, Worker
+
+    s = _settings(args)
+    if args.create_topics:
+        s.kafka.create_topics = True
+
+    async def main() -> int:
+        worker = Worker(s)
+        _install_stop(asyncio.get_running_loop(), worker.stop)
+        return await worker.run()
+
+    try:
+        return asyncio.run(main())
+    except (StartupError, CheckpointError) as exc:
+        log.error("startup_failed", error=str(exc))
+        print(f"streamer run: {exc}", file=sys.stderr)
+        return 1
+
+
+# -- replay ---------------------------------------------------------------------------------------
+def cmd_replay(args) -> int:
+    from streamer.offline.recordings import load_recording, parse_start
+    from streamer.offline.replay import Source, replay, synthetic_fleet
+
+    s = _settings(args)
+    speed = None if args.speed == "max" else float(args.speed)
+    start = args.start or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    sources: list[Source] = []
+    if args.synthetic:
+        rates = tuple(float(r) for r in args.rates.split(","))
+        sources = [src for src, _ in synthetic_fleet(args.synthetic, args.duration, parse_start(start),
+                                                     seed=args.seed, rates=rates)]
+    for i, path in enumerate(args.recordings):
+        rec = load_recording(path, fs=args.fs, start=start, channel=args.channel)
+        pid = args.patient[i] if i < len(args.patient) else f"{args.patient[0] if args.patient else Path(path).stem}-{i}"
+        sources.append(Source(pid, rec))
+    if not sources:
+        print("streamer replay: give RECORDING(s) with --patient, or --synthetic N", file=sys.stderr)
+        return 2
+    sent = asyncio.run(replay(s.kafka, sources, speed=speed, chunk_s=args.chunk_s, encoding=args.encoding,
+                              progress=not args.quiet))
+    log.info("replay_done", chunks=sent, sources=len(sources))
+    return 0
+
+
+# -- score ----------------------------------------------------------------------------------------
+def cmd_score(args) -> int:
+    from streamer.model.checkpoint import CheckpointError
+    from streamer.offline.recordings import RecordingError
+    from streamer.offline.score import score_file
+
+    s = _settings(args)
+    if args.checkpoint:
+        s.model.checkpoint = Path(args.checkpoint)
+    if args.threshold is not None:
+        s.model.threshold = args.threshold
+    try:
+        df = score_file(args.recording, s.model, fs=args.fs, start=args.start, channel=args.channel,
+                        overlap_s=args.overlap, batch_size=args.batch_size, progress=not args.quiet)
+    except (RecordingError, CheckpointError) as exc:
+        print(f"streamer score: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    df.to_csv(out, index=False)
+    print(f"{len(df)} windows, {int(df['artifact'].sum())} flagged as artifact -> {out}")
+    return 0
+
+
+# -- validate -------------------------------------------------------------------------------------
+def cmd_validate(args) -> int:
+    from streamer.validate import main as validate_main
+
+    _settings(args)
+    return validate_main(args)
+
+
+# -- watch ----------------------------------------------------------------------------------------
+def cmd_watch(args) -> int:
+    from streamer.watch import watch
+
+    s = _settings(args)
+    return asyncio.run(watch(s.kafka, seconds=args.seconds, from_beginning=args.from_beginning))
+
+
+def cmd_demo(args) -> int:
+    from streamer.demo import run_demo
+
+    return run_demo(beds=args.beds, duration_s=args.duration, speed=args.speed, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="streamer", description=__doc__)
+    p.add_argument("--config", help="TOML settings file (else STREAMER_CONFIG)")
+    p.add_argument("--bootstrap", help="Kafka bootstrap servers (overrides settings)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("broker", help="start the embedded Kafka-compatible broker on 127.0.0.1")
+    b.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    b.add_argument("--partitions", type=int, default=None, help="partitions per topic created")
+    b.set_defaults(func=cmd_broker)
+
+    r = sub.add_parser("run", help="run the streaming worker")
+    r.add_argument("--create-topics", action="store_true", help="create missing topics (demo/tests)")
+    r.set_defaults(func=cmd_run)
+
+    rp = sub.add_parser("replay", help="publish recordings or a synthetic fleet to the input topic")
+    rp.add_argument("recordings", nargs="*", help="CSV, .npy, .npz, .parquet or WFDB record")
+    rp.add_argument("--patient", action="append", default=[], help="patient id (one per recording)")
+    rp.add_argument("--fs", type=float, help="sample rate for recordings without timestamps")
+    rp.add_argument("--start", help="ISO time of the first sample (default: now)")
+    rp.add_argument("--channel", help="column / lead to use")
+    rp.add_argument("--speed", default="1", help="1 = real time, X = X times real time, max = no pacing")
+    rp.add_argument("--synthetic", type=int, default=0, metavar="N", help="also replay N synthetic beds")
+    rp.add_argument("--duration", type=float, default=60.0, help="seconds per synthetic bed")
+    rp.add_argument("--rates", default="500", help="synthetic sample rates, comma separated")
+    rp.add_argument("--seed", type=int, default=0)
+    rp.add_argument("--chunk-s", type=float, default=0.25, help="seconds per message")
+    rp.add_argument("--encoding", choices=["json", "binary", "binary-int16"], default="json")
+    rp.add_argument("--quiet", action="store_true")
+    rp.set_defaults(func=cmd_replay)
+
+    sc = sub.add_parser("score", help="score a recording offline with the same windows and model path")
+    sc.add_argument("recording")
+    sc.add_argument("--checkpoint", help="checkpoint .pth (default: settings, else the demo checkpoint)")
+    sc.add_argument("--fs", type=float)
+    sc.add_argument("--start", help="ISO time of the first sample for recordings with relative time")
+    sc.add_argument("--channel", help="column / lead (WFDB: default II, then MLII)")
+    sc.add_argument("--overlap", type=float, default=0.0, help="window overlap in seconds")
+    sc.add_argument("--threshold", type=float)
+    sc.add_argument("--batch-size", type=int, default=64)
+    sc.add_argument("--out", required=True, help="output CSV")
+    sc.add_argument("--quiet", action="store_true")
+    sc.set_defaults(func=cmd_score)
+
+    v = sub.add_parser("validate", help="metrics, parity and threshold retuning from flags and labels")
+    v.add_argument("--flags", required=True, help="flags CSV (streamer score) or JSON lines (flags topic)")
+    v.add_argument("--labels", required=True, help="CSV of window labels or intervals")
+    v.add_argument("--offline", help="streamer score CSV of the same recording(s), for stream/offline parity")
+    v.add_argument("--target-sensitivity", type=float)
+    v.add_argument("--target-specificity", type=float)
+    v.add_argument("--bootstrap-samples", type=int, default=1000)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--report", default="validation.md", help="Markdown report (PNG plots beside it)")
+    v.add_argument("--config-out", help="write the retuned threshold as a TOML snippet")
+    v.set_defaults(func=cmd_validate)
+
+    w = sub.add_parser("watch", help="print flags and episodes as they arrive")
+    w.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    w.add_argument("--from-beginning", action="store_true")
+    w.set_defaults(func=cmd_watch)
+
+    d = sub.add_parser("demo", help="end to end on an embedded broker: broker, worker, synthetic beds, flags")
+    d.add_argument("--beds", type=int, default=6)
+    d.add_argument("--duration", type=float, default=90.0, help="seconds of signal per bed")
+    d.add_argument("--speed", type=float, default=4.0, help="times real time")
+    d.add_argument("--seed", type=int, default=1)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SettingsError as exc:
+        print(f"streamer {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

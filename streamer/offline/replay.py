@@ -1,0 +1,85 @@
+"""Publish recordings (or a synthetic fleet of beds) to the input topic, paced like live monitors."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from streamer.ingest.producer import ChunkProducer, Encoding, chunks_of
+from streamer.kafka.clients import make_producer
+from streamer.offline.recordings import Recording, regular_times
+from streamer.settings import KafkaSettings
+from streamer.synthetic import generate
+
+
+@dataclass
+class Source:
+    patient_id: str
+    recording: Recording
+
+
+def synthetic_fleet(beds: int, duration_s: float, start_ns: int, seed: int = 0,
+                    rates: tuple[float, ...] = (500.0,), artifact_fraction: float = 0.3) -> list[tuple[Source, object]]:
+    """N beds of synthetic lead-II (rates cycle through `rates`); returns (source, SyntheticECG) pairs."""
+    out = []
+    for bed in range(beds):
+        fs = rates[bed % len(rates)]
+        ecg = generate(duration_s, fs=fs, seed=seed * 100_003 + bed, artifact_fraction=artifact_fraction)
+        rec = Recording(regular_times(len(ecg.values), fs, start_ns), ecg.values, fs)
+        out.append((Source(f"bed-{bed:04d}", rec), ecg))
+    return out
+
+
+async def replay(kafka: KafkaSettings, sources: list[Source], speed: float | None = 1.0, chunk_s: float = 0.25,
+                 encoding: Encoding = "json", progress: bool = False, topic: str | None = None) -> int:
+    """Send every source's chunks in timestamp order; speed None = as fast as possible. Returns chunks sent."""
+    producer = make_producer(kafka, linger_ms=10, compression_type=None)
+    await producer.start()
+    sent = 0
+    bar = None
+    try:
+        streams = []
+        for src in sources:
+            rec = src.recording
+            fs = rec.fs or 1e9 / float(np.median(np.diff(rec.times_ns)))
+            streams.append(chunks_of(src.patient_id, rec.times_ns, rec.values, max(int(round(chunk_s * fs)), 1), fs=fs))
+        total = sum(-(-len(s.recording.values) // max(int(round(chunk_s * (s.recording.fs or 500))), 1)) for s in sources)
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=total, unit="chunk", desc="replay")
+        t_first = min(int(s.recording.times_ns[0]) for s in sources)
+        heap = []
+        for i, it in enumerate(streams):
+            c = next(it, None)
+            if c is not None:
+                heapq.heappush(heap, (c.t0_ns + int(len(c.samples) / c.fs * 1e9), i, c))
+        wall0 = time.monotonic()
+        out = ChunkProducer(producer, topic or kafka.input_topics[0], encoding)
+        pending = []
+        while heap:
+            due_ns, i, chunk = heapq.heappop(heap)
+            if speed is not None:
+                wait = wall0 + (due_ns - t_first) / 1e9 / speed - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            pending.append(await out.send(chunk))
+            sent += 1
+            if len(pending) >= 1000:
+                await asyncio.gather(*pending)
+                pending.clear()
+            if bar is not None:
+                bar.update(1)
+            nxt = next(streams[i], None)
+            if nxt is not None:
+                heapq.heappush(heap, (nxt.t0_ns + int(len(nxt.samples) / nxt.fs * 1e9), i, nxt))
+        await asyncio.gather(*pending)
+        await producer.flush()
+    finally:
+        if bar is not None:
+            bar.close()
+        await producer.stop()
+    return sent

@@ -1,0 +1,121 @@
+"""Output messages: one flag per window, and per-patient artifact episodes for alarm suppression."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import orjson
+
+from streamer.settings import EpisodeSettings
+from streamer.windows.buffer import SCORABLE, EmittedWindow
+
+SCHEMA_VERSION = 1
+
+
+def window_id(patient_id: str, start_ns: int) -> str:
+    """The idempotent identity of a window: re-published copies carry the same id."""
+    return f"{patient_id}:{start_ns}"
+
+
+def flag_message(w: EmittedWindow, probability: float | None, threshold: float, model_id: str,
+                 produced_at_ns: int | None = None) -> dict:
+    produced = produced_at_ns or time.time_ns()
+    scored = w.status == SCORABLE and probability is not None
+    return {
+        "schema": SCHEMA_VERSION,
+        "window_id": window_id(w.patient_id, w.start_ns),
+        "patient_id": w.patient_id,
+        "window_start_ns": w.start_ns,
+        "window_end_ns": w.end_ns,
+        "status": "scored" if scored else w.status,
+        "reason": w.reason,
+        "probability": float(probability) if scored else None,
+        "artifact": bool(probability >= threshold) if scored else None,
+        "threshold": threshold,
+        "model": model_id,
+        "fs": w.fs,
+        "missing_samples": w.missing,
+        "interpolated_samples": w.interpolated,
+        "produced_at_ns": produced,
+        "latency_ms": round(max(produced / 1e9 - w.completed_at, 0.0) * 1000, 3),
+    }
+
+
+def dumps(doc: dict) -> bytes:
+    return orjson.dumps(doc)
+
+
+@dataclass
+class _PatientEpisodes:
+    flagged_streak: int = 0
+    clean_streak: int = 0
+    streak_start_ns: int = 0
+    streak_peak: float = 0.0
+    open_start_ns: int | None = None
+    last_flagged_end_ns: int = 0
+    peak: float = 0.0
+    flagged_windows: int = 0
+
+
+class EpisodeTracker:
+    """Hysteresis over each patient's flags, in window order.
+
+    An episode opens after `open_after` consecutive artifact windows (it starts at the first of them) and
+    closes after `close_after` consecutive clean windows (it ends at the last artifact window's end).
+    Windows without a score (insufficient data) neither open nor close an episode.
+    """
+
+    def __init__(self, settings: EpisodeSettings, model_id: str):
+        self.s = settings
+        self.model_id = model_id
+        self.patients: dict[str, _PatientEpisodes] = {}
+
+    def update(self, flag: dict) -> dict | None:
+        """Feed one flag message; returns an episode message when an episode opens or closes."""
+        if flag["status"] != "scored":
+            return None
+        st = self.patients.setdefault(flag["patient_id"], _PatientEpisodes())
+        p = flag["probability"]
+        if flag["artifact"]:
+            st.clean_streak = 0
+            if st.open_start_ns is not None:
+                st.peak = max(st.peak, p)
+                st.last_flagged_end_ns = flag["window_end_ns"]
+                st.flagged_windows += 1
+                return None
+            if st.flagged_streak == 0:
+                st.streak_start_ns, st.streak_peak = flag["window_start_ns"], p
+            st.flagged_streak += 1
+            st.streak_peak = max(st.streak_peak, p)
+            if st.flagged_streak >= self.s.open_after:
+                st.open_start_ns, st.peak = st.streak_start_ns, st.streak_peak
+                st.last_flagged_end_ns = flag["window_end_ns"]
+                st.flagged_windows = st.flagged_streak
+                st.flagged_streak = 0
+                return self._message(flag["patient_id"], st, "open")
+            return None
+        st.flagged_streak = 0
+        if st.open_start_ns is None:
+            return None
+        st.clean_streak += 1
+        if st.clean_streak < self.s.close_after:
+            return None
+        msg = self._message(flag["patient_id"], st, "closed")
+        self.patients[flag["patient_id"]] = _PatientEpisodes()
+        return msg
+
+    def _message(self, patient_id: str, st: _PatientEpisodes, state: str) -> dict:
+        return {
+            "schema": SCHEMA_VERSION,
+            "patient_id": patient_id,
+            "episode_id": window_id(patient_id, st.open_start_ns),
+            "state": state,
+            "start_ns": st.open_start_ns,
+            "end_ns": st.last_flagged_end_ns if state == "closed" else None,
+            "last_flagged_end_ns": st.last_flagged_end_ns,
+            "peak_probability": st.peak,
+            "flagged_windows": st.flagged_windows,
+            "model": self.model_id,
+            "updated_at_ns": time.time_ns(),
+        }

@@ -1,0 +1,123 @@
+"""The worker end to end against the embedded broker: flags equal `streamer score`; bad input dead-letters."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import orjson
+import pandas as pd
+import pytest
+
+from streamer.ingest.contract import Chunk, encode_binary
+from streamer.ingest.deadletter import headers_dict
+from streamer.offline.recordings import load_recording
+from streamer.offline.replay import Source, replay
+from streamer.offline.score import score_recording
+from streamer.synthetic import generate
+from streamer.worker import Worker
+from tests.kafka_utils import flags_of, isolated_settings, read_topic
+
+pytestmark = pytest.mark.integration
+
+
+async def run_worker_until(settings, scorer, produce, done, timeout_s=90.0):
+    """Start a worker, run `produce()`, wait until `done()` is true, stop the worker; returns its exit code."""
+    worker = Worker(settings, scorer=scorer)
+    task = asyncio.create_task(worker.run())
+    try:
+        await produce()
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not await done():
+            assert asyncio.get_running_loop().time() < deadline, "timed out waiting for the worker"
+            assert not task.done(), "worker exited early"
+            await asyncio.sleep(0.5)
+    finally:
+        worker.stop()
+        code = await asyncio.wait_for(task, 60)
+    return code, worker
+
+
+@pytest.mark.parametrize("fs,encoding", [(360, "json"), (500, "binary")])
+def test_replayed_recording_flags_equal_offline_score(broker, scorer, tmp_path, fs, encoding):
+    s = isolated_settings(broker.bootstrap)
+    ecg = generate(65.0, fs=fs, seed=11)
+    values = ecg.values.astype(np.float32).astype(np.float64) if encoding == "binary" else ecg.values
+    path = tmp_path / "rec.csv"
+    pd.DataFrame({"II": values}).to_csv(path, index=False, float_format="%.17g")
+    rec = load_recording(path, fs=fs, start="2026-11-22T08:00:00Z")
+    offline = score_recording(rec, scorer)
+    assert len(offline) == 6
+
+    async def main():
+        async def produce():
+            await replay(s.kafka, [Source("bed-1", rec)], speed=None, chunk_s=0.2, encoding=encoding)
+
+        async def done():
+            return len(await read_topic(s.kafka, s.kafka.flags_topic, until=lambda r: len(r) >= 6,
+                                        timeout_s=1)) >= 6
+
+        code, _ = await run_worker_until(s, scorer, produce, done)
+        return code, flags_of(await read_topic(s.kafka, s.kafka.flags_topic, until=lambda r: len(r) >= 6))
+
+    code, flags = asyncio.run(main())
+    assert code == 0
+    scored = sorted((f for f in flags if f["status"] == "scored"), key=lambda f: f["window_start_ns"])
+    assert [f["window_start_ns"] for f in scored] == offline["window_start_ns"].tolist()
+    dp = np.abs(np.array([f["probability"] for f in scored]) - offline["probability"].to_numpy())
+    assert dp.max() <= 1e-5
+    assert [f["artifact"] for f in scored] == offline["artifact"].tolist()
+    f0 = scored[0]
+    assert f0["model"] == scorer.info.model_id and f0["threshold"] == scorer.threshold
+    assert f0["window_end_ns"] - f0["window_start_ns"] == 10**10 and f0["latency_ms"] >= 0
+
+
+BAD_INPUTS = {
+    "malformed_json": b'{"patient_id": "bad", "t0_ns": ',
+    "invalid_field": orjson.dumps({"patient_id": "bad", "t0_ns": "yesterday", "fs": 500, "samples": [1.0]}),
+    "non_finite": encode_binary(Chunk("bad", "II", 1795000000000000000, 500.0, np.array([1.0, np.nan]))),
+    "bad_rate": orjson.dumps({"patient_id": "bad", "t0_ns": 1795000000000000000, "fs": -5, "samples": [1.0]}),
+    "bad_timestamp": orjson.dumps({"patient_id": "bad", "t0_ns": 5, "fs": 500, "samples": [1.0]}),
+    "oversized": orjson.dumps({"patient_id": "bad", "t0_ns": 1795000000000000000, "fs": 500,
+                               "samples": [0.0] * 6000}),
+    "wrong_lead": orjson.dumps({"patient_id": "bad", "lead": "V1", "t0_ns": 1795000000000000000, "fs": 500,
+                                "samples": [1.0]}),
+    "malformed_binary": b"ECG1" + b"\x01\x01" + b"\x00" * 30,
+}
+
+
+def test_bad_input_goes_to_dead_letter_while_healthy_patient_continues(broker, scorer):
+    s = isolated_settings(broker.bootstrap, partitions=1)  # one partition: bad and healthy interleave
+    ecg = generate(32.0, fs=500, seed=5)
+    from streamer.offline.recordings import regular_times
+    from streamer.offline.recordings import Recording
+
+    rec = Recording(regular_times(len(ecg.values), 500, 1_795_000_000_000_000_000), ecg.values, 500.0)
+
+    async def main():
+        from streamer.kafka.clients import make_producer
+
+        async def produce():
+            producer = make_producer(s.kafka)
+            await producer.start()
+            for reason, value in BAD_INPUTS.items():
+                key = b"\xff\xfe" if reason == "malformed_binary" else b"bad"
+                await producer.send_and_wait(s.kafka.input_topics[0], value, key=key)
+            await producer.stop()
+            await replay(s.kafka, [Source("healthy", rec)], speed=None, chunk_s=0.5)
+
+        async def done():
+            return len(await read_topic(s.kafka, s.kafka.flags_topic, until=lambda r: len(r) >= 3, timeout_s=1)) >= 3
+
+        await run_worker_until(s, scorer, produce, done)
+        dead = await read_topic(s.kafka, s.kafka.dead_letter_topic, until=lambda r: len(r) >= len(BAD_INPUTS))
+        flags = flags_of(await read_topic(s.kafka, s.kafka.flags_topic, until=lambda r: len(r) >= 3))
+        return dead, flags
+
+    dead, flags = asyncio.run(main())
+    reasons = sorted(headers_dict(r.headers)["reason"] for r in dead)
+    assert reasons == sorted(BAD_INPUTS)
+    by_reason = {headers_dict(r.headers)["reason"]: r for r in dead}
+    assert by_reason["malformed_json"].value == BAD_INPUTS["malformed_json"]  # original bytes kept
+    assert headers_dict(by_reason["oversized"].headers)["source_offset"] == "5"
+    assert [f["status"] for f in flags if f["patient_id"] == "healthy"] == ["scored"] * 3
