@@ -55,3 +55,46 @@ async def read_topic(k: KafkaSettings, topic: str, until=None, timeout_s: float 
 
 def flags_of(records) -> list[dict]:
     return [orjson.loads(r.value) for r in records]
+
+
+def settings_env(s: Settings, **extra: str) -> dict[str, str]:
+    """The STREAMER_* environment that reproduces `s` in a `streamer run` subprocess."""
+    import os
+
+    k = s.kafka
+    env = dict(os.environ)
+    env.update({
+        "STREAMER_KAFKA__BOOTSTRAP_SERVERS": k.bootstrap_servers,
+        "STREAMER_KAFKA__INPUT_TOPICS": orjson.dumps(k.input_topics).decode(),
+        "STREAMER_KAFKA__FLAGS_TOPIC": k.flags_topic,
+        "STREAMER_KAFKA__EPISODES_TOPIC": k.episodes_topic,
+        "STREAMER_KAFKA__DEAD_LETTER_TOPIC": k.dead_letter_topic,
+        "STREAMER_KAFKA__GROUP_ID": k.group_id,
+        "STREAMER_KAFKA__COMMIT_INTERVAL_S": str(k.commit_interval_s),
+        "STREAMER_KAFKA__SESSION_TIMEOUT_MS": str(k.session_timeout_ms),
+        "STREAMER_KAFKA__HEARTBEAT_INTERVAL_MS": str(k.heartbeat_interval_ms),
+        "STREAMER_LOG_FORMAT": "json",
+    })
+    if s.model.checkpoint:
+        env["STREAMER_MODEL__CHECKPOINT"] = str(s.model.checkpoint)
+    env.update(extra)
+    return env
+
+
+def start_worker_process(s: Settings, log_path, **extra: str):
+    import subprocess
+    import sys
+
+    log = open(log_path, "ab")
+    return subprocess.Popen([sys.executable, "-m", "streamer", "run"], env=settings_env(s, **extra),
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def expected_windows(sources) -> set[tuple[str, int]]:
+    from streamer.windows.segmentation import segment
+
+    return {(src.patient_id, w.start_ns) for src in sources for w in segment(src.recording.times_ns)}
+
+
+def scored_ids(flags: list[dict]) -> list[tuple[str, int]]:
+    return [(f["patient_id"], f["window_start_ns"]) for f in flags if f["status"] == "scored"]

@@ -1,0 +1,125 @@
+"""Classification metrics for validation, written out so their edge cases are explicit and tested."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.stats import rankdata
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den else math.nan
+
+
+@dataclass
+class Confusion:
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+
+    @property
+    def sensitivity(self) -> float:
+        return _ratio(self.tp, self.tp + self.fn)
+
+    @property
+    def specificity(self) -> float:
+        return _ratio(self.tn, self.tn + self.fp)
+
+    @property
+    def ppv(self) -> float:
+        return _ratio(self.tp, self.tp + self.fp)
+
+    @property
+    def npv(self) -> float:
+        return _ratio(self.tn, self.tn + self.fn)
+
+    @property
+    def accuracy(self) -> float:
+        return _ratio(self.tp + self.tn, self.tp + self.tn + self.fp + self.fn)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(sensitivity=self.sensitivity, specificity=self.specificity, ppv=self.ppv, npv=self.npv,
+                 accuracy=self.accuracy)
+        return d
+
+
+def confusion(labels: np.ndarray, predicted: np.ndarray) -> Confusion:
+    y = np.asarray(labels, bool)
+    p = np.asarray(predicted, bool)
+    return Confusion(int((y & p).sum()), int((~y & p).sum()), int((~y & ~p).sum()), int((y & ~p).sum()))
+
+
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U, ties counted half); NaN with a single class."""
+    y = np.asarray(labels, bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = rankdata(np.asarray(scores, float))
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def auprc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Average precision (step-wise area under precision-recall); NaN without positives."""
+    y = np.asarray(labels, bool)
+    if y.sum() == 0:
+        return math.nan
+    order = np.argsort(-np.asarray(scores, float), kind="mergesort")
+    s = np.asarray(scores, float)[order]
+    yy = y[order]
+    # evaluate at distinct thresholds only
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+    tp = np.cumsum(yy)[last]
+    fp = (last + 1) - tp
+    precision = tp / (tp + fp)
+    recall = tp / y.sum()
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate, thresholds), thresholds descending."""
+    y = np.asarray(labels, bool)
+    s = np.asarray(scores, float)
+    thresholds = np.r_[np.inf, np.unique(s)[::-1]]
+    tpr = np.array([(s[y] >= t).mean() if y.any() else math.nan for t in thresholds])
+    fpr = np.array([(s[~y] >= t).mean() if (~y).any() else math.nan for t in thresholds])
+    return fpr, tpr, thresholds
+
+
+def bootstrap_ci(fn, labels: np.ndarray, scores: np.ndarray, n: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of fn(labels, scores) over windows resampled with replacement."""
+    rng = np.random.default_rng(seed)
+    y, s = np.asarray(labels), np.asarray(scores)
+    values = []
+    for _ in range(n):
+        idx = rng.integers(0, len(y), len(y))
+        v = fn(y[idx], s[idx])
+        if not math.isnan(v):
+            values.append(v)
+    if not values:
+        return math.nan, math.nan
+    alpha = (1 - level) / 2
+    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
+
+
+def threshold_for_sensitivity(labels: np.ndarray, scores: np.ndarray, target: float) -> float:
+    """The highest threshold whose sensitivity (p >= threshold) reaches `target`."""
+    pos = np.sort(np.asarray(scores, float)[np.asarray(labels, bool)])[::-1]
+    if len(pos) == 0:
+        raise ValueError("no positive windows: sensitivity is undefined")
+    k = max(math.ceil(target * len(pos)), 1)
+    return float(pos[k - 1])
+
+
+def threshold_for_specificity(labels: np.ndarray, scores: np.ndarray, target: float) -> float:
+    """The lowest threshold whose specificity (p < threshold for negatives) reaches `target`."""
+    neg = np.sort(np.asarray(scores, float)[~np.asarray(labels, bool)])
+    if len(neg) == 0:
+        raise ValueError("no negative windows: specificity is undefined")
+    k = max(math.ceil(target * len(neg)), 1)
+    return float(np.nextafter(neg[k - 1], np.inf))

@@ -1,0 +1,130 @@
+"""No window is lost: kill -9 and restart, a worker leaving the group, SIGTERM mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+import signal
+import time
+
+import pytest
+
+from streamer.offline.recordings import parse_start
+from streamer.offline.replay import replay, synthetic_fleet
+from streamer.worker import Worker
+from tests.kafka_utils import (expected_windows, flags_of, isolated_settings, read_topic, scored_ids,
+                               start_worker_process)
+
+pytestmark = pytest.mark.integration
+
+
+def _all_flagged(s, expected, timeout_s):
+    def until(records):
+        return expected <= set(scored_ids(flags_of(records)))
+
+    return flags_of(asyncio.run(read_topic(s.kafka, s.kafka.flags_topic, until=until, timeout_s=timeout_s)))
+
+
+def test_kill_9_at_random_moments_loses_no_window(broker, checkpoint, tmp_path, record_property):
+    s = isolated_settings(broker.bootstrap, partitions=4)
+    s.model.checkpoint = checkpoint
+    fleet = [src for src, _ in synthetic_fleet(50, 41.0, parse_start("2026-11-22T09:00:00Z"), seed=3)]
+    expected = expected_windows(fleet)
+    assert len(expected) == 200
+    rng = random.Random(42)
+    log = tmp_path / "worker.log"
+    proc = start_worker_process(s, log)
+
+    async def produce():
+        await replay(s.kafka, fleet, speed=8.0, chunk_s=0.5)
+
+    producer = asyncio.new_event_loop()
+    import threading
+
+    t = threading.Thread(target=producer.run_until_complete, args=(produce(),))
+    t.start()
+    kills = 0
+    try:
+        for _ in range(4):
+            time.sleep(rng.uniform(2.0, 5.0))
+            proc.kill()  # SIGKILL: no shutdown hook runs
+            proc.wait(10)
+            kills += 1
+            proc = start_worker_process(s, log)
+        t.join(120)
+        flags = _all_flagged(s, expected, timeout_s=240)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except Exception:
+            proc.kill()
+        t.join(5)
+    got = scored_ids(flags)
+    missing = expected - set(got)
+    counts = collections.Counter(got)
+    duplicates = sum(c - 1 for c in counts.values())
+    record_property("windows_expected", len(expected))
+    record_property("duplicates", duplicates)
+    print(f"kill -9 x{kills}: expected {len(expected)}, flagged {len(set(got) & expected)}, "
+          f"lost {len(missing)}, duplicates {duplicates}")
+    assert not missing, f"lost windows: {sorted(missing)[:5]}"
+
+
+def test_worker_leaving_the_group_hands_over_without_loss(broker, scorer):
+    s = isolated_settings(broker.bootstrap, partitions=4)
+    fleet = [src for src, _ in synthetic_fleet(12, 51.0, parse_start("2026-11-22T10:00:00Z"), seed=4)]
+    expected = expected_windows(fleet)
+
+    async def main():
+        a, b = Worker(s, scorer=scorer), Worker(s, scorer=scorer)
+        ta, tb = asyncio.create_task(a.run()), asyncio.create_task(b.run())
+        try:
+            deadline = time.monotonic() + 45
+            while not (a.assigned and b.assigned) and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            assert a.assigned and b.assigned, "both workers must own partitions"
+            assert not a.assigned & b.assigned
+            feed = asyncio.create_task(replay(s.kafka, fleet, speed=10.0, chunk_s=0.5))
+            await asyncio.sleep(2.5)
+            a.stop()  # mid-stream
+            assert await asyncio.wait_for(ta, 60) == 0
+            await feed
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                flags = flags_of(await read_topic(s.kafka, s.kafka.flags_topic, timeout_s=2))
+                if expected <= set(scored_ids(flags)):
+                    break
+                await asyncio.sleep(1)
+            assert len(b.assigned) == 4, "the remaining worker must own every partition"
+        finally:
+            a.stop()
+            b.stop()
+            await asyncio.wait_for(asyncio.gather(ta, tb, return_exceptions=True), 60)
+        assert tb.result() == 0
+        return flags_of(await read_topic(s.kafka, s.kafka.flags_topic, timeout_s=5))
+
+    flags = asyncio.run(main())
+    assert expected <= set(scored_ids(flags))
+
+
+def test_sigterm_mid_stream_exits_0_and_loses_nothing(broker, checkpoint, tmp_path):
+    s = isolated_settings(broker.bootstrap, partitions=2)
+    s.model.checkpoint = checkpoint
+    fleet = [src for src, _ in synthetic_fleet(8, 41.0, parse_start("2026-11-22T11:00:00Z"), seed=5)]
+    expected = expected_windows(fleet)
+    log = tmp_path / "worker.log"
+    proc = start_worker_process(s, log)
+    asyncio.run(replay(s.kafka, fleet, speed=None, chunk_s=0.5))
+    time.sleep(6)  # model loaded, some windows in flight
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0, log.read_text()[-3000:]
+    assert '"worker_stopped"' in log.read_text()
+    proc = start_worker_process(s, log)
+    try:
+        flags = _all_flagged(s, expected, timeout_s=120)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    assert expected <= set(scored_ids(flags))
