@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -21,7 +21,11 @@ from pydantic_settings import (
 RELEASED_THRESHOLD = 0.20802117884159088
 
 
-class KafkaSettings(BaseModel):
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo in a config file fails at start
+
+
+class KafkaSettings(_Group):
     bootstrap_servers: str = "127.0.0.1:9092"
     client_id: str = "streamer"
     group_id: str = "streamer-artifact"
@@ -65,7 +69,7 @@ class KafkaSettings(BaseModel):
         return None
 
 
-class WindowSettings(BaseModel):
+class WindowSettings(_Group):
     window_s: float = Field(10.0, gt=0, description="fixed by the released model; change only for experiments")
     overlap_s: float = Field(0.0, ge=0)
     reorder_tolerance_s: float = Field(2.0, ge=0, description="how long a window with holes waits for late chunks")
@@ -88,7 +92,7 @@ class WindowSettings(BaseModel):
         return self
 
 
-class ModelSettings(BaseModel):
+class ModelSettings(_Group):
     checkpoint: Path | None = Field(None, description="released .pth state dict; the demo checkpoint if unset")
     expected_sha256: str | None = Field(None, description="refuse any checkpoint with another digest")
     threshold: float = Field(RELEASED_THRESHOLD, ge=0, le=1)
@@ -99,14 +103,14 @@ class ModelSettings(BaseModel):
     name: str | None = Field(None, description="model name in the model id; derived from the file if unset")
 
 
-class BatchSettings(BaseModel):
+class BatchSettings(_Group):
     max_batch: int = Field(64, ge=1)
     max_wait_ms: float = Field(200.0, ge=0)
     max_pending_windows: int = Field(2048, ge=1, description="pause fetching above this many queued windows")
     test_inference_delay_s: float = Field(0.0, ge=0, description="test hook: slows every batch (campaigns)")
 
 
-class EpisodeSettings(BaseModel):
+class EpisodeSettings(_Group):
     open_after: int = Field(2, ge=1, description="consecutive flagged windows that open an episode")
     close_after: int = Field(2, ge=1, description="consecutive clean windows that close it")
 

@@ -1,0 +1,66 @@
+"""The Docker files cannot run here (no Docker engine): check that what they use exists in the code."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from streamer.cli import build_parser
+from streamer.settings import load_settings
+
+DOCKER = Path(__file__).resolve().parent.parent / "docker"
+
+
+def _subcommands() -> set[str]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return set(action.choices)
+
+
+def _check_env(env: dict[str, str], monkeypatch) -> None:
+    for k, v in env.items():
+        if k.startswith("STREAMER_"):
+            monkeypatch.setenv(k, str(v))
+    load_settings()  # unknown or invalid STREAMER_* names fail here
+
+
+def test_compose_services_use_real_commands_env_and_ports(monkeypatch):
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"kafka", "topics", "worker", "replayer", "prometheus"} <= set(services)
+    assert services["kafka"]["image"].startswith("apache/kafka:")
+    assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft
+    for name in ("worker", "replayer"):
+        svc = services[name]
+        assert svc["command"][0] in _subcommands()
+        assert (DOCKER.parent / svc["build"]["dockerfile"]).is_file()
+        with monkeypatch.context() as m:
+            _check_env(svc["environment"], m)
+    worker_env = services["worker"]["environment"]
+    assert f"{worker_env['STREAMER_METRICS_PORT']}:{worker_env['STREAMER_METRICS_PORT']}" in services["worker"]["ports"]
+    s = load_settings()
+    topics_cmd = services["topics"]["command"][0]
+    for topic in (s.kafka.input_topics[0], s.kafka.flags_topic, s.kafka.dead_letter_topic, s.kafka.episodes_topic):
+        assert topic in topics_cmd
+    prom = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    assert prom["scrape_configs"][0]["static_configs"][0]["targets"] == [f"worker:{worker_env['STREAMER_METRICS_PORT']}"]
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.cuda"])
+def test_dockerfiles_non_root_entrypoint_and_env(dockerfile, monkeypatch):
+    text = (DOCKER / dockerfile).read_text()
+    assert re.search(r"^USER streamer$", text, re.M), "runs as a non-root user"
+    assert text.count("FROM ") >= 2, "multi-stage"
+    assert 'ENTRYPOINT ["streamer"]' in text
+    assert "torch==2.14.1" in text and "torchvision==0.29.1" in text
+    assert ".pth" not in text, "the checkpoint is mounted, not baked in"
+    env = dict(re.findall(r"(STREAMER_[A-Z_]+)=(\S+)", text))
+    assert env, "the image configures the worker through STREAMER_* variables"
+    monkeypatch.delenv("STREAMER_MODEL__DEVICE", raising=False)
+    env.pop("STREAMER_MODEL__DEVICE", None)  # cuda is checked at model load, not in settings
+    _check_env(env, monkeypatch)
+    cmd = re.search(r'^CMD \["(\w+)"\]', text, re.M).group(1)
+    assert cmd in _subcommands()
