@@ -124,6 +124,8 @@ def cmd_score(args) -> int:
     except (RecordingError, CheckpointError) as exc:
         print(f"streamer score: {exc}", file=sys.stderr)
         return 2
+    if args.patient:
+        df.insert(0, "patient_id", args.patient)
     out = Path(args.out)
     df.to_csv(out, index=False)
     print(f"{len(df)} windows, {int(df['artifact'].sum())} flagged as artifact -> {out}")
@@ -134,8 +136,17 @@ def cmd_score(args) -> int:
 def cmd_validate(args) -> int:
     from streamer.validate import main as validate_main
 
-    _settings(args)
-    return validate_main(args)
+    s = _settings(args)
+    return validate_main(args, s.kafka)
+
+
+def cmd_synth(args) -> int:
+    from streamer.synthetic import write_dataset
+
+    paths = write_dataset(Path(args.out), args.patients, args.duration, args.fs, args.seed, args.start,
+                          args.artifact_fraction)
+    print(f"{len(paths['recordings'])} recordings, labels in {paths['window_labels']} and {paths['intervals']}")
+    return 0
 
 
 # -- watch ----------------------------------------------------------------------------------------
@@ -192,13 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--overlap", type=float, default=0.0, help="window overlap in seconds")
     sc.add_argument("--threshold", type=float)
     sc.add_argument("--batch-size", type=int, default=64)
+    sc.add_argument("--patient", help="patient id written in a patient_id column")
     sc.add_argument("--out", required=True, help="output CSV")
     sc.add_argument("--quiet", action="store_true")
     sc.set_defaults(func=cmd_score)
 
     v = sub.add_parser("validate", help="metrics, parity and threshold retuning from flags and labels")
-    v.add_argument("--flags", required=True, help="flags CSV (streamer score) or JSON lines (flags topic)")
+    v.add_argument("--flags", required=True, nargs="+",
+                   help="flags CSV(s) of streamer score, JSON lines of the flags topic, or kafka:TOPIC")
     v.add_argument("--labels", required=True, help="CSV of window labels or intervals")
+    v.add_argument("--patient", default="recording", help="patient id of flags that carry none")
     v.add_argument("--offline", help="streamer score CSV of the same recording(s), for stream/offline parity")
     v.add_argument("--target-sensitivity", type=float)
     v.add_argument("--target-specificity", type=float)
@@ -206,7 +220,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--report", default="validation.md", help="Markdown report (PNG plots beside it)")
     v.add_argument("--config-out", help="write the retuned threshold as a TOML snippet")
+    v.add_argument("--recording", help="the recording, for an ECG strip with flagged windows shaded")
+    v.add_argument("--fs", type=float)
+    v.add_argument("--start", help="ISO start of the recording (as given to score/replay)")
     v.set_defaults(func=cmd_validate)
+
+    sy = sub.add_parser("synth", help="write seeded synthetic lead-II recordings with artifact labels")
+    sy.add_argument("--patients", type=int, default=4)
+    sy.add_argument("--duration", type=float, default=300.0, help="seconds per patient")
+    sy.add_argument("--fs", type=float, default=500.0)
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--artifact-fraction", type=float, default=0.3)
+    sy.add_argument("--start", default="2026-01-01T00:00:00Z")
+    sy.add_argument("--out", default="synthetic", help="output folder")
+    sy.set_defaults(func=cmd_synth)
 
     w = sub.add_parser("watch", help="print flags and episodes as they arrive")
     w.add_argument("--seconds", type=float, default=None, help="stop after this long")
