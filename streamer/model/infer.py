@@ -63,6 +63,7 @@ class ArtifactScorer:
         self.memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
         self.net = net.to(memory_format=self.memory_format).eval()
         self.fold_stem = settings.fold_stem
+        self.device_batch = settings.device_batch or (256 if self.device.type == "cuda" else 16)
         self.preprocess = Preprocessor(self.device)
         precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
         self.info = ModelInfo(settings.name or model_name_for(path), digest, str(self.device), precision,
@@ -82,6 +83,9 @@ class ArtifactScorer:
         """(B, 5000) float32 windows -> (B,) float64 artifact probabilities (softmax class 1)."""
         if len(windows) == 0:
             return np.zeros(0, dtype=np.float64)
+        if len(windows) > self.device_batch:
+            return np.concatenate([self.probabilities(windows[i:i + self.device_batch])
+                                   for i in range(0, len(windows), self.device_batch)])
         x = self.images(windows)
         if not self.fold_stem:
             x = x.expand(-1, 3, -1, -1)

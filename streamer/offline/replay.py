@@ -23,13 +23,19 @@ class Source:
 
 
 def synthetic_fleet(beds: int, duration_s: float, start_ns: int, seed: int = 0,
-                    rates: tuple[float, ...] = (500.0,), artifact_fraction: float = 0.3) -> list[tuple[Source, object]]:
-    """N beds of synthetic lead-II (rates cycle through `rates`); returns (source, SyntheticECG) pairs."""
+                    rates: tuple[float, ...] = (500.0,), artifact_fraction: float = 0.3,
+                    stagger_s: float = 10.0) -> list[tuple[Source, object]]:
+    """N beds of synthetic lead-II (rates cycle through `rates`); returns (source, SyntheticECG) pairs.
+
+    Monitors are not phase-aligned: each bed starts at a seeded random offset within `stagger_s`, so
+    windows complete spread over time as on a real ward, not in one burst.
+    """
     out = []
+    offsets = np.random.default_rng(seed).uniform(0, stagger_s, beds)
     for bed in range(beds):
         fs = rates[bed % len(rates)]
         ecg = generate(duration_s, fs=fs, seed=seed * 100_003 + bed, artifact_fraction=artifact_fraction)
-        rec = Recording(regular_times(len(ecg.values), fs, start_ns), ecg.values, fs)
+        rec = Recording(regular_times(len(ecg.values), fs, start_ns + int(offsets[bed] * 1e9)), ecg.values, fs)
         out.append((Source(f"bed-{bed:04d}", rec), ecg))
     return out
 

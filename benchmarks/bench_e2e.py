@@ -1,0 +1,95 @@
+"""End to end through the embedded broker: N synthetic beds replayed in real time into one worker.
+
+Latency per window = the flag received by a reader - the moment the window's last sample was due to be
+sent (real-time schedule). It includes producer, broker, worker, inference, publish and fetch.
+
+    python benchmarks/bench_e2e.py --beds 100 --seconds 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import record  # noqa: E402
+from streamer.kafka.broker import EmbeddedBroker  # noqa: E402
+from streamer.kafka.clients import ensure_topics, make_consumer  # noqa: E402
+from streamer.offline.replay import replay, synthetic_fleet  # noqa: E402
+from streamer.settings import KafkaSettings  # noqa: E402
+from streamer.windows.segmentation import segment  # noqa: E402
+
+
+async def run(beds: int, seconds: float, max_batch: int, max_wait_ms: float, encoding: str) -> dict:
+    with EmbeddedBroker() as broker:
+        k = KafkaSettings(bootstrap_servers=broker.bootstrap, input_partitions=8, create_topics=True,
+                          group_id=f"bench-{os.getpid()}")
+        await ensure_topics(k)
+        env = dict(os.environ, STREAMER_KAFKA__BOOTSTRAP_SERVERS=broker.bootstrap, STREAMER_KAFKA__GROUP_ID=k.group_id,
+                   STREAMER_BATCHING__MAX_BATCH=str(max_batch), STREAMER_BATCHING__MAX_WAIT_MS=str(max_wait_ms),
+                   STREAMER_LOG_FORMAT="json", STREAMER_LOG_LEVEL="warning")
+        log = open(Path(os.environ.get("TMPDIR", "/tmp")) / "bench_e2e_worker.log", "wb")
+        worker = subprocess.Popen([sys.executable, "-m", "streamer", "run"], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT)  # its own process, as deployed
+        await asyncio.sleep(8)  # model load + group join
+        start_ns = time.time_ns()
+        fleet = [src for src, _ in synthetic_fleet(beds, seconds, start_ns, seed=1)]
+        expected = {(src.patient_id, w.start_ns): w.end_ns for src in fleet for w in segment(src.recording.times_ns)}
+        latencies: dict = {}
+        reader = make_consumer(k, group_id=None, auto_offset_reset="earliest")
+        await reader.start()
+        reader.subscribe([k.flags_topic])
+        wall0 = time.monotonic()
+
+        async def read():
+            while len(latencies) < len(expected):
+                batch = await reader.getmany(timeout_ms=100)
+                now = time.monotonic()
+                for recs in batch.values():
+                    for r in recs:
+                        f = orjson.loads(r.value)
+                        key = (f["patient_id"], f["window_start_ns"])
+                        if key in expected and key not in latencies:
+                            # the sample at the window end completes it (REFERENCE: s + 10 s <= last)
+                            due = wall0 + (expected[key] - start_ns) / 1e9 + 0.25  # its chunk is sent when full
+                            latencies[key] = now - due
+
+        reading = asyncio.create_task(read())
+        await replay(k, fleet, speed=1.0, chunk_s=0.25, encoding=encoding)
+        try:
+            await asyncio.wait_for(reading, 60)
+        except asyncio.TimeoutError:
+            pass
+        await reader.stop()
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(60)
+        lat = np.array(list(latencies.values()))
+        return {"expected": len(expected), "flagged": len(latencies), "p50": float(np.percentile(lat, 50)),
+                "p99": float(np.percentile(lat, 99)), "max": float(lat.max())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--beds", type=int, default=100)
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--max-wait-ms", type=float, default=200.0)
+    ap.add_argument("--encoding", default="binary")
+    args = ap.parse_args()
+    r = asyncio.run(run(args.beds, args.seconds, args.max_batch, args.max_wait_ms, args.encoding))
+    record(f"end to end, {args.beds} beds real time, {args.seconds:.0f}s, {args.encoding}, batch<={args.max_batch}",
+           f"flagged {r['flagged']}/{r['expected']}, latency p50 {r['p50'] * 1000:.0f} ms, p99 {r['p99'] * 1000:.0f} ms, "
+           f"max {r['max'] * 1000:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()

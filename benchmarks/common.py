@@ -1,0 +1,48 @@
+"""Shared by the benchmarks: machine description and RESULTS.md rows."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+HEADER = ("| date | machine | commit | command | figure | value | baseline | ratio |\n"
+          "|---|---|---|---|---|---|---|---|\n")
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} cores {cpu}; {gpu}; torch {torch.__version__}"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=RESULTS.parent).stdout.strip() or "?"
+    except OSError:
+        return "?"
+
+
+def record(figure: str, value: str, baseline: str = "", ratio: str = "", command: str | None = None) -> None:
+    cmd = command or "python " + " ".join([Path(sys.argv[0]).as_posix().split("/main/")[-1], *sys.argv[1:]])
+    row = (f"| {datetime.date.today()} | {machine()} | {commit()} | `{cmd}` | {figure} | {value} | "
+           f"{baseline} | {ratio} |\n")
+    if not RESULTS.exists():
+        RESULTS.write_text("# Benchmark results\n\nRows are appended by the benchmark scripts; newest last.\n\n" + HEADER)
+    with open(RESULTS, "a") as f:
+        f.write(row)
+    print(row, end="")
