@@ -1,0 +1,86 @@
+"""Slow inference: fetching pauses, pending windows stay bounded, the worker catches up, nothing is lost.
+Also scrapes /metrics, /healthz and /readyz during the run."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+
+import pytest
+
+from streamer.offline.recordings import parse_start
+from streamer.offline.replay import replay, synthetic_fleet
+from streamer.worker import Worker
+from tests.kafka_utils import expected_windows, flags_of, isolated_settings, read_topic, scored_ids
+
+pytestmark = pytest.mark.integration
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+def test_slow_inference_pauses_fetching_then_catches_up(broker, scorer):
+    s = isolated_settings(broker.bootstrap, partitions=2, metrics_port=0)
+    s.kafka.max_poll_records = 40
+    s.batching.max_batch, s.batching.max_pending_windows = 4, 8
+    s.batching.test_inference_delay_s = 0.7
+    fleet = [src for src, _ in synthetic_fleet(16, 41.0, parse_start("2026-11-22T12:00:00Z"), seed=8)]
+    expected = expected_windows(fleet)
+
+    async def main():
+        worker = Worker(s, scorer=scorer)
+        task = asyncio.create_task(worker.run())
+        peak_pending, paused_seen, scrapes = 0, False, []
+        try:
+            while not worker.assigned:
+                await asyncio.sleep(0.1)
+            port = worker.health.port
+            await replay(s.kafka, fleet, speed=None, chunk_s=0.5)
+            t_end = time.monotonic() + 15
+            while time.monotonic() < t_end:
+                peak_pending = max(peak_pending, sum(worker.pending_by_tp.values()))
+                if worker.paused and not paused_seen:
+                    paused_seen = True
+                    scrapes.append(await asyncio.to_thread(_get, port, "/metrics"))  # while paused
+                await asyncio.sleep(0.05)
+            if not scrapes:
+                scrapes.append((0, ""))
+            worker.s.batching.test_inference_delay_s = 0.0  # inference recovers
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                flags = flags_of(await read_topic(s.kafka, s.kafka.flags_topic, timeout_s=2))
+                if expected <= set(scored_ids(flags)):
+                    break
+            await asyncio.sleep(1.5)  # one gauge refresh
+            scrapes.append(await asyncio.to_thread(_get, port, "/metrics"))
+            scrapes.append(await asyncio.to_thread(_get, port, "/healthz"))
+            scrapes.append(await asyncio.to_thread(_get, port, "/readyz"))
+        finally:
+            worker.stop()
+            code = await asyncio.wait_for(task, 60)
+        return code, flags, peak_pending, paused_seen, scrapes
+
+    code, flags, peak_pending, paused_seen, scrapes = asyncio.run(main())
+    assert code == 0
+    assert paused_seen, "fetching must pause while inference is slower than arrivals"
+    assert peak_pending <= 8 + 40 * 2, f"pending windows must stay bounded, saw {peak_pending}"
+    assert expected <= set(scored_ids(flags)), "nothing may be lost"
+    (st1, during), (st2, after), (st3, health), (st4, ready) = scrapes
+    assert st1 == st2 == 200 and _metric(during, "streamer_fetch_paused") == 1.0
+    assert _metric(after, 'streamer_windows_total{status="scored"}') >= len(expected)
+    assert _metric(after, "streamer_messages_total") == sum(-(-len(src.recording.values) // 250) for src in fleet)
+    assert _metric(after, "streamer_flag_latency_seconds_count") >= len(expected)
+    assert 'streamer_model_info{' in after and "model_id=" in after
+    assert st3 == 200 and health.strip() == "ok"
+    assert st4 == 200 and ready.startswith("ready")
