@@ -31,6 +31,7 @@ class Metrics:
         self.buffer_bytes = Gauge("streamer_buffer_bytes", "bytes held by open windows", registry=r)
         self.pending = Gauge("streamer_pending_windows", "windows emitted, not yet acknowledged", registry=r)
         self.paused = Gauge("streamer_fetch_paused", "1 while fetching is paused for backpressure", registry=r)
+        self.device_fallback = Gauge("streamer_device_fallback", "1 once inference fell back to the CPU", registry=r)
         self.model = Info("streamer_model", "the loaded model", registry=r)
 
     def render(self) -> bytes:

@@ -100,6 +100,7 @@ class ModelSettings(_Group):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="half precision applies on CUDA only")
     device_batch: int | None = Field(None, ge=1, description="windows per network call; default 16 on CPU "
                                      "(fastest on the 2-core reference machine), 256 on CUDA")
+    cpu_fallback: bool = Field(False, description="after repeated device failures, continue on the CPU")
     fold_stem: bool = True
     channels_last: bool = True
     name: str | None = Field(None, description="model name in the model id; derived from the file if unset")

@@ -277,11 +277,27 @@ class Worker:
         probs: list[float | None] = [None] * len(batch)
         if idx:
             x = np.stack([to_model_samples(batch[i].samples) for i in idx])
-            for i, p in zip(idx, self.scorer.probabilities(x)):
+            for i, p in zip(idx, self._score_with_fallback(x)):
                 probs[i] = float(p)
             self.metrics.batch_size.observe(len(idx))
             self.metrics.inference_s.observe(time.perf_counter() - t0)
         return probs
+
+    def _score_with_fallback(self, x: np.ndarray, attempts: int = 3) -> np.ndarray:
+        """Retry device failures; after `attempts`, continue on the CPU if model.cpu_fallback allows it,
+        else raise (the worker exits non-zero; commits guarantee the next owner loses nothing)."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self.scorer.probabilities(x)
+            except RuntimeError as exc:
+                log.error("inference_failed", attempt=attempt, device=self.scorer.info.device, error=repr(exc)[:300])
+                if attempt < attempts:
+                    continue
+                if self.s.model.cpu_fallback and self.scorer.device.type != "cpu":
+                    self.scorer.fall_back_to_cpu()
+                    self.metrics.device_fallback.set(1)
+                    return self.scorer.probabilities(x)
+                raise
 
     async def _inference_loop(self, out: asyncio.Queue) -> None:
         loop = asyncio.get_running_loop()

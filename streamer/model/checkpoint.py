@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -35,6 +36,10 @@ def load_state_dict(path: str | Path, expected_sha256: str | None = None) -> tup
     if expected_sha256 and digest.lower() != expected_sha256.strip().lower():
         raise CheckpointError(f"checkpoint {path} has sha256 {digest}, but model.expected_sha256 pins "
                               f"{expected_sha256.strip().lower()}: refusing to load another file")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # torch zip archive, or a legacy pickle
+        raise CheckpointError(f"checkpoint {path} is not a readable torch file (neither a torch archive nor a pickle)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

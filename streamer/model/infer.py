@@ -78,14 +78,41 @@ class ArtifactScorer:
     def images(self, windows: np.ndarray | torch.Tensor) -> torch.Tensor:
         return self.preprocess(windows)
 
-    @torch.inference_mode()
     def probabilities(self, windows: np.ndarray | torch.Tensor) -> np.ndarray:
-        """(B, 5000) float32 windows -> (B,) float64 artifact probabilities (softmax class 1)."""
+        """(B, 5000) float32 windows -> (B,) float64 artifact probabilities (softmax class 1).
+
+        Runs the network in chunks of `device_batch`; a CUDA out-of-memory halves it and retries.
+        """
         if len(windows) == 0:
             return np.zeros(0, dtype=np.float64)
-        if len(windows) > self.device_batch:
-            return np.concatenate([self.probabilities(windows[i:i + self.device_batch])
-                                   for i in range(0, len(windows), self.device_batch)])
+        out, i = [], 0
+        while i < len(windows):
+            n = self.device_batch
+            try:
+                out.append(self._probabilities(windows[i:i + n]))
+            except torch.cuda.OutOfMemoryError:
+                if n == 1:
+                    raise
+                self.device_batch = max(n // 2, 1)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                log.warning("device_out_of_memory", device_batch_was=n, device_batch=self.device_batch)
+                continue
+            i += n
+        return np.concatenate(out)
+
+    def fall_back_to_cpu(self) -> None:
+        """Move the model to the CPU in fp32 (after repeated device failures, if allowed)."""
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+        self.net = self.net.to(self.device, torch.float32).to(memory_format=self.memory_format)
+        self.preprocess = Preprocessor(self.device)
+        self.device_batch = 16
+        self.info = ModelInfo(self.info.name, self.info.sha256, "cpu", "fp32", self.info.threshold)
+        log.error("device_fallback_to_cpu", model_id=self.info.model_id)
+
+    @torch.inference_mode()
+    def _probabilities(self, windows: np.ndarray | torch.Tensor) -> np.ndarray:
         x = self.images(windows)
         if not self.fold_stem:
             x = x.expand(-1, 3, -1, -1)
