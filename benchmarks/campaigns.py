@@ -3,6 +3,7 @@
     python benchmarks/campaigns.py crash --beds 100 --kills 20 --seconds 240
     python benchmarks/campaigns.py stall --stalls 5,30,120 --beds 50
     python benchmarks/campaigns.py fuzz --messages 10000 --beds 10
+    python benchmarks/campaigns.py soak --beds 200 --seconds 600
 
 Each prints its figures and appends them to benchmarks/RESULTS.md. tests/test_campaigns.py runs short
 versions of the same functions in CI.
@@ -210,6 +211,57 @@ def _first_flag_after(log: Path, t_monotonic: float) -> float | None:
     return None
 
 
+# -- soak -----------------------------------------------------------------------------------------------
+def soak_campaign(bootstrap: str, beds: int, seconds: float, checkpoint: str | None, warmup_s: float = 60.0,
+                  workdir: Path | None = None) -> dict:
+    """Beds in real time for `seconds`: RSS growth after warm-up, buffered patients, latency p99 over time."""
+    import urllib.request
+
+    from streamer.kafka.broker import free_port
+
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="soak-"))
+    s = campaign_settings(bootstrap, partitions=8, checkpoint=checkpoint)
+    port = free_port()
+    env = dict(worker_env(s), STREAMER_METRICS_PORT=str(port))
+    proc = subprocess.Popen([sys.executable, "-m", "streamer", "run"], env=env,
+                            stdout=open(workdir / "worker.log", "ab"), stderr=subprocess.STDOUT)
+    time.sleep(8)
+    fleet = [src for src, _ in synthetic_fleet(beds, seconds, parse_start("2026-11-22T16:00:00Z"), seed=6)]
+    t0 = time.monotonic()
+    feeder = feed_in_background(s.kafka, fleet, speed=1.0)
+    samples = []  # (t, rss_mb, patients, latency_count, latency_p99_bucket)
+    try:
+        while feeder.is_alive():
+            time.sleep(10)
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            gauge = {l.split(" ")[0]: float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
+                     if l and not l.startswith("#") and "{" not in l}
+            samples.append((time.monotonic() - t0, _rss_kb(proc.pid) / 1024, gauge.get("streamer_patients_buffered", 0),
+                            _p99_from_histogram(text, "streamer_flag_latency_seconds")))
+    finally:
+        code = stop_worker(proc)
+    after = [x for x in samples if x[0] >= warmup_s]
+    first, last = after[0], after[-1]
+    return {"beds": beds, "seconds": seconds, "exit_code": code,
+            "rss_mb_after_warmup": round(first[1], 1), "rss_mb_end": round(last[1], 1),
+            "rss_growth_pct": round(100 * (last[1] - first[1]) / first[1], 2),
+            "patients_buffered": (int(first[2]), int(max(x[2] for x in after))),
+            "latency_p99_s": (first[3], last[3])}
+
+
+def _p99_from_histogram(text: str, name: str) -> float:
+    """Upper bound of the bucket holding the 99th percentile (cumulative since start)."""
+    buckets = []
+    for line in text.splitlines():
+        if line.startswith(name + "_bucket"):
+            le = line.split('le="')[1].split('"')[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+    if not buckets or buckets[-1][1] == 0:
+        return float("nan")
+    total = buckets[-1][1]
+    return next(le for le, count in buckets if count >= 0.99 * total)
+
+
 # -- hostile input -------------------------------------------------------------------------------------
 def hostile_messages(n: int, healthy_ids: list[str], seed: int = 0) -> list[tuple[bytes | None, bytes, str]]:
     """(key, value, kind) of n malformed or hostile records, each certain to be rejected."""
@@ -333,10 +385,13 @@ def main() -> None:
     st = sub.add_parser("stall")
     st.add_argument("--stalls", default="5,30,120")
     st.add_argument("--beds", type=int, default=50)
+    so = sub.add_parser("soak")
+    so.add_argument("--beds", type=int, default=200)
+    so.add_argument("--seconds", type=float, default=600.0)
     f = sub.add_parser("fuzz")
     f.add_argument("--messages", type=int, default=10_000)
     f.add_argument("--beds", type=int, default=10)
-    for p in (c, st, f):
+    for p in (c, st, so, f):
         p.add_argument("--checkpoint", default=None)
     args = ap.parse_args()
     resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
@@ -351,6 +406,12 @@ def main() -> None:
                 record(f"broker stall {stall:g}s (SIGSTOP), {args.beds} beds real time",
                        f"lost {r['lost']} of {r['expected']}, worker alive {r['worker_alive']}, exit {r['exit_code']}, "
                        f"recovery {r['recovery_s']}s, peak RSS {r['peak_rss_mb']} MB, duplicates {r['duplicates']}")
+        elif args.campaign == "soak":
+            r = soak_campaign(broker.bootstrap, args.beds, args.seconds, args.checkpoint)
+            record(f"soak: {args.beds} beds real time for {args.seconds:g}s (after 60 s warm-up)",
+                   f"RSS {r['rss_mb_after_warmup']} -> {r['rss_mb_end']} MB ({r['rss_growth_pct']}%), patients buffered "
+                   f"{r['patients_buffered'][0]} -> max {r['patients_buffered'][1]}, latency p99 bucket "
+                   f"{r['latency_p99_s'][0]} -> {r['latency_p99_s'][1]} s, exit {r['exit_code']}")
         else:
             r = fuzz_campaign(broker.bootstrap, args.messages, args.beds, args.checkpoint)
             record(f"bad-input campaign: {r['hostile']} hostile records among {args.beds} healthy beds",

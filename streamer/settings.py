@@ -182,3 +182,30 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
                 os.environ.pop("STREAMER_CONFIG", None)
             else:
                 os.environ["STREAMER_CONFIG"] = previous
+
+
+def settings_to_env(settings: Settings) -> dict[str, str]:
+    """The STREAMER_* environment that reproduces `settings` in another process (e.g. `streamer run`)."""
+    import json
+
+    env: dict[str, str] = {}
+
+    def put(prefix: str, model: BaseModel) -> None:
+        for name in type(model).model_fields:
+            value = getattr(model, name)
+            key = f"{prefix}{name.upper()}"
+            if isinstance(value, BaseModel):
+                put(f"{key}__", value)
+            elif value is None:
+                continue
+            elif isinstance(value, SecretStr):
+                env[key] = value.get_secret_value()
+            elif isinstance(value, bool):
+                env[key] = "true" if value else "false"
+            elif isinstance(value, list):
+                env[key] = json.dumps(value)
+            else:
+                env[key] = str(value)
+
+    put("STREAMER_", settings)
+    return env

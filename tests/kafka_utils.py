@@ -9,7 +9,7 @@ import uuid
 import orjson
 
 from streamer.kafka.clients import ensure_topics, make_consumer
-from streamer.settings import KafkaSettings, Settings
+from streamer.settings import KafkaSettings, Settings, settings_to_env
 
 
 def isolated_settings(bootstrap: str, **overrides) -> Settings:
@@ -58,25 +58,11 @@ def flags_of(records) -> list[dict]:
 
 
 def settings_env(s: Settings, **extra: str) -> dict[str, str]:
-    """The STREAMER_* environment that reproduces `s` in a `streamer run` subprocess."""
+    """The environment of a `streamer run` subprocess that reproduces `s` (JSON logs)."""
     import os
 
-    k = s.kafka
     env = dict(os.environ)
-    env.update({
-        "STREAMER_KAFKA__BOOTSTRAP_SERVERS": k.bootstrap_servers,
-        "STREAMER_KAFKA__INPUT_TOPICS": orjson.dumps(k.input_topics).decode(),
-        "STREAMER_KAFKA__FLAGS_TOPIC": k.flags_topic,
-        "STREAMER_KAFKA__EPISODES_TOPIC": k.episodes_topic,
-        "STREAMER_KAFKA__DEAD_LETTER_TOPIC": k.dead_letter_topic,
-        "STREAMER_KAFKA__GROUP_ID": k.group_id,
-        "STREAMER_KAFKA__COMMIT_INTERVAL_S": str(k.commit_interval_s),
-        "STREAMER_KAFKA__SESSION_TIMEOUT_MS": str(k.session_timeout_ms),
-        "STREAMER_KAFKA__HEARTBEAT_INTERVAL_MS": str(k.heartbeat_interval_ms),
-        "STREAMER_LOG_FORMAT": "json",
-    })
-    if s.model.checkpoint:
-        env["STREAMER_MODEL__CHECKPOINT"] = str(s.model.checkpoint)
+    env.update(settings_to_env(s), STREAMER_LOG_FORMAT="json")
     env.update(extra)
     return env
 

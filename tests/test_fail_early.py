@@ -50,6 +50,7 @@ def test_broker_unreachable():
 def test_topics_missing(broker):
     s = isolated_settings(broker.bootstrap)
     s.kafka.flags_topic = "never-created"
+    s.kafka.create_topics = False
     r = _run(settings_env(s))
     assert r.returncode == 1 and "topics missing" in r.stderr and "never-created" in r.stderr
 

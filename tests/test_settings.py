@@ -76,3 +76,17 @@ def test_every_subcommand_has_help():
     for cmd in ("broker", "run", "replay", "score", "validate", "watch", "demo"):
         r = subprocess.run([sys.executable, "-m", "streamer", cmd, "--help"], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and "usage: streamer" in r.stdout
+
+
+def test_settings_round_trip_through_the_environment(monkeypatch, tmp_path):
+    from streamer.settings import Settings, settings_to_env
+
+    s = Settings()
+    s.kafka.input_topics = ["x", "y"]
+    s.kafka.create_topics = True
+    s.model.checkpoint = tmp_path / "m.pth"
+    s.windows.overlap_s = 2.5
+    s.episodes.open_after = 3
+    for k, v in settings_to_env(s).items():
+        monkeypatch.setenv(k, v)
+    assert load_settings() == s

@@ -1,0 +1,37 @@
+"""Run every benchmark that fits this machine, appending to benchmarks/RESULTS.md.
+
+    python benchmarks/run_all.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes)")
+    args = ap.parse_args()
+    import torch
+
+    gpu = torch.cuda.is_available()
+    runs = [
+        ["bench_ingest.py"] + (["--beds", "50"] if args.quick else []),
+        ["bench_model.py"] + (["--windows", "128", "--batches", "16,64"] if args.quick else
+                              (["--batches", "64,256,1024,4096", "--windows", "8192"] if gpu else [])),
+        ["bench_precision.py"] + (["--windows", "64"] if args.quick else []),
+        ["bench_e2e.py", "--beds", "50" if args.quick else ("5000" if gpu else "200"), "--seconds", "60"],
+    ]
+    for run in runs:
+        print("$ python benchmarks/" + " ".join(run), flush=True)
+        subprocess.run([sys.executable, str(HERE / run[0]), *run[1:]], check=True)
+    print((HERE / "RESULTS.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
