@@ -29,14 +29,14 @@ from streamer.settings import KafkaSettings  # noqa: E402
 from streamer.windows.segmentation import segment  # noqa: E402
 
 
-async def run(beds: int, seconds: float, max_batch: int, max_wait_ms: float, encoding: str) -> dict:
+async def run(beds: int, seconds: float, max_batch: int, max_wait_ms: float, encoding: str, backend: str) -> dict:
     with EmbeddedBroker() as broker:
         k = KafkaSettings(bootstrap_servers=broker.bootstrap, input_partitions=8, create_topics=True,
                           group_id=f"bench-{os.getpid()}")
         await ensure_topics(k)
         env = dict(os.environ, STREAMER_KAFKA__BOOTSTRAP_SERVERS=broker.bootstrap, STREAMER_KAFKA__GROUP_ID=k.group_id,
                    STREAMER_BATCHING__MAX_BATCH=str(max_batch), STREAMER_BATCHING__MAX_WAIT_MS=str(max_wait_ms),
-                   STREAMER_LOG_FORMAT="json", STREAMER_LOG_LEVEL="warning")
+                   STREAMER_LOG_FORMAT="json", STREAMER_LOG_LEVEL="warning", STREAMER_MODEL__BACKEND=backend)
         log = open(Path(os.environ.get("TMPDIR", "/tmp")) / "bench_e2e_worker.log", "wb")
         worker = subprocess.Popen([sys.executable, "-m", "streamer", "run"], env=env, stdout=log,
                                   stderr=subprocess.STDOUT)  # its own process, as deployed
@@ -84,9 +84,11 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--max-wait-ms", type=float, default=200.0)
     ap.add_argument("--encoding", default="binary")
+    ap.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
     args = ap.parse_args()
-    r = asyncio.run(run(args.beds, args.seconds, args.max_batch, args.max_wait_ms, args.encoding))
-    record(f"end to end, {args.beds} beds real time, {args.seconds:.0f}s, {args.encoding}, batch<={args.max_batch}",
+    r = asyncio.run(run(args.beds, args.seconds, args.max_batch, args.max_wait_ms, args.encoding, args.backend))
+    record(f"end to end, {args.beds} beds real time, {args.seconds:.0f}s, {args.encoding}, batch<={args.max_batch}, "
+           f"{args.backend}",
            f"flagged {r['flagged']}/{r['expected']}, latency p50 {r['p50'] * 1000:.0f} ms, p99 {r['p99'] * 1000:.0f} ms, "
            f"max {r['max'] * 1000:.0f} ms")
 

@@ -48,9 +48,10 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=256)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
     args = ap.parse_args()
     x = windows(args.windows)
-    scorer = ArtifactScorer(ModelSettings(device=args.device, precision=args.precision))
+    scorer = ArtifactScorer(ModelSettings(device=args.device, precision=args.precision, backend=args.backend))
     dev = scorer.device
 
     # baseline: Pillow per window, plain NCHW fp32, batch 128
@@ -79,7 +80,7 @@ def main() -> None:
                 scorer.probabilities(x[i:i + b])
 
         r = rate(ours, args.windows, repeat=1)
-        record(f"batched preprocessing+model, batch {b} ({dev}, {scorer.info.precision})", f"{r:.1f} windows/s",
+        record(f"batched preprocessing+model, batch {b} ({dev}, {scorer.info.precision}, {args.backend})", f"{r:.1f} windows/s",
                f"{base:.1f}", f"{r / base:.2f}")
 
 

@@ -97,6 +97,8 @@ class ModelSettings(_Group):
     expected_sha256: str | None = Field(None, description="refuse any checkpoint with another digest")
     threshold: float = Field(RELEASED_THRESHOLD, ge=0, le=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    backend: Literal["torch", "onnxruntime"] = Field(
+        "torch", description="onnxruntime: the same network exported in memory, CPU only (pip install streamer[onnx])")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="half precision applies on CUDA only")
     device_batch: int | None = Field(None, ge=1, description="windows per network call; default 16 on CPU "
                                      "(fastest on the 2-core reference machine), 256 on CUDA")

@@ -115,3 +115,12 @@ def test_cuda_requested_without_cuda(checkpoint):
         pytest.skip("this machine has CUDA")
     with pytest.raises(CheckpointError, match="CUDA is not available"):
         ArtifactScorer(ModelSettings(checkpoint=checkpoint, device="cuda"))
+
+
+def test_onnxruntime_backend_keeps_parity(checkpoint, windows_by_kind):
+    pytest.importorskip("onnxruntime")
+    raw = [w for ws in windows_by_kind.values() for w in ws]
+    x = np.stack([to_model_samples(w) for w in raw])
+    torch_p = ArtifactScorer(ModelSettings(checkpoint=checkpoint)).probabilities(x)
+    ort_p = ArtifactScorer(ModelSettings(checkpoint=checkpoint, backend="onnxruntime", device="cpu")).probabilities(x)
+    assert np.abs(ort_p - torch_p).max() <= 1e-4

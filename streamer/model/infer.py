@@ -62,6 +62,11 @@ class ArtifactScorer:
         net = net.to(self.device, self.dtype)
         self.memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
         self.net = net.to(memory_format=self.memory_format).eval()
+        self.ort_session = None
+        if settings.backend == "onnxruntime":
+            if self.device.type != "cpu":
+                raise CheckpointError("model.backend=onnxruntime runs on the CPU; set model.device=cpu")
+            self.ort_session = _onnx_session(net)
         self.fold_stem = settings.fold_stem
         self.device_batch = settings.device_batch or (256 if self.device.type == "cuda" else 16)
         self.preprocess = Preprocessor(self.device)
@@ -114,8 +119,33 @@ class ArtifactScorer:
     @torch.inference_mode()
     def _probabilities(self, windows: np.ndarray | torch.Tensor) -> np.ndarray:
         x = self.images(windows)
+        if self.ort_session is not None:
+            logits = torch.from_numpy(self.ort_session.run(None, {"image": x.numpy()})[0])
+            return torch.softmax(logits.float(), dim=1)[:, 1].double().numpy()
         if not self.fold_stem:
             x = x.expand(-1, 3, -1, -1)
         x = x.to(self.dtype).contiguous(memory_format=self.memory_format)
         logits = self.net(x).float()
         return torch.softmax(logits, dim=1)[:, 1].double().cpu().numpy()
+
+
+def _onnx_session(net: torch.nn.Module):
+    """The network (folded stem, fp32) exported to ONNX in memory and loaded into ONNX Runtime."""
+    import io
+    import warnings
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise CheckpointError("model.backend=onnxruntime needs `pip install onnxruntime onnx` "
+                              "(the project's [onnx] extra)") from None
+    buf = io.BytesIO()
+    in_channels = net.efficientnet.features[0][0].in_channels
+    cpu_net = net.to(memory_format=torch.contiguous_format)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(cpu_net, (torch.zeros(1, in_channels, 224, 224),), buf, input_names=["image"],
+                          output_names=["logits"], dynamic_axes={"image": {0: "batch"}}, dynamo=False)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    return ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
