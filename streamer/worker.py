@@ -161,7 +161,7 @@ class Worker:
     # -- consume --------------------------------------------------------------------------------
     async def _consume_loop(self) -> None:
         consumer = self.consumer
-        next_gauges = 0.0
+        next_gauges = next_evict = 0.0
         while not self.stopping.is_set():
             records = await consumer.getmany(timeout_ms=100, max_records=self.s.kafka.max_poll_records)
             now = time.time()
@@ -170,8 +170,10 @@ class Worker:
                     continue
                 for record in batch:
                     self._ingest(tp, record, now)
-            for w in self.stage.evict(now):
-                self._submit(w)
+            if now >= next_evict:  # scans the patients silent for idle_evict_s: once a second is enough
+                for w in self.stage.evict(now):
+                    self._submit(w)
+                next_evict = now + 1.0
             self._backpressure()
             if now >= next_gauges:
                 self._update_gauges()

@@ -194,3 +194,26 @@ def test_ten_thousand_patients_memory_bounded_and_evicted():
     assert len(stage.streams) <= 600
     emitted += len(stage.close_all(1e9))
     assert emitted == 10_000  # each patient's partial window is reported, none is silently lost
+
+
+def test_an_outage_of_the_whole_partition_does_not_evict_patients():
+    """A broker stall silences every patient at once: that is not patients leaving."""
+    stage = WindowStage(WindowSettings(idle_evict_s=60.0))
+    times, values = recording(500, 15)
+    for i, c in enumerate(chunks_of("p1", times, values, 500, fs=500)):
+        if i < 5:
+            stage.accept(0, i, c, now=float(i))
+    assert stage.evict(now=500.0) == []  # nothing arrived on partition 0 for 495 s
+    assert ("p1" in {k[1] for k in stage.streams})
+
+
+def test_a_patient_silent_while_its_partition_flows_is_evicted():
+    stage = WindowStage(WindowSettings(idle_evict_s=60.0))
+    times, values = recording(500, 15)
+    chunks = list(chunks_of("p1", times, values, 500, fs=500))
+    other = list(chunks_of("p2", times, values, 500, fs=500))
+    stage.accept(0, 0, chunks[0], now=0.0)
+    for i, c in enumerate(other[:15]):
+        stage.accept(0, 1 + i, c, now=5.0 * (i + 1))  # p2 keeps partition 0 flowing until t = 75 s
+    out = stage.evict(now=75.0)
+    assert [(w.patient_id, w.reason) for w in out] == [("p1", "truncated")]

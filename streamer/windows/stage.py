@@ -16,8 +16,12 @@ class WindowStage:
         # least recently active first, so eviction and the memory cap look at the front only
         self.streams: OrderedDict[tuple[Hashable, str], PatientStream] = OrderedDict()
         self.nbytes = 0  # bytes held by open windows, kept up to date on every change
+        # when each partition last delivered a record: silence is measured against it, so a broker
+        # outage (every partition silent) never looks like patients leaving
+        self.partition_clock: dict[Hashable, float] = {}
 
     def accept(self, partition: Hashable, offset: int, chunk: Chunk, now: float) -> AcceptResult:
+        self.partition_clock[partition] = now
         key = (partition, chunk.patient_id)
         stream = self.streams.get(key)
         if stream is None:
@@ -32,16 +36,29 @@ class WindowStage:
         return result
 
     def evict(self, now: float) -> list[EmittedWindow]:
-        """Close patients silent for idle_evict_s, and the least recently active ones above the memory cap."""
+        """Close idle patients, then the least recently active ones while above the memory cap.
+
+        A patient is idle when its partition went on delivering records for idle_evict_s without it.
+        Candidates are only those silent that long by the wall clock (the front of the LRU order).
+        """
         out: list[EmittedWindow] = []
-        while self.streams:
-            key, stream = next(iter(self.streams.items()))
-            if now - stream.last_activity < self.s.idle_evict_s and self.nbytes <= self.s.max_buffer_bytes:
-                break
-            self.nbytes -= stream.nbytes
-            out.extend(stream.close(now))
-            del self.streams[key]
+        idle_s = self.s.idle_evict_s
+        idle = []
+        for key, stream in self.streams.items():
+            if now - stream.last_activity < idle_s:
+                break  # LRU order: everyone after this one was active more recently
+            if self.partition_clock.get(key[0], now) - stream.last_activity >= idle_s:
+                idle.append(key)
+        for key in idle:
+            out.extend(self._close(key, now))
+        while self.streams and self.nbytes > self.s.max_buffer_bytes:
+            out.extend(self._close(next(iter(self.streams)), now))
         return out
+
+    def _close(self, key: tuple[Hashable, str], now: float) -> list[EmittedWindow]:
+        stream = self.streams.pop(key)
+        self.nbytes -= stream.nbytes
+        return stream.close(now)
 
     def min_open_offsets(self) -> dict[Hashable, int]:
         """Per partition, the smallest input offset that an open (unemitted) window still needs."""
@@ -57,6 +74,7 @@ class WindowStage:
         keys = [k for k in self.streams if k[0] == partition]
         for k in keys:
             self.nbytes -= self.streams.pop(k).nbytes
+        self.partition_clock.pop(partition, None)
         return len(keys)
 
     def close_all(self, now: float) -> list[EmittedWindow]:
