@@ -36,7 +36,7 @@ from streamer.kafka.broker import EmbeddedBroker  # noqa: E402
 from streamer.kafka.clients import ensure_topics, make_consumer, make_producer  # noqa: E402
 from streamer.offline.recordings import parse_start  # noqa: E402
 from streamer.offline.replay import replay, synthetic_fleet  # noqa: E402
-from streamer.settings import KafkaSettings, Settings  # noqa: E402
+from streamer.settings import KafkaSettings, Settings, settings_to_env  # noqa: E402
 from streamer.windows.segmentation import segment  # noqa: E402
 
 
@@ -54,16 +54,7 @@ def campaign_settings(bootstrap: str, partitions: int = 4, checkpoint: str | Non
 
 
 def worker_env(s: Settings) -> dict[str, str]:
-    k = s.kafka
-    env = dict(os.environ, STREAMER_KAFKA__BOOTSTRAP_SERVERS=k.bootstrap_servers,
-               STREAMER_KAFKA__INPUT_TOPICS=orjson.dumps(k.input_topics).decode(), STREAMER_KAFKA__FLAGS_TOPIC=k.flags_topic,
-               STREAMER_KAFKA__EPISODES_TOPIC=k.episodes_topic, STREAMER_KAFKA__DEAD_LETTER_TOPIC=k.dead_letter_topic,
-               STREAMER_KAFKA__GROUP_ID=k.group_id, STREAMER_KAFKA__COMMIT_INTERVAL_S=str(k.commit_interval_s),
-               STREAMER_KAFKA__SESSION_TIMEOUT_MS=str(k.session_timeout_ms),
-               STREAMER_KAFKA__HEARTBEAT_INTERVAL_MS=str(k.heartbeat_interval_ms), STREAMER_LOG_FORMAT="json")
-    if s.model.checkpoint:
-        env["STREAMER_MODEL__CHECKPOINT"] = str(s.model.checkpoint)
-    return env
+    return dict(os.environ, **settings_to_env(s), STREAMER_LOG_FORMAT="json")
 
 
 def start_worker(s: Settings, log: Path) -> subprocess.Popen:
