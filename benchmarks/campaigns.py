@@ -54,7 +54,10 @@ def campaign_settings(bootstrap: str, partitions: int = 4, checkpoint: str | Non
 
 
 def worker_env(s: Settings) -> dict[str, str]:
-    return dict(os.environ, **settings_to_env(s), STREAMER_LOG_FORMAT="json")
+    env = dict(os.environ)
+    env.update(settings_to_env(s))
+    env["STREAMER_LOG_FORMAT"] = "json"
+    return env
 
 
 def start_worker(s: Settings, log: Path) -> subprocess.Popen:
