@@ -3,6 +3,7 @@
     python benchmarks/campaigns.py crash --beds 100 --kills 20 --seconds 240
     python benchmarks/campaigns.py stall --stalls 5,30,120 --beds 50
     python benchmarks/campaigns.py fuzz --messages 10000 --beds 10
+    python benchmarks/campaigns.py slow --beds 50 --delay 2 --slow-for 45
     python benchmarks/campaigns.py soak --beds 200 --seconds 600
 
 Each prints its figures and appends them to benchmarks/RESULTS.md. tests/test_campaigns.py runs short
@@ -205,6 +206,48 @@ def _first_flag_after(log: Path, t_monotonic: float) -> float | None:
     return None
 
 
+# -- slow inference -------------------------------------------------------------------------------------
+def slow_campaign(bootstrap: str, beds: int, seconds: float, delay_s: float, slow_for_s: float,
+                  checkpoint: str | None) -> dict:
+    """Inference slowed below the arrival rate (test hook) for slow_for_s, then recovered: backpressure,
+    bounded memory, catch-up time, lost windows."""
+    from streamer.worker import Worker
+
+    s = campaign_settings(bootstrap, partitions=4, checkpoint=checkpoint)
+    s.batching.max_pending_windows = 64
+    s.batching.test_inference_delay_s = delay_s
+    fleet = [src for src, _ in synthetic_fleet(beds, seconds, parse_start("2026-11-22T17:00:00Z"), seed=7)]
+    expected = expected_of(fleet)
+
+    async def main() -> dict:
+        worker = Worker(s)
+        task = asyncio.create_task(worker.run())
+        while not worker.assigned:
+            await asyncio.sleep(0.2)
+        feed = asyncio.create_task(replay(s.kafka, fleet, speed=1.0, chunk_s=0.5))
+        t0 = time.monotonic()
+        peak_pending = peak_bytes = paused_s = 0.0
+        while time.monotonic() - t0 < slow_for_s:
+            peak_pending = max(peak_pending, sum(worker.pending_by_tp.values()))
+            peak_bytes = max(peak_bytes, worker.stage.nbytes)
+            paused_s += 0.1 if worker.paused else 0.0
+            await asyncio.sleep(0.1)
+        worker.s.batching.test_inference_delay_s = 0.0
+        recovered = time.monotonic()
+        while (worker.paused or sum(worker.pending_by_tp.values()) > 8) and time.monotonic() - recovered < 300:
+            await asyncio.sleep(0.1)
+        catch_up = time.monotonic() - recovered
+        await feed
+        flags = await collect_flags(s.kafka, expected, timeout_s=seconds + 120)
+        worker.stop()
+        code = await task
+        return {"peak_pending": int(peak_pending), "peak_buffer_mb": round(peak_bytes / 2**20, 1),
+                "paused_s": round(paused_s, 1), "catch_up_s": round(catch_up, 1), "exit_code": code,
+                **tally(expected, flags)}
+
+    return asyncio.run(main())
+
+
 # -- soak -----------------------------------------------------------------------------------------------
 def soak_campaign(bootstrap: str, beds: int, seconds: float, checkpoint: str | None, warmup_s: float = 60.0,
                   workdir: Path | None = None) -> dict:
@@ -379,13 +422,18 @@ def main() -> None:
     st = sub.add_parser("stall")
     st.add_argument("--stalls", default="5,30,120")
     st.add_argument("--beds", type=int, default=50)
+    sl = sub.add_parser("slow")
+    sl.add_argument("--beds", type=int, default=50)
+    sl.add_argument("--seconds", type=float, default=120.0)
+    sl.add_argument("--delay", type=float, default=2.0, help="added seconds per inference batch")
+    sl.add_argument("--slow-for", type=float, default=45.0)
     so = sub.add_parser("soak")
     so.add_argument("--beds", type=int, default=200)
     so.add_argument("--seconds", type=float, default=600.0)
     f = sub.add_parser("fuzz")
     f.add_argument("--messages", type=int, default=10_000)
     f.add_argument("--beds", type=int, default=10)
-    for p in (c, st, so, f):
+    for p in (c, st, sl, so, f):
         p.add_argument("--checkpoint", default=None)
     args = ap.parse_args()
     resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
@@ -400,6 +448,12 @@ def main() -> None:
                 record(f"broker stall {stall:g}s (SIGSTOP), {args.beds} beds real time",
                        f"lost {r['lost']} of {r['expected']}, worker alive {r['worker_alive']}, exit {r['exit_code']}, "
                        f"recovery {r['recovery_s']}s, peak RSS {r['peak_rss_mb']} MB, duplicates {r['duplicates']}")
+        elif args.campaign == "slow":
+            r = slow_campaign(broker.bootstrap, args.beds, args.seconds, args.delay, args.slow_for, args.checkpoint)
+            record(f"slow inference: +{args.delay:g}s per batch for {args.slow_for:g}s, {args.beds} beds real time",
+                   f"fetch paused {r['paused_s']}s, peak pending windows {r['peak_pending']} (limit 64), peak buffers "
+                   f"{r['peak_buffer_mb']} MB, caught up {r['catch_up_s']}s after recovery, lost {r['lost']} of "
+                   f"{r['expected']}, exit {r['exit_code']}")
         elif args.campaign == "soak":
             r = soak_campaign(broker.bootstrap, args.beds, args.seconds, args.checkpoint)
             record(f"soak: {args.beds} beds real time for {args.seconds:g}s (after 60 s warm-up)",
