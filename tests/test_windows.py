@@ -217,3 +217,19 @@ def test_a_patient_silent_while_its_partition_flows_is_evicted():
         stage.accept(0, 1 + i, c, now=5.0 * (i + 1))  # p2 keeps partition 0 flowing until t = 75 s
     out = stage.evict(now=75.0)
     assert [(w.patient_id, w.reason) for w in out] == [("p1", "truncated")]
+
+
+def test_right_after_an_outage_a_patient_whose_backlog_comes_later_is_kept():
+    """Found by the 120 s broker-stall campaign: the first backlog record of a partition must not make
+    the patients whose records follow a moment later look 120 s idle."""
+    stage = WindowStage(WindowSettings(idle_evict_s=60.0))
+    times, values = recording(500, 200)
+    p1 = list(chunks_of("p1", times, values, 500, fs=500))
+    p2 = list(chunks_of("p2", times, values, 500, fs=500))
+    for i in range(10):  # both stream for 10 s
+        stage.accept(0, 2 * i, p1[i], now=float(i))
+        stage.accept(0, 2 * i + 1, p2[i], now=float(i))
+    stage.accept(0, 100, p2[10], now=130.0)  # the broker was frozen for 120 s; p2's backlog comes first
+    assert stage.evict(now=131.0) == []
+    stage.accept(0, 101, p1[10], now=131.5)
+    assert {k[1] for k in stage.streams} == {"p1", "p2"}

@@ -10,19 +10,27 @@ from streamer.settings import WindowSettings
 from streamer.windows.buffer import AcceptResult, EmittedWindow, PatientStream
 
 
+FLOW_GAP_CAP_S = 10.0  # monitors send <= 1 s chunks: a longer silence of a whole partition is an outage
+
+
 class WindowStage:
     def __init__(self, settings: WindowSettings):
         self.s = settings
         # least recently active first, so eviction and the memory cap look at the front only
         self.streams: OrderedDict[tuple[Hashable, str], PatientStream] = OrderedDict()
         self.nbytes = 0  # bytes held by open windows, kept up to date on every change
-        # when each partition last delivered a record: silence is measured against it, so a broker
-        # outage (every partition silent) never looks like patients leaving
-        self.partition_clock: dict[Hashable, float] = {}
+        # Per partition, (seconds it has been flowing, wall time of its last record). Gaps between its
+        # records count at most FLOW_GAP_CAP_S, so a broker or upstream outage hardly advances it and,
+        # right after one, a patient whose backlog comes a little later does not look idle.
+        self.partition_clock: dict[Hashable, tuple[float, float]] = {}
+        self.patient_clock: dict[tuple[Hashable, str], float] = {}  # partition flow time at its last record
 
     def accept(self, partition: Hashable, offset: int, chunk: Chunk, now: float) -> AcceptResult:
-        self.partition_clock[partition] = now
+        flowed, last = self.partition_clock.get(partition, (0.0, now))
+        flowed += min(max(now - last, 0.0), FLOW_GAP_CAP_S)
+        self.partition_clock[partition] = (flowed, now)
         key = (partition, chunk.patient_id)
+        self.patient_clock[key] = flowed
         stream = self.streams.get(key)
         if stream is None:
             stream = self.streams[key] = PatientStream(chunk.patient_id, partition, self.s)
@@ -33,13 +41,14 @@ class WindowStage:
         self.nbytes += stream.nbytes - before
         if stream.segment is None and not stream.nbytes:
             self.streams.pop(key, None)
+            self.patient_clock.pop(key, None)
         return result
 
     def evict(self, now: float) -> list[EmittedWindow]:
         """Close idle patients, then the least recently active ones while above the memory cap.
 
-        A patient is idle when its partition went on delivering records for idle_evict_s without it.
-        Candidates are only those silent that long by the wall clock (the front of the LRU order).
+        A patient is idle when its partition went on flowing for idle_evict_s without it (see
+        partition_clock). Candidates are only those silent that long by the wall clock (the LRU front).
         """
         out: list[EmittedWindow] = []
         idle_s = self.s.idle_evict_s
@@ -47,7 +56,8 @@ class WindowStage:
         for key, stream in self.streams.items():
             if now - stream.last_activity < idle_s:
                 break  # LRU order: everyone after this one was active more recently
-            if self.partition_clock.get(key[0], now) - stream.last_activity >= idle_s:
+            flowed = self.partition_clock.get(key[0], (0.0, now))[0]
+            if flowed - self.patient_clock.get(key, flowed) >= idle_s:
                 idle.append(key)
         for key in idle:
             out.extend(self._close(key, now))
@@ -57,6 +67,7 @@ class WindowStage:
 
     def _close(self, key: tuple[Hashable, str], now: float) -> list[EmittedWindow]:
         stream = self.streams.pop(key)
+        self.patient_clock.pop(key, None)
         self.nbytes -= stream.nbytes
         return stream.close(now)
 
@@ -74,6 +85,7 @@ class WindowStage:
         keys = [k for k in self.streams if k[0] == partition]
         for k in keys:
             self.nbytes -= self.streams.pop(k).nbytes
+            self.patient_clock.pop(k, None)
         self.partition_clock.pop(partition, None)
         return len(keys)
 
@@ -82,5 +94,6 @@ class WindowStage:
         for stream in self.streams.values():
             out.extend(stream.close(now))
         self.streams.clear()
+        self.patient_clock.clear()
         self.nbytes = 0
         return out
