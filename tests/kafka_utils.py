@@ -20,16 +20,8 @@ def isolated_settings(bootstrap: str, **overrides) -> Settings:
                           input_partitions=overrides.pop("partitions", 4), create_topics=True,
                           commit_interval_s=0.3, session_timeout_ms=6000, heartbeat_interval_ms=1000)
     s = Settings(kafka=kafka, log_format="console", **overrides)
-    asyncio.run(ensure_topics(s.kafka)) if not _in_loop() else None
+    asyncio.run(ensure_topics(s.kafka))  # tests call this outside any event loop
     return s
-
-
-def _in_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-        return True
-    except RuntimeError:
-        return False
 
 
 async def read_topic(k: KafkaSettings, topic: str, until=None, timeout_s: float = 60.0) -> list:
