@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from streamer.ingest.contract import HEADER_SIZE, MAGIC, Chunk, encode_binary  # noqa: E402
 from streamer.ingest.deadletter import headers_dict  # noqa: E402
 from streamer.kafka.broker import EmbeddedBroker  # noqa: E402
-from streamer.kafka.clients import ensure_topics, make_consumer, make_producer  # noqa: E402
+from streamer.kafka.clients import ensure_topics, make_producer, read_records  # noqa: E402
 from streamer.offline.recordings import parse_start  # noqa: E402
 from streamer.offline.replay import replay, synthetic_fleet  # noqa: E402
 from streamer.settings import KafkaSettings, Settings, settings_to_env  # noqa: E402
@@ -77,24 +77,22 @@ def stop_worker(p: subprocess.Popen) -> int:
     return p.returncode
 
 
-async def collect_flags(k: KafkaSettings, expected: set, timeout_s: float, topic: str | None = None) -> list[dict]:
-    consumer = make_consumer(k, group_id=None, auto_offset_reset="earliest")
-    await consumer.start()
-    consumer.subscribe([topic or k.flags_topic])
-    out: list[dict] = []
+async def collect_flags(k: KafkaSettings, expected: set, timeout_s: float) -> list[dict]:
+    """Flags from the beginning until every expected window has a scored flag, or the timeout."""
     seen: set = set()
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline and not expected <= seen:
-            for recs in (await consumer.getmany(timeout_ms=300)).values():
-                for r in recs:
-                    f = orjson.loads(r.value)
-                    out.append(f)
-                    if f["status"] == "scored":
-                        seen.add((f["patient_id"], f["window_start_ns"]))
-    finally:
-        await consumer.stop()
-    return out
+    parsed = 0
+
+    def all_scored(records) -> bool:
+        nonlocal parsed
+        for r in records[parsed:]:
+            f = orjson.loads(r.value)
+            if f["status"] == "scored":
+                seen.add((f["patient_id"], f["window_start_ns"]))
+        parsed = len(records)
+        return expected <= seen
+
+    records = await read_records(k, [k.flags_topic], until=all_scored, timeout_s=timeout_s)
+    return [orjson.loads(r.value) for r in records]
 
 
 def expected_of(fleet) -> set:
@@ -394,21 +392,8 @@ def fuzz_campaign(bootstrap: str, messages: int, beds: int, checkpoint: str | No
 
 
 async def _read_dead_letters(k: KafkaSettings, n: int, timeout_s: float) -> list:
-    consumer = make_consumer(k, group_id=None, auto_offset_reset="earliest")
-    await consumer.start()
-    consumer.subscribe([k.dead_letter_topic])
-    out = []
-    deadline = time.monotonic() + timeout_s
-    idle = 0
-    try:
-        while time.monotonic() < deadline and (len(out) < n or idle < 3):
-            batch = await consumer.getmany(timeout_ms=300)
-            idle = 0 if batch else idle + 1
-            for recs in batch.values():
-                out.extend(r.headers for r in recs)
-    finally:
-        await consumer.stop()
-    return out
+    records = await read_records(k, [k.dead_letter_topic], until=lambda rs: len(rs) >= n, timeout_s=timeout_s)
+    return [r.headers for r in records]
 
 
 def main() -> None:

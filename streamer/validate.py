@@ -28,21 +28,10 @@ def load_flags(source: str, kafka=None, patient: str = "recording") -> pd.DataFr
     if source.startswith("kafka:"):
         import asyncio
 
-        from streamer.kafka.clients import make_consumer
+        from streamer.kafka.clients import read_records
 
-        async def read():
-            c = make_consumer(kafka, group_id=None, auto_offset_reset="earliest")
-            await c.start()
-            c.subscribe([source.split(":", 1)[1]])
-            rows, idle = [], 0
-            while idle < 5:
-                batch = await c.getmany(timeout_ms=400)
-                idle = 0 if batch else idle + 1
-                rows += [orjson.loads(r.value) for recs in batch.values() for r in recs]
-            await c.stop()
-            return rows
-
-        df = pd.DataFrame(asyncio.run(read()))
+        records = asyncio.run(read_records(kafka, [source.split(":", 1)[1]], timeout_s=600, idle_polls=5))
+        df = pd.DataFrame([orjson.loads(r.value) for r in records])
     elif source.endswith((".jsonl", ".json", ".ndjson")):
         df = pd.DataFrame([orjson.loads(line) for line in Path(source).read_bytes().splitlines() if line.strip()])
     else:

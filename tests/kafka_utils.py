@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 
 import orjson
 
-from streamer.kafka.clients import ensure_topics, make_consumer
+from streamer.kafka.clients import ensure_topics, read_records
 from streamer.settings import KafkaSettings, Settings, settings_to_env
 
 
@@ -26,23 +25,7 @@ def isolated_settings(bootstrap: str, **overrides) -> Settings:
 
 async def read_topic(k: KafkaSettings, topic: str, until=None, timeout_s: float = 60.0) -> list:
     """All records of a topic from the beginning, until `until(records)` is true or the timeout."""
-    consumer = make_consumer(k, group_id=None, auto_offset_reset="earliest", client_id=f"reader-{uuid.uuid4()}")
-    await consumer.start()
-    consumer.subscribe([topic])
-    out = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline:
-            batch = await consumer.getmany(timeout_ms=300)
-            for records in batch.values():
-                out.extend(records)
-            if until is not None and until(out):
-                break
-            if until is None and not batch and out:
-                break
-    finally:
-        await consumer.stop()
-    return out
+    return await read_records(k, [topic], until=until, timeout_s=timeout_s, idle_polls=1)
 
 
 def flags_of(records) -> list[dict]:

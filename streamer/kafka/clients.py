@@ -78,3 +78,31 @@ async def missing_topics(k: KafkaSettings, timeout_s: float = 15.0) -> list[str]
         await admin.close()
     needed = [*k.input_topics, k.flags_topic, k.episodes_topic, k.dead_letter_topic]
     return [t for t in needed if t not in existing]
+
+
+async def read_records(k: KafkaSettings, topics: list[str], until=None, timeout_s: float = 60.0,
+                       idle_polls: int | None = 3) -> list:
+    """Records of `topics` from the beginning (no group, nothing committed), read until `until(records)`
+    is true, or `idle_polls` empty polls in a row once something was read, or the timeout."""
+    import time
+    import uuid
+
+    consumer = make_consumer(k, group_id=None, auto_offset_reset="earliest", client_id=f"reader-{uuid.uuid4().hex[:8]}")
+    await consumer.start()
+    consumer.subscribe(topics)
+    out: list = []
+    idle = 0
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=300)
+            for records in batch.values():
+                out.extend(records)
+            if until is not None and until(out):
+                break
+            idle = 0 if batch else idle + 1
+            if until is None and idle_polls is not None and out and idle >= idle_polls:
+                break
+    finally:
+        await consumer.stop()
+    return out
