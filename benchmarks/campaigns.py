@@ -247,15 +247,24 @@ def slow_campaign(bootstrap: str, beds: int, seconds: float, delay_s: float, slo
 
 
 # -- soak -----------------------------------------------------------------------------------------------
-def soak_campaign(bootstrap: str, beds: int, seconds: float, checkpoint: str | None, warmup_s: float = 60.0,
-                  workdir: Path | None = None) -> dict:
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return 0.0
+
+
+def soak_campaign(broker: EmbeddedBroker, beds: int, seconds: float, checkpoint: str | None,
+                  warmup_s: float = 60.0, workdir: Path | None = None) -> dict:
     """Beds in real time for `seconds`: RSS growth after warm-up, buffered patients, latency p99 over time."""
     import urllib.request
 
     from streamer.kafka.broker import free_port
 
     workdir = workdir or Path(tempfile.mkdtemp(prefix="soak-"))
-    s = campaign_settings(bootstrap, partitions=8, checkpoint=checkpoint)
+    s = campaign_settings(broker.bootstrap, partitions=8, checkpoint=checkpoint)
     port = free_port()
     env = dict(worker_env(s), STREAMER_METRICS_PORT=str(port))
     proc = subprocess.Popen([sys.executable, "-m", "streamer", "run"], env=env,
@@ -263,6 +272,7 @@ def soak_campaign(bootstrap: str, beds: int, seconds: float, checkpoint: str | N
     time.sleep(8)
     fleet = [src for src, _ in synthetic_fleet(beds, seconds, parse_start("2026-11-22T16:00:00Z"), seed=6)]
     t0 = time.monotonic()
+    cpu0 = {"worker": _cpu_s(proc.pid), "broker": _cpu_s(broker.process.pid), "replayer": _cpu_s(os.getpid())}
     feeder = feed_in_background(s.kafka, fleet, speed=1.0)
     samples = []  # (t, rss_mb, patients, latency_count, latency_p99_bucket)
     try:
@@ -273,6 +283,9 @@ def soak_campaign(bootstrap: str, beds: int, seconds: float, checkpoint: str | N
                      if l and not l.startswith("#") and "{" not in l}
             samples.append((time.monotonic() - t0, _rss_kb(proc.pid) / 1024, gauge.get("streamer_patients_buffered", 0),
                             _p99_from_histogram(text, "streamer_flag_latency_seconds")))
+        wall = time.monotonic() - t0
+        cpu = {name: round((_cpu_s(pid) - cpu0[name]) / wall, 2) for name, pid in
+               (("worker", proc.pid), ("broker", broker.process.pid), ("replayer", os.getpid()))}
     finally:
         code = stop_worker(proc)
     after = [x for x in samples if x[0] >= warmup_s]
@@ -281,7 +294,7 @@ def soak_campaign(bootstrap: str, beds: int, seconds: float, checkpoint: str | N
             "rss_mb_after_warmup": round(first[1], 1), "rss_mb_end": round(last[1], 1),
             "rss_growth_pct": round(100 * (last[1] - first[1]) / first[1], 2),
             "patients_buffered": (int(first[2]), int(max(x[2] for x in after))),
-            "latency_p99_s": (first[3], last[3])}
+            "latency_p99_s": (first[3], last[3]), "cores_used": cpu}
 
 
 def _p99_from_histogram(text: str, name: str) -> float:
@@ -440,11 +453,11 @@ def main() -> None:
                    f"{r['peak_buffer_mb']} MB, caught up {r['catch_up_s']}s after recovery, lost {r['lost']} of "
                    f"{r['expected']}, exit {r['exit_code']}")
         elif args.campaign == "soak":
-            r = soak_campaign(broker.bootstrap, args.beds, args.seconds, args.checkpoint)
+            r = soak_campaign(broker, args.beds, args.seconds, args.checkpoint)
             record(f"soak: {args.beds} beds real time for {args.seconds:g}s (after 60 s warm-up)",
                    f"RSS {r['rss_mb_after_warmup']} -> {r['rss_mb_end']} MB ({r['rss_growth_pct']}%), patients buffered "
                    f"{r['patients_buffered'][0]} -> max {r['patients_buffered'][1]}, latency p99 bucket "
-                   f"{r['latency_p99_s'][0]} -> {r['latency_p99_s'][1]} s, exit {r['exit_code']}")
+                   f"{r['latency_p99_s'][0]} -> {r['latency_p99_s'][1]} s, exit {r['exit_code']}; cores used {r['cores_used']}")
         else:
             r = fuzz_campaign(broker.bootstrap, args.messages, args.beds, args.checkpoint)
             record(f"bad-input campaign: {r['hostile']} hostile records among {args.beds} healthy beds",
