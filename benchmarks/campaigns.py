@@ -213,6 +213,8 @@ def slow_campaign(bootstrap: str, beds: int, seconds: float, delay_s: float, slo
 
     s = campaign_settings(bootstrap, partitions=4, checkpoint=checkpoint)
     s.batching.max_pending_windows = 64
+    s.batching.max_batch = 4  # with +delay_s per batch, capacity 4/delay_s windows/s: below beds/10 arriving
+    s.model.device_batch = 4
     s.batching.test_inference_delay_s = delay_s
     fleet = [src for src, _ in synthetic_fleet(beds, seconds, parse_start("2026-11-22T17:00:00Z"), seed=7)]
     expected = expected_of(fleet)
@@ -448,7 +450,8 @@ def main() -> None:
                        f"recovery {r['recovery_s']}s, peak RSS {r['peak_rss_mb']} MB, duplicates {r['duplicates']}")
         elif args.campaign == "slow":
             r = slow_campaign(broker.bootstrap, args.beds, args.seconds, args.delay, args.slow_for, args.checkpoint)
-            record(f"slow inference: +{args.delay:g}s per batch for {args.slow_for:g}s, {args.beds} beds real time",
+            record(f"slow inference: +{args.delay:g}s per batch of <= 4 ({4 / args.delay:g} windows/s < {args.beds / 10:g} "
+                   f"arriving) for {args.slow_for:g}s, {args.beds} beds real time",
                    f"fetch paused {r['paused_s']}s, peak pending windows {r['peak_pending']} (limit 64), peak buffers "
                    f"{r['peak_buffer_mb']} MB, caught up {r['catch_up_s']}s after recovery, lost {r['lost']} of "
                    f"{r['expected']}, exit {r['exit_code']}")
