@@ -42,7 +42,7 @@ def main() -> None:
         flips = int(((ph >= ref.threshold) != (p32 >= ref.threshold)).sum())
         where = "CUDA" if cuda else "CPU proxy"
         record(f"{precision} vs fp32 ({where}), demo checkpoint, {args.windows} windows at 360 Hz",
-               f"max |dp| {dp.max():.2e}, mean |dp| {dp.mean():.2e}, flag disagreements {flips}")
+               f"max abs dp {dp.max():.2e}, mean abs dp {dp.mean():.2e}, flag disagreements {flips}")
 
 
 if __name__ == "__main__":
