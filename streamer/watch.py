@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 import orjson
 
@@ -29,8 +28,8 @@ def format_episode(e: dict) -> str:
 
 
 async def watch(k: KafkaSettings, seconds: float | None = None, from_beginning: bool = False, sink=print) -> int:
-    consumer = make_consumer(k, group_id=None if not from_beginning else f"watch-{uuid.uuid4()}",
-                             auto_offset_reset="earliest" if from_beginning else "latest")
+    # no group: watching never commits offsets or takes partitions from anyone
+    consumer = make_consumer(k, group_id=None, auto_offset_reset="earliest" if from_beginning else "latest")
     await consumer.start()
     consumer.subscribe([k.flags_topic, k.episodes_topic])
     deadline = time.monotonic() + seconds if seconds else None
