@@ -19,7 +19,7 @@ from aiokafka.errors import KafkaError
 from streamer.batching import MicroBatcher
 from streamer.ingest.contract import InvalidMessage, decode
 from streamer.ingest.deadletter import dead_letter_headers
-from streamer.kafka.clients import ensure_topics, make_consumer, make_producer, missing_topics
+from streamer.kafka.clients import ensure_topics, make_consumer, make_producer, missing_topics, retry_kafka
 from streamer.kafka.commits import CommitTracker
 from streamer.logs import get_logger, patient_ref
 from streamer.metrics import HealthServer, Metrics
@@ -257,16 +257,11 @@ class Worker:
         self.metrics.dead_letters.labels(reason).inc()
 
     async def _send_with_retry(self, topic: str, key: bytes | None, value: bytes, headers=None) -> None:
-        delay = 0.2
-        while True:
-            try:
-                fut = await self.producer.send(topic, value, key=key, headers=headers)
-                await fut
-                return
-            except KafkaError as exc:
-                log.warning("publish_retry", topic=topic, error=repr(exc), retry_in_s=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        async def attempt():
+            await (await self.producer.send(topic, value, key=key, headers=headers))
+
+        await retry_kafka(attempt, lambda exc, delay: log.warning("publish_retry", topic=topic, error=repr(exc),
+                                                                  retry_in_s=delay))
 
     # -- inference ------------------------------------------------------------------------------
     def _infer(self, batch: list[EmittedWindow]) -> list[float | None]:
@@ -320,16 +315,13 @@ class Worker:
         info = self.scorer.info
         docs = [flag_message(w, p, info.threshold, info.model_id) for w, p in zip(batch, probs)]
         topic = self.s.kafka.flags_topic
-        delay = 0.2
-        while True:  # all of the batch, in order; a retry may duplicate a flag, never lose one
-            try:
-                futures = [await self.producer.send(topic, dumps(d), key=d["patient_id"].encode()) for d in docs]
-                await asyncio.gather(*futures)
-                break
-            except KafkaError as exc:
-                log.warning("publish_retry", topic=topic, windows=len(docs), error=repr(exc), retry_in_s=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+
+        async def attempt():  # all of the batch, in order; a retry may duplicate a flag, never lose one
+            futures = [await self.producer.send(topic, dumps(d), key=d["patient_id"].encode()) for d in docs]
+            await asyncio.gather(*futures)
+
+        await retry_kafka(attempt, lambda exc, delay: log.warning(
+            "publish_retry", topic=topic, windows=len(docs), error=repr(exc), retry_in_s=delay))
         for d in docs:
             episode = self.episodes.update(d)
             if episode is not None:

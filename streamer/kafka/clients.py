@@ -7,6 +7,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
 from aiokafka.helpers import create_ssl_context
 
 from streamer.settings import KafkaSettings
@@ -106,3 +107,20 @@ async def read_records(k: KafkaSettings, topics: list[str], until=None, timeout_
     finally:
         await consumer.stop()
     return out
+
+
+async def retry_kafka(attempt, on_retry=None, first_delay_s: float = 0.2, max_delay_s: float = 5.0):
+    """Await `attempt()` until it succeeds, backing off on Kafka errors (broker down, stalled, electing).
+
+    Used where giving up would lose data: the caller's offsets stay uncommitted meanwhile.
+    `on_retry(exc, delay)` is told about each failure.
+    """
+    delay = first_delay_s
+    while True:
+        try:
+            return await attempt()
+        except KafkaError as exc:
+            if on_retry is not None:
+                on_retry(exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay_s)

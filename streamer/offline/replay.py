@@ -8,10 +8,9 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from aiokafka.errors import KafkaError
 
 from streamer.ingest.producer import ChunkProducer, Encoding, chunks_of
-from streamer.kafka.clients import make_producer
+from streamer.kafka.clients import make_producer, retry_kafka
 from streamer.offline.recordings import Recording, regular_times
 from streamer.settings import KafkaSettings
 from streamer.synthetic import generate
@@ -19,13 +18,7 @@ from streamer.synthetic import generate
 
 async def _send_retrying(out: ChunkProducer, chunk):
     """Keep sending through broker stalls: a chunk sent twice is a duplicate the worker ignores."""
-    delay = 0.2
-    while True:
-        try:
-            return await out.send(chunk)
-        except KafkaError:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+    return await retry_kafka(lambda: out.send(chunk))
 
 
 async def _confirm(out: ChunkProducer, pending: list) -> None:
