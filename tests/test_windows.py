@@ -163,7 +163,9 @@ def test_restart_mid_recording_skips_half_seen_window_but_keeps_the_rest():
 
 def test_grid_arithmetic_matches_fractions():
     g = WindowGrid(START, as_rate(360), 10 * 10**9, 10 * 10**9)
-    assert g.start_index(3) == 3 * 3600 and g.end_index(3) == 4 * 3600
+    assert g.start_index(3) == 3 * 3600 and g.end_index(3) == 4 * 3600 and g.complete_index(3) == 4 * 3600
+    g2 = WindowGrid(START, as_rate(128.5), 10 * 10**9, 10 * 10**9)
+    assert g2.complete_index(0) == 1285 and g2.complete_index(1) == 2570  # ceil of 1285.0, 2570.0
     assert nearest_index(5, 2) == 2 and nearest_index(7, 2) == 3  # halves go down
     for i in (0, 1, 3599, 3600, 3601, 100000):
         k = g.first_window_ending_after(i)

@@ -63,21 +63,26 @@ async def replay(kafka: KafkaSettings, sources: list[Source], speed: float | Non
     sent = 0
     bar = None
     try:
-        streams = []
+        streams, total = [], 0
         for src in sources:
             rec = src.recording
             fs = rec.fs or 1e9 / float(np.median(np.diff(rec.times_ns)))
-            streams.append(chunks_of(src.patient_id, rec.times_ns, rec.values, max(int(round(chunk_s * fs)), 1), fs=fs))
-        total = sum(-(-len(s.recording.values) // max(int(round(chunk_s * (s.recording.fs or 500))), 1)) for s in sources)
+            size = max(int(round(chunk_s * fs)), 1)
+            streams.append(chunks_of(src.patient_id, rec.times_ns, rec.values, size, fs=fs))
+            total += -(-len(rec.values) // size)
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=total, unit="chunk", desc="replay")
         t_first = min(int(s.recording.times_ns[0]) for s in sources)
-        heap = []
-        for i, it in enumerate(streams):
-            c = next(it, None)
+        heap: list = []
+
+        def push_next(i: int) -> None:  # ordered by when the chunk's last sample exists
+            c = next(streams[i], None)
             if c is not None:
                 heapq.heappush(heap, (c.t0_ns + int(len(c.samples) / c.fs * 1e9), i, c))
+
+        for i in range(len(streams)):
+            push_next(i)
         wall0 = time.monotonic()
         out = ChunkProducer(producer, topic or kafka.input_topics[0], encoding)
         pending = []
@@ -93,9 +98,7 @@ async def replay(kafka: KafkaSettings, sources: list[Source], speed: float | Non
                 await _confirm(out, pending)
             if bar is not None:
                 bar.update(1)
-            nxt = next(streams[i], None)
-            if nxt is not None:
-                heapq.heappush(heap, (nxt.t0_ns + int(len(nxt.samples) / nxt.fs * 1e9), i, nxt))
+            push_next(i)
         await _confirm(out, pending)
         await producer.flush()
     finally:

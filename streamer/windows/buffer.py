@@ -142,18 +142,12 @@ class PatientStream:
         return result
 
     # -- windows out ---------------------------------------------------------------------------
-    def _complete_index(self, grid: WindowGrid, k: int) -> int:
-        """Index of the first sample at or after the window's end time (REFERENCE: s + 10 s <= last)."""
-        num = (grid.start_ns(k) + grid.window_ns - grid.anchor_ns) * grid.fs.numerator
-        den = NS * grid.fs.denominator
-        return -(-num // den)
-
     def _due(self, seg: _Segment, now: float, flush: bool) -> Iterator[EmittedWindow]:
         grid = seg.grid
         tolerance = round(self.s.reorder_tolerance_s * float(grid.fs))
         while True:
             k = seg.next_k
-            ready_at = self._complete_index(grid, k)
+            ready_at = grid.complete_index(k)
             if seg.watermark <= ready_at:
                 return
             w = seg.open.get(k)

@@ -45,10 +45,16 @@ class WindowGrid:
     def end_index(self, k: int) -> int:
         return self.sample_index(self.start_ns(k) + self.window_ns)
 
+    def complete_index(self, k: int) -> int:
+        """Index of the first sample at or after window k's end time: the window exists once that sample
+        does (REFERENCE: a window starting at s is made only if s + 10 s <= the last timestamp)."""
+        num = (self.start_ns(k) + self.window_ns - self.anchor_ns) * self.fs.numerator
+        return -(-num // (NS * self.fs.denominator))
+
     def first_window_ending_after(self, i: int) -> int:
         """Smallest k whose sample range ends after index i (the first window sample i can belong to)."""
-        k = max((((i * NS * self.fs.denominator) // self.fs.numerator) - self.window_ns) // self.step_ns, 0) - 1
-        k = max(k, 0)
+        t_ns = (i * NS * self.fs.denominator) // self.fs.numerator
+        k = max((t_ns - self.window_ns) // self.step_ns - 1, 0)  # a window or more below the answer
         while self.end_index(k) <= i:
             k += 1
         return k
