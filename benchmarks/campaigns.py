@@ -258,58 +258,109 @@ def _cpu_s(pid: int) -> float:
         return 0.0
 
 
-def soak_campaign(broker: EmbeddedBroker, beds: int, seconds: float, checkpoint: str | None,
-                  warmup_s: float = 60.0, workdir: Path | None = None) -> dict:
-    """Beds in real time for `seconds`: RSS growth after warm-up, buffered patients, latency p99 over time."""
+def _scrape(port: int) -> dict:
+    """The worker's /metrics as {(name, labels...): value}, histograms included."""
     import urllib.request
 
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, *sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def _interval_quantile(before: dict, after: dict, name: str, q: float) -> float:
+    """Upper bound of the histogram bucket holding quantile q of what was observed between two scrapes."""
+    buckets = sorted((float(k[1][1]), after[k] - before.get(k, 0.0)) for k in after
+                     if k[0] == name + "_bucket")
+    if not buckets or buckets[-1][1] <= 0:
+        return float("nan")
+    return next(le for le, count in buckets if count >= q * buckets[-1][1])
+
+
+def _delta(before: dict, after: dict, name: str) -> float:
+    return sum(v - before.get(k, 0.0) for k, v in after.items() if k[0] == name)
+
+
+def _pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of a running process onto `cpus` (sched_setaffinity alone moves one thread)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), cpus)
+
+
+def soak_campaign(broker: EmbeddedBroker, beds: int, seconds: float, checkpoint: str | None,
+                  warmup_s: float = 60.0, interval_s: float = 30.0, pin: bool = False,
+                  fetch: tuple[int, int] | None = None, workdir: Path | None = None) -> dict:
+    """Beds in real time for `seconds`, sampled every `interval_s`: RSS and CPU of worker and broker,
+    latency quantiles of that interval only, inference time per window, pending windows, lag.
+
+    pin: the worker gets the last CPU to itself (one inference thread), the broker and the replayer the
+    others, so the test broker's own slowdown (Tansu's memory engine costs more per request as its log
+    grows) cannot pass itself off as the worker's: as with a dedicated worker host in production.
+    """
     from streamer.kafka.broker import free_port
 
     workdir = workdir or Path(tempfile.mkdtemp(prefix="soak-"))
     s = campaign_settings(broker.bootstrap, partitions=8, checkpoint=checkpoint)
+    if fetch:
+        s.kafka.fetch_min_bytes, s.kafka.fetch_max_wait_ms = fetch
     port = free_port()
     env = dict(worker_env(s), STREAMER_METRICS_PORT=str(port))
+    worker_cpus = None
+    if pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            raise SystemExit("--pin needs at least 2 CPUs")
+        worker_cpus, others = {cpus[-1]}, set(cpus[:-1])
+        _pin(broker.process.pid, others)
+        _pin(os.getpid(), others)
+        env["STREAMER_MODEL__CPU_THREADS"] = "1"
     proc = subprocess.Popen([sys.executable, "-m", "streamer", "run"], env=env,
-                            stdout=open(workdir / "worker.log", "ab"), stderr=subprocess.STDOUT)
+                            stdout=open(workdir / "worker.log", "ab"), stderr=subprocess.STDOUT,
+                            preexec_fn=(lambda: os.sched_setaffinity(0, worker_cpus)) if pin else None)
     time.sleep(8)
-    fleet = [src for src, _ in synthetic_fleet(beds, seconds, parse_start("2026-11-22T16:00:00Z"), seed=6)]
+    fleet = [src for src, _ in synthetic_fleet(beds, seconds, time.time_ns(), seed=6)]
+    pids = {"worker": proc.pid, "broker": broker.process.pid, "replayer": os.getpid()}
     t0 = time.monotonic()
-    cpu0 = {"worker": _cpu_s(proc.pid), "broker": _cpu_s(broker.process.pid), "replayer": _cpu_s(os.getpid())}
     feeder = feed_in_background(s.kafka, fleet, speed=1.0)
-    samples = []  # (t, rss_mb, patients, latency_count, latency_p99_bucket)
+    rows = []
+    prev_t, prev_cpu, prev_m = t0, {n: _cpu_s(p) for n, p in pids.items()}, _scrape(port)
     try:
         while feeder.is_alive():
-            time.sleep(10)
-            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-            gauge = {l.split(" ")[0]: float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
-                     if l and not l.startswith("#") and "{" not in l}
-            samples.append((time.monotonic() - t0, _rss_kb(proc.pid) / 1024, gauge.get("streamer_patients_buffered", 0),
-                            _p99_from_histogram(text, "streamer_flag_latency_seconds")))
-        wall = time.monotonic() - t0
-        cpu = {name: round((_cpu_s(pid) - cpu0[name]) / wall, 2) for name, pid in
-               (("worker", proc.pid), ("broker", broker.process.pid), ("replayer", os.getpid()))}
+            feeder.join(interval_s)
+            t, cpu, m = time.monotonic(), {n: _cpu_s(p) for n, p in pids.items()}, _scrape(port)
+            windows = _delta(prev_m, m, "streamer_windows_total")
+            batches = _delta(prev_m, m, "streamer_inference_seconds_count")
+            row = {"t_s": round(t - t0), "windows": int(windows),
+                   "p50_s": _interval_quantile(prev_m, m, "streamer_flag_latency_seconds", 0.5),
+                   "p99_s": _interval_quantile(prev_m, m, "streamer_flag_latency_seconds", 0.99),
+                   "infer_ms_per_window": round(1000 * _delta(prev_m, m, "streamer_inference_seconds_sum")
+                                                / max(_delta(prev_m, m, "streamer_batch_size_sum"), 1), 1),
+                   "batch_mean": round(_delta(prev_m, m, "streamer_batch_size_sum") / max(batches, 1), 1),
+                   "pending": int(m[("streamer_pending_windows",)]),
+                   "lag": int(sum(v for k, v in m.items() if k[0] == "streamer_consumer_lag")),
+                   "patients": int(m[("streamer_patients_buffered",)]),
+                   "worker_rss_mb": round(_rss_kb(proc.pid) / 1024), "broker_rss_mb": round(_rss_kb(pids["broker"]) / 1024),
+                   **{f"{n}_cores": round((cpu[n] - prev_cpu[n]) / (t - prev_t), 2) for n in pids}}
+            rows.append(row)
+            print(row, file=sys.stderr, flush=True)
+            prev_t, prev_cpu, prev_m = t, cpu, m
     finally:
         code = stop_worker(proc)
-    after = [x for x in samples if x[0] >= warmup_s]
+    (workdir / "soak.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    after = [r for r in rows if r["t_s"] >= warmup_s]
     first, last = after[0], after[-1]
-    return {"beds": beds, "seconds": seconds, "exit_code": code,
-            "rss_mb_after_warmup": round(first[1], 1), "rss_mb_end": round(last[1], 1),
-            "rss_growth_pct": round(100 * (last[1] - first[1]) / first[1], 2),
-            "patients_buffered": (int(first[2]), int(max(x[2] for x in after))),
-            "latency_p99_s": (first[3], last[3]), "cores_used": cpu}
-
-
-def _p99_from_histogram(text: str, name: str) -> float:
-    """Upper bound of the bucket holding the 99th percentile (cumulative since start)."""
-    buckets = []
-    for line in text.splitlines():
-        if line.startswith(name + "_bucket"):
-            le = line.split('le="')[1].split('"')[0]
-            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
-    if not buckets or buckets[-1][1] == 0:
-        return float("nan")
-    total = buckets[-1][1]
-    return next(le for le, count in buckets if count >= 0.99 * total)
+    p99s = [r["p99_s"] for r in after]
+    return {"beds": beds, "seconds": seconds, "exit_code": code, "timeline": str(workdir / "soak.jsonl"), "pinned": pin,
+            "rss_mb_after_warmup": first["worker_rss_mb"], "rss_mb_end": last["worker_rss_mb"],
+            "rss_growth_pct": round(100 * (last["worker_rss_mb"] - first["worker_rss_mb"]) / first["worker_rss_mb"], 2),
+            "broker_rss_mb": (first["broker_rss_mb"], last["broker_rss_mb"]),
+            "patients_buffered": (first["patients"], max(r["patients"] for r in after)),
+            "interval_p99_s": (min(p99s), max(p99s)), "max_pending": max(r["pending"] for r in after),
+            "cores_used": {n: round(sum(r[f"{n}_cores"] for r in after) / len(after), 2) for n in pids}}
 
 
 # -- hostile input -------------------------------------------------------------------------------------
@@ -430,6 +481,9 @@ def main() -> None:
     so = sub.add_parser("soak")
     so.add_argument("--beds", type=int, default=200)
     so.add_argument("--seconds", type=float, default=600.0)
+    so.add_argument("--interval", type=float, default=30.0, help="seconds between samples")
+    so.add_argument("--pin", action="store_true", help="worker on its own CPU, broker and replayer on the rest")
+    so.add_argument("--fetch", default=None, help="MIN_BYTES,MAX_WAIT_MS for the worker's fetches")
     f = sub.add_parser("fuzz")
     f.add_argument("--messages", type=int, default=10_000)
     f.add_argument("--beds", type=int, default=10)
@@ -456,11 +510,16 @@ def main() -> None:
                    f"{r['peak_buffer_mb']} MB, caught up {r['catch_up_s']}s after recovery, lost {r['lost']} of "
                    f"{r['expected']}, exit {r['exit_code']}")
         elif args.campaign == "soak":
-            r = soak_campaign(broker, args.beds, args.seconds, args.checkpoint)
-            record(f"soak: {args.beds} beds real time for {args.seconds:g}s (after 60 s warm-up)",
-                   f"RSS {r['rss_mb_after_warmup']} -> {r['rss_mb_end']} MB ({r['rss_growth_pct']}%), patients buffered "
-                   f"{r['patients_buffered'][0]} -> max {r['patients_buffered'][1]}, latency p99 bucket "
-                   f"{r['latency_p99_s'][0]} -> {r['latency_p99_s'][1]} s, exit {r['exit_code']}; cores used {r['cores_used']}")
+            r = soak_campaign(broker, args.beds, args.seconds, args.checkpoint, interval_s=args.interval, pin=args.pin,
+                              fetch=tuple(map(int, args.fetch.split(","))) if args.fetch else None)
+            record(f"soak: {args.beds} beds real time for {args.seconds:g}s (after 60 s warm-up)"
+                   + (", worker pinned to its own CPU" if args.pin else "")
+                   + (f", fetch min bytes,max wait ms {args.fetch}" if args.fetch else ""),
+                   f"worker RSS {r['rss_mb_after_warmup']} -> {r['rss_mb_end']} MB ({r['rss_growth_pct']}%), broker RSS "
+                   f"{r['broker_rss_mb'][0]} -> {r['broker_rss_mb'][1]} MB, patients buffered {r['patients_buffered'][0]} "
+                   f"-> max {r['patients_buffered'][1]}, p99 per {args.interval:g} s interval {r['interval_p99_s'][0]}-"
+                   f"{r['interval_p99_s'][1]} s, max pending {r['max_pending']}, exit {r['exit_code']}; "
+                   f"cores used {r['cores_used']}")
         else:
             r = fuzz_campaign(broker.bootstrap, args.messages, args.beds, args.checkpoint)
             record(f"bad-input campaign: {r['hostile']} hostile records among {args.beds} healthy beds",
