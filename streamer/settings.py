@@ -45,6 +45,9 @@ class KafkaSettings(_Group):
     ssl_keyfile: Path | None = None
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     max_poll_records: int = Field(2000, ge=1)
+    fetch_min_bytes: int = Field(1, ge=1, description="the broker answers a fetch once it has this many bytes...")
+    fetch_max_wait_ms: int = Field(500, ge=0, description="...or after this long: fewer, larger fetches cost the "
+                                   "broker less per record, at most this much added latency")
     session_timeout_ms: int = Field(10000, ge=1000)
     heartbeat_interval_ms: int = Field(3000, ge=100)
     commit_interval_s: float = Field(1.0, gt=0)
@@ -102,6 +105,8 @@ class ModelSettings(_Group):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="half precision applies on CUDA only")
     device_batch: int | None = Field(None, ge=1, description="windows per network call; default 16 on CPU "
                                      "(fastest on the 2-core reference machine), 256 on CUDA")
+    cpu_threads: int | None = Field(None, ge=1, description="threads for CPU inference (torch and onnxruntime); "
+                                    "default: all cores. Set it when other busy processes share the machine")
     cpu_fallback: bool = Field(False, description="after repeated device failures, continue on the CPU")
     fold_stem: bool = True
     channels_last: bool = True

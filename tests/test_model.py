@@ -124,3 +124,18 @@ def test_onnxruntime_backend_keeps_parity(checkpoint, windows_by_kind):
     torch_p = ArtifactScorer(ModelSettings(checkpoint=checkpoint)).probabilities(x)
     ort_p = ArtifactScorer(ModelSettings(checkpoint=checkpoint, backend="onnxruntime", device="cpu")).probabilities(x)
     assert np.abs(ort_p - torch_p).max() <= 1e-4
+
+
+def test_cpu_threads_limits_inference_threads(checkpoint, windows_by_kind):
+    """model.cpu_threads caps torch's CPU threads (for hosts shared with other busy processes)
+    and the scores do not depend on it."""
+    before = torch.get_num_threads()
+    x = np.stack([to_model_samples(w) for ws in windows_by_kind.values() for w in ws[:1]])
+    try:
+        one = ArtifactScorer(ModelSettings(checkpoint=checkpoint, device="cpu", cpu_threads=1))
+        assert torch.get_num_threads() == 1
+        p_one = one.probabilities(x)
+    finally:
+        torch.set_num_threads(before)
+    p_all = ArtifactScorer(ModelSettings(checkpoint=checkpoint, device="cpu")).probabilities(x)
+    assert np.abs(p_one - p_all).max() <= 1e-5

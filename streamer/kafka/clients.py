@@ -44,7 +44,7 @@ def make_consumer(k: KafkaSettings, **extra: Any) -> AIOKafkaConsumer:
         enable_auto_commit=False, auto_offset_reset=k.auto_offset_reset,
         max_poll_records=k.max_poll_records, session_timeout_ms=k.session_timeout_ms,
         heartbeat_interval_ms=k.heartbeat_interval_ms, fetch_max_bytes=16 << 20,
-        max_partition_fetch_bytes=4 << 20,
+        max_partition_fetch_bytes=4 << 20, fetch_min_bytes=k.fetch_min_bytes, fetch_max_wait_ms=k.fetch_max_wait_ms,
     )
     opts.update(extra)
     return AIOKafkaConsumer(**opts, **security_kwargs(k))
