@@ -29,7 +29,8 @@ from streamer.settings import KafkaSettings  # noqa: E402
 from streamer.windows.segmentation import segment  # noqa: E402
 
 
-async def run(beds: int, seconds: float, max_batch: int, max_wait_ms: float, encoding: str, backend: str) -> dict:
+async def run(beds: int, seconds: float, max_batch: int, max_wait_ms: float, encoding: str, backend: str,
+              cpu_threads: int | None = None) -> dict:
     with EmbeddedBroker() as broker:
         k = KafkaSettings(bootstrap_servers=broker.bootstrap, input_partitions=8, create_topics=True,
                           group_id=f"bench-{os.getpid()}")
@@ -37,6 +38,8 @@ async def run(beds: int, seconds: float, max_batch: int, max_wait_ms: float, enc
         env = dict(os.environ, STREAMER_KAFKA__BOOTSTRAP_SERVERS=broker.bootstrap, STREAMER_KAFKA__GROUP_ID=k.group_id,
                    STREAMER_BATCHING__MAX_BATCH=str(max_batch), STREAMER_BATCHING__MAX_WAIT_MS=str(max_wait_ms),
                    STREAMER_LOG_FORMAT="json", STREAMER_LOG_LEVEL="warning", STREAMER_MODEL__BACKEND=backend)
+        if cpu_threads:
+            env["STREAMER_MODEL__CPU_THREADS"] = str(cpu_threads)
         log = open(Path(os.environ.get("TMPDIR", "/tmp")) / "bench_e2e_worker.log", "wb")
         worker = subprocess.Popen([sys.executable, "-m", "streamer", "run"], env=env, stdout=log,
                                   stderr=subprocess.STDOUT)  # its own process, as deployed
@@ -85,10 +88,12 @@ def main() -> None:
     ap.add_argument("--max-wait-ms", type=float, default=200.0)
     ap.add_argument("--encoding", default="binary")
     ap.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
+    ap.add_argument("--cpu-threads", type=int, default=None, help="model.cpu_threads for the worker")
     args = ap.parse_args()
-    r = asyncio.run(run(args.beds, args.seconds, args.max_batch, args.max_wait_ms, args.encoding, args.backend))
+    r = asyncio.run(run(args.beds, args.seconds, args.max_batch, args.max_wait_ms, args.encoding, args.backend,
+                        args.cpu_threads))
     record(f"end to end, {args.beds} beds real time, {args.seconds:.0f}s, {args.encoding}, batch<={args.max_batch}, "
-           f"{args.backend}",
+           f"{args.backend}" + (f", {args.cpu_threads} inference thread(s)" if args.cpu_threads else ""),
            f"flagged {r['flagged']}/{r['expected']}, latency p50 {r['p50'] * 1000:.0f} ms, p99 {r['p99'] * 1000:.0f} ms, "
            f"max {r['max'] * 1000:.0f} ms")
 
