@@ -3,9 +3,10 @@ The short crash campaign is tests/test_integration_faults.py::test_kill_9_at_ran
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
-from benchmarks.campaigns import fuzz_campaign, hostile_messages, stall_campaign
+from benchmarks.campaigns import fuzz_campaign, hostile_messages, soak_campaign, stall_campaign
 from streamer.ingest.contract import InvalidMessage, decode
 from streamer.settings import WindowSettings
 
@@ -36,3 +37,17 @@ def test_broker_stall_short(broker, checkpoint, tmp_path):
     assert r["worker_alive"] and r["exit_code"] == 0
     assert r["lost"] == 0
 
+
+
+def test_soak_short(broker, checkpoint, tmp_path):
+    """The soak's per-interval sampling on a short run: every interval has figures, nothing piles up.
+    (Not pinned: pinning would move the shared test broker and this process onto one CPU.)"""
+    r = soak_campaign(broker, beds=12, seconds=40, checkpoint=checkpoint, warmup_s=10, interval_s=10,
+                      workdir=tmp_path)
+    print(r)
+    assert r["exit_code"] == 0
+    assert r["patients_buffered"] == (12, 12)
+    assert r["max_pending"] < 64
+    assert abs(r["rss_growth_pct"]) < 10
+    rows = (tmp_path / "soak.jsonl").read_text().splitlines()
+    assert len(rows) >= 4 and sum(orjson.loads(row)["windows"] for row in rows) >= 12 * 3
