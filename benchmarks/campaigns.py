@@ -272,6 +272,24 @@ def _scrape(port: int) -> dict:
     return out
 
 
+def _wait_ready(port: int, proc: subprocess.Popen, timeout_s: float = 90.0) -> None:
+    """Until the worker's /readyz answers 200 (model loaded and warmed up, partitions assigned)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {proc.returncode} before it was ready")
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200:
+                return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"worker not ready within {timeout_s}s")
+
+
 def _interval_quantile(before: dict, after: dict, name: str, q: float) -> float:
     """Upper bound of the histogram bucket holding quantile q of what was observed between two scrapes."""
     buckets = sorted((float(k[1][1]), after[k] - before.get(k, 0.0)) for k in after
@@ -321,7 +339,7 @@ def soak_campaign(broker: EmbeddedBroker, beds: int, seconds: float, checkpoint:
     proc = subprocess.Popen([sys.executable, "-m", "streamer", "run"], env=env,
                             stdout=open(workdir / "worker.log", "ab"), stderr=subprocess.STDOUT,
                             preexec_fn=(lambda: os.sched_setaffinity(0, worker_cpus)) if pin else None)
-    time.sleep(8)
+    _wait_ready(port, proc)
     fleet = [src for src, _ in synthetic_fleet(beds, seconds, time.time_ns(), seed=6)]
     pids = {"worker": proc.pid, "broker": broker.process.pid, "replayer": os.getpid()}
     t0 = time.monotonic()
