@@ -91,8 +91,7 @@ class ArtifactScorer:
         n = self.device_batch
         sizes = range(n, 0, -1) if self.device.type == "cpu" else sorted({n, *(1 << i for i in range(n.bit_length()))})
         for b in sizes:
-            if b <= n:
-                self._probabilities(np.zeros((b, MODEL_SAMPLES), dtype=np.float32))
+            self._probabilities(np.zeros((b, MODEL_SAMPLES), dtype=np.float32))
 
     @property
     def threshold(self) -> float:
