@@ -21,8 +21,9 @@ import numpy as np
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.campaigns import wait_ready  # noqa: E402
 from benchmarks.common import record  # noqa: E402
-from streamer.kafka.broker import EmbeddedBroker  # noqa: E402
+from streamer.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
 from streamer.kafka.clients import ensure_topics, make_consumer  # noqa: E402
 from streamer.offline.replay import replay, synthetic_fleet  # noqa: E402
 from streamer.settings import KafkaSettings  # noqa: E402
@@ -40,10 +41,11 @@ async def run(beds: int, seconds: float, max_batch: int, max_wait_ms: float, enc
                    STREAMER_LOG_FORMAT="json", STREAMER_LOG_LEVEL="warning", STREAMER_MODEL__BACKEND=backend)
         if cpu_threads:
             env["STREAMER_MODEL__CPU_THREADS"] = str(cpu_threads)
+        env["STREAMER_METRICS_PORT"] = str(metrics_port := free_port())
         log = open(Path(os.environ.get("TMPDIR", "/tmp")) / "bench_e2e_worker.log", "wb")
         worker = subprocess.Popen([sys.executable, "-m", "streamer", "run"], env=env, stdout=log,
                                   stderr=subprocess.STDOUT)  # its own process, as deployed
-        await asyncio.sleep(8)  # model load + group join
+        await asyncio.to_thread(wait_ready, metrics_port, worker)  # model loaded, partitions assigned
         start_ns = time.time_ns()
         fleet = [src for src, _ in synthetic_fleet(beds, seconds, start_ns, seed=1)]
         expected = {(src.patient_id, w.start_ns): w.end_ns for src in fleet for w in segment(src.recording.times_ns)}

@@ -39,6 +39,7 @@ from streamer.offline.recordings import parse_start  # noqa: E402
 from streamer.offline.replay import replay, synthetic_fleet  # noqa: E402
 from streamer.settings import KafkaSettings, Settings, settings_to_env  # noqa: E402
 from streamer.windows.segmentation import segment  # noqa: E402
+from tests.kafka_utils import wait_for_event  # noqa: E402
 
 
 # -- shared ------------------------------------------------------------------------------------------
@@ -129,7 +130,7 @@ def crash_campaign(bootstrap: str, beds: int, kills: int, seconds: float, speed:
     rng = random.Random(seed)
     log = workdir / "worker.log"
     proc = start_worker(s, log)
-    time.sleep(5)
+    wait_for_event(log, "partition_assigned", proc=proc)
     feeder = feed_in_background(s.kafka, fleet, speed)
     span = seconds / speed
     try:
@@ -155,7 +156,7 @@ def stall_campaign(broker: EmbeddedBroker, stall_s: float, beds: int, checkpoint
     fleet = [src for src, _ in synthetic_fleet(beds, seconds, parse_start("2026-11-22T14:00:00Z"), seed=2)]
     expected = expected_of(fleet)
     proc = start_worker(s, workdir / "worker.log")
-    time.sleep(5)
+    wait_for_event(workdir / "worker.log", "partition_assigned", proc=proc)
     feeder = feed_in_background(s.kafka, fleet, speed=1.0)
     peak_rss = 0
     try:
@@ -272,7 +273,7 @@ def _scrape(port: int) -> dict:
     return out
 
 
-def _wait_ready(port: int, proc: subprocess.Popen, timeout_s: float = 90.0) -> None:
+def wait_ready(port: int, proc: subprocess.Popen, timeout_s: float = 90.0) -> None:
     """Until the worker's /readyz answers 200 (model loaded and warmed up, partitions assigned)."""
     import urllib.error
     import urllib.request
@@ -339,7 +340,7 @@ def soak_campaign(broker: EmbeddedBroker, beds: int, seconds: float, checkpoint:
     proc = subprocess.Popen([sys.executable, "-m", "streamer", "run"], env=env,
                             stdout=open(workdir / "worker.log", "ab"), stderr=subprocess.STDOUT,
                             preexec_fn=(lambda: os.sched_setaffinity(0, worker_cpus)) if pin else None)
-    _wait_ready(port, proc)
+    wait_ready(port, proc)
     fleet = [src for src, _ in synthetic_fleet(beds, seconds, time.time_ns(), seed=6)]
     pids = {"worker": proc.pid, "broker": broker.process.pid, "replayer": os.getpid()}
     t0 = time.monotonic()
@@ -452,7 +453,7 @@ def fuzz_campaign(bootstrap: str, messages: int, beds: int, checkpoint: str | No
     expected = expected_of(fleet)
     hostile = hostile_messages(messages, [src.patient_id for src in fleet], seed)
     proc = start_worker(s, workdir / "worker.log")
-    time.sleep(5)
+    wait_for_event(workdir / "worker.log", "partition_assigned", proc=proc)
 
     async def send_hostile():
         producer = make_producer(s.kafka, max_request_size=4 << 20)

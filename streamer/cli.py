@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 import time
 from pathlib import Path
 
-from streamer.logs import configure_logging, get_logger
-from streamer.settings import Settings, SettingsError, load_settings
+from streamer.lifecycle import EarlyStop, ignore_further_stops, install_early_stop, stop_requested
 
-log = get_logger("streamer.cli")
+# Only the standard library above: `streamer run` installs its stop handler before anything slow is
+# imported, and `--help` answers without importing pydantic or torch.
 
 
-def _settings(args) -> Settings:
+def _log():
+    from streamer.logs import get_logger
+
+    return get_logger("streamer.cli")
+
+
+def _settings(args):
+    from streamer.logs import configure_logging
+    from streamer.settings import load_settings
+
     s = load_settings(getattr(args, "config", None))
     if getattr(args, "bootstrap", None):
         s.kafka.bootstrap_servers = args.bootstrap
@@ -43,7 +53,7 @@ def cmd_broker(args) -> int:
         s.kafka.bootstrap_servers = broker.bootstrap
         created = asyncio.run(ensure_topics(s.kafka, partitions=args.partitions))
         print(f"bootstrap={broker.bootstrap}", flush=True)
-        log.info("broker_ready", bootstrap=broker.bootstrap, topics_created=created)
+        _log().info("broker_ready", bootstrap=broker.bootstrap, topics_created=created)
         stop = {"now": False}
 
         def _stop(*_):
@@ -56,29 +66,42 @@ def cmd_broker(args) -> int:
         return 0 if stop["now"] else 1
     finally:
         broker.stop()
-        log.info("broker_stopped")
+        _log().info("broker_stopped")
 
 
 # -- run ------------------------------------------------------------------------------------------
 def cmd_run(args) -> int:
-    from streamer.model.checkpoint import CheckpointError
-    from streamer.worker import StartupError, Worker
-
+    """The worker. A stop signal before it consumes anything exits 0 at once (see streamer.lifecycle)."""
     s = _settings(args)
     if args.create_topics:
         s.kafka.create_topics = True
+    _log().info("worker_starting", group=s.kafka.group_id, topics=s.kafka.input_topics)
+    from streamer.model.checkpoint import CheckpointError
+    from streamer.worker import StartupError, Worker
+
+    worker = Worker(s)
 
     async def main() -> int:
-        worker = Worker(s)
-        _install_stop(asyncio.get_running_loop(), worker.stop)
+        _install_stop(asyncio.get_running_loop(), worker.stop)  # from here on the loop owns the signals
+        if stop_requested.is_set():
+            worker.stop()
         return await worker.run()
 
     try:
-        return asyncio.run(main())
+        code = asyncio.run(main())
     except (StartupError, CheckpointError) as exc:
-        log.error("startup_failed", error=str(exc))
+        _log().error("startup_failed", error=str(exc))
         print(f"streamer run: {exc}", file=sys.stderr)
         return 1
+    finally:
+        ignore_further_stops()  # closing the loop restored the default handlers
+    if worker.abandoned_startup:
+        # Stopped while the model was still loading in its thread: nothing was consumed, and waiting for
+        # the load (interpreter exit joins executor threads) would delay the exit by seconds.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 # -- replay ---------------------------------------------------------------------------------------
@@ -103,7 +126,7 @@ def cmd_replay(args) -> int:
         return 2
     sent = asyncio.run(replay(s.kafka, sources, speed=speed, chunk_s=args.chunk_s, encoding=args.encoding,
                               progress=not args.quiet))
-    log.info("replay_done", chunks=sent, sources=len(sources))
+    _log().info("replay_done", chunks=sent, sources=len(sources))
     return 0
 
 
@@ -251,9 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "run":
+        install_early_stop()
     try:
         return int(args.func(args) or 0)
-    except SettingsError as exc:
+    except EarlyStop as exc:  # only `run` installs it: stopped before consuming anything
+        ignore_further_stops()
+        _log().info("worker_stopped", exit_code=0, phase="starting", signal=str(exc))
+        return 0
+    except SystemExit as exc:
+        from streamer.settings import SettingsError
+
+        if not isinstance(exc, SettingsError):
+            raise
         print(f"streamer {args.command}: {exc}", file=sys.stderr)
         return 2
 

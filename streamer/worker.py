@@ -66,6 +66,7 @@ class Worker:
         self.consumer = None
         self.producer = None
         self.health: HealthServer | None = None
+        self.abandoned_startup = False  # stopped while the model was still loading in its thread
 
     # -- lifecycle ------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -78,11 +79,23 @@ class Worker:
             return False, "no partitions assigned"
         return True, f"ready: {len(self.assigned)} partitions"
 
-    async def start(self) -> None:
+    async def start(self) -> bool:
+        """Load the model, check topics, join the group. False if a stop came before the model was ready:
+        nothing was consumed then, so there is nothing to drain."""
         k = self.s.kafka
         if self.scorer is None:
-            self.scorer = await asyncio.get_running_loop().run_in_executor(
-                self.executor, ArtifactScorer, self.s.model)
+            log.info("model_loading", checkpoint=str(self.s.model.checkpoint or "demo"))
+            load = asyncio.get_running_loop().run_in_executor(self.executor, ArtifactScorer, self.s.model)
+            stop = asyncio.ensure_future(self.stopping.wait())
+            await asyncio.wait({load, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if not load.done():
+                self.abandoned_startup = True
+                load.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "never retrieved"
+                return False
+            self.scorer = load.result()
+        if self.stopping.is_set():
+            return False
         info = self.scorer.info
         self.metrics.model.info({"model_id": info.model_id, "device": info.device, "precision": info.precision})
         self.episodes = EpisodeTracker(self.s.episodes, info.model_id)
@@ -110,10 +123,14 @@ class Worker:
             port = await self.health.start()
             log.info("metrics_listening", host=self.s.metrics_host, port=port)
         log.info("worker_started", group=k.group_id, topics=k.input_topics, model=info.model_id)
+        return True
 
     async def run(self) -> int:
         """Run until stop(); returns the process exit code."""
-        await self.start()
+        if not await self.start():
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            log.info("worker_stopped", exit_code=0, phase="model_loading")
+            return 0
         publish_queue: asyncio.Queue = asyncio.Queue(maxsize=2)
         consume = asyncio.create_task(self._consume_loop(), name="consume")
         infer = asyncio.create_task(self._inference_loop(publish_queue), name="inference")
@@ -126,16 +143,25 @@ class Worker:
         for t in failed:
             log.error("task_failed", task=t.get_name(), error=repr(t.exception()))
         self.stopping.set()
-        return await self._shutdown(consume, infer, publish, commit, failed=bool(failed))
+        stop_wait.cancel()
+        return await self._shutdown(consume, infer, publish, commit, publish_queue, failed=bool(failed))
 
-    async def _shutdown(self, consume, infer, publish, commit, failed: bool) -> int:
-        """Stop fetching, finish and publish what is in flight, commit, leave the group."""
+    async def _shutdown(self, consume, infer, publish, commit, publish_queue: asyncio.Queue, failed: bool) -> int:
+        """Stop fetching, finish and publish what is in flight, commit, leave the group.
+
+        If the inference or publish task died, the other one is ended rather than left waiting for it
+        until the deadline: what was not acknowledged stays uncommitted and the next owner redoes it."""
         deadline = self.s.shutdown_deadline_s
         code = 1 if failed else 0
         consume.cancel()
         self.batcher.close()
+        ending = []
+        if publish.done():
+            infer.cancel()  # nothing can be published any more
+        elif infer.done():
+            ending.append(asyncio.create_task(publish_queue.put(None)))  # publish what is queued, then end
         try:
-            await asyncio.wait_for(asyncio.gather(infer, publish, *self.dead_letter_tasks,
+            await asyncio.wait_for(asyncio.gather(infer, publish, *ending, *self.dead_letter_tasks,
                                                   return_exceptions=True), deadline)
         except asyncio.TimeoutError:
             log.error("shutdown_deadline_exceeded", pending=sum(self.pending_by_tp.values()))
@@ -201,6 +227,7 @@ class Worker:
         self.metrics.samples.inc(result.new_samples)
         self.metrics.duplicate_samples.inc(result.duplicate_samples)
         self.metrics.late_samples.inc(result.late_samples)
+        self.metrics.implausible_samples.inc(result.implausible_samples)
         if result.rejected:
             self._dead_letter(tp, record, result.rejected,
                               f"{result.late_samples} samples not accepted ({result.rejected})")

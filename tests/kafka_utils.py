@@ -59,3 +59,45 @@ def expected_windows(sources) -> set[tuple[str, int]]:
 
 def scored_ids(flags: list[dict]) -> list[tuple[str, int]]:
     return [(f["patient_id"], f["window_start_ns"]) for f in flags if f["status"] == "scored"]
+
+
+def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.05, proc=None):
+    """Poll `condition()` until it returns something truthy (returned); fail after `timeout_s`.
+
+    `proc`: a worker process that must stay alive meanwhile (its early exit fails at once)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"worker exited with {proc.returncode} while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def log_events(log_path) -> list[dict]:
+    """The JSON events of a worker's log (lines that are not JSON are skipped)."""
+    out = []
+    try:
+        text = open(log_path, "rb").read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return out
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(orjson.loads(line))
+            except orjson.JSONDecodeError:
+                pass  # a line being written
+    return out
+
+
+def wait_for_event(log_path, event: str, timeout_s: float = 120.0, proc=None) -> dict:
+    """The first log event named `event` once it is written."""
+    def found():
+        return next((e for e in log_events(log_path) if e.get("event") == event), None)
+
+    return wait_until(found, timeout_s, f"log event {event!r}", proc=proc)

@@ -47,23 +47,30 @@ def test_slow_inference_pauses_fetching_then_catches_up(broker, scorer):
                 await asyncio.sleep(0.1)
             port = worker.health.port
             await replay(s.kafka, fleet, speed=None, chunk_s=0.5)
-            t_end = time.monotonic() + 15
-            while time.monotonic() < t_end:
+            t_paused = None  # slow until fetching has paused, then 3 s more of it
+            deadline = time.monotonic() + 90
+            while t_paused is None or time.monotonic() < t_paused + 3:
+                assert time.monotonic() < deadline, "fetching never paused"
                 peak_pending = max(peak_pending, sum(worker.pending_by_tp.values()))
                 if worker.paused and not paused_seen:
-                    paused_seen = True
+                    paused_seen, t_paused = True, time.monotonic()
                     scrapes.append(await asyncio.to_thread(_get, port, "/metrics"))  # while paused
                 await asyncio.sleep(0.05)
-            if not scrapes:
-                scrapes.append((0, ""))
             worker.s.batching.test_inference_delay_s = 0.0  # inference recovers
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
                 flags = flags_of(await read_topic(s.kafka, s.kafka.flags_topic, timeout_s=2))
                 if expected <= set(scored_ids(flags)):
                     break
-            await asyncio.sleep(1.5)  # one gauge refresh
-            scrapes.append(await asyncio.to_thread(_get, port, "/metrics"))
+            messages = sum(-(-len(src.recording.values) // 250) for src in fleet)
+            deadline = time.monotonic() + 30
+            while True:  # until the gauges and counters caught up with everything
+                after = await asyncio.to_thread(_get, port, "/metrics")
+                if (_metric(after[1], "streamer_messages_total") == messages
+                        and _metric(after[1], "streamer_pending_windows") == 0) or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            scrapes.append(after)
             scrapes.append(await asyncio.to_thread(_get, port, "/healthz"))
             scrapes.append(await asyncio.to_thread(_get, port, "/readyz"))
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 import time
 
 import pytest
@@ -13,7 +14,7 @@ from streamer.offline.recordings import parse_start
 from streamer.offline.replay import replay, synthetic_fleet
 from streamer.worker import Worker
 from tests.kafka_utils import (expected_windows, flags_of, isolated_settings, read_topic, scored_ids,
-                               start_worker_process)
+                               start_worker_process, wait_for_event)
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +52,11 @@ def test_worker_leaving_the_group_hands_over_without_loss(broker, scorer):
             assert a.assigned and b.assigned, "both workers must own partitions"
             assert not a.assigned & b.assigned
             feed = asyncio.create_task(replay(s.kafka, fleet, speed=10.0, chunk_s=0.5))
-            await asyncio.sleep(2.5)
+            deadline = time.monotonic() + 60
+            while not a.tracker.next_offset:  # a has consumed records of its partitions
+                assert time.monotonic() < deadline, "worker a never consumed"
+                await asyncio.sleep(0.05)
+            assert not feed.done(), "the stream must still be running when a leaves"
             a.stop()  # mid-stream
             assert await asyncio.wait_for(ta, 60) == 0
             await feed
@@ -76,15 +81,20 @@ def test_worker_leaving_the_group_hands_over_without_loss(broker, scorer):
 def test_sigterm_mid_stream_exits_0_and_loses_nothing(broker, checkpoint, tmp_path):
     s = isolated_settings(broker.bootstrap, partitions=2)
     s.model.checkpoint = checkpoint
-    fleet = [src for src, _ in synthetic_fleet(8, 41.0, parse_start("2026-11-22T11:00:00Z"), seed=5)]
+    fleet = [src for src, _ in synthetic_fleet(8, 61.0, parse_start("2026-11-22T11:00:00Z"), seed=5)]
     expected = expected_windows(fleet)
     log = tmp_path / "worker.log"
     proc = start_worker_process(s, log)
-    asyncio.run(replay(s.kafka, fleet, speed=None, chunk_s=0.5))
-    time.sleep(6)  # model loaded, some windows in flight
+    wait_for_event(log, "partition_assigned", proc=proc)
+    feeder = threading.Thread(target=lambda: asyncio.run(replay(s.kafka, fleet, speed=4.0, chunk_s=0.5)))
+    feeder.start()
+    # mid-stream: the first flags are out and the beds are still sending
+    asyncio.run(read_topic(s.kafka, s.kafka.flags_topic, until=lambda r: len(r) >= 1, timeout_s=120))
+    assert feeder.is_alive(), "the stream must still be running when SIGTERM arrives"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0, log.read_text()[-3000:]
     assert '"worker_stopped"' in log.read_text()
+    feeder.join(120)
     proc = start_worker_process(s, log)
     try:
         flags = _all_flagged(s, expected, timeout_s=120)

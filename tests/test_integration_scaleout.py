@@ -45,7 +45,8 @@ def test_three_workers_share_partitions_and_survive_a_kill(broker, checkpoint, t
         expected = expected_windows(fleet)
         feeder = threading.Thread(target=lambda: asyncio.run(replay(s.kafka, fleet, speed=8.0, chunk_s=0.5)))
         feeder.start()
-        time.sleep(2.5)
+        asyncio.run(read_topic(s.kafka, s.kafka.flags_topic, until=lambda r: len(r) >= 1, timeout_s=120))
+        assert feeder.is_alive(), "the stream must still be running at the kill"
         procs[0].kill()  # SIGKILL mid-stream
         procs[0].wait(10)
         feeder.join(120)
