@@ -35,8 +35,8 @@ from streamer.ingest.contract import HEADER_SIZE, MAGIC, Chunk, encode_binary  #
 from streamer.ingest.deadletter import headers_dict  # noqa: E402
 from streamer.kafka.broker import EmbeddedBroker  # noqa: E402
 from streamer.kafka.clients import ensure_topics, make_producer, read_records  # noqa: E402
-from streamer.offline.recordings import parse_start  # noqa: E402
-from streamer.offline.replay import replay, synthetic_fleet  # noqa: E402
+from streamer.offline.recordings import Recording, parse_start  # noqa: E402
+from streamer.offline.replay import Source, replay, synthetic_fleet  # noqa: E402
 from streamer.settings import KafkaSettings, Settings, settings_to_env  # noqa: E402
 from streamer.windows.segmentation import segment  # noqa: E402
 from tests.kafka_utils import wait_for_event  # noqa: E402
@@ -78,19 +78,22 @@ def stop_worker(p: subprocess.Popen) -> int:
     return p.returncode
 
 
-async def collect_flags(k: KafkaSettings, expected: set, timeout_s: float) -> list[dict]:
-    """Flags from the beginning until every expected window has a scored flag, or the timeout."""
+async def collect_flags(k: KafkaSettings, expected: set, timeout_s: float, reported: frozenset = frozenset()) -> list[dict]:
+    """Flags from the beginning until every `expected` window has a scored flag and every `reported` one
+    a flag of any status, or the timeout."""
     seen: set = set()
+    seen_any: set = set()
     parsed = 0
 
     def all_scored(records) -> bool:
         nonlocal parsed
         for r in records[parsed:]:
             f = orjson.loads(r.value)
+            seen_any.add((f["patient_id"], f["window_start_ns"]))
             if f["status"] == "scored":
                 seen.add((f["patient_id"], f["window_start_ns"]))
         parsed = len(records)
-        return expected <= seen
+        return expected <= seen and reported <= seen_any
 
     records = await read_records(k, [k.flags_topic], until=all_scored, timeout_s=timeout_s)
     return [orjson.loads(r.value) for r in records]
@@ -398,7 +401,8 @@ def hostile_messages(n: int, healthy_ids: list[str], seed: int = 0) -> list[tupl
         base = {"patient_id": pid, "lead": "II", "t0_ns": now, "fs": 500, "samples": [0.1] * 50}
         kind = rng.choice(["broken_json", "wrong_type", "nan_inf", "huge", "bad_rate", "past", "future",
                            "non_utf8_key", "wrong_lead", "lying_header", "random_bytes", "not_object",
-                           "missing_field", "key_mismatch", "empty_samples", "bad_units"])
+                           "missing_field", "key_mismatch", "empty_samples", "bad_units", "missing_key",
+                           "missing_lead", "bad_gain", "units_with_counts"])
         if kind == "broken_json":
             raw = js(base)
             value = raw[: rng.randrange(1, len(raw) - 1)]
@@ -438,6 +442,21 @@ def hostile_messages(n: int, healthy_ids: list[str], seed: int = 0) -> list[tupl
             value = js(base)
         elif kind == "empty_samples":
             value = js({**base, "samples": []})
+        elif kind == "missing_key":
+            key, value = None, js(base)
+        elif kind == "missing_lead":
+            value = js({k: v for k, v in base.items() if k != "lead"})
+        elif kind == "bad_gain":
+            gain = rng.choice([1e-300, 1e-9, 1e12, 0.0])
+            if rng.random() < 0.5:
+                value = js({**{k: v for k, v in base.items() if k != "samples"}, "counts": [100] * 50, "gain": gain})
+            else:
+                frame = bytearray(encode_binary(Chunk(pid, "II", now, 500.0, np.zeros(50)), counts_gain=200.0))
+                frame[40:48] = np.float64(gain).tobytes()  # the gain field of the header
+                value = bytes(frame)
+        elif kind == "units_with_counts":
+            value = js({**{k: v for k, v in base.items() if k != "samples"}, "counts": [100] * 50, "gain": 200,
+                        "units": rng.choice(["mV", "uV"])})
         else:
             value = js({**base, "units": "V"})
         out.append((key, value, kind))
@@ -452,6 +471,15 @@ def fuzz_campaign(bootstrap: str, messages: int, beds: int, checkpoint: str | No
     fleet = [src for src, _ in synthetic_fleet(beds, 41.0, parse_start("2026-11-22T15:00:00Z"), seed=seed)]
     expected = expected_of(fleet)
     hostile = hostile_messages(messages, [src.patient_id for src in fleet], seed)
+    # Accepted but not healthy: microvolts sent as millivolts (never to be scored), and a gateway whose
+    # rate alternates 500.0 / 500.001 (float noise, to be scored as one stream).
+    odd = [src for src, _ in synthetic_fleet(2, 41.0, parse_start("2026-11-22T15:00:00Z"), seed=seed + 1)]
+    uv_as_mv = Source("fuzz-uv-as-mv", Recording(odd[0].recording.times_ns, odd[0].recording.values * 1000, 500.0))
+    noisy = odd[1].recording
+    noisy_chunks = [Chunk("fuzz-noisy-rate", "II", int(noisy.times_ns[i]), 500.0 if (i // 250) % 2 == 0 else 500.001,
+                          noisy.values[i:i + 250], None, int(noisy.times_ns[0])) for i in range(0, len(noisy.values), 250)]
+    implausible_ids = expected_of([uv_as_mv])
+    noisy_ids = expected_of([Source("fuzz-noisy-rate", noisy)])
     proc = start_worker(s, workdir / "worker.log")
     wait_for_event(workdir / "worker.log", "partition_assigned", proc=proc)
 
@@ -459,21 +487,31 @@ def fuzz_campaign(bootstrap: str, messages: int, beds: int, checkpoint: str | No
         producer = make_producer(s.kafka, max_request_size=4 << 20)
         await producer.start()
         futs = [await producer.send(s.kafka.input_topics[0], v, key=k) for k, v, _ in hostile]
+        futs += [await producer.send(s.kafka.input_topics[0], encode_binary(c), key=c.patient_id.encode())
+                 for c in noisy_chunks]
         await asyncio.gather(*futs)
         await producer.stop()
 
-    feeder = feed_in_background(s.kafka, fleet, speed=None)
+    feeder = feed_in_background(s.kafka, [*fleet, uv_as_mv], speed=None)
     asyncio.run(send_hostile())
     feeder.join(300)
     try:
-        flags = asyncio.run(collect_flags(s.kafka, expected, timeout_s=300))
+        flags = asyncio.run(collect_flags(s.kafka, expected | noisy_ids, timeout_s=300,
+                                          reported=frozenset(implausible_ids)))
         dead = asyncio.run(_read_dead_letters(s.kafka, len(hostile), timeout_s=120))
         alive = proc.poll() is None
     finally:
         code = stop_worker(proc)
     reasons = collections.Counter(headers_dict(h).get("reason", "?") for h in dead)
+    by_window = collections.defaultdict(set)
+    for f in flags:
+        by_window[(f["patient_id"], f["window_start_ns"])].add(f["status"] if f["status"] == "scored" else f["reason"])
     return {"hostile": len(hostile), "dead_lettered": len(dead), "reasons": dict(reasons),
-            "crashes": int(not alive or code != 0), **tally(expected, flags)}
+            "crashes": int(not alive or code != 0), **tally(expected, flags),
+            "uv_as_mv_windows": len(implausible_ids),
+            "uv_as_mv_reported_implausible": sum(by_window[w] == {"implausible_amplitude"} for w in implausible_ids),
+            "uv_as_mv_scored": sum("scored" in by_window[w] for w in implausible_ids),
+            "noisy_rate_windows": len(noisy_ids), "noisy_rate_scored": sum("scored" in by_window[w] for w in noisy_ids)}
 
 
 async def _read_dead_letters(k: KafkaSettings, n: int, timeout_s: float) -> list:
@@ -543,7 +581,10 @@ def main() -> None:
             r = fuzz_campaign(broker.bootstrap, args.messages, args.beds, args.checkpoint)
             record(f"bad-input campaign: {r['hostile']} hostile records among {args.beds} healthy beds",
                    f"crashes {r['crashes']}, dead-lettered {r['dead_lettered']}/{r['hostile']}, "
-                   f"healthy windows lost {r['lost']} of {r['expected']}; reasons {r['reasons']}")
+                   f"healthy windows lost {r['lost']} of {r['expected']}; microvolts-as-millivolts windows "
+                   f"reported implausible {r['uv_as_mv_reported_implausible']}/{r['uv_as_mv_windows']}, scored "
+                   f"{r['uv_as_mv_scored']}; 500.0/500.001 Hz windows scored {r['noisy_rate_scored']}/"
+                   f"{r['noisy_rate_windows']}; reasons {r['reasons']}")
         print(r)
 
 

@@ -29,7 +29,7 @@ def _settings(args):
     s = load_settings(getattr(args, "config", None))
     if getattr(args, "bootstrap", None):
         s.kafka.bootstrap_servers = args.bootstrap
-    configure_logging(s.log_format, s.log_level, s.patient_id_in_logs)
+    configure_logging(s.log_format, s.log_level, s.patient_id_in_logs, s.patient_log_key())
     return s
 
 

@@ -1,8 +1,9 @@
-"""Prometheus metrics and the /metrics, /healthz, /readyz endpoints (a tiny asyncio HTTP server)."""
+"""Prometheus metrics and the /metrics, /healthz, /readyz endpoints (aiohttp)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
@@ -14,6 +15,9 @@ class Metrics:
         self.samples = Counter("streamer_samples_total", "samples accepted into buffers", registry=r)
         self.duplicate_samples = Counter("streamer_duplicate_samples_total", "samples ignored as duplicates", registry=r)
         self.late_samples = Counter("streamer_late_samples_total", "samples older than the open windows", registry=r)
+        self.implausible_samples = Counter("streamer_implausible_samples_total",
+                                           "samples beyond windows.max_abs_mv (their windows are not scored)",
+                                           registry=r)
         self.dead_letters = Counter("streamer_dead_letters_total", "records dead-lettered", ["reason"], registry=r)
         self.dropped = Counter("streamer_dropped_total", "records dropped by policy", ["reason"], registry=r)
         self.windows = Counter("streamer_windows_total", "windows published", ["status"], registry=r)
@@ -39,41 +43,72 @@ class Metrics:
 
 
 class HealthServer:
-    """GET /metrics, /healthz (alive), /readyz (assigned, model loaded, broker reachable)."""
+    """GET /metrics, /healthz (the process is alive), /readyz (model loaded and partitions assigned).
 
-    def __init__(self, metrics: Metrics, ready, host: str = "127.0.0.1", port: int = 0):
+    Served by aiohttp (a maintained HTTP parser: request line and header fields at most 8 KB, at most 32
+    headers, over-long or malformed requests answered 4xx), on 127.0.0.1 unless metrics_host says
+    otherwise, with at most `max_connections` open at once (more are closed on accept) and idle
+    keep-alive connections closed after 5 s, so a scraper cannot pin the worker's memory or sockets.
+    """
+
+    def __init__(self, metrics: Metrics, ready, host: str = "127.0.0.1", port: int = 0, max_connections: int = 64):
         self.metrics, self.ready, self.host, self.port = metrics, ready, host, port
+        self.max_connections = max_connections
+        self.runner = None
         self.server: asyncio.base_events.Server | None = None
 
     async def start(self) -> int:
-        self.server = await asyncio.start_server(self._handle, self.host, self.port)
+        from aiohttp import web
+
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=5.0,
+                                    max_line_size=8190, max_field_size=8190, max_headers=32,
+                                    logger=_QUIET)  # a bad request gets its 400, not a traceback in our logs
+        await self.runner.setup()
+        self.server = await asyncio.get_running_loop().create_server(self._protocol, self.host, self.port)
         self.port = self.server.sockets[0].getsockname()[1]
         return self.port
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            line = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
-            path = line.split()[1].decode() if len(line.split()) > 1 else "/"
-            if path == "/metrics":
-                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, self.metrics.render()
-            elif path == "/healthz":
-                status, ctype, body = "200 OK", "text/plain", b"ok\n"
-            elif path == "/readyz":
-                ok, why = self.ready()
-                status, ctype, body = ("200 OK" if ok else "503 Service Unavailable"), "text/plain", (why + "\n").encode()
-            else:
-                status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
-            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                         "Connection: close\r\n\r\n".encode() + body)
-            await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError, IndexError):
-            pass
-        finally:
-            writer.close()
+    def _protocol(self):
+        handlers = self.runner.server
+        if len(handlers.connections) >= self.max_connections:
+            return _Refuse()
+        return handlers()
+
+    async def _metrics(self, request):
+        from aiohttp import web
+
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, request):
+        from aiohttp import web
+
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, request):
+        from aiohttp import web
+
+        ok, why = self.ready()
+        return web.Response(text=why + "\n", status=200 if ok else 503)
 
     async def stop(self) -> None:
         if self.server is not None:
-            self.server.close()
+            self.server.close()  # no new connections
+        if self.runner is not None:
+            await self.runner.cleanup()  # closes the open ones
+        if self.server is not None:
             await self.server.wait_closed()
+
+
+_QUIET = logging.getLogger("streamer.metrics.http")
+_QUIET.setLevel(logging.CRITICAL)
+
+
+class _Refuse(asyncio.Protocol):
+    """Closes a connection over the limit as soon as it is accepted."""
+
+    def connection_made(self, transport) -> None:
+        transport.close()

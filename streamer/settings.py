@@ -87,11 +87,21 @@ class WindowSettings(_Group):
     max_clock_skew_s: float = Field(86400.0, gt=0, description="timestamps further in the future are rejected")
     unknown_lead: Literal["dead_letter", "drop"] = "dead_letter"
     accepted_leads: list[str] = ["II", "MLII"]
+    max_abs_mv: float = Field(20.0, gt=0, le=1e30, description="samples beyond +-this many mV (after units and "
+                              "gain) cannot be lead-II ECG (e.g. microvolts sent as millivolts): their windows "
+                              "are reported insufficient_data, reason implausible_amplitude, never scored")
+    min_gain: float = Field(0.01, gt=0, description="smallest plausible |gain| of counts, in counts per mV")
+    max_gain: float = Field(1e7, gt=0, description="largest plausible |gain| of counts, in counts per mV")
+    rate_tolerance: float = Field(1e-5, ge=0, lt=0.01, description="relative difference of sample rates "
+                                  "taken as the same rate (gateways send 500.0 and 500.001, 2e-6 apart, for one "
+                                  "stream); 1e-5 drifts under 0.05 samples over a 10 s window")
 
     @model_validator(mode="after")
     def _overlap_below_window(self) -> "WindowSettings":
         if self.overlap_s >= self.window_s:
             raise ValueError("windows.overlap_s must be smaller than windows.window_s")
+        if self.min_gain > self.max_gain:
+            raise ValueError("windows.min_gain must not exceed windows.max_gain")
         return self
 
 
@@ -136,6 +146,8 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     patient_id_in_logs: Literal["plain", "hashed", "omit"] = "plain"
+    patient_id_log_key: SecretStr | None = Field(None, description="HMAC key of hashed patient ids in logs")
+    patient_id_log_key_file: Path | None = Field(None, description="...or a file holding it (a mounted secret)")
     shutdown_deadline_s: float = Field(30.0, gt=0)
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(None, ge=0, le=65535, description="serve /metrics, /healthz, /readyz")
@@ -144,6 +156,27 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     batching: BatchSettings = BatchSettings()
     episodes: EpisodeSettings = EpisodeSettings()
+
+    @model_validator(mode="after")
+    def _log_key_when_hashed(self) -> "Settings":
+        if self.patient_id_in_logs == "hashed" and self.patient_id_log_key is None \
+                and self.patient_id_log_key_file is None:
+            raise ValueError("patient_id_in_logs=hashed needs patient_id_log_key or patient_id_log_key_file "
+                             "(a secret: an unkeyed hash of a record number is reversible)")
+        return self
+
+    def patient_log_key(self) -> bytes | None:
+        if self.patient_id_log_key is not None:
+            return self.patient_id_log_key.get_secret_value().encode()
+        if self.patient_id_log_key_file is not None:
+            try:
+                key = self.patient_id_log_key_file.read_bytes().strip()
+            except OSError as exc:
+                raise SettingsError(f"settings: cannot read patient_id_log_key_file: {exc.strerror}") from None
+            if not key:
+                raise SettingsError(f"settings: patient_id_log_key_file {self.patient_id_log_key_file} is empty")
+            return key
+        return None
 
     @classmethod
     def settings_customise_sources(
@@ -180,8 +213,8 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
         lines = []
         for err in exc.errors():
             name = ".".join(str(p) for p in err["loc"]) or "(settings)"
-            lines.append(f"  {name}: {err['msg']} (got {err.get('input')!r})"
-                         if "password" not in name else f"  {name}: {err['msg']}")
+            secret = "password" in name or "key" in name or name == "(settings)"
+            lines.append(f"  {name}: {err['msg']}" if secret else f"  {name}: {err['msg']} (got {err.get('input')!r})")
         raise SettingsError("invalid settings:\n" + "\n".join(lines)) from None
     finally:
         if config is not None:

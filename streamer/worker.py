@@ -21,7 +21,7 @@ from streamer.ingest.contract import InvalidMessage, decode
 from streamer.ingest.deadletter import dead_letter_headers
 from streamer.kafka.clients import ensure_topics, make_consumer, make_producer, missing_topics, retry_kafka
 from streamer.kafka.commits import CommitTracker
-from streamer.logs import get_logger, patient_ref
+from streamer.logs import episode_ref, get_logger, patient_ref
 from streamer.metrics import HealthServer, Metrics
 from streamer.model.infer import ArtifactScorer
 from streamer.publish import EpisodeTracker, dumps, flag_message
@@ -355,7 +355,7 @@ class Worker:
                 await self._send_with_retry(self.s.kafka.episodes_topic, episode["patient_id"].encode(), dumps(episode))
                 self.metrics.episodes.labels(episode["state"]).inc()
                 log.info("episode", state=episode["state"], patient=patient_ref(episode["patient_id"]),
-                         episode_id=episode["episode_id"] if patient_ref(episode["patient_id"]) else None)
+                         episode=episode_ref(episode["patient_id"], episode["start_ns"]))
         acked = time.time()
         for w, d in zip(batch, docs):
             self.tracker.release(w.partition, w.min_offset)

@@ -20,7 +20,7 @@ def test_every_hostile_message_is_rejected_by_the_decoder():
         kinds.add(kind)
         with pytest.raises(InvalidMessage):
             decode(key, value, s)
-    assert len(kinds) == 16
+    assert len(kinds) == 20
 
 
 def test_fuzz_short(broker, checkpoint, tmp_path):
@@ -29,6 +29,11 @@ def test_fuzz_short(broker, checkpoint, tmp_path):
     assert r["crashes"] == 0
     assert r["dead_lettered"] == r["hostile"], r["reasons"]
     assert r["lost"] == 0
+    for reason in ("missing_key", "bad_gain"):
+        assert r["reasons"].get(reason), f"no {reason} dead letter among {r['reasons']}"
+    assert r["uv_as_mv_scored"] == 0, "microvolts sent as millivolts must never be scored"
+    assert r["uv_as_mv_reported_implausible"] == r["uv_as_mv_windows"] == 4
+    assert r["noisy_rate_scored"] == r["noisy_rate_windows"] == 4, "float-noise rates are one stream"
 
 
 def test_broker_stall_short(broker, checkpoint, tmp_path):

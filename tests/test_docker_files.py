@@ -40,7 +40,10 @@ def test_compose_services_use_real_commands_env_and_ports(monkeypatch):
         with monkeypatch.context() as m:
             _check_env(svc["environment"], m)
     worker_env = services["worker"]["environment"]
-    assert f"{worker_env['STREAMER_METRICS_PORT']}:{worker_env['STREAMER_METRICS_PORT']}" in services["worker"]["ports"]
+    assert worker_env["STREAMER_METRICS_PORT"] in services["worker"]["expose"]
+    assert "ports" not in services["worker"], "metrics are not published on the host"
+    assert all(p.startswith("127.0.0.1:") for svc in services.values() for p in svc.get("ports", [])), \
+        "anything published on the host binds its loopback"
     s = load_settings()
     topics_cmd = services["topics"]["command"][0]
     for topic in (s.kafka.input_topics[0], s.kafka.flags_topic, s.kafka.dead_letter_topic, s.kafka.episodes_topic):

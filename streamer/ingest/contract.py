@@ -52,26 +52,29 @@ class JsonChunk(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     patient_id: str = Field(min_length=1, max_length=MAX_PATIENT_ID)
-    lead: str = Field("II", max_length=8)
+    lead: str = Field(max_length=8)  # required: a default would hide a monitor sending another lead
     t0_ns: int
     fs: float | int
     samples: list[float | int] | None = None
     counts: list[int] | None = None
     gain: float | int | None = None  # counts per mV
     baseline: float | int = 0
-    units: str = "mV"
+    units: str | None = None  # of `samples`: mV (default) or uV; an error with `counts`
     seq: int | None = None
     segment_start_ns: int | None = None
 
 
 def _check(chunk: Chunk, key: bytes | None, s: WindowSettings, now_ns: int) -> Chunk:
-    if key is not None:
-        try:
-            key_id = key.decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidMessage("bad_key", "message key is not UTF-8") from None
-        if key_id != chunk.patient_id:
-            raise InvalidMessage("key_mismatch", "message key differs from the patient id in the value")
+    # The key decides the partition: without it one patient is spread over partitions and two workers
+    # could publish different flags under one window_id.
+    if key is None:
+        raise InvalidMessage("missing_key", "records must be keyed by patient id")
+    try:
+        key_id = key.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidMessage("bad_key", "message key is not UTF-8") from None
+    if key_id != chunk.patient_id:
+        raise InvalidMessage("key_mismatch", "message key differs from the patient id in the value")
     if not chunk.patient_id or len(chunk.patient_id) > MAX_PATIENT_ID or not chunk.patient_id.isprintable():
         raise InvalidMessage("bad_patient_id", "patient id must be 1-128 printable characters")
     if not (np.isfinite(chunk.fs) and s.min_rate_hz <= chunk.fs <= s.max_rate_hz):
@@ -92,7 +95,15 @@ def _check(chunk: Chunk, key: bytes | None, s: WindowSettings, now_ns: int) -> C
     return chunk
 
 
-def decode_json(value: bytes) -> Chunk:
+def check_gain(gain: float, s: WindowSettings | None) -> None:
+    """Counts need a finite gain inside the plausible range (a gain of 1e-300 turns counts into nonsense)."""
+    if not (np.isfinite(gain) and gain != 0):
+        raise InvalidMessage("bad_gain", "counts need a finite non-zero gain (counts per mV)")
+    if s is not None and not s.min_gain <= abs(gain) <= s.max_gain:
+        raise InvalidMessage("bad_gain", f"gain {gain!r} counts/mV outside [{s.min_gain}, {s.max_gain}]")
+
+
+def decode_json(value: bytes, s: WindowSettings | None = None) -> Chunk:
     try:
         raw = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
@@ -108,19 +119,24 @@ def decode_json(value: bytes) -> Chunk:
     if (msg.samples is None) == (msg.counts is None):
         raise InvalidMessage("invalid_field", "exactly one of samples (mV) or counts (+ gain) is required")
     if msg.samples is not None:
-        if msg.units not in ("mV", "uV"):
+        if msg.units not in (None, "mV", "uV"):
             raise InvalidMessage("invalid_field", f"units must be mV or uV, not {msg.units!r}"[:200])
         samples = np.asarray(msg.samples, dtype=np.float64)
         if msg.units == "uV":
             samples = samples / 1000.0
     else:
-        if not msg.gain or not np.isfinite(msg.gain):
-            raise InvalidMessage("invalid_field", "counts need a finite non-zero gain (counts per mV)")
+        if msg.units is not None:
+            raise InvalidMessage("invalid_field", "units apply to samples; counts are scaled by gain (counts per mV)")
+        if msg.gain is None:
+            raise InvalidMessage("invalid_field", "counts need a gain (counts per mV)")
+        check_gain(float(msg.gain), s)
+        if not np.isfinite(msg.baseline):
+            raise InvalidMessage("invalid_field", "baseline must be finite")
         samples = (np.asarray(msg.counts, dtype=np.float64) - msg.baseline) / msg.gain
     return Chunk(msg.patient_id, msg.lead, msg.t0_ns, float(msg.fs), samples, msg.seq, msg.segment_start_ns)
 
 
-def decode_binary(value: bytes) -> Chunk:
+def decode_binary(value: bytes, s: WindowSettings | None = None) -> Chunk:
     if len(value) < HEADER_SIZE:
         raise InvalidMessage("malformed_binary", f"{len(value)} bytes is shorter than the {HEADER_SIZE}-byte header")
     (magic, version, dtype, _reserved, fs, t0_ns, seg, seq, gain, baseline, n, lead, id_len) = _HEADER.unpack_from(value)
@@ -141,8 +157,9 @@ def decode_binary(value: bytes) -> Chunk:
     if dtype == DTYPE_FLOAT32_MV:
         samples = np.frombuffer(body, dtype="<f4").astype(np.float64)
     else:
-        if not (np.isfinite(gain) and gain != 0 and np.isfinite(baseline)):
-            raise InvalidMessage("malformed_binary", "int16 counts need a finite non-zero gain")
+        if not np.isfinite(baseline):
+            raise InvalidMessage("malformed_binary", "int16 counts need a finite baseline")
+        check_gain(gain, s)
         samples = (np.frombuffer(body, dtype="<i2").astype(np.float64) - baseline) / gain
     return Chunk(patient_id, lead_s, t0_ns, fs, samples,
                  None if seq == NO_VALUE else seq, None if seg == NO_VALUE else seg)
@@ -152,7 +169,7 @@ def decode(key: bytes | None, value: bytes | None, settings: WindowSettings, now
     """Decode and validate one Kafka record; raises InvalidMessage with a reason."""
     if value is None:
         raise InvalidMessage("empty", "record has no value (tombstone)")
-    chunk = decode_binary(value) if value[:4] == MAGIC else decode_json(value)
+    chunk = decode_binary(value, settings) if value[:4] == MAGIC else decode_json(value, settings)
     return _check(chunk, key, settings, now_ns if now_ns is not None else time.time_ns())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import pickle
 import zipfile
 from pathlib import Path
@@ -19,29 +20,26 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_state_dict(path: str | Path, expected_sha256: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
-    """Returns (state_dict, sha256). Never unpickles code: torch.load(weights_only=True)."""
+    """Returns (state_dict, sha256). Never unpickles code: torch.load(weights_only=True).
+
+    The file is read once: the bytes that were hashed (and checked against expected_sha256) are the bytes
+    loaded, so a file swapped on disk between the check and the load cannot slip in."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    digest = sha256_of(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} is not readable: {exc.strerror}") from None
+    digest = hashlib.sha256(data).hexdigest()
     if expected_sha256 and digest.lower() != expected_sha256.strip().lower():
         raise CheckpointError(f"checkpoint {path} has sha256 {digest}, but model.expected_sha256 pins "
                               f"{expected_sha256.strip().lower()}: refusing to load another file")
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # torch zip archive, or a legacy pickle
+    if not zipfile.is_zipfile(io.BytesIO(data)) and data[:1] != b"\x80":  # torch zip archive, or a legacy pickle
         raise CheckpointError(f"checkpoint {path} is not a readable torch file (neither a torch archive nor a pickle)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"checkpoint {path} holds objects other than tensors (refused by "
                               f"weights_only loading): {str(exc).splitlines()[0]}") from None

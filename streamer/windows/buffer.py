@@ -50,6 +50,7 @@ class _Open:
     mask: np.ndarray
     filled: int = 0
     min_offset: int | None = None
+    implausible: bool = False  # holds a sample beyond windows.max_abs_mv
 
     @property
     def nbytes(self) -> int:
@@ -71,6 +72,7 @@ class AcceptResult:
     new_samples: int = 0
     duplicate_samples: int = 0
     late_samples: int = 0
+    implausible_samples: int = 0
     rejected: str | None = None  # reason when the whole chunk is refused
 
 
@@ -93,6 +95,8 @@ class PatientStream:
         fs = as_rate(chunk.fs)
         out: list[EmittedWindow] = []
         seg = self.segment
+        if seg is not None and fs != seg.grid.fs and abs(fs - seg.grid.fs) <= self.s.rate_tolerance * seg.grid.fs:
+            fs = seg.grid.fs  # float noise from a gateway (500.0 / 500.001), not a new rate
         if seg is not None and (seg.grid.anchor_ns != anchor or seg.grid.fs != fs):
             if anchor < seg.grid.anchor_ns:
                 return AcceptResult([], late_samples=len(chunk.samples), rejected="stale_segment")
@@ -116,6 +120,8 @@ class PatientStream:
         if result.late_samples == n:
             result.rejected = "late"
             return result
+        magnitude = np.abs(chunk.samples)
+        over = magnitude > self.s.max_abs_mv if magnitude.max() > self.s.max_abs_mv else None
         first_k = max(seg.next_k, grid.first_window_ending_after(max(a, oldest)))
         for k in range(first_k, grid.last_window_starting_at_or_before(b - 1) + 1):
             s0, e0 = grid.start_index(k), grid.end_index(k)
@@ -134,6 +140,10 @@ class PatientStream:
                 span[fresh] = True
                 w.filled += added
                 w.min_offset = offset if w.min_offset is None else min(w.min_offset, offset)
+                if over is not None:
+                    bad = int(over[lo - a:hi - a][fresh].sum())
+                    w.implausible |= bad > 0
+                    result.implausible_samples += bad
             result.new_samples += added
             result.duplicate_samples += (hi - lo) - added
         seg.watermark = max(seg.watermark, b)
@@ -173,6 +183,8 @@ class PatientStream:
             return EmittedWindow(**base, status=INSUFFICIENT, reason=reason or "no_data", samples=None,
                                  missing=n, interpolated=0)
         missing = n - w.filled
+        if reason is None and w.implausible:
+            reason = "implausible_amplitude"
         if reason is None and missing:
             reason = fill_gaps(w.values, w.mask, self.s.max_interpolated_gap_samples, self.s.max_missing_fraction)
         if reason is not None or n <= 10:
