@@ -87,7 +87,7 @@ class WindowSettings(_Group):
     max_clock_skew_s: float = Field(86400.0, gt=0, description="timestamps further in the future are rejected")
     unknown_lead: Literal["dead_letter", "drop"] = "dead_letter"
     accepted_leads: list[str] = ["II", "MLII"]
-    max_abs_mv: float = Field(20.0, gt=0, le=1e30, description="samples beyond +-this many mV (after units and "
+    max_abs_mv: float = Field(100.0, gt=0, le=1e30, description="samples beyond +-this many mV (after units and "
                               "gain) cannot be lead-II ECG (e.g. microvolts sent as millivolts): their windows "
                               "are reported insufficient_data, reason implausible_amplitude, never scored")
     min_gain: float = Field(0.01, gt=0, description="smallest plausible |gain| of counts, in counts per mV")

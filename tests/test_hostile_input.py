@@ -47,7 +47,7 @@ def test_implausible_amplitude_is_reported_never_scored(scale):
 def test_one_implausible_spike_costs_only_its_window():
     times, values = _ecg()
     values = values.copy()
-    values[7000] = 50.0  # in the second window
+    values[7000] = 500.0  # in the second window
     got = _stream(chunks_of("p1", times, values, 125, fs=500, segment_start_ns=START))
     assert [(w.status, w.reason) for w in got] == [(SCORABLE, None), (INSUFFICIENT, "implausible_amplitude"),
                                                    (SCORABLE, None)]
