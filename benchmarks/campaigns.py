@@ -5,6 +5,7 @@
     python benchmarks/campaigns.py fuzz --messages 10000 --beds 10
     python benchmarks/campaigns.py slow --beds 50 --delay 2 --slow-for 45
     python benchmarks/campaigns.py soak --beds 200 --seconds 600
+    python benchmarks/campaigns.py clock --beds 50 --kills 3
 
 Each prints its figures and appends them to benchmarks/RESULTS.md. tests/test_campaigns.py runs short
 versions of the same functions in CI.
@@ -31,6 +32,7 @@ import numpy as np
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from streamer.ingest.producer import chunks_of  # noqa: E402
 from streamer.ingest.contract import HEADER_SIZE, MAGIC, Chunk, encode_binary  # noqa: E402
 from streamer.ingest.deadletter import headers_dict  # noqa: E402
 from streamer.kafka.broker import EmbeddedBroker  # noqa: E402
@@ -46,7 +48,7 @@ from tests.kafka_utils import wait_for_event  # noqa: E402
 def campaign_settings(bootstrap: str, partitions: int = 4, checkpoint: str | None = None) -> Settings:
     tag = uuid.uuid4().hex[:8]
     k = KafkaSettings(bootstrap_servers=bootstrap, input_topics=[f"in-{tag}"], flags_topic=f"flags-{tag}",
-                      episodes_topic=f"episodes-{tag}", dead_letter_topic=f"dlq-{tag}", group_id=f"g-{tag}",
+                      episodes_topic=f"episodes-{tag}", dead_letter_topic=f"dlq-{tag}", group_id=f"g-{tag}", state_topic=f"state-{tag}",
                       input_partitions=partitions, commit_interval_s=0.5, session_timeout_ms=6000,
                       heartbeat_interval_ms=1000)
     asyncio.run(ensure_topics(k))
@@ -519,6 +521,116 @@ async def _read_dead_letters(k: KafkaSettings, n: int, timeout_s: float) -> list
     return [r.headers for r in records]
 
 
+# -- clock events ------------------------------------------------------------------------------------------
+def clock_campaign(bootstrap: str, beds: int, kills: int, checkpoint: str | None, seed: int = 0,
+                   workdir: Path | None = None, stale_after_s: float = 10.0) -> dict:
+    """Beds whose clocks step (+2 h, -1 h) mid-stream or that send a lone outlier chunk dated +30 min,
+    beside healthy beds, while the worker is SIGKILLed `kills` times. Lost = a window of the old timeline
+    not reported, a new-timeline window (after the confirming records) not reported, or a healthy window
+    not scored. Also: episodes still open once stale_after_s has passed with no data."""
+    from streamer.kafka.clients import read_records
+    from streamer.offline.recordings import regular_times
+    from streamer.synthetic import generate
+
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="clock-"))
+    s = campaign_settings(bootstrap, checkpoint=checkpoint)
+    s.episodes.stale_after_s = stale_after_s
+    rng = random.Random(seed)
+    t0 = parse_start("2026-11-22T03:00:00Z")
+    fs, seconds, step_at = 500.0, 61.0, 25.0
+    sources, expected_old, expected_new, healthy, outliers, unshifted = [], set(), {}, set(), [], []
+    n, n1 = int(seconds * fs), int(step_at * fs)
+    for bed in range(beds):
+        pid = f"clk-{bed:03d}"
+        kind = ("step_forward", "step_back", "outlier", "healthy", "healthy")[bed % 5]
+        values = generate(seconds, fs=fs, seed=seed * 1000 + bed).values
+        start = t0 + int(rng.uniform(0, 10) * 1e9)
+        times = regular_times(n, fs, start)
+        unshifted.append(times)
+        if kind.startswith("step"):
+            shift = (7200 if kind == "step_forward" else -3600) * 10**9
+            times = np.concatenate([times[:n1], times[n1:] + shift])
+            old = [w for w in segment(times[:n1])]
+            expected_old |= {(pid, w.start_ns) for w in old}
+            # the new timeline starts at its 4th chunk (0.5 s chunks): windows wholly after that
+            confirm = int(times[n1 + 3 * int(0.5 * fs)])
+            expected_new[pid] = sum(1 for w in segment(times[n1:]) if w.start_ns >= confirm) - 1
+        else:
+            ids = {(pid, w.start_ns) for w in segment(times)}
+            healthy |= ids if kind == "healthy" else set()
+            expected_old |= ids if kind == "outlier" else set()
+            if kind == "outlier":
+                outliers.append(Chunk(pid, "II", int(times[n // 2]) + 1800 * 10**9, fs, values[:250], None, start))
+        sources.append(Source(pid, Recording(times, values, fs)))
+    log = workdir / "worker.log"
+    proc = start_worker(s, log)
+    wait_for_event(log, "partition_assigned", proc=proc)
+
+    # monitors send in their own order whatever their clocks say: arrival time = the unshifted time
+    arrivals = sorted((int(arrival[i]), k, c) for k, (src, arrival) in enumerate(zip(sources, unshifted))
+                      for i, c in zip(range(0, n, 250), chunks_of(src.patient_id, src.recording.times_ns,
+                                                                  src.recording.values, 250, fs=fs)))
+    outliers_at = arrivals[len(arrivals) // 2][0]
+    arrivals += [(outliers_at, -1, c) for c in outliers]
+    arrivals.sort(key=lambda a: (a[0], a[1]))
+
+    async def feed(speed: float = 8.0):
+        from streamer.ingest.producer import ChunkProducer
+
+        producer = make_producer(s.kafka)
+        await producer.start()
+        out = ChunkProducer(producer, s.kafka.input_topics[0], "binary")
+        wall0, first = time.monotonic(), arrivals[0][0]
+        pending = []
+        for due, _, c in arrivals:
+            wait = wall0 + (due - first) / 1e9 / speed - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            pending.append(await out.send(c))
+        await asyncio.gather(*pending)
+        await producer.stop()
+
+    feeder = threading.Thread(target=lambda: asyncio.run(feed()), daemon=True)
+    feeder.start()
+    try:
+        for _ in range(kills):
+            time.sleep(rng.uniform(0.5, 2.0))
+            proc.kill()
+            proc.wait(10)
+            proc = start_worker(s, log)
+        feeder.join(300)
+
+        def done(records) -> bool:
+            got = {(f["patient_id"], f["window_start_ns"]) for f in map(lambda r: orjson.loads(r.value), records)}
+            return expected_old <= got and healthy <= got
+
+        records = asyncio.run(read_records(s.kafka, [s.kafka.flags_topic], until=done, timeout_s=240))
+        flags = [orjson.loads(r.value) for r in records]
+        time.sleep(stale_after_s + 3)  # scenario: no more data; open episodes must close by themselves
+        episodes = [orjson.loads(r.value) for r in asyncio.run(read_records(
+            s.kafka, [s.kafka.episodes_topic], timeout_s=30, idle_polls=3))]
+    finally:
+        code = stop_worker(proc)
+    reported = {(f["patient_id"], f["window_start_ns"]) for f in flags}
+    scored = {(f["patient_id"], f["window_start_ns"]) for f in flags if f["status"] == "scored"}
+    new_lost = 0
+    for pid, want in expected_new.items():
+        src = next(x for x in sources if x.patient_id == pid)
+        step_ns = int(src.recording.times_ns[n1])
+        got = {f["window_start_ns"] for f in flags if f["patient_id"] == pid and
+               (f["window_start_ns"] >= step_ns if step_ns > src.recording.times_ns[0]
+                else f["window_start_ns"] < src.recording.times_ns[0] and f["window_start_ns"] >= step_ns)}
+        new_lost += max(want - len(got), 0)
+    last = {}
+    for e in episodes:
+        last[e["patient_id"]] = e["state"]
+    return {"beds": beds, "kills": kills, "old_timeline_windows": len(expected_old),
+            "old_lost": len(expected_old - reported), "new_timeline_windows": sum(expected_new.values()),
+            "new_lost": new_lost, "healthy_windows": len(healthy), "healthy_lost": len(healthy - scored),
+            "lost": len(expected_old - reported) + new_lost + len(healthy - scored),
+            "episodes_left_open": sum(v == "open" for v in last.values()), "exit_code": code}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="campaign", required=True)
@@ -541,10 +653,13 @@ def main() -> None:
     so.add_argument("--interval", type=float, default=30.0, help="seconds between samples")
     so.add_argument("--pin", action="store_true", help="worker on its own CPU, broker and replayer on the rest")
     so.add_argument("--fetch", default=None, help="MIN_BYTES,MAX_WAIT_MS for the worker's fetches")
+    ck = sub.add_parser("clock")
+    ck.add_argument("--beds", type=int, default=50)
+    ck.add_argument("--kills", type=int, default=3)
     f = sub.add_parser("fuzz")
     f.add_argument("--messages", type=int, default=10_000)
     f.add_argument("--beds", type=int, default=10)
-    for p in (c, st, sl, so, f):
+    for p in (c, st, sl, so, f, ck):
         p.add_argument("--checkpoint", default=None)
     args = ap.parse_args()
     resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
@@ -559,6 +674,14 @@ def main() -> None:
                 record(f"broker stall {stall:g}s (SIGSTOP), {args.beds} beds real time",
                        f"lost {r['lost']} of {r['expected']}, worker alive {r['worker_alive']}, exit {r['exit_code']}, "
                        f"recovery {r['recovery_s']}s, peak RSS {r['peak_rss_mb']} MB, duplicates {r['duplicates']}")
+        elif args.campaign == "clock":
+            r = clock_campaign(broker.bootstrap, args.beds, args.kills, args.checkpoint)
+            record(f"clock campaign: {args.beds} beds (+2 h steps, -1 h steps, +30 min outliers, healthy), "
+                   f"SIGKILL x{args.kills}",
+                   f"lost {r['lost']} (old timeline {r['old_lost']} of {r['old_timeline_windows']}, new timeline "
+                   f"{r['new_lost']} of {r['new_timeline_windows']}, healthy {r['healthy_lost']} of "
+                   f"{r['healthy_windows']}); episodes left open past stale_after_s {r['episodes_left_open']}; "
+                   f"exit {r['exit_code']}")
         elif args.campaign == "slow":
             r = slow_campaign(broker.bootstrap, args.beds, args.seconds, args.delay, args.slow_for, args.checkpoint)
             record(f"slow inference: +{args.delay:g}s per batch of <= 4 ({4 / args.delay:g} windows/s < {args.beds / 10:g} "

@@ -33,6 +33,8 @@ class KafkaSettings(_Group):
     flags_topic: str = "ecg.artifact.flags"
     episodes_topic: str = "ecg.artifact.episodes"
     dead_letter_topic: str = "ecg.deadletter"
+    state_topic: str = Field("ecg.artifact.state", description="compacted changelog of per-patient state "
+                             "(internal; as many partitions as the input topics)")
     input_partitions: int = Field(8, ge=1, description="used when the worker or `broker` creates topics")
     create_topics: bool = Field(False, description="create missing topics at start (demo/tests only)")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
@@ -78,7 +80,12 @@ class WindowSettings(_Group):
     reorder_tolerance_s: float = Field(2.0, ge=0, description="how long a window with holes waits for late chunks")
     max_interpolated_gap_samples: int = Field(5, ge=0)
     max_missing_fraction: float = Field(0.05, ge=0, le=1)
-    max_forward_jump_s: float = Field(3600.0, gt=0, description="larger jumps within one segment are dead-lettered")
+    max_forward_jump_s: float = Field(300.0, gt=0, description="a record further ahead of its segment is off the "
+                                      "timeline: dead-lettered (timestamp_jump) unless new_timeline_chunks follow it; "
+                                      "also caps the no_data windows one record can produce")
+    new_timeline_chunks: int = Field(4, ge=1, description="consecutive consistent records off the timeline (a "
+                                     "clock step, a new earlier segment, segment_start_ns dropped) that start a new "
+                                     "segment; fewer are outliers, dead-lettered without moving the grid")
     idle_evict_s: float = Field(60.0, gt=0)
     max_chunk_s: float = Field(10.0, gt=0, description="larger messages are dead-lettered as oversized")
     max_buffer_bytes: int = Field(1 << 30, gt=0, description="total bytes held by open windows, all patients")
@@ -133,6 +140,8 @@ class BatchSettings(_Group):
 class EpisodeSettings(_Group):
     open_after: int = Field(2, ge=1, description="consecutive flagged windows that open an episode")
     close_after: int = Field(2, ge=1, description="consecutive clean windows that close it")
+    stale_after_s: float = Field(60.0, gt=0, description="an open episode with no scored window for this long "
+                                 "is closed (reason stale): suppression never stays on by itself")
 
 
 class Settings(BaseSettings):

@@ -17,15 +17,19 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
 from streamer.batching import MicroBatcher
+from streamer.checkpointing import Checkpointer
 from streamer.ingest.contract import InvalidMessage, decode
-from streamer.ingest.deadletter import dead_letter_headers
-from streamer.kafka.clients import ensure_topics, make_consumer, make_producer, missing_topics, retry_kafka
+from streamer.ingest.deadletter import dead_letter_headers, oversized_dead_letter
+from streamer.kafka.clients import (ensure_topics, make_consumer, make_producer, missing_topics, retriable,
+                                    retry_kafka)
 from streamer.kafka.commits import CommitTracker
 from streamer.logs import episode_ref, get_logger, patient_ref
 from streamer.metrics import HealthServer, Metrics
 from streamer.model.infer import ArtifactScorer
 from streamer.publish import EpisodeTracker, dumps, flag_message
 from streamer.settings import Settings
+from streamer.state.changelog import read_states
+from streamer.state.store import StateStore
 from streamer.windows.buffer import SCORABLE, EmittedWindow
 from streamer.windows.resample import to_model_samples
 from streamer.windows.stage import WindowStage
@@ -53,8 +57,11 @@ class Worker:
         self.s = settings
         self.metrics = Metrics()
         self.scorer = scorer
-        self.stage = WindowStage(settings.windows)
+        self.store = StateStore()
+        self.stage = WindowStage(settings.windows, self.store)
         self.tracker = CommitTracker()
+        self.checkpointer: Checkpointer | None = None
+        self.settled = asyncio.Event()  # set whenever an output is acknowledged (revocation waits on it)
         self.batcher = MicroBatcher(settings.batching.max_batch, settings.batching.max_wait_ms)
         self.episodes: EpisodeTracker | None = None
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
@@ -65,6 +72,7 @@ class Worker:
         self.paused = False
         self.consumer = None
         self.producer = None
+        self.state_reader = None  # reads patient states back on assignment (no group)
         self.health: HealthServer | None = None
         self.abandoned_startup = False  # stopped while the model was still loading in its thread
 
@@ -111,8 +119,13 @@ class Worker:
             raise StartupError(f"broker unreachable at {k.bootstrap_servers}: {exc!r}") from None
         self.producer = make_producer(k)
         self.consumer = make_consumer(k)
+        self.state_reader = make_consumer(k, group_id=None, client_id=f"{k.client_id}-state")
+        self.checkpointer = Checkpointer(self.tracker, self.stage, self.store, self.consumer, self.producer,
+                                         k.state_topic)
         try:
             await self.producer.start()
+            await self.state_reader.start()
+            await self._check_state_partitions()
             self.consumer.subscribe(k.input_topics, listener=_Rebalance(self))
             await self.consumer.start()
         except KafkaError as exc:
@@ -176,8 +189,19 @@ class Worker:
         log.info("worker_stopped", exit_code=code)
         return code
 
+    async def _check_state_partitions(self) -> None:
+        """Input partition p keeps its patients' states in partition p of the state topic."""
+        k = self.s.kafka
+        have = await self.producer.partitions_for(k.state_topic)
+        for topic in k.input_topics:
+            need = await self.producer.partitions_for(topic)
+            if need and have is not None and max(need) > max(have, default=-1):
+                await self._close_clients()
+                raise StartupError(f"{k.state_topic} has {len(have)} partitions but {topic} has {len(need)}: "
+                                   "the state topic needs at least as many (create it with more)")
+
     async def _close_clients(self) -> None:
-        for client in (self.consumer, self.producer):
+        for client in (self.consumer, self.producer, self.state_reader):
             if client is not None:
                 try:
                     await asyncio.wait_for(client.stop(), 10)
@@ -193,12 +217,18 @@ class Worker:
             now = time.time()
             for tp, batch in records.items():
                 if tp not in self.assigned:
+                    # fetched before its states were restored (aiokafka fetches before the assignment
+                    # listener returns): fetch these again later rather than skip them
+                    if batch and tp in consumer.assignment():
+                        consumer.seek(tp, batch[0].offset)
                     continue
                 for record in batch:
                     self._ingest(tp, record, now)
             if now >= next_evict:  # scans the patients silent for idle_evict_s: once a second is enough
+                self.stage.flowing(self._caught_up(), now)
                 for w in self.stage.evict(now):
                     self._submit(w)
+                self._close_stale_episodes(now)
                 next_evict = now + 1.0
             self._backpressure()
             if now >= next_gauges:
@@ -237,8 +267,20 @@ class Worker:
         for w in result.windows:
             self._submit(w)
 
+    def _caught_up(self) -> list[TopicPartition]:
+        """Partitions fetched lately and read to their high watermark: their silence is real silence."""
+        now_ms = time.time() * 1000
+        fresh_ms = 2 * self.s.kafka.fetch_max_wait_ms + 1000
+        out = []
+        for tp in self.assigned:
+            high, polled = self.consumer.highwater(tp), self.consumer.last_poll_timestamp(tp)
+            if high is not None and polled is not None and now_ms - polled <= fresh_ms and not self.paused \
+                    and self.tracker.next_offset.get(tp, self.tracker.committed.get(tp, 0)) >= high:
+                out.append(tp)
+        return out
+
     def _submit(self, w: EmittedWindow) -> None:
-        self.tracker.hold(w.partition, w.min_offset)
+        w.hold = self.tracker.hold(w.partition, w.min_offset)
         self.pending_by_tp[w.partition] += 1
         self.batcher.put(w)
 
@@ -269,18 +311,33 @@ class Worker:
 
     # -- dead letters ---------------------------------------------------------------------------
     def _dead_letter(self, tp: TopicPartition, record, reason: str, detail: str) -> None:
-        self.tracker.hold(tp, record.offset)
+        hold = self.tracker.hold(tp, record.offset)
         key = record.key.decode("utf-8", "replace") if record.key else None
         log.warning("dead_letter", reason=reason, detail=detail[:200], patient=patient_ref(key) if key else None,
                     topic=tp.topic, partition=tp.partition, offset=record.offset)
-        task = asyncio.create_task(self._send_dead_letter(tp, record, reason, detail))
+        self._background(self._send_dead_letter(tp, record, reason, detail, hold))
+
+    def _background(self, coro) -> None:
+        task = asyncio.create_task(coro)
         self.dead_letter_tasks.add(task)
         task.add_done_callback(self.dead_letter_tasks.discard)
 
-    async def _send_dead_letter(self, tp: TopicPartition, record, reason: str, detail: str) -> None:
+    async def _send_dead_letter(self, tp: TopicPartition, record, reason: str, detail: str, hold) -> None:
         headers = dead_letter_headers(reason, detail, tp.topic, tp.partition, record.offset)
-        await self._send_with_retry(self.s.kafka.dead_letter_topic, record.key, record.value or b"", headers)
-        self.tracker.release(tp, record.offset)
+        topic = self.s.kafka.dead_letter_topic
+        try:
+            await self._send_with_retry(topic, record.key, record.value or b"", headers)
+        except KafkaError as exc:
+            if retriable(exc):
+                raise
+            # e.g. the record plus headers is over the producer's size limit: a small dead letter that
+            # still identifies it, so the partition moves on
+            log.warning("dead_letter_replaced", reason=reason, error=repr(exc)[:200], topic=tp.topic,
+                        partition=tp.partition, offset=record.offset)
+            value, small_headers = oversized_dead_letter(record, headers, repr(exc))
+            await self._send_with_retry(topic, record.key, value, small_headers)
+        self.tracker.release(hold)
+        self.settled.set()
         self.metrics.dead_letters.labels(reason).inc()
 
     async def _send_with_retry(self, topic: str, key: bytes | None, value: bytes, headers=None) -> None:
@@ -349,19 +406,41 @@ class Worker:
 
         await retry_kafka(attempt, lambda exc, delay: log.warning(
             "publish_retry", topic=topic, windows=len(docs), error=repr(exc), retry_in_s=delay))
-        for d in docs:
-            episode = self.episodes.update(d)
+        now = time.time()
+        for w, d in zip(batch, docs):
+            self.store.reported(w)
+            if not self.store.owns(w.partition):
+                continue  # revoked meanwhile: its new owner applies these flags to the restored episodes
+            st = self.store.patient(w.partition, w.patient_id)
+            episode = self.episodes.update(d, st.episode, now, grid=w.anchor_ns)
+            if st.episode.last_window == (w.anchor_ns, w.start_ns):
+                self.store.changed(w.partition, w.patient_id)
             if episode is not None:
-                await self._send_with_retry(self.s.kafka.episodes_topic, episode["patient_id"].encode(), dumps(episode))
-                self.metrics.episodes.labels(episode["state"]).inc()
-                log.info("episode", state=episode["state"], patient=patient_ref(episode["patient_id"]),
-                         episode=episode_ref(episode["patient_id"], episode["start_ns"]))
+                await self._send_episode(episode)
         acked = time.time()
         for w, d in zip(batch, docs):
-            self.tracker.release(w.partition, w.min_offset)
+            self.tracker.release(w.hold)
             self.pending_by_tp[w.partition] -= 1
             self.metrics.windows.labels(d["status"]).inc()
             self.metrics.latency_s.observe(max(acked - w.completed_at, 0.0))
+        self.settled.set()
+
+    async def _send_episode(self, episode: dict) -> None:
+        await self._send_with_retry(self.s.kafka.episodes_topic, episode["patient_id"].encode(), dumps(episode))
+        self.metrics.episodes.labels(episode["state"]).inc()
+        log.info("episode", state=episode["state"], reason=episode["reason"], patient=patient_ref(episode["patient_id"]),
+                 episode=episode_ref(episode["patient_id"], episode["start_ns"]))
+
+    def _close_stale_episodes(self, now: float) -> None:
+        """Suppression never stays on by itself: an episode no scored window updated for
+        episodes.stale_after_s is closed (its state is checkpointed like any other change)."""
+        if self.episodes is None:
+            return
+        for partition, st in self.store:
+            msg = self.episodes.stale(st.patient_id, st.episode, now)
+            if msg is not None:
+                self.store.changed(partition, st.patient_id)
+                self._background(self._send_episode(msg))
 
     # -- commits and rebalances -------------------------------------------------------------------
     async def _commit_loop(self) -> None:
@@ -370,22 +449,22 @@ class Worker:
             await self._commit(self.assigned)
 
     async def _commit(self, partitions: set[TopicPartition]) -> None:
-        points = {tp: off for tp, off in self.tracker.commit_points(self.stage.min_open_offsets()).items()
-                  if tp in partitions}
-        if not points or self.consumer is None:
-            return
-        try:
-            await self.consumer.commit(points)
-            self.tracker.mark_committed(points)
-        except KafkaError as exc:  # e.g. a rebalance is under way: the next commit catches up
-            log.warning("commit_failed", error=repr(exc))
+        if self.checkpointer is not None:
+            await self.checkpointer.checkpoint(partitions)
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Publish what is in flight for these partitions, commit, then drop their buffers."""
+        """Publish what is in flight for these partitions, checkpoint, then drop their buffers and states."""
         deadline = time.monotonic() + self.s.kafka.session_timeout_ms / 2000
-        while time.monotonic() < deadline and any(
-                self.pending_by_tp[tp] > 0 or self.tracker.inflight.get(tp) for tp in revoked):
-            await asyncio.sleep(0.01)
+        while any(self.pending_by_tp[tp] > 0 or self.tracker.in_flight(tp) for tp in revoked):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("revoke_before_drained", pending=sum(self.pending_by_tp[tp] for tp in revoked))
+                break
+            self.settled.clear()
+            try:
+                await asyncio.wait_for(self.settled.wait(), left)
+            except asyncio.TimeoutError:
+                pass
         await self._commit(revoked)
         for tp in revoked:
             dropped = self.stage.drop_partition(tp)
@@ -394,8 +473,13 @@ class Worker:
             log.info("partition_revoked", topic=tp.topic, partition=tp.partition, patients_dropped=dropped)
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
-        for tp in assigned:
-            committed = await self.consumer.committed(tp)
-            self.tracker.start_partition(tp, committed)
+        """Restore the patient states of these partitions, then let their records in (never before)."""
+        new = sorted(assigned - self.assigned)
+        for tp in new:
+            self.tracker.start_partition(tp, await self.consumer.committed(tp))
+        states = await read_states(self.state_reader, self.s.kafka.state_topic, new)
+        for tp in new:
+            self.store.load(tp, states[tp])
             self.assigned.add(tp)
-            log.info("partition_assigned", topic=tp.topic, partition=tp.partition, committed=committed)
+            log.info("partition_assigned", topic=tp.topic, partition=tp.partition,
+                     committed=self.tracker.committed.get(tp), patients_restored=len(states[tp]))

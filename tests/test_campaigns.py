@@ -6,7 +6,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from benchmarks.campaigns import fuzz_campaign, hostile_messages, soak_campaign, stall_campaign
+from benchmarks.campaigns import clock_campaign, fuzz_campaign, hostile_messages, soak_campaign, stall_campaign
 from streamer.ingest.contract import InvalidMessage, decode
 from streamer.settings import WindowSettings
 
@@ -56,3 +56,12 @@ def test_soak_short(broker, checkpoint, tmp_path):
     assert abs(r["rss_growth_pct"]) < 10
     rows = (tmp_path / "soak.jsonl").read_text().splitlines()
     assert len(rows) >= 4 and sum(orjson.loads(row)["windows"] for row in rows) >= 12 * 3
+
+
+def test_clock_events_short(broker, checkpoint, tmp_path):
+    r = clock_campaign(broker.bootstrap, beds=10, kills=1, checkpoint=checkpoint, workdir=tmp_path, stale_after_s=5.0)
+    print(r)
+    assert r["old_timeline_windows"] > 0 and r["new_timeline_windows"] > 0 and r["healthy_windows"] > 0
+    assert r["lost"] == 0, r
+    assert r["episodes_left_open"] == 0, r
+    assert r["exit_code"] == 0

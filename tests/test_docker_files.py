@@ -46,7 +46,8 @@ def test_compose_services_use_real_commands_env_and_ports(monkeypatch):
         "anything published on the host binds its loopback"
     s = load_settings()
     topics_cmd = services["topics"]["command"][0]
-    for topic in (s.kafka.input_topics[0], s.kafka.flags_topic, s.kafka.dead_letter_topic, s.kafka.episodes_topic):
+    for topic in (s.kafka.input_topics[0], s.kafka.flags_topic, s.kafka.dead_letter_topic, s.kafka.episodes_topic,
+                  s.kafka.state_topic):
         assert topic in topics_cmd
     prom = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
     assert prom["scrape_configs"][0]["static_configs"][0]["targets"] == [f"worker:{worker_env['STREAMER_METRICS_PORT']}"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
@@ -152,13 +154,114 @@ def test_rate_change_starts_a_new_segment():
     assert got[3].start_ns == int(t2[0])
 
 
-def test_restart_mid_recording_skips_half_seen_window_but_keeps_the_rest():
+def test_restart_resumes_at_the_first_window_the_state_has_not_reported():
+    """The replay starts before the state's first unreported window (the commit rule guarantees it):
+    windows already reported are not reported again, their replayed samples are not 'late'."""
+    from streamer.state.patients import PatientState
+
     fs = 500
     times, values = recording(fs, 40)
-    chunks = list(chunks_of("p1", times, values, 300, fs=fs))
-    got, _ = run_stream(chunks[40:])  # resumes at 24 s: window 20-30 s is half seen
-    want = offline(times, values)
-    assert [w.start_ns for w in got] == [s for s, _ in want[3:]]
+    chunks = list(chunks_of("p1", times, values, 300, fs=fs, segment_start_ns=START))
+    state = PatientState("p1")
+    state.reported(START, START, as_rate(fs), 1)  # windows 0 and 1 were reported before the restart
+    stream = PatientStream("p1", 0, WindowSettings(), state)
+    results = [stream.accept(c, i, 0.0) for i, c in enumerate(chunks[30:], start=30)]  # from 18 s
+    got = [w for r in results for w in r.windows]
+    assert [w.start_ns for w in got] == [s for s, _ in offline(times, values)[2:]]
+    assert got[0].status == SCORABLE
+    np.testing.assert_array_equal(got[0].samples, offline(times, values)[2][1])
+    assert not any(r.rejected or r.late_samples for r in results)
+
+
+def test_leading_hole_is_reported_the_same_with_or_without_a_restart():
+    """A monitor that joined mid-window, or whose first chunk was lost: the first window is reported
+    (here with too many samples missing), never silently skipped."""
+    from streamer.state.patients import PatientState
+
+    fs = 500
+    times, values = recording(fs, 31)
+    chunks = list(chunks_of("p1", times, values, 250, fs=fs, segment_start_ns=START))[8:]  # first 4 s lost
+    fresh, _ = run_stream(chunks)
+    restarted = PatientStream("p1", 0, WindowSettings(), PatientState("p1"))
+    again = [w for i, c in enumerate(chunks) for w in restarted.accept(c, i, 0.0).windows]
+    assert [(w.start_ns, w.status, w.reason) for w in fresh] == [(w.start_ns, w.status, w.reason) for w in again]
+    assert (fresh[0].start_ns, fresh[0].status, fresh[0].reason) == (START, INSUFFICIENT, "too_many_missing")
+    assert [w.status for w in fresh[1:]] == [SCORABLE, SCORABLE]
+
+
+def _timeline(fs, seconds, t_start, anchor, chunk=250, seed=0):
+    t = regular_times(int(seconds * fs), fs, t_start)
+    v = generate(seconds, fs=fs, seed=seed).values
+    chunks = list(chunks_of("p1", t, v, chunk, fs=fs, segment_start_ns=anchor))
+    if anchor is None:  # a gateway that does not send segment_start_ns
+        chunks = [dataclasses.replace(c, segment_start_ns=None) for c in chunks]
+    return chunks
+
+
+@pytest.mark.parametrize("step_s", [7200, -3600])
+def test_clock_step_starts_a_new_timeline_after_consistent_records(step_s):
+    s = WindowSettings(new_timeline_chunks=4)
+    before = _timeline(500, 25, START, START)
+    t_step = START + 25 * 10**9 + step_s * 10**9
+    after = _timeline(500, 35, t_step, START, seed=1)
+    stream = PatientStream("p1", 0, s)
+    results = [stream.accept(c, i, 0.0) for i, c in enumerate(before + after)]
+    rejected = [r.rejected for r in results if r.rejected]
+    assert rejected == ["timestamp_jump" if step_s > 0 else "late"] * 3, "three outliers, then the new timeline"
+    got = [w for r in results for w in r.windows]
+    old = [w for w in got if w.start_ns < START + 30 * 10**9 and w.anchor_ns == START]
+    assert [(w.status, w.reason) for w in old] == [(SCORABLE, None), (SCORABLE, None), (INSUFFICIENT, "truncated")]
+    new = [w for w in got if w.anchor_ns != START]
+    assert new and all(w.anchor_ns == after[3].t0_ns for w in new)  # re-anchored at the confirming record
+    assert [w.status for w in new] == [SCORABLE, SCORABLE, SCORABLE]
+    assert not {w.start_ns for w in new} & {w.start_ns for w in old}
+
+
+def test_a_lone_outlier_never_moves_the_grid():
+    chunks = _timeline(500, 41, START, START)
+    outlier = Chunk("p1", "II", START + 1800 * 10**9, 500.0, np.zeros(250), None, START)  # dated +30 min
+    stream = PatientStream("p1", 0, WindowSettings())
+    results = [stream.accept(c, i, 0.0) for i, c in enumerate(chunks[:40])]
+    bad = stream.accept(outlier, 40, 0.0)
+    results += [stream.accept(c, i, 0.0) for i, c in enumerate(chunks[40:], start=41)]
+    assert bad.rejected == "timestamp_jump" and not bad.windows
+    got = [w for r in results for w in r.windows]
+    assert [w.status for w in got] == [SCORABLE] * 4
+    assert not any(r.rejected for r in results)
+
+
+def test_unresolved_off_timeline_records_hold_the_commit():
+    chunks = _timeline(500, 12, START, START)
+    stream = PatientStream("p1", 0, WindowSettings(new_timeline_chunks=4))
+    for i, c in enumerate(chunks[:10]):
+        stream.accept(c, 100 + i, 0.0)
+    stream.accept(Chunk("p1", "II", START + 7200 * 10**9, 500.0, np.zeros(250), None, START), 7, 0.0)
+    assert stream.min_open_offset() == 7  # the candidate must be re-read after a restart
+    stream.accept(chunks[10], 110, 0.0)  # the old timeline goes on: it was an outlier
+    assert stream.min_open_offset() == 100
+
+
+@pytest.mark.parametrize("case", ["dropped_segment_start", "earlier_segment"])
+def test_segment_changes_that_look_stale_start_a_segment_once_consistent(case):
+    before = _timeline(500, 15, START, START)
+    t1 = START + 15 * 10**9
+    after = _timeline(500, 25, t1, None if case == "dropped_segment_start" else START - 10**9, seed=2)
+    stream = PatientStream("p1", 0, WindowSettings(new_timeline_chunks=4))
+    results = [stream.accept(c, i, 0.0) for i, c in enumerate(before + after)]
+    assert [r.rejected for r in results if r.rejected] == ["stale_segment"] * 3
+    got = [w for r in results for w in r.windows]
+    old = [w for w in got if w.natural_anchor_ns == START]
+    new = [w for w in got if w.natural_anchor_ns != START]
+    assert [(w.status, w.reason) for w in old] == [(SCORABLE, None), (INSUFFICIENT, "truncated")]
+    assert new[0].start_ns >= old[-1].end_ns, "reported time is never covered twice (no window id reused)"
+    assert [w.status for w in new] == [SCORABLE] * len(new) and len(new) >= 1
+
+
+def test_buffers_grow_with_the_samples_not_a_window_per_new_id():
+    stage = WindowStage(WindowSettings(max_rate_hz=10000))
+    for i in range(1200):
+        stage.accept(0, i, Chunk(f"id-{i}", "II", START, 10000.0, np.zeros(1), None, START), now=0.0)
+    assert stage.nbytes <= 1200 * 256 * 9, stage.nbytes  # not 1200 x 100,000 samples x 9 bytes
 
 
 def test_grid_arithmetic_matches_fractions():
@@ -219,6 +322,33 @@ def test_a_patient_silent_while_its_partition_flows_is_evicted():
         stage.accept(0, 1 + i, c, now=5.0 * (i + 1))  # p2 keeps partition 0 flowing until t = 75 s
     out = stage.evict(now=75.0)
     assert [(w.patient_id, w.reason) for w in out] == [("p1", "truncated")]
+
+
+def test_a_bed_whose_records_are_all_rejected_goes_idle_and_frees_the_commit():
+    stage = WindowStage(WindowSettings(idle_evict_s=60.0))
+    times, values = recording(500, 200)
+    p1 = list(chunks_of("p1", times, values, 500, fs=500, segment_start_ns=START))
+    p2 = list(chunks_of("p2", times, values, 500, fs=500, segment_start_ns=START))
+    stage.accept(0, 0, p1[0], now=0.0)
+    stage.accept(0, 1, p1[1], now=1.0)
+    late = Chunk("p1", "II", START - 3600 * 10**9, 500.0, np.zeros(500), None, START - 3600 * 10**9)
+    for i in range(100):
+        stage.accept(0, 2 + 2 * i, late, now=2.0 + i)  # an earlier segment, every second: rejected
+        stage.accept(0, 3 + 2 * i, p2[i], now=2.0 + i)
+    out = stage.evict(now=102.0)
+    assert ("p1", "truncated") in [(w.patient_id, w.reason) for w in out]
+    assert stage.min_open_offsets()[0] > 1
+
+
+def test_a_patient_alone_on_a_caught_up_partition_is_evicted():
+    stage = WindowStage(WindowSettings(idle_evict_s=60.0))
+    times, values = recording(500, 15)
+    for i, c in enumerate(chunks_of("p1", times, values, 500, fs=500)):
+        if i < 5:
+            stage.accept(0, i, c, now=float(i))
+    for t in range(5, 80):
+        stage.flowing([0], now=float(t))  # fetched and caught up: nothing more exists
+    assert [(w.patient_id, w.reason) for w in stage.evict(now=80.0)] == [("p1", "truncated")]
 
 
 def test_right_after_an_outage_a_patient_whose_backlog_comes_later_is_kept():

@@ -7,7 +7,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 from aiokafka.helpers import create_ssl_context
 
 from streamer.settings import KafkaSettings
@@ -60,7 +60,8 @@ async def ensure_topics(k: KafkaSettings, partitions: int | None = None, timeout
         n = partitions or k.input_partitions
         wanted = [NewTopic(t, n, 1) for t in k.input_topics]
         wanted += [NewTopic(k.flags_topic, n, 1), NewTopic(k.dead_letter_topic, n, 1),
-                   NewTopic(k.episodes_topic, n, 1, topic_configs={"cleanup.policy": "compact"})]
+                   NewTopic(k.episodes_topic, n, 1, topic_configs={"cleanup.policy": "compact"}),
+                   NewTopic(k.state_topic, n, 1, topic_configs={"cleanup.policy": "compact"})]
         missing = [t for t in wanted if t.name not in existing]
         if missing:
             await admin.create_topics(missing)
@@ -77,7 +78,7 @@ async def missing_topics(k: KafkaSettings, timeout_s: float = 15.0) -> list[str]
         existing = set(await admin.list_topics())
     finally:
         await admin.close()
-    needed = [*k.input_topics, k.flags_topic, k.episodes_topic, k.dead_letter_topic]
+    needed = [*k.input_topics, k.flags_topic, k.episodes_topic, k.dead_letter_topic, k.state_topic]
     return [t for t in needed if t not in existing]
 
 
@@ -109,8 +110,14 @@ async def read_records(k: KafkaSettings, topics: list[str], until=None, timeout_
     return out
 
 
+def retriable(exc: BaseException) -> bool:
+    """Whether trying again can succeed: a broker down, stalled or electing, not a record too large or a
+    missing permission. aiokafka marks a send that timed out (a stalled broker) as not retriable."""
+    return isinstance(exc, KafkaError) and (exc.retriable or isinstance(exc, KafkaTimeoutError))
+
+
 async def retry_kafka(attempt, on_retry=None, first_delay_s: float = 0.2, max_delay_s: float = 5.0):
-    """Await `attempt()` until it succeeds, backing off on Kafka errors (broker down, stalled, electing).
+    """Await `attempt()` until it succeeds, backing off on retriable Kafka errors; others are raised.
 
     Used where giving up would lose data: the caller's offsets stay uncommitted meanwhile.
     `on_retry(exc, delay)` is told about each failure.
@@ -120,6 +127,8 @@ async def retry_kafka(attempt, on_retry=None, first_delay_s: float = 0.2, max_de
         try:
             return await attempt()
         except KafkaError as exc:
+            if not retriable(exc):
+                raise
             if on_retry is not None:
                 on_retry(exc, delay)
             await asyncio.sleep(delay)

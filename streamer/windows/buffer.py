@@ -4,34 +4,42 @@ Rules (README "Windows"):
 - The grid of a recording segment is anchored at the chunk's `segment_start_ns`, which every chunk of the
   segment carries, so any owner, after any restart, cuts the same windows as `streamer score` does from the
   recording's first sample. Chunks without it use a fixed epoch grid (window starts at multiples of the
-  step since 1970). A new segment (new anchor or new rate) ends the previous one.
+  step since 1970). A new segment (a later anchor, or a new rate) ends the previous one.
 - A window is emitted once a sample at or after its end time has arrived and it has every sample; one with
   holes waits `reorder_tolerance_s` for late chunks, then holes of at most `max_interpolated_gap_samples`
   are filled linearly; anything worse is emitted as `insufficient_data`.
 - Duplicate samples are ignored (first write wins); samples older than the oldest open window are late.
-- After a (re)start a patient's windows that begin before its first sample seen are emitted only if complete:
-  their earlier samples were in records before the committed offset, so they were already published.
+- What was already reported is the patient's state (state/patients.py), not a guess: a stream opened
+  after a restart, rebalance or eviction starts at the state's first unreported window of its grid.
+- Clock events: a record off the current timeline (far ahead, wholly late, an earlier segment) is rejected
+  and remembered; once `new_timeline_chunks` consecutive, mutually consistent records follow the new
+  timeline, the old segment is closed and the new one starts (re-anchored at that record if it kept the
+  same segment_start_ns). A lone outlier never moves the grid.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from fractions import Fraction
+from typing import Hashable, Iterator
 
 import numpy as np
 
 from streamer.ingest.contract import Chunk
 from streamer.settings import WindowSettings
+from streamer.state.patients import PatientState
 from streamer.windows.grid import NS, WindowGrid, as_rate
 
 SCORABLE = "scorable"
 INSUFFICIENT = "insufficient_data"
+_NEW_SEGMENT = "new_segment"
+_MIN_BLOCK = 256  # samples: buffers grow with the chunks that arrive, from this size up to a window
 
 
 @dataclass(slots=True)
 class EmittedWindow:
     patient_id: str
-    partition: int
+    partition: Hashable  # the input TopicPartition (any hashable in tests)
     start_ns: int
     end_ns: int
     fs: float
@@ -42,11 +50,17 @@ class EmittedWindow:
     interpolated: int
     min_offset: int | None  # smallest input offset holding one of its samples
     completed_at: float  # wall time (s) the sample that completed it arrived
+    k: int = 0  # index on its grid
+    anchor_ns: int = 0  # its grid (with rate and natural anchor: what the patient state records)
+    natural_anchor_ns: int = 0
+    rate: Fraction = Fraction(500)
+    hold: object = None  # the offsets ledger's token while it is in flight
 
 
 @dataclass(slots=True)
 class _Open:
-    values: np.ndarray
+    length: int  # samples of the complete window
+    values: np.ndarray  # grown on demand up to `length`
     mask: np.ndarray
     filled: int = 0
     min_offset: int | None = None
@@ -56,14 +70,43 @@ class _Open:
     def nbytes(self) -> int:
         return self.values.nbytes + self.mask.nbytes
 
+    def reserve(self, upto: int) -> int:
+        """Room for samples [0, upto); returns the bytes added."""
+        have = len(self.values)
+        if upto <= have:
+            return 0
+        size = min(self.length, max(upto, 2 * have, _MIN_BLOCK))
+        before = self.nbytes
+        values = np.empty(size, np.float64)
+        values[:have] = self.values
+        mask = np.zeros(size, bool)
+        mask[:have] = self.mask
+        self.values, self.mask = values, mask
+        return self.nbytes - before
+
+    def full(self) -> tuple[np.ndarray, np.ndarray]:
+        self.reserve(self.length)
+        return self.values, self.mask
+
 
 @dataclass
 class _Segment:
     grid: WindowGrid
+    natural_anchor_ns: int
     next_k: int
-    first_seen: int  # smallest sample index seen in this segment since (re)start
+    reported_floor: int | None = None  # sample index below which windows were reported (state)
     watermark: int = 0  # one past the largest sample index received
     open: dict[int, _Open] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Candidate:
+    """A record off the current timeline, kept (offset held) until the timeline is confirmed or refuted."""
+    natural_anchor_ns: int
+    rate: Fraction
+    t0_ns: int
+    end_ns: int
+    offset: int
 
 
 @dataclass
@@ -74,51 +117,166 @@ class AcceptResult:
     late_samples: int = 0
     implausible_samples: int = 0
     rejected: str | None = None  # reason when the whole chunk is refused
+    new_timeline: bool = False  # this record confirmed a clock event: a new segment started
+
+    @property
+    def activity(self) -> bool:
+        """Whether the record counts as the patient being alive (rejected records do not)."""
+        return self.rejected is None
 
 
 class PatientStream:
     """The open windows of one patient on one input partition."""
 
-    def __init__(self, patient_id: str, partition: int, settings: WindowSettings):
+    def __init__(self, patient_id: str, partition: Hashable, settings: WindowSettings,
+                 state: PatientState | None = None):
         self.patient_id = patient_id
         self.partition = partition
         self.s = settings
+        self.state = state or PatientState(patient_id)  # read here; updated when flags are acknowledged
         self.window_ns = round(settings.window_s * NS)
         self.step_ns = round((settings.window_s - settings.overlap_s) * NS)
+        # a replay after a restart starts at most this far before what the state says was reported
+        self.replay_horizon_ns = round((settings.window_s + settings.reorder_tolerance_s + settings.idle_evict_s) * NS)
         self.segment: _Segment | None = None
+        self.candidates: list[_Candidate] = []
+        # end of the latest window reported for this patient (on any grid), from the state and since
+        self.reported_until_ns = max((g.anchor_ns + (g.next_k - 1) * self.step_ns + self.window_ns
+                                      for g in self.state.segments if g.next_k > 0), default=0)
         self.last_activity = 0.0
         self.nbytes = 0
 
     # -- chunk in -------------------------------------------------------------------------------
     def accept(self, chunk: Chunk, offset: int, now: float) -> AcceptResult:
-        anchor = chunk.segment_start_ns if chunk.segment_start_ns is not None else 0
+        natural = chunk.segment_start_ns if chunk.segment_start_ns is not None else 0
         fs = as_rate(chunk.fs)
+        n = len(chunk.samples)
         out: list[EmittedWindow] = []
         seg = self.segment
         if seg is not None and fs != seg.grid.fs and abs(fs - seg.grid.fs) <= self.s.rate_tolerance * seg.grid.fs:
             fs = seg.grid.fs  # float noise from a gateway (500.0 / 500.001), not a new rate
-        if seg is not None and (seg.grid.anchor_ns != anchor or seg.grid.fs != fs):
-            if anchor < seg.grid.anchor_ns:
-                return AcceptResult([], late_samples=len(chunk.samples), rejected="stale_segment")
-            out.extend(self.close(now))  # a new recording segment (or rate) starts cleanly
-            seg = None
-        grid = seg.grid if seg is not None else WindowGrid(anchor, fs, self.window_ns, self.step_ns)
+        stepped_from = None
+        if seg is not None:
+            off = self._off_timeline(seg, natural, fs, chunk)
+            if off == _NEW_SEGMENT:
+                out.extend(self.close(now))
+                seg = None
+            elif off is not None:
+                if not self._confirms_new_timeline(natural, fs, chunk, offset):
+                    return AcceptResult(out, late_samples=n, rejected=off)
+                out.extend(self.close(now))  # a clock event: the old segment ends here
+                seg, stepped_from = None, seg
+        if seg is None and stepped_from is None and self._far_ahead_of_state(natural, fs, chunk.t0_ns):
+            # a (re)opened stream whose first record is far ahead of what the state reported: a patient
+            # back after a long silence, or an outlier; only consistent records that follow tell which
+            if not self._confirms_new_timeline(natural, fs, chunk, offset):
+                return AcceptResult(out, late_samples=n, rejected="timestamp_jump")
+        if seg is None:
+            seg = self._open_segment(natural, fs, chunk.t0_ns, stepped_from)
+        self.candidates.clear()
+        result = self._fill(seg, chunk, offset, now)
+        result.windows[:0] = out
+        result.new_timeline = stepped_from is not None
+        return result
+
+    def _off_timeline(self, seg: _Segment, natural: int, fs: Fraction, chunk: Chunk) -> str | None:
+        """None if the record continues the current segment; _NEW_SEGMENT for a clean new one; else the
+        reason it does not fit (a clock event or an outlier)."""
+        if natural != seg.natural_anchor_ns or fs != seg.grid.fs:
+            return "stale_segment" if natural < seg.natural_anchor_ns else _NEW_SEGMENT
+        a = seg.grid.sample_index(chunk.t0_ns)
+        b = a + len(chunk.samples)
+        if a < 0:
+            return "late"  # before a re-anchored grid: the old timeline
+        if a - seg.watermark > self.s.max_forward_jump_s * float(fs):
+            return "timestamp_jump"
+        oldest = seg.grid.start_index(seg.next_k)
+        if b <= oldest and not self._already_reported(seg, b):
+            return "late"
+        return None
+
+    def _already_reported(self, seg: _Segment, b: int) -> bool:
+        """Samples replayed after a restart that belong to windows the state says were reported."""
+        if seg.reported_floor is None or b > seg.reported_floor:
+            return False
+        return (seg.reported_floor - b) / float(seg.grid.fs) * NS <= self.replay_horizon_ns
+
+    def _confirms_new_timeline(self, natural: int, fs: Fraction, chunk: Chunk, offset: int) -> bool:
+        end_ns = chunk.t0_ns + round(len(chunk.samples) * NS / fs)
+        c = _Candidate(natural, fs, chunk.t0_ns, end_ns, offset)
+        tolerance = self.s.reorder_tolerance_s * NS
+        last = self.candidates[-1] if self.candidates else None
+        consistent = (last is not None and last.natural_anchor_ns == natural and last.rate == fs
+                      and chunk.t0_ns > last.t0_ns and abs(chunk.t0_ns - last.end_ns) <= tolerance)
+        if not consistent:
+            self.candidates.clear()
+        self.candidates.append(c)
+        return len(self.candidates) >= self.s.new_timeline_chunks
+
+    def _open_segment(self, natural: int, fs: Fraction, t0_ns: int, stepped_from: _Segment | None) -> _Segment:
+        """The grid a record starts (or resumes): the one the state remembers for it, else its natural
+        grid; after a clock step that kept the segment_start_ns, a grid re-anchored at this record."""
+        avoid = stepped_from.grid.anchor_ns if stepped_from is not None else None
+        remembered = self._remembered_grid(natural, fs, t0_ns, avoid)
+        if remembered is not None:
+            anchor, next_k = remembered.anchor_ns, remembered.next_k
+        elif stepped_from is not None and natural == stepped_from.natural_anchor_ns:
+            anchor, next_k = t0_ns, 0
+            if (anchor - natural) % self.step_ns == 0:
+                anchor += 1  # never the window starts (ids) of the grid it stepped away from
+        else:
+            anchor, next_k = natural, 0
+            for g in self.state.segments:  # the natural grid may have been reported up to some window
+                if g.anchor_ns == natural and g.fs == str(fs):
+                    next_k = g.next_k
+            if stepped_from is not None:  # an earlier segment or the epoch grid: never re-cover reported time
+                next_k = max(next_k, -(-(self.reported_until_ns - anchor) // self.step_ns))
+        grid = WindowGrid(anchor, fs, self.window_ns, self.step_ns)
+        a = grid.sample_index(t0_ns)
+        first = grid.first_window_ending_after(max(a, 0))
+        seg = _Segment(grid, natural, next_k=max(first, next_k), watermark=max(a, 0))
+        if next_k > 0:
+            seg.reported_floor = grid.start_index(next_k)
+        self.segment = seg
+        return seg
+
+    def _far_ahead_of_state(self, natural: int, fs: Fraction, t0_ns: int) -> bool:
+        rate = str(fs)
+        nexts = [g.anchor_ns + g.next_k * self.step_ns for g in self.state.segments
+                 if g.natural_anchor_ns == natural and g.fs == rate]
+        return bool(nexts) and t0_ns - max(nexts) > self.s.max_forward_jump_s * NS
+
+    def _remembered_grid(self, natural: int, fs: Fraction, t0_ns: int, avoid_anchor: int | None):
+        """A grid of the state this record continues: same segment and rate, and the record near the
+        grid's first unreported window (within the replay horizon)."""
+        rate = str(fs)
+        best, best_d = None, None
+        for g in self.state.segments:
+            if g.natural_anchor_ns != natural or g.fs != rate or g.anchor_ns > t0_ns or g.anchor_ns == avoid_anchor:
+                continue
+            d = abs(t0_ns - (g.anchor_ns + g.next_k * self.step_ns))
+            if d <= self.replay_horizon_ns and (best_d is None or d < best_d):
+                best, best_d = g, d
+        return best
+
+    def _fill(self, seg: _Segment, chunk: Chunk, offset: int, now: float) -> AcceptResult:
+        grid = seg.grid
         a = grid.sample_index(chunk.t0_ns)
         n = len(chunk.samples)
         b = a + n
+        result = AcceptResult([])
         if a < 0:
-            return AcceptResult(out, late_samples=n, rejected="before_segment_start")
-        if seg is None:
-            seg = self.segment = _Segment(grid, next_k=grid.first_window_ending_after(a), first_seen=a, watermark=a)
-        elif a - seg.watermark > self.s.max_forward_jump_s * float(fs):
-            return AcceptResult(out, late_samples=n, rejected="timestamp_jump")
-        seg.first_seen = min(seg.first_seen, a)
-
-        result = AcceptResult(out)
+            result.late_samples, result.rejected = n, "before_segment_start"
+            return result
         oldest = grid.start_index(seg.next_k)
-        result.late_samples = min(max(oldest - a, 0), n)
-        if result.late_samples == n:
-            result.rejected = "late"
+        below = min(max(oldest - a, 0), n)
+        if below and seg.reported_floor is not None and self._already_reported(seg, min(b, oldest)):
+            result.duplicate_samples = below  # replayed after a restart: those windows were reported
+        else:
+            result.late_samples = below
+        if below == n:
+            if result.late_samples:
+                result.rejected = "late"
             return result
         magnitude = np.abs(chunk.samples)
         over = magnitude > self.s.max_abs_mv if magnitude.max() > self.s.max_abs_mv else None
@@ -130,8 +288,8 @@ class PatientStream:
                 continue
             w = seg.open.get(k)
             if w is None:
-                w = seg.open[k] = _Open(np.empty(e0 - s0, np.float64), np.zeros(e0 - s0, bool))
-                self.nbytes += w.nbytes
+                w = seg.open[k] = _Open(e0 - s0, np.empty(0, np.float64), np.zeros(0, bool))
+            self.nbytes += w.reserve(hi - s0)
             span = w.mask[lo - s0:hi - s0]
             fresh = ~span
             added = int(fresh.sum())
@@ -148,7 +306,7 @@ class PatientStream:
             result.duplicate_samples += (hi - lo) - added
         seg.watermark = max(seg.watermark, b)
         self.last_activity = now
-        out.extend(self._due(seg, now, flush=False))
+        result.windows.extend(self._due(seg, now, flush=False))
         return result
 
     # -- windows out ---------------------------------------------------------------------------
@@ -169,49 +327,51 @@ class PatientStream:
             if w is not None:
                 del seg.open[k]
                 self.nbytes -= w.nbytes
-            if not complete and grid.start_index(k) < seg.first_seen:
-                continue  # published before the restart, see module docstring
-            yield self._emit(grid, k, w, n, now)
+            yield self._emit(seg, k, w, n, now)
 
-    def _emit(self, grid: WindowGrid, k: int, w: _Open | None, n: int, now: float,
+    def _emit(self, seg: _Segment, k: int, w: _Open | None, n: int, now: float,
               reason: str | None = None) -> EmittedWindow:
+        grid = seg.grid
         start_ns = grid.start_ns(k)
+        self.reported_until_ns = max(self.reported_until_ns, start_ns + grid.window_ns)
         base = dict(patient_id=self.patient_id, partition=self.partition, start_ns=start_ns,
                     end_ns=start_ns + grid.window_ns, fs=float(grid.fs), completed_at=now,
-                    min_offset=w.min_offset if w else None)
+                    min_offset=w.min_offset if w else None, k=k, anchor_ns=grid.anchor_ns,
+                    natural_anchor_ns=seg.natural_anchor_ns, rate=grid.fs)
         if w is None:
             return EmittedWindow(**base, status=INSUFFICIENT, reason=reason or "no_data", samples=None,
                                  missing=n, interpolated=0)
         missing = n - w.filled
         if reason is None and w.implausible:
             reason = "implausible_amplitude"
+        values, mask = w.full()
         if reason is None and missing:
-            reason = fill_gaps(w.values, w.mask, self.s.max_interpolated_gap_samples, self.s.max_missing_fraction)
+            reason = fill_gaps(values, mask, self.s.max_interpolated_gap_samples, self.s.max_missing_fraction)
         if reason is not None or n <= 10:
             return EmittedWindow(**base, status=INSUFFICIENT, reason=reason or "too_short", samples=None,
                                  missing=missing, interpolated=0)
-        return EmittedWindow(**base, status=SCORABLE, reason=None, samples=w.values, missing=0,
+        return EmittedWindow(**base, status=SCORABLE, reason=None, samples=values, missing=0,
                              interpolated=missing)
 
     def close(self, now: float) -> list[EmittedWindow]:
         """End the segment: emit every due window, then the unfinished ones as insufficient (truncated)."""
         seg = self.segment
+        self.candidates.clear()
         if seg is None:
             return []
         out = list(self._due(seg, now, flush=True))
         for k in sorted(seg.open):
             w = seg.open.pop(k)
             self.nbytes -= w.nbytes
-            if seg.grid.start_index(k) >= seg.first_seen:
-                n = seg.grid.end_index(k) - seg.grid.start_index(k)
-                out.append(self._emit(seg.grid, k, w, n, now, reason="truncated"))
+            out.append(self._emit(seg, k, w, w.length, now, reason="truncated"))
         self.segment = None
         return out
 
     def min_open_offset(self) -> int | None:
-        if self.segment is None:
-            return None
-        offsets = [w.min_offset for w in self.segment.open.values() if w.min_offset is not None]
+        """The smallest input offset an open window or an unresolved off-timeline record still needs."""
+        offsets = [c.offset for c in self.candidates]
+        if self.segment is not None:
+            offsets += [w.min_offset for w in self.segment.open.values() if w.min_offset is not None]
         return min(offsets) if offsets else None
 
 
@@ -232,4 +392,4 @@ def fill_gaps(values: np.ndarray, mask: np.ndarray, max_gap: int, max_fraction: 
     return None
 
 
-__all__ = ["PatientStream", "EmittedWindow", "AcceptResult", "fill_gaps"]
+__all__ = ["PatientStream", "EmittedWindow", "AcceptResult", "fill_gaps", "SCORABLE", "INSUFFICIENT"]

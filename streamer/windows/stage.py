@@ -7,6 +7,7 @@ from typing import Hashable
 
 from streamer.ingest.contract import Chunk
 from streamer.settings import WindowSettings
+from streamer.state.store import StateStore
 from streamer.windows.buffer import AcceptResult, EmittedWindow, PatientStream
 
 
@@ -14,8 +15,9 @@ FLOW_GAP_CAP_S = 10.0  # monitors send <= 1 s chunks: a longer silence of a whol
 
 
 class WindowStage:
-    def __init__(self, settings: WindowSettings):
+    def __init__(self, settings: WindowSettings, store: StateStore | None = None):
         self.s = settings
+        self.store = store if store is not None else StateStore()  # what each patient already reported
         # least recently active first, so eviction and the memory cap look at the front only
         self.streams: OrderedDict[tuple[Hashable, str], PatientStream] = OrderedDict()
         self.nbytes = 0  # bytes held by open windows, kept up to date on every change
@@ -26,23 +28,35 @@ class WindowStage:
         self.patient_clock: dict[tuple[Hashable, str], float] = {}  # partition flow time at its last record
 
     def accept(self, partition: Hashable, offset: int, chunk: Chunk, now: float) -> AcceptResult:
-        flowed, last = self.partition_clock.get(partition, (0.0, now))
-        flowed += min(max(now - last, 0.0), FLOW_GAP_CAP_S)
-        self.partition_clock[partition] = (flowed, now)
+        flowed = self._flow(partition, now)
         key = (partition, chunk.patient_id)
-        self.patient_clock[key] = flowed
         stream = self.streams.get(key)
         if stream is None:
-            stream = self.streams[key] = PatientStream(chunk.patient_id, partition, self.s)
-        else:
-            self.streams.move_to_end(key)
+            state = self.store.patient(partition, chunk.patient_id)
+            stream = self.streams[key] = PatientStream(chunk.patient_id, partition, self.s, state)
+            self.patient_clock[key] = flowed
         before = stream.nbytes
         result = stream.accept(chunk, offset, now)
         self.nbytes += stream.nbytes - before
-        if stream.segment is None and not stream.nbytes:
+        if result.activity:  # a bed whose records are all rejected is not alive: it can go idle
+            self.patient_clock[key] = flowed
+            self.streams.move_to_end(key)
+        if stream.segment is None and not stream.nbytes and not stream.candidates:
             self.streams.pop(key, None)
             self.patient_clock.pop(key, None)
         return result
+
+    def _flow(self, partition: Hashable, now: float) -> float:
+        flowed, last = self.partition_clock.get(partition, (0.0, now))
+        flowed += min(max(now - last, 0.0), FLOW_GAP_CAP_S)
+        self.partition_clock[partition] = (flowed, now)
+        return flowed
+
+    def flowing(self, partitions, now: float) -> None:
+        """These partitions are fetched and caught up with their high watermark: silence there is real
+        time passing (a patient alone on its partition can go idle), unlike a broker outage."""
+        for p in partitions:
+            self._flow(p, now)
 
     def evict(self, now: float) -> list[EmittedWindow]:
         """Close idle patients, then the least recently active ones while above the memory cap.
@@ -55,7 +69,7 @@ class WindowStage:
         idle = []
         for key, stream in self.streams.items():
             if now - stream.last_activity < idle_s:
-                break  # LRU order: everyone after this one was active more recently
+                break  # LRU order (only accepted records move a patient back): the rest were active later
             flowed = self.partition_clock.get(key[0], (0.0, now))[0]
             if flowed - self.patient_clock.get(key, flowed) >= idle_s:
                 idle.append(key)
@@ -87,6 +101,7 @@ class WindowStage:
             self.nbytes -= self.streams.pop(k).nbytes
             self.patient_clock.pop(k, None)
         self.partition_clock.pop(partition, None)
+        self.store.drop(partition)
         return len(keys)
 
     def close_all(self, now: float) -> list[EmittedWindow]:

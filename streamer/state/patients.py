@@ -1,0 +1,97 @@
+"""What the worker knows of one patient beyond its open windows, kept durable in a compacted changelog.
+
+"Which windows were already reported" is state, not an inference from the first sample a new owner
+happens to see: samples can be missing and clocks can step. Each segment grid a patient used recently is
+remembered with the first window not yet reported (`next_k`); after a restart, rebalance or takeover the
+new owner reports every window from there on and none before it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+
+import orjson
+
+STATE_VERSION = 1
+MAX_SEGMENTS = 4  # grids remembered per patient: the current one and the last few before clock events
+
+
+@dataclass
+class SegmentState:
+    natural_anchor_ns: int  # the segment_start_ns its records carry (0: the epoch grid)
+    anchor_ns: int  # where its grid starts: the natural anchor, or a re-anchoring after a clock step
+    fs: str  # exact rate, as a fraction ("500", "1001/2")
+    next_k: int  # first window of this grid not yet reported
+
+    @property
+    def rate(self) -> Fraction:
+        return Fraction(self.fs)
+
+
+@dataclass
+class EpisodeState:
+    """Hysteresis over one patient's scored flags (see publish.episodes)."""
+    flagged_streak: int = 0
+    clean_streak: int = 0
+    streak_start_ns: int = 0
+    streak_peak: float = 0.0
+    open_start_ns: int | None = None
+    last_flagged_end_ns: int = 0
+    peak: float = 0.0
+    flagged_windows: int = 0
+    updated_at_s: float = 0.0  # wall time of the last scored flag applied (staleness)
+    last_window: tuple[int, int] | None = None  # (grid anchor, window start) of the last flag applied
+
+
+@dataclass
+class PatientState:
+    patient_id: str
+    segments: list[SegmentState] = field(default_factory=list)  # oldest first
+    episode: EpisodeState = field(default_factory=EpisodeState)
+
+    def reported(self, natural_anchor_ns: int, anchor_ns: int, fs: Fraction, k: int) -> bool:
+        """Record that window k of this grid was reported (its flag acknowledged). True if it moved."""
+        rate = str(fs)
+        for seg in self.segments:
+            if seg.anchor_ns == anchor_ns and seg.fs == rate:
+                if k + 1 <= seg.next_k:
+                    return False
+                seg.next_k = k + 1
+                self.segments.remove(seg)
+                self.segments.append(seg)  # most recently reported last
+                return True
+        self.segments.append(SegmentState(natural_anchor_ns, anchor_ns, rate, k + 1))
+        del self.segments[:-MAX_SEGMENTS]
+        return True
+
+    def grid_for(self, natural_anchor_ns: int, fs: Fraction, t0_ns: int) -> SegmentState | None:
+        """The remembered grid a record of this segment and rate belongs to: the latest whose anchor is at
+        or before the record (a re-anchored grid covers what follows its clock step)."""
+        rate = str(fs)
+        best = None
+        for seg in self.segments:
+            if seg.natural_anchor_ns == natural_anchor_ns and seg.fs == rate and seg.anchor_ns <= t0_ns:
+                if best is None or seg.anchor_ns > best.anchor_ns:
+                    best = seg
+        return best
+
+    def to_bytes(self, source_topic: str) -> bytes:
+        doc = {"v": STATE_VERSION, "topic": source_topic, "patient_id": self.patient_id,
+               "segments": [asdict(s) for s in self.segments], "episode": asdict(self.episode)}
+        return orjson.dumps(doc)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> tuple[str, "PatientState"]:
+        """(source topic, state); raises ValueError for a record this version cannot read."""
+        try:
+            doc = orjson.loads(raw)
+            if doc.get("v") != STATE_VERSION:
+                raise ValueError(f"state version {doc.get('v')!r}")
+            episode = doc.get("episode") or {}
+            if episode.get("last_window") is not None:
+                episode["last_window"] = tuple(episode["last_window"])
+            return doc["topic"], cls(doc["patient_id"], [SegmentState(**s) for s in doc["segments"]],
+                                     EpisodeState(**episode))
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"unreadable patient state: {exc!r}") from None

@@ -1,0 +1,322 @@
+"""Model-based test of the worker's core without Kafka (hypothesis stateful testing).
+
+The real parts (WindowStage, StateStore, CommitTracker, Checkpointer.prepare, EpisodeTracker) run against
+an in-memory log: input partitions shared by several patients, a compacted state changelog and committed
+offsets. Hypothesis chunks, duplicates, swaps, loses and dates records (leading holes, outliers), and
+interleaves delivery, publishing, checkpoints, crashes (kill -9: everything in memory is lost) and
+revoke/reassign at random. Invariants:
+- every window holding any delivered sample is reported at least once, always with the same content;
+- a committed offset never passes a record whose samples feed a window not yet reported;
+- each patient's last episode message equals the hysteresis over its de-duplicated flags;
+- buffered bytes stay bounded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from streamer.checkpointing import Checkpointer
+from streamer.ingest.contract import Chunk
+from streamer.kafka.commits import CommitTracker
+from streamer.publish import EpisodeTracker, flag_message
+from streamer.settings import EpisodeSettings, WindowSettings
+from streamer.state.changelog import state_key
+from streamer.state.patients import PatientState
+from streamer.state.store import StateStore
+from streamer.windows.buffer import SCORABLE
+from streamer.windows.grid import NS, WindowGrid, as_rate
+from streamer.windows.stage import WindowStage
+
+FS = 50  # small windows (500 samples) keep the model fast
+START = 1_795_000_000_000_000_000
+PATIENTS = 3
+PARTITIONS = 2
+WINDOW = WindowSettings(min_rate_hz=10, new_timeline_chunks=4)
+EPISODES = EpisodeSettings(open_after=2, close_after=2, stale_after_s=1e9)
+
+
+@dataclass
+class Record:
+    offset: int
+    patient: str
+    chunk: Chunk
+    outlier: bool
+
+
+def _grid(anchor: int) -> WindowGrid:
+    return WindowGrid(anchor, as_rate(FS), 10 * NS, 10 * NS)
+
+
+def _content(flag: dict) -> tuple:
+    return flag["status"], flag["reason"], flag["probability"], flag["missing_samples"], flag["interpolated_samples"]
+
+
+def _probability(w) -> float | None:
+    if w.status != SCORABLE:
+        return None
+    digest = hashlib.sha256(np.ascontiguousarray(w.samples).tobytes()).digest()
+    return 0.9 if digest[0] % 3 == 0 else 0.1  # deterministic in the window's content
+
+
+class Log:
+    """What Kafka would hold: input partitions, committed offsets, the compacted state changelog, outputs."""
+
+    def __init__(self, records: dict[int, list[Record]]):
+        self.partitions = records
+        self.committed: dict[int, int] = {}
+        self.changelog: dict[int, dict[bytes, bytes]] = {p: {} for p in records}
+        self.flags: list[dict] = []
+        self.episodes: list[dict] = []
+
+
+class Core:
+    """The worker's loops, synchronously: poll -> windows -> publish (flags, state, episodes) -> checkpoint."""
+
+    def __init__(self, log: Log):
+        self.log = log
+        self.store = StateStore()
+        self.stage = WindowStage(WINDOW, self.store)
+        self.tracker = CommitTracker()
+        self.checkpointer = Checkpointer(self.tracker, self.stage, self.store, None, None, "state")
+        self.episodes = EpisodeTracker(EPISODES, "m")
+        self.pending: list = []  # emitted windows, in order, not yet published
+        self.position: dict[int, int] = {}
+
+    def assign(self, p: int) -> None:
+        committed = self.log.committed.get(p)
+        self.tracker.start_partition(p, committed)
+        states = {}
+        for raw in self.log.changelog[p].values():
+            topic, stt = PatientState.from_bytes(raw)
+            states[stt.patient_id] = stt
+        self.store.load(p, states)
+        self.position[p] = committed or 0
+
+    def poll(self, p: int, n: int) -> None:
+        if p not in self.position:
+            return
+        records = self.log.partitions[p]
+        for r in records[self.position[p]:self.position[p] + n]:
+            self.tracker.consumed(p, r.offset)
+            result = self.stage.accept(p, r.offset, r.chunk, now=0.0)
+            for w in result.windows:
+                self.submit(w)
+            self.position[p] = r.offset + 1
+
+    def submit(self, w) -> None:
+        w.hold = self.tracker.hold(w.partition, w.min_offset)
+        self.pending.append(w)
+
+    def publish(self, n: int, only: int | None = None) -> None:
+        keep = []
+        for w in self.pending:
+            if n <= 0 or (only is not None and w.partition != only):
+                keep.append(w)
+                continue
+            n -= 1
+            flag = flag_message(w, _probability(w), 0.5, "m", produced_at_ns=1)
+            self.log.flags.append(flag)
+            self.store.reported(w)
+            if self.store.owns(w.partition):
+                stt = self.store.patient(w.partition, w.patient_id)
+                msg = self.episodes.update(flag, stt.episode, 0.0, grid=w.anchor_ns)
+                self.store.changed(w.partition, w.patient_id)
+                if msg is not None:
+                    self.log.episodes.append(msg)
+            self.tracker.release(w.hold)
+        self.pending = keep
+
+    def checkpoint(self, partitions=None) -> dict[int, int]:
+        partitions = set(self.position) if partitions is None else partitions
+        points, dirty = self.checkpointer.prepare(partitions)
+        for p, states in dirty.items():
+            for stt in states:
+                self.log.changelog[p][state_key("in", stt.patient_id)] = stt.to_bytes("in")
+        for p, off in points.items():
+            self.log.committed[p] = off
+        self.tracker.mark_committed(points)
+        return points
+
+    def revoke(self, p: int, drain: bool = True) -> None:
+        if drain:
+            self.publish(len(self.pending), only=p)  # as on_revoked does within its deadline
+        self.checkpoint({p})
+        self.stage.drop_partition(p)
+        self.tracker.drop_partition(p)
+        self.position.pop(p, None)
+
+    def close_all(self) -> None:
+        for w in self.stage.close_all(now=0.0):
+            self.submit(w)
+
+
+@st.composite
+def recordings(draw):
+    """Per patient: a chunked recording with losses, a leading hole, duplicates, local swaps, outliers."""
+    per_patient = []
+    for i in range(PATIENTS):
+        seconds = draw(st.integers(25, 55))
+        anchor = START + i * 1_234_567_891
+        n = seconds * FS
+        values = np.random.default_rng(i).normal(0, 0.3, n)
+        cuts, pos = [], 0
+        while pos < n:
+            size = draw(st.integers(5, 60))
+            cuts.append((pos, min(pos + size, n)))
+            pos += size
+        lead = draw(st.integers(0, 3))  # leading chunks never sent
+        chunks = []
+        for j, (a, b) in enumerate(cuts):
+            if j < lead or draw(st.integers(0, 30)) == 0:
+                continue  # lost
+            c = Chunk(f"p{i}", "II", anchor + a * NS // FS, float(FS), values[a:b], j, anchor)
+            chunks.append((c, False))
+            if draw(st.integers(0, 15)) == 0:
+                chunks.append((c, False))  # duplicate
+            if len(chunks) > 1 and draw(st.integers(0, 25)) == 0:  # an outlier dated +30 min (a first
+                # record defines a new patient's timeline: nothing can tell an outlier there)
+                chunks.append((Chunk(c.patient_id, "II", c.t0_ns + 1800 * NS, float(FS), c.samples, j, anchor), True))
+        for j in range(len(chunks) - 1):
+            if draw(st.integers(0, 8)) == 0:
+                chunks[j], chunks[j + 1] = chunks[j + 1], chunks[j]  # reordered within tolerance
+        per_patient.append(chunks)
+    # interleave patients by time; patient i on partition i % PARTITIONS
+    merged = sorted(((c.t0_ns if not o else c.t0_ns - 1800 * NS, k, i, c, o) for i, chunks in enumerate(per_patient)
+                     for k, (c, o) in enumerate(chunks)), key=lambda t: (t[0], t[2], t[1]))
+    parts: dict[int, list[Record]] = {p: [] for p in range(PARTITIONS)}
+    for _, _, i, c, o in merged:
+        p = i % PARTITIONS
+        parts[p].append(Record(len(parts[p]), c.patient_id, c, o))
+    return parts
+
+
+class DeliveryModel(RuleBasedStateMachine):
+    @initialize(records=recordings())
+    def setup(self, records):
+        self.log = Log(records)
+        self.core = Core(self.log)
+        for p in range(PARTITIONS):
+            self.core.assign(p)
+        self.crashes = 0
+
+    @rule(p=st.integers(0, PARTITIONS - 1), n=st.integers(1, 40))
+    def deliver(self, p, n):
+        self.core.poll(p, n)
+
+    @rule(n=st.integers(1, 10))
+    def publish(self, n):
+        self.core.publish(n)
+
+    @rule()
+    def checkpoint(self):
+        points = self.core.checkpoint()
+        self._check_commits(points)
+
+    @rule()
+    def crash(self):
+        """kill -9: buffers, pending windows and unflushed state are gone; restart from the log."""
+        self.crashes += 1
+        self.core = Core(self.log)
+        for p in range(PARTITIONS):
+            self.core.assign(p)
+
+    @rule(p=st.integers(0, PARTITIONS - 1), new_owner=st.booleans())
+    def revoke_and_reassign(self, p, new_owner):
+        self.core.revoke(p)
+        self._check_commits({p: self.log.committed.get(p, 0)})
+        if new_owner:  # the partition moves to a worker that never saw it (fresh memory)
+            other = Core(self.log)
+            for q in list(self.core.position):
+                self.core.revoke(q)
+            self.core = other
+            for q in range(PARTITIONS):
+                self.core.assign(q)
+        else:
+            self.core.assign(p)
+
+    @rule(p=st.integers(0, PARTITIONS - 1))
+    def revoke_before_drained_and_get_back(self, p):
+        """The revocation deadline passed with windows still in inference; the partition comes back to
+        this worker and the old windows are acknowledged later: they must not release the new holds."""
+        self.core.revoke(p, drain=False)
+        self._check_commits({p: self.log.committed.get(p, 0)})
+        self.core.assign(p)
+
+    @invariant()
+    def buffers_bounded(self):
+        if hasattr(self, "core"):
+            # at most a few open windows per patient (reorder tolerance), 9 bytes a sample
+            assert self.core.stage.nbytes <= PATIENTS * 4 * 10 * FS * 9
+
+    def _check_commits(self, points):
+        reported = {f["window_id"] for f in self.log.flags}
+        for p, committed in points.items():
+            for r in self.log.partitions[p][:committed]:
+                if r.outlier:
+                    continue
+                for wid in _windows_of(r.chunk):
+                    assert wid in reported or _never_needed(r, wid, self.log), \
+                        f"commit {committed} on partition {p} passed record {r.offset} of unreported {wid}"
+
+    def teardown(self):
+        if not hasattr(self, "core"):
+            return
+        core = self.core
+        for p in range(PARTITIONS):
+            core.poll(p, 10**9)
+        core.close_all()  # the end of every stream: partial windows reported as truncated
+        core.publish(10**9)
+        core.checkpoint()
+        flags = self.log.flags
+        by_id: dict[str, tuple] = {}
+        for f in flags:
+            assert by_id.setdefault(f["window_id"], _content(f)) == _content(f), \
+                f"{f['window_id']} reported twice with different content"
+        expected = set()
+        for records in self.log.partitions.values():
+            for r in records:
+                if not r.outlier:
+                    expected |= set(_windows_of(r.chunk))
+        missing = expected - set(by_id)
+        assert not missing, f"windows never reported: {sorted(missing)[:5]} ({self.crashes} crashes)"
+        # episodes: the last message per patient equals the hysteresis over the de-duplicated flags
+        reference = EpisodeTracker(EPISODES, "m")
+        seen, want = set(), {}
+        for f in sorted(flags, key=lambda f: f["window_start_ns"]):
+            if f["window_id"] in seen:
+                continue
+            seen.add(f["window_id"])
+            msg = reference.update(f)
+            if msg is not None:
+                want[f["patient_id"]] = (msg["state"], msg["episode_id"])
+        got = {}
+        for m in self.log.episodes:
+            got[m["patient_id"]] = (m["state"], m["episode_id"])
+        assert got == want
+
+
+def _windows_of(chunk: Chunk) -> list[str]:
+    """Ids of the grid windows holding a sample of this chunk."""
+    g = _grid(chunk.segment_start_ns)
+    a = g.sample_index(chunk.t0_ns)
+    b = a + len(chunk.samples)
+    return [f"{chunk.patient_id}:{g.start_ns(k)}" for k in range(g.first_window_ending_after(a),
+                                                                  g.last_window_starting_at_or_before(b - 1) + 1)]
+
+
+def _never_needed(r: Record, wid: str, log: Log) -> bool:
+    """A record may be passed while its window is unreported only if its samples were not needed: an
+    earlier record of the same partition carried the same samples (a duplicate)."""
+    p = int(r.patient[1:]) % PARTITIONS
+    return any(o.offset < r.offset and not o.outlier and o.patient == r.patient and o.chunk.t0_ns == r.chunk.t0_ns
+               and len(o.chunk.samples) == len(r.chunk.samples) for o in log.partitions[p])
+
+
+TestDeliveryModel = DeliveryModel.TestCase
+TestDeliveryModel.settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
+                                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -1,0 +1,194 @@
+"""Per-patient state against the embedded broker: clock steps beside a healthy neighbour, an episode
+handed from one worker to another, an oversized record, a leading hole across kill -9."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import numpy as np
+import orjson
+import pytest
+
+from streamer.ingest.deadletter import headers_dict
+from streamer.kafka.clients import make_producer
+from streamer.offline.recordings import Recording, parse_start, regular_times
+from streamer.offline.replay import Source, replay
+from streamer.synthetic import generate
+from streamer.worker import Worker
+from tests.kafka_utils import (expected_windows, flags_of, isolated_settings, read_topic, scored_ids,
+                               start_worker_process, wait_for_event)
+
+pytestmark = pytest.mark.integration
+T0 = parse_start("2026-11-22T05:00:00Z")
+
+
+async def _until(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.3)
+
+
+def test_clock_step_keeps_the_neighbour_and_the_commit_moving(broker, scorer):
+    s = isolated_settings(broker.bootstrap, partitions=1)  # both beds share the partition
+    s.windows.idle_evict_s = 5.0  # once the stream ends, the last partial windows go out and free the commit
+    healthy = Source("healthy", Recording(regular_times(500 * 61, 500, T0), generate(61, fs=500, seed=1).values, 500.0))
+    n1, n2 = 500 * 25, 500 * 41
+    times = np.concatenate([regular_times(n1, 500, T0), regular_times(n2, 500, T0 + 25 * 10**9 + 7200 * 10**9)])
+    stepped = Source("stepped", Recording(times, generate(66, fs=500, seed=2).values, 500.0))  # RTC fixed: +2 h
+    new_timeline_start = int(times[n1])
+
+    async def main():
+        worker = Worker(s, scorer=scorer)
+        task = asyncio.create_task(worker.run())
+        try:
+            await _until(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
+            await replay(s.kafka, [healthy, stepped], speed=None, chunk_s=0.25)
+
+            async def flagged():
+                flags = flags_of(await read_topic(s.kafka, s.kafka.flags_topic, timeout_s=2))
+                new = [f for f in flags if f["patient_id"] == "stepped" and f["window_start_ns"] >= new_timeline_start]
+                return len(new) >= 3 and expected_windows([healthy]) <= set(scored_ids(flags))
+
+            await _until(flagged, 90, "flags of both beds")
+            tp = next(iter(worker.assigned))
+            end = worker.consumer.highwater(tp)
+            await _until(lambda: asyncio.sleep(0, worker.tracker.committed.get(tp, 0) == end), 60,
+                         "the commit to reach the end of the partition (nothing pinned by the stepped bed)")
+            return flags_of(await read_topic(s.kafka, s.kafka.flags_topic, timeout_s=5)), \
+                worker.metrics.dead_letters.labels("timestamp_jump")._value.get()
+        finally:
+            worker.stop()
+            assert await asyncio.wait_for(task, 60) == 0
+
+    flags, jumps = asyncio.run(main())
+    stepped_flags = [f for f in flags if f["patient_id"] == "stepped"]
+    old = [f for f in stepped_flags if f["window_start_ns"] < new_timeline_start]
+    new = [f for f in stepped_flags if f["window_start_ns"] >= new_timeline_start]
+    assert [f["status"] for f in old] == ["scored", "scored", "insufficient_data"]  # last one truncated
+    assert [f["status"] for f in new[:3]] == ["scored"] * 3, "flagged again on its new timeline"
+    assert jumps == s.windows.new_timeline_chunks - 1, "only the records that waited for confirmation"
+
+
+def test_episode_opened_under_one_worker_is_closed_by_its_successor(broker, scorer):
+    s = isolated_settings(broker.bootstrap, partitions=1)
+    s.model.threshold = 0.0  # every scored window is artifact: the episode opens and stays open
+    s.episodes.open_after, s.episodes.stale_after_s = 1, 3.0
+    bed = Source("bed-ep", Recording(regular_times(500 * 31, 500, T0), generate(31, fs=500, seed=3).values, 500.0))
+
+    async def main():
+        a = Worker(s, scorer=scorer)
+        s_a = a.s.model_copy(deep=True)
+        s_a.episodes.stale_after_s = 3600.0  # a does not close it: the bed is still "recent" for a
+        a.s = s_a
+        ta = asyncio.create_task(a.run())
+        await _until(lambda: asyncio.sleep(0, bool(a.assigned)), 60, "assignment of a")
+        await replay(s.kafka, [bed], speed=None, chunk_s=0.5)
+
+        async def opened():
+            eps = [orjson.loads(r.value) for r in await read_topic(s.kafka, s.kafka.episodes_topic, timeout_s=2)]
+            return any(e["state"] == "open" for e in eps)
+
+        await _until(opened, 60, "the episode to open under a")
+        a.stop()
+        assert await asyncio.wait_for(ta, 60) == 0
+        b = Worker(s, scorer=scorer)  # takes the partition, restores the bed's state, sees no more flags
+        tb = asyncio.create_task(b.run())
+        try:
+            async def closed():
+                eps = [orjson.loads(r.value) for r in await read_topic(s.kafka, s.kafka.episodes_topic, timeout_s=2)]
+                return eps and eps[-1]["state"] == "closed"
+
+            await _until(closed, 60, "the successor to close the stale episode")
+        finally:
+            b.stop()
+            assert await asyncio.wait_for(tb, 60) == 0
+        return [orjson.loads(r.value) for r in await read_topic(s.kafka, s.kafka.episodes_topic, timeout_s=5)]
+
+    episodes = asyncio.run(main())
+    assert [(e["state"], e["reason"]) for e in episodes] == [("open", None), ("closed", "stale")]
+    assert episodes[0]["episode_id"] == episodes[1]["episode_id"]
+
+
+def test_an_oversized_record_is_dead_lettered_small_and_the_partition_moves_on(broker, scorer):
+    s = isolated_settings(broker.bootstrap, partitions=1)
+    bed = Source("bed-ok", Recording(regular_times(500 * 21, 500, T0), generate(21, fs=500, seed=4).values, 500.0))
+    big = orjson.dumps({"patient_id": "bed-big", "lead": "II", "t0_ns": T0, "fs": 500, "samples": [0.0] * 1000,
+                        "pad": "x" * (1024 * 1024 - 200)})[:1024 * 1024 - 100]  # just under 1 MiB, broken JSON
+
+    async def main():
+        worker = Worker(s, scorer=scorer)
+        task = asyncio.create_task(worker.run())
+        try:
+            await _until(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
+            producer = make_producer(s.kafka, max_request_size=4 << 20)
+            await producer.start()
+            await producer.send_and_wait(s.kafka.input_topics[0], big, key=b"bed-big")
+            await producer.stop()
+            await replay(s.kafka, [bed], speed=None, chunk_s=0.5)
+
+            async def done():
+                flags = flags_of(await read_topic(s.kafka, s.kafka.flags_topic, timeout_s=2))
+                return expected_windows([bed]) <= set(scored_ids(flags))
+
+            await _until(done, 60, "the healthy bed's flags")
+            tp = next(iter(worker.assigned))
+            await _until(lambda: asyncio.sleep(0, worker.tracker.committed.get(tp, 0) >= 1), 30,
+                         "the commit to pass the oversized record")
+            return await read_topic(s.kafka, s.kafka.dead_letter_topic, until=lambda r: len(r) >= 1)
+        finally:
+            worker.stop()
+            assert await asyncio.wait_for(task, 30) == 0, "shutdown must not hang on the dead letter"
+
+    dead = asyncio.run(main())
+    h = headers_dict(dead[0].headers)
+    assert h["reason"] == "malformed_json" and h["value_omitted"] == "too_large"
+    summary = orjson.loads(dead[0].value)
+    assert summary["value_size"] == len(big) and len(summary["value_sha256"]) == 64
+
+
+def test_a_leading_hole_is_reported_across_kill_9(broker, checkpoint, tmp_path):
+    """A monitor that joined 4 s into its segment: the first window is reported (insufficient data) whether
+    or not the worker is killed and restarted around it."""
+    s = isolated_settings(broker.bootstrap, partitions=1)
+    s.model.checkpoint = checkpoint
+    n = 500 * 41
+    values = generate(41, fs=500, seed=5).values
+    times = regular_times(n, 500, T0)
+    # samples from 4 s on, but every chunk names the segment's true start (T0)
+    rec = Recording(times[2000:], values[2000:], 500.0)
+    src = Source("bed-hole", rec)
+    log = tmp_path / "worker.log"
+    proc = start_worker_process(s, log)
+    try:
+        wait_for_event(log, "partition_assigned", proc=proc)
+
+        async def send():
+            from streamer.ingest.contract import Chunk
+            from streamer.ingest.producer import ChunkProducer
+
+            producer = make_producer(s.kafka)
+            await producer.start()
+            out = ChunkProducer(producer, s.kafka.input_topics[0], "json")
+            for i in range(0, len(rec.values), 250):
+                await (await out.send(Chunk("bed-hole", "II", int(rec.times_ns[i]), 500.0, rec.values[i:i + 250],
+                                            i, T0)))
+            await producer.stop()
+
+        asyncio.run(send())
+        asyncio.run(read_topic(s.kafka, s.kafka.flags_topic, until=lambda r: len(r) >= 1, timeout_s=60))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        proc = start_worker_process(s, log)
+        flags = flags_of(asyncio.run(read_topic(s.kafka, s.kafka.flags_topic, until=lambda r: len(r) >= 4,
+                                                timeout_s=90)))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    by_start = {f["window_start_ns"]: f for f in flags}
+    starts = [T0 + k * 10**10 for k in range(4)]
+    assert set(starts) <= set(by_start), "every window, the leading one included, is reported"
+    assert (by_start[T0]["status"], by_start[T0]["reason"]) == ("insufficient_data", "too_many_missing")
+    assert all(by_start[t]["status"] == "scored" for t in starts[1:])
