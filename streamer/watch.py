@@ -24,7 +24,8 @@ def format_episode(e: dict) -> str:
     if e["state"] == "open":
         return f"EPISODE {e['patient_id']:<10} opened at {t0}, peak p={e['peak_probability']:.3f}: suppress ECG alarms"
     t1 = time.strftime("%H:%M:%S", time.gmtime(e["end_ns"] / 1e9))
-    return f"EPISODE {e['patient_id']:<10} closed: {t0} -> {t1}, peak p={e['peak_probability']:.3f}"
+    why = " (stale: no scored window lately)" if e.get("reason") == "stale" else ""
+    return f"EPISODE {e['patient_id']:<10} closed: {t0} -> {t1}, peak p={e['peak_probability']:.3f}{why}"
 
 
 async def watch(k: KafkaSettings, seconds: float | None = None, from_beginning: bool = False, sink=print) -> int:
