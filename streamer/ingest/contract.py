@@ -79,12 +79,12 @@ def _check(chunk: Chunk, key: bytes | None, s: WindowSettings, now_ns: int) -> C
         raise InvalidMessage("bad_patient_id", "patient id must be 1-128 printable characters")
     if not (np.isfinite(chunk.fs) and s.min_rate_hz <= chunk.fs <= s.max_rate_hz):
         raise InvalidMessage("bad_rate", f"sample rate {chunk.fs!r} outside [{s.min_rate_hz}, {s.max_rate_hz}] Hz")
-    if not MIN_TIMESTAMP_NS <= chunk.t0_ns <= now_ns + int(s.max_clock_skew_s * 1e9):
+    latest_ns = now_ns + int(s.max_clock_skew_s * 1e9)
+    if not MIN_TIMESTAMP_NS <= chunk.t0_ns <= latest_ns:
         raise InvalidMessage("bad_timestamp", f"t0_ns {chunk.t0_ns} before 2000 or too far in the future")
     # A segment start after t0 is not refused here: after a clock stepped back (NTP, DST) a monitor goes on
     # sending the segment start it took under the old clock; the window stage handles that timeline.
-    if chunk.segment_start_ns is not None and not (
-            MIN_TIMESTAMP_NS <= chunk.segment_start_ns <= now_ns + int(s.max_clock_skew_s * 1e9)):
+    if chunk.segment_start_ns is not None and not MIN_TIMESTAMP_NS <= chunk.segment_start_ns <= latest_ns:
         raise InvalidMessage("bad_segment_start", "segment_start_ns before 2000 or too far in the future")
     if chunk.lead not in s.accepted_leads:
         raise InvalidMessage("wrong_lead", f"lead {chunk.lead!r} is not one of {s.accepted_leads}"[:200])

@@ -24,10 +24,6 @@ class SegmentState:
     fs: str  # exact rate, as a fraction ("500", "1001/2")
     next_k: int  # first window of this grid not yet reported
 
-    @property
-    def rate(self) -> Fraction:
-        return Fraction(self.fs)
-
 
 @dataclass
 class EpisodeState:
@@ -64,17 +60,6 @@ class PatientState:
         self.segments.append(SegmentState(natural_anchor_ns, anchor_ns, rate, k + 1))
         del self.segments[:-MAX_SEGMENTS]
         return True
-
-    def grid_for(self, natural_anchor_ns: int, fs: Fraction, t0_ns: int) -> SegmentState | None:
-        """The remembered grid a record of this segment and rate belongs to: the latest whose anchor is at
-        or before the record (a re-anchored grid covers what follows its clock step)."""
-        rate = str(fs)
-        best = None
-        for seg in self.segments:
-            if seg.natural_anchor_ns == natural_anchor_ns and seg.fs == rate and seg.anchor_ns <= t0_ns:
-                if best is None or seg.anchor_ns > best.anchor_ns:
-                    best = seg
-        return best
 
     def to_bytes(self, source_topic: str) -> bytes:
         doc = {"v": STATE_VERSION, "topic": source_topic, "patient_id": self.patient_id,

@@ -117,7 +117,6 @@ class AcceptResult:
     late_samples: int = 0
     implausible_samples: int = 0
     rejected: str | None = None  # reason when the whole chunk is refused
-    new_timeline: bool = False  # this record confirmed a clock event: a new segment started
 
     @property
     def activity(self) -> bool:
@@ -176,7 +175,6 @@ class PatientStream:
         self.candidates.clear()
         result = self._fill(seg, chunk, offset, now)
         result.windows[:0] = out
-        result.new_timeline = stepped_from is not None
         return result
 
     def _off_timeline(self, seg: _Segment, natural: int, fs: Fraction, chunk: Chunk) -> str | None:
