@@ -29,14 +29,14 @@ def main() -> None:
     args = ap.parse_args()
     g = generate(10.0 * args.windows, fs=360, seed=4)
     x = np.stack([to_model_samples(w) for w in g.values.reshape(args.windows, 3600)])
-    ref = ArtifactScorer(ModelSettings(precision="fp32"))
+    ref = ArtifactScorer(ModelSettings(precision="fp32", backend="torch"))
     p32 = ref.probabilities(x)
     cuda = torch.cuda.is_available()
     for precision in (("bf16", "fp16") if cuda else ("bf16",)):
-        half = ArtifactScorer(ModelSettings(precision=precision))
+        half = ArtifactScorer(ModelSettings(precision=precision, backend="torch"))
         if not cuda:  # proxy: bf16 weights and activations on the CPU
-            half.dtype = torch.bfloat16
-            half.net = half.net.to(torch.bfloat16)
+            half.runner.dtype = torch.bfloat16
+            half.runner.net = half.net.to(torch.bfloat16)
         ph = half.probabilities(x)
         dp = np.abs(ph - p32)
         flips = int(((ph >= ref.threshold) != (p32 >= ref.threshold)).sum())

@@ -117,11 +117,15 @@ class ModelSettings(_Group):
     expected_sha256: str | None = Field(None, description="refuse any checkpoint with another digest")
     threshold: float = Field(RELEASED_THRESHOLD, ge=0, le=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    backend: Literal["torch", "onnxruntime"] = Field(
-        "torch", description="onnxruntime: the same network exported in memory, CPU only (pip install streamer[onnx])")
+    backend: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto", description="auto: on the CPU, the faster of PyTorch and ONNX Runtime (and its batch size) "
+        "measured once per machine and cached; torch elsewhere. onnxruntime: the same network exported, CPU only")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="half precision applies on CUDA only")
-    device_batch: int | None = Field(None, ge=1, description="windows per network call; default 16 on CPU "
-                                     "(fastest on the 2-core reference machine), 256 on CUDA")
+    device_batch: int | None = Field(None, ge=1, description="windows per network call; default: measured "
+                                     "on the CPU with backend auto (else 16), 256 on CUDA")
+    cache_dir: Path | None = Field(None, description="where backend auto keeps its measured choice and the "
+                                   "exported ONNX model; default $XDG_CACHE_HOME/streamer or ~/.cache/streamer")
+    backend_cache: bool = Field(True, description="false: measure at every start, store nothing")
     cpu_threads: int | None = Field(None, ge=1, description="threads for CPU inference (torch and onnxruntime); "
                                     "default: all cores. Set it when other busy processes share the machine")
     cpu_fallback: bool = Field(False, description="after repeated device failures, continue on the CPU")

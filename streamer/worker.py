@@ -93,7 +93,9 @@ class Worker:
         k = self.s.kafka
         if self.scorer is None:
             log.info("model_loading", checkpoint=str(self.s.model.checkpoint or "demo"))
-            load = asyncio.get_running_loop().run_in_executor(self.executor, ArtifactScorer, self.s.model)
+            # warmed here, not in one-shot scoring: only a long-running worker earns back its cost
+            load = asyncio.get_running_loop().run_in_executor(
+                self.executor, lambda: ArtifactScorer(self.s.model).warm_up())
             stop = asyncio.ensure_future(self.stopping.wait())
             await asyncio.wait({load, stop}, return_when=asyncio.FIRST_COMPLETED)
             stop.cancel()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -8,6 +9,9 @@ import pytest
 from streamer.synthetic import generate, inject
 
 os.environ.setdefault("STREAMER_LOG_FORMAT", "console")
+# backend auto stores its measured choice under $XDG_CACHE_HOME/streamer: one fresh cache per test run
+# (shared by the workers the tests start), never the developer's own.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="streamer-test-cache-")
 
 
 def varied_windows(n_each: int = 4, seed: int = 0) -> dict[str, list[np.ndarray]]:

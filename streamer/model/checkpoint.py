@@ -8,9 +8,12 @@ import pickle
 import zipfile
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from streamer.model.network import ArtifactNet
+if TYPE_CHECKING:  # torchvision costs ~1.5 s to import; only building the torch network needs it
+    from streamer.model.network import ArtifactNet
 
 RELEASED_NAME = "okekeclean-ecg-efficientnet_b0"
 RELEASED_FILE = "cnn-efficientnet_b0-full-best-v65-5ef1694d9ae9fab6c6e0023903f63997.pth"
@@ -53,6 +56,8 @@ def load_state_dict(path: str | Path, expected_sha256: str | None = None) -> tup
 
 def build_network(state: dict[str, torch.Tensor], source: str = "checkpoint") -> ArtifactNet:
     """An ArtifactNet holding `state`, after checking keys and shapes against the released layout."""
+    from streamer.model.network import ArtifactNet
+
     net = ArtifactNet()
     expected = net.state_dict()
     missing = sorted(set(expected) - set(state))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,9 +10,10 @@ import numpy as np
 import torch
 
 from streamer.logs import get_logger
-from streamer.model.checkpoint import (CheckpointError, build_network, load_state_dict,
-                                       model_name_for)
-from streamer.model.network import fold_grayscale_stem
+from streamer.model.backends import (CPU_BATCH_CANDIDATES, BackendError, ChoiceCache, CpuChoice, OrtRunner,
+                                     TorchRunner, default_cache_dir, export_onnx, measure_cpu_backends,
+                                     onnxruntime_available, ort_runner, probe_images)
+from streamer.model.checkpoint import CheckpointError, load_state_dict, model_name_for
 from streamer.model.preprocess import MODEL_SAMPLES, Preprocessor
 from streamer.settings import ModelSettings
 
@@ -42,6 +44,7 @@ class ModelInfo:
     device: str
     precision: str
     threshold: float
+    backend: str = "torch"
 
     @property
     def model_id(self) -> str:
@@ -49,7 +52,10 @@ class ModelInfo:
 
 
 class ArtifactScorer:
-    """Loads the checkpoint once; `probabilities(windows)` scores a (B, 5000) float32 batch."""
+    """Loads the checkpoint once; `probabilities(windows)` scores a (B, 5000) float32 batch.
+
+    `warm_up()` (the worker calls it; one-shot scoring does not) runs every batch size once so a
+    long-running process reaches its steady memory and speed before the first real window."""
 
     def __init__(self, settings: ModelSettings):
         path = Path(settings.checkpoint) if settings.checkpoint else demo_checkpoint_path()
@@ -57,29 +63,80 @@ class ArtifactScorer:
         self.device = resolve_device(settings.device)
         if settings.cpu_threads:
             torch.set_num_threads(settings.cpu_threads)
-        net = build_network(state, source=str(path))
-        if settings.fold_stem:
-            net = fold_grayscale_stem(net)
-        self.dtype = _HALF.get(settings.precision, torch.float32) if self.device.type == "cuda" else torch.float32
-        net = net.to(self.device, self.dtype)
-        self.memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-        self.net = net.to(memory_format=self.memory_format).eval()
-        self.ort_session = None
-        if settings.backend == "onnxruntime":
-            if self.device.type != "cpu":
-                raise CheckpointError("model.backend=onnxruntime runs on the CPU; set model.device=cpu")
-            self.ort_session = _onnx_session(net)
         self.fold_stem = settings.fold_stem
-        self.device_batch = settings.device_batch or (256 if self.device.type == "cuda" else 16)
+        self.memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+        self.dtype = _HALF.get(settings.precision, torch.float32) if self.device.type == "cuda" else torch.float32
         self.preprocess = Preprocessor(self.device)
+        self._state, self._source = state, str(path)
+        self.choice: CpuChoice | None = None  # backend auto on the CPU: what was measured
+        self.choice_from_cache = False
+        backend = settings.backend
+        if backend == "auto":
+            backend = "measure" if self.device.type == "cpu" and onnxruntime_available() else "torch"
+        if backend == "onnxruntime" and self.device.type != "cpu":
+            raise CheckpointError("model.backend=onnxruntime runs on the CPU; set model.device=cpu")
+        default_batch = 256 if self.device.type == "cuda" else 16
+        if backend == "measure":
+            self.runner, batch = self._measured_runner(settings, digest)
+        elif backend == "onnxruntime":
+            self.runner = self._ort(export_onnx(self._torch_runner().net))
+            batch = default_batch
+        else:
+            self.runner, batch = self._torch_runner(), default_batch
+        del self._state
+        self.device_batch = settings.device_batch or batch
         precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
         self.info = ModelInfo(settings.name or model_name_for(path), digest, str(self.device), precision,
-                              settings.threshold)
-        self._warm_up()
+                              settings.threshold, self.runner.name)
         log.info("model_loaded", path=str(path), sha256=digest, model_id=self.info.model_id,
-                 device=str(self.device), precision=precision, device_batch=self.device_batch)
+                 device=str(self.device), precision=precision, backend=self.runner.name,
+                 device_batch=self.device_batch)
 
-    def _warm_up(self) -> None:
+    def _torch_runner(self) -> TorchRunner:
+        from streamer.model.checkpoint import build_network
+        from streamer.model.network import fold_grayscale_stem
+
+        net = build_network(self._state, source=self._source)
+        if self.fold_stem:
+            net = fold_grayscale_stem(net)
+        net = net.to(self.device, self.dtype).to(memory_format=self.memory_format).eval()
+        return TorchRunner(net, self.dtype, self.memory_format, self.fold_stem)
+
+    def _ort(self, onnx_model: bytes) -> OrtRunner:
+        try:
+            return ort_runner(onnx_model, torch.get_num_threads())
+        except BackendError as exc:
+            raise CheckpointError(str(exc)) from None
+
+    def _measured_runner(self, settings: ModelSettings, digest: str):
+        """CPU and ONNX Runtime installed: the stored choice for this machine, else measure and store."""
+        cache_dir = (settings.cache_dir or default_cache_dir()) if settings.backend_cache else None
+        cache = ChoiceCache(cache_dir, digest, self.fold_stem, torch.get_num_threads(), settings.device_batch)
+        stored = cache.load()
+        if stored is not None:
+            choice, onnx_model = stored
+            self.choice, self.choice_from_cache = choice, True
+            log.info("backend_from_cache", backend=choice.backend, device_batch=choice.device_batch,
+                     path=str(cache.choice_path))
+            runner = self._ort(onnx_model) if onnx_model is not None else self._torch_runner()
+            return runner, choice.device_batch
+        t0 = time.perf_counter()
+        torch_runner = self._torch_runner()
+        onnx_model = export_onnx(torch_runner.net)
+        ort = self._ort(onnx_model)
+        batches = (settings.device_batch,) if settings.device_batch else CPU_BATCH_CANDIDATES
+        choice = measure_cpu_backends([torch_runner, ort], probe_images(self.preprocess), batches)
+        if choice.backend == "onnxruntime":
+            choice.onnx_sha256 = cache.save_onnx(onnx_model)
+        stored_choice = cache.save(choice)
+        log.info("backend_measured", backend=choice.backend, device_batch=choice.device_batch,
+                 rates=choice.rates, max_abs_dp=choice.max_abs_dp, seconds=round(time.perf_counter() - t0, 2),
+                 adopted=stored_choice.backend if stored_choice is not choice else None)
+        self.choice = stored_choice
+        runner = ort if stored_choice.backend == "onnxruntime" else torch_runner
+        return runner, stored_choice.device_batch
+
+    def warm_up(self) -> "ArtifactScorer":
         """Score flat windows at every network batch size before the first real window, so memory and
         kernel selection reach their steady state at start: no slow first flags, and no RSS steps later.
 
@@ -92,6 +149,11 @@ class ArtifactScorer:
         sizes = range(n, 0, -1) if self.device.type == "cpu" else sorted({n, *(1 << i for i in range(n.bit_length()))})
         for b in sizes:
             self._probabilities(np.zeros((b, MODEL_SAMPLES), dtype=np.float32))
+        return self
+
+    @property
+    def net(self) -> torch.nn.Module | None:
+        return getattr(self.runner, "net", None)
 
     @property
     def threshold(self) -> float:
@@ -127,42 +189,14 @@ class ArtifactScorer:
         """Move the model to the CPU in fp32 (after repeated device failures, if allowed)."""
         self.device = torch.device("cpu")
         self.dtype = torch.float32
-        self.net = self.net.to(self.device, torch.float32).to(memory_format=self.memory_format)
+        net = self.runner.net.to(self.device, torch.float32).to(memory_format=self.memory_format)
+        self.runner = TorchRunner(net, torch.float32, self.memory_format, self.fold_stem)
         self.preprocess = Preprocessor(self.device)
         self.device_batch = 16
-        self.info = ModelInfo(self.info.name, self.info.sha256, "cpu", "fp32", self.info.threshold)
+        self.info = ModelInfo(self.info.name, self.info.sha256, "cpu", "fp32", self.info.threshold, "torch")
         log.error("device_fallback_to_cpu", model_id=self.info.model_id)
 
     @torch.inference_mode()
     def _probabilities(self, windows: np.ndarray | torch.Tensor) -> np.ndarray:
-        x = self.images(windows)
-        if self.ort_session is not None:
-            logits = torch.from_numpy(self.ort_session.run(None, {"image": x.numpy()})[0])
-            return torch.softmax(logits.float(), dim=1)[:, 1].double().numpy()
-        if not self.fold_stem:
-            x = x.expand(-1, 3, -1, -1)
-        x = x.to(self.dtype).contiguous(memory_format=self.memory_format)
-        logits = self.net(x).float()
+        logits = self.runner.logits(self.images(windows))
         return torch.softmax(logits, dim=1)[:, 1].double().cpu().numpy()
-
-
-def _onnx_session(net: torch.nn.Module):
-    """The network (folded stem, fp32) exported to ONNX in memory and loaded into ONNX Runtime."""
-    import io
-    import warnings
-
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise CheckpointError("model.backend=onnxruntime needs `pip install onnxruntime onnx` "
-                              "(the project's [onnx] extra)") from None
-    buf = io.BytesIO()
-    in_channels = net.efficientnet.features[0][0].in_channels
-    cpu_net = net.to(memory_format=torch.contiguous_format)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(cpu_net, (torch.zeros(1, in_channels, 224, 224),), buf, input_names=["image"],
-                          output_names=["logits"], dynamic_axes={"image": {0: "batch"}}, dynamo=False)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    return ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
