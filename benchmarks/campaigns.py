@@ -6,6 +6,8 @@
     python benchmarks/campaigns.py slow --beds 50 --delay 2 --slow-for 45
     python benchmarks/campaigns.py soak --beds 200 --seconds 600
     python benchmarks/campaigns.py clock --beds 50 --kills 3
+    python benchmarks/campaigns.py broker-crash --beds 50 --kills 5      # durable (S3) storage
+    python benchmarks/campaigns.py soak --beds 100 --seconds 600 --storage s3
 
 Each prints its figures and appends them to benchmarks/RESULTS.md. tests/test_campaigns.py runs short
 versions of the same functions in CI.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import os
 import random
 import resource
@@ -149,6 +152,93 @@ def crash_campaign(bootstrap: str, beds: int, kills: int, seconds: float, speed:
     finally:
         stop_worker(proc)
     return {"kills": kills, **tally(expected, flags)}
+
+
+# -- durable storage, broker crashes --------------------------------------------------------------------
+class ObjectStore:
+    """An S3-compatible server on 127.0.0.1 (moto's), so the embedded broker keeps its log outside its own
+    process and survives SIGKILL: Tansu 0.6 as shipped has no postgres or sqlite engine ("feature not
+    enabled"), only memory and S3. moto is installed here on first use, never by scripts/test."""
+
+    BUCKET = "tansu"
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "ObjectStore":
+        try:
+            import moto  # noqa: F401
+        except ImportError:
+            print("[campaign] installing moto[server] (the S3-compatible store) into this environment", flush=True)
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moto[server]"], check=True)
+        from streamer.kafka.broker import free_port
+
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=open(self.workdir / "s3.log", "ab"), stderr=subprocess.STDOUT)
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=self.endpoint, **self.credentials)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                s3.create_bucket(Bucket=self.BUCKET, CreateBucketConfiguration={"LocationConstraint": "eu-west-2"})
+                return self
+            except Exception:  # not listening yet
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.__exit__()
+                    raise
+                time.sleep(0.2)
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    credentials = {"aws_access_key_id": "campaign", "aws_secret_access_key": "campaign", "region_name": "eu-west-2"}
+
+    def broker(self, log_path: Path) -> EmbeddedBroker:
+        env = {"AWS_ENDPOINT": self.endpoint, "AWS_ACCESS_KEY_ID": "campaign", "AWS_SECRET_ACCESS_KEY": "campaign",
+               "AWS_DEFAULT_REGION": "eu-west-2", "AWS_ALLOW_HTTP": "true"}
+        return EmbeddedBroker(storage=f"s3://{self.BUCKET}/", env=env, log_path=log_path)
+
+
+def broker_crash_campaign(broker: EmbeddedBroker, beds: int, kills: int, seconds: float, speed: float,
+                          checkpoint: str | None, down_s: tuple[float, float] = (1.0, 6.0), seed: int = 0,
+                          workdir: Path | None = None) -> dict:
+    """SIGKILL the broker `kills` times at random moments while beds stream, restart it after a random
+    outage on the same port and storage; count lost windows. The worker and the replayer must ride it out."""
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="broker-crash-"))
+    s = campaign_settings(broker.bootstrap, checkpoint=checkpoint)
+    fleet = [src for src, _ in synthetic_fleet(beds, seconds, parse_start("2026-11-22T16:00:00Z"), seed=seed)]
+    expected = expected_of(fleet)
+    rng = random.Random(seed)
+    log = workdir / "worker.log"
+    proc = start_worker(s, log)
+    wait_for_event(log, "partition_assigned", proc=proc)
+    feeder = feed_in_background(s.kafka, fleet, speed)
+    span = seconds / speed
+    outages = []
+    try:
+        for _ in range(kills):
+            time.sleep(rng.uniform(0.3, 1.5) * span / kills)
+            broker.kill()
+            down = rng.uniform(*down_s)
+            time.sleep(down)
+            broker.start()
+            outages.append(round(down, 1))
+        feeder.join(span + 300)
+        flags = asyncio.run(collect_flags(s.kafka, expected, timeout_s=span + 300))
+        alive = proc.poll() is None
+    finally:
+        code = stop_worker(proc)
+    return {"kills": kills, "outages_s": outages, **tally(expected, flags), "worker_alive": alive, "exit_code": code,
+            "worker_restarts_needed": 0 if alive else 1}
 
 
 # -- broker stalls -------------------------------------------------------------------------------------
@@ -653,18 +743,36 @@ def main() -> None:
     so.add_argument("--interval", type=float, default=30.0, help="seconds between samples")
     so.add_argument("--pin", action="store_true", help="worker on its own CPU, broker and replayer on the rest")
     so.add_argument("--fetch", default=None, help="MIN_BYTES,MAX_WAIT_MS for the worker's fetches")
+    so.add_argument("--storage", choices=["memory", "s3"], default="memory", help="s3: durable object storage")
+    bc = sub.add_parser("broker-crash")
+    bc.add_argument("--beds", type=int, default=50)
+    bc.add_argument("--kills", type=int, default=5)
+    bc.add_argument("--seconds", type=float, default=180.0)
+    bc.add_argument("--speed", type=float, default=1.0)
     ck = sub.add_parser("clock")
     ck.add_argument("--beds", type=int, default=50)
     ck.add_argument("--kills", type=int, default=3)
     f = sub.add_parser("fuzz")
     f.add_argument("--messages", type=int, default=10_000)
     f.add_argument("--beds", type=int, default=10)
-    for p in (c, st, sl, so, f, ck):
+    for p in (c, st, sl, so, f, ck, bc):
         p.add_argument("--checkpoint", default=None)
     args = ap.parse_args()
     resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
-    with EmbeddedBroker() as broker:
-        if args.campaign == "crash":
+    durable = args.campaign == "broker-crash" or getattr(args, "storage", "memory") == "s3"
+    with contextlib.ExitStack() as stack:
+        if durable:
+            workdir = Path(tempfile.mkdtemp(prefix="durable-"))
+            broker = stack.enter_context(stack.enter_context(ObjectStore(workdir)).broker(workdir / "broker.log"))
+        else:
+            broker = stack.enter_context(EmbeddedBroker())
+        if args.campaign == "broker-crash":
+            r = broker_crash_campaign(broker, args.beds, args.kills, args.seconds, args.speed, args.checkpoint)
+            record(f"broker crash campaign: {args.beds} beds at {args.speed:g}x real time, broker SIGKILL x{args.kills} "
+                   f"(outages {r['outages_s']} s), S3 storage",
+                   f"windows expected {r['expected']}, flagged {r['flagged']}, lost {r['lost']}, duplicates "
+                   f"{r['duplicates']}; worker alive {r['worker_alive']}, exit {r['exit_code']}")
+        elif args.campaign == "crash":
             r = crash_campaign(broker.bootstrap, args.beds, args.kills, args.seconds, args.speed, args.checkpoint)
             record(f"crash campaign: {args.beds} beds at {args.speed:g}x real time, SIGKILL x{args.kills}",
                    f"windows expected {r['expected']}, flagged {r['flagged']}, lost {r['lost']}, duplicates {r['duplicates']}")
@@ -693,6 +801,7 @@ def main() -> None:
             r = soak_campaign(broker, args.beds, args.seconds, args.checkpoint, interval_s=args.interval, pin=args.pin,
                               fetch=tuple(map(int, args.fetch.split(","))) if args.fetch else None)
             record(f"soak: {args.beds} beds real time for {args.seconds:g}s (after 60 s warm-up)"
+                   + (", S3 storage" if durable else "")
                    + (", worker pinned to its own CPU" if args.pin else "")
                    + (f", fetch min bytes,max wait ms {args.fetch}" if args.fetch else ""),
                    f"worker RSS {r['rss_mb_after_warmup']} -> {r['rss_mb_end']} MB ({r['rss_growth_pct']}%), broker RSS "

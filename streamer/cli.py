@@ -282,6 +282,13 @@ def main(argv: list[str] | None = None) -> int:
         ignore_further_stops()
         _log().info("worker_stopped", exit_code=0, phase="starting", signal=str(exc))
         return 0
+    except RuntimeError as exc:
+        from streamer.kafka.clients import TlsError  # only reached after a command imported it
+
+        if not isinstance(exc, TlsError):
+            raise
+        print(f"streamer {args.command}: {exc}", file=sys.stderr)
+        return 1
     except SystemExit as exc:
         from streamer.settings import SettingsError
 

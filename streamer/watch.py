@@ -7,7 +7,7 @@ import time
 
 import orjson
 
-from streamer.kafka.clients import make_consumer
+from streamer.kafka.clients import check_tls, make_consumer
 from streamer.settings import KafkaSettings
 
 
@@ -30,6 +30,7 @@ def format_episode(e: dict) -> str:
 
 async def watch(k: KafkaSettings, seconds: float | None = None, from_beginning: bool = False, sink=print) -> int:
     # no group: watching never commits offsets or takes partitions from anyone
+    await check_tls(k)
     consumer = make_consumer(k, group_id=None, auto_offset_reset="earliest" if from_beginning else "latest")
     await consumer.start()
     consumer.subscribe([k.flags_topic, k.episodes_topic])

@@ -20,8 +20,8 @@ from streamer.batching import MicroBatcher
 from streamer.checkpointing import Checkpointer
 from streamer.ingest.contract import InvalidMessage, decode
 from streamer.ingest.deadletter import dead_letter_headers, oversized_dead_letter
-from streamer.kafka.clients import (ensure_topics, make_consumer, make_producer, missing_topics, retriable,
-                                    retry_kafka)
+from streamer.kafka.clients import (TlsError, check_tls, ensure_topics, make_consumer, make_producer,
+                                    missing_topics, retriable, retry_kafka)
 from streamer.kafka.commits import CommitTracker
 from streamer.logs import episode_ref, get_logger, patient_ref
 from streamer.metrics import HealthServer, Metrics
@@ -91,6 +91,10 @@ class Worker:
         """Load the model, check topics, join the group. False if a stop came before the model was ready:
         nothing was consumed then, so there is nothing to drain."""
         k = self.s.kafka
+        try:
+            await check_tls(k)  # before the model load: a wrong CA or host name fails in a second, not after it
+        except TlsError as exc:
+            raise StartupError(str(exc)) from None
         if self.scorer is None:
             log.info("model_loading", checkpoint=str(self.s.model.checkpoint or "demo"))
             # warmed here, not in one-shot scoring: only a long-running worker earns back its cost

@@ -3,29 +3,66 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import uuid
+from pathlib import Path
 
 import orjson
 
+from streamer.client import decode_episode, decode_flag
 from streamer.kafka.clients import ensure_topics, read_records
 from streamer.settings import KafkaSettings, Settings, settings_to_env
 
+SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
 
-def isolated_settings(bootstrap: str, **overrides) -> Settings:
-    """Settings with topics and group unique to one test, so tests never see each other's records."""
+
+def isolated_settings(bootstrap: str, kafka: dict | None = None, **overrides) -> Settings:
+    """Settings with topics and group unique to one test, so tests never see each other's records.
+    `kafka`: more KafkaSettings fields (TLS, SASL)."""
     tag = uuid.uuid4().hex[:8]
     kafka = KafkaSettings(bootstrap_servers=bootstrap, input_topics=[f"in-{tag}"], flags_topic=f"flags-{tag}",
                           episodes_topic=f"episodes-{tag}", dead_letter_topic=f"dlq-{tag}", group_id=f"g-{tag}", state_topic=f"state-{tag}",
                           input_partitions=overrides.pop("partitions", 4), create_topics=True,
-                          commit_interval_s=0.3, session_timeout_ms=6000, heartbeat_interval_ms=1000)
+                          commit_interval_s=0.3, session_timeout_ms=6000, heartbeat_interval_ms=1000,
+                          **(kafka or {}))
     s = Settings(kafka=kafka, log_format="console", **overrides)
     asyncio.run(ensure_topics(s.kafka))  # tests call this outside any event loop
     return s
 
 
+@functools.cache
+def schema_validator(name: str):
+    """A JSON Schema validator for one of the files in schemas/ (with format checks)."""
+    from jsonschema import Draft202012Validator
+
+    schema = json.loads((SCHEMAS / name).read_text())
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema)
+
+
+def check_output_messages(k: KafkaSettings, topic: str, records) -> None:
+    """Every flag and episode a worker produced must match its published schema and decode with the
+    downstream client: each integration test that reads them checks this on the way."""
+    if topic == k.flags_topic:
+        validator, decode = schema_validator("artifact-flag.v1.schema.json"), decode_flag
+    elif topic == k.episodes_topic:
+        validator, decode = schema_validator("artifact-episode.v1.schema.json"), decode_episode
+    else:
+        return
+    for r in records:
+        doc = orjson.loads(r.value)
+        errors = sorted(validator.iter_errors(doc), key=str)
+        assert not errors, f"{topic} offset {r.offset} breaks its schema: {errors[0].message}"
+        decode(r.value)
+        assert r.key.decode() == doc["patient_id"]
+
+
 async def read_topic(k: KafkaSettings, topic: str, until=None, timeout_s: float = 60.0) -> list:
     """All records of a topic from the beginning, until `until(records)` is true or the timeout."""
-    return await read_records(k, [topic], until=until, timeout_s=timeout_s, idle_polls=1)
+    records = await read_records(k, [topic], until=until, timeout_s=timeout_s, idle_polls=1)
+    check_output_messages(k, topic, records)
+    return records
 
 
 def flags_of(records) -> list[dict]:

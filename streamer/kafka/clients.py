@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -13,15 +14,68 @@ from aiokafka.helpers import create_ssl_context
 from streamer.settings import KafkaSettings
 
 
-def security_kwargs(k: KafkaSettings) -> dict[str, Any]:
-    """TLS and SASL options passed through to aiokafka; the password never reaches a log."""
-    kw: dict[str, Any] = {"security_protocol": k.security_protocol}
-    if k.security_protocol in ("SSL", "SASL_SSL"):
-        kw["ssl_context"] = create_ssl_context(
+class TlsError(RuntimeError):
+    """TLS to the brokers cannot work with these settings: say which file or name to fix, once, at start."""
+
+
+def uses_tls(k: KafkaSettings) -> bool:
+    return k.security_protocol in ("SSL", "SASL_SSL")
+
+
+def tls_context(k: KafkaSettings) -> ssl.SSLContext:
+    for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        path = getattr(k, name)
+        if path is not None and not path.is_file():
+            raise TlsError(f"kafka.{name} {path} is not a readable file")
+    try:
+        return create_ssl_context(
             cafile=str(k.ssl_cafile) if k.ssl_cafile else None,
             certfile=str(k.ssl_certfile) if k.ssl_certfile else None,
             keyfile=str(k.ssl_keyfile) if k.ssl_keyfile else None,
         )
+    except ssl.SSLError as exc:
+        raise TlsError(f"kafka TLS files cannot be used ({exc.reason or exc}): check ssl_cafile, "
+                       "ssl_certfile and ssl_keyfile (PEM)") from None
+
+
+async def check_tls(k: KafkaSettings, timeout_s: float = 5.0) -> None:
+    """With SSL/SASL_SSL, one TLS handshake per bootstrap server before any Kafka client starts.
+
+    aiokafka logs a failed handshake and retries until its own timeout, then says only that it could not
+    bootstrap; an operator needs the reason (unknown CA, wrong host name, a plaintext port) at once."""
+    if not uses_tls(k):
+        return
+    ctx = tls_context(k)
+    for server in k.bootstrap_servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        host = host.strip("[]")
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout_s)
+        except (OSError, asyncio.TimeoutError):
+            continue  # unreachable: the clients' own retries and errors cover it
+        try:
+            await writer.start_tls(ctx, server_hostname=host, ssl_handshake_timeout=timeout_s)
+        except ssl.SSLCertVerificationError as exc:
+            raise TlsError(f"TLS to {host}:{port}: the broker's certificate was refused ({exc.verify_message}); "
+                           f"check kafka.ssl_cafile ({k.ssl_cafile or 'system CAs'}) and that the certificate "
+                           f"names {host!r}") from None
+        except (ssl.SSLError, OSError, asyncio.TimeoutError) as exc:
+            # A plaintext Kafka port reads the ClientHello as a request and waits, or hangs up.
+            writer.close()
+            raise TlsError(f"no TLS handshake with {host}:{port} ({getattr(exc, 'reason', None) or exc!r}): is that "
+                           "port a TLS listener?") from None
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except (OSError, ssl.SSLError):
+            pass
+
+
+def security_kwargs(k: KafkaSettings) -> dict[str, Any]:
+    """TLS and SASL options passed through to aiokafka; the password never reaches a log."""
+    kw: dict[str, Any] = {"security_protocol": k.security_protocol}
+    if uses_tls(k):
+        kw["ssl_context"] = tls_context(k)
     if k.security_protocol.startswith("SASL"):
         kw.update(sasl_mechanism=k.sasl_mechanism, sasl_plain_username=k.sasl_username,
                   sasl_plain_password=k.password())

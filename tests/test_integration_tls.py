@@ -1,0 +1,102 @@
+"""TLS for real: worker, replay and watch over TLS with a CA made here; a wrong CA or host name fails at
+start with a clear message and exit 1 (no model load, no retries until a timeout)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import pytest
+
+from streamer.kafka.broker import EmbeddedBroker, free_port
+from streamer.offline.recordings import parse_start
+from streamer.offline.replay import synthetic_fleet
+from tests.kafka_utils import (expected_windows, flags_of, isolated_settings, read_topic, settings_env,
+                               start_worker_process, wait_for_event)
+from tests.tls import TlsFront, have_openssl, make_ca, make_server_cert
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not have_openssl(), reason="the openssl command is needed to make test certificates")]
+
+START = "2026-11-22T12:00:00Z"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pki")
+    return {"ca": make_ca(folder, "test-ca"), "other_ca": make_ca(folder, "other-ca"),
+            "server": make_server_cert(folder, "test-ca", "broker", "IP:127.0.0.1,DNS:localhost"),
+            "misnamed": make_server_cert(folder, "test-ca", "elsewhere", "DNS:broker.example")}
+
+
+def _tls_broker(cert: tuple):
+    port = free_port()
+    broker = EmbeddedBroker(advertised=f"127.0.0.1:{port}").start()
+    return broker, TlsFront(port, broker.port, *cert).start()
+
+
+@pytest.fixture(scope="module")
+def tls_bootstrap(pki):
+    broker, front = _tls_broker(pki["server"])
+    yield f"127.0.0.1:{front.port}"
+    front.stop()
+    broker.stop()
+
+
+def _cli(args: list[str], env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streamer", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_worker_replay_and_watch_over_tls(tls_bootstrap, pki, tmp_path):
+    s = isolated_settings(tls_bootstrap, kafka={"security_protocol": "SSL", "ssl_cafile": pki["ca"]},
+                          partitions=2)  # topics created over TLS
+    log = tmp_path / "worker.log"
+    worker = start_worker_process(s, log)
+    try:
+        wait_for_event(log, "worker_started", proc=worker)
+        env = settings_env(s)
+        sent = _cli(["replay", "--synthetic", "3", "--duration", "40", "--start", START, "--speed", "max",
+                     "--encoding", "binary", "--quiet"], env)
+        assert sent.returncode == 0, sent.stderr[-2000:]
+        fleet = [src for src, _ in synthetic_fleet(3, 40.0, parse_start(START), seed=0)]
+        want = expected_windows(fleet)
+        records = asyncio.run(read_topic(s.kafka, s.kafka.flags_topic, timeout_s=90,
+                                         until=lambda rs: {(f["patient_id"], f["window_start_ns"])
+                                                           for f in flags_of(rs)} >= want))
+        assert {(f["patient_id"], f["window_start_ns"]) for f in flags_of(records)} == want
+        watched = _cli(["watch", "--seconds", "4", "--from-beginning"], env)
+        assert watched.returncode == 0, watched.stderr[-2000:]
+        assert sum(line.startswith("flag") for line in watched.stdout.splitlines()) >= len(want)
+    finally:
+        worker.terminate()
+        assert worker.wait(60) == 0
+
+
+@pytest.mark.parametrize("case", ["unknown_ca", "wrong_host_name", "plaintext_port"])
+def test_wrong_tls_setup_fails_at_start_with_the_reason(pki, broker, case):
+    started = []
+    try:
+        if case == "plaintext_port":
+            bootstrap, cafile, why = broker.bootstrap, pki["ca"], "is that port a TLS listener"
+        else:
+            tls_broker, front = _tls_broker(pki["misnamed"] if case == "wrong_host_name" else pki["server"])
+            started += [front, tls_broker]
+            bootstrap = f"127.0.0.1:{front.port}"
+            cafile, why = ((pki["ca"], "certificate is not valid for") if case == "wrong_host_name"
+                           else (pki["other_ca"], "unable to get local issuer certificate"))
+        env = {**settings_env(isolated_settings(broker.bootstrap)), "STREAMER_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+               "STREAMER_KAFKA__SECURITY_PROTOCOL": "SSL", "STREAMER_KAFKA__SSL_CAFILE": str(cafile)}
+        for command in (["run"], ["replay", "--synthetic", "1", "--duration", "10", "--speed", "max", "--quiet"],
+                        ["watch", "--seconds", "30"]):
+            t0 = time.monotonic()
+            out = _cli(command, env)
+            took = time.monotonic() - t0
+            assert out.returncode == 1, (command, out.returncode, out.stderr[-1500:])
+            assert why in out.stderr and "Traceback" not in out.stderr, out.stderr[-1500:]
+            assert took < 20, f"{command[0]} took {took:.1f}s to fail"
+    finally:
+        for part in started:
+            part.stop()

@@ -1,0 +1,117 @@
+"""schemas/ and streamer.client: what producers send and what the worker writes, as published files."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+
+from streamer.client import (FlagDeduplicator, MessageError, SuppressionView, decode_episode, decode_flag)
+from streamer.ingest.contract import Chunk, InvalidMessage, decode_json, encode_json
+from streamer.publish import EpisodeTracker, dumps, flag_message
+from streamer.settings import EpisodeSettings, WindowSettings
+from streamer.windows.buffer import INSUFFICIENT, SCORABLE, EmittedWindow
+from tests.kafka_utils import schema_validator
+
+T0 = 1_795_316_700_000_000_000
+MODEL = "test-model@sha256:0123456789abcdef"
+
+
+def _window(status: str, reason: str | None, start_ns: int = T0) -> EmittedWindow:
+    return EmittedWindow(patient_id="bed-1", partition=0, start_ns=start_ns, end_ns=start_ns + 10**10, fs=500.0,
+                         status=status, reason=reason, samples=None, missing=0 if reason is None else 5000,
+                         interpolated=0, min_offset=None, completed_at=0.0)
+
+
+def _errors(name: str, doc) -> list[str]:
+    return [e.message for e in schema_validator(name).iter_errors(doc)]
+
+
+@pytest.mark.parametrize("chunk", [
+    Chunk("bed-1", "II", T0, 500.0, np.linspace(-1, 1, 125)),
+    Chunk("bed-2", "MLII", T0, 360.0, np.zeros(90), seq=7, segment_start_ns=T0 - 10**9),
+])
+def test_the_project_json_producer_matches_the_input_schema(chunk):
+    assert _errors("ecg-chunk.v1.schema.json", orjson.loads(encode_json(chunk))) == []
+
+
+@pytest.mark.parametrize("doc", [
+    {"patient_id": "b", "t0_ns": T0, "fs": 500, "samples": [0.1]},  # no lead
+    {"patient_id": "b", "lead": "II", "t0_ns": T0, "fs": 500, "samples": [0.1], "counts": [1], "gain": 200},
+    {"patient_id": "b", "lead": "II", "t0_ns": T0, "fs": 500, "counts": [1]},  # counts without gain
+    {"patient_id": "b", "lead": "II", "t0_ns": T0, "fs": 500, "counts": [1], "gain": 200, "units": "uV"},
+    {"patient_id": "b", "lead": "II", "t0_ns": T0, "fs": 500, "samples": [0.1], "extra": 1},
+    {"patient_id": "b", "lead": "II", "t0_ns": "now", "fs": 500, "samples": [0.1]},
+    {"patient_id": "", "lead": "II", "t0_ns": T0, "fs": 500, "samples": [0.1]},
+])
+def test_what_the_schema_refuses_the_worker_refuses(doc):
+    assert _errors("ecg-chunk.v1.schema.json", doc), "the schema must refuse it"
+    with pytest.raises(InvalidMessage):
+        decode_json(orjson.dumps(doc), WindowSettings())
+
+
+def test_counts_with_gain_match_the_schema_and_decode():
+    doc = {"patient_id": "b", "lead": "II", "t0_ns": T0, "fs": 500, "counts": [100, 200], "gain": 200,
+           "baseline": 0}
+    assert _errors("ecg-chunk.v1.schema.json", doc) == []
+    assert decode_json(orjson.dumps(doc), WindowSettings()).samples.tolist() == [0.5, 1.0]
+
+
+@pytest.mark.parametrize("status,reason,p", [
+    (SCORABLE, None, 0.91), (SCORABLE, None, 0.0), (INSUFFICIENT, "no_data", None),
+    (INSUFFICIENT, "gap_too_long", None), (INSUFFICIENT, "implausible_amplitude", None),
+])
+def test_every_kind_of_flag_matches_the_schema_and_decodes(status, reason, p):
+    msg = flag_message(_window(status, reason), p, 0.208, MODEL)
+    assert _errors("artifact-flag.v1.schema.json", msg) == []
+    flag = decode_flag(dumps(msg))
+    assert flag.window_id == f"bed-1:{T0}" and flag.scored == (status == SCORABLE)
+    assert flag.artifact == (None if p is None else p >= 0.208)
+
+
+def test_a_flag_that_breaks_its_rules_fails_the_schema():
+    msg = flag_message(_window(SCORABLE, None), 0.5, 0.208, MODEL)
+    assert _errors("artifact-flag.v1.schema.json", {**msg, "probability": None})  # scored without a score
+    assert _errors("artifact-flag.v1.schema.json", {**msg, "status": "maybe"})
+    assert _errors("artifact-flag.v1.schema.json", {**msg, "schema": 2})
+    with pytest.raises(MessageError, match="scored window needs"):
+        decode_flag(dumps({**msg, "probability": None}))
+    with pytest.raises(MessageError, match="schema 2"):
+        decode_flag(dumps({**msg, "schema": 2}))
+    with pytest.raises(MessageError, match="latency_ms"):
+        decode_flag(dumps({**msg, "latency_ms": "fast"}))
+
+
+def test_episode_open_and_close_match_the_schema_and_drive_suppression():
+    tracker = EpisodeTracker(EpisodeSettings(open_after=2, close_after=2), MODEL)
+    view = SuppressionView()
+    events = []
+    for i, p in enumerate([0.9, 0.95, 0.1, 0.05]):
+        msg = tracker.update(flag_message(_window(SCORABLE, None, T0 + i * 10**10), p, 0.208, MODEL))
+        if msg is not None:
+            assert _errors("artifact-episode.v1.schema.json", msg) == []
+            ep = decode_episode(dumps(msg))
+            assert view.apply(ep)
+            events.append((ep.state, view.suppressed("bed-1")))
+    assert events == [("open", True), ("closed", False)]
+    assert view.open_episodes() == []
+
+
+def test_an_older_copy_of_an_episode_never_wins():
+    tracker = EpisodeTracker(EpisodeSettings(open_after=1, close_after=1), MODEL)
+    opened = decode_episode(dumps(tracker.update(flag_message(_window(SCORABLE, None), 0.9, 0.2, MODEL))))
+    closed = decode_episode(dumps(tracker.update(flag_message(_window(SCORABLE, None, T0 + 10**10), 0.1, 0.2, MODEL))))
+    view = SuppressionView()
+    assert view.apply(closed) and not view.suppressed("bed-1")
+    assert not view.apply(opened), "a re-published open from before the close must not turn suppression on"
+    assert not view.suppressed("bed-1")
+
+
+def test_deduplicator_passes_each_window_once_within_its_capacity():
+    flags = [decode_flag(dumps(flag_message(_window(SCORABLE, None, T0 + i * 10**10), 0.5, 0.2, MODEL)))
+             for i in range(5)]
+    d = FlagDeduplicator(capacity=3)
+    assert [d.first_time(f) for f in flags[:3]] == [True] * 3
+    assert [d.first_time(f) for f in flags[:3]] == [False] * 3  # re-published copies
+    assert d.first_time(flags[3]) and d.first_time(flags[4])
+    assert d.first_time(flags[0]), "forgotten beyond its capacity"
