@@ -1,4 +1,4 @@
-"""`streamer` command line: broker, run, replay, score, validate, watch, demo."""
+"""`streamer` command line: broker, run, replay, score, validate, watch, view, demo."""
 
 from __future__ import annotations
 
@@ -180,6 +180,22 @@ def cmd_watch(args) -> int:
     return asyncio.run(watch(s.kafka, seconds=args.seconds, from_beginning=args.from_beginning))
 
 
+def cmd_view(args) -> int:
+    from streamer.view import ViewServer, Ward
+
+    s = _settings(args)
+    server = ViewServer(s.kafka, host=args.host, port=args.port, from_beginning=args.from_beginning,
+                        ward=Ward(strip_s=args.strip_s, max_beds=args.max_beds))
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        _install_stop(asyncio.get_running_loop(), stop.set)
+        await server.run(stop)
+        return 0
+
+    return asyncio.run(main())
+
+
 def cmd_demo(args) -> int:
     from streamer.demo import run_demo
 
@@ -262,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--seconds", type=float, default=None, help="stop after this long")
     w.add_argument("--from-beginning", action="store_true")
     w.set_defaults(func=cmd_watch)
+
+    vw = sub.add_parser("view", help="live web page of every bed: ECG strip, flags, episodes (127.0.0.1)")
+    vw.add_argument("--host", default="127.0.0.1", help="address to serve on (loopback by default)")
+    vw.add_argument("--port", type=int, default=8765, help="0 = a free port")
+    vw.add_argument("--strip-s", type=float, default=60.0, help="seconds of ECG kept and drawn per bed")
+    vw.add_argument("--max-beds", type=int, default=1000)
+    vw.add_argument("--from-beginning", action="store_true")
+    vw.set_defaults(func=cmd_view)
 
     d = sub.add_parser("demo", help="end to end on an embedded broker: broker, worker, synthetic beds, flags")
     d.add_argument("--beds", type=int, default=6)

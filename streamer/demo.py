@@ -18,7 +18,7 @@ import numpy as np
 import orjson
 
 from streamer.evaluation import auroc, confusion
-from streamer.kafka.broker import EmbeddedBroker
+from streamer.kafka.broker import EmbeddedBroker, free_port
 from streamer.kafka.clients import ensure_topics, make_consumer
 from streamer.offline.recordings import parse_start
 from streamer.offline.replay import replay, synthetic_fleet
@@ -64,6 +64,7 @@ def run_demo(beds: int = 6, duration_s: float = 90.0, speed: float = 4.0, seed: 
         env = dict(os.environ, STREAMER_KAFKA__BOOTSTRAP_SERVERS=broker.bootstrap, STREAMER_LOG_FORMAT="json",
                    STREAMER_BATCHING__MAX_WAIT_MS="100")
         log = open(OUT / "worker.log", "wb")
+        view = None
         worker = subprocess.Popen([sys.executable, "-m", "streamer", "run"], env=env, stdout=log,
                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
@@ -72,6 +73,12 @@ def run_demo(beds: int = 6, duration_s: float = 90.0, speed: float = 4.0, seed: 
                 return 1
             model_line = next(l for l in (OUT / "worker.log").read_bytes().splitlines() if b"model_loaded" in l)
             print(f"worker   pid {worker.pid}, model {orjson.loads(model_line)['model_id']}", flush=True)
+            view_port = free_port()
+            view = subprocess.Popen([sys.executable, "-m", "streamer", "view", "--port", str(view_port)], env=env,
+                                    stdout=open(OUT / "view.log", "wb"), stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+            if _wait_for(OUT / "view.log", b"view_listening", view, 60):
+                print(f"view     http://127.0.0.1:{view_port}/  (the ward page, live while the demo runs)", flush=True)
             fleet = synthetic_fleet(beds, duration_s, parse_start(time.strftime("%Y-%m-%dT%H:%M:%SZ")),
                                     seed=seed, rates=(500.0, 360.0, 250.0))
             truth = {}  # the windows REFERENCE.md's segmentation makes, labelled by injected artifacts
@@ -95,6 +102,12 @@ def run_demo(beds: int = 6, duration_s: float = 90.0, speed: float = 4.0, seed: 
 
             flags, episodes = asyncio.run(main())
         finally:
+            if view is not None:
+                view.send_signal(signal.SIGTERM)
+                try:
+                    view.wait(10)
+                except subprocess.TimeoutExpired:
+                    view.kill()
             worker.send_signal(signal.SIGTERM)
             try:
                 code = worker.wait(60)
