@@ -3,7 +3,7 @@
 Latency per window = the flag received by a reader - the moment the window's last sample was due to be
 sent (real-time schedule). It includes producer, broker, worker, inference, publish and fetch.
 
-    python benchmarks/bench_e2e.py --beds 100 --seconds 60
+    python -m benchmarks.bench_e2e --beds 100 --seconds 60
 """
 
 from __future__ import annotations
@@ -20,14 +20,13 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.campaigns import wait_ready  # noqa: E402
-from benchmarks.common import record  # noqa: E402
-from streamer.kafka.broker import EmbeddedBroker, free_port  # noqa: E402
-from streamer.kafka.clients import ensure_topics, make_consumer  # noqa: E402
-from streamer.offline.replay import replay, synthetic_fleet  # noqa: E402
-from streamer.settings import KafkaSettings  # noqa: E402
-from streamer.windows.segmentation import segment  # noqa: E402
+from benchmarks.campaigns import wait_ready
+from benchmarks.common import record
+from streamer.kafka.broker import EmbeddedBroker, free_port
+from streamer.kafka.clients import ensure_topics, make_consumer
+from streamer.offline.replay import replay, synthetic_fleet
+from streamer.settings import KafkaSettings
+from streamer.windows.segmentation import segment
 
 
 async def run(beds: int, seconds: float, max_batch: int, max_wait_ms: float, encoding: str, backend: str,

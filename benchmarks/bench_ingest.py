@@ -1,24 +1,21 @@
 """Ingest throughput in one process: decode + validate + buffer (windows emitted), per encoding.
 
-    python benchmarks/bench_ingest.py [--beds 200] [--seconds 60] [--chunk-s 0.25]
+    python -m benchmarks.bench_ingest [--beds 200] [--seconds 60] [--chunk-s 0.25]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import record  # noqa: E402
-from streamer.ingest.contract import decode  # noqa: E402
-from streamer.ingest.producer import chunks_of, encode  # noqa: E402
-from streamer.offline.recordings import regular_times  # noqa: E402
-from streamer.settings import WindowSettings  # noqa: E402
-from streamer.windows.stage import WindowStage  # noqa: E402
+from benchmarks.common import record
+from streamer.ingest.contract import decode
+from streamer.ingest.producer import chunks_of, encode
+from streamer.offline.recordings import regular_times
+from streamer.settings import WindowSettings
+from streamer.windows.stage import WindowStage
 
 
 def main() -> None:

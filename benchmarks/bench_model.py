@@ -4,7 +4,7 @@ Baseline (measured in the same run): a Pillow image per window (torch.stft per w
 resize), 3-channel input, plain fp32 NCHW model, batch 128. Ours: batched preprocessing (Pillow-exact
 matmuls), folded stem, channels_last.
 
-    python benchmarks/bench_model.py [--batches 16,32,64,128] [--windows 256] [--skip-score]
+    python -m benchmarks.bench_model [--batches 16,32,64,128] [--windows 256] [--skip-score]
 
 Then `streamer score` as a user runs it (a fresh process per run, the backend cache warm), on a 29- and a
 299-window recording at 360 Hz: wall time, marginal windows/s between the two, and its ratio to the
@@ -19,19 +19,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import record  # noqa: E402
-from streamer.model.checkpoint import build_network, load_state_dict  # noqa: E402
-from streamer.model.infer import ArtifactScorer, demo_checkpoint_path  # noqa: E402
-from streamer.model.preprocess import Preprocessor  # noqa: E402
-from streamer.settings import ModelSettings  # noqa: E402
-from streamer.synthetic import generate  # noqa: E402
-from tests.reference_impl import image as pillow_image  # noqa: E402
+from benchmarks.common import record
+from streamer.model.checkpoint import build_network, load_state_dict
+from streamer.model.infer import ArtifactScorer, demo_checkpoint_path
+from streamer.model.preprocess import Preprocessor
+from streamer.settings import ModelSettings
+from streamer.synthetic import generate
+from tests.reference_impl import image as pillow_image
 
 
 def windows(n: int) -> np.ndarray:

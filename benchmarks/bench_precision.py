@@ -3,24 +3,21 @@
 On CUDA this measures the deployed setting (model.precision = bf16 / fp16). On a CPU-only machine it
 measures bf16 on the CPU as a proxy (CPU fp16 convolutions are not a deployment option).
 
-    python benchmarks/bench_precision.py [--windows 256]
+    python -m benchmarks.bench_precision [--windows 256]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import record  # noqa: E402
-from streamer.model.infer import ArtifactScorer  # noqa: E402
-from streamer.settings import ModelSettings  # noqa: E402
-from streamer.synthetic import generate  # noqa: E402
-from streamer.windows.resample import to_model_samples  # noqa: E402
+from benchmarks.common import record
+from streamer.model.infer import ArtifactScorer
+from streamer.settings import ModelSettings
+from streamer.synthetic import generate
+from streamer.windows.resample import to_model_samples
 
 
 def main() -> None:

@@ -4,25 +4,22 @@ Feeds `streamer.view.Ward` directly (no broker: what is measured is the view, no
 monitors and a worker send: 0.25-s binary chunks at 500 Hz, one flag per bed per 10 s, an episode now
 and then; builds and encodes one server-sent-event delta per simulated second, as the server pushes.
 
-    python benchmarks/bench_view.py [--beds 400] [--minutes 15]
+    python -m benchmarks.bench_view [--beds 400] [--minutes 15]
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import orjson
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import record  # noqa: E402
-from streamer.ingest.contract import Chunk, encode_binary  # noqa: E402
-from streamer.settings import WindowSettings  # noqa: E402
-from streamer.view import Ward  # noqa: E402
+from benchmarks.common import record
+from streamer.ingest.contract import Chunk, encode_binary
+from streamer.settings import WindowSettings
+from streamer.view import Ward
 
 FS, CHUNK_S, T0 = 500.0, 0.25, 1_795_316_700_000_000_000
 
@@ -40,7 +37,6 @@ def main() -> None:
     ward, settings = Ward(), WindowSettings()
     rng = np.random.default_rng(0)
     wave = (np.sin(np.linspace(0, 2 * np.pi * 1.2, int(FS * CHUNK_S))) + rng.normal(0, 0.05, int(FS * CHUNK_S)))
-    n = int(FS * CHUNK_S)
     seconds = int(args.minutes * 60)
     push_ms, push_bytes, rss = [], [], {}
     busy = 0.0

@@ -1,13 +1,13 @@
 """Reliability campaigns against the embedded broker (loopback only, bounded in time, stop by themselves).
 
-    python benchmarks/campaigns.py crash --beds 100 --kills 20 --seconds 240
-    python benchmarks/campaigns.py stall --stalls 5,30,120 --beds 50
-    python benchmarks/campaigns.py fuzz --messages 10000 --beds 10
-    python benchmarks/campaigns.py slow --beds 50 --delay 2 --slow-for 45
-    python benchmarks/campaigns.py soak --beds 200 --seconds 600
-    python benchmarks/campaigns.py clock --beds 50 --kills 3
-    python benchmarks/campaigns.py broker-crash --beds 50 --kills 5      # durable (S3) storage
-    python benchmarks/campaigns.py soak --beds 100 --seconds 600 --storage s3
+    python -m benchmarks.campaigns crash --beds 100 --kills 20 --seconds 240
+    python -m benchmarks.campaigns stall --stalls 5,30,120 --beds 50
+    python -m benchmarks.campaigns fuzz --messages 10000 --beds 10
+    python -m benchmarks.campaigns slow --beds 50 --delay 2 --slow-for 45
+    python -m benchmarks.campaigns soak --beds 200 --seconds 600
+    python -m benchmarks.campaigns clock --beds 50 --kills 3
+    python -m benchmarks.campaigns broker-crash --beds 50 --kills 5      # durable (S3) storage
+    python -m benchmarks.campaigns soak --beds 100 --seconds 600 --storage s3
 
 Each prints its figures and appends them to benchmarks/RESULTS.md. tests/test_campaigns.py runs short
 versions of the same functions in CI.
@@ -34,17 +34,16 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from streamer.ingest.producer import chunks_of  # noqa: E402
-from streamer.ingest.contract import HEADER_SIZE, MAGIC, Chunk, encode_binary  # noqa: E402
-from streamer.ingest.deadletter import headers_dict  # noqa: E402
-from streamer.kafka.broker import EmbeddedBroker  # noqa: E402
-from streamer.kafka.clients import ensure_topics, make_producer, read_records  # noqa: E402
-from streamer.offline.recordings import Recording, parse_start  # noqa: E402
-from streamer.offline.replay import Source, replay, synthetic_fleet  # noqa: E402
-from streamer.settings import KafkaSettings, Settings, settings_to_env  # noqa: E402
-from streamer.windows.segmentation import segment  # noqa: E402
-from tests.kafka_utils import wait_for_event  # noqa: E402
+from streamer.ingest.producer import chunks_of
+from streamer.ingest.contract import HEADER_SIZE, MAGIC, Chunk, encode_binary
+from streamer.ingest.deadletter import headers_dict
+from streamer.kafka.broker import EmbeddedBroker
+from streamer.kafka.clients import ensure_topics, make_producer, read_records
+from streamer.offline.recordings import Recording, parse_start
+from streamer.offline.replay import Source, replay, synthetic_fleet
+from streamer.settings import KafkaSettings, Settings, settings_to_env
+from streamer.windows.segmentation import segment
+from tests.kafka_utils import wait_for_event
 
 
 # -- shared ------------------------------------------------------------------------------------------
@@ -128,18 +127,23 @@ def record(figure: str, value: str) -> None:
 
 
 # -- crash ---------------------------------------------------------------------------------------------
-def crash_campaign(bootstrap: str, beds: int, kills: int, seconds: float, speed: float, checkpoint: str | None,
-                   seed: int = 0, workdir: Path | None = None) -> dict:
-    """SIGKILL the worker at random moments `kills` times while beds stream; count lost windows."""
-    workdir = workdir or Path(tempfile.mkdtemp(prefix="crash-"))
+def _worker_and_feed(bootstrap: str, beds: int, seconds: float, speed: float, checkpoint: str | None, seed: int,
+                     start: str, workdir: Path):
+    """A worker process with its partitions assigned, and a synthetic fleet streaming to it."""
     s = campaign_settings(bootstrap, checkpoint=checkpoint)
-    fleet = [src for src, _ in synthetic_fleet(beds, seconds, parse_start("2026-11-22T09:00:00Z"), seed=seed)]
-    expected = expected_of(fleet)
-    rng = random.Random(seed)
+    fleet = [src for src, _ in synthetic_fleet(beds, seconds, parse_start(start), seed=seed)]
     log = workdir / "worker.log"
     proc = start_worker(s, log)
     wait_for_event(log, "partition_assigned", proc=proc)
-    feeder = feed_in_background(s.kafka, fleet, speed)
+    return s, expected_of(fleet), proc, log, feed_in_background(s.kafka, fleet, speed)
+
+
+def crash_campaign(bootstrap: str, beds: int, kills: int, seconds: float, speed: float, checkpoint: str | None,
+                   seed: int = 0, workdir: Path | None = None) -> dict:
+    """SIGKILL the worker at random moments `kills` times while beds stream; count lost windows."""
+    s, expected, proc, log, feeder = _worker_and_feed(bootstrap, beds, seconds, speed, checkpoint, seed,
+                                                      "2026-11-22T09:00:00Z", workdir or Path(tempfile.mkdtemp(prefix="crash-")))
+    rng = random.Random(seed)
     span = seconds / speed
     try:
         for _ in range(kills):
@@ -168,7 +172,7 @@ class ObjectStore:
 
     def __enter__(self) -> "ObjectStore":
         try:
-            import moto  # noqa: F401
+            import moto  # noqa: F401  (only: is it installed?)
         except ImportError:
             print("[campaign] installing moto[server] (the S3-compatible store) into this environment", flush=True)
             subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moto[server]"], check=True)
@@ -213,15 +217,10 @@ def broker_crash_campaign(broker: EmbeddedBroker, beds: int, kills: int, seconds
                           workdir: Path | None = None) -> dict:
     """SIGKILL the broker `kills` times at random moments while beds stream, restart it after a random
     outage on the same port and storage; count lost windows. The worker and the replayer must ride it out."""
-    workdir = workdir or Path(tempfile.mkdtemp(prefix="broker-crash-"))
-    s = campaign_settings(broker.bootstrap, checkpoint=checkpoint)
-    fleet = [src for src, _ in synthetic_fleet(beds, seconds, parse_start("2026-11-22T16:00:00Z"), seed=seed)]
-    expected = expected_of(fleet)
+    s, expected, proc, log, feeder = _worker_and_feed(broker.bootstrap, beds, seconds, speed, checkpoint, seed,
+                                                      "2026-11-22T16:00:00Z",
+                                                      workdir or Path(tempfile.mkdtemp(prefix="broker-crash-")))
     rng = random.Random(seed)
-    log = workdir / "worker.log"
-    proc = start_worker(s, log)
-    wait_for_event(log, "partition_assigned", proc=proc)
-    feeder = feed_in_background(s.kafka, fleet, speed)
     span = seconds / speed
     outages = []
     try:
@@ -303,20 +302,22 @@ def _first_flag_after(log: Path, t_monotonic: float) -> float | None:
 # -- slow inference -------------------------------------------------------------------------------------
 def slow_campaign(bootstrap: str, beds: int, seconds: float, delay_s: float, slow_for_s: float,
                   checkpoint: str | None) -> dict:
-    """Inference slowed below the arrival rate (test hook) for slow_for_s, then recovered: backpressure,
+    """Inference slowed below the arrival rate (a SlowScorer injected) for slow_for_s, then recovered: backpressure,
     bounded memory, catch-up time, lost windows."""
+    from streamer.model.infer import ArtifactScorer
     from streamer.worker import Worker
+    from tests.slow_scorer import SlowScorer
 
     s = campaign_settings(bootstrap, partitions=4, checkpoint=checkpoint)
     s.batching.max_pending_windows = 64
     s.batching.max_batch = 4  # with +delay_s per batch, capacity 4/delay_s windows/s: below beds/10 arriving
     s.model.device_batch = 4
-    s.batching.test_inference_delay_s = delay_s
     fleet = [src for src, _ in synthetic_fleet(beds, seconds, parse_start("2026-11-22T17:00:00Z"), seed=7)]
     expected = expected_of(fleet)
 
     async def main() -> dict:
-        worker = Worker(s)
+        slow = SlowScorer(ArtifactScorer(s.model).warm_up(), delay_s)
+        worker = Worker(s, scorer=slow)
         task = asyncio.create_task(worker.run())
         while not worker.assigned:
             await asyncio.sleep(0.2)
@@ -324,13 +325,13 @@ def slow_campaign(bootstrap: str, beds: int, seconds: float, delay_s: float, slo
         t0 = time.monotonic()
         peak_pending = peak_bytes = paused_s = 0.0
         while time.monotonic() - t0 < slow_for_s:
-            peak_pending = max(peak_pending, sum(worker.pending_by_tp.values()))
+            peak_pending = max(peak_pending, worker.ledger.in_flight())
             peak_bytes = max(peak_bytes, worker.stage.nbytes)
             paused_s += 0.1 if worker.paused else 0.0
             await asyncio.sleep(0.1)
-        worker.s.batching.test_inference_delay_s = 0.0
+        slow.delay_s = 0.0
         recovered = time.monotonic()
-        while (worker.paused or sum(worker.pending_by_tp.values()) > 8) and time.monotonic() - recovered < 300:
+        while (worker.paused or worker.ledger.in_flight() > 8) and time.monotonic() - recovered < 300:
             await asyncio.sleep(0.1)
         catch_up = time.monotonic() - recovered
         await feed

@@ -38,7 +38,9 @@ def commit() -> str:
 
 
 def record(figure: str, value: str, baseline: str = "", ratio: str = "", command: str | None = None) -> None:
-    cmd = command or "python " + " ".join([Path(sys.argv[0]).as_posix().split("/main/")[-1], *sys.argv[1:]])
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    how = f"-m {spec.name}" if spec is not None else Path(sys.argv[0]).as_posix().split("/main/")[-1]
+    cmd = command or "python " + " ".join([how, *sys.argv[1:]])
     row = (f"| {datetime.date.today()} | {machine()} | {commit()} | `{cmd}` | {figure} | {value} | "
            f"{baseline} | {ratio} |\n")
     if not RESULTS.exists():

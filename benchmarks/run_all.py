@@ -1,6 +1,6 @@
 """Run every benchmark that fits this machine, appending to benchmarks/RESULTS.md.
 
-    python benchmarks/run_all.py [--quick]
+    python -m benchmarks.run_all [--quick]   (from the repository root; `python benchmarks/run_all.py` works too)
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ def main() -> None:
          "--backend", "onnxruntime", "--cpu-threads", "1"],  # the fastest CPU setup measured here
     ]
     for run in runs:
-        print("$ python benchmarks/" + " ".join(run), flush=True)
-        subprocess.run([sys.executable, str(HERE / run[0]), *run[1:]], check=True)
+        module = "benchmarks." + run[0].removesuffix(".py")
+        print(f"$ python -m {module} " + " ".join(run[1:]), flush=True)
+        subprocess.run([sys.executable, "-m", module, *run[1:]], check=True, cwd=HERE.parent)
     print((HERE / "RESULTS.md").read_text())
 
 

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from streamer.errors import SettingsError
 from streamer.lifecycle import EarlyStop, ignore_further_stops, install_early_stop, stop_requested
 
 # Only the standard library above: `streamer run` installs its stop handler before anything slow is
@@ -76,7 +77,7 @@ def cmd_run(args) -> int:
     if args.create_topics:
         s.kafka.create_topics = True
     _log().info("worker_starting", group=s.kafka.group_id, topics=s.kafka.input_topics)
-    from streamer.model.checkpoint import CheckpointError
+    from streamer.model.errors import ModelError
     from streamer.worker import StartupError, Worker
 
     worker = Worker(s)
@@ -89,7 +90,7 @@ def cmd_run(args) -> int:
 
     try:
         code = asyncio.run(main())
-    except (StartupError, CheckpointError) as exc:
+    except (StartupError, ModelError) as exc:
         _log().error("startup_failed", error=str(exc))
         print(f"streamer run: {exc}", file=sys.stderr)
         return 1
@@ -132,7 +133,7 @@ def cmd_replay(args) -> int:
 
 # -- score ----------------------------------------------------------------------------------------
 def cmd_score(args) -> int:
-    from streamer.model.checkpoint import CheckpointError
+    from streamer.model.errors import ModelError
     from streamer.offline.recordings import RecordingError
     from streamer.offline.score import score_file
 
@@ -144,7 +145,7 @@ def cmd_score(args) -> int:
     try:
         df = score_file(args.recording, s.model, fs=args.fs, start=args.start, channel=args.channel,
                         overlap_s=args.overlap, batch_size=args.batch_size, progress=not args.quiet)
-    except (RecordingError, CheckpointError) as exc:
+    except (RecordingError, ModelError) as exc:
         print(f"streamer score: {exc}", file=sys.stderr)
         return 2
     if args.patient:
@@ -164,7 +165,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from streamer.synthetic import write_dataset
+    from streamer.offline.dataset import write_dataset
 
     paths = write_dataset(Path(args.out), args.patients, args.duration, args.fs, args.seed, args.start,
                           args.artifact_fraction)
@@ -313,11 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"streamer {args.command}: {exc}", file=sys.stderr)
         return 1
-    except SystemExit as exc:
-        from streamer.settings import SettingsError
-
-        if not isinstance(exc, SettingsError):
-            raise
+    except SettingsError as exc:
         print(f"streamer {args.command}: {exc}", file=sys.stderr)
         return 2
 

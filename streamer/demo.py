@@ -81,7 +81,7 @@ def run_demo(beds: int = 6, duration_s: float = 90.0, speed: float = 4.0, seed: 
                 print(f"view     http://127.0.0.1:{view_port}/  (the ward page, live while the demo runs)", flush=True)
             fleet = synthetic_fleet(beds, duration_s, parse_start(time.strftime("%Y-%m-%dT%H:%M:%SZ")),
                                     seed=seed, rates=(500.0, 360.0, 250.0))
-            truth = {}  # the windows REFERENCE.md's segmentation makes, labelled by injected artifacts
+            truth = {}  # the windows docs/preprocessing.md's segmentation makes, labelled by injected artifacts
             for src, ecg in fleet:
                 for w in segment(src.recording.times_ns):
                     share = ecg.artifact_mask[w.first:w.stop].mean()

@@ -18,7 +18,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-RELEASED_THRESHOLD = 0.20802117884159088
+from streamer.errors import SettingsError  # noqa: F401  (raised here; imported from here too)
+from streamer.spec import RELEASED_THRESHOLD, WINDOW_S  # noqa: F401  (re-exported)
 
 
 class _Group(BaseModel):
@@ -75,7 +76,7 @@ class KafkaSettings(_Group):
 
 
 class WindowSettings(_Group):
-    window_s: float = Field(10.0, gt=0, description="fixed by the released model; change only for experiments")
+    window_s: float = Field(WINDOW_S, gt=0, description="fixed by the released model; change only for experiments")
     overlap_s: float = Field(0.0, ge=0)
     reorder_tolerance_s: float = Field(2.0, ge=0, description="how long a window with holes waits for late chunks")
     max_interpolated_gap_samples: int = Field(5, ge=0)
@@ -138,7 +139,6 @@ class BatchSettings(_Group):
     max_batch: int = Field(64, ge=1)
     max_wait_ms: float = Field(200.0, ge=0)
     max_pending_windows: int = Field(2048, ge=1, description="pause fetching above this many queued windows")
-    test_inference_delay_s: float = Field(0.0, ge=0, description="test hook: slows every batch (campaigns)")
 
 
 class EpisodeSettings(_Group):
@@ -205,10 +205,6 @@ class Settings(BaseSettings):
         if config:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config)))
         return tuple(sources)
-
-
-class SettingsError(SystemExit):
-    """Raised at start when settings are invalid; the message names each bad setting."""
 
 
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:

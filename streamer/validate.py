@@ -21,7 +21,7 @@ from streamer.evaluation import (auprc, auroc, bootstrap_ci, confusion, roc_curv
                                  threshold_for_specificity)
 from streamer.synthetic import ARTIFACT_SHARE
 
-WINDOW_NS = 10 * 10**9
+from streamer.spec import WINDOW_NS  # noqa: E402
 
 
 def load_flags(source: str, kafka=None, patient: str = "recording") -> pd.DataFrame:

@@ -1,37 +1,35 @@
-"""The asyncio worker: ingest -> windows -> batches -> model -> publish -> commit.
+"""The asyncio worker wires the stages and runs their loops; each stage lives in its own module.
 
-Four tasks share one event loop: the consume loop (decode, buffer, emit windows), the inference loop
-(micro-batches, run in a worker thread so heartbeats and fetching go on), the publish loop (flags and
-episodes, in window order, acknowledged by the broker) and the commit loop (kafka/commits.py's rule).
+ingest/ (decode, dead letters) -> windows/ (per-patient grids) -> batching.py -> model/scoring.py (in the
+inference thread) -> publish/ (flags, episodes) -> checkpointing/ (offsets ledger, checkpoint). Four tasks
+share one event loop: consume, inference, publish and commit; rebalances restore and checkpoint the
+patient states (state/).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
 from streamer.batching import MicroBatcher
-from streamer.checkpointing import Checkpointer
+from streamer.checkpointing import Checkpointer, OffsetsLedger
 from streamer.ingest.contract import InvalidMessage, decode
-from streamer.ingest.deadletter import dead_letter_headers, oversized_dead_letter
-from streamer.kafka.clients import (TlsError, check_tls, ensure_topics, make_consumer, make_producer,
-                                    missing_topics, retriable, retry_kafka)
-from streamer.kafka.commits import CommitTracker
-from streamer.logs import episode_ref, get_logger, patient_ref
+from streamer.ingest.deadletter import DeadLetters
+from streamer.kafka.clients import TlsError, check_tls, ensure_topics, make_consumer, make_producer, missing_topics
+from streamer.logs import get_logger, patient_ref
 from streamer.metrics import HealthServer, Metrics
 from streamer.model.infer import ArtifactScorer
-from streamer.publish import EpisodeTracker, dumps, flag_message
+from streamer.model.scoring import WindowScorer
+from streamer.publish.episodes import EpisodeTracker
+from streamer.publish.publisher import Publisher
 from streamer.settings import Settings
 from streamer.state.changelog import read_states
 from streamer.state.store import StateStore
-from streamer.windows.buffer import SCORABLE, EmittedWindow
-from streamer.windows.resample import to_model_samples
+from streamer.windows.buffer import EmittedWindow
 from streamer.windows.stage import WindowStage
 
 log = get_logger("streamer.worker")
@@ -59,16 +57,16 @@ class Worker:
         self.scorer = scorer
         self.store = StateStore()
         self.stage = WindowStage(settings.windows, self.store)
-        self.tracker = CommitTracker()
+        self.ledger = OffsetsLedger()
         self.checkpointer: Checkpointer | None = None
         self.settled = asyncio.Event()  # set whenever an output is acknowledged (revocation waits on it)
         self.batcher = MicroBatcher(settings.batching.max_batch, settings.batching.max_wait_ms)
-        self.episodes: EpisodeTracker | None = None
+        self.publisher: Publisher | None = None  # built once the model id and the producer exist
+        self.dead_letters: DeadLetters | None = None
+        self.window_scorer: WindowScorer | None = None
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
         self.stopping = asyncio.Event()
-        self.pending_by_tp: Counter[TopicPartition] = Counter()  # emitted, not yet acknowledged
         self.assigned: set[TopicPartition] = set()
-        self.dead_letter_tasks: set[asyncio.Task] = set()
         self.paused = False
         self.consumer = None
         self.producer = None
@@ -112,7 +110,7 @@ class Worker:
             return False
         info = self.scorer.info
         self.metrics.model.info({"model_id": info.model_id, "device": info.device, "precision": info.precision})
-        self.episodes = EpisodeTracker(self.s.episodes, info.model_id)
+        self.window_scorer = WindowScorer(self.scorer, self.s.model.cpu_fallback, self.metrics)
         try:
             if k.create_topics:
                 await ensure_topics(k)
@@ -126,8 +124,11 @@ class Worker:
         self.producer = make_producer(k)
         self.consumer = make_consumer(k)
         self.state_reader = make_consumer(k, group_id=None, client_id=f"{k.client_id}-state")
-        self.checkpointer = Checkpointer(self.tracker, self.stage, self.store, self.consumer, self.producer,
+        self.checkpointer = Checkpointer(self.ledger, self.stage, self.store, self.consumer, self.producer,
                                          k.state_topic)
+        self.publisher = Publisher(k, self.producer, self.ledger, self.store,
+                                   EpisodeTracker(self.s.episodes, info.model_id), self.metrics, self.settled)
+        self.dead_letters = DeadLetters(k.dead_letter_topic, self.producer, self.ledger, self.metrics, self.settled)
         try:
             await self.producer.start()
             await self.state_reader.start()
@@ -180,10 +181,10 @@ class Worker:
         elif infer.done():
             ending.append(asyncio.create_task(publish_queue.put(None)))  # publish what is queued, then end
         try:
-            await asyncio.wait_for(asyncio.gather(infer, publish, *ending, *self.dead_letter_tasks,
+            await asyncio.wait_for(asyncio.gather(infer, publish, *ending, *self.dead_letters.tasks, *self.publisher.tasks,
                                                   return_exceptions=True), deadline)
         except asyncio.TimeoutError:
-            log.error("shutdown_deadline_exceeded", pending=sum(self.pending_by_tp.values()))
+            log.error("shutdown_deadline_exceeded", pending=self.ledger.in_flight())
             code = 1
         commit.cancel()
         await asyncio.gather(consume, commit, return_exceptions=True)
@@ -243,7 +244,7 @@ class Worker:
             await asyncio.sleep(0)  # let publish/commit run between fetches
 
     def _ingest(self, tp: TopicPartition, record, now: float) -> None:
-        self.tracker.consumed(tp, record.offset)
+        self.ledger.consumed(tp, record.offset)
         self.metrics.messages.inc()
         ws = self.s.windows
         try:
@@ -281,17 +282,16 @@ class Worker:
         for tp in self.assigned:
             high, polled = self.consumer.highwater(tp), self.consumer.last_poll_timestamp(tp)
             if high is not None and polled is not None and now_ms - polled <= fresh_ms and not self.paused \
-                    and self.tracker.next_offset.get(tp, self.tracker.committed.get(tp, 0)) >= high:
+                    and self.ledger.position(tp) >= high:
                 out.append(tp)
         return out
 
     def _submit(self, w: EmittedWindow) -> None:
-        w.hold = self.tracker.hold(w.partition, w.min_offset)
-        self.pending_by_tp[w.partition] += 1
+        w.hold = self.ledger.hold(w.partition, w.min_offset)
         self.batcher.put(w)
 
     def _backpressure(self) -> None:
-        pending = sum(self.pending_by_tp.values())
+        pending = self.ledger.in_flight()  # windows and dead letters not yet acknowledged
         limit = self.s.batching.max_pending_windows
         assignment = list(self.consumer.assignment())
         if pending > limit and assignment:
@@ -308,84 +308,17 @@ class Worker:
     def _update_gauges(self) -> None:
         self.metrics.patients.set(len(self.stage.streams))
         self.metrics.buffer_bytes.set(self.stage.nbytes)
-        self.metrics.pending.set(sum(self.pending_by_tp.values()))
+        self.metrics.pending.set(self.ledger.in_flight())
         for tp in self.assigned:
             high = self.consumer.highwater(tp)
             if high is not None:
-                nxt = self.tracker.next_offset.get(tp, self.tracker.committed.get(tp, 0))
+                nxt = self.ledger.position(tp)
                 self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(high - nxt, 0))
 
-    # -- dead letters ---------------------------------------------------------------------------
     def _dead_letter(self, tp: TopicPartition, record, reason: str, detail: str) -> None:
-        hold = self.tracker.hold(tp, record.offset)
-        key = record.key.decode("utf-8", "replace") if record.key else None
-        log.warning("dead_letter", reason=reason, detail=detail[:200], patient=patient_ref(key) if key else None,
-                    topic=tp.topic, partition=tp.partition, offset=record.offset)
-        self._background(self._send_dead_letter(tp, record, reason, detail, hold))
-
-    def _background(self, coro) -> None:
-        task = asyncio.create_task(coro)
-        self.dead_letter_tasks.add(task)
-        task.add_done_callback(self.dead_letter_tasks.discard)
-
-    async def _send_dead_letter(self, tp: TopicPartition, record, reason: str, detail: str, hold) -> None:
-        headers = dead_letter_headers(reason, detail, tp.topic, tp.partition, record.offset)
-        topic = self.s.kafka.dead_letter_topic
-        try:
-            await self._send_with_retry(topic, record.key, record.value or b"", headers)
-        except KafkaError as exc:
-            if retriable(exc):
-                raise
-            # e.g. the record plus headers is over the producer's size limit: a small dead letter that
-            # still identifies it, so the partition moves on
-            log.warning("dead_letter_replaced", reason=reason, error=repr(exc)[:200], topic=tp.topic,
-                        partition=tp.partition, offset=record.offset)
-            value, small_headers = oversized_dead_letter(record, headers, repr(exc))
-            await self._send_with_retry(topic, record.key, value, small_headers)
-        self.tracker.release(hold)
-        self.settled.set()
-        self.metrics.dead_letters.labels(reason).inc()
-
-    async def _send_with_retry(self, topic: str, key: bytes | None, value: bytes, headers=None) -> None:
-        async def attempt():
-            await (await self.producer.send(topic, value, key=key, headers=headers))
-
-        await retry_kafka(attempt, lambda exc, delay: log.warning("publish_retry", topic=topic, error=repr(exc),
-                                                                  retry_in_s=delay))
+        self.dead_letters.send(tp, record, reason, detail)
 
     # -- inference ------------------------------------------------------------------------------
-    def _infer(self, batch: list[EmittedWindow]) -> list[float | None]:
-        """Runs in the inference thread: resample, preprocess and score the scorable windows at once."""
-        t0 = time.perf_counter()
-        delay = self.s.batching.test_inference_delay_s
-        if delay:
-            time.sleep(delay)
-        idx = [i for i, w in enumerate(batch) if w.status == SCORABLE]
-        probs: list[float | None] = [None] * len(batch)
-        if idx:
-            x = np.stack([to_model_samples(batch[i].samples) for i in idx])
-            for i, p in zip(idx, self._score_with_fallback(x)):
-                probs[i] = float(p)
-            self.metrics.batch_size.observe(len(idx))
-            self.metrics.inference_s.observe(time.perf_counter() - t0)
-        return probs
-
-    def _score_with_fallback(self, x: np.ndarray, attempts: int = 3) -> np.ndarray:
-        """Retry device failures; after `attempts`, continue on the CPU if model.cpu_fallback allows it,
-        else raise (the worker exits non-zero; commits guarantee the next owner loses nothing)."""
-        for attempt in range(1, attempts + 1):
-            try:
-                return self.scorer.probabilities(x)
-            except RuntimeError as exc:
-                log.error("inference_failed", attempt=attempt, device=self.scorer.info.device, error=repr(exc)[:300])
-                if attempt < attempts:
-                    continue
-                if self.s.model.cpu_fallback and self.scorer.device.type != "cpu":
-                    self.scorer.fall_back_to_cpu()
-                    self.metrics.device_fallback.set(1)
-                    return self.scorer.probabilities(x)
-                raise
-
     async def _inference_loop(self, out: asyncio.Queue) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -393,7 +326,7 @@ class Worker:
             if batch is None:
                 await out.put(None)
                 return
-            probs = await loop.run_in_executor(self.executor, self._infer, batch)
+            probs = await loop.run_in_executor(self.executor, self.window_scorer, batch)
             await out.put((batch, probs))
 
     # -- publish --------------------------------------------------------------------------------
@@ -403,50 +336,11 @@ class Worker:
 
     async def _publish(self, batch: list[EmittedWindow], probs: list[float | None]) -> None:
         info = self.scorer.info
-        docs = [flag_message(w, p, info.threshold, info.model_id) for w, p in zip(batch, probs)]
-        topic = self.s.kafka.flags_topic
-
-        async def attempt():  # all of the batch, in order; a retry may duplicate a flag, never lose one
-            futures = [await self.producer.send(topic, dumps(d), key=d["patient_id"].encode()) for d in docs]
-            await asyncio.gather(*futures)
-
-        await retry_kafka(attempt, lambda exc, delay: log.warning(
-            "publish_retry", topic=topic, windows=len(docs), error=repr(exc), retry_in_s=delay))
-        now = time.time()
-        for w, d in zip(batch, docs):
-            self.store.reported(w)
-            if not self.store.owns(w.partition):
-                continue  # revoked meanwhile: its new owner applies these flags to the restored episodes
-            st = self.store.patient(w.partition, w.patient_id)
-            episode = self.episodes.update(d, st.episode, now, grid=w.anchor_ns)
-            if st.episode.last_window == (w.anchor_ns, w.start_ns):
-                self.store.changed(w.partition, w.patient_id)
-            if episode is not None:
-                await self._send_episode(episode)
-        acked = time.time()
-        for w, d in zip(batch, docs):
-            self.tracker.release(w.hold)
-            self.pending_by_tp[w.partition] -= 1
-            self.metrics.windows.labels(d["status"]).inc()
-            self.metrics.latency_s.observe(max(acked - w.completed_at, 0.0))
-        self.settled.set()
-
-    async def _send_episode(self, episode: dict) -> None:
-        await self._send_with_retry(self.s.kafka.episodes_topic, episode["patient_id"].encode(), dumps(episode))
-        self.metrics.episodes.labels(episode["state"]).inc()
-        log.info("episode", state=episode["state"], reason=episode["reason"], patient=patient_ref(episode["patient_id"]),
-                 episode=episode_ref(episode["patient_id"], episode["start_ns"]))
+        await self.publisher.flags(batch, probs, info.threshold, info.model_id)
 
     def _close_stale_episodes(self, now: float) -> None:
-        """Suppression never stays on by itself: an episode no scored window updated for
-        episodes.stale_after_s is closed (its state is checkpointed like any other change)."""
-        if self.episodes is None:
-            return
-        for partition, st in self.store:
-            msg = self.episodes.stale(st.patient_id, st.episode, now)
-            if msg is not None:
-                self.store.changed(partition, st.patient_id)
-                self._background(self._send_episode(msg))
+        if self.publisher is not None:
+            self.publisher.close_stale_episodes(now)
 
     # -- commits and rebalances -------------------------------------------------------------------
     async def _commit_loop(self) -> None:
@@ -461,10 +355,10 @@ class Worker:
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         """Publish what is in flight for these partitions, checkpoint, then drop their buffers and states."""
         deadline = time.monotonic() + self.s.kafka.session_timeout_ms / 2000
-        while any(self.pending_by_tp[tp] > 0 or self.tracker.in_flight(tp) for tp in revoked):
+        while any(self.ledger.in_flight(tp) for tp in revoked):
             left = deadline - time.monotonic()
             if left <= 0:
-                log.warning("revoke_before_drained", pending=sum(self.pending_by_tp[tp] for tp in revoked))
+                log.warning("revoke_before_drained", pending=sum(self.ledger.in_flight(tp) for tp in revoked))
                 break
             self.settled.clear()
             try:
@@ -474,7 +368,7 @@ class Worker:
         await self._commit(revoked)
         for tp in revoked:
             dropped = self.stage.drop_partition(tp)
-            self.tracker.drop_partition(tp)
+            self.ledger.drop_partition(tp)
             self.assigned.discard(tp)
             log.info("partition_revoked", topic=tp.topic, partition=tp.partition, patients_dropped=dropped)
 
@@ -482,10 +376,10 @@ class Worker:
         """Restore the patient states of these partitions, then let their records in (never before)."""
         new = sorted(assigned - self.assigned)
         for tp in new:
-            self.tracker.start_partition(tp, await self.consumer.committed(tp))
+            self.ledger.start_partition(tp, await self.consumer.committed(tp))
         states = await read_states(self.state_reader, self.s.kafka.state_topic, new)
         for tp in new:
             self.store.load(tp, states[tp])
             self.assigned.add(tp)
             log.info("partition_assigned", topic=tp.topic, partition=tp.partition,
-                     committed=self.tracker.committed.get(tp), patients_restored=len(states[tp]))
+                     committed=self.ledger.committed.get(tp), patients_restored=len(states[tp]))

@@ -43,7 +43,7 @@ def windows_by_kind() -> dict[str, list[np.ndarray]]:
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory, windows_by_kind) -> str:
     """A released-format checkpoint: random weights, BatchNorm calibrated on real spectrograms."""
-    from streamer.model.training import calibrated_checkpoint
+    from tools.training import calibrated_checkpoint
     from streamer.windows.resample import to_model_samples
 
     wins = np.stack([to_model_samples(w) for ws in windows_by_kind.values() for w in ws])

@@ -1,4 +1,4 @@
-"""An independent, per-window implementation of REFERENCE.md, written from the text, for parity tests.
+"""An independent, per-window implementation of docs/preprocessing.md, written from the text, for parity tests.
 
 Deliberately shares no code with streamer/: scipy FFTs on explicit frames, Pillow for the resize.
 """

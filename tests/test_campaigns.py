@@ -10,7 +10,7 @@ from benchmarks.campaigns import clock_campaign, fuzz_campaign, hostile_messages
 from streamer.ingest.contract import InvalidMessage, decode
 from streamer.settings import WindowSettings
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_every_hostile_message_is_rejected_by_the_decoder():

@@ -1,6 +1,6 @@
 """Model-based test of the worker's core without Kafka (hypothesis stateful testing).
 
-The real parts (WindowStage, StateStore, CommitTracker, Checkpointer.prepare, EpisodeTracker) run against
+The real parts (WindowStage, StateStore, OffsetsLedger, Checkpointer.prepare, EpisodeTracker) run against
 an in-memory log: input partitions shared by several patients, a compacted state changelog and committed
 offsets. Hypothesis chunks, duplicates, swaps, loses and dates records (leading holes, outliers), and
 interleaves delivery, publishing, checkpoints, crashes (kill -9: everything in memory is lost) and
@@ -22,8 +22,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from streamer.checkpointing import Checkpointer
 from streamer.ingest.contract import Chunk
-from streamer.kafka.commits import CommitTracker
-from streamer.publish import EpisodeTracker, flag_message
+from streamer.checkpointing import OffsetsLedger
+from streamer.publish.episodes import EpisodeTracker
+from streamer.publish.messages import flag_message
 from streamer.settings import EpisodeSettings, WindowSettings
 from streamer.state.changelog import state_key
 from streamer.state.patients import PatientState
@@ -81,7 +82,7 @@ class Core:
         self.log = log
         self.store = StateStore()
         self.stage = WindowStage(WINDOW, self.store)
-        self.tracker = CommitTracker()
+        self.tracker = OffsetsLedger()
         self.checkpointer = Checkpointer(self.tracker, self.stage, self.store, None, None, "state")
         self.episodes = EpisodeTracker(EPISODES, "m")
         self.pending: list = []  # emitted windows, in order, not yet published

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from streamer.publish import EpisodeTracker
+from streamer.publish.episodes import EpisodeTracker
 from streamer.settings import EpisodeSettings
 
 W = 10**10

@@ -73,19 +73,20 @@ def test_out_of_memory_halves_the_device_batch(checkpoint, windows_by_kind):
 
 
 def test_repeated_device_failure_raises_unless_fallback_allowed(checkpoint, windows_by_kind):
-    from streamer.worker import Worker
+    from streamer.metrics import Metrics
+    from streamer.model.scoring import WindowScorer
 
     s = Settings()
     s.model.checkpoint = checkpoint
     x = np.stack([to_model_samples(w) for w in windows_by_kind["ecg_500hz"]])
-    worker = Worker(s, scorer=ArtifactScorer(s.model))
+    scorer = WindowScorer(ArtifactScorer(s.model), cpu_fallback=False, metrics=Metrics())
     calls = []
 
     def broken(batch):
         calls.append(len(batch))
         raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
 
-    worker.scorer._probabilities = broken
+    scorer.scorer._probabilities = broken
     with pytest.raises(RuntimeError, match="illegal memory access"):
-        worker._score_with_fallback(x)
+        scorer._score(x)
     assert len(calls) == 3

@@ -12,6 +12,7 @@ import pytest
 from streamer.offline.recordings import parse_start
 from streamer.offline.replay import replay, synthetic_fleet
 from streamer.worker import Worker
+from tests.slow_scorer import SlowScorer
 from tests.kafka_utils import expected_windows, flags_of, isolated_settings, read_topic, scored_ids
 
 pytestmark = pytest.mark.integration
@@ -34,12 +35,12 @@ def test_slow_inference_pauses_fetching_then_catches_up(broker, scorer):
     s = isolated_settings(broker.bootstrap, partitions=2, metrics_port=0)
     s.kafka.max_poll_records = 40
     s.batching.max_batch, s.batching.max_pending_windows = 4, 8
-    s.batching.test_inference_delay_s = 0.7
     fleet = [src for src, _ in synthetic_fleet(16, 41.0, parse_start("2026-11-22T12:00:00Z"), seed=8)]
     expected = expected_windows(fleet)
 
     async def main():
-        worker = Worker(s, scorer=scorer)
+        slow = SlowScorer(scorer, delay_s=0.7)
+        worker = Worker(s, scorer=slow)
         task = asyncio.create_task(worker.run())
         peak_pending, paused_seen, scrapes = 0, False, []
         try:
@@ -51,12 +52,12 @@ def test_slow_inference_pauses_fetching_then_catches_up(broker, scorer):
             deadline = time.monotonic() + 90
             while t_paused is None or time.monotonic() < t_paused + 3:
                 assert time.monotonic() < deadline, "fetching never paused"
-                peak_pending = max(peak_pending, sum(worker.pending_by_tp.values()))
+                peak_pending = max(peak_pending, worker.ledger.in_flight())
                 if worker.paused and not paused_seen:
                     paused_seen, t_paused = True, time.monotonic()
                     scrapes.append(await asyncio.to_thread(_get, port, "/metrics"))  # while paused
                 await asyncio.sleep(0.05)
-            worker.s.batching.test_inference_delay_s = 0.0  # inference recovers
+            slow.delay_s = 0.0  # inference recovers
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
                 flags = flags_of(await read_topic(s.kafka, s.kafka.flags_topic, timeout_s=2))

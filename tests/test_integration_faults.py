@@ -53,7 +53,7 @@ def test_worker_leaving_the_group_hands_over_without_loss(broker, scorer):
             assert not a.assigned & b.assigned
             feed = asyncio.create_task(replay(s.kafka, fleet, speed=10.0, chunk_s=0.5))
             deadline = time.monotonic() + 60
-            while not a.tracker.next_offset:  # a has consumed records of its partitions
+            while not a.ledger.next_offset:  # a has consumed records of its partitions
                 assert time.monotonic() < deadline, "worker a never consumed"
                 await asyncio.sleep(0.05)
             assert not feed.done(), "the stream must still be running when a leaves"

@@ -55,7 +55,7 @@ def test_clock_step_keeps_the_neighbour_and_the_commit_moving(broker, scorer):
             await _until(flagged, 90, "flags of both beds")
             tp = next(iter(worker.assigned))
             end = worker.consumer.highwater(tp)
-            await _until(lambda: asyncio.sleep(0, worker.tracker.committed.get(tp, 0) == end), 60,
+            await _until(lambda: asyncio.sleep(0, worker.ledger.committed.get(tp, 0) == end), 60,
                          "the commit to reach the end of the partition (nothing pinned by the stepped bed)")
             return flags_of(await read_topic(s.kafka, s.kafka.flags_topic, timeout_s=5)), \
                 worker.metrics.dead_letters.labels("timestamp_jump")._value.get()
@@ -135,7 +135,7 @@ def test_an_oversized_record_is_dead_lettered_small_and_the_partition_moves_on(b
 
             await _until(done, 60, "the healthy bed's flags")
             tp = next(iter(worker.assigned))
-            await _until(lambda: asyncio.sleep(0, worker.tracker.committed.get(tp, 0) >= 1), 30,
+            await _until(lambda: asyncio.sleep(0, worker.ledger.committed.get(tp, 0) >= 1), 30,
                          "the commit to pass the oversized record")
             return await read_topic(s.kafka, s.kafka.dead_letter_topic, until=lambda r: len(r) >= 1)
         finally:

@@ -15,7 +15,7 @@ from streamer.offline.recordings import load_recording
 from streamer.offline.replay import Source, replay
 from streamer.offline.score import score_recording
 from streamer.settings import ModelSettings
-from streamer.synthetic import write_dataset
+from streamer.offline.dataset import write_dataset
 from tests.kafka_utils import expected_windows, flags_of, isolated_settings, read_topic, scored_ids
 from tests.test_integration_stream import run_worker_until
 
@@ -65,6 +65,13 @@ def test_replay_validate_report_and_retuned_threshold(broker, tmp_path):
     assert "[model]" in snippet and "threshold = " in snippet
     from streamer.settings import load_settings
 
-    assert 0 < load_settings(tmp_path / "thr.toml").model.threshold <= 1
+    # the retuned threshold reaches the target sensitivity on these flags and labels, and is the highest
+    # that does (a threshold one flag higher would miss it)
+    thr = load_settings(tmp_path / "thr.toml").model.threshold
+    stream = pd.DataFrame([orjson.loads(r.value) for r in records])
+    joined = stream[stream["status"] == "scored"].merge(labels, on=["patient_id", "window_start_ns"])
+    positives = joined[joined["label"] == 1]["probability"].to_numpy()
+    assert (positives >= thr - 1e-12).mean() >= 0.9
+    assert (positives > thr + 1e-12).mean() < 0.9
     flags = [orjson.loads(r.value) for r in records]
     assert all(f["model"].startswith("SYNTHETIC-DEMO-not-for-clinical-use") for f in flags)

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from streamer.model.checkpoint import CheckpointError, build_network, load_state_dict
+from streamer.model.errors import DeviceError
 from streamer.model.infer import ArtifactScorer
 from streamer.model.network import ArtifactNet
-from streamer.settings import RELEASED_THRESHOLD, ModelSettings
+from streamer.settings import ModelSettings
 from streamer.windows.resample import to_model_samples
 from tests import reference_impl as ref
 
@@ -44,7 +45,8 @@ def test_batched_probabilities_equal_per_window_reference(checkpoint, windows_by
 
 def test_threshold_default_and_model_id(checkpoint):
     scorer = ArtifactScorer(ModelSettings(checkpoint=checkpoint))
-    assert scorer.threshold == RELEASED_THRESHOLD == 0.20802117884159088
+    assert scorer.threshold == 0.20802117884159088  # the released operating point, not just the constant
+    assert ArtifactScorer(ModelSettings(checkpoint=checkpoint, threshold=0.5, backend="torch")).threshold == 0.5
     assert scorer.info.model_id.startswith("test-model@sha256:")
     assert len(scorer.info.sha256) == 64
 
@@ -114,7 +116,7 @@ def test_digest_pin(checkpoint):
 def test_cuda_requested_without_cuda(checkpoint):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    with pytest.raises(CheckpointError, match="CUDA is not available"):
+    with pytest.raises(DeviceError, match="CUDA is not available"):
         ArtifactScorer(ModelSettings(checkpoint=checkpoint, device="cuda"))
 
 

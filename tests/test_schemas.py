@@ -8,7 +8,8 @@ import pytest
 
 from streamer.client import (FlagDeduplicator, MessageError, SuppressionView, decode_episode, decode_flag)
 from streamer.ingest.contract import Chunk, InvalidMessage, decode_json, encode_json
-from streamer.publish import EpisodeTracker, dumps, flag_message
+from streamer.publish.episodes import EpisodeTracker
+from streamer.publish.messages import dumps, flag_message
 from streamer.settings import EpisodeSettings, WindowSettings
 from streamer.windows.buffer import INSUFFICIENT, SCORABLE, EmittedWindow
 from tests.kafka_utils import schema_validator

@@ -1,4 +1,4 @@
-"""Stream windows equal REFERENCE.md's offline segmentation, whatever the chunking, duplication or order."""
+"""Stream windows equal docs/preprocessing.md's offline segmentation, whatever the chunking, duplication or order."""
 
 from __future__ import annotations
 

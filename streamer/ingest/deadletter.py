@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
+from aiokafka.errors import KafkaError
+
+from streamer.kafka.clients import retriable, send_with_retry
+from streamer.logs import get_logger, patient_ref
+
+log = get_logger("streamer.deadletter")
+
 
 def dead_letter_headers(reason: str, detail: str, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
     return [
@@ -33,3 +42,39 @@ def oversized_dead_letter(record, headers: list[tuple[str, bytes]], error: str) 
         "error": error[:200],
     }
     return orjson.dumps(summary), [*headers, ("value_omitted", b"too_large")]
+
+
+
+class DeadLetters:
+    """Sends rejected records to the dead-letter topic in the background; each stays held in the offsets
+    ledger until the broker has it, so a crash before that re-reads it instead of losing it."""
+
+    def __init__(self, topic: str, producer, ledger, metrics, settled: asyncio.Event):
+        self.topic, self.producer, self.ledger, self.metrics, self.settled = topic, producer, ledger, metrics, settled
+        self.tasks: set[asyncio.Task] = set()
+
+    def send(self, tp, record, reason: str, detail: str) -> None:
+        hold = self.ledger.hold(tp, record.offset)
+        key = record.key.decode("utf-8", "replace") if record.key else None
+        log.warning("dead_letter", reason=reason, detail=detail[:200], patient=patient_ref(key) if key else None,
+                    topic=tp.topic, partition=tp.partition, offset=record.offset)
+        task = asyncio.create_task(self._send(tp, record, reason, detail, hold))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _send(self, tp, record, reason: str, detail: str, hold) -> None:
+        headers = dead_letter_headers(reason, detail, tp.topic, tp.partition, record.offset)
+        try:
+            await send_with_retry(self.producer, self.topic, record.key, record.value or b"", headers)
+        except KafkaError as exc:
+            if retriable(exc):
+                raise
+            # e.g. the record plus headers is over the producer's size limit: a small dead letter that
+            # still identifies it, so the partition moves on
+            log.warning("dead_letter_replaced", reason=reason, error=repr(exc)[:200], topic=tp.topic,
+                        partition=tp.partition, offset=record.offset)
+            value, small_headers = oversized_dead_letter(record, headers, repr(exc))
+            await send_with_retry(self.producer, self.topic, record.key, value, small_headers)
+        self.ledger.release(hold)
+        self.settled.set()
+        self.metrics.dead_letters.labels(reason).inc()

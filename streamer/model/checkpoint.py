@@ -12,15 +12,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from streamer.model.errors import CheckpointError  # raised here; imported from here by callers too
+
 if TYPE_CHECKING:  # torchvision costs ~1.5 s to import; only building the torch network needs it
     from streamer.model.network import ArtifactNet
 
 RELEASED_NAME = "okekeclean-ecg-efficientnet_b0"
 RELEASED_FILE = "cnn-efficientnet_b0-full-best-v65-5ef1694d9ae9fab6c6e0023903f63997.pth"
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def load_state_dict(path: str | Path, expected_sha256: str | None = None) -> tuple[dict[str, torch.Tensor], str]:

@@ -13,7 +13,8 @@ from streamer.logs import get_logger
 from streamer.model.backends import (CPU_BATCH_CANDIDATES, BackendError, ChoiceCache, CpuChoice, OrtRunner,
                                      TorchRunner, default_cache_dir, export_onnx, measure_cpu_backends,
                                      onnxruntime_available, ort_runner, probe_images)
-from streamer.model.checkpoint import CheckpointError, load_state_dict, model_name_for
+from streamer.model.checkpoint import load_state_dict, model_name_for
+from streamer.model.errors import DeviceError
 from streamer.model.preprocess import MODEL_SAMPLES, Preprocessor
 from streamer.settings import ModelSettings
 
@@ -31,7 +32,7 @@ DEMO_CHECKPOINT_FILE = "SYNTHETIC-DEMO-not-for-clinical-use-efficientnet_b0.pth"
 
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError("model.device=cuda but CUDA is not available on this machine")
+        raise DeviceError("model.device=cuda but CUDA is not available on this machine")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -74,7 +75,7 @@ class ArtifactScorer:
         if backend == "auto":
             backend = "measure" if self.device.type == "cpu" and onnxruntime_available() else "torch"
         if backend == "onnxruntime" and self.device.type != "cpu":
-            raise CheckpointError("model.backend=onnxruntime runs on the CPU; set model.device=cpu")
+            raise DeviceError("model.backend=onnxruntime runs on the CPU; set model.device=cpu")
         default_batch = 256 if self.device.type == "cuda" else 16
         if backend == "measure":
             self.runner, batch = self._measured_runner(settings, digest)
@@ -106,7 +107,7 @@ class ArtifactScorer:
         try:
             return ort_runner(onnx_model, torch.get_num_threads())
         except BackendError as exc:
-            raise CheckpointError(str(exc)) from None
+            raise DeviceError(str(exc)) from None
 
     def _measured_runner(self, settings: ModelSettings, digest: str):
         """CPU and ONNX Runtime installed: the stored choice for this machine, else measure and store."""

@@ -1,4 +1,4 @@
-"""Batched window -> 224x224 image, exactly as REFERENCE.md's offline path (steps 1-9).
+"""Batched window -> 224x224 image, exactly as docs/preprocessing.md's offline path (steps 1-9).
 
 Everything runs on one device for a whole batch. Pillow's bilinear resize is reproduced with its own
 fixed-point weights and its two 8-bit roundings (horizontal pass, then vertical), as two matrix products
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-MODEL_SAMPLES = 5000  # 10 s at 500 Hz
+from streamer.spec import MODEL_SAMPLES  # 10 s at 500 Hz
 N_FFT = 256
 HOP = 64
 DB_FLOOR_POWER = 1e-10

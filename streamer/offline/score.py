@@ -1,4 +1,4 @@
-"""Offline scoring of a recording: REFERENCE.md segmentation, then the stream's batched model path."""
+"""Offline scoring of a recording: docs/preprocessing.md segmentation, then the stream's batched model path."""
 
 from __future__ import annotations
 

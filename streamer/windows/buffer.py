@@ -27,11 +27,12 @@ import numpy as np
 
 from streamer.ingest.contract import Chunk
 from streamer.settings import WindowSettings
+from streamer.spec import MIN_WINDOW_SAMPLES, NoScoreReason, WindowStatus
 from streamer.state.patients import PatientState
 from streamer.windows.grid import NS, WindowGrid, as_rate
 
-SCORABLE = "scorable"
-INSUFFICIENT = "insufficient_data"
+SCORABLE = WindowStatus.SCORABLE
+INSUFFICIENT = WindowStatus.INSUFFICIENT
 _NEW_SEGMENT = "new_segment"
 _MIN_BLOCK = 256  # samples: buffers grow with the chunks that arrive, from this size up to a window
 
@@ -43,8 +44,8 @@ class EmittedWindow:
     start_ns: int
     end_ns: int
     fs: float
-    status: str  # SCORABLE or INSUFFICIENT
-    reason: str | None
+    status: WindowStatus
+    reason: NoScoreReason | None
     samples: np.ndarray | None  # float64 source-rate samples (gaps filled) when SCORABLE
     missing: int
     interpolated: int
@@ -54,7 +55,7 @@ class EmittedWindow:
     anchor_ns: int = 0  # its grid (with rate and natural anchor: what the patient state records)
     natural_anchor_ns: int = 0
     rate: Fraction = Fraction(500)
-    hold: object = None  # the offsets ledger's token while it is in flight
+    hold: object = None  # its offsets-ledger Hold while it is in flight
 
 
 @dataclass(slots=True)
@@ -328,7 +329,7 @@ class PatientStream:
             yield self._emit(seg, k, w, n, now)
 
     def _emit(self, seg: _Segment, k: int, w: _Open | None, n: int, now: float,
-              reason: str | None = None) -> EmittedWindow:
+              reason: NoScoreReason | None = None) -> EmittedWindow:
         grid = seg.grid
         start_ns = grid.start_ns(k)
         self.reported_until_ns = max(self.reported_until_ns, start_ns + grid.window_ns)
@@ -337,16 +338,16 @@ class PatientStream:
                     min_offset=w.min_offset if w else None, k=k, anchor_ns=grid.anchor_ns,
                     natural_anchor_ns=seg.natural_anchor_ns, rate=grid.fs)
         if w is None:
-            return EmittedWindow(**base, status=INSUFFICIENT, reason=reason or "no_data", samples=None,
+            return EmittedWindow(**base, status=INSUFFICIENT, reason=reason or NoScoreReason.NO_DATA, samples=None,
                                  missing=n, interpolated=0)
         missing = n - w.filled
         if reason is None and w.implausible:
-            reason = "implausible_amplitude"
+            reason = NoScoreReason.IMPLAUSIBLE_AMPLITUDE
         values, mask = w.full()
         if reason is None and missing:
             reason = fill_gaps(values, mask, self.s.max_interpolated_gap_samples, self.s.max_missing_fraction)
-        if reason is not None or n <= 10:
-            return EmittedWindow(**base, status=INSUFFICIENT, reason=reason or "too_short", samples=None,
+        if reason is not None or n < MIN_WINDOW_SAMPLES:
+            return EmittedWindow(**base, status=INSUFFICIENT, reason=reason or NoScoreReason.TOO_SHORT, samples=None,
                                  missing=missing, interpolated=0)
         return EmittedWindow(**base, status=SCORABLE, reason=None, samples=values, missing=0,
                              interpolated=missing)
@@ -361,7 +362,7 @@ class PatientStream:
         for k in sorted(seg.open):
             w = seg.open.pop(k)
             self.nbytes -= w.nbytes
-            out.append(self._emit(seg, k, w, w.length, now, reason="truncated"))
+            out.append(self._emit(seg, k, w, w.length, now, reason=NoScoreReason.TRUNCATED))
         self.segment = None
         return out
 
@@ -373,18 +374,18 @@ class PatientStream:
         return min(offsets) if offsets else None
 
 
-def fill_gaps(values: np.ndarray, mask: np.ndarray, max_gap: int, max_fraction: float) -> str | None:
+def fill_gaps(values: np.ndarray, mask: np.ndarray, max_gap: int, max_fraction: float) -> NoScoreReason | None:
     """Linearly interpolate short holes in place; returns the reason the window is unusable, or None."""
     missing = np.flatnonzero(~mask)
     if len(missing) == 0:
         return None
     if len(missing) > max_fraction * len(mask):
-        return "too_many_missing"
+        return NoScoreReason.TOO_MANY_MISSING
     # runs of consecutive missing indices
     breaks = np.flatnonzero(np.diff(missing) != 1)
     run_lengths = np.diff(np.concatenate(([0], breaks + 1, [len(missing)])))
     if run_lengths.max() > max_gap:
-        return "gap_too_long"
+        return NoScoreReason.GAP_TOO_LONG
     present = np.flatnonzero(mask)
     values[missing] = np.interp(missing, present, values[present])
     return None

@@ -2,7 +2,7 @@
 
 A segment is anchored at `anchor_ns` with sample rate `fs` (a Fraction). Sample i is at
 anchor_ns + i / fs. Window k starts at anchor_ns + k * step_ns and holds the samples from the index
-nearest to its start up to, not including, the index nearest to its end (REFERENCE.md). Ties go to the
+nearest to its start up to, not including, the index nearest to its end (docs/preprocessing.md). Ties go to the
 lower index, as an argmin over |t - s| does.
 """
 

@@ -1,11 +1,11 @@
-"""Any source rate -> the model's 5000 samples (REFERENCE.md: FFT method, scipy.signal.resample)."""
+"""Any source rate -> the model's 5000 samples (docs/preprocessing.md: FFT method, scipy.signal.resample)."""
 
 from __future__ import annotations
 
 import numpy as np
 from scipy.signal import resample
 
-from streamer.model.preprocess import MODEL_SAMPLES
+from streamer.spec import MODEL_SAMPLES
 
 
 def to_model_samples(window: np.ndarray) -> np.ndarray:

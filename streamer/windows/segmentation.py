@@ -1,4 +1,4 @@
-"""REFERENCE.md's offline segmentation, literally, on an array of sample timestamps.
+"""docs/preprocessing.md's offline segmentation, literally, on an array of sample timestamps.
 
 Used by `streamer score`; the stream (windows/buffer.py) must give the same windows on replays.
 """
@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from streamer.spec import MIN_WINDOW_SAMPLES
 from streamer.windows.grid import NS
 
-MIN_SAMPLES = 11  # windows of 10 samples or fewer are dropped
+MIN_SAMPLES = MIN_WINDOW_SAMPLES  # windows of 10 samples or fewer are dropped
 
 
 @dataclass(frozen=True)

@@ -1,48 +1,13 @@
-"""Output messages: one flag per window, and per-patient artifact episodes for alarm suppression."""
+"""Per-patient artifact episodes for alarm suppression (schemas/artifact-episode.v1.schema.json)."""
 
 from __future__ import annotations
 
 import time
-import orjson
 
+from streamer.publish.messages import SCHEMA_VERSION, window_id
 from streamer.settings import EpisodeSettings
+from streamer.spec import FlagStatus
 from streamer.state.patients import EpisodeState
-from streamer.windows.buffer import SCORABLE, EmittedWindow
-
-SCHEMA_VERSION = 1
-
-
-def window_id(patient_id: str, start_ns: int) -> str:
-    """The idempotent identity of a window: re-published copies carry the same id."""
-    return f"{patient_id}:{start_ns}"
-
-
-def flag_message(w: EmittedWindow, probability: float | None, threshold: float, model_id: str,
-                 produced_at_ns: int | None = None) -> dict:
-    produced = produced_at_ns or time.time_ns()
-    scored = w.status == SCORABLE and probability is not None
-    return {
-        "schema": SCHEMA_VERSION,
-        "window_id": window_id(w.patient_id, w.start_ns),
-        "patient_id": w.patient_id,
-        "window_start_ns": w.start_ns,
-        "window_end_ns": w.end_ns,
-        "status": "scored" if scored else w.status,
-        "reason": w.reason,
-        "probability": float(probability) if scored else None,
-        "artifact": bool(probability >= threshold) if scored else None,
-        "threshold": threshold,
-        "model": model_id,
-        "fs": w.fs,
-        "missing_samples": w.missing,
-        "interpolated_samples": w.interpolated,
-        "produced_at_ns": produced,
-        "latency_ms": round(max(produced / 1e9 - w.completed_at, 0.0) * 1000, 3),
-    }
-
-
-def dumps(doc: dict) -> bytes:
-    return orjson.dumps(doc)
 
 
 class EpisodeTracker:
@@ -65,7 +30,7 @@ class EpisodeTracker:
     def update(self, flag: dict, st: EpisodeState | None = None, now_s: float | None = None,
                grid: int = 0) -> dict | None:
         """Feed one flag message; returns an episode message when an episode opens or closes."""
-        if flag["status"] != "scored":
+        if flag["status"] != FlagStatus.SCORED:
             return None
         if st is None:
             st = self.patients.setdefault(flag["patient_id"], EpisodeState())

@@ -5,7 +5,7 @@ NOT FOR CLINICAL USE. Random EfficientNet-B0 features with BatchNorm calibrated 
 and the released head (Linear-ReLU-Dropout-Linear) fitted on their pooled features, so that the demo shows
 flags that follow injected artifacts. Saved in fp16 to keep the repository small.
 
-    python scripts/make_demo_checkpoint.py [--seed 2026] [--out streamer/assets/...pth]
+    python -m tools.make_demo_checkpoint [--seed 2026] [--out streamer/assets/...pth]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 from streamer.evaluation import auroc
 from streamer.model.infer import DEMO_CHECKPOINT_FILE, ArtifactScorer
-from streamer.model.training import (calibrate_batchnorm, fit_head, images_of, pooled_features,
+from tools.training import (calibrate_batchnorm, fit_head, images_of, pooled_features,
                                      random_network, save_checkpoint)
 from streamer.settings import ModelSettings
 from streamer.synthetic import generate

@@ -6,7 +6,7 @@ import asyncio
 
 from aiokafka.errors import KafkaError
 
-from streamer.kafka.commits import CommitTracker
+from streamer.checkpointing.ledger import OffsetsLedger
 from streamer.logs import get_logger
 from streamer.state.changelog import state_key
 from streamer.state.store import StateStore
@@ -15,20 +15,20 @@ log = get_logger("streamer.checkpoint")
 
 
 class Checkpointer:
-    def __init__(self, tracker: CommitTracker, stage, store: StateStore, consumer, producer, state_topic: str):
-        self.tracker, self.stage, self.store = tracker, stage, store
+    def __init__(self, ledger: OffsetsLedger, stage, store: StateStore, consumer, producer, state_topic: str):
+        self.ledger, self.stage, self.store = ledger, stage, store
         self.consumer, self.producer, self.state_topic = consumer, producer, state_topic
 
     def prepare(self, partitions) -> tuple[dict, dict]:
         """Steps 1 and 2's inputs, in that order: (offsets safe to commit, changed states to write)."""
-        points = {tp: off for tp, off in self.tracker.commit_points(self.stage.min_open_offsets()).items()
+        points = {tp: off for tp, off in self.ledger.commit_points(self.stage.min_open_offsets()).items()
                   if tp in partitions}
         return points, self.store.take_dirty(partitions)
 
     async def checkpoint(self, partitions) -> bool:
         """Move the committed offsets of `partitions` as far as is safe. Steps, in this order:
 
-        1. Per partition, the offset safe to commit (kafka/commits.py's rule: nothing that still feeds an
+        1. Per partition, the offset safe to commit (the offsets ledger's rule, ledger.py: nothing that still feeds an
            unpublished window or an unacknowledged dead letter), taken first.
         2. The patient states changed since the last checkpoint (what was reported, episodes) written to
            the changelog and acknowledged. They are at least as new as the offsets of step 1, so a restart
@@ -60,5 +60,5 @@ class Checkpointer:
         except KafkaError as exc:  # e.g. a rebalance is under way: the next checkpoint catches up
             log.warning("commit_failed", error=repr(exc))
             return False
-        self.tracker.mark_committed(points)
+        self.ledger.mark_committed(points)
         return True
