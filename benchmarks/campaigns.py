@@ -41,9 +41,9 @@ from streamer.kafka.broker import EmbeddedBroker
 from streamer.kafka.clients import ensure_topics, make_producer, read_records
 from streamer.offline.recordings import Recording, parse_start
 from streamer.offline.replay import Source, replay, synthetic_fleet
-from streamer.settings import KafkaSettings, Settings, settings_to_env
+from streamer.settings import KafkaSettings, Settings
 from streamer.windows.segmentation import segment
-from tests.kafka_utils import wait_for_event
+from tests.kafka_utils import expected_windows, settings_env, start_worker_process, wait_for_event
 
 
 # -- shared ------------------------------------------------------------------------------------------
@@ -57,18 +57,6 @@ def campaign_settings(bootstrap: str, partitions: int = 4, checkpoint: str | Non
     s = Settings(kafka=k)
     s.model.checkpoint = checkpoint
     return s
-
-
-def worker_env(s: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(settings_to_env(s))
-    env["STREAMER_LOG_FORMAT"] = "json"
-    return env
-
-
-def start_worker(s: Settings, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "streamer", "run"], env=worker_env(s), stdout=open(log, "ab"),
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
 def stop_worker(p: subprocess.Popen) -> int:
@@ -103,10 +91,6 @@ async def collect_flags(k: KafkaSettings, expected: set, timeout_s: float, repor
     return [orjson.loads(r.value) for r in records]
 
 
-def expected_of(fleet) -> set:
-    return {(src.patient_id, w.start_ns) for src in fleet for w in segment(src.recording.times_ns)}
-
-
 def feed_in_background(k: KafkaSettings, fleet, speed: float | None) -> threading.Thread:
     t = threading.Thread(target=lambda: asyncio.run(replay(k, fleet, speed=speed, chunk_s=0.5)), daemon=True)
     t.start()
@@ -133,9 +117,9 @@ def _worker_and_feed(bootstrap: str, beds: int, seconds: float, speed: float, ch
     s = campaign_settings(bootstrap, checkpoint=checkpoint)
     fleet = [src for src, _ in synthetic_fleet(beds, seconds, parse_start(start), seed=seed)]
     log = workdir / "worker.log"
-    proc = start_worker(s, log)
+    proc = start_worker_process(s, log)
     wait_for_event(log, "partition_assigned", proc=proc)
-    return s, expected_of(fleet), proc, log, feed_in_background(s.kafka, fleet, speed)
+    return s, expected_windows(fleet), proc, log, feed_in_background(s.kafka, fleet, speed)
 
 
 def crash_campaign(bootstrap: str, beds: int, kills: int, seconds: float, speed: float, checkpoint: str | None,
@@ -150,7 +134,7 @@ def crash_campaign(bootstrap: str, beds: int, kills: int, seconds: float, speed:
             time.sleep(rng.uniform(0.3, 2.0) * span / kills)
             proc.kill()
             proc.wait(10)
-            proc = start_worker(s, log)
+            proc = start_worker_process(s, log)
         feeder.join(span + 300)
         flags = asyncio.run(collect_flags(s.kafka, expected, timeout_s=span + 300))
     finally:
@@ -248,8 +232,8 @@ def stall_campaign(broker: EmbeddedBroker, stall_s: float, beds: int, checkpoint
     s = campaign_settings(broker.bootstrap, checkpoint=checkpoint)
     seconds = max(40.0, stall_s + 30)
     fleet = [src for src, _ in synthetic_fleet(beds, seconds, parse_start("2026-11-22T14:00:00Z"), seed=2)]
-    expected = expected_of(fleet)
-    proc = start_worker(s, workdir / "worker.log")
+    expected = expected_windows(fleet)
+    proc = start_worker_process(s, workdir / "worker.log")
     wait_for_event(workdir / "worker.log", "partition_assigned", proc=proc)
     feeder = feed_in_background(s.kafka, fleet, speed=1.0)
     peak_rss = 0
@@ -313,7 +297,7 @@ def slow_campaign(bootstrap: str, beds: int, seconds: float, delay_s: float, slo
     s.batching.max_batch = 4  # with +delay_s per batch, capacity 4/delay_s windows/s: below beds/10 arriving
     s.model.device_batch = 4
     fleet = [src for src, _ in synthetic_fleet(beds, seconds, parse_start("2026-11-22T17:00:00Z"), seed=7)]
-    expected = expected_of(fleet)
+    expected = expected_windows(fleet)
 
     async def main() -> dict:
         slow = SlowScorer(ArtifactScorer(s.model).warm_up(), delay_s)
@@ -423,7 +407,7 @@ def soak_campaign(broker: EmbeddedBroker, beds: int, seconds: float, checkpoint:
     if fetch:
         s.kafka.fetch_min_bytes, s.kafka.fetch_max_wait_ms = fetch
     port = free_port()
-    env = dict(worker_env(s), STREAMER_METRICS_PORT=str(port))
+    env = settings_env(s, STREAMER_METRICS_PORT=str(port))
     worker_cpus = None
     if pin:
         cpus = sorted(os.sched_getaffinity(0))
@@ -562,7 +546,7 @@ def fuzz_campaign(bootstrap: str, messages: int, beds: int, checkpoint: str | No
     workdir = workdir or Path(tempfile.mkdtemp(prefix="fuzz-"))
     s = campaign_settings(bootstrap, partitions=2, checkpoint=checkpoint)
     fleet = [src for src, _ in synthetic_fleet(beds, 41.0, parse_start("2026-11-22T15:00:00Z"), seed=seed)]
-    expected = expected_of(fleet)
+    expected = expected_windows(fleet)
     hostile = hostile_messages(messages, [src.patient_id for src in fleet], seed)
     # Accepted but not healthy: microvolts sent as millivolts (never to be scored), and a gateway whose
     # rate alternates 500.0 / 500.001 (float noise, to be scored as one stream).
@@ -571,9 +555,9 @@ def fuzz_campaign(bootstrap: str, messages: int, beds: int, checkpoint: str | No
     noisy = odd[1].recording
     noisy_chunks = [Chunk("fuzz-noisy-rate", "II", int(noisy.times_ns[i]), 500.0 if (i // 250) % 2 == 0 else 500.001,
                           noisy.values[i:i + 250], None, int(noisy.times_ns[0])) for i in range(0, len(noisy.values), 250)]
-    implausible_ids = expected_of([uv_as_mv])
-    noisy_ids = expected_of([Source("fuzz-noisy-rate", noisy)])
-    proc = start_worker(s, workdir / "worker.log")
+    implausible_ids = expected_windows([uv_as_mv])
+    noisy_ids = expected_windows([Source("fuzz-noisy-rate", noisy)])
+    proc = start_worker_process(s, workdir / "worker.log")
     wait_for_event(workdir / "worker.log", "partition_assigned", proc=proc)
 
     async def send_hostile():
@@ -654,7 +638,7 @@ def clock_campaign(bootstrap: str, beds: int, kills: int, checkpoint: str | None
                 outliers.append(Chunk(pid, "II", int(times[n // 2]) + 1800 * 10**9, fs, values[:250], None, start))
         sources.append(Source(pid, Recording(times, values, fs)))
     log = workdir / "worker.log"
-    proc = start_worker(s, log)
+    proc = start_worker_process(s, log)
     wait_for_event(log, "partition_assigned", proc=proc)
 
     # monitors send in their own order whatever their clocks say: arrival time = the unshifted time
@@ -688,7 +672,7 @@ def clock_campaign(bootstrap: str, beds: int, kills: int, checkpoint: str | None
             time.sleep(rng.uniform(0.5, 2.0))
             proc.kill()
             proc.wait(10)
-            proc = start_worker(s, log)
+            proc = start_worker_process(s, log)
         feeder.join(300)
 
         def done(records) -> bool:

@@ -46,6 +46,8 @@ class KafkaSettings(_Group):
     ssl_cafile: Path | None = None
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
+    tls_check_timeout_s: float = Field(5.0, gt=0, description="the TLS handshake made with each bootstrap server "
+                                       "at start must finish within this (a plaintext port never answers)")
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     max_poll_records: int = Field(2000, ge=1)
     fetch_min_bytes: int = Field(1, ge=1, description="the broker answers a fetch once it has this many bytes...")

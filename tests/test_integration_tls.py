@@ -88,7 +88,8 @@ def test_wrong_tls_setup_fails_at_start_with_the_reason(pki, broker, case):
             cafile, why = ((pki["ca"], "certificate is not valid for") if case == "wrong_host_name"
                            else (pki["other_ca"], "unable to get local issuer certificate"))
         env = {**settings_env(isolated_settings(broker.bootstrap)), "STREAMER_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
-               "STREAMER_KAFKA__SECURITY_PROTOCOL": "SSL", "STREAMER_KAFKA__SSL_CAFILE": str(cafile)}
+               "STREAMER_KAFKA__SECURITY_PROTOCOL": "SSL", "STREAMER_KAFKA__SSL_CAFILE": str(cafile),
+               "STREAMER_KAFKA__TLS_CHECK_TIMEOUT_S": "1.5"}
         for command in (["run"], ["replay", "--synthetic", "1", "--duration", "10", "--speed", "max", "--quiet"],
                         ["watch", "--seconds", "30"]):
             t0 = time.monotonic()

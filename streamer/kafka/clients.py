@@ -39,14 +39,14 @@ def tls_context(k: KafkaSettings) -> ssl.SSLContext:
                        "ssl_certfile and ssl_keyfile (PEM)") from None
 
 
-async def check_tls(k: KafkaSettings, timeout_s: float = 5.0) -> None:
+async def check_tls(k: KafkaSettings) -> None:
     """With SSL/SASL_SSL, one TLS handshake per bootstrap server before any Kafka client starts.
 
     aiokafka logs a failed handshake and retries until its own timeout, then says only that it could not
     bootstrap; an operator needs the reason (unknown CA, wrong host name, a plaintext port) at once."""
     if not uses_tls(k):
         return
-    ctx = tls_context(k)
+    ctx, timeout_s = tls_context(k), k.tls_check_timeout_s
     for server in k.bootstrap_servers.split(","):
         host, _, port = server.strip().rpartition(":")
         host = host.strip("[]")
