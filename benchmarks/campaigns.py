@@ -226,11 +226,12 @@ def broker_crash_campaign(broker: EmbeddedBroker, beds: int, kills: int, seconds
 
 # -- broker stalls -------------------------------------------------------------------------------------
 def stall_campaign(broker: EmbeddedBroker, stall_s: float, beds: int, checkpoint: str | None,
-                   workdir: Path | None = None) -> dict:
-    """Freeze the broker (SIGSTOP) for stall_s mid-stream, resume; windows lost, recovery time, peak RSS."""
+                   workdir: Path | None = None, seconds: float | None = None) -> dict:
+    """Freeze the broker (SIGSTOP) for stall_s mid-stream (10 s in), resume; windows lost, recovery time,
+    peak RSS. `seconds` of signal per bed: by default 30 s past the stall, at least 40."""
     workdir = workdir or Path(tempfile.mkdtemp(prefix="stall-"))
     s = campaign_settings(broker.bootstrap, checkpoint=checkpoint)
-    seconds = max(40.0, stall_s + 30)
+    seconds = seconds or max(40.0, stall_s + 30)
     fleet = [src for src, _ in synthetic_fleet(beds, seconds, parse_start("2026-11-22T14:00:00Z"), seed=2)]
     expected = expected_windows(fleet)
     proc = start_worker_process(s, workdir / "worker.log")

@@ -37,7 +37,7 @@ def test_fuzz_short(broker, checkpoint, tmp_path):
 
 
 def test_broker_stall_short(broker, checkpoint, tmp_path):
-    r = stall_campaign(broker, stall_s=5.0, beds=8, checkpoint=checkpoint, workdir=tmp_path)
+    r = stall_campaign(broker, stall_s=5.0, beds=8, checkpoint=checkpoint, workdir=tmp_path, seconds=26.0)
     print(r)
     assert r["worker_alive"] and r["exit_code"] == 0
     assert r["lost"] == 0
@@ -47,15 +47,15 @@ def test_broker_stall_short(broker, checkpoint, tmp_path):
 def test_soak_short(broker, checkpoint, tmp_path):
     """The soak's per-interval sampling on a short run: every interval has figures, nothing piles up.
     (Not pinned: pinning would move the shared test broker and this process onto one CPU.)"""
-    r = soak_campaign(broker, beds=12, seconds=40, checkpoint=checkpoint, warmup_s=20, interval_s=10,
+    r = soak_campaign(broker, beds=12, seconds=30, checkpoint=checkpoint, warmup_s=15, interval_s=10,
                       workdir=tmp_path)
     print(r)
     assert r["exit_code"] == 0
-    assert r["patients_buffered"] == (12, 12)  # every bed has started by 20 s (stagger <= 10 s); none piles up
+    assert r["patients_buffered"] == (12, 12)  # every bed has started by 15 s (stagger <= 10 s); none piles up
     assert r["max_pending"] < 64
     assert abs(r["rss_growth_pct"]) < 10
     rows = (tmp_path / "soak.jsonl").read_text().splitlines()
-    assert len(rows) >= 4 and sum(orjson.loads(row)["windows"] for row in rows) >= 12 * 3
+    assert len(rows) >= 3 and sum(orjson.loads(row)["windows"] for row in rows) >= 12 * 2
 
 
 def test_clock_events_short(broker, checkpoint, tmp_path):
