@@ -67,7 +67,7 @@ def test_worker_replay_and_watch_over_tls(tls_bootstrap, pki, tmp_path):
                                          until=lambda rs: {(f["patient_id"], f["window_start_ns"])
                                                            for f in flags_of(rs)} >= want))
         assert {(f["patient_id"], f["window_start_ns"]) for f in flags_of(records)} == want
-        watched = _cli(["watch", "--seconds", "2", "--from-beginning"], env)
+        watched = _cli(["watch", "--seconds", "3", "--from-beginning"], env)
         assert watched.returncode == 0, watched.stderr[-2000:]
         assert sum(line.startswith("flag") for line in watched.stdout.splitlines()) >= len(want)
     finally:
