@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from streamer.logs import get_logger
+from streamer.model.errors import DeviceError
 
 log = get_logger(__name__)
 
@@ -32,10 +33,6 @@ LOGIT_TOLERANCE = 1e-3  # and max |dlogit|: saturated probabilities alone could 
 CPU_BATCH_CANDIDATES = (4, 8, 16)
 PROBE_WINDOWS = 16
 CACHE_FORMAT = 1
-
-
-class BackendError(RuntimeError):
-    """A backend that was asked for cannot run here (not installed, wrong device)."""
 
 
 class TorchRunner:
@@ -85,7 +82,7 @@ def ort_runner(onnx_model: bytes, threads: int) -> OrtRunner:
     try:
         import onnxruntime as ort
     except ImportError:
-        raise BackendError("model.backend=onnxruntime needs onnxruntime (`pip install onnxruntime onnx`)") from None
+        raise DeviceError("model.backend=onnxruntime needs onnxruntime (`pip install onnxruntime onnx`)") from None
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     return OrtRunner(ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"]))

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from streamer.logs import get_logger
-from streamer.model.backends import (CPU_BATCH_CANDIDATES, BackendError, ChoiceCache, CpuChoice, OrtRunner,
+from streamer.model.backends import (CPU_BATCH_CANDIDATES, ChoiceCache, CpuChoice, OrtRunner,
                                      TorchRunner, default_cache_dir, export_onnx, measure_cpu_backends,
                                      onnxruntime_available, ort_runner, probe_images)
 from streamer.model.checkpoint import load_state_dict, model_name_for
@@ -104,10 +104,7 @@ class ArtifactScorer:
         return TorchRunner(net, self.dtype, self.memory_format, self.fold_stem)
 
     def _ort(self, onnx_model: bytes) -> OrtRunner:
-        try:
-            return ort_runner(onnx_model, torch.get_num_threads())
-        except BackendError as exc:
-            raise DeviceError(str(exc)) from None
+        return ort_runner(onnx_model, torch.get_num_threads())
 
     def _measured_runner(self, settings: ModelSettings, digest: str):
         """CPU and ONNX Runtime installed: the stored choice for this machine, else measure and store."""
