@@ -27,6 +27,9 @@ class OffsetsLedger:
         self.next_offset: dict[Hashable, int] = {}  # last consumed + 1
         self.committed: dict[Hashable, int] = {}
         self._held: dict[Hashable, Counter] = {}  # partition -> offset (or None) -> outputs in flight
+        # The same, counted per partition: in_flight() runs on every consume-loop pass (backpressure), so
+        # it must not walk every held offset.
+        self._count: Counter = Counter()
         # Bumped at every assignment and revocation: an acknowledgement from an earlier assignment of a
         # partition must not release a hold taken by the current one.
         self.generation: dict[Hashable, int] = {}
@@ -43,6 +46,7 @@ class OffsetsLedger:
     def hold(self, partition: Hashable, offset: int | None) -> Hold:
         hold = Hold(partition, self.generation.get(partition, 0), offset)
         self._held.setdefault(partition, Counter())[offset] += 1
+        self._count[partition] += 1
         return hold
 
     def release(self, hold: Hold | None) -> bool:
@@ -55,6 +59,7 @@ class OffsetsLedger:
         held[hold.offset] -= 1
         if held[hold.offset] == 0:
             del held[hold.offset]
+        self._count[hold.partition] -= 1
         return True
 
     # -- what it says ----------------------------------------------------------------------------
@@ -64,8 +69,7 @@ class OffsetsLedger:
 
     def in_flight(self, partition: Hashable | None = None) -> int:
         """Outputs not yet acknowledged, of one partition or of all."""
-        parts = [self._held.get(partition, Counter())] if partition is not None else self._held.values()
-        return sum(sum(c.values()) for c in parts)
+        return self._count[partition] if partition is not None else self._count.total()
 
     def commit_points(self, open_offsets: dict[Hashable, int]) -> dict[Hashable, int]:
         """Offsets safe to commit now, only those that moved forward since the last commit."""
@@ -98,4 +102,5 @@ class OffsetsLedger:
         self.generation[partition] = self.generation.get(partition, 0) + 1
         self.next_offset.pop(partition, None)
         self._held.pop(partition, None)
+        self._count.pop(partition, None)
         self.committed.pop(partition, None)
