@@ -13,6 +13,8 @@ specified in `schemas/` (artifact-flag.v1, artifact-episode.v1); this module rea
 
 from __future__ import annotations
 
+import functools
+import typing
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -67,17 +69,17 @@ class Episode:
         return self.state == "open"
 
 
-_FLAG_TYPES = {"window_id": str, "patient_id": str, "window_start_ns": int, "window_end_ns": int, "status": str,
-               "threshold": float, "model": str, "fs": float, "missing_samples": int,
-               "interpolated_samples": int, "produced_at_ns": int, "latency_ms": float}
-_FLAG_OPTIONAL = {"reason": str, "probability": float, "artifact": bool}
-_EPISODE_TYPES = {"episode_id": str, "patient_id": str, "state": str, "start_ns": int,
-                  "last_flagged_end_ns": int, "peak_probability": float, "flagged_windows": int, "model": str,
-                  "updated_at_ns": int}
-_EPISODE_OPTIONAL = {"reason": str, "end_ns": int}
+@functools.cache
+def _field_types(record) -> dict[str, tuple[type, bool]]:
+    """name -> (type, may be null), read off the record's own annotations: one list of fields."""
+    out = {}
+    for name, hint in typing.get_type_hints(record).items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        out[name] = (args[0] if args else hint, bool(typing.get_args(hint)))
+    return out
 
 
-def _fields(value: bytes, what: str, required: dict, optional: dict) -> dict:
+def _fields(value: bytes, what: str, record) -> dict:
     try:
         doc = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
@@ -87,9 +89,9 @@ def _fields(value: bytes, what: str, required: dict, optional: dict) -> dict:
     if doc.get("schema") != SCHEMA_VERSION:
         raise MessageError(f"{what}: schema {doc.get('schema')!r}, this reader knows {SCHEMA_VERSION}")
     out = {}
-    for name, kind in {**required, **optional}.items():
+    for name, (kind, nullable) in _field_types(record).items():
         v = doc.get(name)
-        if v is None and name in optional:
+        if v is None and nullable:
             out[name] = None
             continue
         # JSON has one number type: an integral float field may arrive as 1; a bool is never a number.
@@ -102,7 +104,7 @@ def _fields(value: bytes, what: str, required: dict, optional: dict) -> dict:
 
 
 def decode_flag(value: bytes) -> Flag:
-    f = _fields(value, "flag", _FLAG_TYPES, _FLAG_OPTIONAL)
+    f = _fields(value, "flag", Flag)
     if f["status"] not in ("scored", "insufficient_data"):
         raise MessageError(f"flag: unknown status {f['status']!r}"[:200])
     if f["status"] == "scored" and (f["probability"] is None or f["artifact"] is None):
@@ -111,7 +113,7 @@ def decode_flag(value: bytes) -> Flag:
 
 
 def decode_episode(value: bytes) -> Episode:
-    e = _fields(value, "episode", _EPISODE_TYPES, _EPISODE_OPTIONAL)
+    e = _fields(value, "episode", Episode)
     if e["state"] not in ("open", "closed"):
         raise MessageError(f"episode: unknown state {e['state']!r}"[:200])
     return Episode(**e)
