@@ -33,7 +33,7 @@ async def run(beds: int, seconds: float, max_batch: int, max_wait_ms: float, enc
               cpu_threads: int | None = None) -> dict:
     with EmbeddedBroker() as broker:
         k = KafkaSettings(bootstrap_servers=broker.bootstrap, input_partitions=8, create_topics=True,
-                          group_id=f"bench-{os.getpid()}")
+                          group_id=f"bench-{os.getpid()}", replication_factor=1, min_insync_replicas=1)
         await ensure_topics(k)
         env = dict(os.environ, STREAMER_KAFKA__BOOTSTRAP_SERVERS=broker.bootstrap, STREAMER_KAFKA__GROUP_ID=k.group_id,
                    STREAMER_BATCHING__MAX_BATCH=str(max_batch), STREAMER_BATCHING__MAX_WAIT_MS=str(max_wait_ms),

@@ -47,10 +47,12 @@ from tests.kafka_utils import expected_windows, settings_env, start_worker_proce
 
 
 # -- shared ------------------------------------------------------------------------------------------
-def campaign_settings(bootstrap: str, partitions: int = 4, checkpoint: str | None = None) -> Settings:
+def campaign_settings(bootstrap: str, partitions: int = 4, checkpoint: str | None = None,
+                      replication: int = 1) -> Settings:
     tag = uuid.uuid4().hex[:8]
     k = KafkaSettings(bootstrap_servers=bootstrap, input_topics=[f"in-{tag}"], flags_topic=f"flags-{tag}",
                       episodes_topic=f"episodes-{tag}", dead_letter_topic=f"dlq-{tag}", group_id=f"g-{tag}", state_topic=f"state-{tag}",
+                      replication_factor=replication, min_insync_replicas=1,
                       input_partitions=partitions, commit_interval_s=0.5, session_timeout_ms=6000,
                       heartbeat_interval_ms=1000)
     asyncio.run(ensure_topics(k))

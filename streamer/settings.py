@@ -34,10 +34,26 @@ class KafkaSettings(_Group):
     flags_topic: str = "ecg.artifact.flags"
     episodes_topic: str = "ecg.artifact.episodes"
     dead_letter_topic: str = "ecg.deadletter"
-    state_topic: str = Field("ecg.artifact.state", description="compacted changelog of per-patient state "
-                             "(internal; as many partitions as the input topics)")
+    state_topic: str | None = Field(None, description="compacted changelog of per-patient state (internal; as "
+                                    "many partitions as the input topics); default <group_id>.state, so two "
+                                    "deployments on one cluster never share one")
     input_partitions: int = Field(8, ge=1, description="used when the worker or `broker` creates topics")
     create_topics: bool = Field(False, description="create missing topics at start (demo/tests only)")
+    replication_factor: int = Field(3, ge=1, description="replicas of the topics the worker creates (3 for a "
+                                    "3-broker cluster; 1 for a single dev broker)")
+    min_insync_replicas: int = Field(2, ge=1, description="min.insync.replicas of the topics the worker creates: "
+                                     "with acks=all a write survives the loss of RF - this many brokers")
+    delivery: Literal["auto", "exactly_once", "at_least_once"] = Field(
+        "auto", description="exactly_once: one Kafka transaction per checkpoint and input partition (flags, "
+        "episodes, dead letters, states, offsets); at_least_once: acknowledged outputs, then the commit "
+        "(duplicates with the same window_id after a crash). auto: exactly_once when the brokers run "
+        "transactions (a probe at start), else at_least_once; the choice is logged (delivery_mode)")
+    transactional_id_prefix: str | None = Field(None, description="transactional ids are <prefix>-<input topic>-"
+                                                "<partition>; default: the group id. ACLs: WRITE and DESCRIBE "
+                                                "on this prefix")
+    transaction_timeout_ms: int = Field(60000, ge=1000, description="the broker aborts a transaction left open "
+                                        "this long (a worker that died mid-checkpoint with no successor); "
+                                        "read_committed readers of its partitions wait at most this")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
@@ -55,7 +71,18 @@ class KafkaSettings(_Group):
                                    "broker less per record, at most this much added latency")
     session_timeout_ms: int = Field(10000, ge=1000)
     heartbeat_interval_ms: int = Field(3000, ge=100)
-    commit_interval_s: float = Field(1.0, gt=0)
+    commit_interval_s: float = Field(0.25, gt=0, description="checkpoint period; with exactly_once it bounds "
+                                     "how long a flag stays invisible to read_committed readers")
+
+    @model_validator(mode="after")
+    def _derived_names(self) -> "KafkaSettings":
+        if self.state_topic is None:
+            self.state_topic = f"{self.group_id}.state"
+        if self.transactional_id_prefix is None:
+            self.transactional_id_prefix = self.group_id
+        if self.min_insync_replicas > self.replication_factor:
+            raise ValueError("kafka.min_insync_replicas must not exceed kafka.replication_factor")
+        return self
 
     @model_validator(mode="after")
     def _sasl_complete(self) -> "KafkaSettings":

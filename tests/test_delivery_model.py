@@ -83,7 +83,7 @@ class Core:
         self.store = StateStore()
         self.stage = WindowStage(WINDOW, self.store)
         self.tracker = OffsetsLedger()
-        self.checkpointer = Checkpointer(self.tracker, self.stage, self.store, None, None, "state")
+        self.checkpointer = Checkpointer(self.tracker, self.stage, self.store, None, None, "state", "g")
         self.episodes = EpisodeTracker(EPISODES, "m")
         self.pending: list = []  # emitted windows, in order, not yet published
         self.position: dict[int, int] = {}

@@ -7,6 +7,7 @@ import asyncio
 from aiokafka.errors import KafkaError
 
 from streamer.checkpointing.ledger import OffsetsLedger
+from streamer.checkpointing.outputs import AtLeastOnceOutputs, TransactionalOutputs
 from streamer.logs import get_logger
 from streamer.state.changelog import state_key
 from streamer.state.store import StateStore
@@ -15,9 +16,11 @@ log = get_logger("streamer.checkpoint")
 
 
 class Checkpointer:
-    def __init__(self, ledger: OffsetsLedger, stage, store: StateStore, consumer, producer, state_topic: str):
+    def __init__(self, ledger: OffsetsLedger, stage, store: StateStore, consumer,
+                 outputs: AtLeastOnceOutputs | TransactionalOutputs, state_topic: str, group_id: str):
         self.ledger, self.stage, self.store = ledger, stage, store
-        self.consumer, self.producer, self.state_topic = consumer, producer, state_topic
+        self.consumer, self.outputs, self.state_topic, self.group_id = consumer, outputs, state_topic, group_id
+        self._lock = asyncio.Lock()  # checkpoints never overlap (commit loop, revocation, shutdown)
 
     def prepare(self, partitions) -> tuple[dict, dict]:
         """Steps 1 and 2's inputs, in that order: (offsets safe to commit, changed states to write)."""
@@ -25,27 +28,48 @@ class Checkpointer:
                   if tp in partitions}
         return points, self.store.take_dirty(partitions)
 
+    def _state_records(self, tp, states) -> list[tuple[str, bytes, bytes, int]]:
+        return [(self.state_topic, state_key(tp.topic, st.patient_id), st.to_bytes(tp.topic), tp.partition)
+                for st in states]
+
     async def checkpoint(self, partitions) -> bool:
         """Move the committed offsets of `partitions` as far as is safe. Steps, in this order:
 
         1. Per partition, the offset safe to commit (the offsets ledger's rule, ledger.py: nothing that still feeds an
            unpublished window or an unacknowledged dead letter), taken first.
         2. The patient states changed since the last checkpoint (what was reported, episodes) written to
-           the changelog and acknowledged. They are at least as new as the offsets of step 1, so a restart
-           from those offsets never meets a window whose report the state does not know about.
+           the changelog. They are at least as new as the offsets of step 1, so a restart from those
+           offsets never meets a window whose report the state does not know about.
         3. The offsets of step 1 committed.
-        A failure at 2 or 3 commits nothing more; the next checkpoint tries again.
+        Exactly once: per partition, 1-3 are one transaction with every output since the last checkpoint
+        (a failure stops the worker). At least once: states acknowledged before the commit; a failure at 2
+        or 3 commits nothing more and the next checkpoint tries again.
         """
         if self.consumer is None:
             return False
+        async with self._lock:
+            if self.outputs.exactly_once:
+                for tp in sorted(partitions):
+                    await self._transactional(tp)
+                return True
+            return await self._at_least_once(partitions)
+
+    async def _transactional(self, tp) -> None:
+        def prepare():  # under the partition's gate: nothing is published between this and the commit
+            points, dirty = self.prepare({tp})
+            return points.get(tp), self._state_records(tp, dirty.get(tp, ()))
+
+        committed = await self.outputs.commit(tp, self.group_id, prepare)
+        if committed is not None:
+            self.ledger.mark_committed({tp: committed})
+
+    async def _at_least_once(self, partitions) -> bool:
         points, dirty = self.prepare(partitions)
         try:
             futures = []
             for tp, states in dirty.items():
-                for st in states:
-                    futures.append(await self.producer.send(
-                        self.state_topic, st.to_bytes(tp.topic), key=state_key(tp.topic, st.patient_id),
-                        partition=tp.partition))
+                for topic, key, value, out_partition in self._state_records(tp, states):
+                    futures.append(await self.outputs.send(tp, topic, value, key=key, out_partition=out_partition))
             await asyncio.gather(*futures)
         except KafkaError as exc:
             for tp, states in dirty.items():

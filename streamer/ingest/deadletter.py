@@ -6,7 +6,7 @@ import asyncio
 
 from aiokafka.errors import KafkaError
 
-from streamer.kafka.clients import retriable, send_with_retry
+from streamer.kafka.clients import retriable, retry_kafka
 from streamer.logs import get_logger, patient_ref
 
 log = get_logger("streamer.deadletter")
@@ -47,11 +47,14 @@ def oversized_dead_letter(record, headers: list[tuple[str, bytes]], error: str) 
 
 class DeadLetters:
     """Sends rejected records to the dead-letter topic in the background; each stays held in the offsets
-    ledger until the broker has it, so a crash before that re-reads it instead of losing it."""
+    ledger until it is published (acknowledged, or in its partition's open transaction), so a crash before
+    that re-reads it instead of losing it."""
 
-    def __init__(self, topic: str, producer, ledger, metrics, settled: asyncio.Event):
-        self.topic, self.producer, self.ledger, self.metrics, self.settled = topic, producer, ledger, metrics, settled
+    def __init__(self, topic: str, outputs, ledger, metrics, settled: asyncio.Event):
+        self.topic, self.outputs, self.ledger, self.metrics, self.settled = topic, outputs, ledger, metrics, settled
         self.tasks: set[asyncio.Task] = set()
+        self.on_failure = None  # called with the exception of a send that failed for good (fatal)
+        self.max_bytes = 900_000  # under the producer's max_request_size (1 MiB) with room for the batch
 
     def send(self, tp, record, reason: str, detail: str) -> None:
         hold = self.ledger.hold(tp, record.offset)
@@ -60,21 +63,51 @@ class DeadLetters:
                     topic=tp.topic, partition=tp.partition, offset=record.offset)
         task = asyncio.create_task(self._send(tp, record, reason, detail, hold))
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and self.on_failure is not None:
+            self.on_failure(task.exception())
 
     async def _send(self, tp, record, reason: str, detail: str, hold) -> None:
         headers = dead_letter_headers(reason, detail, tp.topic, tp.partition, record.offset)
+        if self.outputs.exactly_once:
+            await self._send_in_transaction(tp, record, headers, hold)
+        else:
+            await self._send_acknowledged(tp, record, reason, headers)
+            self.ledger.release(hold)
+        self.settled.set()
+        self.metrics.dead_letters.labels(reason).inc()
+
+    async def _send_acknowledged(self, tp, record, reason: str, headers) -> None:
+        async def attempt(value, hdrs):
+            async def once():
+                await (await self.outputs.send(tp, self.topic, value, key=record.key, headers=hdrs))
+            await retry_kafka(once, lambda exc, delay: log.warning(
+                "publish_retry", topic=self.topic, error=repr(exc), retry_in_s=delay))
+
         try:
-            await send_with_retry(self.producer, self.topic, record.key, record.value or b"", headers)
+            await attempt(record.value or b"", headers)
         except KafkaError as exc:
             if retriable(exc):
                 raise
             # e.g. the record plus headers is over the producer's size limit: a small dead letter that
             # still identifies it, so the partition moves on
-            log.warning("dead_letter_replaced", reason=reason, error=repr(exc)[:200], topic=tp.topic,
+            log.warning("dead_letter_replaced", error=repr(exc)[:200], topic=tp.topic,
                         partition=tp.partition, offset=record.offset)
-            value, small_headers = oversized_dead_letter(record, headers, repr(exc))
-            await send_with_retry(self.producer, self.topic, record.key, value, small_headers)
-        self.ledger.release(hold)
-        self.settled.set()
-        self.metrics.dead_letters.labels(reason).inc()
+            await attempt(*oversized_dead_letter(record, headers, repr(exc)))
+
+    async def _send_in_transaction(self, tp, record, headers, hold) -> None:
+        value = record.value or b""
+        if len(value) + len(record.key or b"") + sum(len(k) + len(v) for k, v in headers) > self.max_bytes:
+            # a refused record would fail the whole transaction: send the small stand-in at once
+            log.warning("dead_letter_replaced", error="over the producer's max request size", topic=tp.topic,
+                        partition=tp.partition, offset=record.offset)
+            value, headers = oversized_dead_letter(record, headers, "record too large for a dead letter")
+        async with self.outputs.gate(tp) as owned:
+            if not owned:
+                return  # revoked meanwhile: the new owner reads the record again
+            fut = await self.outputs.send(tp, self.topic, value, key=record.key, headers=headers)
+            self.ledger.release(hold)
+        await fut

@@ -83,51 +83,78 @@ def security_kwargs(k: KafkaSettings) -> dict[str, Any]:
     return kw
 
 
-def make_producer(k: KafkaSettings, **extra: Any) -> AIOKafkaProducer:
-    # acks=all + idempotence would be ideal, but InitProducerId is not supported by the embedded
-    # broker; flags carry an idempotent identity (patient, window_start) instead.
+def make_producer(k: KafkaSettings, transactional_id: str | None = None, idempotent: bool = True,
+                  **extra: Any) -> AIOKafkaProducer:
+    """acks=all; idempotent where the brokers can (no duplicates from the producer's own retries);
+    transactional for exactly-once checkpoints (checkpointing/outputs.py)."""
     opts: dict[str, Any] = dict(bootstrap_servers=k.bootstrap_servers, client_id=f"{k.client_id}-producer",
                                 acks="all", linger_ms=5, max_batch_size=1 << 20,
-                                request_timeout_ms=30000)
+                                request_timeout_ms=30000, enable_idempotence=idempotent or bool(transactional_id))
+    if transactional_id is not None:
+        opts.update(transactional_id=transactional_id, transaction_timeout_ms=k.transaction_timeout_ms)
     opts.update(extra)
     return AIOKafkaProducer(**opts, **security_kwargs(k))
 
 
 def make_consumer(k: KafkaSettings, **extra: Any) -> AIOKafkaConsumer:
+    """read_committed: what an aborted transaction (a fenced zombie's, a crashed checkpoint's) wrote is
+    never seen, and outputs appear once their checkpoint committed."""
     opts: dict[str, Any] = dict(
         bootstrap_servers=k.bootstrap_servers, client_id=f"{k.client_id}-consumer", group_id=k.group_id,
         enable_auto_commit=False, auto_offset_reset=k.auto_offset_reset,
         max_poll_records=k.max_poll_records, session_timeout_ms=k.session_timeout_ms,
         heartbeat_interval_ms=k.heartbeat_interval_ms, fetch_max_bytes=16 << 20,
         max_partition_fetch_bytes=4 << 20, fetch_min_bytes=k.fetch_min_bytes, fetch_max_wait_ms=k.fetch_max_wait_ms,
+        isolation_level="read_committed",
     )
     opts.update(extra)
     return AIOKafkaConsumer(**opts, **security_kwargs(k))
 
 
+def make_admin(k: KafkaSettings) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(bootstrap_servers=k.bootstrap_servers, client_id=f"{k.client_id}-admin",
+                               **security_kwargs(k))
+
+
+def wanted_topics(k: KafkaSettings, partitions: int | None = None) -> list[NewTopic]:
+    n = partitions or k.input_partitions
+    rf = k.replication_factor
+    plain = {"min.insync.replicas": str(k.min_insync_replicas)}
+    compact = {**plain, "cleanup.policy": "compact"}
+    return ([NewTopic(t, n, rf, topic_configs=dict(plain)) for t in k.input_topics]
+            + [NewTopic(k.flags_topic, n, rf, topic_configs=dict(plain)),
+               NewTopic(k.dead_letter_topic, n, rf, topic_configs=dict(plain)),
+               NewTopic(k.episodes_topic, n, rf, topic_configs=dict(compact)),
+               NewTopic(k.state_topic, n, rf, topic_configs=dict(compact))])
+
+
 async def ensure_topics(k: KafkaSettings, partitions: int | None = None, timeout_s: float = 15.0) -> list[str]:
-    """Create the configured topics that are missing; returns those created."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=k.bootstrap_servers, client_id=f"{k.client_id}-admin",
-                                **security_kwargs(k))
+    """Create the configured topics that are missing (replication_factor, min_insync_replicas; the episode
+    and state topics compacted); returns those created."""
+    admin = make_admin(k)
     await asyncio.wait_for(admin.start(), timeout_s)
     try:
         existing = set(await admin.list_topics())
-        n = partitions or k.input_partitions
-        wanted = [NewTopic(t, n, 1) for t in k.input_topics]
-        wanted += [NewTopic(k.flags_topic, n, 1), NewTopic(k.dead_letter_topic, n, 1),
-                   NewTopic(k.episodes_topic, n, 1, topic_configs={"cleanup.policy": "compact"}),
-                   NewTopic(k.state_topic, n, 1, topic_configs={"cleanup.policy": "compact"})]
-        missing = [t for t in wanted if t.name not in existing]
+        missing = [t for t in wanted_topics(k, partitions) if t.name not in existing]
         if missing:
-            await admin.create_topics(missing)
+            resp = await admin.create_topics(missing)
+            # (name, error_code[, error_message]); 36: created meanwhile by another worker
+            errors = [(e[0], e[1], e[2] if len(e) > 2 else None) for e in getattr(resp, "topic_errors", ())
+                      if e[1] not in (0, 36)]
+            if errors:
+                from aiokafka.errors import for_code
+
+                name, code, message = errors[0]
+                raise for_code(code)(f"creating topic {name}: {message or for_code(code).__name__} "
+                                     f"(replication_factor={k.replication_factor}, min_insync_replicas="
+                                     f"{k.min_insync_replicas})")
         return [t.name for t in missing]
     finally:
         await admin.close()
 
 
 async def missing_topics(k: KafkaSettings, timeout_s: float = 15.0) -> list[str]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=k.bootstrap_servers, client_id=f"{k.client_id}-admin",
-                                **security_kwargs(k))
+    admin = make_admin(k)
     await asyncio.wait_for(admin.start(), timeout_s)
     try:
         existing = set(await admin.list_topics())
@@ -135,6 +162,37 @@ async def missing_topics(k: KafkaSettings, timeout_s: float = 15.0) -> list[str]
         await admin.close()
     needed = [*k.input_topics, k.flags_topic, k.episodes_topic, k.dead_letter_topic, k.state_topic]
     return [t for t in needed if t not in existing]
+
+
+async def partition_counts(k: KafkaSettings, topics: list[str], timeout_s: float = 15.0) -> dict[str, int]:
+    """Partitions of each existing topic among `topics` (metadata)."""
+    admin = make_admin(k)
+    await asyncio.wait_for(admin.start(), timeout_s)
+    try:
+        described = await admin.describe_topics(topics)
+    finally:
+        await admin.close()
+    return {t["topic"]: len(t["partitions"]) for t in described if t["error_code"] == 0}
+
+
+async def topic_config(k: KafkaSettings, topic: str, name: str, timeout_s: float = 15.0) -> str | None:
+    """One configuration value of a topic as the brokers report it (DescribeConfigs); None if the broker
+    does not say."""
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    admin = make_admin(k)
+    await asyncio.wait_for(admin.start(), timeout_s)
+    try:
+        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+    finally:
+        await admin.close()
+    for resp in responses:
+        for resource in resp.resources:
+            # (error_code, error_message, resource_type, resource_name, config_entries)
+            for entry in resource[4]:
+                if entry[0] == name:
+                    return entry[1]
+    return None
 
 
 async def read_records(k: KafkaSettings, topics: list[str], until=None, timeout_s: float = 60.0,

@@ -23,8 +23,9 @@ async def read_states(reader, state_topic: str, partitions: list[TopicPartition]
                       timeout_s: float = 60.0) -> dict[TopicPartition, dict[str, PatientState]]:
     """Every state of `partitions` (input partitions), read from the changelog up to its end.
 
-    `reader` is a started consumer without a group. The end is the high watermark the fetches report
-    (not ListOffsets, which the embedded test broker gets wrong for some partitions)."""
+    `reader` is a started read_committed consumer without a group. The end is the last stable offset the
+    fetches report (the high watermark where a broker reports none): committed states only, so a fenced
+    zombie's aborted writes are never restored."""
     wanted = {tp: {} for tp in partitions}
     sources = sorted({TopicPartition(state_topic, tp.partition) for tp in partitions})
     if not sources:
@@ -49,8 +50,10 @@ async def read_states(reader, state_topic: str, partitions: list[TopicPartition]
                 if tp in wanted:
                     wanted[tp][st.patient_id] = st
         for stp in list(remaining):
-            high = reader.highwater(stp)
-            if high is not None and await reader.position(stp) >= high:
+            end = reader.last_stable_offset(stp)
+            if end is None or end < 0:
+                end = reader.highwater(stp)
+            if end is not None and await reader.position(stp) >= end:
                 remaining.discard(stp)
         await asyncio.sleep(0)
     return wanted
