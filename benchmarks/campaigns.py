@@ -1,6 +1,9 @@
-"""Reliability campaigns against the embedded broker (loopback only, bounded in time, stop by themselves).
+"""Reliability campaigns on loopback (bounded in time, stop by themselves); Apache Kafka by default
+(`--broker embedded` for the demo broker; broker-crash and `--storage s3` use the embedded one).
 
-    python -m benchmarks.campaigns crash --beds 100 --kills 20 --seconds 240
+    python -m benchmarks.campaigns crash --beds 100 --kills 10 --seconds 240 --speed 2
+    python -m benchmarks.campaigns zombie --beds 50 --takeovers 3
+    python -m benchmarks.campaigns failover --beds 50 --kills 5            # 3 brokers, RF 3
     python -m benchmarks.campaigns stall --stalls 5,30,120 --beds 50
     python -m benchmarks.campaigns fuzz --messages 10000 --beds 10
     python -m benchmarks.campaigns slow --beds 50 --delay 2 --slow-for 45
@@ -43,16 +46,17 @@ from streamer.offline.recordings import Recording, parse_start
 from streamer.offline.replay import Source, replay, synthetic_fleet
 from streamer.settings import KafkaSettings, Settings
 from streamer.windows.segmentation import segment
-from tests.kafka_utils import expected_windows, settings_env, start_worker_process, wait_for_event
+from tests.kafka_utils import (expected_windows, log_events, settings_env, start_worker_process, wait_for_event,
+                               wait_until)
 
 
 # -- shared ------------------------------------------------------------------------------------------
 def campaign_settings(bootstrap: str, partitions: int = 4, checkpoint: str | None = None,
-                      replication: int = 1) -> Settings:
+                      replication: int = 1, min_insync: int = 1) -> Settings:
     tag = uuid.uuid4().hex[:8]
     k = KafkaSettings(bootstrap_servers=bootstrap, input_topics=[f"in-{tag}"], flags_topic=f"flags-{tag}",
                       episodes_topic=f"episodes-{tag}", dead_letter_topic=f"dlq-{tag}", group_id=f"g-{tag}", state_topic=f"state-{tag}",
-                      replication_factor=replication, min_insync_replicas=1,
+                      replication_factor=replication, min_insync_replicas=min_insync,
                       input_partitions=partitions, commit_interval_s=0.5, session_timeout_ms=6000,
                       heartbeat_interval_ms=1000)
     asyncio.run(ensure_topics(k))
@@ -100,10 +104,14 @@ def feed_in_background(k: KafkaSettings, fleet, speed: float | None) -> threadin
 
 
 def tally(expected: set, flags: list[dict]) -> dict:
+    """Lost: expected windows without a scored flag. duplicates: scored flags seen more than once;
+    duplicate_ids: flags of any status sharing a window_id (0 under exactly-once, read_committed)."""
     got = [(f["patient_id"], f["window_start_ns"]) for f in flags if f["status"] == "scored"]
     counts = collections.Counter(got)
+    ids = collections.Counter(f["window_id"] for f in flags)
     return {"expected": len(expected), "flagged": len(expected & set(got)), "lost": len(expected - set(got)),
-            "duplicates": sum(c - 1 for c in counts.values())}
+            "duplicates": sum(c - 1 for c in counts.values()),
+            "duplicate_ids": sum(c - 1 for c in ids.values())}
 
 
 def record(figure: str, value: str) -> None:
@@ -142,6 +150,156 @@ def crash_campaign(bootstrap: str, beds: int, kills: int, seconds: float, speed:
     finally:
         stop_worker(proc)
     return {"kills": kills, **tally(expected, flags)}
+
+
+# -- zombie owner ----------------------------------------------------------------------------------------
+def state_regressions(k: KafkaSettings) -> int:
+    """Committed state records (read_committed, in log order) whose next_k of a grid went backwards."""
+    from streamer.state.patients import PatientState
+
+    records = asyncio.run(read_records(k, [k.state_topic], timeout_s=30))
+    last: dict = {}
+    regressions = 0
+    for r in sorted(records, key=lambda r: (r.partition, r.offset)):
+        if r.value is None:
+            continue
+        _, st = PatientState.from_bytes(r.value)
+        for seg in st.segments:
+            key = (r.key, seg.anchor_ns, seg.fs)
+            if seg.next_k < last.get(key, -1):
+                regressions += 1
+            last[key] = max(seg.next_k, last.get(key, -1))
+    return regressions
+
+
+def zombie_campaign(bootstrap: str, beds: int, seconds: float, speed: float, checkpoint: str | None,
+                    seed: int = 0, workdir: Path | None = None, takeovers: int = 1) -> dict:
+    """The owner is SIGSTOPped past its session timeout, a second worker takes its partitions, then the
+    first resumes: nothing it writes after the takeover may become visible (exactly once fences it)."""
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="zombie-"))
+    s = campaign_settings(bootstrap, checkpoint=checkpoint)
+    fleet = [src for src, _ in synthetic_fleet(beds, seconds, parse_start("2026-11-22T07:00:00Z"), seed=seed)]
+    expected = expected_windows(fleet)
+    logs = [workdir / "worker-a.log", workdir / "worker-b.log"]
+    procs = [start_worker_process(s, logs[0])]
+    wait_for_event(logs[0], "partition_assigned", proc=procs[0])
+    feeder = feed_in_background(s.kafka, fleet, speed)
+    zombie_codes = []
+    try:
+        for i in range(takeovers):
+            owner, owner_log = procs[-1], logs[i % 2]
+            asyncio.run(read_records(s.kafka, [s.kafka.flags_topic], until=lambda r: len(r) >= 1, timeout_s=120))
+            owner.send_signal(signal.SIGSTOP)
+            successor_log = logs[(i + 1) % 2]
+            mark = len(log_events_named(successor_log, "partition_assigned"))
+            successor = start_worker_process(s, successor_log)
+            procs.append(successor)
+            # the successor owns every partition: the zombie's session expired
+            wait_until(lambda: len(log_events_named(successor_log, "partition_assigned")) >= mark + 4, 120,
+                       "the takeover", proc=successor)
+            time.sleep(2.0)  # the successor publishes and checkpoints on its own meanwhile
+            owner.send_signal(signal.SIGCONT)  # the zombie resumes: fenced, it must stop
+            try:
+                zombie_codes.append(owner.wait(60))
+            except subprocess.TimeoutExpired:
+                zombie_codes.append(None)
+        feeder.join(seconds / speed + 300)
+        flags = asyncio.run(collect_flags(s.kafka, expected, timeout_s=seconds / speed + 300))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+        codes = [stop_worker(p) for p in procs]
+    fenced = sum(1 for e in log_events(logs[0]) + log_events(logs[1])
+                 if e.get("event") in ("worker_failed", "task_failed", "restore_failed")
+                 and "Fenced" in str(e.get("error", "")) + str(e.get("exception", "")))
+    return {"takeovers": takeovers, **tally(expected, flags), "zombie_exit_codes": zombie_codes,
+            "fenced_failures_logged": fenced, "state_regressions": state_regressions(s.kafka),
+            "exit_codes": codes}
+
+
+def log_events_named(path: Path, event: str) -> list[dict]:
+    return [e for e in log_events(path) if e.get("event") == event]
+
+
+# -- broker failover (Apache Kafka cluster) -------------------------------------------------------------
+def partition_leader(k: KafkaSettings, topic: str, partition: int) -> int | None:
+    from streamer.kafka.clients import make_admin
+
+    async def leader():
+        admin = make_admin(k)
+        await admin.start()
+        try:
+            for t in await admin.describe_topics([topic]):
+                for p in t["partitions"]:
+                    if p["partition"] == partition:
+                        return p["leader"]
+        finally:
+            await admin.close()
+        return None
+
+    return asyncio.run(leader())
+
+
+def failover_campaign(cluster, beds: int, kills: int, seconds: float, speed: float, checkpoint: str | None,
+                      seed: int = 0, workdir: Path | None = None, down_s: float = 5.0) -> dict:
+    """A 3-broker cluster (RF 3, min.insync 2): SIGKILL the leader of an input and a flags partition
+    `kills` times, restarting it each time; count lost and duplicate windows, and measure how long flags
+    pause (the longest gap between two flags reaching a read_committed reader, around each kill)."""
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="failover-"))
+    s = campaign_settings(cluster.bootstrap, checkpoint=checkpoint, replication=3, min_insync=2)
+    fleet = [src for src, _ in synthetic_fleet(beds, seconds, parse_start("2026-11-22T06:00:00Z"), seed=seed)]
+    expected = expected_windows(fleet)
+    log = workdir / "worker.log"
+    proc = start_worker_process(s, log)
+    wait_for_event(log, "partition_assigned", proc=proc)
+    arrivals: list[float] = []
+    stop_tail = threading.Event()
+    tail = threading.Thread(target=lambda: asyncio.run(_tail_arrivals(s.kafka, arrivals, stop_tail)), daemon=True)
+    tail.start()
+    feeder = feed_in_background(s.kafka, fleet, speed)
+    span = seconds / speed
+    kill_times = []
+    rng = random.Random(seed)
+    try:
+        for i in range(kills):
+            time.sleep(rng.uniform(0.5, 1.0) * span / (kills + 1))
+            topic = s.kafka.input_topics[0] if i % 2 == 0 else s.kafka.flags_topic
+            node = partition_leader(s.kafka, topic, 0)
+            if node is None:
+                continue
+            kill_times.append(time.time())
+            cluster.kill(node)
+            time.sleep(down_s)
+            cluster.start_node(node)
+            cluster.wait_ready(120)
+        feeder.join(span + 300)
+        flags = asyncio.run(collect_flags(s.kafka, expected, timeout_s=span + 300))
+    finally:
+        stop_tail.set()
+        code = stop_worker(proc)
+    pauses = []
+    for t0 in kill_times:
+        around = [t for t in arrivals if t0 - 1 <= t <= t0 + down_s + 60]
+        gaps = [b - a for a, b in zip(around, around[1:])]
+        pauses.append(round(max(gaps), 1) if gaps else None)
+    return {"kills": len(kill_times), **tally(expected, flags), "flag_pause_s": pauses, "exit_code": code,
+            "worker_alive": code == 0}
+
+
+async def _tail_arrivals(k: KafkaSettings, arrivals: list[float], stop: threading.Event) -> None:
+    from streamer.kafka.clients import make_consumer
+
+    consumer = make_consumer(k, group_id=None, auto_offset_reset="earliest", client_id="failover-tail")
+    await consumer.start()
+    consumer.subscribe([k.flags_topic])
+    try:
+        while not stop.is_set():
+            batch = await consumer.getmany(timeout_ms=200)
+            now = time.time()
+            arrivals.extend(now for records in batch.values() for _ in records)
+    finally:
+        await consumer.stop()
 
 
 # -- durable storage, broker crashes --------------------------------------------------------------------
@@ -737,14 +895,26 @@ def main() -> None:
     bc.add_argument("--kills", type=int, default=5)
     bc.add_argument("--seconds", type=float, default=180.0)
     bc.add_argument("--speed", type=float, default=1.0)
+    z = sub.add_parser("zombie", help="owner SIGSTOPped past its session timeout, a successor takes over, it resumes")
+    z.add_argument("--beds", type=int, default=50)
+    z.add_argument("--takeovers", type=int, default=3)
+    z.add_argument("--seconds", type=float, default=180.0)
+    z.add_argument("--speed", type=float, default=2.0)
+    fo = sub.add_parser("failover", help="3 Apache Kafka brokers, RF 3: SIGKILL partition leaders")
+    fo.add_argument("--beds", type=int, default=50)
+    fo.add_argument("--kills", type=int, default=5)
+    fo.add_argument("--seconds", type=float, default=240.0)
+    fo.add_argument("--speed", type=float, default=1.0)
     ck = sub.add_parser("clock")
     ck.add_argument("--beds", type=int, default=50)
     ck.add_argument("--kills", type=int, default=3)
     f = sub.add_parser("fuzz")
     f.add_argument("--messages", type=int, default=10_000)
     f.add_argument("--beds", type=int, default=10)
-    for p in (c, st, sl, so, f, ck, bc):
+    for p in (c, st, sl, so, f, ck, bc, z, fo):
         p.add_argument("--checkpoint", default=None)
+        p.add_argument("--broker", choices=["apache", "embedded"], default="apache",
+                       help="Apache Kafka (default; fetched by tools/kafka_cluster.py) or the embedded demo broker")
     args = ap.parse_args()
     resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
     durable = args.campaign == "broker-crash" or getattr(args, "storage", "memory") == "s3"
@@ -752,9 +922,29 @@ def main() -> None:
         if durable:
             workdir = Path(tempfile.mkdtemp(prefix="durable-"))
             broker = stack.enter_context(stack.enter_context(ObjectStore(workdir)).broker(workdir / "broker.log"))
-        else:
+        elif args.broker == "embedded":
             broker = stack.enter_context(EmbeddedBroker())
-        if args.campaign == "broker-crash":
+        else:
+            from tools.kafka_cluster import KafkaCluster
+
+            folder = Path(tempfile.mkdtemp(prefix="apache-kafka-"))
+            broker = stack.enter_context(KafkaCluster(folder, brokers=3 if args.campaign == "failover" else 1))
+        on = "Apache Kafka 4.4.0" if not durable and args.broker == "apache" else "embedded broker"
+        if args.campaign == "zombie":
+            r = zombie_campaign(broker.bootstrap, args.beds, args.seconds, args.speed, args.checkpoint,
+                                takeovers=args.takeovers)
+            record(f"zombie campaign ({on}): {args.beds} beds at {args.speed:g}x, owner SIGSTOPped past its session "
+                   f"timeout, successor takes over, owner resumes; x{args.takeovers}",
+                   f"windows expected {r['expected']}, flagged {r['flagged']}, lost {r['lost']}, duplicate window_ids "
+                   f"{r['duplicate_ids']} (read_committed); zombie exit codes {r['zombie_exit_codes']}; state "
+                   f"regressions {r['state_regressions']}")
+        elif args.campaign == "failover":
+            r = failover_campaign(broker, args.beds, args.kills, args.seconds, args.speed, args.checkpoint)
+            record(f"broker failover ({on}, 3 brokers, RF 3, min.insync 2): {args.beds} beds at {args.speed:g}x, "
+                   f"SIGKILL the leader of an input / flags partition x{args.kills}, restarted after 5 s",
+                   f"windows expected {r['expected']}, flagged {r['flagged']}, lost {r['lost']}, duplicate window_ids "
+                   f"{r['duplicate_ids']}; flag pause per kill {r['flag_pause_s']} s; worker exit {r['exit_code']}")
+        elif args.campaign == "broker-crash":
             r = broker_crash_campaign(broker, args.beds, args.kills, args.seconds, args.speed, args.checkpoint)
             record(f"broker crash campaign: {args.beds} beds at {args.speed:g}x real time, broker SIGKILL x{args.kills} "
                    f"(outages {r['outages_s']} s), S3 storage",
@@ -762,8 +952,9 @@ def main() -> None:
                    f"{r['duplicates']}; worker alive {r['worker_alive']}, exit {r['exit_code']}")
         elif args.campaign == "crash":
             r = crash_campaign(broker.bootstrap, args.beds, args.kills, args.seconds, args.speed, args.checkpoint)
-            record(f"crash campaign: {args.beds} beds at {args.speed:g}x real time, SIGKILL x{args.kills}",
-                   f"windows expected {r['expected']}, flagged {r['flagged']}, lost {r['lost']}, duplicates {r['duplicates']}")
+            record(f"crash campaign ({on}): {args.beds} beds at {args.speed:g}x real time, SIGKILL x{args.kills}",
+                   f"windows expected {r['expected']}, flagged {r['flagged']}, lost {r['lost']}, duplicates "
+                   f"{r['duplicates']}, duplicate window_ids {r['duplicate_ids']} (read_committed)")
         elif args.campaign == "stall":
             for stall in [float(v) for v in args.stalls.split(",")]:
                 r = stall_campaign(broker, stall, args.beds, args.checkpoint)

@@ -123,7 +123,8 @@ class Worker:
                 missing = await missing_topics(k)
                 if missing:
                     raise StartupError(f"topics missing on {k.bootstrap_servers}: {missing} "
-                                       "(create them, or set kafka.create_topics=true)")
+                                       "(create them, or set kafka.create_topics=true; with ACLs, a topic the "
+                                       "principal may not DESCRIBE looks missing too)")
         except (KafkaError, asyncio.TimeoutError, OSError) as exc:
             raise StartupError(f"broker unreachable at {k.bootstrap_servers}: {exc!r}") from None
         try:
@@ -201,6 +202,8 @@ class Worker:
         failed = [t for t in done if t is not stop_wait and t.exception() is not None]
         for t in failed:
             log.error("task_failed", task=t.get_name(), error=repr(t.exception()))
+        if failed and self.fatal is None and self.outputs.exactly_once:
+            self.fatal = failed[0].exception()  # the open transactions cannot commit any more
         self.stopping.set()
         stop_wait.cancel()
         return await self._shutdown(consume, infer, publish, commit, publish_queue,

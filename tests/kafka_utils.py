@@ -22,12 +22,12 @@ def isolated_settings(bootstrap: str, kafka: dict | None = None, **overrides) ->
     `kafka`: more KafkaSettings fields (TLS, SASL)."""
     tag = uuid.uuid4().hex[:8]
     replication = overrides.pop("replication", 1)
-    kafka = KafkaSettings(bootstrap_servers=bootstrap, input_topics=[f"in-{tag}"], flags_topic=f"flags-{tag}",
-                          episodes_topic=f"episodes-{tag}", dead_letter_topic=f"dlq-{tag}", group_id=f"g-{tag}", state_topic=f"state-{tag}",
-                          replication_factor=replication, min_insync_replicas=1,
-                          input_partitions=overrides.pop("partitions", 4), create_topics=True,
-                          commit_interval_s=0.3, session_timeout_ms=6000, heartbeat_interval_ms=1000,
-                          **(kafka or {}))
+    fields = dict(bootstrap_servers=bootstrap, input_topics=[f"in-{tag}"], flags_topic=f"flags-{tag}",
+                  episodes_topic=f"episodes-{tag}", dead_letter_topic=f"dlq-{tag}", group_id=f"g-{tag}",
+                  state_topic=f"state-{tag}", replication_factor=replication, min_insync_replicas=1,
+                  input_partitions=overrides.pop("partitions", 4), create_topics=True,
+                  commit_interval_s=0.3, session_timeout_ms=6000, heartbeat_interval_ms=1000)
+    kafka = KafkaSettings(**{**fields, **(kafka or {})})
     s = Settings(kafka=kafka, log_format="console", **overrides)
     asyncio.run(ensure_topics(s.kafka))  # tests call this outside any event loop
     return s

@@ -1,5 +1,6 @@
-"""TLS for real: worker, replay and watch over TLS with a CA made here; a wrong CA or host name fails at
-start with a clear message and exit 1 (no model load, no retries until a timeout)."""
+"""TLS for real: worker, replay and watch over Apache Kafka's own TLS listener (a CA made by
+tools/kafka_cluster.py); a wrong CA or host name fails at start with a clear message and exit 1 (no model
+load, no retries until a timeout)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 
 import pytest
 
-from streamer.kafka.broker import EmbeddedBroker, free_port
+from streamer.kafka.broker import free_port
 from streamer.offline.recordings import parse_start
 from streamer.offline.replay import synthetic_fleet
 from tests.kafka_utils import (expected_windows, flags_of, isolated_settings, read_topic, settings_env,
@@ -31,18 +32,13 @@ def pki(tmp_path_factory):
             "misnamed": make_server_cert(folder, "test-ca", "elsewhere", "DNS:broker.example")}
 
 
-def _tls_broker(cert: tuple):
-    port = free_port()
-    broker = EmbeddedBroker(advertised=f"127.0.0.1:{port}").start()
-    return broker, TlsFront(port, broker.port, *cert).start()
-
-
 @pytest.fixture(scope="module")
-def tls_bootstrap(pki):
-    broker, front = _tls_broker(pki["server"])
-    yield f"127.0.0.1:{front.port}"
-    front.stop()
-    broker.stop()
+def tls_cluster(tmp_path_factory):
+    from tools.kafka_cluster import KafkaCluster
+
+    cluster = KafkaCluster(tmp_path_factory.mktemp("tls-kafka"), tls=True).start()
+    yield cluster
+    cluster.stop()
 
 
 def _cli(args: list[str], env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -50,8 +46,8 @@ def _cli(args: list[str], env: dict, timeout: float = 60) -> subprocess.Complete
                           timeout=timeout)
 
 
-def test_worker_replay_and_watch_over_tls(tls_bootstrap, pki, tmp_path):
-    s = isolated_settings(tls_bootstrap, kafka={"security_protocol": "SSL", "ssl_cafile": pki["ca"]},
+def test_worker_replay_and_watch_over_tls(tls_cluster, tmp_path):
+    s = isolated_settings(tls_cluster.bootstrap, kafka=tls_cluster.client_settings(),
                           partitions=2)  # topics created over TLS
     log = tmp_path / "worker.log"
     worker = start_worker_process(s, log)
@@ -76,17 +72,18 @@ def test_worker_replay_and_watch_over_tls(tls_bootstrap, pki, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["unknown_ca", "wrong_host_name", "plaintext_port"])
-def test_wrong_tls_setup_fails_at_start_with_the_reason(pki, broker, case):
+def test_wrong_tls_setup_fails_at_start_with_the_reason(pki, broker, tls_cluster, case):
     started = []
     try:
         if case == "plaintext_port":
             bootstrap, cafile, why = broker.bootstrap, pki["ca"], "is that port a TLS listener"
-        else:
-            tls_broker, front = _tls_broker(pki["misnamed"] if case == "wrong_host_name" else pki["server"])
-            started += [front, tls_broker]
-            bootstrap = f"127.0.0.1:{front.port}"
-            cafile, why = ((pki["ca"], "certificate is not valid for") if case == "wrong_host_name"
-                           else (pki["other_ca"], "unable to get local issuer certificate"))
+        elif case == "unknown_ca":
+            bootstrap, cafile, why = (tls_cluster.bootstrap, pki["other_ca"],
+                                      "unable to get local issuer certificate")
+        else:  # a TLS endpoint whose certificate names another host, in front of the plaintext broker
+            front = TlsFront(free_port(), int(broker.bootstrap.rsplit(":", 1)[1]), *pki["misnamed"]).start()
+            started.append(front)
+            bootstrap, cafile, why = f"127.0.0.1:{front.port}", pki["ca"], "certificate is not valid for"
         env = {**settings_env(isolated_settings(broker.bootstrap)), "STREAMER_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
                "STREAMER_KAFKA__SECURITY_PROTOCOL": "SSL", "STREAMER_KAFKA__SSL_CAFILE": str(cafile),
                "STREAMER_KAFKA__TLS_CHECK_TIMEOUT_S": "1.5"}

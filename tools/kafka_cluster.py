@@ -120,8 +120,7 @@ def make_pki(folder: Path, password: str) -> dict[str, str]:
     # Kafka's PEM key store wants an encrypted PKCS#8 key followed by the certificate chain.
     ssl("pkcs8", "-topk8", "-v1", "PBE-SHA1-3DES", "-in", "server.key", "-out", "server.enc.key",
         "-passout", f"pass:{password}")
-    (folder / "server.pem").write_text((folder / "server.enc.key").read_text() + (folder / "server.crt").read_text()
-                                       + (folder / "ca.pem").read_text())
+    (folder / "server.pem").write_text((folder / "server.enc.key").read_text() + (folder / "server.crt").read_text())
     return {"ca": str(folder / "ca.pem"), "keystore": str(folder / "server.pem")}
 
 
@@ -332,11 +331,15 @@ class KafkaCluster:
                 return
 
     def acl(self, principal: str, resource_type: str, pattern: str, name: str, operations: str) -> None:
+        self.acls([(principal, resource_type, pattern, name, operations)])
+
+    def acls(self, specs: list[tuple[str, str, str, str, str]]) -> None:
+        """Allow each (principal, resource type, pattern, name, "OP,OP") as the admin user, in one call."""
         done = subprocess.run(self._java(resolve_jars(), "ClusterAdmin", "acl", str(self.folder / "client.properties"),
-                                         principal, resource_type, pattern, name, operations),
+                                         *("|".join(spec) for spec in specs)),
                               capture_output=True, text=True)
         if done.returncode != 0:
-            raise KafkaClusterError(f"ACL {principal} {resource_type}:{name} {operations}: {done.stderr[-800:]}")
+            raise KafkaClusterError(f"ACLs {specs}: {done.stderr[-800:]}")
 
     def pid(self, node: int) -> int | None:
         proc = self.processes.get(node)

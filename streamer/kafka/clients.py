@@ -83,9 +83,9 @@ def security_kwargs(k: KafkaSettings) -> dict[str, Any]:
     return kw
 
 
-def make_producer(k: KafkaSettings, transactional_id: str | None = None, idempotent: bool = True,
+def make_producer(k: KafkaSettings, transactional_id: str | None = None, idempotent: bool = False,
                   **extra: Any) -> AIOKafkaProducer:
-    """acks=all; idempotent where the brokers can (no duplicates from the producer's own retries);
+    """acks=all; idempotent when asked (the worker, where the brokers can: no duplicates from its own retries);
     transactional for exactly-once checkpoints (checkpointing/outputs.py)."""
     opts: dict[str, Any] = dict(bootstrap_servers=k.bootstrap_servers, client_id=f"{k.client_id}-producer",
                                 acks="all", linger_ms=5, max_batch_size=1 << 20,

@@ -3,9 +3,10 @@
 // security setting the cluster may have (TLS, SASL/SCRAM) exactly as the broker expects.
 //
 //   ready CLIENT_PROPS BROKERS TIMEOUT_S          exit 0 once BROKERS brokers answer a metadata request
-//   acl CLIENT_PROPS PRINCIPAL TYPE PATTERN NAME OPS   allow PRINCIPAL the comma-separated OPS on a resource
-//                                                   (TYPE topic|group|transactional_id|cluster,
-//                                                    PATTERN literal|prefixed)
+//   acl CLIENT_PROPS SPEC...                       allow, per SPEC "PRINCIPAL|TYPE|PATTERN|NAME|OPS", the
+//                                                 principal the comma-separated OPS on a resource
+//                                                 (TYPE topic|group|transactional_id|cluster,
+//                                                  PATTERN literal|prefixed)
 import java.io.FileInputStream;
 import java.util.ArrayList;
 import java.util.List;
@@ -34,12 +35,12 @@ public class ClusterAdmin {
 
     public static void main(String[] args) throws Exception {
         if (args.length < 2) {
-            System.err.println("usage: ready PROPS BROKERS TIMEOUT_S | acl PROPS PRINCIPAL TYPE PATTERN NAME OPS");
+            System.err.println("usage: ready PROPS BROKERS TIMEOUT_S | acl PROPS PRINCIPAL|TYPE|PATTERN|NAME|OPS...");
             System.exit(2);
         }
         switch (args[0]) {
             case "ready" -> System.exit(ready(args[1], Integer.parseInt(args[2]), Double.parseDouble(args[3])));
-            case "acl" -> System.exit(acl(args[1], args[2], args[3], args[4], args[5], args[6]));
+            case "acl" -> System.exit(acl(args[1], java.util.Arrays.copyOfRange(args, 2, args.length)));
             default -> {
                 System.err.println("unknown command " + args[0]);
                 System.exit(2);
@@ -68,23 +69,29 @@ public class ClusterAdmin {
         return 1;
     }
 
-    static int acl(String props, String principal, String type, String pattern, String name, String ops)
-            throws Exception {
-        ResourceType rt = ResourceType.fromString(type.toUpperCase());
-        PatternType pt = PatternType.fromString(pattern.toUpperCase());
-        if (rt == ResourceType.UNKNOWN || pt == PatternType.UNKNOWN) {
-            System.err.println("unknown resource type or pattern: " + type + " " + pattern);
-            return 2;
-        }
+    static int acl(String props, String[] specs) throws Exception {
         List<AclBinding> bindings = new ArrayList<>();
-        for (String op : ops.split(",")) {
-            AclOperation o = AclOperation.fromString(op.trim().toUpperCase());
-            if (o == AclOperation.UNKNOWN) {
-                System.err.println("unknown operation " + op);
+        for (String spec : specs) {
+            String[] f = spec.split("\\|");
+            if (f.length != 5) {
+                System.err.println("an ACL is PRINCIPAL|TYPE|PATTERN|NAME|OPS, not " + spec);
                 return 2;
             }
-            bindings.add(new AclBinding(new ResourcePattern(rt, name, pt),
-                    new AccessControlEntry(principal, "*", o, AclPermissionType.ALLOW)));
+            ResourceType rt = ResourceType.fromString(f[1].toUpperCase());
+            PatternType pt = PatternType.fromString(f[2].toUpperCase());
+            if (rt == ResourceType.UNKNOWN || pt == PatternType.UNKNOWN) {
+                System.err.println("unknown resource type or pattern: " + f[1] + " " + f[2]);
+                return 2;
+            }
+            for (String op : f[4].split(",")) {
+                AclOperation o = AclOperation.fromString(op.trim().toUpperCase());
+                if (o == AclOperation.UNKNOWN) {
+                    System.err.println("unknown operation " + op);
+                    return 2;
+                }
+                bindings.add(new AclBinding(new ResourcePattern(rt, f[3], pt),
+                        new AccessControlEntry(f[0], "*", o, AclPermissionType.ALLOW)));
+            }
         }
         try (Admin a = admin(props)) {
             a.createAcls(bindings).all().get(30, TimeUnit.SECONDS);

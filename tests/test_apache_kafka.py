@@ -1,0 +1,158 @@
+"""Apache Kafka as the production target: scripts/kafka, the delivery mode chosen at start, exactly-once
+checkpoints that fence a zombie, the state topic checked at start, and the embedded demo broker's path."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from benchmarks.campaigns import zombie_campaign
+from streamer.kafka.clients import make_admin
+from streamer.worker import StartupError, Worker
+from tests.kafka_utils import isolated_settings
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_scripts_kafka_start_prints_bootstrap_and_stop_ends_it(tmp_path):
+    folder = tmp_path / "cluster"
+    started = subprocess.run([str(ROOT / "scripts" / "kafka"), "start", "--dir", str(folder)],
+                             capture_output=True, text=True, timeout=180)
+    try:
+        assert started.returncode == 0, started.stderr[-2000:]
+        lines = started.stdout.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("bootstrap=127.0.0.1:"), started.stdout
+        bootstrap = lines[0].split("=", 1)[1]
+        port = int(bootstrap.rsplit(":", 1)[1])
+        info = json.loads((folder / "cluster.json").read_text())
+        assert (folder / "logs" / "broker-1.log").is_file()
+
+        s = isolated_settings(bootstrap)  # the cluster answers metadata requests as soon as start returns
+
+        async def topics():
+            admin = make_admin(s.kafka)
+            await admin.start()
+            try:
+                return await admin.list_topics()
+            finally:
+                await admin.close()
+
+        assert any(t.startswith("in-") for t in asyncio.run(topics()))
+        again = subprocess.run([str(ROOT / "scripts" / "kafka"), "start", "--dir", str(folder)],
+                               capture_output=True, text=True, timeout=60)
+        assert again.returncode == 1 and "already runs" in again.stderr
+    finally:
+        stopped = subprocess.run([str(ROOT / "scripts" / "kafka"), "stop", "--dir", str(folder)],
+                                 capture_output=True, text=True, timeout=60)
+    assert stopped.returncode == 0, stopped.stderr
+    pid = info["nodes"]["1"]["pid"]
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3]
+    assert not _listening(port)
+
+
+def _start_worker(s, scorer) -> Worker:
+    async def start():
+        w = Worker(s, scorer=scorer)
+        try:
+            await w.start()
+        finally:
+            await w._close_clients()
+        return w
+
+    return asyncio.run(start())
+
+
+def test_delivery_is_exactly_once_on_apache_kafka(broker, scorer, caplog):
+    w = _start_worker(isolated_settings(broker.bootstrap), scorer)
+    assert w.outputs.exactly_once
+
+
+def test_delivery_falls_back_to_at_least_once_without_transactions(embedded_broker, scorer):
+    s = isolated_settings(embedded_broker.bootstrap)
+    w = _start_worker(s, scorer)
+    assert not w.outputs.exactly_once
+    s.kafka.delivery = "exactly_once"
+    with pytest.raises(StartupError, match="refused a transaction"):
+        _start_worker(s, scorer)
+
+
+def test_a_state_topic_that_is_not_compacted_stops_the_worker(broker, scorer):
+    from aiokafka.admin import NewTopic
+
+    s = isolated_settings(broker.bootstrap)
+    s.kafka.state_topic = f"{s.kafka.group_id}.plain-state"
+
+    async def create():
+        admin = make_admin(s.kafka)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(s.kafka.state_topic, 4, 1)])  # cleanup.policy=delete
+        finally:
+            await admin.close()
+
+    asyncio.run(create())
+    with pytest.raises(StartupError, match="cleanup.policy=delete.*compacted"):
+        _start_worker(s, scorer)
+
+
+def test_the_state_topic_name_derives_from_the_group():
+    from streamer.settings import KafkaSettings
+
+    assert KafkaSettings(group_id="ward-7").state_topic == "ward-7.state"
+    assert KafkaSettings(group_id="ward-7").transactional_id_prefix == "ward-7"
+    assert KafkaSettings(group_id="a").state_topic != KafkaSettings(group_id="b").state_topic
+
+
+@pytest.mark.slow
+def test_a_zombie_owner_is_fenced_and_nothing_it_writes_is_seen(broker, checkpoint, tmp_path):
+    """SIGSTOP the owner past its session timeout, let a successor take over, resume the owner: a
+    read_committed reader sees every window exactly once, and no state record goes backwards."""
+    r = zombie_campaign(broker.bootstrap, beds=12, seconds=60.0, speed=2.0, checkpoint=checkpoint, seed=3,
+                        workdir=tmp_path)
+    print(r)
+    assert r["lost"] == 0, r
+    assert r["duplicate_ids"] == 0, r
+    assert r["state_regressions"] == 0, r
+    assert r["zombie_exit_codes"] == [1], r  # fenced: it stops instead of writing
+
+
+def test_the_demo_path_on_the_embedded_broker(embedded_broker, scorer):
+    """Smoke test of the embedded broker the demo uses: at-least-once delivery, every window flagged, and
+    the read_committed readers the project ships read it."""
+    from streamer.offline.recordings import parse_start
+    from streamer.offline.replay import replay, synthetic_fleet
+    from tests.kafka_utils import expected_windows, flags_of, read_topic, scored_ids
+
+    s = isolated_settings(embedded_broker.bootstrap, partitions=2)
+    fleet = [src for src, _ in synthetic_fleet(3, 31.0, parse_start("2026-11-22T05:00:00Z"), seed=9)]
+    expected = expected_windows(fleet)
+
+    async def main():
+        worker = Worker(s, scorer=scorer)
+        task = asyncio.create_task(worker.run())
+        try:
+            await replay(s.kafka, fleet, speed=None, chunk_s=0.5)
+            records = await read_topic(s.kafka, s.kafka.flags_topic, timeout_s=90,
+                                       until=lambda rs: expected <= set(scored_ids(flags_of(rs))))
+        finally:
+            worker.stop()
+            code = await asyncio.wait_for(task, 60)
+        return worker, code, flags_of(records)
+
+    worker, code, flags = asyncio.run(main())
+    assert code == 0
+    assert not worker.outputs.exactly_once
+    assert expected <= set(scored_ids(flags))
