@@ -149,7 +149,33 @@ def crash_campaign(bootstrap: str, beds: int, kills: int, seconds: float, speed:
         flags = asyncio.run(collect_flags(s.kafka, expected, timeout_s=span + 300))
     finally:
         stop_worker(proc)
-    return {"kills": kills, **tally(expected, flags)}
+    return {"kills": kills, **tally(expected, flags), **episode_consistency(s.kafka)}
+
+
+def episode_consistency(k: KafkaSettings) -> dict:
+    """After the worker stopped: per patient, does the last episode message (read_committed) agree with
+    the episode in the last committed patient state? A transition whose state was checkpointed but whose
+    message never reached the topic would leave them apart (suppression on with nobody to lift it)."""
+    from streamer.state.patients import PatientState
+
+    states: dict = {}
+    for r in sorted(asyncio.run(read_records(k, [k.state_topic], timeout_s=30)), key=lambda r: (r.partition, r.offset)):
+        if r.value is not None:
+            _, st = PatientState.from_bytes(r.value)
+            states[st.patient_id] = st.episode
+    last: dict = {}
+    for r in sorted(asyncio.run(read_records(k, [k.episodes_topic], timeout_s=30)),
+                    key=lambda r: (r.partition, r.offset)):
+        e = orjson.loads(r.value)
+        last[e["patient_id"]] = e
+    mismatches = 0
+    for patient, ep in states.items():
+        msg = last.get(patient)
+        open_in_state = ep.open_start_ns is not None
+        open_on_topic = msg is not None and msg["state"] == "open"
+        if open_in_state != open_on_topic or (open_in_state and msg["start_ns"] != ep.open_start_ns):
+            mismatches += 1
+    return {"episode_patients": len(states), "episodes_on_topic": len(last), "episode_mismatches": mismatches}
 
 
 # -- zombie owner ----------------------------------------------------------------------------------------
@@ -954,7 +980,9 @@ def main() -> None:
             r = crash_campaign(broker.bootstrap, args.beds, args.kills, args.seconds, args.speed, args.checkpoint)
             record(f"crash campaign ({on}): {args.beds} beds at {args.speed:g}x real time, SIGKILL x{args.kills}",
                    f"windows expected {r['expected']}, flagged {r['flagged']}, lost {r['lost']}, duplicates "
-                   f"{r['duplicates']}, duplicate window_ids {r['duplicate_ids']} (read_committed)")
+                   f"{r['duplicates']}, duplicate window_ids {r['duplicate_ids']} (read_committed); last episode "
+                   f"message vs restored state: {r['episode_mismatches']} mismatches over {r['episode_patients']} "
+                   f"patients ({r['episodes_on_topic']} with episodes)")
         elif args.campaign == "stall":
             for stall in [float(v) for v in args.stalls.split(",")]:
                 r = stall_campaign(broker, stall, args.beds, args.checkpoint)

@@ -100,6 +100,11 @@ def test_a_state_topic_that_is_not_compacted_stops_the_worker(broker, scorer):
         await admin.start()
         try:
             await admin.create_topics([NewTopic(s.kafka.state_topic, 4, 1)])  # cleanup.policy=delete
+            for _ in range(100):  # until every broker's metadata has it
+                described = await admin.describe_topics([s.kafka.state_topic])
+                if described and described[0]["error_code"] == 0 and len(described[0]["partitions"]) == 4:
+                    break
+                await asyncio.sleep(0.1)
         finally:
             await admin.close()
 

@@ -197,6 +197,8 @@ def recordings(draw):
 
 
 class DeliveryModel(RuleBasedStateMachine):
+    core_class = Core
+
     @initialize(records=recordings())
     def setup(self, records):
         self.log = Log(records)
@@ -222,7 +224,7 @@ class DeliveryModel(RuleBasedStateMachine):
     def crash(self):
         """kill -9: buffers, pending windows and unflushed state are gone; restart from the log."""
         self.crashes += 1
-        self.core = Core(self.log)
+        self.core = self.core_class(self.log)
         for p in range(PARTITIONS):
             self.core.assign(p)
 
@@ -231,7 +233,7 @@ class DeliveryModel(RuleBasedStateMachine):
         self.core.revoke(p)
         self._check_commits({p: self.log.committed.get(p, 0)})
         if new_owner:  # the partition moves to a worker that never saw it (fresh memory)
-            other = Core(self.log)
+            other = self.core_class(self.log)
             for q in list(self.core.position):
                 self.core.revoke(q)
             self.core = other
@@ -321,3 +323,160 @@ def _never_needed(r: Record, wid: str, log: Log) -> bool:
 TestDeliveryModel = DeliveryModel.TestCase
 TestDeliveryModel.settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
                                       suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+# -- exactly once: transactions per input partition, fencing, zombies -------------------------------------
+class TxnLog(Log):
+    """The same log with Kafka transactions: what a transaction wrote becomes visible (to read_committed
+    readers, to a restore) only when it commits; a new owner's InitProducerId bumps the partition's epoch,
+    which aborts the open transaction and fences every later commit of the previous owner."""
+
+    def __init__(self, records):
+        super().__init__(records)
+        self.epoch: dict[int, int] = {p: 0 for p in records}
+        self.state_history: list[tuple[bytes, bytes]] = []  # committed state writes, in order
+
+    def fence(self, p: int) -> int:
+        self.epoch[p] += 1
+        return self.epoch[p]
+
+    def commit(self, p: int, epoch: int, txn: dict) -> bool:
+        if self.epoch[p] != epoch:
+            return False  # fenced: the transaction is aborted
+        self.flags.extend(txn["flags"])
+        self.episodes.extend(txn["episodes"])
+        for key, raw in txn["states"].items():
+            self.changelog[p][key] = raw
+            self.state_history.append((key, raw))
+        if txn["offset"] is not None:
+            self.committed[p] = txn["offset"]
+        return True
+
+
+def _empty_txn() -> dict:
+    return {"flags": [], "episodes": [], "states": {}, "offset": None}
+
+
+class TxnCore(Core):
+    """The worker with TransactionalOutputs: outputs and state changes join the partition's open
+    transaction together (publisher.py), the checkpoint commits states and offsets with them
+    (checkpoint.py); any commit that fails (fenced) ends this worker."""
+
+    def __init__(self, log: TxnLog):
+        super().__init__(log)
+        self.epochs: dict[int, int] = {}
+        self.txns: dict[int, dict] = {}
+        self.fenced = False
+
+    def assign(self, p: int) -> None:
+        self.epochs[p] = self.log.fence(p)  # before the restore: aborts the previous owner's transaction
+        self.txns[p] = _empty_txn()
+        super().assign(p)
+
+    def publish(self, n: int, only: int | None = None) -> None:
+        keep = []
+        for w in self.pending:
+            if n <= 0 or (only is not None and w.partition != only):
+                keep.append(w)
+                continue
+            n -= 1
+            if w.partition not in self.txns:
+                continue  # revoked meanwhile: dropped, the new owner redoes it
+            txn = self.txns[w.partition]
+            flag = flag_message(w, _probability(w), 0.5, "m", produced_at_ns=1)
+            txn["flags"].append(flag)
+            self.store.reported(w)
+            stt = self.store.patient(w.partition, w.patient_id)
+            msg = self.episodes.update(flag, stt.episode, 0.0, grid=w.anchor_ns)
+            self.store.changed(w.partition, w.patient_id)
+            if msg is not None:
+                txn["episodes"].append(msg)
+            self.tracker.release(w.hold)
+        self.pending = keep
+
+    def checkpoint(self, partitions=None) -> dict[int, int]:
+        partitions = set(self.txns) if partitions is None else partitions & set(self.txns)
+        out = {}
+        for p in sorted(partitions):
+            points, dirty = self.checkpointer.prepare({p})
+            txn = self.txns[p]
+            for stt in dirty.get(p, ()):
+                txn["states"][state_key("in", stt.patient_id)] = stt.to_bytes("in")
+            txn["offset"] = points.get(p)
+            if not self.log.commit(p, self.epochs[p], txn):
+                self.fenced = True  # the worker stops; its memory is worthless now
+                return out
+            self.txns[p] = _empty_txn()
+            if p in points:
+                out[p] = points[p]
+                self.tracker.mark_committed({p: points[p]})
+        return out
+
+    def revoke(self, p: int, drain: bool = True) -> None:
+        super().revoke(p, drain)
+        self.txns.pop(p, None)  # closed: whatever it still held is aborted
+
+
+class TransactionalDeliveryModel(DeliveryModel):
+    """DeliveryModel on transactions, with zombies: an owner that lost its partitions without knowing keeps
+    publishing and checkpointing. Invariants besides the base ones: committed flags hold each window
+    exactly once (no duplicate window_id at all), and no committed state record moves a grid backwards."""
+
+    core_class = TxnCore
+
+    @initialize(records=recordings())
+    def setup(self, records):
+        self.log = TxnLog(records)
+        self.core = TxnCore(self.log)
+        for p in range(PARTITIONS):
+            self.core.assign(p)
+        self.crashes = 0
+        self.zombie: TxnCore | None = None
+
+    @rule()
+    def zombie_takeover(self):
+        """The owner stalls past its session timeout; a new worker takes every partition; the old one
+        resumes later (zombie_acts) believing it still owns them."""
+        self.zombie = self.core
+        self.core = TxnCore(self.log)
+        for p in range(PARTITIONS):
+            self.core.assign(p)
+
+    @precondition(lambda self: getattr(self, "zombie", None) is not None)
+    @rule(p=st.integers(0, PARTITIONS - 1), n=st.integers(1, 20))
+    def zombie_acts(self, p, n):
+        z = self.zombie
+        z.poll(p, n)
+        z.publish(n)
+        z.checkpoint()
+        assert z.fenced, "a fenced owner's checkpoint went through"
+
+    @rule()
+    def checkpoint(self):
+        points = self.core.checkpoint()
+        assert not self.core.fenced
+        self._check_commits(points)
+
+    @invariant()
+    def committed_flags_unique(self):
+        if hasattr(self, "log"):
+            ids = [f["window_id"] for f in self.log.flags]
+            assert len(ids) == len(set(ids)), "a window committed twice"
+
+    @invariant()
+    def committed_states_never_regress(self):
+        if not hasattr(self, "log"):
+            return
+        last: dict = {}
+        for key, raw in self.log.state_history:
+            _, stt = PatientState.from_bytes(raw)
+            for seg in stt.segments:
+                k = (key, seg.anchor_ns, seg.fs)
+                assert seg.next_k >= last.get(k, -1), f"{key!r}: next_k went back to {seg.next_k}"
+                last[k] = seg.next_k
+
+
+TestTransactionalDeliveryModel = TransactionalDeliveryModel.TestCase
+TestTransactionalDeliveryModel.settings = settings(max_examples=100, stateful_step_count=40, deadline=None,
+                                                   suppress_health_check=[HealthCheck.too_slow,
+                                                                          HealthCheck.data_too_large])

@@ -37,6 +37,8 @@ def test_kill_9_at_random_moments_loses_no_window(broker, checkpoint, tmp_path, 
     assert r["expected"] == 200
     assert r["lost"] == 0
     assert r["duplicate_ids"] == 0, r
+    # the crash window between an episode transition's checkpoint and its message: never apart
+    assert r["episodes_on_topic"] > 0 and r["episode_mismatches"] == 0, r
 
 
 def test_worker_leaving_the_group_hands_over_without_loss(broker, scorer):
