@@ -1,9 +1,10 @@
-"""End to end through the embedded broker: N synthetic beds replayed in real time into one worker.
+"""End to end through a broker (Apache Kafka, exactly-once checkpoints, by default; or the embedded one):
+N synthetic beds replayed in real time into one worker; flags read read_committed.
 
 Latency per window = the flag received by a reader - the moment the window's last sample was due to be
 sent (real-time schedule). It includes producer, broker, worker, inference, publish and fetch.
 
-    python -m benchmarks.bench_e2e --beds 100 --seconds 60
+    python -m benchmarks.bench_e2e --beds 100 --seconds 60 [--commit-interval 0.25] [--broker embedded]
 """
 
 from __future__ import annotations
@@ -29,13 +30,24 @@ from streamer.settings import KafkaSettings
 from streamer.windows.segmentation import segment
 
 
+def _broker(kind: str):
+    if kind == "embedded":
+        return EmbeddedBroker()
+    import tempfile
+
+    from tools.kafka_cluster import KafkaCluster
+
+    return KafkaCluster(tempfile.mkdtemp(prefix="bench-kafka-"))
+
+
 async def run(beds: int, seconds: float, max_batch: int, max_wait_ms: float, encoding: str, backend: str,
-              cpu_threads: int | None = None) -> dict:
-    with EmbeddedBroker() as broker:
+              cpu_threads: int | None = None, broker_kind: str = "apache", commit_interval_s: float = 0.25) -> dict:
+    with _broker(broker_kind) as broker:
         k = KafkaSettings(bootstrap_servers=broker.bootstrap, input_partitions=8, create_topics=True,
                           group_id=f"bench-{os.getpid()}", replication_factor=1, min_insync_replicas=1)
         await ensure_topics(k)
         env = dict(os.environ, STREAMER_KAFKA__BOOTSTRAP_SERVERS=broker.bootstrap, STREAMER_KAFKA__GROUP_ID=k.group_id,
+                   STREAMER_KAFKA__COMMIT_INTERVAL_S=str(commit_interval_s),
                    STREAMER_BATCHING__MAX_BATCH=str(max_batch), STREAMER_BATCHING__MAX_WAIT_MS=str(max_wait_ms),
                    STREAMER_LOG_FORMAT="json", STREAMER_LOG_LEVEL="warning", STREAMER_MODEL__BACKEND=backend)
         if cpu_threads:
@@ -90,10 +102,14 @@ def main() -> None:
     ap.add_argument("--encoding", default="binary")
     ap.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
     ap.add_argument("--cpu-threads", type=int, default=None, help="model.cpu_threads for the worker")
+    ap.add_argument("--broker", choices=["apache", "embedded"], default="apache")
+    ap.add_argument("--commit-interval", type=float, default=0.25, help="kafka.commit_interval_s (checkpoints)")
     args = ap.parse_args()
     r = asyncio.run(run(args.beds, args.seconds, args.max_batch, args.max_wait_ms, args.encoding, args.backend,
-                        args.cpu_threads))
-    record(f"end to end, {args.beds} beds real time, {args.seconds:.0f}s, {args.encoding}, batch<={args.max_batch}, "
+                        args.cpu_threads, args.broker, args.commit_interval))
+    on = ("Apache Kafka 4.4.0, exactly-once" if args.broker == "apache" else "embedded broker, at-least-once")
+    record(f"end to end ({on}, checkpoint every {args.commit_interval:g} s), {args.beds} beds real time, "
+           f"{args.seconds:.0f}s, {args.encoding}, batch<={args.max_batch}, "
            f"{args.backend}" + (f", {args.cpu_threads} inference thread(s)" if args.cpu_threads else ""),
            f"flagged {r['flagged']}/{r['expected']}, latency p50 {r['p50'] * 1000:.0f} ms, p99 {r['p99'] * 1000:.0f} ms, "
            f"max {r['max'] * 1000:.0f} ms")

@@ -39,10 +39,12 @@ class KafkaSettings(_Group):
                                     "deployments on one cluster never share one")
     input_partitions: int = Field(8, ge=1, description="used when the worker or `broker` creates topics")
     create_topics: bool = Field(False, description="create missing topics at start (demo/tests only)")
-    replication_factor: int = Field(3, ge=1, description="replicas of the topics the worker creates (3 for a "
-                                    "3-broker cluster; 1 for a single dev broker)")
-    min_insync_replicas: int = Field(2, ge=1, description="min.insync.replicas of the topics the worker creates: "
-                                     "with acks=all a write survives the loss of RF - this many brokers")
+    replication_factor: int | None = Field(None, ge=1, description="replicas of the topics the worker creates "
+                                           "(create_topics); default: the brokers' default.replication.factor. "
+                                           "A 3-broker cluster: 3")
+    min_insync_replicas: int | None = Field(None, ge=1, description="min.insync.replicas of the topics the worker "
+                                            "creates; default: the brokers' own. With acks=all a write survives "
+                                            "the loss of RF - this many brokers. A 3-broker cluster: 2")
     delivery: Literal["auto", "exactly_once", "at_least_once"] = Field(
         "auto", description="exactly_once: one Kafka transaction per checkpoint and input partition (flags, "
         "episodes, dead letters, states, offsets); at_least_once: acknowledged outputs, then the commit "
@@ -80,7 +82,8 @@ class KafkaSettings(_Group):
             self.state_topic = f"{self.group_id}.state"
         if self.transactional_id_prefix is None:
             self.transactional_id_prefix = self.group_id
-        if self.min_insync_replicas > self.replication_factor:
+        if self.min_insync_replicas and self.replication_factor and \
+                self.min_insync_replicas > self.replication_factor:
             raise ValueError("kafka.min_insync_replicas must not exceed kafka.replication_factor")
         return self
 

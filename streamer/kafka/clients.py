@@ -116,10 +116,10 @@ def make_admin(k: KafkaSettings) -> AIOKafkaAdminClient:
                                **security_kwargs(k))
 
 
-def wanted_topics(k: KafkaSettings, partitions: int | None = None) -> list[NewTopic]:
+def wanted_topics(k: KafkaSettings, partitions: int | None = None, replication: int = 1) -> list[NewTopic]:
     n = partitions or k.input_partitions
-    rf = k.replication_factor
-    plain = {"min.insync.replicas": str(k.min_insync_replicas)}
+    rf = k.replication_factor or replication
+    plain = {"min.insync.replicas": str(k.min_insync_replicas)} if k.min_insync_replicas else {}
     compact = {**plain, "cleanup.policy": "compact"}
     return ([NewTopic(t, n, rf, topic_configs=dict(plain)) for t in k.input_topics]
             + [NewTopic(k.flags_topic, n, rf, topic_configs=dict(plain)),
@@ -128,14 +128,35 @@ def wanted_topics(k: KafkaSettings, partitions: int | None = None) -> list[NewTo
                NewTopic(k.state_topic, n, rf, topic_configs=dict(compact))])
 
 
+async def _default_replication(admin: AIOKafkaAdminClient) -> int:
+    """The brokers' default.replication.factor (DescribeConfigs on one broker); 1 if it does not say.
+    (CreateTopics takes -1 for "the broker's default" only from version 4, newer than aiokafka speaks.)"""
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    try:
+        cluster = await admin.describe_cluster()
+        node = cluster["brokers"][0]["node_id"]
+        for resp in await admin.describe_configs([ConfigResource(ConfigResourceType.BROKER, str(node))]):
+            for resource in resp.resources:
+                for entry in resource[4]:
+                    if entry[0] == "default.replication.factor" and entry[1]:
+                        return int(entry[1])
+    except (KafkaError, KeyError, IndexError, ValueError, TypeError):
+        pass
+    return 1
+
+
 async def ensure_topics(k: KafkaSettings, partitions: int | None = None, timeout_s: float = 15.0) -> list[str]:
-    """Create the configured topics that are missing (replication_factor, min_insync_replicas; the episode
-    and state topics compacted); returns those created."""
+    """Create the configured topics that are missing (replication_factor, min_insync_replicas, else the
+    brokers' defaults; the episode and state topics compacted); returns those created."""
     admin = make_admin(k)
     await asyncio.wait_for(admin.start(), timeout_s)
     try:
         existing = set(await admin.list_topics())
         missing = [t for t in wanted_topics(k, partitions) if t.name not in existing]
+        if missing and k.replication_factor is None:
+            missing = [t for t in wanted_topics(k, partitions, await _default_replication(admin))
+                       if t.name not in existing]
         if missing:
             resp = await admin.create_topics(missing)
             # (name, error_code[, error_message]); 36: created meanwhile by another worker
