@@ -138,7 +138,7 @@ class Worker:
         self.publisher = Publisher(k, self.outputs, self.ledger, self.store,
                                    EpisodeTracker(self.s.episodes, info.model_id), self.metrics, self.settled)
         self.dead_letters = DeadLetters(k.dead_letter_topic, self.outputs, self.ledger, self.metrics, self.settled)
-        self.publisher.on_failure = self.dead_letters.on_failure = self._fail
+        self.publisher.background.on_failure = self.dead_letters.background.on_failure = self._fail
         try:
             if self.producer is not None:
                 await self.producer.start()
@@ -224,7 +224,8 @@ class Worker:
         elif infer.done():
             ending.append(asyncio.create_task(publish_queue.put(None)))  # publish what is queued, then end
         try:
-            await asyncio.wait_for(asyncio.gather(infer, publish, *ending, *self.dead_letters.tasks, *self.publisher.tasks,
+            await asyncio.wait_for(asyncio.gather(infer, publish, *ending, *self.dead_letters.background.tasks,
+                                                  *self.publisher.background.tasks,
                                                   return_exceptions=True), deadline)
         except asyncio.TimeoutError:
             log.error("shutdown_deadline_exceeded", pending=self.ledger.in_flight())

@@ -197,15 +197,16 @@ def recordings(draw):
 
 
 class DeliveryModel(RuleBasedStateMachine):
-    core_class = Core
+    log_class, core_class = Log, Core
 
     @initialize(records=recordings())
     def setup(self, records):
-        self.log = Log(records)
-        self.core = Core(self.log)
+        self.log = self.log_class(records)
+        self.core = self.core_class(self.log)
         for p in range(PARTITIONS):
             self.core.assign(p)
         self.crashes = 0
+        self.zombie = None
 
     @rule(p=st.integers(0, PARTITIONS - 1), n=st.integers(1, 40))
     def deliver(self, p, n):
@@ -380,8 +381,8 @@ class TxnCore(Core):
                 keep.append(w)
                 continue
             n -= 1
-            if w.partition not in self.txns:
-                continue  # revoked meanwhile: dropped, the new owner redoes it
+            if w.partition not in self.txns or not self.tracker.is_current(w.hold):
+                continue  # revoked meanwhile: dropped, the partition's owner redoes it
             txn = self.txns[w.partition]
             flag = flag_message(w, _probability(w), 0.5, "m", produced_at_ns=1)
             txn["flags"].append(flag)
@@ -422,16 +423,7 @@ class TransactionalDeliveryModel(DeliveryModel):
     publishing and checkpointing. Invariants besides the base ones: committed flags hold each window
     exactly once (no duplicate window_id at all), and no committed state record moves a grid backwards."""
 
-    core_class = TxnCore
-
-    @initialize(records=recordings())
-    def setup(self, records):
-        self.log = TxnLog(records)
-        self.core = TxnCore(self.log)
-        for p in range(PARTITIONS):
-            self.core.assign(p)
-        self.crashes = 0
-        self.zombie: TxnCore | None = None
+    log_class, core_class = TxnLog, TxnCore
 
     @rule()
     def zombie_takeover(self):

@@ -469,13 +469,17 @@ def main(argv: list[str] | None = None) -> int:
     for sp in (start, sub.add_parser("stop", help="stop the cluster started in --dir"),
                sub.add_parser("status", help="print the cluster's bootstrap line if it runs")):
         sp.add_argument("--dir", type=Path, default=None, help="cluster folder (default .kafka/cluster)")
+    sub.add_parser("resolve", help="fetch Apache Kafka's jars into the cache (done by start when needed)")
     acl = sub.add_parser("acl", help="allow a principal operations on a resource (as the admin user)")
     for name in ("principal", "type", "pattern", "name", "operations"):
         acl.add_argument(name)
     acl.add_argument("--dir", type=Path, default=None)
     a = p.parse_args(argv)
-    folder = (a.dir or _default_dir()).resolve()
+    folder = (getattr(a, "dir", None) or _default_dir()).resolve()
     try:
+        if a.command == "resolve":
+            print(resolve_jars(), file=sys.stderr)
+            return 0
         if a.command == "start":
             if a.brokers < 1:
                 p.error("--brokers must be at least 1")

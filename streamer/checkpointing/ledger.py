@@ -62,6 +62,12 @@ class OffsetsLedger:
         self._count[hold.partition] -= 1
         return True
 
+    def is_current(self, hold: Hold | None) -> bool:
+        """Whether the output was handed on during the partition's current assignment. One from an earlier
+        assignment is redone from the committed offset by this one (exactly once: never publish both)."""
+        return hold is not None and hold.generation == self.generation.get(hold.partition, 0) \
+            and hold.partition in self._held
+
     # -- what it says ----------------------------------------------------------------------------
     def position(self, partition: Hashable) -> int:
         """Next offset to consume, as far as this worker knows (the committed one before any record)."""

@@ -34,6 +34,25 @@ class TransactionFailed(RuntimeError):
     worker must stop; the next owner resumes from the last committed transaction."""
 
 
+class BackgroundSends:
+    """Outputs sent beside the data path (dead letters, stale closes): the worker waits for them at shutdown
+    and is told when one fails for good (`on_failure`), which it treats as fatal."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task] = set()
+        self.on_failure = None
+
+    def spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and self.on_failure is not None:
+            self.on_failure(task.exception())
+
+
 class AtLeastOnceOutputs:
     exactly_once = False
 

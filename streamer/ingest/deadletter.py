@@ -6,6 +6,7 @@ import asyncio
 
 from aiokafka.errors import KafkaError
 
+from streamer.checkpointing.outputs import BackgroundSends
 from streamer.kafka.clients import retriable, retry_kafka
 from streamer.logs import get_logger, patient_ref
 
@@ -52,8 +53,7 @@ class DeadLetters:
 
     def __init__(self, topic: str, outputs, ledger, metrics, settled: asyncio.Event):
         self.topic, self.outputs, self.ledger, self.metrics, self.settled = topic, outputs, ledger, metrics, settled
-        self.tasks: set[asyncio.Task] = set()
-        self.on_failure = None  # called with the exception of a send that failed for good (fatal)
+        self.background = BackgroundSends()
         self.max_bytes = 900_000  # under the producer's max_request_size (1 MiB) with room for the batch
 
     def send(self, tp, record, reason: str, detail: str) -> None:
@@ -61,14 +61,7 @@ class DeadLetters:
         key = record.key.decode("utf-8", "replace") if record.key else None
         log.warning("dead_letter", reason=reason, detail=detail[:200], patient=patient_ref(key) if key else None,
                     topic=tp.topic, partition=tp.partition, offset=record.offset)
-        task = asyncio.create_task(self._send(tp, record, reason, detail, hold))
-        self.tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None and self.on_failure is not None:
-            self.on_failure(task.exception())
+        self.background.spawn(self._send(tp, record, reason, detail, hold))
 
     async def _send(self, tp, record, reason: str, detail: str, hold) -> None:
         headers = dead_letter_headers(reason, detail, tp.topic, tp.partition, record.offset)
@@ -106,8 +99,8 @@ class DeadLetters:
                         partition=tp.partition, offset=record.offset)
             value, headers = oversized_dead_letter(record, headers, "record too large for a dead letter")
         async with self.outputs.gate(tp) as owned:
-            if not owned:
-                return  # revoked meanwhile: the new owner reads the record again
+            if not owned or not self.ledger.is_current(hold):
+                return  # revoked meanwhile: the partition's owner reads the record again
             fut = await self.outputs.send(tp, self.topic, value, key=record.key, headers=headers)
             self.ledger.release(hold)
         await fut

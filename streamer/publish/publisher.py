@@ -17,7 +17,7 @@ import asyncio
 import time
 
 from streamer.checkpointing import OffsetsLedger
-from streamer.checkpointing.outputs import AtLeastOnceOutputs, TransactionalOutputs
+from streamer.checkpointing.outputs import AtLeastOnceOutputs, BackgroundSends, TransactionalOutputs
 from streamer.kafka.clients import retry_kafka
 from streamer.logs import episode_ref, get_logger, patient_ref
 from streamer.metrics import Metrics
@@ -35,8 +35,7 @@ class Publisher:
                  store: StateStore, episodes: EpisodeTracker, metrics: Metrics, settled: asyncio.Event):
         self.k, self.outputs, self.ledger, self.store = k, outputs, ledger, store
         self.episodes, self.metrics, self.settled = episodes, metrics, settled
-        self.tasks: set[asyncio.Task] = set()  # episode messages sent beside the flags (stale closes)
-        self.on_failure = None  # called with the exception of a background send that failed (fatal)
+        self.background = BackgroundSends()  # episode messages sent beside the flags (stale closes)
 
     async def flags(self, batch: list[EmittedWindow], probs: list[float | None], threshold: float,
                     model_id: str) -> None:
@@ -77,6 +76,8 @@ class Publisher:
                 if not owned:
                     continue  # revoked meanwhile: its new owner redoes these windows
                 for w, d in items:
+                    if not self.ledger.is_current(w.hold):
+                        continue  # from before a revocation: this assignment re-reads and redoes it
                     futures.append(await self.outputs.send(tp, topic, dumps(d), key=d["patient_id"].encode()))
                     self.store.reported(w)
                     for episode in self._apply_to_episode(w, d, now):
@@ -133,13 +134,13 @@ class Publisher:
                 # decided and sent under the partition's gate, so the close and its state share a transaction
                 if st.episode.open_start_ns is not None and now - st.episode.updated_at_s >= \
                         self.episodes.s.stale_after_s:
-                    self._background(self._stale_in_transaction(partition, st.patient_id, now))
+                    self.background.spawn(self._stale_in_transaction(partition, st.patient_id, now))
                     closed += 1
                 continue
             msg = self.episodes.stale(st.patient_id, st.episode, now)
             if msg is not None:
                 self.store.changed(partition, st.patient_id)
-                self._background(self.episode(partition, msg))
+                self.background.spawn(self.episode(partition, msg))
                 closed += 1
         return closed
 
@@ -155,12 +156,3 @@ class Publisher:
             fut = await self._send_episode(partition, msg)
         await fut
 
-    def _background(self, coro) -> None:
-        task = asyncio.create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None and self.on_failure is not None:
-            self.on_failure(task.exception())
