@@ -248,24 +248,32 @@ class Worker:
         return code
 
     async def _check_state_topic(self) -> None:
-        """Input partition p keeps its patients' states in partition p of the state topic, which must be
-        compacted (else every state write is kept and restores slow down without bound)."""
+        problem = await self._state_topic_problem()
+        if problem is not None:
+            await self._close_clients()
+            raise StartupError(problem)
+
+    async def _state_topic_problem(self) -> str | None:
+        """At start and on every assignment: input partition p keeps its patients' states in partition p of
+        the state topic, which must be compacted (else every state write is kept and restores slow down
+        without bound). The reason it cannot be used, with the fix; None if it can."""
         k = self.s.kafka
         counts = await partition_counts(k, [k.state_topic, *k.input_topics])
         self.state_partitions = counts.get(k.state_topic, 0)
+        if not self.state_partitions:
+            return f"the state topic {k.state_topic} is missing (create it compacted, as many partitions as the input)"
         for topic in k.input_topics:
             if counts.get(topic, 0) > self.state_partitions:
-                await self._close_clients()
-                raise StartupError(f"{k.state_topic} has {self.state_partitions} partitions but {topic} has "
-                                   f"{counts[topic]}: the state topic needs at least as many (create it with more)")
+                return (f"{k.state_topic} has {self.state_partitions} partitions but {topic} has {counts[topic]}: "
+                        "the state topic needs at least as many (add partitions to it)")
         policy = await topic_config(k, k.state_topic, "cleanup.policy")
         if policy is None:
             log.warning("state_topic_policy_unknown", topic=k.state_topic)
         elif "compact" not in policy.split(","):
-            await self._close_clients()
-            raise StartupError(f"{k.state_topic} has cleanup.policy={policy}; the state changelog must be "
-                               f"compacted: kafka-configs --alter --entity-type topics --entity-name {k.state_topic} "
-                               "--add-config cleanup.policy=compact")
+            return (f"{k.state_topic} has cleanup.policy={policy}; the state changelog must be compacted: "
+                    f"kafka-configs --alter --entity-type topics --entity-name {k.state_topic} "
+                    "--add-config cleanup.policy=compact")
+        return None
 
     async def _close_clients(self) -> None:
         if self.outputs is not None:
@@ -454,13 +462,12 @@ class Worker:
         """Take the partitions' transactional ids (exactly once: fencing a previous owner), restore their
         patient states, then let their records in (never before)."""
         new = sorted(assigned - self.assigned)
-        k = self.s.kafka
-        if new and max(tp.partition for tp in new) >= self.state_partitions:  # the input grew since the start
-            self.state_partitions = (await partition_counts(k, [k.state_topic])).get(k.state_topic, 0)
-        for tp in new:
-            if tp.partition >= self.state_partitions:
-                raise RuntimeError(f"{k.state_topic} has no partition {tp.partition} for {tp.topic}: the state "
-                                   "topic needs as many partitions as the input (add partitions to it)")
+        if new:
+            problem = await self._state_topic_problem()  # the topics may have changed since the start
+            if problem is None and max(tp.partition for tp in new) >= self.state_partitions:
+                problem = f"{self.s.kafka.state_topic} has no partition {max(tp.partition for tp in new)}"
+            if problem is not None:
+                raise RuntimeError(problem)
         for tp in new:
             await self.outputs.open(tp)
         for tp in new:

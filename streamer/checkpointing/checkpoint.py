@@ -49,8 +49,8 @@ class Checkpointer:
             return False
         async with self._lock:
             if self.outputs.exactly_once:
-                for tp in sorted(partitions):
-                    await self._transactional(tp)
+                # one producer per partition: their transactions commit side by side
+                await asyncio.gather(*(self._transactional(tp) for tp in sorted(partitions)))
                 return True
             return await self._at_least_once(partitions)
 
