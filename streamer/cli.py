@@ -197,6 +197,16 @@ def cmd_view(args) -> int:
     return asyncio.run(main())
 
 
+def cmd_acls(args) -> int:
+    from streamer.kafka.acls import kafka_acls_commands
+
+    s = _settings(args)
+    for line in kafka_acls_commands(s.kafka, args.principal, bootstrap=s.kafka.bootstrap_servers,
+                                    config=args.command_config):
+        print(line)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from streamer.demo import run_demo
 
@@ -287,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     vw.add_argument("--max-beds", type=int, default=1000)
     vw.add_argument("--from-beginning", action="store_true")
     vw.set_defaults(func=cmd_view)
+
+    a = sub.add_parser("acls", help="print the kafka-acls.sh commands that grant a worker its minimal ACLs")
+    a.add_argument("--principal", default="User:streamer", help="the worker's principal (default User:streamer)")
+    a.add_argument("--command-config", default="admin.properties", help="the admin client's properties file")
+    a.set_defaults(func=cmd_acls)
 
     d = sub.add_parser("demo", help="end to end on an embedded broker: broker, worker, synthetic beds, flags")
     d.add_argument("--beds", type=int, default=6)

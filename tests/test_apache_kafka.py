@@ -161,3 +161,33 @@ def test_the_demo_path_on_the_embedded_broker(embedded_broker, scorer):
     assert code == 0
     assert not worker.outputs.exactly_once
     assert expected <= set(scored_ids(flags))
+
+
+@pytest.mark.slow
+def test_broker_failover_short(checkpoint, tmp_path):
+    """3 brokers, RF 3, min.insync 2: the leader of an input, then of a flags partition, is SIGKILLed and
+    restarted while beds stream; nothing is lost or duplicated and the worker rides it out."""
+    from benchmarks.campaigns import failover_campaign
+    from tools.kafka_cluster import KafkaCluster
+
+    with KafkaCluster(tmp_path / "cluster", brokers=3) as cluster:
+        r = failover_campaign(cluster, beds=10, kills=2, seconds=61.0, speed=1.0, checkpoint=checkpoint, seed=5,
+                              workdir=tmp_path)
+    print(r)
+    assert r["kills"] == 2
+    assert r["lost"] == 0 and r["duplicate_ids"] == 0, r
+    assert r["worker_alive"], r
+
+
+def test_streamer_acls_prints_a_kafka_acls_command_per_grant(monkeypatch, capsys):
+    from streamer.cli import main
+    from streamer.kafka.acls import worker_acls
+    from streamer.settings import KafkaSettings
+
+    monkeypatch.setenv("STREAMER_KAFKA__GROUP_ID", "ward-7")
+    assert main(["acls", "--principal", "User:icu-streamer"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(worker_acls(KafkaSettings(group_id="ward-7")))
+    assert all(line.startswith("kafka-acls.sh ") and "--allow-principal User:icu-streamer" in line for line in lines)
+    assert any("--topic ward-7.state" in line and "--operation DescribeConfigs" in line for line in lines)
+    assert any("--transactional-id ward-7 --resource-pattern-type prefixed" in line for line in lines)

@@ -478,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = (getattr(a, "dir", None) or _default_dir()).resolve()
     try:
         if a.command == "resolve":
-            print(resolve_jars(), file=sys.stderr)
+            resolve_jars()
             return 0
         if a.command == "start":
             if a.brokers < 1:
