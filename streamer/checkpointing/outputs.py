@@ -195,7 +195,7 @@ class TransactionalOutputs:
 async def probe_transactions(k: KafkaSettings, make_producer, timeout_s: float = 15.0) -> str | None:
     """Whether the brokers run transactions: None if they do, else why not. An authorization failure is
     raised (the broker has them; the principal lacks the ACL), never taken as "no transactions"."""
-    from aiokafka.errors import TransactionalIdAuthorizationFailed
+    from aiokafka.errors import InvalidProducerEpoch, ProducerFenced, TransactionalIdAuthorizationFailed
 
     producer = make_producer(f"{k.transactional_id_prefix}-probe")
     try:
@@ -203,6 +203,8 @@ async def probe_transactions(k: KafkaSettings, make_producer, timeout_s: float =
         await producer.begin_transaction()
         await asyncio.wait_for(producer.commit_transaction(), timeout_s)  # empty: no request is sent
         return None
+    except (ProducerFenced, InvalidProducerEpoch):
+        return None  # another worker starting at the same moment took the probe id: transactions work
     except TransactionalIdAuthorizationFailed:
         raise
     except (KafkaError, asyncio.TimeoutError) as exc:
