@@ -181,14 +181,18 @@ def test_broker_failover_short(checkpoint, tmp_path):
     assert r["worker_alive"], r
 
 
-def test_streamer_acls_prints_a_kafka_acls_command_per_grant(monkeypatch, capsys):
-    from streamer.cli import main
+def test_streamer_acls_prints_a_kafka_acls_command_per_grant():
+    import sys
+
     from streamer.kafka.acls import worker_acls
     from streamer.settings import KafkaSettings
 
-    monkeypatch.setenv("STREAMER_KAFKA__GROUP_ID", "ward-7")
-    assert main(["acls", "--principal", "User:icu-streamer"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    # a process of its own: the CLI configures logging on the stdout it is given
+    out = subprocess.run([sys.executable, "-m", "streamer", "acls", "--principal", "User:icu-streamer"],
+                         env={**os.environ, "STREAMER_KAFKA__GROUP_ID": "ward-7"}, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
     assert len(lines) == len(worker_acls(KafkaSettings(group_id="ward-7")))
     assert all(line.startswith("kafka-acls.sh ") and "--allow-principal User:icu-streamer" in line for line in lines)
     assert any("--topic ward-7.state" in line and "--operation DescribeConfigs" in line for line in lines)
