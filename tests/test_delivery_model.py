@@ -120,17 +120,25 @@ class Core:
                 keep.append(w)
                 continue
             n -= 1
-            flag = flag_message(w, _probability(w), 0.5, "m", produced_at_ns=1)
-            self.log.flags.append(flag)
-            self.store.reported(w)
-            if self.store.owns(w.partition):
-                stt = self.store.patient(w.partition, w.patient_id)
-                msg = self.episodes.update(flag, stt.episode, 0.0, grid=w.anchor_ns)
-                self.store.changed(w.partition, w.patient_id)
-                if msg is not None:
-                    self.log.episodes.append(msg)
-            self.tracker.release(w.hold)
+            self.publish_one(w)
         self.pending = keep
+
+    def publish_one(self, w) -> None:
+        """At least once: the flag is acknowledged, then the state and the episode follow."""
+        flag = flag_message(w, _probability(w), 0.5, "m", produced_at_ns=1)
+        self.log.flags.append(flag)
+        self.store.reported(w)
+        if self.store.owns(w.partition):
+            msg = self.apply_to_episode(w, flag)
+            if msg is not None:
+                self.log.episodes.append(msg)
+        self.tracker.release(w.hold)
+
+    def apply_to_episode(self, w, flag: dict) -> dict | None:
+        stt = self.store.patient(w.partition, w.patient_id)
+        msg = self.episodes.update(flag, stt.episode, 0.0, grid=w.anchor_ns)
+        self.store.changed(w.partition, w.patient_id)
+        return msg
 
     def checkpoint(self, partitions=None) -> dict[int, int]:
         partitions = set(self.position) if partitions is None else partitions
@@ -374,26 +382,18 @@ class TxnCore(Core):
         self.txns[p] = _empty_txn()
         super().assign(p)
 
-    def publish(self, n: int, only: int | None = None) -> None:
-        keep = []
-        for w in self.pending:
-            if n <= 0 or (only is not None and w.partition != only):
-                keep.append(w)
-                continue
-            n -= 1
-            if w.partition not in self.txns or not self.tracker.is_current(w.hold):
-                continue  # revoked meanwhile: dropped, the partition's owner redoes it
-            txn = self.txns[w.partition]
-            flag = flag_message(w, _probability(w), 0.5, "m", produced_at_ns=1)
-            txn["flags"].append(flag)
-            self.store.reported(w)
-            stt = self.store.patient(w.partition, w.patient_id)
-            msg = self.episodes.update(flag, stt.episode, 0.0, grid=w.anchor_ns)
-            self.store.changed(w.partition, w.patient_id)
-            if msg is not None:
-                txn["episodes"].append(msg)
-            self.tracker.release(w.hold)
-        self.pending = keep
+    def publish_one(self, w) -> None:
+        """Exactly once: the flag, the state change and the episode join the partition's transaction."""
+        if w.partition not in self.txns or not self.tracker.is_current(w.hold):
+            return  # revoked meanwhile: dropped, the partition's owner redoes it
+        txn = self.txns[w.partition]
+        flag = flag_message(w, _probability(w), 0.5, "m", produced_at_ns=1)
+        txn["flags"].append(flag)
+        self.store.reported(w)
+        msg = self.apply_to_episode(w, flag)
+        if msg is not None:
+            txn["episodes"].append(msg)
+        self.tracker.release(w.hold)
 
     def checkpoint(self, partitions=None) -> dict[int, int]:
         partitions = set(self.txns) if partitions is None else partitions & set(self.txns)
