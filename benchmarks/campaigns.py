@@ -213,7 +213,7 @@ def zombie_campaign(bootstrap: str, beds: int, seconds: float, speed: float, che
     zombie_codes = []
     try:
         for i in range(takeovers):
-            owner, owner_log = procs[-1], logs[i % 2]
+            owner = procs[-1]
             asyncio.run(read_records(s.kafka, [s.kafka.flags_topic], until=lambda r: len(r) >= 1, timeout_s=120))
             owner.send_signal(signal.SIGSTOP)
             successor_log = logs[(i + 1) % 2]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any, AsyncIterator, Hashable
+from typing import AsyncIterator, Hashable
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
