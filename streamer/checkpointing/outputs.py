@@ -21,7 +21,7 @@ import contextlib
 from typing import AsyncIterator, Hashable
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import IllegalOperation, KafkaError
 
 from streamer.logs import get_logger
 from streamer.settings import KafkaSettings
@@ -154,11 +154,21 @@ class TransactionalOutputs:
         txn = self._txns[partition]
         try:
             fut = await txn.producer.send(topic, value, key=key, headers=headers, partition=out_partition)
-        except KafkaError as exc:
-            txn.failed = exc
-            raise TransactionFailed(f"{self.transactional_id(partition)}: {exc!r}") from exc
+        except (KafkaError, IllegalOperation) as exc:
+            raise await self._failed(partition, txn, exc) from exc
         txn.has_writes = True
         return fut
+
+    async def _failed(self, partition, txn: _Txn, exc: BaseException) -> TransactionFailed:
+        """Mark the transaction failed, naming its own error: once a write was refused (e.g. an ACL), aiokafka
+        only says "not in transaction" to later sends; committing raises the stored cause."""
+        if isinstance(exc, IllegalOperation):
+            try:
+                await asyncio.wait_for(txn.producer.commit_transaction(), 5)
+            except Exception as cause:  # noqa: BLE001 (the cause is what we are after)
+                exc = cause
+        txn.failed = exc
+        return TransactionFailed(f"{self.transactional_id(partition)}: {exc!r}")
 
     async def commit(self, partition, group_id: str, prepare) -> int | None:
         """Commit the partition's open transaction and begin the next. `prepare()`, called under the gate so
@@ -186,9 +196,8 @@ class TransactionalOutputs:
                     await txn.producer.commit_transaction()
                     await txn.producer.begin_transaction()
                     txn.has_writes = False
-            except KafkaError as exc:
-                txn.failed = exc
-                raise TransactionFailed(f"{self.transactional_id(partition)}: {exc!r}") from exc
+            except (KafkaError, IllegalOperation) as exc:
+                raise await self._failed(partition, txn, exc) from exc
         return offset
 
 
