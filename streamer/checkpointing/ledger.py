@@ -65,8 +65,7 @@ class OffsetsLedger:
     def is_current(self, hold: Hold | None) -> bool:
         """Whether the output was handed on during the partition's current assignment. One from an earlier
         assignment is redone from the committed offset by this one (exactly once: never publish both)."""
-        return hold is not None and hold.generation == self.generation.get(hold.partition, 0) \
-            and hold.partition in self._held
+        return hold is not None and hold.generation == self.generation.get(hold.partition, 0)
 
     # -- what it says ----------------------------------------------------------------------------
     def position(self, partition: Hashable) -> int:

@@ -23,6 +23,7 @@ from typing import AsyncIterator, Hashable
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import IllegalOperation, KafkaError
 
+from streamer.kafka.clients import retry_kafka
 from streamer.logs import get_logger
 from streamer.settings import KafkaSettings
 
@@ -59,9 +60,6 @@ class AtLeastOnceOutputs:
     def __init__(self, producer: AIOKafkaProducer):
         self.producer = producer
 
-    def owns(self, partition: Hashable) -> bool:
-        return True
-
     @contextlib.asynccontextmanager
     async def gate(self, partition: Hashable) -> AsyncIterator[bool]:
         yield True
@@ -70,6 +68,15 @@ class AtLeastOnceOutputs:
                    headers=None, out_partition: int | None = None) -> asyncio.Future:
         """Enqueue one record; the future resolves when the broker acknowledged it."""
         return await self.producer.send(topic, value, key=key, headers=headers, partition=out_partition)
+
+    async def send_acknowledged(self, partition: Hashable, topic: str, value: bytes, key: bytes | None = None,
+                                headers=None) -> None:
+        """One record, sent until the broker acknowledges it (retriable errors only; others are raised)."""
+        async def attempt():
+            await (await self.send(partition, topic, value, key=key, headers=headers))
+
+        await retry_kafka(attempt, lambda exc, delay: log.warning(
+            "publish_retry", topic=topic, error=repr(exc), retry_in_s=delay))
 
     async def open(self, partition: Hashable) -> None:
         pass
@@ -99,9 +106,6 @@ class TransactionalOutputs:
 
     def transactional_id(self, partition) -> str:
         return f"{self.k.transactional_id_prefix}-{partition.topic}-{partition.partition}"
-
-    def owns(self, partition: Hashable) -> bool:
-        return partition in self._txns
 
     async def open(self, partition) -> None:
         """Take the partition's transactional id (fencing any earlier owner, aborting its open transaction)

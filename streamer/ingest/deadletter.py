@@ -7,7 +7,7 @@ import asyncio
 from aiokafka.errors import KafkaError
 
 from streamer.checkpointing.outputs import BackgroundSends
-from streamer.kafka.clients import retriable, retry_kafka
+from streamer.kafka.clients import retriable
 from streamer.logs import get_logger, patient_ref
 
 log = get_logger("streamer.deadletter")
@@ -75,10 +75,7 @@ class DeadLetters:
 
     async def _send_acknowledged(self, tp, record, reason: str, headers) -> None:
         async def attempt(value, hdrs):
-            async def once():
-                await (await self.outputs.send(tp, self.topic, value, key=record.key, headers=hdrs))
-            await retry_kafka(once, lambda exc, delay: log.warning(
-                "publish_retry", topic=self.topic, error=repr(exc), retry_in_s=delay))
+            await self.outputs.send_acknowledged(tp, self.topic, value, key=record.key, headers=hdrs)
 
         try:
             await attempt(record.value or b"", headers)

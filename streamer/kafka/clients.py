@@ -11,7 +11,6 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 from aiokafka.helpers import create_ssl_context
 
-from streamer.logs import get_logger
 from streamer.settings import KafkaSettings
 
 
@@ -242,15 +241,6 @@ async def read_records(k: KafkaSettings, topics: list[str], until=None, timeout_
     finally:
         await consumer.stop()
     return out
-
-
-async def send_with_retry(producer, topic: str, key: bytes | None, value: bytes, headers=None) -> None:
-    """One record, sent until the broker acknowledges it (retriable errors only)."""
-    async def attempt():
-        await (await producer.send(topic, value, key=key, headers=headers))
-
-    await retry_kafka(attempt, lambda exc, delay: get_logger("streamer.kafka").warning(
-        "publish_retry", topic=topic, error=repr(exc), retry_in_s=delay))
 
 
 def retriable(exc: BaseException) -> bool:

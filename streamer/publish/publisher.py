@@ -117,12 +117,8 @@ class Publisher:
 
     async def episode(self, partition, episode: dict) -> None:
         """At least once: one episode message, sent until the broker acknowledges it."""
-        async def attempt():
-            await (await self.outputs.send(partition, self.k.episodes_topic, dumps(episode),
-                                           key=episode["patient_id"].encode()))
-
-        await retry_kafka(attempt, lambda exc, delay: log.warning(
-            "publish_retry", topic=self.k.episodes_topic, error=repr(exc), retry_in_s=delay))
+        await self.outputs.send_acknowledged(partition, self.k.episodes_topic, dumps(episode),
+                                             key=episode["patient_id"].encode())
         self._episode_sent(episode)
 
     def close_stale_episodes(self, now: float) -> int:
