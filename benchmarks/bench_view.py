@@ -57,8 +57,12 @@ def main() -> None:
                                            "threshold": 0.2, "model": "m@sha256:0123456789abcdef",
                                            "latency_ms": 200.0}))
                 if b % 50 == 0:
-                    ward.on_episode(orjson.dumps({"patient_id": f"bed-{b:03d}", "episode_id": f"bed-{b:03d}:{start}",
-                                                  "state": "open", "start_ns": start, "updated_at_ns": start + sec}))
+                    ward.on_episode(orjson.dumps({
+                        "schema": 2, "patient_id": f"bed-{b:03d}", "episode_id": f"bed-{b:03d}:{start}", "seq": sec,
+                        "state": "open", "renewal": False, "reason": None, "start_ns": start, "end_ns": None,
+                        "last_flagged_end_ns": start + 10**10, "peak_probability": p, "flagged_windows": 1,
+                        "model": "m@sha256:0123456789abcdef", "updated_at_ns": start, "valid_until_ns": start + 30 * 10**9,
+                        "lease_ns": 30 * 10**9}))
         t0 = time.perf_counter()
         delta = ward.delta()
         body = orjson.dumps(delta)

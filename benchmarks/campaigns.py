@@ -155,7 +155,9 @@ def crash_campaign(bootstrap: str, beds: int, kills: int, seconds: float, speed:
 def episode_consistency(k: KafkaSettings) -> dict:
     """After the worker stopped: per patient, does the last episode message (read_committed) agree with
     the episode in the last committed patient state? A transition whose state was checkpointed but whose
-    message never reached the topic would leave them apart (suppression on with nobody to lift it)."""
+    message never reached the topic would leave them apart (suppression on with nobody to lift it). The
+    last message is the one with the highest seq, as consumers apply them; a state still holding a
+    pending message after a clean stop counts as a mismatch too."""
     from streamer.state.patients import PatientState
 
     states: dict = {}
@@ -164,11 +166,11 @@ def episode_consistency(k: KafkaSettings) -> dict:
             _, st = PatientState.from_bytes(r.value)
             states[st.patient_id] = st.episode
     last: dict = {}
-    for r in sorted(asyncio.run(read_records(k, [k.episodes_topic], timeout_s=30)),
-                    key=lambda r: (r.partition, r.offset)):
+    for r in asyncio.run(read_records(k, [k.episodes_topic], timeout_s=30)):
         e = orjson.loads(r.value)
-        last[e["patient_id"]] = e
-    mismatches = 0
+        if e["patient_id"] not in last or e["seq"] > last[e["patient_id"]]["seq"]:
+            last[e["patient_id"]] = e
+    mismatches = sum(ep.pending is not None for ep in states.values())
     for patient, ep in states.items():
         msg = last.get(patient)
         open_in_state = ep.open_start_ns is not None
@@ -883,9 +885,11 @@ def clock_campaign(bootstrap: str, beds: int, kills: int, checkpoint: str | None
                (f["window_start_ns"] >= step_ns if step_ns > src.recording.times_ns[0]
                 else f["window_start_ns"] < src.recording.times_ns[0] and f["window_start_ns"] >= step_ns)}
         new_lost += max(want - len(got), 0)
-    last = {}
-    for e in episodes:
-        last[e["patient_id"]] = e["state"]
+    last: dict = {}
+    for e in episodes:  # a patient's state is its highest seq, as consumers read it
+        if e["patient_id"] not in last or e["seq"] > last[e["patient_id"]][0]:
+            last[e["patient_id"]] = (e["seq"], e["state"])
+    last = {pid: state for pid, (_, state) in last.items()}
     return {"beds": beds, "kills": kills, "old_timeline_windows": len(expected_old),
             "old_lost": len(expected_old - reported), "new_timeline_windows": sum(expected_new.values()),
             "new_lost": new_lost, "healthy_windows": len(healthy), "healthy_lost": len(healthy - scored),

@@ -178,7 +178,8 @@ def cmd_watch(args) -> int:
     from streamer.watch import watch
 
     s = _settings(args)
-    return asyncio.run(watch(s.kafka, seconds=args.seconds, from_beginning=args.from_beginning))
+    return asyncio.run(watch(s.kafka, seconds=args.seconds, from_beginning=args.from_beginning,
+                             skew_s=s.episodes.skew_allowance_s))
 
 
 def cmd_view(args) -> int:

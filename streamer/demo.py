@@ -43,7 +43,7 @@ async def _collect(k, expected: int, stop: asyncio.Event, flags: list, episodes:
                     if tp.topic == k.flags_topic:
                         flags.append(doc)
                         print(format_flag(doc), flush=True)
-                    else:
+                    elif not doc.get("renewal"):  # lease renewals change nothing on screen
                         episodes.append(doc)
                         print(format_episode(doc), flush=True)
             if len({(f["patient_id"], f["window_start_ns"]) for f in flags}) >= expected:

@@ -21,7 +21,10 @@ class Metrics:
         self.dead_letters = Counter("streamer_dead_letters_total", "records dead-lettered", ["reason"], registry=r)
         self.dropped = Counter("streamer_dropped_total", "records dropped by policy", ["reason"], registry=r)
         self.windows = Counter("streamer_windows_total", "windows published", ["status"], registry=r)
-        self.episodes = Counter("streamer_episodes_total", "episode transitions published", ["state"], registry=r)
+        self.episodes = Counter("streamer_episodes_total", "episode messages published (open, closed, renewed)",
+                                ["state"], registry=r)
+        self.states_lost = Counter("streamer_states_lost_total", "patient states that could not be read back "
+                                   "(each closed conservatively, reason state_lost)", registry=r)
         self.batch_size = Histogram("streamer_batch_size", "windows per inference batch", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
         self.inference_s = Histogram("streamer_inference_seconds", "time per inference batch", registry=r,

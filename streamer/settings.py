@@ -178,6 +178,19 @@ class EpisodeSettings(_Group):
     close_after: int = Field(2, ge=1, description="consecutive clean windows that close it")
     stale_after_s: float = Field(60.0, gt=0, description="an open episode with no scored window for this long "
                                  "is closed (reason stale): suppression never stays on by itself")
+    lease_s: float = Field(30.0, gt=0, description="how long an open or renewal message suppresses alarms: "
+                           "consumers drop the suppression when it lapses (every worker down, broker down)")
+    renew_every_s: float = Field(10.0, gt=0, description="the owner renews each open episode's lease this often "
+                                 "(a few times per lease: two renewals may be lost before it lapses)")
+    skew_allowance_s: float = Field(5.0, ge=0, description="clock difference tolerated between a worker and the "
+                                    "consumers that read its leases (the clients' default)")
+
+    @model_validator(mode="after")
+    def _renew_within_lease(self):
+        if self.renew_every_s * 2 > self.lease_s:
+            raise ValueError(f"episodes.renew_every_s ({self.renew_every_s}) must be at most half of "
+                             f"episodes.lease_s ({self.lease_s}): a single late renewal would lapse the lease")
+        return self
 
 
 class Settings(BaseSettings):

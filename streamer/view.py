@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from streamer.client import Episode, SuppressionView, decode_episode
 from streamer.ingest.contract import InvalidMessage, decode
 from streamer.logs import get_logger
 from streamer.settings import KafkaSettings, WindowSettings
@@ -82,11 +83,17 @@ class BedView:
         self.new_flags.append(slim)
         del self.new_flags[:-self.history]
 
-    def set_episode(self, episode: dict) -> None:
-        if self.episode is not None and self.episode.get("updated_at_ns", 0) >= episode.get("updated_at_ns", 0):
-            return  # an older copy never wins
-        self.episode = {k: episode.get(k) for k in ("episode_id", "state", "reason", "start_ns", "end_ns",
-                                                      "peak_probability", "flagged_windows", "updated_at_ns")}
+    def set_episode(self, episode: Episode, status: str) -> None:
+        """The episode the ward's SuppressionView shows for this bed, with its status there: "open" while
+        the lease holds, "lapsed" once it ran out with no renewal (the feed is silent), "closed"."""
+        state = {"suppressed": "open", "lapsed": "lapsed"}.get(status, "closed")
+        if self.episode is not None and (self.episode["episode_id"], self.episode["state"]) == \
+                (episode.episode_id, state):
+            return  # a renewal: nothing on the page changes
+        self.episode = {"episode_id": episode.episode_id, "state": state, "reason": episode.reason,
+                        "start_ns": episode.start_ns, "end_ns": episode.end_ns,
+                        "peak_probability": episode.peak_probability, "flagged_windows": episode.flagged_windows,
+                        "seq": episode.seq}
         self.episode_changed = True
 
     def recent_flags(self) -> list[dict]:
@@ -125,6 +132,7 @@ class Ward:
         self.beds: OrderedDict[str, BedView] = OrderedDict()
         self.model: str | None = None
         self.changed: set[str] = set()
+        self.suppression = SuppressionView()  # episodes by seq, bounded by their lease, as an alarm system would
 
     def bed(self, patient_id: str) -> BedView:
         b = self.beds.get(patient_id)
@@ -151,8 +159,25 @@ class Ward:
         self.bed(flag["patient_id"]).add_flag(flag)
 
     def on_episode(self, value: bytes) -> None:
-        episode = orjson.loads(value)
-        self.bed(episode["patient_id"]).set_episode(episode)
+        episode = decode_episode(value)  # MessageError (a ValueError) for what it cannot read
+        if self.suppression.apply(episode):
+            self.bed(episode.patient_id).set_episode(episode, self.suppression.status(episode.patient_id))
+        elif episode.patient_id in self.beds:  # a renewal may bring a lapsed lease back
+            self._refresh(episode.patient_id)
+
+    def expire(self, now_ns: int | None = None) -> None:
+        """Beds whose suppression lease lapsed since the last call are shown so (the feed is silent)."""
+        for pid, b in self.beds.items():
+            if b.episode is not None and b.episode["state"] == "open":
+                self._refresh(pid, now_ns)
+
+    def _refresh(self, patient_id: str, now_ns: int | None = None) -> None:
+        episode = self.suppression.episode(patient_id)
+        b = self.beds[patient_id]
+        before = b.episode_changed
+        b.set_episode(episode, self.suppression.status(patient_id, now_ns))
+        if b.episode_changed and not before:
+            self.changed.add(patient_id)
 
     def snapshot(self) -> dict:
         return {"model": self.model, "strip_s": self.strip_s, "slot_ns": SLOT_NS,
@@ -264,6 +289,7 @@ class ViewServer:
     async def _push_loop(self) -> None:
         while True:
             await asyncio.sleep(self.push_interval_s)
+            self.ward.expire()
             delta = self.ward.delta()
             if delta is None:
                 continue

@@ -7,6 +7,7 @@ import time
 
 import orjson
 
+from streamer.client import DEFAULT_SKEW_S, MessageError, SuppressionView, decode_episode
 from streamer.kafka.clients import check_tls, make_consumer
 from streamer.settings import KafkaSettings
 
@@ -19,29 +20,58 @@ def format_flag(f: dict) -> str:
     return f"flag    {f['patient_id']:<10} {t}+10s  {f['status']} ({f['reason']})"
 
 
-def format_episode(e: dict) -> str:
+def format_episode(e: dict) -> str | None:
+    """One line per opening and closing (None for a lease renewal: nothing changes for a reader)."""
+    if e.get("renewal"):
+        return None
+    if e.get("reason") == "state_lost":
+        return f"EPISODE {e['patient_id']:<10} closed: its stored state was lost (conservative close)"
     t0 = time.strftime("%H:%M:%S", time.gmtime(e["start_ns"] / 1e9))
     if e["state"] == "open":
-        return f"EPISODE {e['patient_id']:<10} opened at {t0}, peak p={e['peak_probability']:.3f}: suppress ECG alarms"
+        lease = (e.get("lease_ns") or 0) / 1e9
+        return (f"EPISODE {e['patient_id']:<10} opened at {t0}, peak p={e['peak_probability']:.3f}: suppress ECG "
+                f"alarms (lease {lease:.0f} s, renewed while it lasts)")
     t1 = time.strftime("%H:%M:%S", time.gmtime(e["end_ns"] / 1e9))
     why = " (stale: no scored window lately)" if e.get("reason") == "stale" else ""
     return f"EPISODE {e['patient_id']:<10} closed: {t0} -> {t1}, peak p={e['peak_probability']:.3f}{why}"
 
 
-async def watch(k: KafkaSettings, seconds: float | None = None, from_beginning: bool = False, sink=print) -> int:
+def lapsed_line(patient_id: str) -> str:
+    return f"EPISODE {patient_id:<10} lease lapsed with no renewal: feed silent, alarms NOT suppressed"
+
+
+async def watch(k: KafkaSettings, seconds: float | None = None, from_beginning: bool = False, sink=print,
+                skew_s: float = DEFAULT_SKEW_S) -> int:
     # no group: watching never commits offsets or takes partitions from anyone
     await check_tls(k)
     consumer = make_consumer(k, group_id=None, auto_offset_reset="earliest" if from_beginning else "latest")
     await consumer.start()
     consumer.subscribe([k.flags_topic, k.episodes_topic])
     deadline = time.monotonic() + seconds if seconds else None
+    view = SuppressionView(skew_s=skew_s)
+    suppressing: set[str] = set()  # patients shown suppressed: each lapse is said once
     try:
         while deadline is None or time.monotonic() < deadline:
             batch = await consumer.getmany(timeout_ms=200)
             for tp, records in batch.items():
                 for r in records:
-                    doc = orjson.loads(r.value)
-                    sink(format_flag(doc) if tp.topic == k.flags_topic else format_episode(doc))
+                    if tp.topic == k.flags_topic:
+                        sink(format_flag(orjson.loads(r.value)))
+                        continue
+                    try:
+                        episode = decode_episode(r.value)
+                    except MessageError as exc:
+                        sink(f"EPISODE unreadable at offset {r.offset}: {exc}")
+                        continue
+                    if view.apply(episode) and (line := format_episode(orjson.loads(r.value))) is not None:
+                        sink(line)
+                    if view.suppressed(episode.patient_id):
+                        suppressing.add(episode.patient_id)
+            for pid in list(suppressing):
+                if not view.suppressed(pid):
+                    suppressing.discard(pid)
+                    if view.status(pid) == "lapsed":
+                        sink(lapsed_line(pid))
     except asyncio.CancelledError:
         pass
     finally:

@@ -136,7 +136,8 @@ class Worker:
         self.checkpointer = Checkpointer(self.ledger, self.stage, self.store, self.consumer, self.outputs,
                                          k.state_topic, k.group_id)
         self.publisher = Publisher(k, self.outputs, self.ledger, self.store,
-                                   EpisodeTracker(self.s.episodes, info.model_id), self.metrics, self.settled)
+                                   EpisodeTracker(self.s.episodes, info.model_id), self.metrics, self.settled,
+                                   persist=self.checkpointer.persist)
         self.dead_letters = DeadLetters(k.dead_letter_topic, self.outputs, self.ledger, self.metrics, self.settled)
         self.publisher.background.on_failure = self.dead_letters.background.on_failure = self._fail
         try:
@@ -305,7 +306,7 @@ class Worker:
                 self.stage.flowing(self._caught_up(), now)
                 for w in self.stage.evict(now):
                     self._submit(w)
-                self._close_stale_episodes(now)
+                self._tend_episodes(now)
                 next_evict = now + 1.0
             self._backpressure()
             if now >= next_gauges:
@@ -408,9 +409,9 @@ class Worker:
         info = self.scorer.info
         await self.publisher.flags(batch, probs, info.threshold, info.model_id)
 
-    def _close_stale_episodes(self, now: float) -> None:
+    def _tend_episodes(self, now: float) -> None:
         if self.publisher is not None:
-            self.publisher.close_stale_episodes(now)
+            self.publisher.tend_episodes(now)
 
     # -- commits and rebalances -------------------------------------------------------------------
     async def _commit_loop(self) -> None:
@@ -472,9 +473,16 @@ class Worker:
             await self.outputs.open(tp)
         for tp in new:
             self.ledger.start_partition(tp, await self.consumer.committed(tp))
-        states = await read_states(self.state_reader, self.s.kafka.state_topic, new)
+        restored = await read_states(self.state_reader, self.s.kafka.state_topic, new)
+        now = time.time()
         for tp in new:
-            self.store.load(tp, states[tp])
+            states = restored.states[tp]
+            self.store.load(tp, states)
+            bad = [u for u in restored.unreadable if u.partition == tp]
+            for u in bad:
+                self.dead_letters.send(tp, u.record, "state_unreadable", u.reason, held=False)
+            self.publisher.resume(tp, [u.patient_id for u in bad if u.patient_id is not None], now)
             self.assigned.add(tp)
             log.info("partition_assigned", topic=tp.topic, partition=tp.partition,
-                     committed=self.ledger.committed.get(tp), patients_restored=len(states[tp]))
+                     committed=self.ledger.committed.get(tp), patients_restored=len(states),
+                     states_unreadable=len(bad))

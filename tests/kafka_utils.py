@@ -49,7 +49,7 @@ def check_output_messages(k: KafkaSettings, topic: str, records) -> None:
     if topic == k.flags_topic:
         validator, decode = schema_validator("artifact-flag.v1.schema.json"), decode_flag
     elif topic == k.episodes_topic:
-        validator, decode = schema_validator("artifact-episode.v1.schema.json"), decode_episode
+        validator, decode = schema_validator("artifact-episode.v2.schema.json"), decode_episode
     else:
         return
     for r in records:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import orjson
+
 from streamer.publish.episodes import EpisodeTracker
 from streamer.settings import EpisodeSettings
+from streamer.state.patients import EpisodeState, PatientState
 
 W = 10**10
 
@@ -52,3 +55,67 @@ def test_patients_are_independent():
     assert t.update(flag(0, True, patient="a")) is None
     assert t.update(flag(0, True, patient="b")) is None
     assert t.update(flag(1, True, patient="a"))["patient_id"] == "a"
+
+
+# -- leases, sequence numbers, pending messages ------------------------------------------------------
+LEASE = EpisodeSettings(open_after=1, close_after=1, stale_after_s=60, lease_s=30, renew_every_s=10)
+NOW = 1_795_000_000.0
+
+
+def test_every_message_is_numbered_and_the_number_survives_closes():
+    t = EpisodeTracker(LEASE, "m")
+    st = EpisodeState()
+    opened = t.update(flag(0, True), st, NOW)
+    assert opened["seq"] == int(NOW * 1_000_000) + 1, "a patient's first number comes from the clock (us)"
+    closed = t.update(flag(1, False), st, NOW + 10)
+    again = t.update(flag(2, True), st, NOW - 3600)  # the clock stepped back an hour: order does not care
+    assert [opened["seq"], closed["seq"], again["seq"]] == [opened["seq"], opened["seq"] + 1, opened["seq"] + 2]
+    assert st.seq == again["seq"] and st.pending is again
+
+
+def test_an_open_episode_is_a_lease_renewed_while_it_lasts():
+    t = EpisodeTracker(LEASE, "m")
+    st = EpisodeState()
+    opened = t.update(flag(0, True), st, NOW)
+    assert opened["valid_until_ns"] == int((NOW + 30) * 1e9) and opened["lease_ns"] == 30 * 10**9
+    assert not opened["renewal"]
+    assert t.renew("p1", st, NOW + 9.9) is None and not t.due(st, NOW + 9.9)
+    assert t.due(st, NOW + 10)
+    renewal = t.renew("p1", st, NOW + 10)
+    assert renewal["renewal"] and renewal["state"] == "open" and renewal["episode_id"] == opened["episode_id"]
+    assert renewal["seq"] == opened["seq"] + 1 and renewal["valid_until_ns"] == int((NOW + 40) * 1e9)
+    # a clock that went back renews at once rather than waiting for its own clock to catch up
+    assert t.renew("p1", st, NOW - 3600)["renewal"]
+    closed = t.update(flag(1, False), st, NOW + 11)
+    assert closed["valid_until_ns"] is None and closed["lease_ns"] is None
+    assert t.renew("p1", st, NOW + 100) is None and not t.due(st, NOW + 100), "a closed episode has no lease"
+
+
+def test_stale_close_counts_from_now_when_the_clock_is_behind_the_state():
+    t = EpisodeTracker(LEASE, "m")
+    st = EpisodeState()
+    t.update(flag(0, True), st, NOW)
+    behind = NOW - 3600  # a new owner whose clock runs an hour behind the one that stamped the state
+    assert t.stale("p1", st, behind) is None
+    assert t.stale("p1", st, behind + 59) is None
+    assert t.stale("p1", st, behind + 60)["reason"] == "stale", "at most stale_after_s late, never an hour"
+
+
+def test_state_lost_close_is_a_close_of_whatever_was_open():
+    t = EpisodeTracker(LEASE, "m")
+    st = EpisodeState()
+    msg = t.lost("p1", st, NOW)
+    assert (msg["state"], msg["reason"], msg["episode_id"], msg["start_ns"]) == ("closed", "state_lost", None, None)
+    assert st.pending is msg and msg["seq"] == int(NOW * 1_000_000) + 1
+
+
+def test_state_round_trip_keeps_seq_and_pending_and_reads_version_1():
+    t = EpisodeTracker(LEASE, "m")
+    st = PatientState("p1")
+    t.update(flag(0, True), st.episode, NOW)
+    topic, back = PatientState.from_bytes(st.to_bytes("in"))
+    assert topic == "in" and back.episode.seq == st.episode.seq and back.episode.pending == st.episode.pending
+    v1 = orjson.dumps({"v": 1, "topic": "in", "patient_id": "p1", "segments": [],
+                       "episode": {"open_start_ns": 5, "updated_at_s": NOW, "last_window": [0, 5]}})
+    _, old = PatientState.from_bytes(v1)
+    assert (old.episode.open_start_ns, old.episode.seq, old.episode.pending) == (5, 0, None)

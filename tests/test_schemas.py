@@ -90,7 +90,7 @@ def test_episode_open_and_close_match_the_schema_and_drive_suppression():
     for i, p in enumerate([0.9, 0.95, 0.1, 0.05]):
         msg = tracker.update(flag_message(_window(SCORABLE, None, T0 + i * 10**10), p, 0.208, MODEL))
         if msg is not None:
-            assert _errors("artifact-episode.v1.schema.json", msg) == []
+            assert _errors("artifact-episode.v2.schema.json", msg) == []
             ep = decode_episode(dumps(msg))
             assert view.apply(ep)
             events.append((ep.state, view.suppressed("bed-1")))
@@ -106,6 +106,87 @@ def test_an_older_copy_of_an_episode_never_wins():
     assert view.apply(closed) and not view.suppressed("bed-1")
     assert not view.apply(opened), "a re-published open from before the close must not turn suppression on"
     assert not view.suppressed("bed-1")
+
+
+NOW_S = 1_795_000_000.0
+SECOND = 10**9
+
+
+def _open_at(publisher_s: float, seq_from: int = 0, lease_s: float = 30.0) -> tuple:
+    """An opened episode as published by a worker whose clock reads `publisher_s`; returns the tracker,
+    its state and the decoded message."""
+    t = EpisodeTracker(EpisodeSettings(open_after=1, close_after=1, lease_s=lease_s, renew_every_s=lease_s / 3),
+                       MODEL)
+    from streamer.state.patients import EpisodeState
+    st = EpisodeState(seq=seq_from)
+    msg = t.update(flag_message(_window(SCORABLE, None), 0.9, 0.2, MODEL), st, publisher_s)
+    return t, st, decode_episode(dumps(msg))
+
+
+def test_suppression_lapses_with_the_lease_by_the_readers_clock():
+    t, st, opened = _open_at(NOW_S)
+    now = int(NOW_S * SECOND)
+    view = SuppressionView(skew_s=5, clock=lambda: now)
+    view.apply(opened)
+    assert view.status("bed-1", now + 34 * SECOND) == "suppressed"
+    assert view.status("bed-1", now + 36 * SECOND) == "lapsed", "lease 30 s + skew 5 s, then the feed is silent"
+    assert view.open_episodes(now + 36 * SECOND) == []
+    renewal = decode_episode(dumps(t.renew("bed-1", st, NOW_S + 20)))
+    view.apply(renewal, received_ns=now + 20 * SECOND)
+    assert view.status("bed-1", now + 54 * SECOND) == "suppressed" and view.status("bed-1", now + 56 * SECOND) == "lapsed"
+
+
+def test_a_publisher_clock_ahead_cannot_stretch_the_lease_and_one_behind_fails_safe():
+    now = int(NOW_S * SECOND)
+    _, _, ahead = _open_at(NOW_S + 3600)
+    view = SuppressionView(skew_s=5)
+    view.apply(ahead, received_ns=now)
+    assert view.suppressed("bed-1", now + 34 * SECOND) and not view.suppressed("bed-1", now + 36 * SECOND)
+    _, _, behind = _open_at(NOW_S - 3600)
+    view = SuppressionView(skew_s=5)
+    view.apply(behind, received_ns=now)
+    assert view.status("bed-1", now) == "lapsed", "its lease already ended by this clock: alarms not suppressed"
+
+
+def test_order_is_by_seq_not_by_clock_and_ties_fail_safe():
+    t, st, opened = _open_at(NOW_S)
+    closed = decode_episode(dumps(t.update(flag_message(_window(SCORABLE, None, T0 + 10**10), 0.1, 0.2, MODEL), st,
+                                           NOW_S - 3600)))  # stamped an hour before the open: still newer
+    assert closed.updated_at_ns < opened.updated_at_ns and closed.seq > opened.seq
+    now = int(NOW_S * SECOND)
+    for order in ([opened, closed], [closed, opened], [opened, closed, opened, closed]):
+        view = SuppressionView()
+        for e in order:
+            view.apply(e, received_ns=now)
+        assert view.status("bed-1", now) == "off", order
+    # a close at the same number as the open shown (two owners numbered alike): the close wins
+    t2, st2, opened = _open_at(NOW_S)
+    twin = decode_episode(dumps({**t2.stale("bed-1", st2, NOW_S + 3600), "seq": opened.seq}))
+    view = SuppressionView()
+    view.apply(opened, received_ns=now)
+    assert view.apply(twin, received_ns=now) and view.status("bed-1", now) == "off"
+
+
+def test_state_lost_close_ends_the_open_episode_whatever_its_number():
+    tracker, _, opened = _open_at(NOW_S, seq_from=10**17)  # numbered above what a lost state restarts from
+    from streamer.state.patients import EpisodeState
+    lost = decode_episode(dumps(tracker.lost("bed-1", EpisodeState(), NOW_S)))
+    assert lost.seq < opened.seq
+    now = int(NOW_S * SECOND)
+    view = SuppressionView()
+    view.apply(opened, received_ns=now)
+    assert view.apply(lost, received_ns=now) and view.status("bed-1", now) == "off"
+    assert _errors("artifact-episode.v2.schema.json", orjson.loads(dumps(tracker.lost("x", EpisodeState(), NOW_S)))) == []
+
+
+def test_a_version_1_episode_is_refused_with_the_upgrade_hint():
+    v1 = {"schema": 1, "patient_id": "b", "episode_id": "b:1", "state": "open", "reason": None, "start_ns": 1,
+          "end_ns": None, "last_flagged_end_ns": 2, "peak_probability": 0.9, "flagged_windows": 2, "model": MODEL,
+          "updated_at_ns": 3}
+    assert _errors("artifact-episode.v1.schema.json", v1) == []
+    assert _errors("artifact-episode.v2.schema.json", v1)
+    with pytest.raises(MessageError, match="upgrade the workers"):
+        decode_episode(dumps(v1))
 
 
 def test_deduplicator_passes_each_window_once_within_its_capacity():

@@ -3,11 +3,16 @@ and a delta carries exactly what changed since the last push."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import orjson
+import pytest
 
 from streamer.ingest.contract import Chunk, encode_json
-from streamer.settings import WindowSettings
+from streamer.publish.episodes import EpisodeTracker
+from streamer.settings import EpisodeSettings, WindowSettings
+from streamer.state.patients import EpisodeState
 from streamer.view import STRIP_HZ, Ward
 
 T0 = 1_795_316_700_000_000_000
@@ -81,12 +86,32 @@ def test_a_gap_splits_the_strip_into_runs():
     assert runs[1][0] - (runs[0][0] + len(runs[0][1])) == 2 * STRIP_HZ
 
 
-def test_an_older_episode_copy_never_wins_and_bad_input_is_ignored():
+def _episode(seq: int, state: str, now_ns: int, lease_s: float = 30.0) -> bytes:
+    t = EpisodeTracker(EpisodeSettings(open_after=1, lease_s=lease_s, renew_every_s=lease_s / 3), "m")
+    st = EpisodeState(seq=seq - 1)
+    msg = t.update({"patient_id": "bed-1", "window_start_ns": T0, "window_end_ns": T0 + 10**10,
+                    "status": "scored", "artifact": True, "probability": 0.9}, st, now_ns / 1e9)
+    if state == "closed":
+        msg = t.stale("bed-1", st, now_ns / 1e9 + 1e6)
+        msg["seq"] = seq
+    return orjson.dumps(msg)
+
+
+def test_episodes_ordered_by_seq_their_lease_lapses_and_bad_input_is_ignored():
     ward = Ward()
-    newer = {"patient_id": "bed-1", "episode_id": "e", "state": "closed", "start_ns": T0, "updated_at_ns": 2}
-    older = {**newer, "state": "open", "updated_at_ns": 1}
-    ward.on_episode(orjson.dumps(newer))
-    ward.on_episode(orjson.dumps(older))
+    now = time.time_ns()
+    ward.on_episode(_episode(5, "closed", now))
+    ward.on_episode(_episode(4, "open", now))  # older: never wins
     assert ward.beds["bed-1"].episode["state"] == "closed"
+    ward.on_episode(_episode(6, "open", now, lease_s=1.0))
+    assert ward.beds["bed-1"].episode["state"] == "open"
+    ward.expire(now + 10**9 // 2)
+    assert ward.beds["bed-1"].episode["state"] == "open"
+    ward.delta()
+    ward.expire(now + 7 * 10**9)  # lease 1 s + 5 s skew allowance, no renewal: the feed is silent
+    assert ward.beds["bed-1"].episode["state"] == "lapsed"
+    assert ward.delta()["beds"]["bed-1"]["episode"]["state"] == "lapsed"
+    with pytest.raises(ValueError):
+        ward.on_episode(orjson.dumps({"patient_id": "bed-1", "state": "open", "schema": 1}))
     ward.on_input(b"bed-9", b"{not json", S)  # the worker dead-letters it; the view just skips it
     assert "bed-9" not in ward.beds

@@ -8,6 +8,7 @@ from aiokafka.errors import KafkaError
 
 from streamer.checkpointing.ledger import OffsetsLedger
 from streamer.checkpointing.outputs import AtLeastOnceOutputs, TransactionalOutputs
+from streamer.kafka.clients import retry_kafka
 from streamer.logs import get_logger
 from streamer.state.changelog import state_key
 from streamer.state.store import StateStore
@@ -31,6 +32,21 @@ class Checkpointer:
     def _state_records(self, tp, states) -> list[tuple[str, bytes, bytes, int]]:
         return [(self.state_topic, state_key(tp.topic, st.patient_id), st.to_bytes(tp.topic), tp.partition)
                 for st in states]
+
+    async def persist(self, tp, st) -> None:
+        """At least once: one patient's state written now, until acknowledged (an episode message is
+        written ahead in the state before it is sent: publish/publisher.py). Skipped once the partition
+        is no longer this worker's: its revocation checkpoint wrote the state."""
+        async def attempt():
+            if self.store.partitions.get(tp, {}).get(st.patient_id) is not st:
+                return
+            # serialized at each attempt, just before its send: a retry never lands a state older than
+            # one a checkpoint wrote meanwhile
+            ((topic, key, value, out_partition),) = self._state_records(tp, [st])
+            await (await self.outputs.send(tp, topic, value, key=key, out_partition=out_partition))
+
+        await retry_kafka(attempt, lambda exc, delay: log.warning(
+            "state_write_retry", error=repr(exc), retry_in_s=delay))
 
     async def checkpoint(self, partitions) -> bool:
         """Move the committed offsets of `partitions` as far as is safe. Steps, in this order:
@@ -68,7 +84,8 @@ class Checkpointer:
         try:
             futures = []
             for tp, states in dirty.items():
-                for topic, key, value, out_partition in self._state_records(tp, states):
+                for st in states:  # each serialized just before its send (no await between): in send order
+                    ((topic, key, value, out_partition),) = self._state_records(tp, [st])
                     futures.append(await self.outputs.send(tp, topic, value, key=key, out_partition=out_partition))
             await asyncio.gather(*futures)
         except KafkaError as exc:

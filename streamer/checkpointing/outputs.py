@@ -70,10 +70,10 @@ class AtLeastOnceOutputs:
         return await self.producer.send(topic, value, key=key, headers=headers, partition=out_partition)
 
     async def send_acknowledged(self, partition: Hashable, topic: str, value: bytes, key: bytes | None = None,
-                                headers=None) -> None:
+                                headers=None, out_partition: int | None = None) -> None:
         """One record, sent until the broker acknowledges it (retriable errors only; others are raised)."""
         async def attempt():
-            await (await self.send(partition, topic, value, key=key, headers=headers))
+            await (await self.send(partition, topic, value, key=key, headers=headers, out_partition=out_partition))
 
         await retry_kafka(attempt, lambda exc, delay: log.warning(
             "publish_retry", topic=topic, error=repr(exc), retry_in_s=delay))

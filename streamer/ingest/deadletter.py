@@ -56,15 +56,17 @@ class DeadLetters:
         self.background = BackgroundSends()
         self.max_bytes = 900_000  # under the producer's max_request_size (1 MiB) with room for the batch
 
-    def send(self, tp, record, reason: str, detail: str) -> None:
-        hold = self.ledger.hold(tp, record.offset)
+    def send(self, tp, record, reason: str, detail: str, held: bool = True) -> None:
+        """Dead-letter `record` on behalf of input partition `tp`. `held`: the record is one of tp's own, so
+        tp's commit waits for it; a record of another topic (an unreadable state record) is not."""
+        hold = self.ledger.hold(tp, record.offset) if held else None
         key = record.key.decode("utf-8", "replace") if record.key else None
         log.warning("dead_letter", reason=reason, detail=detail[:200], patient=patient_ref(key) if key else None,
-                    topic=tp.topic, partition=tp.partition, offset=record.offset)
+                    topic=record.topic, partition=record.partition, offset=record.offset)
         self.background.spawn(self._send(tp, record, reason, detail, hold))
 
     async def _send(self, tp, record, reason: str, detail: str, hold) -> None:
-        headers = dead_letter_headers(reason, detail, tp.topic, tp.partition, record.offset)
+        headers = dead_letter_headers(reason, detail, record.topic, record.partition, record.offset)
         if self.outputs.exactly_once:
             await self._send_in_transaction(tp, record, headers, hold)
         else:
@@ -96,7 +98,7 @@ class DeadLetters:
                         partition=tp.partition, offset=record.offset)
             value, headers = oversized_dead_letter(record, headers, "record too large for a dead letter")
         async with self.outputs.gate(tp) as owned:
-            if not owned or not self.ledger.is_current(hold):
+            if not owned or (hold is not None and not self.ledger.is_current(hold)):
                 return  # revoked meanwhile: the partition's owner reads the record again
             fut = await self.outputs.send(tp, self.topic, value, key=record.key, headers=headers)
             self.ledger.release(hold)

@@ -1,13 +1,32 @@
-"""Per-patient artifact episodes for alarm suppression (schemas/artifact-episode.v1.schema.json)."""
+"""Per-patient artifact episodes for alarm suppression (schemas/artifact-episode.v2.schema.json).
+
+Suppression fails safe: an open episode is a lease. Every open and renewal message says until when it
+suppresses (`valid_until_ns`, and `lease_ns` for consumers that bound it by their own clock); the owner
+renews each open episode every `renew_every_s`, so if every worker stops, consumers drop the suppression
+within one lease. Messages are numbered per patient (`seq`, kept in the patient state across closes and
+hand-overs) and consumers apply the highest number: no wall clock orders them.
+"""
 
 from __future__ import annotations
 
 import time
 
-from streamer.publish.messages import SCHEMA_VERSION, window_id
+from streamer.publish.messages import window_id
 from streamer.settings import EpisodeSettings
 from streamer.spec import FlagStatus
 from streamer.state.patients import EpisodeState
+
+EPISODE_SCHEMA_VERSION = 2
+
+
+def next_seq(st: EpisodeState, now_s: float) -> int:
+    """The patient's next message number. A patient's first number is the clock in microseconds, so that
+    after its state was lost or expired the numbers still continue above those consumers saw before;
+    from then on only the stored counter counts."""
+    if st.seq <= 0:
+        st.seq = int(now_s * 1_000_000)
+    st.seq += 1
+    return st.seq
 
 
 class EpisodeTracker:
@@ -15,11 +34,11 @@ class EpisodeTracker:
 
     An episode opens after `open_after` consecutive artifact windows (it starts at the first of them) and
     closes after `close_after` consecutive clean windows (it ends at the last artifact window's end), or,
-    reason `stale`, once no scored window came for `stale_after_s` (see `stale`): downstream alarm systems
-    trust the last state on the compacted topic, so suppression must never stay on by itself.
+    reason `stale`, once no scored window came for `stale_after_s` (see `stale`).
     Windows without a score (insufficient data) neither open nor close an episode. A flag at or before the
     last one applied on the same grid (a re-published copy) is ignored.
-    The per-patient EpisodeState is passed in (it lives in the patient's durable state), or kept here.
+    Every message made here is also left in the state as `pending` until the caller knows it is published
+    (publish.publisher); the state lives in the patient's durable state, or here when none is passed.
     """
 
     def __init__(self, settings: EpisodeSettings, model_id: str):
@@ -34,11 +53,12 @@ class EpisodeTracker:
             return None
         if st is None:
             st = self.patients.setdefault(flag["patient_id"], EpisodeState())
+        now_s = time.time() if now_s is None else now_s
         here = (grid, flag["window_start_ns"])
         if st.last_window is not None and st.last_window[0] == grid and here[1] <= st.last_window[1]:
             return None  # already applied
         st.last_window = here
-        st.updated_at_s = time.time() if now_s is None else now_s
+        st.updated_at_s = now_s
         p = flag["probability"]
         if flag["artifact"]:
             st.clean_streak = 0
@@ -56,7 +76,7 @@ class EpisodeTracker:
                 st.last_flagged_end_ns = flag["window_end_ns"]
                 st.flagged_windows = st.flagged_streak
                 st.flagged_streak = 0
-                return self._message(flag["patient_id"], st, "open")
+                return self._message(flag["patient_id"], st, "open", now_s)
             return None
         st.flagged_streak = 0
         if st.open_start_ns is None:
@@ -64,29 +84,67 @@ class EpisodeTracker:
         st.clean_streak += 1
         if st.clean_streak < self.s.close_after:
             return None
-        return self._close(flag["patient_id"], st, "clean")
+        return self._close(flag["patient_id"], st, "clean", now_s)
 
     def stale(self, patient_id: str, st: EpisodeState, now_s: float) -> dict | None:
         """Close an open episode that no scored window updated for stale_after_s (patient gone, monitor
-        off, the owner changed); returns the closing message."""
-        if st.open_start_ns is None or now_s - st.updated_at_s < self.s.stale_after_s:
+        off, inference stalled); returns the closing message."""
+        if st.open_start_ns is None:
             return None
-        return self._close(patient_id, st, "stale")
+        if now_s < st.updated_at_s:
+            # this clock is behind the one that stamped the state (a step back, or a new owner's clock):
+            # count from now, so the close comes at most stale_after_s later instead of never
+            st.updated_at_s = now_s
+        if now_s - st.updated_at_s < self.s.stale_after_s:
+            return None
+        return self._close(patient_id, st, "stale", now_s)
 
-    def _close(self, patient_id: str, st: EpisodeState, reason: str) -> dict:
-        msg = self._message(patient_id, st, "closed", reason)
-        last_window, updated = st.last_window, st.updated_at_s
-        for name, value in vars(EpisodeState()).items():
-            setattr(st, name, value)
-        st.last_window, st.updated_at_s = last_window, updated
+    def renew(self, patient_id: str, st: EpisodeState, now_s: float) -> dict | None:
+        """A renewal of an open episode's lease when one is due (or this clock went back since the last)."""
+        if st.open_start_ns is None:
+            return None
+        if 0 <= now_s - st.renewed_at_s < self.s.renew_every_s:
+            return None
+        return self._message(patient_id, st, "open", now_s, renewal=True)
+
+    def due(self, st: EpisodeState, now_s: float) -> bool:
+        """Whether `stale` or `renew` has something to do for this state now (reads only)."""
+        if st.open_start_ns is None:
+            return False
+        return (now_s < st.updated_at_s or now_s - st.updated_at_s >= self.s.stale_after_s
+                or not 0 <= now_s - st.renewed_at_s < self.s.renew_every_s)
+
+    def lost(self, patient_id: str, st: EpisodeState, now_s: float) -> dict:
+        """The conservative close for a patient whose state could not be read (`st` is its fresh state):
+        whatever episode the lost state held is over."""
+        msg = self._message(patient_id, st, "closed", now_s, reason="state_lost")
+        msg.update(episode_id=None, start_ns=None, end_ns=None, last_flagged_end_ns=None, peak_probability=None,
+                   flagged_windows=0)
+        st.pending = msg
         return msg
 
-    def _message(self, patient_id: str, st: EpisodeState, state: str, reason: str | None = None) -> dict:
-        return {
-            "schema": SCHEMA_VERSION,
+    def _close(self, patient_id: str, st: EpisodeState, reason: str, now_s: float) -> dict:
+        msg = self._message(patient_id, st, "closed", now_s, reason)
+        kept = {name: getattr(st, name) for name in ("last_window", "updated_at_s", "seq", "pending")}
+        for name, value in vars(EpisodeState()).items():
+            setattr(st, name, value)
+        for name, value in kept.items():
+            setattr(st, name, value)
+        return msg
+
+    def _message(self, patient_id: str, st: EpisodeState, state: str, now_s: float, reason: str | None = None,
+                 renewal: bool = False) -> dict:
+        now_ns = int(now_s * 1e9)
+        lease_ns = int(self.s.lease_s * 1e9) if state == "open" else None
+        if state == "open":
+            st.renewed_at_s = now_s
+        msg = {
+            "schema": EPISODE_SCHEMA_VERSION,
             "patient_id": patient_id,
             "episode_id": window_id(patient_id, st.open_start_ns),
+            "seq": next_seq(st, now_s),
             "state": state,
+            "renewal": renewal,
             "reason": reason,
             "start_ns": st.open_start_ns,
             "end_ns": st.last_flagged_end_ns if state == "closed" else None,
@@ -94,5 +152,9 @@ class EpisodeTracker:
             "peak_probability": st.peak,
             "flagged_windows": st.flagged_windows,
             "model": self.model_id,
-            "updated_at_ns": time.time_ns(),
+            "updated_at_ns": now_ns,
+            "valid_until_ns": now_ns + lease_ns if lease_ns is not None else None,
+            "lease_ns": lease_ns,
         }
+        st.pending = msg
+        return msg

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Awaitable, Callable
 
 from streamer.checkpointing import OffsetsLedger
 from streamer.checkpointing.outputs import AtLeastOnceOutputs, BackgroundSends, TransactionalOutputs
@@ -24,6 +25,7 @@ from streamer.metrics import Metrics
 from streamer.publish.episodes import EpisodeTracker
 from streamer.publish.messages import dumps, flag_message
 from streamer.settings import KafkaSettings
+from streamer.state.patients import PatientState
 from streamer.state.store import StateStore
 from streamer.windows.buffer import EmittedWindow
 
@@ -32,10 +34,14 @@ log = get_logger("streamer.publish")
 
 class Publisher:
     def __init__(self, k: KafkaSettings, outputs: AtLeastOnceOutputs | TransactionalOutputs, ledger: OffsetsLedger,
-                 store: StateStore, episodes: EpisodeTracker, metrics: Metrics, settled: asyncio.Event):
+                 store: StateStore, episodes: EpisodeTracker, metrics: Metrics, settled: asyncio.Event,
+                 persist: Callable[[object, PatientState], Awaitable[None]] | None = None,
+                 clock: Callable[[], float] = time.time):
         self.k, self.outputs, self.ledger, self.store = k, outputs, ledger, store
         self.episodes, self.metrics, self.settled = episodes, metrics, settled
-        self.background = BackgroundSends()  # episode messages sent beside the flags (stale closes)
+        self.persist = persist  # at least once: one patient's state written now (Checkpointer.persist)
+        self.clock = clock  # wall time (s): episode staleness and leases
+        self.background = BackgroundSends()  # episode messages sent beside the flags (renewals, stale closes)
 
     async def flags(self, batch: list[EmittedWindow], probs: list[float | None], threshold: float,
                     model_id: str) -> None:
@@ -55,13 +61,14 @@ class Publisher:
 
         await retry_kafka(attempt, lambda exc, delay: log.warning(
             "publish_retry", topic=topic, windows=len(docs), error=repr(exc), retry_in_s=delay))
-        now = time.time()
+        now = self.clock()
         for w, d in zip(batch, docs):
             self.store.reported(w)
             if not self.store.owns(w.partition):
                 continue  # revoked meanwhile: its new owner applies these flags to the restored episodes
-            for episode in self._apply_to_episode(w, d, now):
-                await self.episode(w.partition, episode)
+            st, episode = self._apply_to_episode(w, d, now)
+            if episode is not None:
+                await self._publish_acknowledged(w.partition, st, episode)
         self._released(batch, docs)
 
     async def _flags_in_transactions(self, batch: list[EmittedWindow], docs: list[dict]) -> None:
@@ -70,7 +77,7 @@ class Publisher:
         for w, d in zip(batch, docs):
             by_partition.setdefault(w.partition, []).append((w, d))
         futures, published = [], []
-        now = time.time()
+        now = self.clock()
         for tp, items in by_partition.items():
             async with self.outputs.gate(tp) as owned:
                 if not owned:
@@ -80,19 +87,20 @@ class Publisher:
                         continue  # from before a revocation: this assignment re-reads and redoes it
                     futures.append(await self.outputs.send(tp, topic, dumps(d), key=d["patient_id"].encode()))
                     self.store.reported(w)
-                    for episode in self._apply_to_episode(w, d, now):
-                        futures.append(await self._send_episode(tp, episode))
+                    st, episode = self._apply_to_episode(w, d, now)
+                    if episode is not None:
+                        futures.append(await self._send_in_transaction(tp, st, episode))
                     self.ledger.release(w.hold)
                     published.append((w, d))
         await asyncio.gather(*futures)  # a failure here fails the transaction: raised, the worker stops
         self._released(published, None)
 
-    def _apply_to_episode(self, w: EmittedWindow, d: dict, now: float) -> list[dict]:
+    def _apply_to_episode(self, w: EmittedWindow, d: dict, now: float) -> tuple[PatientState, dict | None]:
         st = self.store.patient(w.partition, w.patient_id)
         episode = self.episodes.update(d, st.episode, now, grid=w.anchor_ns)
         if st.episode.last_window == (w.anchor_ns, w.start_ns):
             self.store.changed(w.partition, w.patient_id)
-        return [episode] if episode is not None else []
+        return st, episode
 
     def _released(self, items, docs) -> None:
         acked = time.time()
@@ -104,51 +112,91 @@ class Publisher:
             self.metrics.latency_s.observe(max(acked - w.completed_at, 0.0))
         self.settled.set()
 
-    async def _send_episode(self, partition, episode: dict):
+    # -- episode messages -------------------------------------------------------------------------
+    # Each one is the state's `pending` message until it is published. At least once: the state holding
+    # it is written to the changelog first, then the message is sent until acknowledged, then `pending`
+    # is cleared; a crash anywhere in between leaves it in the durable state and the next owner sends it
+    # again (same seq, same bytes), and no number is ever sent that the durable state has not seen.
+    # Exactly once: the message, the state and the offsets are one transaction; `pending` is cleared
+    # as the message joins it.
+
+    async def _send_in_transaction(self, partition, st: PatientState, episode: dict):
         fut = await self.outputs.send(partition, self.k.episodes_topic, dumps(episode),
                                       key=episode["patient_id"].encode())
-        self._episode_sent(episode)
+        self._sent(partition, st, episode)
         return fut
 
-    def _episode_sent(self, episode: dict) -> None:
-        self.metrics.episodes.labels(episode["state"]).inc()
-        log.info("episode", state=episode["state"], reason=episode["reason"], patient=patient_ref(episode["patient_id"]),
-                 episode=episode_ref(episode["patient_id"], episode["start_ns"]))
-
-    async def episode(self, partition, episode: dict) -> None:
-        """At least once: one episode message, sent until the broker acknowledges it."""
+    async def _publish_acknowledged(self, partition, st: PatientState, episode: dict, persist: bool = True) -> None:
+        if persist and self.persist is not None:
+            await self.persist(partition, st)
         await self.outputs.send_acknowledged(partition, self.k.episodes_topic, dumps(episode),
                                              key=episode["patient_id"].encode())
-        self._episode_sent(episode)
+        self._sent(partition, st, episode)
 
-    def close_stale_episodes(self, now: float) -> int:
-        """Suppression never stays on by itself: close, in the background, the episodes no scored window
-        updated for episodes.stale_after_s (their state change is checkpointed like any other)."""
-        closed = 0
+    def _sent(self, partition, st: PatientState, episode: dict) -> None:
+        if st.episode.pending is not None and st.episode.pending["seq"] == episode["seq"]:
+            st.episode.pending = None
+            self.store.changed(partition, st.patient_id)
+        state = "renewed" if episode["renewal"] else episode["state"]
+        self.metrics.episodes.labels(state).inc()
+        if not episode["renewal"]:
+            log.info("episode", state=episode["state"], reason=episode["reason"], seq=episode["seq"],
+                     patient=patient_ref(episode["patient_id"]),
+                     episode=episode_ref(episode["patient_id"], episode["start_ns"])
+                     if episode["start_ns"] is not None else None)
+
+    def tend_episodes(self, now: float) -> int:
+        """Once a second: renew the lease of each open episode when due, and close (reason stale) those
+        no scored window updated for episodes.stale_after_s; in the background. Returns how many."""
+        due = 0
         for partition, st in list(self.store):
-            if self.outputs.exactly_once:
-                # decided and sent under the partition's gate, so the close and its state share a transaction
-                if st.episode.open_start_ns is not None and now - st.episode.updated_at_s >= \
-                        self.episodes.s.stale_after_s:
-                    self.background.spawn(self._stale_in_transaction(partition, st.patient_id, now))
-                    closed += 1
+            if not self.episodes.due(st.episode, now):
                 continue
-            msg = self.episodes.stale(st.patient_id, st.episode, now)
+            due += 1
+            if self.outputs.exactly_once:
+                # decided and sent under the partition's gate, so the message and its state share a transaction
+                self.background.spawn(self._tend_in_transaction(partition, st.patient_id, now))
+                continue
+            msg = self.episodes.stale(st.patient_id, st.episode, now) or \
+                self.episodes.renew(st.patient_id, st.episode, now)
             if msg is not None:
                 self.store.changed(partition, st.patient_id)
-                self.background.spawn(self.episode(partition, msg))
-                closed += 1
-        return closed
+                self.background.spawn(self._publish_acknowledged(partition, st, msg))
+        return due
 
-    async def _stale_in_transaction(self, partition, patient_id: str, now: float) -> None:
+    async def _tend_in_transaction(self, partition, patient_id: str, now: float) -> None:
         async with self.outputs.gate(partition) as owned:
             if not owned or not self.store.owns(partition):
                 return
             st = self.store.patient(partition, patient_id)
-            msg = self.episodes.stale(patient_id, st.episode, now)
+            msg = self.episodes.stale(patient_id, st.episode, now) or self.episodes.renew(patient_id, st.episode, now)
             if msg is None:
                 return  # closed or renewed meanwhile
             self.store.changed(partition, patient_id)
-            fut = await self._send_episode(partition, msg)
+            fut = await self._send_in_transaction(partition, st, msg)
         await fut
 
+    def resume(self, partition, lost: list[str], now: float) -> None:
+        """After a partition's states were restored: a conservative close (`state_lost`) for each patient
+        whose state could not be read, and every message a previous owner left pending, sent again."""
+        for patient_id in lost:
+            st = self.store.patient(partition, patient_id)  # a fresh state in place of the unreadable one
+            self.episodes.lost(patient_id, st.episode, now)
+            self.store.changed(partition, patient_id)
+            self.metrics.states_lost.inc()
+            log.error("state_lost", patient=patient_ref(patient_id), topic=getattr(partition, "topic", None),
+                      partition=getattr(partition, "partition", partition))
+        for p, st in list(self.store):
+            if p == partition and st.episode.pending is not None:
+                self.background.spawn(self._republish(partition, st, fresh=st.patient_id in lost))
+
+    async def _republish(self, partition, st: PatientState, fresh: bool) -> None:
+        if not self.outputs.exactly_once:
+            # a restored pending message is durable already; a state_lost close is not yet
+            await self._publish_acknowledged(partition, st, st.episode.pending, persist=fresh)
+            return
+        async with self.outputs.gate(partition) as owned:
+            if not owned or not self.store.owns(partition) or st.episode.pending is None:
+                return
+            fut = await self._send_in_transaction(partition, st, st.episode.pending)
+        await fut

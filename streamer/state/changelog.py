@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass, field
 
 from aiokafka import TopicPartition
 
@@ -19,17 +20,45 @@ def state_key(topic: str, patient_id: str) -> bytes:
     return f"{topic}:{patient_id}".encode()
 
 
+def parse_state_key(key: bytes | None) -> tuple[str, str] | None:
+    """(input topic, patient id) of a changelog key, or None when it is not one (topic names hold no ':')."""
+    try:
+        topic, sep, patient_id = (key or b"").decode().partition(":")
+    except UnicodeDecodeError:
+        return None
+    return (topic, patient_id) if sep and topic and patient_id else None
+
+
+@dataclass
+class Unreadable:
+    """A changelog record that could not be read: its patient's state is lost (None: the key is unreadable
+    too); the worker closes that patient's episode conservatively and dead-letters the record."""
+    partition: TopicPartition  # the input partition it belongs to
+    patient_id: str | None
+    record: object  # the changelog ConsumerRecord
+    reason: str
+
+
+@dataclass
+class Restored:
+    states: dict[TopicPartition, dict[str, PatientState]] = field(default_factory=dict)
+    unreadable: list[Unreadable] = field(default_factory=list)  # the latest record of each such key
+
+
 async def read_states(reader, state_topic: str, partitions: list[TopicPartition],
-                      timeout_s: float = 60.0) -> dict[TopicPartition, dict[str, PatientState]]:
+                      timeout_s: float = 60.0) -> Restored:
     """Every state of `partitions` (input partitions), read from the changelog up to its end.
 
     `reader` is a started read_committed consumer without a group. The end is the last stable offset the
     fetches report (the high watermark where a broker reports none): committed states only, so a fenced
-    zombie's aborted writes are never restored."""
-    wanted = {tp: {} for tp in partitions}
+    zombie's aborted writes are never restored. The latest record of a key wins: a tombstone removes the
+    state, an unreadable record (another version, corrupt) replaces it with an `Unreadable`."""
+    out = Restored({tp: {} for tp in partitions})
+    wanted = out.states
+    lost: dict[tuple, Unreadable] = {}
     sources = sorted({TopicPartition(state_topic, tp.partition) for tp in partitions})
     if not sources:
-        return wanted
+        return out
     reader.assign(sources)
     await reader.seek_to_beginning(*sources)
     remaining = set(sources)
@@ -40,15 +69,7 @@ async def read_states(reader, state_topic: str, partitions: list[TopicPartition]
         batch = await reader.getmany(*remaining, timeout_ms=200)
         for stp, records in batch.items():
             for r in records:
-                if r.value is None:
-                    continue  # a tombstone
-                try:
-                    topic, st = PatientState.from_bytes(r.value)
-                except ValueError:
-                    continue  # written by another version: that patient starts from its records
-                tp = TopicPartition(topic, stp.partition)
-                if tp in wanted:
-                    wanted[tp][st.patient_id] = st
+                _apply(r, stp.partition, wanted, lost)
         for stp in list(remaining):
             end = reader.last_stable_offset(stp)
             if end is None or end < 0:
@@ -56,4 +77,36 @@ async def read_states(reader, state_topic: str, partitions: list[TopicPartition]
             if end is not None and await reader.position(stp) >= end:
                 remaining.discard(stp)
         await asyncio.sleep(0)
-    return wanted
+    out.unreadable = list(lost.values())
+    return out
+
+
+def _apply(r, partition: int, wanted: dict, lost: dict) -> None:
+    key = parse_state_key(r.key)
+    tp = TopicPartition(key[0], partition) if key is not None else None
+    if key is not None and tp not in wanted:
+        return  # another input topic's partition of the same number
+    if r.value is None:  # a tombstone
+        if key is not None:
+            wanted[tp].pop(key[1], None)
+            lost.pop((tp, key[1]), None)
+        return
+    try:
+        topic, st = PatientState.from_bytes(r.value)
+        if key is not None and (topic, st.patient_id) != key:
+            raise ValueError(f"the record is of {topic}:{st.patient_id}, its key says otherwise")
+    except ValueError as exc:
+        if key is None:  # whose it is cannot be known: dead-lettered, nobody's state replaced
+            owner = next((t for t in wanted if t.partition == partition), None)
+            if owner is not None:
+                lost[(owner, None, r.offset)] = Unreadable(owner, None, r, f"unreadable key: {exc}")
+            return
+        wanted[tp].pop(key[1], None)
+        lost[(tp, key[1])] = Unreadable(tp, key[1], r, str(exc))
+        return
+    if key is None:
+        tp = TopicPartition(topic, partition)
+        if tp not in wanted:
+            return
+    wanted[tp][st.patient_id] = st
+    lost.pop((tp, st.patient_id), None)

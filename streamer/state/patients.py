@@ -13,7 +13,7 @@ from fractions import Fraction
 
 import orjson
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2 added the episode's seq, pending message and renewal time; version 1 is read too
 MAX_SEGMENTS = 4  # grids remembered per patient: the current one and the last few before clock events
 
 
@@ -38,6 +38,13 @@ class EpisodeState:
     flagged_windows: int = 0
     updated_at_s: float = 0.0  # wall time of the last scored flag applied (staleness)
     last_window: tuple[int, int] | None = None  # (grid anchor, window start) of the last flag applied
+    # The patient's episode messages are numbered; consumers apply the highest number (no wall clocks).
+    # It survives every close and hand-over; 0 until the first message (see publish.episodes.next_seq).
+    seq: int = 0
+    # The last episode message not yet known to be published: written to the changelog before it is
+    # sent, cleared once acknowledged, so a new owner re-sends it (a close is never lost).
+    pending: dict | None = None
+    renewed_at_s: float = 0.0  # wall time the open episode's lease was last sent (in memory it matters)
 
 
 @dataclass
@@ -71,7 +78,7 @@ class PatientState:
         """(source topic, state); raises ValueError for a record this version cannot read."""
         try:
             doc = orjson.loads(raw)
-            if doc.get("v") != STATE_VERSION:
+            if doc.get("v") not in (1, STATE_VERSION):  # version 1 lacks the fields 2 added: their defaults
                 raise ValueError(f"state version {doc.get('v')!r}")
             episode = doc.get("episode") or {}
             if episode.get("last_window") is not None:
