@@ -53,8 +53,10 @@ class _Rebalance(ConsumerRebalanceListener):
 
 
 class Worker:
-    def __init__(self, settings: Settings, scorer: ArtifactScorer | None = None):
+    def __init__(self, settings: Settings, scorer: ArtifactScorer | None = None, clock=time.time):
+        """`clock`: the wall clock episodes are stamped and aged by (a host clock's offset, in tests)."""
         self.s = settings
+        self.clock = clock
         self.metrics = Metrics()
         self.scorer = scorer
         self.store = StateStore()
@@ -137,7 +139,7 @@ class Worker:
                                          k.state_topic, k.group_id)
         self.publisher = Publisher(k, self.outputs, self.ledger, self.store,
                                    EpisodeTracker(self.s.episodes, info.model_id), self.metrics, self.settled,
-                                   persist=self.checkpointer.persist)
+                                   persist=self.checkpointer.persist, clock=self.clock)
         self.dead_letters = DeadLetters(k.dead_letter_topic, self.outputs, self.ledger, self.metrics, self.settled)
         self.publisher.background.on_failure = self.dead_letters.background.on_failure = self._fail
         try:
@@ -306,7 +308,7 @@ class Worker:
                 self.stage.flowing(self._caught_up(), now)
                 for w in self.stage.evict(now):
                     self._submit(w)
-                self._tend_episodes(now)
+                self._tend_episodes()
                 next_evict = now + 1.0
             self._backpressure()
             if now >= next_gauges:
@@ -409,9 +411,9 @@ class Worker:
         info = self.scorer.info
         await self.publisher.flags(batch, probs, info.threshold, info.model_id)
 
-    def _tend_episodes(self, now: float) -> None:
+    def _tend_episodes(self) -> None:
         if self.publisher is not None:
-            self.publisher.tend_episodes(now)
+            self.publisher.tend_episodes(self.clock())
 
     # -- commits and rebalances -------------------------------------------------------------------
     async def _commit_loop(self) -> None:
@@ -474,7 +476,7 @@ class Worker:
         for tp in new:
             self.ledger.start_partition(tp, await self.consumer.committed(tp))
         restored = await read_states(self.state_reader, self.s.kafka.state_topic, new)
-        now = time.time()
+        now = self.clock()
         for tp in new:
             states = restored.states[tp]
             self.store.load(tp, states)
