@@ -187,7 +187,8 @@ def cmd_view(args) -> int:
 
     s = _settings(args)
     server = ViewServer(s.kafka, host=args.host, port=args.port, from_beginning=args.from_beginning,
-                        ward=Ward(strip_s=args.strip_s, max_beds=args.max_beds))
+                        ward=Ward(strip_s=args.strip_s, max_beds=args.max_beds,
+                                  skew_s=s.episodes.skew_allowance_s))
 
     async def main() -> int:
         stop = asyncio.Event()

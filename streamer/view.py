@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from streamer.client import Episode, SuppressionView, decode_episode
+from streamer.client import DEFAULT_SKEW_S, Episode, SuppressionView, decode_episode
 from streamer.ingest.contract import InvalidMessage, decode
 from streamer.logs import get_logger
 from streamer.settings import KafkaSettings, WindowSettings
@@ -127,12 +127,13 @@ def _runs(slots, values) -> list:
 class Ward:
     """Every bed's view, bounded: `max_beds` beds, each `strip_s` of samples and `history` flags."""
 
-    def __init__(self, strip_s: float = 60.0, history: int = 360, max_beds: int = 1000):
+    def __init__(self, strip_s: float = 60.0, history: int = 360, max_beds: int = 1000,
+                 skew_s: float = DEFAULT_SKEW_S):
         self.strip_s, self.history, self.max_beds = strip_s, history, max_beds
         self.beds: OrderedDict[str, BedView] = OrderedDict()
         self.model: str | None = None
         self.changed: set[str] = set()
-        self.suppression = SuppressionView()  # episodes by seq, bounded by their lease, as an alarm system would
+        self.suppression = SuppressionView(skew_s)  # episodes by seq, bounded by their lease, as alarm systems do
 
     def bed(self, patient_id: str) -> BedView:
         b = self.beds.get(patient_id)

@@ -160,7 +160,6 @@ def test_a_leading_hole_is_reported_across_kill_9(broker, checkpoint, tmp_path):
     times = regular_times(n, 500, T0)
     # samples from 4 s on, but every chunk names the segment's true start (T0)
     rec = Recording(times[2000:], values[2000:], 500.0)
-    src = Source("bed-hole", rec)
     log = tmp_path / "worker.log"
     proc = start_worker_process(s, log)
     try:
