@@ -60,6 +60,7 @@ async def run(beds: int, seconds: float, max_batch: int, max_wait_ms: float, enc
         start_ns = time.time_ns()
         fleet = [src for src, _ in synthetic_fleet(beds, seconds, start_ns, seed=1)]
         expected = {(src.patient_id, w.start_ns): w.end_ns for src in fleet for w in segment(src.recording.times_ns)}
+        t_first = min(int(src.recording.times_ns[0]) for src in fleet)  # replay's time zero (replay.py)
         latencies: dict = {}
         reader = make_consumer(k, group_id=None, auto_offset_reset="earliest")
         await reader.start()
@@ -75,8 +76,9 @@ async def run(beds: int, seconds: float, max_batch: int, max_wait_ms: float, enc
                         f = orjson.loads(r.value)
                         key = (f["patient_id"], f["window_start_ns"])
                         if key in expected and key not in latencies:
-                            # the sample at the window end completes it (REFERENCE: s + 10 s <= last)
-                            due = wall0 + (expected[key] - start_ns) / 1e9 + 0.25  # its chunk is sent when full
+                            # the sample at the window end completes it (REFERENCE: s + 10 s <= last); replay
+                            # sends its 0.25-s chunk once the chunk's last sample is due, counted from t_first
+                            due = wall0 + (expected[key] - t_first) / 1e9 + 0.25
                             latencies[key] = now - due
 
         reading = asyncio.create_task(read())

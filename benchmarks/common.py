@@ -37,12 +37,15 @@ def commit() -> str:
         return "?"
 
 
-def record(figure: str, value: str, baseline: str = "", ratio: str = "", command: str | None = None) -> None:
+def record(figure: str, value: str, baseline: str = "", ratio: str = "", command: str | None = None,
+           where: tuple[str, str, str] | None = None) -> None:
+    """Append one row. `where`: (date, machine, commit) of a measurement made elsewhere (the GPU machine's
+    device check, recorded here from the JSON it brought back); by default this run's."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     how = f"-m {spec.name}" if spec is not None else Path(sys.argv[0]).as_posix().split("/main/")[-1]
     cmd = command or "python " + " ".join([how, *sys.argv[1:]])
-    row = (f"| {datetime.date.today()} | {machine()} | {commit()} | `{cmd}` | {figure} | {value} | "
-           f"{baseline} | {ratio} |\n")
+    date, host, at = where or (str(datetime.date.today()), machine(), commit())
+    row = f"| {date} | {host} | {at} | `{cmd}` | {figure} | {value} | {baseline} | {ratio} |\n"
     if not RESULTS.exists():
         RESULTS.write_text("# Benchmark results\n\nRows are appended by the benchmark scripts; newest last.\n\n" + HEADER)
     with open(RESULTS, "a") as f:
