@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -89,3 +90,16 @@ def test_batched_images_identical_to_per_window_torch_stft_and_pillow(windows_by
     images = Preprocessor()(x).numpy()[:, 0]
     for xi, img in zip(x, images):
         np.testing.assert_array_equal(img, ref.image(xi, fft="torch")[0])
+
+
+@pytest.mark.parametrize("n", [3600, 3601, 2500, 1000, 10000, 10001, 5000 * 3 + 1, 7, 8])
+def test_fft_resample_is_scipy_signal_resample_bit_for_bit(n):
+    """to_model_samples' resampling is scipy.signal.resample's real path on scipy.fft: identical bits."""
+    from scipy.signal import resample
+
+    from streamer.windows.resample import fft_resample
+
+    x = np.random.default_rng(n).normal(0, 1, (3, n))
+    for num in (5000, 4999, n * 2, max(n // 3, 1)):
+        assert np.array_equal(fft_resample(x, num), resample(x, num, axis=-1)), (n, num)
+        assert np.array_equal(fft_resample(x[0], num), resample(x[0], num)), (n, num)

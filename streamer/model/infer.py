@@ -165,13 +165,20 @@ class ArtifactScorer:
 
         Runs the network in chunks of `device_batch`; a CUDA out-of-memory halves it and retries.
         """
-        if len(windows) == 0:
+        return self._chunked(windows, self._probabilities)
+
+    def probabilities_of_images(self, images: torch.Tensor) -> np.ndarray:
+        """The same from images made by `images()` (offline scoring makes the next batch's meanwhile)."""
+        return self._chunked(images, self._from_images)
+
+    def _chunked(self, items, score) -> np.ndarray:
+        if len(items) == 0:
             return np.zeros(0, dtype=np.float64)
         out, i = [], 0
-        while i < len(windows):
+        while i < len(items):
             n = self.device_batch
             try:
-                out.append(self._probabilities(windows[i:i + n]))
+                out.append(score(items[i:i + n]))
             except torch.cuda.OutOfMemoryError:
                 if n == 1:
                     raise
@@ -196,5 +203,9 @@ class ArtifactScorer:
 
     @torch.inference_mode()
     def _probabilities(self, windows: np.ndarray | torch.Tensor) -> np.ndarray:
-        logits = self.runner.logits(self.images(windows))
+        return self._from_images(self.images(windows))
+
+    @torch.inference_mode()
+    def _from_images(self, images: torch.Tensor) -> np.ndarray:
+        logits = self.runner.logits(images)
         return torch.softmax(logits, dim=1)[:, 1].double().cpu().numpy()
