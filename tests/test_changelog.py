@@ -3,8 +3,10 @@ and an unreadable record is reported (its patient's state is lost) instead of be
 
 from __future__ import annotations
 
+from fractions import Fraction
 from types import SimpleNamespace
 
+import orjson
 from aiokafka import TopicPartition
 
 from streamer.state.changelog import _apply, parse_state_key, state_key
@@ -53,3 +55,29 @@ def test_other_topics_are_ignored_and_an_unreadable_key_is_reported_without_a_pa
                           _rec(2, state_key("other", "z"), _state("z", 1, topic="other"))])
     assert states == {} and list(lost) == [None]
     assert parse_state_key(b"in:bed:7") == ("in", "bed:7") and parse_state_key(b"nocolon") is None
+
+
+def _doc(**changes) -> bytes:
+    st = PatientState("a")
+    st.reported(0, 0, Fraction(500), 3)
+    st.episode.open_start_ns, st.episode.updated_at_s, st.episode.last_window = 5, 1.5e9, (0, 5)
+    doc = orjson.loads(st.to_bytes("in"))
+    for path, value in changes.items():
+        target = doc
+        *parents, leaf = path.split("__")
+        for p in parents:
+            target = target[p] if not p.isdigit() else target[int(p)]
+        target[leaf] = value
+    return orjson.dumps(doc)
+
+
+def test_a_state_with_wrong_field_types_is_lost_not_a_crash_later():
+    """The values an adversarial review put in readable records (issue 24): each makes the state
+    unreadable at restore (a state_lost close and a dead letter) instead of an exception in a loop."""
+    assert _read([_rec(0, state_key("in", "a"), _doc())])[0]["a"].episode.open_start_ns == 5
+    for bad in (dict(episode__updated_at_s=None), dict(episode__last_window=[0, "x"]),
+                dict(segments__0__next_k="3"), dict(topic=["in"]), dict(patient_id=["a"]),
+                dict(episode__open_start_ns=True), dict(episode__surprise=1), dict(segments__0__fs="0"),
+                dict(episode__pending="close"), dict(segments="none")):
+        states, lost = _read([_rec(0, state_key("in", "a"), _doc(**bad))])
+        assert states == {} and set(lost) == {"a"}, bad

@@ -8,7 +8,7 @@ new owner reports every window from there on and none before it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
 
 import orjson
@@ -75,15 +75,66 @@ class PatientState:
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> tuple[str, "PatientState"]:
-        """(source topic, state); raises ValueError for a record this version cannot read."""
+        """(source topic, state); raises ValueError for a record this version cannot read, including one
+        whose fields have the wrong types (a null time, a string count): such a state is lost, and its
+        patient handled conservatively (changelog.py), rather than crashing a loop later."""
         try:
             doc = orjson.loads(raw)
-            if doc.get("v") not in (1, STATE_VERSION):  # version 1 lacks the fields 2 added: their defaults
-                raise ValueError(f"state version {doc.get('v')!r}")
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"unreadable patient state: {exc}") from None
+        if not isinstance(doc, dict) or doc.get("v") not in (1, STATE_VERSION):  # v1: v2's fields defaulted
+            raise ValueError(f"unreadable patient state: version {doc.get('v') if isinstance(doc, dict) else doc!r}")
+        topic, patient_id = doc.get("topic"), doc.get("patient_id")
+        if not isinstance(topic, str) or not topic or not isinstance(patient_id, str) or not patient_id:
+            raise ValueError("unreadable patient state: topic and patient_id must be non-empty strings")
+        segments = doc.get("segments")
+        if not isinstance(segments, list) or len(segments) > MAX_SEGMENTS:
+            raise ValueError(f"unreadable patient state: segments must be a list of at most {MAX_SEGMENTS}")
+        try:
+            segs = [_typed(SegmentState, s, "segment") for s in segments]
+            for seg in segs:
+                if Fraction(seg.fs) <= 0 or seg.next_k < 0:
+                    raise ValueError(f"segment rate {seg.fs!r} / next_k {seg.next_k}")
             episode = doc.get("episode") or {}
-            if episode.get("last_window") is not None:
-                episode["last_window"] = tuple(episode["last_window"])
-            return doc["topic"], cls(doc["patient_id"], [SegmentState(**s) for s in doc["segments"]],
-                                     EpisodeState(**episode))
-        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"unreadable patient state: {exc!r}") from None
+            if isinstance(episode, dict) and episode.get("last_window") is not None:
+                lw = episode["last_window"]
+                if not (isinstance(lw, list) and len(lw) == 2 and all(_is_int(v) for v in lw)):
+                    raise ValueError(f"episode last_window {lw!r}"[:120])
+                episode = {**episode, "last_window": tuple(lw)}
+            ep = _typed(EpisodeState, episode, "episode")
+        except (ValueError, ZeroDivisionError) as exc:
+            raise ValueError(f"unreadable patient state: {exc}"[:300]) from None
+        return topic, cls(patient_id, segs, ep)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _typed(kind, doc, what: str):
+    """`kind(**doc)` after checking every field's JSON type against the dataclass's annotation."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"{what} must be an object")
+    known = {f.name: f.type for f in fields(kind)}
+    unknown = set(doc) - set(known)
+    if unknown:
+        raise ValueError(f"{what} has unknown fields {sorted(unknown)[:3]}")
+    for name, value in doc.items():
+        hint = known[name].replace(" ", "")
+        nullable = hint.endswith("|None")
+        base = hint.removesuffix("|None")
+        if value is None:
+            ok = nullable
+        elif base == "int":
+            ok = _is_int(value)
+        elif base == "float":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+        elif base == "str":
+            ok = isinstance(value, str)
+        elif base == "dict":
+            ok = isinstance(value, dict)
+        else:  # tuple[int, int]: checked by the caller
+            ok = True
+        if not ok:
+            raise ValueError(f"{what} field {name} = {value!r}"[:120])
+    return kind(**doc)
