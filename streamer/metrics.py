@@ -19,6 +19,9 @@ class Metrics:
                                            "samples beyond windows.max_abs_mv (their windows are not scored)",
                                            registry=r)
         self.dead_letters = Counter("streamer_dead_letters_total", "records dead-lettered", ["reason"], registry=r)
+        self.dead_letters_failed = Counter("streamer_dead_letters_failed_total", "records the dead-letter topic "
+                                           "refused even as a small stand-in (released, logged dead_letter_failed)",
+                                           ["reason"], registry=r)
         self.dropped = Counter("streamer_dropped_total", "records dropped by policy", ["reason"], registry=r)
         self.windows = Counter("streamer_windows_total", "windows published", ["status"], registry=r)
         self.episodes = Counter("streamer_episodes_total", "episode messages published (open, closed, renewed)",

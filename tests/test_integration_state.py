@@ -192,3 +192,48 @@ def test_a_leading_hole_is_reported_across_kill_9(broker, checkpoint, tmp_path):
     assert set(starts) <= set(by_start), "every window, the leading one included, is reported"
     assert (by_start[T0]["status"], by_start[T0]["reason"]) == ("insufficient_data", "too_many_missing")
     assert all(by_start[t]["status"] == "scored" for t in starts[1:])
+
+
+def test_a_dead_letter_the_topic_refuses_is_released_with_an_error_not_a_stalled_partition(broker, scorer):
+    """At least once. The dead-letter topic refuses every record over 64 bytes (max.message.bytes), so a
+    malformed record cannot be dead-lettered even as its small stand-in: it is released with an error log
+    and a metric, the worker keeps running, the healthy bed is flagged and the commit passes the record."""
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    from streamer.kafka.clients import make_admin
+
+    s = isolated_settings(broker.bootstrap, partitions=1)
+    s.kafka.delivery = "at_least_once"
+    bed = Source("bed-ok", Recording(regular_times(500 * 21, 500, T0), generate(21, fs=500, seed=4).values, 500.0))
+
+    async def main():
+        admin = make_admin(s.kafka)
+        await admin.start()
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, s.kafka.dead_letter_topic,
+                                                  configs={"max.message.bytes": "64"})])
+        await admin.close()
+        worker = Worker(s, scorer=scorer)
+        task = asyncio.create_task(worker.run())
+        try:
+            await _until(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
+            producer = make_producer(s.kafka)
+            await producer.start()
+            await producer.send_and_wait(s.kafka.input_topics[0], b"{not json at all", key=b"bed-bad")
+            await producer.stop()
+            await replay(s.kafka, [bed], speed=None, chunk_s=0.5)
+
+            async def done():
+                flags = flags_of(await read_topic(s.kafka, s.kafka.flags_topic, timeout_s=2))
+                return expected_windows([bed]) <= set(scored_ids(flags))
+
+            await _until(done, 60, "the healthy bed's flags")
+            tp = next(iter(worker.assigned))
+            await _until(lambda: asyncio.sleep(0, worker.ledger.committed.get(tp, 0) >= 1), 30,
+                         "the commit to pass the refused record")
+            failed = worker.metrics.dead_letters_failed.labels("malformed_json")._value.get()
+            assert worker.fatal is None and failed == 1
+        finally:
+            worker.stop()
+            assert await asyncio.wait_for(task, 30) == 0
+
+    asyncio.run(main())

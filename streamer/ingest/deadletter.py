@@ -88,7 +88,16 @@ class DeadLetters:
             # still identifies it, so the partition moves on
             log.warning("dead_letter_replaced", error=repr(exc)[:200], topic=tp.topic,
                         partition=tp.partition, offset=record.offset)
-            await attempt(*oversized_dead_letter(record, headers, repr(exc)))
+            try:
+                await attempt(*oversized_dead_letter(record, headers, repr(exc)))
+            except KafkaError as again:
+                if retriable(again):
+                    raise
+                # the topic refuses even the stand-in (its size limit, a policy): released with an error and
+                # a metric, so one bad record never stops its partition's other patients (a crash loop would)
+                log.error("dead_letter_failed", reason=reason, error=repr(again)[:200], topic=record.topic,
+                          partition=record.partition, offset=record.offset)
+                self.metrics.dead_letters_failed.labels(reason).inc()
 
     async def _send_in_transaction(self, tp, record, headers, hold) -> None:
         value = record.value or b""
