@@ -113,6 +113,26 @@ def test_episode_opened_under_one_worker_is_closed_by_its_successor(broker, scor
     assert episodes[0]["episode_id"] == episodes[1]["episode_id"]
 
 
+async def _bad_record_then_a_healthy_bed(s, worker, bad: bytes, key: bytes, bed) -> None:
+    """Once `worker` owns the partition: one bad record, then a healthy bed; returns when the bed is
+    flagged and the commit passed the bad record (offset 0)."""
+    await _until(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
+    producer = make_producer(s.kafka, max_request_size=4 << 20)
+    await producer.start()
+    await producer.send_and_wait(s.kafka.input_topics[0], bad, key=key)
+    await producer.stop()
+    await replay(s.kafka, [bed], speed=None, chunk_s=0.5)
+
+    async def done():
+        flags = flags_of(await read_topic(s.kafka, s.kafka.flags_topic, timeout_s=2))
+        return expected_windows([bed]) <= set(scored_ids(flags))
+
+    await _until(done, 60, "the healthy bed's flags")
+    tp = next(iter(worker.assigned))
+    await _until(lambda: asyncio.sleep(0, worker.ledger.committed.get(tp, 0) >= 1), 30,
+                 "the commit to pass the bad record")
+
+
 def test_an_oversized_record_is_dead_lettered_small_and_the_partition_moves_on(broker, scorer):
     s = isolated_settings(broker.bootstrap, partitions=1)
     bed = Source("bed-ok", Recording(regular_times(500 * 21, 500, T0), generate(21, fs=500, seed=4).values, 500.0))
@@ -123,21 +143,7 @@ def test_an_oversized_record_is_dead_lettered_small_and_the_partition_moves_on(b
         worker = Worker(s, scorer=scorer)
         task = asyncio.create_task(worker.run())
         try:
-            await _until(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
-            producer = make_producer(s.kafka, max_request_size=4 << 20)
-            await producer.start()
-            await producer.send_and_wait(s.kafka.input_topics[0], big, key=b"bed-big")
-            await producer.stop()
-            await replay(s.kafka, [bed], speed=None, chunk_s=0.5)
-
-            async def done():
-                flags = flags_of(await read_topic(s.kafka, s.kafka.flags_topic, timeout_s=2))
-                return expected_windows([bed]) <= set(scored_ids(flags))
-
-            await _until(done, 60, "the healthy bed's flags")
-            tp = next(iter(worker.assigned))
-            await _until(lambda: asyncio.sleep(0, worker.ledger.committed.get(tp, 0) >= 1), 30,
-                         "the commit to pass the oversized record")
+            await _bad_record_then_a_healthy_bed(s, worker, big, b"bed-big", bed)
             return await read_topic(s.kafka, s.kafka.dead_letter_topic, until=lambda r: len(r) >= 1)
         finally:
             worker.stop()
@@ -215,21 +221,7 @@ def test_a_dead_letter_the_topic_refuses_is_released_with_an_error_not_a_stalled
         worker = Worker(s, scorer=scorer)
         task = asyncio.create_task(worker.run())
         try:
-            await _until(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
-            producer = make_producer(s.kafka)
-            await producer.start()
-            await producer.send_and_wait(s.kafka.input_topics[0], b"{not json at all", key=b"bed-bad")
-            await producer.stop()
-            await replay(s.kafka, [bed], speed=None, chunk_s=0.5)
-
-            async def done():
-                flags = flags_of(await read_topic(s.kafka, s.kafka.flags_topic, timeout_s=2))
-                return expected_windows([bed]) <= set(scored_ids(flags))
-
-            await _until(done, 60, "the healthy bed's flags")
-            tp = next(iter(worker.assigned))
-            await _until(lambda: asyncio.sleep(0, worker.ledger.committed.get(tp, 0) >= 1), 30,
-                         "the commit to pass the refused record")
+            await _bad_record_then_a_healthy_bed(s, worker, b"{not json at all", b"bed-bad", bed)
             failed = worker.metrics.dead_letters_failed.labels("malformed_json")._value.get()
             assert worker.fatal is None and failed == 1
         finally:
