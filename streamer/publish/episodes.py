@@ -107,6 +107,10 @@ class EpisodeTracker:
             return None
         return self._message(patient_id, st, "open", now_s, renewal=True)
 
+    def tend(self, patient_id: str, st: EpisodeState, now_s: float) -> dict | None:
+        """The stale close if one is due, else a renewal if one is due, else None."""
+        return self.stale(patient_id, st, now_s) or self.renew(patient_id, st, now_s)
+
     def due(self, st: EpisodeState, now_s: float) -> bool:
         """Whether `stale` or `renew` has something to do for this state now (reads only)."""
         if st.open_start_ns is None:

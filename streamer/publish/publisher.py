@@ -157,8 +157,7 @@ class Publisher:
                 # decided and sent under the partition's gate, so the message and its state share a transaction
                 self.background.spawn(self._tend_in_transaction(partition, st.patient_id, now))
                 continue
-            msg = self.episodes.stale(st.patient_id, st.episode, now) or \
-                self.episodes.renew(st.patient_id, st.episode, now)
+            msg = self.episodes.tend(st.patient_id, st.episode, now)
             if msg is not None:
                 self.store.changed(partition, st.patient_id)
                 self.background.spawn(self._publish_acknowledged(partition, st, msg))
@@ -169,7 +168,7 @@ class Publisher:
             if not owned or not self.store.owns(partition):
                 return
             st = self.store.patient(partition, patient_id)
-            msg = self.episodes.stale(patient_id, st.episode, now) or self.episodes.renew(patient_id, st.episode, now)
+            msg = self.episodes.tend(patient_id, st.episode, now)
             if msg is None:
                 return  # closed or renewed meanwhile
             self.store.changed(partition, patient_id)
@@ -186,8 +185,8 @@ class Publisher:
             self.metrics.states_lost.inc()
             log.error("state_lost", patient=patient_ref(patient_id), topic=getattr(partition, "topic", None),
                       partition=getattr(partition, "partition", partition))
-        for p, st in list(self.store):
-            if p == partition and st.episode.pending is not None:
+        for st in list(self.store.partitions.get(partition, {}).values()):
+            if st.episode.pending is not None:
                 self.background.spawn(self._republish(partition, st, fresh=st.patient_id in lost))
 
     async def _republish(self, partition, st: PatientState, fresh: bool) -> None:
