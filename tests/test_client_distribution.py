@@ -1,0 +1,71 @@
+"""streamer-client, the downstream reader, is its own distribution: installed alone into a fresh virtual
+environment it brings orjson and nothing heavy (no torch, numpy or pydantic), and it reads what the
+worker's publisher writes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _site_bytes(env_dir: Path) -> int:
+    site = next(env_dir.glob("lib/python*/site-packages"))
+    skip = ("pip", "setuptools", "_distutils_hack", "distutils-precedence.pth")
+    return sum(f.stat().st_size for top in site.iterdir() if not top.name.startswith(skip)
+               for f in ([top] if top.is_file() else top.rglob("*")) if f.is_file())
+
+
+@pytest.mark.integration
+def test_the_client_installs_without_torch_numpy_or_pydantic(tmp_path):
+    env_dir = tmp_path / "alarm-system"
+    venv.create(env_dir, with_pip=True)
+    py = env_dir / "bin" / "python"
+    done = subprocess.run([py, "-m", "pip", "install", "-q", str(REPO / "client")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    probe = """
+import importlib.util, json, streamer_client
+from streamer_client import SuppressionView, decode_episode
+heavy = [m for m in ("torch", "numpy", "pydantic", "pandas", "aiokafka") if importlib.util.find_spec(m)]
+msg = {"schema": 2, "episode_id": "bed-1:1", "patient_id": "bed-1", "seq": 7, "state": "open", "renewal": False,
+       "reason": None, "start_ns": 1, "end_ns": None, "last_flagged_end_ns": 2, "peak_probability": 0.9,
+       "flagged_windows": 2, "model": "m@sha256:0", "updated_at_ns": 2, "valid_until_ns": 4102444800 * 10**9,
+       "lease_ns": 30 * 10**9}
+view = SuppressionView()
+view.apply(decode_episode(json.dumps(msg).encode()))
+print(json.dumps({"heavy": heavy, "suppressed": view.suppressed("bed-1"), "version": streamer_client.__version__}))
+"""
+    out = subprocess.run([py, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import json
+
+    got = json.loads(out.stdout)
+    assert got["heavy"] == [] and got["suppressed"] is True and got["version"] == "0.1.0"
+    size = _site_bytes(env_dir)
+    print(f"streamer-client installed size: {size / 1e6:.2f} MB")  # recorded in the issue note
+    assert size < 5e6, f"{size / 1e6:.1f} MB: the client must stay small"
+
+
+def test_the_worker_package_reexports_the_client():
+    import streamer.client
+    import streamer_client
+
+    assert streamer.client.SuppressionView is streamer_client.SuppressionView
+    assert set(streamer_client.__all__) <= set(dir(streamer.client))
+
+
+def test_an_offline_command_without_its_extra_names_it(monkeypatch, capsys):
+    """A worker-only install (no `offline` extra): `streamer score` says which extra to install."""
+    from streamer.cli import main
+
+    monkeypatch.setitem(sys.modules, "pandas", None)  # import pandas now raises ModuleNotFoundError
+    for name in [m for m in sys.modules if m.startswith("streamer.offline")]:
+        monkeypatch.delitem(sys.modules, name)
+    assert main(["score", "rec.csv", "--out", "o.csv"]) == 2
+    assert "pip install 'streamer[offline]'" in capsys.readouterr().err
