@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from streamer.ingest.contract import Chunk, encode_binary
-from streamer.ingest.deadletter import headers_dict
+from streamer.ingest.deadletter import (ERROR_MESSAGE, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC,
+                                        headers_dict, reason_of)
 from streamer.offline.recordings import load_recording
 from streamer.offline.replay import Source, replay
 from streamer.offline.score import score_recording
@@ -74,6 +75,7 @@ def test_replayed_recording_flags_equal_offline_score(broker, scorer, tmp_path, 
     assert all(f["latency_ms"] < 30_000 for f in scored) and any(f["latency_ms"] > 0 for f in scored)
 
 
+SENT_AT_MS = 1_764_000_000_123  # the gateway's own record timestamp
 BAD_INPUTS = {
     "malformed_json": b'{"patient_id": "bad", "t0_ns": ',
     "invalid_field": orjson.dumps({"patient_id": "bad", "t0_ns": "yesterday", "fs": 500, "samples": [1.0]}),
@@ -105,7 +107,8 @@ def test_bad_input_goes_to_dead_letter_while_healthy_patient_continues(broker, s
             await producer.start()
             for reason, value in BAD_INPUTS.items():
                 key = b"\xff\xfe" if reason == "malformed_binary" else b"bad"
-                await producer.send_and_wait(s.kafka.input_topics[0], value, key=key)
+                await producer.send_and_wait(s.kafka.input_topics[0], value, key=key, timestamp_ms=SENT_AT_MS,
+                                             headers=[("gateway", b"gw-7"), ("traceparent", b"00-ab-cd-01")])
             await producer.stop()
             await replay(s.kafka, [Source("healthy", rec)], speed=None, chunk_s=0.5)
 
@@ -118,9 +121,14 @@ def test_bad_input_goes_to_dead_letter_while_healthy_patient_continues(broker, s
         return dead, flags
 
     dead, flags = asyncio.run(main())
-    reasons = sorted(headers_dict(r.headers)["reason"] for r in dead)
+    reasons = sorted(reason_of(r.headers) for r in dead)
     assert reasons == sorted(BAD_INPUTS)
-    by_reason = {headers_dict(r.headers)["reason"]: r for r in dead}
+    by_reason = {reason_of(r.headers): r for r in dead}
     assert by_reason["malformed_json"].value == BAD_INPUTS["malformed_json"]  # original bytes kept
-    assert headers_dict(by_reason["oversized"].headers)["source_offset"] == "5"
+    assert headers_dict(by_reason["oversized"].headers)[SOURCE_OFFSET] == "5"
+    for r in dead:  # the original headers and timestamp travel with it, then the error in KIP-1034's names
+        h = headers_dict(r.headers)
+        assert (h["gateway"], h["traceparent"]) == ("gw-7", "00-ab-cd-01") and r.timestamp == SENT_AT_MS
+        assert (h[SOURCE_TOPIC], h[SOURCE_PARTITION]) == (s.kafka.input_topics[0], "0")
+        assert h[ERROR_MESSAGE], "the error message says what was wrong"
     assert [f["status"] for f in flags if f["patient_id"] == "healthy"] == ["scored"] * 3

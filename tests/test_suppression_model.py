@@ -100,7 +100,7 @@ class MemoryProducer:
     def __init__(self, broker: Broker, owner: "Owner"):
         self.broker, self.owner = broker, owner
 
-    async def send(self, topic, value, key=None, headers=None, partition=None):
+    async def send(self, topic, value, key=None, headers=None, partition=None, timestamp_ms=None):
         fut = asyncio.get_running_loop().create_future()
         if topic == K.flags_topic:
             fut.set_result(None)  # flags are not what this test is about: they land at once

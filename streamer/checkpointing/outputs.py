@@ -65,15 +65,18 @@ class AtLeastOnceOutputs:
         yield True
 
     async def send(self, partition: Hashable, topic: str, value: bytes, key: bytes | None = None,
-                   headers=None, out_partition: int | None = None) -> asyncio.Future:
+                   headers=None, out_partition: int | None = None, timestamp_ms: int | None = None) -> asyncio.Future:
         """Enqueue one record; the future resolves when the broker acknowledged it."""
-        return await self.producer.send(topic, value, key=key, headers=headers, partition=out_partition)
+        return await self.producer.send(topic, value, key=key, headers=headers, partition=out_partition,
+                                        timestamp_ms=timestamp_ms)
 
     async def send_acknowledged(self, partition: Hashable, topic: str, value: bytes, key: bytes | None = None,
-                                headers=None, out_partition: int | None = None) -> None:
+                                headers=None, out_partition: int | None = None,
+                                timestamp_ms: int | None = None) -> None:
         """One record, sent until the broker acknowledges it (retriable errors only; others are raised)."""
         async def attempt():
-            await (await self.send(partition, topic, value, key=key, headers=headers, out_partition=out_partition))
+            await (await self.send(partition, topic, value, key=key, headers=headers, out_partition=out_partition,
+                                   timestamp_ms=timestamp_ms))
 
         await retry_kafka(attempt, lambda exc, delay: log.warning(
             "publish_retry", topic=topic, error=repr(exc), retry_in_s=delay))
@@ -153,11 +156,12 @@ class TransactionalOutputs:
             yield self._txns.get(partition) is txn
 
     async def send(self, partition, topic: str, value: bytes, key: bytes | None = None, headers=None,
-                   out_partition: int | None = None) -> asyncio.Future:
+                   out_partition: int | None = None, timestamp_ms: int | None = None) -> asyncio.Future:
         """Enqueue one record into the partition's open transaction (call under `gate`)."""
         txn = self._txns[partition]
         try:
-            fut = await txn.producer.send(topic, value, key=key, headers=headers, partition=out_partition)
+            fut = await txn.producer.send(topic, value, key=key, headers=headers, partition=out_partition,
+                                          timestamp_ms=timestamp_ms)
         except (KafkaError, IllegalOperation) as exc:
             raise await self._failed(partition, txn, exc) from exc
         txn.has_writes = True

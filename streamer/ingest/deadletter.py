@@ -1,4 +1,5 @@
-"""Dead-letter records: the original key and bytes, with the reason and source position in headers."""
+"""Dead-letter records: the original key, bytes, headers and timestamp, with the error and the source position in
+the headers Kafka Streams' dead-letter queue writes (KIP-1034), so existing DLQ tooling reads them."""
 
 from __future__ import annotations
 
@@ -13,18 +14,34 @@ from streamer.logs import get_logger, patient_ref
 log = get_logger("streamer.deadletter")
 
 
-def dead_letter_headers(reason: str, detail: str, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
+ERROR_CLASS = "__streams.errors.exception"  # the reason code, e.g. timestamp_jump (README lists them)
+ERROR_MESSAGE = "__streams.errors.message"
+SOURCE_TOPIC = "__streams.errors.topic"
+SOURCE_PARTITION = "__streams.errors.partition"
+SOURCE_OFFSET = "__streams.errors.offset"
+_OURS = (ERROR_CLASS, ERROR_MESSAGE, SOURCE_TOPIC, SOURCE_PARTITION, SOURCE_OFFSET)
+
+
+def dead_letter_headers(reason: str, detail: str, topic: str, partition: int, offset: int,
+                        original=()) -> list[tuple[str, bytes]]:
+    """The record's own headers (those not named like ours), then the error and where the record was."""
+    kept = [(k, v) for k, v in (original or ()) if k not in _OURS]
     return [
-        ("reason", reason.encode()),
-        ("detail", detail.encode("utf-8", "replace")[:1000]),
-        ("source_topic", topic.encode()),
-        ("source_partition", str(partition).encode()),
-        ("source_offset", str(offset).encode()),
+        *kept,
+        (ERROR_CLASS, reason.encode()),
+        (ERROR_MESSAGE, detail.encode("utf-8", "replace")[:1000]),
+        (SOURCE_TOPIC, topic.encode()),
+        (SOURCE_PARTITION, str(partition).encode()),
+        (SOURCE_OFFSET, str(offset).encode()),
     ]
 
 
 def headers_dict(headers) -> dict[str, str]:
-    return {k: v.decode("utf-8", "replace") for k, v in (headers or [])}
+    return {k: (v or b"").decode("utf-8", "replace") for k, v in (headers or [])}
+
+
+def reason_of(headers) -> str | None:
+    return headers_dict(headers).get(ERROR_CLASS)
 
 
 def oversized_dead_letter(record, headers: list[tuple[str, bytes]], error: str) -> tuple[bytes, list[tuple[str, bytes]]]:
@@ -39,11 +56,16 @@ def oversized_dead_letter(record, headers: list[tuple[str, bytes]], error: str) 
         "value_omitted": "too_large",
         "value_size": len(value),
         "value_sha256": hashlib.sha256(value).hexdigest(),
-        "original_headers": {k: v.decode("utf-8", "replace")[:200] for k, v in (record.headers or [])},
         "error": error[:200],
     }
-    return orjson.dumps(summary), [*headers, ("value_omitted", b"too_large")]
+    # the original headers may be what made it too large: only ours are kept
+    return orjson.dumps(summary), [(k, v) for k, v in headers if k in _OURS] + [("value_omitted", b"too_large")]
 
+
+def _timestamp(record) -> int | None:
+    """The original record's timestamp (a state record built here may have none)."""
+    ts = getattr(record, "timestamp", None)
+    return ts if isinstance(ts, int) and ts >= 0 else None
 
 
 class DeadLetters:
@@ -66,7 +88,8 @@ class DeadLetters:
         self.background.spawn(self._send(tp, record, reason, detail, hold))
 
     async def _send(self, tp, record, reason: str, detail: str, hold) -> None:
-        headers = dead_letter_headers(reason, detail, record.topic, record.partition, record.offset)
+        headers = dead_letter_headers(reason, detail, record.topic, record.partition, record.offset,
+                                      record.headers)
         if self.outputs.exactly_once:
             await self._send_in_transaction(tp, record, headers, hold)
         else:
@@ -77,7 +100,8 @@ class DeadLetters:
 
     async def _send_acknowledged(self, tp, record, reason: str, headers) -> None:
         async def attempt(value, hdrs):
-            await self.outputs.send_acknowledged(tp, self.topic, value, key=record.key, headers=hdrs)
+            await self.outputs.send_acknowledged(tp, self.topic, value, key=record.key, headers=hdrs,
+                                                 timestamp_ms=_timestamp(record))
 
         try:
             await attempt(record.value or b"", headers)
@@ -109,6 +133,7 @@ class DeadLetters:
         async with self.outputs.gate(tp) as owned:
             if not owned or (hold is not None and not self.ledger.is_current(hold)):
                 return  # revoked meanwhile: the partition's owner reads the record again
-            fut = await self.outputs.send(tp, self.topic, value, key=record.key, headers=headers)
+            fut = await self.outputs.send(tp, self.topic, value, key=record.key, headers=headers,
+                                          timestamp_ms=_timestamp(record))
             self.ledger.release(hold)
         await fut
