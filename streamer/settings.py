@@ -57,13 +57,31 @@ class KafkaSettings(_Group):
                                         "this long (a worker that died mid-checkpoint with no successor); "
                                         "read_committed readers of its partitions wait at most this")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    sasl_password_file: Path | None = None
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    sasl_username: str | None = Field(None, description="PLAIN and SCRAM")
+    sasl_password: SecretStr | None = Field(None, description="PLAIN and SCRAM (or sasl_password_file)")
+    sasl_password_file: Path | None = Field(None, description="a file holding the password (a mounted secret)")
+    sasl_oauth_token_file: Path | None = Field(None, description="OAUTHBEARER: a file holding the current "
+                                               "bearer token, read again at every authentication, so the "
+                                               "platform or a sidecar can rotate it")
     ssl_cafile: Path | None = None
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
+    acks: Literal["all", "1"] = Field("all", description="all: a write is acknowledged once every in-sync "
+                                      "replica has it (nothing acknowledged is lost with a broker). 1 (leader "
+                                      "only) is allowed with delivery=at_least_once alone: a leader failover "
+                                      "can then lose acknowledged flags")
+    compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        "none", description="compression of what the worker produces (flags are small JSON; zstd or lz4 "
+        "save network on large fleets)")
+    linger_ms: int = Field(5, ge=0, description="how long the producer waits to fill a batch: adds at most "
+                           "this much latency to every flag")
+    producer_options: dict[str, Any] = Field({}, description="further aiokafka producer arguments, passed "
+                                             "through (e.g. {\"request_timeout_ms\": 60000}); those streamer "
+                                             "sets from other settings are refused")
+    consumer_options: dict[str, Any] = Field({}, description="further aiokafka consumer arguments, passed "
+                                             "through (e.g. {\"rebalance_timeout_ms\": 120000}); those "
+                                             "streamer sets from other settings are refused")
     tls_check_timeout_s: float = Field(5.0, gt=0, description="the TLS handshake made with each bootstrap server "
                                        "at start must finish within this (a plaintext port never answers)")
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
@@ -88,8 +106,18 @@ class KafkaSettings(_Group):
         return self
 
     @model_validator(mode="after")
+    def _producer_acks(self) -> "KafkaSettings":
+        if self.acks != "all" and self.delivery != "at_least_once":
+            raise ValueError(f"kafka.acks={self.acks} needs kafka.delivery=at_least_once (idempotent and "
+                             "transactional producers write with acks=all)")
+        return self
+
+    @model_validator(mode="after")
     def _sasl_complete(self) -> "KafkaSettings":
-        if self.security_protocol.startswith("SASL"):
+        if self.security_protocol.startswith("SASL") and self.sasl_mechanism == "OAUTHBEARER":
+            if self.sasl_oauth_token_file is None:
+                raise ValueError("kafka.sasl_oauth_token_file is required with sasl_mechanism=OAUTHBEARER")
+        elif self.security_protocol.startswith("SASL"):
             if not self.sasl_mechanism or not self.sasl_username:
                 raise ValueError(
                     "kafka.sasl_mechanism and kafka.sasl_username are required "
@@ -146,7 +174,10 @@ class WindowSettings(_Group):
 
 
 class ModelSettings(_Group):
-    checkpoint: Path | None = Field(None, description="released .pth state dict; the demo checkpoint if unset")
+    checkpoint: Path | None = Field(None, description="the released .pth state dict. Required by `streamer run` "
+                                    "unless allow_demo")
+    allow_demo: bool = Field(False, description="with checkpoint unset, score with the bundled SYNTHETIC demo "
+                             "model (demo and tests only: it was trained on synthetic signals)")
     expected_sha256: str | None = Field(None, description="refuse any checkpoint with another digest")
     threshold: float = Field(RELEASED_THRESHOLD, ge=0, le=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -252,9 +283,62 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
+# STREAMER_* variables that are not settings: read by the CLI and the scripts.
+TOOL_VARIABLES = {
+    "STREAMER_CONFIG": "the TOML settings file",
+    "STREAMER_VENV": "the virtual environment of scripts/test and scripts/demo",
+    "STREAMER_KAFKA_DIR": "where scripts/kafka keeps its clusters",
+    "STREAMER_KAFKA_CACHE": "where scripts/kafka keeps the Apache Kafka distribution",
+    "STREAMER_DEMO_OUT": "where scripts/demo writes its logs",
+}
+
+
+def setting_variables(model: type[BaseModel] = None, prefix: str = "STREAMER_") -> dict[str, str]:
+    """Every STREAMER_* variable a setting answers to, with its dotted setting name."""
+    model = model or Settings
+    names: dict[str, str] = {}
+    for name, field in model.model_fields.items():
+        kind = field.annotation
+        key = f"{prefix}{name.upper()}"
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            for var, dotted in setting_variables(kind, f"{key}__").items():
+                names[var] = f"{name}.{dotted}"
+        else:
+            names[key] = name
+    return names
+
+
+def check_environment(environ: dict[str, str] | None = None) -> None:
+    """A STREAMER_* variable that no setting reads is a typo that would silently keep a default (the demo
+    model, plaintext Kafka): refuse it, naming the nearest valid variable."""
+    import difflib
+
+    environ = os.environ if environ is None else environ
+    known = {**setting_variables(), **TOOL_VARIABLES}
+    for var in sorted(environ):
+        upper = var.upper()
+        if not upper.startswith("STREAMER_") or upper in known:
+            continue
+        if any(upper.startswith(f"{k}__") for k, dotted in setting_variables().items()
+               if _is_mapping(dotted)):
+            continue
+        near = difflib.get_close_matches(upper, list(known), n=1, cutoff=0.6)
+        hint = f"; did you mean {near[0]}?" if near else "; see the settings table in README"
+        raise SettingsError(f"settings: unknown environment variable {var}{hint}")
+
+
+def _is_mapping(dotted: str) -> bool:
+    group, _, name = dotted.rpartition(".")
+    model = Settings.model_fields[group].annotation if group else Settings
+    annotation = model.model_fields[name].annotation
+    return getattr(annotation, "__origin__", None) is dict
+
+
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
-    """Build settings; `config` (a TOML path) takes the place of STREAMER_CONFIG."""
+    """Build settings; `config` (a TOML path) takes the place of STREAMER_CONFIG. Unknown STREAMER_*
+    variables are refused (check_environment)."""
     previous = os.environ.get("STREAMER_CONFIG")
+    check_environment()
     try:
         if config is not None:
             if not Path(config).is_file():

@@ -113,3 +113,36 @@ def test_a_wrong_password_stops_the_worker_within_seconds(secure_cluster, checkp
     assert "authentication" in (out.stdout + out.stderr).lower(), (out.stdout + out.stderr)[-2000:]
     assert "not-it" not in out.stdout + out.stderr
     assert took < 60, f"took {took:.0f}s"
+
+
+def test_oauthbearer_reads_its_token_from_a_file_at_each_login(secure_cluster, tmp_path):
+    """SASL OAUTHBEARER with the token a platform keeps in a file: a valid one authenticates as its subject
+    (that user's ACLs apply); an expired one is refused at login, naming authentication."""
+    from aiokafka.errors import KafkaError
+
+    from streamer.kafka.clients import make_producer, read_records
+
+    admin, worker = _settings(secure_cluster)
+    _grant(secure_cluster, worker.kafka, "streamer")
+    token = tmp_path / "token"
+
+    def as_oauth(lifetime_s: float) -> KafkaSettings:
+        fields = {**worker.kafka.model_dump(), "sasl_username": None, "sasl_password": None,
+                  **secure_cluster.oauth_client_settings("streamer", token, lifetime_s)}
+        return KafkaSettings(**fields)
+
+    async def send(k: KafkaSettings) -> None:
+        producer = make_producer(k)
+        await producer.start()
+        try:
+            await producer.send_and_wait(k.dead_letter_topic, b"through oauth", key=b"bed-1")
+        finally:
+            await producer.stop()
+
+    asyncio.run(send(as_oauth(3600)))
+    got = asyncio.run(read_records(admin.kafka, [admin.kafka.dead_letter_topic], until=lambda rs: len(rs) >= 1,
+                                   timeout_s=60))
+    assert [r.value for r in got] == [b"through oauth"]
+    with pytest.raises(KafkaError) as refused:
+        asyncio.run(asyncio.wait_for(send(as_oauth(-600)), 60))
+    assert "auth" in repr(refused.value).lower(), repr(refused.value)

@@ -40,6 +40,17 @@ USERS = {"admin": "admin-secret", "streamer": "streamer-secret", "intruder": "in
 SUPER_USER = "admin"
 
 
+def unsecured_jwt(subject: str, lifetime_s: float = 3600.0) -> str:
+    """An unsigned JWT (alg none), which only Kafka's unsecured OAUTHBEARER validator accepts."""
+    import base64
+
+    def part(doc: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(doc).encode()).rstrip(b"=").decode()
+
+    now = time.time()
+    return f"{part({'alg': 'none'})}.{part({'sub': subject, 'iat': now - 60, 'exp': now + lifetime_s})}."
+
+
 class KafkaClusterError(RuntimeError):
     pass
 
@@ -181,6 +192,16 @@ class KafkaCluster:
             out.update(sasl_mechanism=MECHANISM, sasl_username=user, sasl_password=USERS[user])
         return out
 
+    def oauth_client_settings(self, user: str, token_file: Path, lifetime_s: float = 3600.0) -> dict:
+        """KafkaSettings fields for an OAUTHBEARER client as `user`, its unsecured JWT written to token_file
+        (a negative lifetime writes an expired one)."""
+        token_file.write_text(unsecured_jwt(user, lifetime_s))
+        out = self.client_settings(user)
+        for name in ("sasl_username", "sasl_password"):
+            out.pop(name, None)
+        out.update(sasl_mechanism="OAUTHBEARER", sasl_oauth_token_file=str(token_file))
+        return out
+
     def node_port(self, node: int) -> int:
         return self.info["nodes"][str(node)]["port"]
 
@@ -261,10 +282,15 @@ class KafkaCluster:
         if self.sasl:
             admin_pw = USERS[SUPER_USER]
             props.update({
-                "sasl.enabled.mechanisms": MECHANISM, "sasl.mechanism.inter.broker.protocol": MECHANISM,
+                # OAUTHBEARER beside SCRAM with Kafka's unsecured JWT validator (no signature: for tests of
+                # token-file clients only); a token's "sub" is its principal
+                "sasl.enabled.mechanisms": f"{MECHANISM},OAUTHBEARER",
+                "sasl.mechanism.inter.broker.protocol": MECHANISM,
                 f"listener.name.client.{MECHANISM.lower()}.sasl.jaas.config":
                     "org.apache.kafka.common.security.scram.ScramLoginModule required "
                     f'username="{SUPER_USER}" password="{admin_pw}";',
+                "listener.name.client.oauthbearer.sasl.jaas.config":
+                    "org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required;",
                 "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
                 # the controller listener is plaintext on loopback: its principal is ANONYMOUS
                 "super.users": f"User:{SUPER_USER};User:ANONYMOUS",

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.abc import AbstractTokenProvider
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 from aiokafka.helpers import create_ssl_context
@@ -16,6 +18,10 @@ from streamer.settings import KafkaSettings
 
 class TlsError(RuntimeError):
     """TLS to the brokers cannot work with these settings: say which file or name to fix, once, at start."""
+
+
+class CredentialError(TlsError):
+    """A credential file named in the settings cannot be read (reported like a TLS file)."""
 
 
 def uses_tls(k: KafkaSettings) -> bool:
@@ -71,27 +77,65 @@ async def check_tls(k: KafkaSettings) -> None:
             pass
 
 
+class FileTokenProvider(AbstractTokenProvider):
+    """SASL OAUTHBEARER with a token the platform keeps fresh in a file (a projected service-account token,
+    a sidecar): read at every authentication, never cached past it, never logged."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    async def token(self) -> str:
+        try:
+            token = self.path.read_text().strip()
+        except OSError as exc:
+            raise CredentialError(f"kafka.sasl_oauth_token_file {self.path}: {exc.strerror}") from None
+        if not token:
+            raise CredentialError(f"kafka.sasl_oauth_token_file {self.path} is empty")
+        return token
+
+
 def security_kwargs(k: KafkaSettings) -> dict[str, Any]:
     """TLS and SASL options passed through to aiokafka; the password never reaches a log."""
     kw: dict[str, Any] = {"security_protocol": k.security_protocol}
     if uses_tls(k):
         kw["ssl_context"] = tls_context(k)
-    if k.security_protocol.startswith("SASL"):
+    if k.security_protocol.startswith("SASL") and k.sasl_mechanism == "OAUTHBEARER":
+        kw.update(sasl_mechanism="OAUTHBEARER", sasl_oauth_token_provider=FileTokenProvider(k.sasl_oauth_token_file))
+    elif k.security_protocol.startswith("SASL"):
         kw.update(sasl_mechanism=k.sasl_mechanism, sasl_plain_username=k.sasl_username,
                   sasl_plain_password=k.password())
     return kw
+
+
+def _passed_through(kind: str, cls: type, options: dict[str, Any], managed: dict[str, Any]) -> dict[str, Any]:
+    """kafka.<kind>_options: aiokafka arguments streamer does not set itself; a typo or a managed one stops
+    the process with the name (a silently ignored client option is a misconfigured hospital feed)."""
+    import inspect
+
+    from streamer.errors import SettingsError
+
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "loop"}
+    for name in options:
+        if name not in accepted:
+            raise SettingsError(f"settings: kafka.{kind}_options.{name} is not an aiokafka {cls.__name__} argument")
+        if name in managed or name.startswith(("sasl_", "ssl_", "security_")):
+            raise SettingsError(f"settings: kafka.{kind}_options.{name} is set by streamer from its own settings "
+                                "(see the settings table in README)")
+    return options
 
 
 def make_producer(k: KafkaSettings, transactional_id: str | None = None, idempotent: bool = False,
                   **extra: Any) -> AIOKafkaProducer:
     """acks=all; idempotent when asked (the worker, where the brokers can: no duplicates from its own retries);
     transactional for exactly-once checkpoints (checkpointing/outputs.py)."""
+    acks: Any = "all" if k.acks == "all" else int(k.acks)
     opts: dict[str, Any] = dict(bootstrap_servers=k.bootstrap_servers, client_id=f"{k.client_id}-producer",
-                                acks="all", linger_ms=5, max_batch_size=1 << 20,
-                                request_timeout_ms=30000, enable_idempotence=idempotent or bool(transactional_id))
-    if transactional_id is not None:
-        opts.update(transactional_id=transactional_id, transaction_timeout_ms=k.transaction_timeout_ms)
-    opts.update(extra)
+                                acks=acks, linger_ms=k.linger_ms, max_batch_size=1 << 20,
+                                compression_type=None if k.compression_type == "none" else k.compression_type,
+                                request_timeout_ms=30000,
+                                enable_idempotence=(idempotent and acks == "all") or bool(transactional_id),
+                                transactional_id=transactional_id, transaction_timeout_ms=k.transaction_timeout_ms)
+    opts.update(_passed_through("producer", AIOKafkaProducer, k.producer_options, opts), **extra)
     return AIOKafkaProducer(**opts, **security_kwargs(k))
 
 
@@ -106,7 +150,7 @@ def make_consumer(k: KafkaSettings, **extra: Any) -> AIOKafkaConsumer:
         max_partition_fetch_bytes=4 << 20, fetch_min_bytes=k.fetch_min_bytes, fetch_max_wait_ms=k.fetch_max_wait_ms,
         isolation_level="read_committed",
     )
-    opts.update(extra)
+    opts.update(_passed_through("consumer", AIOKafkaConsumer, k.consumer_options, opts), **extra)
     return AIOKafkaConsumer(**opts, **security_kwargs(k))
 
 
