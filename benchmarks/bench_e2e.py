@@ -46,7 +46,8 @@ async def run(beds: int, seconds: float, max_batch: int, max_wait_ms: float, enc
         k = KafkaSettings(bootstrap_servers=broker.bootstrap, input_partitions=8, create_topics=True,
                           group_id=f"bench-{os.getpid()}", replication_factor=1, min_insync_replicas=1)
         await ensure_topics(k)
-        env = dict(os.environ, STREAMER_KAFKA__BOOTSTRAP_SERVERS=broker.bootstrap, STREAMER_KAFKA__GROUP_ID=k.group_id,
+        env = dict(os.environ, STREAMER_MODEL__ALLOW_DEMO="true",
+                   STREAMER_KAFKA__BOOTSTRAP_SERVERS=broker.bootstrap, STREAMER_KAFKA__GROUP_ID=k.group_id,
                    STREAMER_KAFKA__COMMIT_INTERVAL_S=str(commit_interval_s),
                    STREAMER_BATCHING__MAX_BATCH=str(max_batch), STREAMER_BATCHING__MAX_WAIT_MS=str(max_wait_ms),
                    STREAMER_LOG_FORMAT="json", STREAMER_LOG_LEVEL="warning", STREAMER_MODEL__BACKEND=backend)

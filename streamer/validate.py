@@ -227,7 +227,8 @@ def main(args, kafka=None) -> int:
     if getattr(args, "recording", None):
         from streamer.offline.recordings import load_recording
 
-        rec = load_recording(args.recording, fs=args.fs, start=args.start)
+        rec = load_recording(args.recording, fs=args.fs, start=args.start, channel=args.channel,
+                             time_unit=args.time_unit)
         pid = df["patient_id"].iloc[0]
         strip = report.parent / f"{report.stem}-strip.png"
         strip_plot(rec.times_ns, rec.values, df[df["patient_id"] == pid], threshold, strip)

@@ -24,7 +24,7 @@ from streamer.kafka.clients import (TlsError, check_tls, ensure_topics, make_con
                                     partition_counts, topic_config)
 from streamer.logs import get_logger, patient_ref
 from streamer.metrics import HealthServer, Metrics
-from streamer.model.infer import ArtifactScorer
+from streamer.model.infer import ArtifactScorer, refuse_demo_model
 from streamer.model.scoring import WindowScorer
 from streamer.publish.episodes import EpisodeTracker
 from streamer.publish.publisher import Publisher
@@ -96,6 +96,8 @@ class Worker:
         """Load the model, check topics, join the group. False if a stop came before the model was ready:
         nothing was consumed then, so there is nothing to drain."""
         k = self.s.kafka
+        if self.scorer is None:
+            refuse_demo_model(self.s.model)
         try:
             await check_tls(k)  # before the model load: a wrong CA or host name fails in a second, not after it
         except TlsError as exc:

@@ -72,11 +72,14 @@ def flags_of(records) -> list[dict]:
 
 
 def settings_env(s: Settings, **extra: str) -> dict[str, str]:
-    """The environment of a `streamer run` subprocess that reproduces `s` (JSON logs)."""
+    """The environment of a `streamer run` subprocess that reproduces `s` (JSON logs; the tests ask for the
+    demo model when `s` names no checkpoint)."""
     import os
 
     env = dict(os.environ)
     env.update(settings_to_env(s), STREAMER_LOG_FORMAT="json")
+    if s.model.checkpoint is None:
+        env["STREAMER_MODEL__ALLOW_DEMO"] = "true"
     env.update(extra)
     return env
 

@@ -16,7 +16,7 @@ from streamer.model.backends import (CPU_BATCH_CANDIDATES, ChoiceCache, CpuChoic
 from streamer.model.checkpoint import load_state_dict, model_name_for
 from streamer.model.errors import DeviceError
 from streamer.model.preprocess import MODEL_SAMPLES, Preprocessor
-from streamer.settings import ModelSettings
+from streamer.settings import ModelSettings, SettingsError
 
 log = get_logger(__name__)
 
@@ -28,6 +28,16 @@ def demo_checkpoint_path() -> Path:
 
 
 DEMO_CHECKPOINT_FILE = "SYNTHETIC-DEMO-not-for-clinical-use-efficientnet_b0.pth"
+
+
+def refuse_demo_model(settings: ModelSettings) -> None:
+    """A worker never scores patients with the synthetic demo model by default: a missing or mistyped
+    checkpoint setting stops it instead (exit 2)."""
+    if settings.checkpoint is None and not settings.allow_demo:
+        raise SettingsError(
+            "model.checkpoint is not set: set STREAMER_MODEL__CHECKPOINT (or [model] checkpoint in the config "
+            "file) to the released .pth. The bundled model is a SYNTHETIC demo, not for patients: it runs only "
+            "with `streamer run --demo` or STREAMER_MODEL__ALLOW_DEMO=true")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -46,17 +46,46 @@ def regular_times(n: int, fs: float, start_ns: int) -> np.ndarray:
     return start_ns + num // (2 * rate.numerator)
 
 
-def _times_from_column(col: pd.Series, start_ns: int) -> np.ndarray:
-    if pd.api.types.is_numeric_dtype(col):
-        v = col.to_numpy()
-        if np.nanmax(np.abs(v)) > 1e17:  # already epoch ns
-            return v.astype(np.int64)
-        return start_ns + np.round(v.astype(np.float64) * NS).astype(np.int64)  # seconds from start
-    ts = pd.to_datetime(col, utc=True)
-    return ts.astype("int64").to_numpy() if hasattr(ts, "astype") else np.asarray(ts.asi8)
+TIME_UNITS = {"s": NS, "ms": 1_000_000, "us": 1_000, "ns": 1}
+_EPOCH_AFTER_S = 315_532_800  # 1980-01-01: a numeric time this far from zero is an epoch time, not an offset
+# The sample step of lead-II ECG (50 Hz .. 10 kHz) in each unit: the ranges do not overlap, so a numeric
+# time column's unit is known from its median step; outside all of them it is ambiguous and refused.
+_STEP_RANGE_S = (1e-4, 0.02)
 
 
-def _from_frame(df: pd.DataFrame, fs: float | None, start_ns: int, channel: str | None) -> Recording:
+def infer_time_unit(step: float) -> str | None:
+    lo, hi = _STEP_RANGE_S
+    found = [unit for unit, ns in TIME_UNITS.items() if lo * NS / ns <= step <= hi * NS / ns]
+    return found[0] if len(found) == 1 else None
+
+
+def _times_from_column(col: pd.Series, start_ns: int, time_unit: str | None) -> np.ndarray:
+    if not pd.api.types.is_numeric_dtype(col):
+        if time_unit is not None:
+            raise RecordingError(f"--time-unit applies to numeric times; column {col.name!r} holds dates")
+        ts = pd.to_datetime(col, utc=True)
+        return ts.astype("int64").to_numpy() if hasattr(ts, "astype") else np.asarray(ts.asi8)
+    v = col.to_numpy(dtype=np.float64)
+    if time_unit is None:
+        step = float(np.median(np.diff(v))) if len(v) > 1 else float("nan")
+        time_unit = infer_time_unit(step)
+        if time_unit is None:
+            raise RecordingError(f"cannot tell the unit of time column {col.name!r} (median step {step:g} is no "
+                                 "ECG sample interval in s, ms, us or ns): give --time-unit s|ms|us|ns")
+    unit_ns = TIME_UNITS[time_unit]
+    if abs(v[0]) * unit_ns < _EPOCH_AFTER_S * NS:
+        return start_ns + np.round(v * unit_ns).astype(np.int64)  # offsets from --start
+    if time_unit == "ns":
+        return col.to_numpy().astype(np.int64)  # exact: float64 cannot hold every epoch nanosecond
+    # An epoch time in s, ms or us as float64 is exact to about 0.25 us: whole units and the fraction apart
+    # (their product would lose 256 ns), rounded to the microsecond it can carry.
+    whole = np.floor(v)
+    us = np.round((v - whole) * (unit_ns // 1000)).astype(np.int64)
+    return whole.astype(np.int64) * unit_ns + us * 1000
+
+
+def _from_frame(df: pd.DataFrame, fs: float | None, start_ns: int, channel: str | None,
+                time_unit: str | None = None) -> Recording:
     cols = list(df.columns)
     if channel is not None:
         if channel not in cols:
@@ -68,12 +97,12 @@ def _from_frame(df: pd.DataFrame, fs: float | None, start_ns: int, channel: str 
     time_cols = [c for c in cols if str(c).lower() in _TIME_NAMES and c != value_col]
     values = df[value_col].to_numpy(dtype=np.float64)
     if time_cols and fs is None:
-        times = _times_from_column(df[time_cols[0]], start_ns)
+        times = _times_from_column(df[time_cols[0]], start_ns, time_unit)
         nominal = None
     elif fs is not None:
         times, nominal = regular_times(len(values), fs, start_ns), fs
     elif len(cols) >= 2:
-        times, nominal = _times_from_column(df[cols[0]], start_ns), None
+        times, nominal = _times_from_column(df[cols[0]], start_ns, time_unit), None
     else:
         raise RecordingError("a single-column recording needs --fs")
     return _validated(times, values, nominal)
@@ -96,8 +125,12 @@ def _validated(times: np.ndarray, values: np.ndarray, fs: float | None, lead: st
 
 
 def load_recording(path: str | Path, fs: float | None = None, start: str | None = None,
-                   channel: str | None = None) -> Recording:
+                   channel: str | None = None, time_unit: str | None = None) -> Recording:
+    """`time_unit` (s, ms, us, ns) of a numeric time column: inferred from its step when unambiguous.
+    Numeric times are epoch times when they lie after 1980 in that unit, else offsets from `start`."""
     path = Path(path)
+    if time_unit is not None and time_unit not in TIME_UNITS:
+        raise RecordingError(f"time unit {time_unit!r} is not one of {', '.join(TIME_UNITS)}")
     start_ns = parse_start(start)
     suffix = path.suffix.lower()
     if suffix in (".hea", ".dat") or (not path.exists() and path.with_suffix(".hea").exists()):
@@ -105,9 +138,9 @@ def load_recording(path: str | Path, fs: float | None = None, start: str | None 
     if not path.exists():
         raise RecordingError(f"recording not found: {path}")
     if suffix == ".csv":
-        return _from_frame(pd.read_csv(path), fs, start_ns, channel)
+        return _from_frame(pd.read_csv(path), fs, start_ns, channel, time_unit)
     if suffix == ".parquet":
-        return _from_frame(pd.read_parquet(path), fs, start_ns, channel)
+        return _from_frame(pd.read_parquet(path), fs, start_ns, channel, time_unit)
     if suffix == ".npy":
         values = np.load(path, allow_pickle=False)
         if values.ndim != 1 or fs is None:

@@ -1,0 +1,163 @@
+"""The command line and settings as a deployer meets them: the demo model only when asked, a mistyped
+variable refused with the nearest name, --version, options on either side of the subcommand, help on
+every flag, a sentence (exit 2) for every bad value, an explicit time unit, JSON-only log lines."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from streamer.cli import build_parser, main
+from streamer.errors import SettingsError
+from streamer.offline.recordings import RecordingError, load_recording
+from streamer.settings import check_environment, setting_variables
+from streamer.kafka.broker import free_port
+
+
+def _streamer(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    base = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")}
+    return subprocess.run([sys.executable, "-m", "streamer", *args], capture_output=True, text=True,
+                          env={**base, **(env or {})}, timeout=timeout)
+
+
+# -- the demo model only when asked ---------------------------------------------------------------
+def test_run_refuses_the_demo_model_unless_asked():
+    r = _streamer("run")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "STREAMER_MODEL__CHECKPOINT" in r.stderr and "--demo" in r.stderr and "SYNTHETIC" in r.stderr
+    assert "model_loaded" not in r.stderr, "refused before any model is loaded"
+
+
+def test_asked_for_the_demo_model_the_worker_goes_on_and_every_log_line_is_json():
+    """--demo passes the refusal; the worker then meets a closed port. Every line it wrote, aiokafka's
+    connection errors included, is one JSON object with logger, service and version."""
+    r = _streamer("run", "--demo", "--bootstrap", f"127.0.0.1:{free_port()}", env={"STREAMER_LOG_FORMAT": "json"})
+    assert r.returncode == 1, r.stderr[-2000:]
+    lines = [json.loads(line) for line in r.stderr.splitlines() if line.strip()]  # raises on any other line
+    assert all({"event", "level", "logger", "timestamp"} <= set(e) for e in lines)
+    assert all(e["service"] == "streamer" and e["version"] == importlib.metadata.version("streamer")
+               for e in lines)
+    assert any(e["logger"].startswith("aiokafka") for e in lines), "the library's own lines are JSON too"
+    assert any(e["event"] == "model_loaded" and "SYNTHETIC-DEMO" in e["path"] for e in lines)
+    assert lines[-1]["event"] == "startup_failed" and "broker unreachable" in lines[-1]["error"]
+
+
+# -- STREAMER_* variables -------------------------------------------------------------------------
+def test_a_mistyped_variable_stops_the_process_naming_the_nearest_one():
+    r = _streamer("run", env={"STREAMER_MODEL_CHECKPOINT": "/models/released.pth"})
+    assert r.returncode == 2
+    assert "STREAMER_MODEL_CHECKPOINT" in r.stderr and "did you mean STREAMER_MODEL__CHECKPOINT" in r.stderr
+
+
+@pytest.mark.parametrize("var, nearest", [
+    ("STREAMER_KAFKA__BOOTSTRAP_SERVER", "STREAMER_KAFKA__BOOTSTRAP_SERVERS"),
+    ("STREAMER_EPISODES__LEASE", "STREAMER_EPISODES__LEASE_S"),
+    ("STREAMER_METRICS_PROT", "STREAMER_METRICS_PORT"),
+])
+def test_check_environment_suggests(var, nearest):
+    with pytest.raises(SettingsError, match=f"unknown environment variable {var}; did you mean {nearest}"):
+        check_environment({var: "x"})
+
+
+def test_every_setting_and_tool_variable_is_accepted():
+    names = setting_variables()
+    assert names["STREAMER_MODEL__CHECKPOINT"] == "model.checkpoint"
+    assert names["STREAMER_KAFKA__SASL_OAUTH_TOKEN_FILE"] == "kafka.sasl_oauth_token_file"
+    check_environment({**{v: "x" for v in names}, "STREAMER_CONFIG": "c.toml", "STREAMER_VENV": "/v",
+                       "STREAMER_KAFKA__PRODUCER_OPTIONS": "{}", "PATH": "/bin", "OTHER_THING": "1"})
+
+
+# -- the parser -----------------------------------------------------------------------------------
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_version_is_the_installed_distribution(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"streamer {importlib.metadata.version('streamer')}"
+
+
+def test_global_options_work_on_either_side_of_the_subcommand():
+    parser = build_parser()
+    after = parser.parse_args(["run", "--config", "prod.toml", "--bootstrap", "kafka:9093"])
+    assert (after.config, after.bootstrap) == ("prod.toml", "kafka:9093")
+    before = parser.parse_args(["--config", "prod.toml", "watch", "--seconds", "3"])
+    assert (before.config, before.bootstrap, before.seconds) == ("prod.toml", None, 3.0)
+    both = parser.parse_args(["--bootstrap", "a:1", "replay", "--synthetic", "1", "--bootstrap", "b:2"])
+    assert both.bootstrap == "b:2", "the option nearer the end wins"
+
+
+def test_every_flag_of_every_command_has_help():
+    missing = [f"{name} {'/'.join(a.option_strings) or a.dest}"
+               for name, sub in _subparsers().items() for a in sub._actions
+               if not a.help and not isinstance(a, argparse._HelpAction)]
+    assert missing == []
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["replay", "--speed", "fast"], "'fast' is not a speed"),
+    (["replay", "--speed", "0"], "is not a speed"),
+    (["replay", "--rates", "500,abc"], "'abc' is not a number"),
+    (["replay", "--chunk-s", "-1"], "must be above 0"),
+    (["replay", "--synthetic", "two"], "'two' is not a whole number"),
+    (["score", "r.csv", "--out", "o.csv", "--batch-size", "0"], "is below 1"),
+    (["score", "r.csv", "--out", "o.csv", "--fs", "nan"], "'nan' is not a number"),
+    (["score", "r.csv", "--out", "o.csv", "--time-unit", "min"], "invalid choice: 'min'"),
+    (["view", "--port", "http"], "'http' is not a port number"),
+    (["demo", "--beds", "-3"], "is below 1"),
+])
+def test_bad_values_exit_2_with_a_sentence(argv, says, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and says in err and "Traceback" not in err
+
+
+# -- time units of recordings ---------------------------------------------------------------------
+FS = 500.0
+EPOCH_S = 1_764_000_000.0  # 2025-11-24T16:00:00Z
+
+
+def _csv(tmp_path, times) -> str:
+    path = tmp_path / "rec.csv"
+    pd.DataFrame({"time": times, "II": np.zeros(len(times))}).to_csv(path, index=False)
+    return str(path)
+
+
+@pytest.mark.parametrize("unit, scale", [("s", 1), ("ms", 1e3), ("us", 1e6)])
+def test_epoch_times_in_any_unit_start_when_they_say(tmp_path, unit, scale):
+    times = (EPOCH_S + np.arange(1000) / FS) * scale
+    path = _csv(tmp_path, times if unit != "us" else times.astype(np.int64))
+    for given in (None, unit):  # inferred from the 2 ms step, or said
+        rec = load_recording(path, time_unit=given)
+        assert rec.start_ns == int(EPOCH_S * 1e9), (unit, given)
+        assert pd.Timestamp(rec.start_ns, tz="UTC").year == 2025 and rec.fs == pytest.approx(FS)
+
+
+def test_relative_times_start_at_start(tmp_path):
+    rec = load_recording(_csv(tmp_path, np.arange(1000) * 2.0), start="2026-03-01T00:00:00Z")  # ms offsets
+    assert rec.start_ns == pd.Timestamp("2026-03-01T00:00:00Z").value and rec.fs == pytest.approx(FS)
+
+
+def test_an_ambiguous_time_unit_is_refused_and_a_stated_one_is_used(tmp_path):
+    path = _csv(tmp_path, np.arange(1000) * 0.05)  # a 0.05 step: 20 Hz in s or 20 kHz in ms, no ECG rate
+    with pytest.raises(RecordingError, match="--time-unit"):
+        load_recording(path)
+    assert load_recording(path, time_unit="ms").fs == pytest.approx(20000.0)
+
+
+def test_cli_refuses_an_ambiguous_recording_with_exit_2(tmp_path, capsys):
+    path = _csv(tmp_path, np.arange(1000) * 0.05)
+    assert main(["replay", path, "--patient", "bed-1", "--bootstrap", "127.0.0.1:1"]) == 2
+    assert "--time-unit" in capsys.readouterr().err
