@@ -626,11 +626,11 @@ def soak_campaign(broker: EmbeddedBroker, beds: int, seconds: float, checkpoint:
                    "p50_s": _interval_quantile(prev_m, m, "streamer_flag_latency_seconds", 0.5),
                    "p99_s": _interval_quantile(prev_m, m, "streamer_flag_latency_seconds", 0.99),
                    "infer_ms_per_window": round(1000 * _delta(prev_m, m, "streamer_inference_seconds_sum")
-                                                / max(_delta(prev_m, m, "streamer_batch_size_sum"), 1), 1),
-                   "batch_mean": round(_delta(prev_m, m, "streamer_batch_size_sum") / max(batches, 1), 1),
+                                                / max(_delta(prev_m, m, "streamer_batch_size_windows_sum"), 1), 1),
+                   "batch_mean": round(_delta(prev_m, m, "streamer_batch_size_windows_sum") / max(batches, 1), 1),
                    "pending": int(m[("streamer_pending_windows",)]),
-                   "lag": int(sum(v for k, v in m.items() if k[0] == "streamer_consumer_lag")),
-                   "patients": int(m[("streamer_patients_buffered",)]),
+                   "lag": int(sum(v for k, v in m.items() if k[0] == "streamer_consumer_lag_records")),
+                   "patients": int(m[("streamer_buffered_patients",)]),
                    "worker_rss_mb": round(_rss_kb(proc.pid) / 1024), "broker_rss_mb": round(_rss_kb(pids["broker"]) / 1024),
                    **{f"{n}_cores": round((cpu[n] - prev_cpu[n]) / (t - prev_t), 2) for n in pids}}
             rows.append(row)

@@ -5,12 +5,43 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+import platform
+import time
+
+from prometheus_client import (CONTENT_TYPE_LATEST, GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR,
+                               CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics,
+                               generate_latest)
+
+disable_created_metrics()  # no <name>_created series beside every counter: half the scrape, no use here
+
+
+def build_labels() -> dict[str, str]:
+    """What this process runs: for streamer_build_info, so a dashboard can tell two deployments apart."""
+    import importlib.metadata
+
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "none"
+
+    from streamer import __version__
+
+    return {"version": __version__, "python": platform.python_version(), "torch": version("torch"),
+            "aiokafka": version("aiokafka"), "onnxruntime": version("onnxruntime")}
 
 
 class Metrics:
+    """Every name carries its unit (seconds, bytes, records, windows, patients) or is a _total count or a
+    0/1 state; process_* (CPU, memory, open files), python_* (platform, GC) come from prometheus-client."""
+
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(standard)
+        self.build = Gauge("streamer_build_info", "1, labelled with the versions this process runs",
+                           list(build_labels()), registry=r)
+        self.build.labels(**build_labels()).set(1)
         self.messages = Counter("streamer_messages_total", "input records consumed", registry=r)
         self.samples = Counter("streamer_samples_total", "samples accepted into buffers", registry=r)
         self.duplicate_samples = Counter("streamer_duplicate_samples_total", "samples ignored as duplicates", registry=r)
@@ -28,16 +59,30 @@ class Metrics:
                                 ["state"], registry=r)
         self.states_lost = Counter("streamer_states_lost_total", "patient states that could not be read back "
                                    "(each closed conservatively, reason state_lost)", registry=r)
-        self.batch_size = Histogram("streamer_batch_size", "windows per inference batch", registry=r,
+        self.batch_size = Histogram("streamer_batch_size_windows", "windows per inference batch", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
         self.inference_s = Histogram("streamer_inference_seconds", "time per inference batch", registry=r,
                                      buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self.latency_s = Histogram("streamer_flag_latency_seconds",
                                    "last sample of a window received -> its flag acknowledged", registry=r,
                                    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
-        self.lag = Gauge("streamer_consumer_lag", "records behind the partition's high watermark",
+        self.lag = Gauge("streamer_consumer_lag_records", "records behind the partition's high watermark",
                          ["topic", "partition"], registry=r)
-        self.patients = Gauge("streamer_patients_buffered", "patients with open windows", registry=r)
+        self.patients = Gauge("streamer_buffered_patients", "patients with open windows", registry=r)
+        self.open_episodes = Gauge("streamer_open_episodes", "artifact episodes open (alarms suppressed) on this "
+                                   "worker's partitions", registry=r)
+        self.longest_open_episode_s = Gauge("streamer_longest_open_episode_seconds", "signal time from the first "
+                                            "to the last flagged window of the longest open episode on this "
+                                            "worker's partitions (0: none open)", registry=r)
+        self.restoring = Gauge("streamer_state_restoring_partitions", "partitions whose patient states are being "
+                               "read back", registry=r)
+        self.restore_s = Histogram("streamer_state_restore_seconds", "time to read back the patient states of "
+                                   "one assignment", registry=r,
+                                   buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+        self.restore_records = Counter("streamer_state_restore_records_total", "state records read back at "
+                                       "assignments", registry=r)
+        self.inference_busy_s = Gauge("streamer_inference_busy_seconds", "how long the batch now in inference has "
+                                      "run (0: idle); /healthz fails past model.inference_stall_s", registry=r)
         self.buffer_bytes = Gauge("streamer_buffer_bytes", "bytes held by open windows", registry=r)
         self.pending = Gauge("streamer_pending_windows", "windows emitted, not yet acknowledged", registry=r)
         self.paused = Gauge("streamer_fetch_paused", "1 while fetching is paused for backpressure", registry=r)
@@ -47,9 +92,44 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    def watch_inference(self, watch: InferenceWatch) -> None:
+        self.inference_busy_s.set_function(watch.busy_s)
+
+    def watch_episodes(self, open_episodes) -> None:
+        """`open_episodes()` -> (count, longest span in s), evaluated at each scrape (not per record)."""
+        self.open_episodes.set_function(lambda: open_episodes()[0])
+        self.longest_open_episode_s.set_function(lambda: open_episodes()[1])
+
+
+class InferenceWatch:
+    """Liveness of the inference stage: a batch in the model longer than `stall_s` (a hung driver, a
+    deadlocked thread) makes /healthz fail, so the orchestrator restarts the worker; the event loop
+    answering is not enough."""
+
+    def __init__(self, stall_s: float, clock=time.monotonic):
+        self.stall_s, self.clock = stall_s, clock
+        self.started: float | None = None
+        self.windows = 0
+
+    def begin(self, windows: int) -> None:
+        self.started, self.windows = self.clock(), windows
+
+    def end(self) -> None:
+        self.started, self.windows = None, 0
+
+    def busy_s(self) -> float:
+        return 0.0 if self.started is None else self.clock() - self.started
+
+    def alive(self) -> tuple[bool, str]:
+        busy = self.busy_s()
+        if busy > self.stall_s:
+            return False, f"inference stalled: one batch of {self.windows} windows for {busy:.0f} s"
+        return True, "ok"
+
 
 class HealthServer:
-    """GET /metrics, /healthz (the process is alive), /readyz (model loaded and partitions assigned).
+    """GET /metrics, /healthz (alive: 503 when inference is stalled), /readyz (model loaded and partitions
+    assigned).
 
     Served by aiohttp (a maintained HTTP parser: request line and header fields at most 8 KB, at most 32
     headers, over-long or malformed requests answered 4xx), on 127.0.0.1 unless metrics_host says
@@ -57,8 +137,9 @@ class HealthServer:
     keep-alive connections closed after 5 s, so a scraper cannot pin the worker's memory or sockets.
     """
 
-    def __init__(self, metrics: Metrics, ready, host: str = "127.0.0.1", port: int = 0, max_connections: int = 64):
-        self.metrics, self.ready, self.host, self.port = metrics, ready, host, port
+    def __init__(self, metrics: Metrics, ready, host: str = "127.0.0.1", port: int = 0, max_connections: int = 64,
+                 alive=lambda: (True, "ok")):
+        self.metrics, self.ready, self.alive, self.host, self.port = metrics, ready, alive, host, port
         self.max_connections = max_connections
         self.runner = None
         self.server: asyncio.base_events.Server | None = None
@@ -92,7 +173,8 @@ class HealthServer:
     async def _healthz(self, request):
         from aiohttp import web
 
-        return web.Response(text="ok\n")
+        ok, why = self.alive()
+        return web.Response(text=why + "\n", status=200 if ok else 503)
 
     async def _readyz(self, request):
         from aiohttp import web

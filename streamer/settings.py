@@ -84,6 +84,9 @@ class KafkaSettings(_Group):
                                              "streamer sets from other settings are refused")
     tls_check_timeout_s: float = Field(5.0, gt=0, description="the TLS handshake made with each bootstrap server "
                                        "at start must finish within this (a plaintext port never answers)")
+    restore_idle_timeout_s: float = Field(60.0, gt=0, description="a partition's patient states are read back "
+                                          "at its assignment for as long as records keep coming; this long "
+                                          "without one stops the worker (exit 1, naming the partition)")
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     max_poll_records: int = Field(2000, ge=1)
     fetch_min_bytes: int = Field(1, ge=1, description="the broker answers a fetch once it has this many bytes...")
@@ -193,6 +196,9 @@ class ModelSettings(_Group):
     cpu_threads: int | None = Field(None, ge=1, description="threads for CPU inference (torch and onnxruntime); "
                                     "default: all cores. Set it when other busy processes share the machine")
     cpu_fallback: bool = Field(False, description="after repeated device failures, continue on the CPU")
+    inference_stall_s: float = Field(120.0, gt=0, description="/healthz fails (503) while one batch has been in "
+                                     "the model longer than this: a hung device or thread gets the worker "
+                                     "restarted. Well above the slowest batch (max_batch windows on the CPU)")
     fold_stem: bool = True
     channels_last: bool = True
     name: str | None = Field(None, description="model name in the model id; derived from the file if unset")

@@ -23,7 +23,7 @@ from streamer.ingest.deadletter import DeadLetters
 from streamer.kafka.clients import (TlsError, check_tls, ensure_topics, make_consumer, make_producer, missing_topics,
                                     partition_counts, topic_config)
 from streamer.logs import get_logger, patient_ref
-from streamer.metrics import HealthServer, Metrics
+from streamer.metrics import HealthServer, InferenceWatch, Metrics
 from streamer.model.infer import ArtifactScorer, refuse_demo_model
 from streamer.model.scoring import WindowScorer
 from streamer.publish.episodes import EpisodeTracker
@@ -79,6 +79,9 @@ class Worker:
         self.state_partitions = 0
         self.state_reader = None  # reads patient states back on assignment (no group)
         self.health: HealthServer | None = None
+        self.inference_watch = InferenceWatch(settings.model.inference_stall_s)
+        self.metrics.watch_inference(self.inference_watch)
+        self.metrics.watch_episodes(self.store.open_episodes)
         self.abandoned_startup = False  # stopped while the model was still loading in its thread
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -155,7 +158,8 @@ class Worker:
             await self._close_clients()
             raise StartupError(f"broker unreachable at {k.bootstrap_servers}: {exc!r}") from None
         if self.s.metrics_port is not None:
-            self.health = HealthServer(self.metrics, self.ready, self.s.metrics_host, self.s.metrics_port)
+            self.health = HealthServer(self.metrics, self.ready, self.s.metrics_host, self.s.metrics_port,
+                                       alive=self.inference_watch.alive)
             port = await self.health.start()
             log.info("metrics_listening", host=self.s.metrics_host, port=port)
         log.info("worker_started", group=k.group_id, topics=k.input_topics, model=info.model_id)
@@ -401,7 +405,11 @@ class Worker:
             if batch is None:
                 await out.put(None)
                 return
-            probs = await loop.run_in_executor(self.executor, self.window_scorer, batch)
+            self.inference_watch.begin(len(batch))
+            try:
+                probs = await loop.run_in_executor(self.executor, self.window_scorer, batch)
+            finally:
+                self.inference_watch.end()
             await out.put((batch, probs))
 
     # -- publish --------------------------------------------------------------------------------
@@ -477,7 +485,14 @@ class Worker:
             await self.outputs.open(tp)
         for tp in new:
             self.ledger.start_partition(tp, await self.consumer.committed(tp))
-        restored = await read_states(self.state_reader, self.s.kafka.state_topic, new)
+        self.metrics.restoring.inc(len(new))
+        try:
+            with self.metrics.restore_s.time():
+                restored = await read_states(self.state_reader, self.s.kafka.state_topic, new,
+                                             idle_timeout_s=self.s.kafka.restore_idle_timeout_s)
+        finally:
+            self.metrics.restoring.dec(len(new))
+        self.metrics.restore_records.inc(restored.records)
         now = self.clock()
         for tp in new:
             states = restored.states[tp]

@@ -116,33 +116,38 @@ def test_a_wrong_password_stops_the_worker_within_seconds(secure_cluster, checkp
 
 
 def test_oauthbearer_reads_its_token_from_a_file_at_each_login(secure_cluster, tmp_path):
-    """SASL OAUTHBEARER with the token a platform keeps in a file: a valid one authenticates as its subject
-    (that user's ACLs apply); an expired one is refused at login, naming authentication."""
+    """SASL OAUTHBEARER with the token a platform keeps in a file: the token's subject is the principal
+    (streamer's ACLs let it write, intruder's absence of ACLs refuses it), and an empty token file stops
+    the client naming the file."""
     from aiokafka.errors import KafkaError
 
-    from streamer.kafka.clients import make_producer, read_records
+    from streamer.kafka.clients import CredentialError, make_producer, read_records
 
     admin, worker = _settings(secure_cluster)
     _grant(secure_cluster, worker.kafka, "streamer")
     token = tmp_path / "token"
 
-    def as_oauth(lifetime_s: float) -> KafkaSettings:
+    def as_oauth(user: str) -> KafkaSettings:
         fields = {**worker.kafka.model_dump(), "sasl_username": None, "sasl_password": None,
-                  **secure_cluster.oauth_client_settings("streamer", token, lifetime_s)}
+                  **secure_cluster.oauth_client_settings(user, token)}
         return KafkaSettings(**fields)
 
     async def send(k: KafkaSettings) -> None:
-        producer = make_producer(k)
-        await producer.start()
+        producer = make_producer(k, request_timeout_ms=10000)
         try:
+            await producer.start()
             await producer.send_and_wait(k.dead_letter_topic, b"through oauth", key=b"bed-1")
         finally:
             await producer.stop()
 
-    asyncio.run(send(as_oauth(3600)))
+    asyncio.run(send(as_oauth("streamer")))
     got = asyncio.run(read_records(admin.kafka, [admin.kafka.dead_letter_topic], until=lambda rs: len(rs) >= 1,
                                    timeout_s=60))
     assert [r.value for r in got] == [b"through oauth"]
     with pytest.raises(KafkaError) as refused:
-        asyncio.run(asyncio.wait_for(send(as_oauth(-600)), 60))
-    assert "auth" in repr(refused.value).lower(), repr(refused.value)
+        asyncio.run(asyncio.wait_for(send(as_oauth("intruder")), 60))
+    assert "Authorization" in repr(refused.value), repr(refused.value)
+    k = as_oauth("streamer")
+    token.write_text("")
+    with pytest.raises(CredentialError, match=str(token)):
+        asyncio.run(asyncio.wait_for(send(k), 60))

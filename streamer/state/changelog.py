@@ -43,16 +43,20 @@ class Unreadable:
 class Restored:
     states: dict[TopicPartition, dict[str, PatientState]] = field(default_factory=dict)
     unreadable: list[Unreadable] = field(default_factory=list)  # the latest record of each such key
+    records: int = 0  # changelog records read
 
 
 async def read_states(reader, state_topic: str, partitions: list[TopicPartition],
-                      timeout_s: float = 60.0) -> Restored:
+                      idle_timeout_s: float = 60.0) -> Restored:
     """Every state of `partitions` (input partitions), read from the changelog up to its end.
 
     `reader` is a started read_committed consumer without a group. The end is the last stable offset the
     fetches report (the high watermark where a broker reports none): committed states only, so a fenced
     zombie's aborted writes are never restored. The latest record of a key wins: a tombstone removes the
-    state, an unreadable record (another version, corrupt) replaces it with an `Unreadable`."""
+    state, an unreadable record (another version, corrupt) replaces it with an `Unreadable`.
+
+    It fails (TimeoutError, naming the partitions) only after `idle_timeout_s` without a record read while
+    some partition is short of its end: a large changelog takes as long as it takes while it progresses."""
     out = Restored({tp: {} for tp in partitions})
     wanted = out.states
     lost: dict[tuple, Unreadable] = {}
@@ -62,14 +66,17 @@ async def read_states(reader, state_topic: str, partitions: list[TopicPartition]
     reader.assign(sources)
     await reader.seek_to_beginning(*sources)
     remaining = set(sources)
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + idle_timeout_s
     while remaining:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"patient states not read within {timeout_s}s from {sorted(remaining)}")
+            raise TimeoutError(f"patient states: no record read for {idle_timeout_s}s from "
+                               f"{', '.join(f'{t.topic}:{t.partition}' for t in sorted(remaining))}")
         batch = await reader.getmany(*remaining, timeout_ms=200)
         for stp, records in batch.items():
             for r in records:
                 _apply(r, stp.partition, wanted, lost)
+            out.records += len(records)
+            deadline = time.monotonic() + idle_timeout_s  # progress: the deadline follows it
         for stp in list(remaining):
             end = reader.last_stable_offset(stp)
             if end is None or end < 0:

@@ -55,6 +55,16 @@ class StateStore:
         self.partitions.pop(partition, None)
         self.dirty.pop(partition, None)
 
+    def open_episodes(self) -> tuple[int, float]:
+        """(episodes open, the longest one's span in signal seconds: its first to its last flagged window)."""
+        count, longest = 0, 0
+        for _, st in self:
+            ep = st.episode
+            if ep.open_start_ns is not None:
+                count += 1
+                longest = max(longest, ep.last_flagged_end_ns - ep.open_start_ns)
+        return count, longest / 1e9
+
     def __iter__(self):
         for partition, states in self.partitions.items():
             for st in states.values():
