@@ -7,7 +7,7 @@ is the short run's wall time. Also the fidelity of each backend against okekecle
 
 okekeclean is not a dependency of this project (it needs Python >= 3.12, torchaudio and huggingface-hub):
 give an interpreter that imports it with --okekeclean-python, or a folder to put on its PYTHONPATH with
---okekeclean-path (see README, Performance). Without either, only streamer is measured.
+--okekeclean-path (see docs/reliability-and-performance.md, Performance). Without either, only streamer is measured.
 
     python -m benchmarks.bench_vs_okekeclean [--okekeclean-path DIR] [--runs 3]
 """

@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--seed", type=int, default=0, help="seed of the synthetic beds")
     rp.add_argument("--chunk-s", type=_POSITIVE, default=0.25, help="seconds of signal per message")
     rp.add_argument("--encoding", choices=["json", "binary", "binary-int16"], default="json",
-                    help="message encoding (see the input contract in README)")
+                    help="message encoding (see docs/messages.md)")
     rp.add_argument("--quiet", action="store_true", help="no progress line")
 
     sc = command("score", "score a recording offline with the same windows and model path", cmd_score)

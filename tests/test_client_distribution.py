@@ -4,6 +4,7 @@ worker's publisher writes."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import venv
@@ -26,8 +27,9 @@ def test_the_client_installs_without_torch_numpy_or_pydantic(tmp_path):
     env_dir = tmp_path / "alarm-system"
     venv.create(env_dir, with_pip=True)
     py = env_dir / "bin" / "python"
-    done = subprocess.run([py, "-m", "pip", "install", "-q", str(REPO / "client")], capture_output=True, text=True,
-                          timeout=300)
+    source = tmp_path / "client"  # a copy: building writes build/ and egg-info beside the sources
+    shutil.copytree(REPO / "client", source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
+    done = subprocess.run([py, "-m", "pip", "install", "-q", str(source)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     probe = """
 import importlib.util, json, streamer_client

@@ -35,7 +35,7 @@ REPO = HERE.parent.parent
 POM = HERE / "pom.xml"
 ADMIN_SRC = HERE / "ClusterAdmin.java"
 MECHANISM = "SCRAM-SHA-512"
-# Loopback test clusters only: fixed, documented credentials (README, "Apache Kafka for tests").
+# Loopback test clusters only: fixed, documented credentials (docs/development.md, "Apache Kafka for tests").
 USERS = {"admin": "admin-secret", "streamer": "streamer-secret", "intruder": "intruder-secret"}
 SUPER_USER = "admin"
 

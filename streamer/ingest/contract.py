@@ -1,7 +1,7 @@
 """The input message contract: one chunk of lead-II samples of one patient, in JSON or binary.
 
 Kafka key = patient id (UTF-8). The value is detected per message: a binary frame starts with b"ECG1",
-anything else is parsed as JSON. See README "Input messages".
+anything else is parsed as JSON. See docs/messages.md, "Input messages".
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from streamer.logs import get_logger, patient_ref
 log = get_logger("streamer.deadletter")
 
 
-ERROR_CLASS = "__streams.errors.exception"  # the reason code, e.g. timestamp_jump (README lists them)
+ERROR_CLASS = "__streams.errors.exception"  # the reason code, e.g. timestamp_jump (docs/messages.md lists them)
 ERROR_MESSAGE = "__streams.errors.message"
 SOURCE_TOPIC = "__streams.errors.topic"
 SOURCE_PARTITION = "__streams.errors.partition"

@@ -1,4 +1,4 @@
-"""The minimal ACLs a worker needs on a cluster with an authorizer (README, "Security"; tested against
+"""The minimal ACLs a worker needs on a cluster with an authorizer (docs/operations.md, "Security"; tested against
 Apache Kafka's StandardAuthorizer in tests/test_integration_security.py)."""
 
 from __future__ import annotations

@@ -120,7 +120,7 @@ def _passed_through(kind: str, cls: type, options: dict[str, Any], managed: dict
             raise SettingsError(f"settings: kafka.{kind}_options.{name} is not an aiokafka {cls.__name__} argument")
         if name in managed or name.startswith(("sasl_", "ssl_", "security_")):
             raise SettingsError(f"settings: kafka.{kind}_options.{name} is set by streamer from its own settings "
-                                "(see the settings table in README)")
+                                "(see docs/settings.md)")
     return options
 
 

@@ -1,6 +1,6 @@
 """Per-patient stream buffers: chunks in, complete 10-second windows out, in window order.
 
-Rules (README "Windows"):
+Rules (docs/windows-and-delivery.md):
 - The grid of a recording segment is anchored at the chunk's `segment_start_ns`, which every chunk of the
   segment carries, so any owner, after any restart, cuts the same windows as `streamer score` does from the
   recording's first sample. Chunks without it use a fixed epoch grid (window starts at multiples of the

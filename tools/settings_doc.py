@@ -1,0 +1,94 @@
+"""docs/settings.md, generated from streamer/settings.py (the code is the source): every setting with its
+environment variable, type, default and description. tests/test_settings_doc.py fails when they differ.
+
+    python -m tools.settings_doc          # rewrite docs/settings.md
+"""
+
+from __future__ import annotations
+
+import sys
+import typing
+from pathlib import Path
+
+from pydantic import BaseModel, SecretStr
+
+from streamer.settings import TOOL_VARIABLES, Settings
+
+OUT = Path(__file__).resolve().parent.parent / "docs" / "settings.md"
+GROUPS = {"": "Process", "kafka": "Kafka", "windows": "Windows", "model": "Model", "batching": "Batching",
+          "episodes": "Episodes (alarm suppression)"}
+HEADER = """# Settings
+
+Generated from `streamer/settings.py` by `python -m tools.settings_doc` (a test fails when they differ).
+
+Sources, later wins: defaults < the TOML file (`STREAMER_CONFIG` or `--config`; sections `[kafka]`,
+`[windows]`, `[model]`, `[batching]`, `[episodes]`) < `STREAMER_*` environment variables < command-line
+options. A nested setting's variable joins the group with a double underscore. Unknown or invalid
+settings, in a file or as a `STREAMER_*` variable, stop the process with exit 2 naming the setting (and,
+for a mistyped variable, the nearest valid one). Lists and mappings in variables are JSON. Examples:
+`configs/local.toml` (embedded broker), `configs/production.toml` (Apache Kafka, SASL_SSL).
+"""
+
+
+def _type(annotation) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " \\| ".join(f"`{a}`" for a in args)
+    if args and type(None) in args:
+        return _type(next(a for a in args if a is not type(None)))
+    if origin in (list, dict):
+        return origin.__name__
+    if annotation is SecretStr:
+        return "secret"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _default(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "`true`" if value else "`false`"
+    if isinstance(value, str) and not value:
+        return '`""`'
+    return f"`{value}`".replace("|", "\\|")
+
+
+def _rows(model: type[BaseModel], prefix: str) -> list[str]:
+    rows = []
+    for name, field in model.model_fields.items():
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            continue
+        dotted = f"{prefix}{name}"
+        env = "STREAMER_" + dotted.replace(".", "__").upper()
+        text = (field.description or "").replace("|", "\\|").replace("\n", " ")
+        rows.append(f"| `{dotted}` | `{env}` | {_type(kind)} | {_default(field.default)} | {text} |")
+    return rows
+
+
+def render() -> str:
+    out = [HEADER]
+    for group, title in GROUPS.items():
+        model = Settings if not group else Settings.model_fields[group].annotation
+        out += [f"## {title}", "", "| setting | variable | type | default | meaning |", "|---|---|---|---|---|",
+                *_rows(model, f"{group}." if group else ""), ""]
+    out += ["## Variables that are not settings", "", "| variable | meaning |", "|---|---|",
+            *(f"| `{k}` | {v} |" for k, v in TOOL_VARIABLES.items()), ""]
+    return "\n".join(out)
+
+
+def undocumented() -> list[str]:
+    missing = []
+    for group in GROUPS:
+        model = Settings if not group else Settings.model_fields[group].annotation
+        for name, field in model.model_fields.items():
+            kind = field.annotation
+            if not (isinstance(kind, type) and issubclass(kind, BaseModel)) and not field.description:
+                missing.append(f"{group}.{name}" if group else name)
+    return missing
+
+
+if __name__ == "__main__":
+    OUT.write_text(render())
+    print(f"wrote {OUT}")
+    sys.exit(0)
