@@ -90,3 +90,20 @@ def test_settings_round_trip_through_the_environment(monkeypatch, tmp_path):
     for k, v in settings_to_env(s).items():
         monkeypatch.setenv(k, v)
     assert load_settings() == s
+
+
+def test_kafka_client_options_are_checked():
+    from streamer.kafka.clients import make_consumer, make_producer
+    from streamer.settings import KafkaSettings
+
+    with pytest.raises(ValueError, match="acks=1 needs kafka.delivery=at_least_once"):
+        KafkaSettings(acks="1")
+    assert KafkaSettings(acks="1", delivery="at_least_once").acks == "1"
+    with pytest.raises(SettingsError, match="producer_options.request_timeout is not an aiokafka"):
+        make_producer(KafkaSettings(producer_options={"request_timeout": 5}))
+    with pytest.raises(SettingsError, match="consumer_options.isolation_level is set by streamer"):
+        make_consumer(KafkaSettings(consumer_options={"isolation_level": "read_uncommitted"}))
+    with pytest.raises(SettingsError, match="producer_options.sasl_plain_password is set by streamer"):
+        make_producer(KafkaSettings(producer_options={"sasl_plain_password": "x"}))
+    with pytest.raises(ValueError, match="sasl_oauth_token_file is required"):
+        KafkaSettings(security_protocol="SASL_SSL", sasl_mechanism="OAUTHBEARER")

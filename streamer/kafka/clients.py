@@ -129,28 +129,32 @@ def make_producer(k: KafkaSettings, transactional_id: str | None = None, idempot
     """acks=all; idempotent when asked (the worker, where the brokers can: no duplicates from its own retries);
     transactional for exactly-once checkpoints (checkpointing/outputs.py)."""
     acks: Any = "all" if k.acks == "all" else int(k.acks)
-    opts: dict[str, Any] = dict(bootstrap_servers=k.bootstrap_servers, client_id=f"{k.client_id}-producer",
-                                acks=acks, linger_ms=k.linger_ms, max_batch_size=1 << 20,
-                                compression_type=None if k.compression_type == "none" else k.compression_type,
-                                request_timeout_ms=30000,
-                                enable_idempotence=(idempotent and acks == "all") or bool(transactional_id),
-                                transactional_id=transactional_id, transaction_timeout_ms=k.transaction_timeout_ms)
-    opts.update(_passed_through("producer", AIOKafkaProducer, k.producer_options, opts), **extra)
+    managed: dict[str, Any] = dict(
+        bootstrap_servers=k.bootstrap_servers, client_id=f"{k.client_id}-producer", acks=acks, linger_ms=k.linger_ms,
+        compression_type=None if k.compression_type == "none" else k.compression_type,
+        enable_idempotence=(idempotent and acks == "all") or bool(transactional_id),
+        transactional_id=transactional_id, transaction_timeout_ms=k.transaction_timeout_ms)
+    opts: dict[str, Any] = dict(max_batch_size=1 << 20, request_timeout_ms=30000)  # defaults options may change
+    opts.update(_passed_through("producer", AIOKafkaProducer, k.producer_options, managed))
+    opts.update(managed)
+    opts.update(extra)  # a caller's own needs (a reader without a group, a test's timeout)
     return AIOKafkaProducer(**opts, **security_kwargs(k))
 
 
 def make_consumer(k: KafkaSettings, **extra: Any) -> AIOKafkaConsumer:
     """read_committed: what an aborted transaction (a fenced zombie's, a crashed checkpoint's) wrote is
     never seen, and outputs appear once their checkpoint committed."""
-    opts: dict[str, Any] = dict(
+    managed: dict[str, Any] = dict(
         bootstrap_servers=k.bootstrap_servers, client_id=f"{k.client_id}-consumer", group_id=k.group_id,
         enable_auto_commit=False, auto_offset_reset=k.auto_offset_reset,
         max_poll_records=k.max_poll_records, session_timeout_ms=k.session_timeout_ms,
-        heartbeat_interval_ms=k.heartbeat_interval_ms, fetch_max_bytes=16 << 20,
-        max_partition_fetch_bytes=4 << 20, fetch_min_bytes=k.fetch_min_bytes, fetch_max_wait_ms=k.fetch_max_wait_ms,
-        isolation_level="read_committed",
+        heartbeat_interval_ms=k.heartbeat_interval_ms, fetch_min_bytes=k.fetch_min_bytes,
+        fetch_max_wait_ms=k.fetch_max_wait_ms, isolation_level="read_committed",
     )
-    opts.update(_passed_through("consumer", AIOKafkaConsumer, k.consumer_options, opts), **extra)
+    opts: dict[str, Any] = dict(fetch_max_bytes=16 << 20, max_partition_fetch_bytes=4 << 20)
+    opts.update(_passed_through("consumer", AIOKafkaConsumer, k.consumer_options, managed))
+    opts.update(managed)
+    opts.update(extra)
     return AIOKafkaConsumer(**opts, **security_kwargs(k))
 
 
