@@ -365,3 +365,20 @@ def test_right_after_an_outage_a_patient_whose_backlog_comes_later_is_kept():
     assert stage.evict(now=131.0) == []
     stage.accept(0, 101, p1[10], now=131.5)
     assert {k[1] for k in stage.streams} == {"p1", "p2"}
+
+
+def test_a_monitor_whose_clock_froze_goes_idle_and_frees_the_commit():
+    """The same t0 again and again adds no samples: not activity. The bed is evicted like a silent one,
+    its window reported (truncated) and the commit no longer held at its first record."""
+    stage = WindowStage(WindowSettings(idle_evict_s=60.0))
+    times, values = recording(500, 200)
+    p1 = list(chunks_of("p1", times, values, 500, fs=500, segment_start_ns=START))
+    p2 = list(chunks_of("p2", times, values, 500, fs=500, segment_start_ns=START))
+    stage.accept(0, 0, p1[0], now=0.0)
+    emitted = []
+    for i in range(100):
+        assert not stage.accept(0, 1 + 2 * i, p1[1], now=1.0 + i).windows  # frozen: chunk 1 for ever
+        stage.accept(0, 2 + 2 * i, p2[i], now=1.0 + i)
+        emitted += stage.evict(now=1.0 + i)
+    assert [(w.patient_id, w.reason) for w in emitted if w.patient_id == "p1"] == [("p1", "truncated")]
+    assert stage.min_open_offsets()[0] > 1, "the commit moved past the frozen bed's records"

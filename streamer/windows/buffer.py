@@ -121,8 +121,10 @@ class AcceptResult:
 
     @property
     def activity(self) -> bool:
-        """Whether the record counts as the patient being alive (rejected records do not)."""
-        return self.rejected is None
+        """Whether the record counts as the patient being alive: it added samples. Rejected records and
+        records that only repeat what is held (a monitor whose clock froze resends the same t0) do not, so
+        such a bed goes idle, its open window is reported and the commit moves on."""
+        return self.rejected is None and self.new_samples > 0
 
 
 class PatientStream:
@@ -304,7 +306,8 @@ class PatientStream:
             result.new_samples += added
             result.duplicate_samples += (hi - lo) - added
         seg.watermark = max(seg.watermark, b)
-        self.last_activity = now
+        if result.new_samples:
+            self.last_activity = now
         result.windows.extend(self._due(seg, now, flush=False))
         return result
 
