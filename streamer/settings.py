@@ -31,6 +31,10 @@ class KafkaSettings(_Group):
     client_id: str = Field("streamer", description="prefix of the Kafka client ids (broker logs and quotas)")
     group_id: str = Field("streamer-artifact", description="consumer group: one per deployment; its workers share the input partitions")
     input_topics: list[str] = Field(["ecg.lead2"], description="topics of monitor chunks, keyed by patient id (docs/messages.md)")
+    input_partitioner: Literal["murmur2", "crc32"] = Field(
+        "murmur2", description="how the monitors' producers map a patient id to an input partition: murmur2 is "
+        "Kafka's default (Java client; librdkafka partitioner=murmur2_random), crc32 librdkafka's default. A "
+        "record on another partition is dead-lettered (wrong_partition): one patient, one owner")
     flags_topic: str = Field("ecg.artifact.flags", description="one flag per window (schemas/artifact-flag.v1)")
     episodes_topic: str = Field("ecg.artifact.episodes", description="artifact episodes and their leases, compacted (schemas/artifact-episode.v2)")
     dead_letter_topic: str = Field("ecg.deadletter", description="rejected records with the reason in headers: holds ECG and patient ids, restrict and expire it")

@@ -19,6 +19,7 @@ from streamer.batching import MicroBatcher
 from streamer.checkpointing import Checkpointer, OffsetsLedger
 from streamer.checkpointing.outputs import AtLeastOnceOutputs, TransactionalOutputs, probe_transactions
 from streamer.ingest.contract import InvalidMessage, decode
+from streamer.ingest.partitioning import home_partition
 from streamer.ingest.deadletter import DeadLetters
 from streamer.kafka.clients import (TlsError, check_tls, ensure_topics, make_consumer, make_producer, missing_topics,
                                     partition_counts, topic_config)
@@ -302,6 +303,7 @@ class Worker:
             records = await consumer.getmany(timeout_ms=100, max_records=self.s.kafka.max_poll_records)
             now = time.time()
             for tp, batch in records.items():
+                partitions = len(consumer.partitions_for_topic(tp.topic) or ())
                 if tp not in self.assigned:
                     # fetched before its states were restored (aiokafka fetches before the assignment
                     # listener returns): fetch these again later rather than skip them
@@ -309,7 +311,7 @@ class Worker:
                         consumer.seek(tp, batch[0].offset)
                     continue
                 for record in batch:
-                    self._ingest(tp, record, now)
+                    self._ingest(tp, record, now, partitions)
             if now >= next_evict:  # scans the patients silent for idle_evict_s: once a second is enough
                 self.stage.flowing(self._caught_up(), now)
                 for w in self.stage.evict(now):
@@ -322,7 +324,8 @@ class Worker:
                 next_gauges = now + 1.0
             await asyncio.sleep(0)  # let publish/commit run between fetches
 
-    def _ingest(self, tp: TopicPartition, record, now: float) -> None:
+    def _ingest(self, tp: TopicPartition, record, now: float, partitions: int) -> None:
+        """`partitions`: how many the record's topic has (0: unknown, then the key is not checked)."""
         self.ledger.consumed(tp, record.offset)
         self.metrics.messages.inc()
         ws = self.s.windows
@@ -333,6 +336,12 @@ class Worker:
                 self.metrics.dropped.labels(exc.reason).inc()
                 return
             self._dead_letter(tp, record, exc.reason, exc.detail)
+            return
+        rule = self.s.kafka.input_partitioner
+        if partitions and (home := home_partition(record.key, partitions, rule)) != tp.partition:
+            self._dead_letter(tp, record, "wrong_partition", f"the key belongs to partition {home} of {partitions} "
+                              f"({rule}, kafka.input_partitioner), not {tp.partition}: a patient on two "
+                              "partitions would have two owners")
             return
         try:
             result = self.stage.accept(tp, record.offset, chunk, now)

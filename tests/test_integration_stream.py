@@ -12,7 +12,7 @@ import pytest
 from streamer.ingest.contract import Chunk, encode_binary
 from streamer.ingest.deadletter import (ERROR_MESSAGE, SOURCE_OFFSET, SOURCE_PARTITION, SOURCE_TOPIC,
                                         headers_dict, reason_of)
-from streamer.offline.recordings import load_recording
+from streamer.offline.recordings import Recording, load_recording, regular_times
 from streamer.offline.replay import Source, replay
 from streamer.offline.score import score_recording
 from streamer.synthetic import generate
@@ -94,9 +94,6 @@ BAD_INPUTS = {
 def test_bad_input_goes_to_dead_letter_while_healthy_patient_continues(broker, scorer):
     s = isolated_settings(broker.bootstrap, partitions=1)  # one partition: bad and healthy interleave
     ecg = generate(32.0, fs=500, seed=5)
-    from streamer.offline.recordings import regular_times
-    from streamer.offline.recordings import Recording
-
     rec = Recording(regular_times(len(ecg.values), 500, 1_795_000_000_000_000_000), ecg.values, 500.0)
 
     async def main():
@@ -132,3 +129,40 @@ def test_bad_input_goes_to_dead_letter_while_healthy_patient_continues(broker, s
         assert (h[SOURCE_TOPIC], h[SOURCE_PARTITION]) == (s.kafka.input_topics[0], "0")
         assert h[ERROR_MESSAGE], "the error message says what was wrong"
     assert [f["status"] for f in flags if f["patient_id"] == "healthy"] == ["scored"] * 3
+
+
+def test_a_record_on_another_partition_than_its_key_is_dead_lettered(broker, scorer):
+    """One patient, one owner: a gateway that pins a bed's record to another partition (another
+    partitioner) gets it dead-lettered as wrong_partition; the bed's records on its own partition and the
+    other beds are scored."""
+    from streamer.ingest.partitioning import home_partition
+    from streamer.kafka.clients import make_producer
+
+    s = isolated_settings(broker.bootstrap, partitions=2)
+    t0 = 1_795_000_000_000_000_000
+    rec = Recording(regular_times(5500, 500.0, t0), generate(11.0, fs=500.0, seed=5).values[:5500], 500.0)
+    home = home_partition(b"bed-astray", 2)
+    astray = orjson.dumps({"patient_id": "bed-astray", "lead": "II", "t0_ns": t0, "fs": 500.0,
+                           "samples": [0.1] * 250})
+
+    async def main():
+        async def produce():
+            producer = make_producer(s.kafka)
+            await producer.start()
+            await producer.send_and_wait(s.kafka.input_topics[0], astray, key=b"bed-astray", partition=1 - home)
+            await producer.stop()
+            await replay(s.kafka, [Source("bed-astray", rec), Source("bed-home", rec)], speed=None, chunk_s=0.5)
+
+        async def done():
+            flags = await read_topic(s.kafka, s.kafka.flags_topic, until=lambda r: len(r) >= 2, timeout_s=1)
+            return len(flags) >= 2
+
+        await run_worker_until(s, scorer, produce, done)
+        dead = await read_topic(s.kafka, s.kafka.dead_letter_topic, until=lambda r: len(r) >= 1)
+        flags = flags_of(await read_topic(s.kafka, s.kafka.flags_topic, until=lambda r: len(r) >= 2))
+        return dead, flags
+
+    dead, flags = asyncio.run(main())
+    assert [reason_of(r.headers) for r in dead] == ["wrong_partition"]
+    assert headers_dict(dead[0].headers)[SOURCE_PARTITION] == str(1 - home) and dead[0].value == astray
+    assert sorted((f["patient_id"], f["status"]) for f in flags) == [("bed-astray", "scored"), ("bed-home", "scored")]
