@@ -234,6 +234,13 @@ class EpisodeSettings(_Group):
         return self
 
 
+class StateSettings(_Group):
+    ttl_s: float = Field(86400.0, gt=0, description="a patient whose state has not changed for this long (no "
+                         "window reported, no episode message) is forgotten: its state is tombstoned in the state "
+                         "topic, so memory and restore time follow the active beds. A bed back later starts "
+                         "afresh on its own grid")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="STREAMER_",
@@ -255,6 +262,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     batching: BatchSettings = BatchSettings()
     episodes: EpisodeSettings = EpisodeSettings()
+    state: StateSettings = StateSettings()
 
     @model_validator(mode="after")
     def _log_key_when_hashed(self) -> "Settings":

@@ -60,7 +60,7 @@ class Worker:
         self.clock = clock
         self.metrics = Metrics()
         self.scorer = scorer
-        self.store = StateStore()
+        self.store = StateStore(clock)
         self.stage = WindowStage(settings.windows, self.store)
         self.ledger = OffsetsLedger()
         self.checkpointer: Checkpointer | None = None
@@ -83,6 +83,8 @@ class Worker:
         self.inference_watch = InferenceWatch(settings.model.inference_stall_s)
         self.metrics.watch_inference(self.inference_watch)
         self.metrics.watch_episodes(self.store.open_episodes)
+        self.metrics.patient_states.set_function(self.store.count)
+        self.next_expiry = 0.0
         self.abandoned_startup = False  # stopped while the model was still loading in its thread
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -317,6 +319,7 @@ class Worker:
                 for w in self.stage.evict(now):
                     self._submit(w)
                 self._tend_episodes()
+                self._expire_states()
                 next_evict = now + 1.0
             self._backpressure()
             if now >= next_gauges:
@@ -429,6 +432,18 @@ class Worker:
     async def _publish(self, batch: list[EmittedWindow], probs: list[float | None]) -> None:
         info = self.scorer.info
         await self.publisher.flags(batch, probs, info.threshold, info.model_id)
+
+    def _expire_states(self) -> None:
+        """Every few minutes (a quarter of state.ttl_s at most): forget patients unchanged for state.ttl_s."""
+        now, ttl = self.clock(), self.s.state.ttl_s
+        if now < self.next_expiry:
+            return
+        self.next_expiry = now + min(300.0, ttl / 4)
+        for tp in self.assigned:
+            gone = self.store.expire_idle(tp, now, ttl, lambda pid: (tp, pid) in self.stage.streams)
+            if gone:
+                self.metrics.states_expired.inc(len(gone))
+                log.info("states_expired", topic=tp.topic, partition=tp.partition, patients=len(gone))
 
     def _tend_episodes(self) -> None:
         if self.publisher is not None:

@@ -142,7 +142,10 @@ class Core:
 
     def checkpoint(self, partitions=None) -> dict[int, int]:
         partitions = set(self.position) if partitions is None else partitions
-        points, dirty = self.checkpointer.prepare(partitions)
+        points, dirty, expired = self.checkpointer.prepare(partitions)
+        for p, patient_ids in expired.items():
+            for pid in patient_ids:
+                self.log.changelog[p].pop(state_key("in", pid), None)
         for p, states in dirty.items():
             for stt in states:
                 self.log.changelog[p][state_key("in", stt.patient_id)] = stt.to_bytes("in")
@@ -399,8 +402,9 @@ class TxnCore(Core):
         partitions = set(self.txns) if partitions is None else partitions & set(self.txns)
         out = {}
         for p in sorted(partitions):
-            points, dirty = self.checkpointer.prepare({p})
+            points, dirty, expired = self.checkpointer.prepare({p})
             txn = self.txns[p]
+            assert not expired.get(p), "this model runs no time-to-live sweep"
             for stt in dirty.get(p, ()):
                 txn["states"][state_key("in", stt.patient_id)] = stt.to_bytes("in")
             txn["offset"] = points.get(p)

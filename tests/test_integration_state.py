@@ -229,3 +229,57 @@ def test_a_dead_letter_the_topic_refuses_is_released_with_an_error_not_a_stalled
             assert await asyncio.wait_for(task, 30) == 0
 
     asyncio.run(main())
+
+
+def test_a_patient_unchanged_past_the_ttl_is_tombstoned_and_not_restored(broker, scorer):
+    """state.ttl_s: a bed that stopped is forgotten once its state has not changed for that long; its
+    tombstone is in the state topic, and the next owner restores only the bed still streaming."""
+    from streamer.kafka.clients import read_records
+    from streamer.state.changelog import parse_state_key
+
+    s = isolated_settings(broker.bootstrap, partitions=1)
+    s.windows.idle_evict_s, s.state.ttl_s = 2.0, 4.0
+    gone = Source("bed-gone", Recording(regular_times(500 * 11, 500, T0), generate(11, fs=500, seed=4).values, 500.0))
+    kept = Recording(regular_times(500 * 120, 500, T0), generate(120, fs=500, seed=5).values, 500.0)
+
+    async def main():
+        worker = Worker(s, scorer=scorer)
+        task = asyncio.create_task(worker.run())
+        try:
+            await _until(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
+            await replay(s.kafka, [gone], speed=None, chunk_s=0.5)
+            # the other bed keeps streaming in real time: its state changes every window and stays
+            feed = asyncio.create_task(replay(s.kafka, [Source("bed-kept", kept)], speed=1.0, chunk_s=0.5))
+
+            async def tombstoned():
+                records = await read_records(s.kafka, [s.kafka.state_topic], timeout_s=2, idle_polls=1)
+                return any(parse_state_key(r.key) == (s.kafka.input_topics[0], "bed-gone") and r.value is None
+                           for r in records)
+
+            await _until(tombstoned, 60, "the stopped bed's tombstone")
+            tp = next(iter(worker.assigned))
+            held = set(worker.store.partitions[tp])
+            expired = worker.metrics.states_expired._value.get()
+            feed.cancel()
+            return held, expired
+        finally:
+            worker.stop()
+            assert await asyncio.wait_for(task, 60) == 0
+
+    held, expired = asyncio.run(main())
+    assert held == {"bed-kept"} and expired == 1
+
+    async def restore():
+        from streamer.kafka.clients import make_consumer
+        from streamer.state.changelog import read_states
+        from aiokafka import TopicPartition
+
+        reader = make_consumer(s.kafka, group_id=None)
+        await reader.start()
+        try:
+            return await read_states(reader, s.kafka.state_topic, [TopicPartition(s.kafka.input_topics[0], 0)])
+        finally:
+            await reader.stop()
+
+    restored = asyncio.run(restore())
+    assert set(next(iter(restored.states.values()))) == {"bed-kept"}

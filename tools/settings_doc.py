@@ -16,13 +16,13 @@ from streamer.settings import TOOL_VARIABLES, Settings
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "settings.md"
 GROUPS = {"": "Process", "kafka": "Kafka", "windows": "Windows", "model": "Model", "batching": "Batching",
-          "episodes": "Episodes (alarm suppression)"}
+          "episodes": "Episodes (alarm suppression)", "state": "Patient state"}
 HEADER = """# Settings
 
 Generated from `streamer/settings.py` by `python -m tools.settings_doc` (a test fails when they differ).
 
 Sources, later wins: defaults < the TOML file (`STREAMER_CONFIG` or `--config`; sections `[kafka]`,
-`[windows]`, `[model]`, `[batching]`, `[episodes]`) < `STREAMER_*` environment variables < command-line
+`[windows]`, `[model]`, `[batching]`, `[episodes]`, `[state]`) < `STREAMER_*` environment variables < command-line
 options. A nested setting's variable joins the group with a double underscore. Unknown or invalid
 settings, in a file or as a `STREAMER_*` variable, stop the process with exit 2 naming the setting (and,
 for a mistyped variable, the nearest valid one). Lists and mappings in variables are JSON. Examples:

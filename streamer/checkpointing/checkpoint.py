@@ -23,15 +23,19 @@ class Checkpointer:
         self.consumer, self.outputs, self.state_topic, self.group_id = consumer, outputs, state_topic, group_id
         self._lock = asyncio.Lock()  # checkpoints never overlap (commit loop, revocation, shutdown)
 
-    def prepare(self, partitions) -> tuple[dict, dict]:
-        """Steps 1 and 2's inputs, in that order: (offsets safe to commit, changed states to write)."""
+    def prepare(self, partitions) -> tuple[dict, dict, dict]:
+        """Steps 1 and 2's inputs, in that order: (offsets safe to commit, changed states to write, patients
+        whose states expired: tombstones to write)."""
         points = {tp: off for tp, off in self.ledger.commit_points(self.stage.min_open_offsets()).items()
                   if tp in partitions}
-        return points, self.store.take_dirty(partitions)
+        return points, self.store.take_dirty(partitions), self.store.take_expired(partitions)
 
     def _state_records(self, tp, states) -> list[tuple[str, bytes, bytes, int]]:
         return [(self.state_topic, state_key(tp.topic, st.patient_id), st.to_bytes(tp.topic), tp.partition)
                 for st in states]
+
+    def _tombstones(self, tp, patient_ids) -> list[tuple[str, bytes, None, int]]:
+        return [(self.state_topic, state_key(tp.topic, pid), None, tp.partition) for pid in patient_ids]
 
     async def persist(self, tp, st) -> None:
         """At least once: one patient's state written now, until acknowledged (an episode message is
@@ -72,17 +76,21 @@ class Checkpointer:
 
     async def _transactional(self, tp) -> None:
         def prepare():  # under the partition's gate: nothing is published between this and the commit
-            points, dirty = self.prepare({tp})
-            return points.get(tp), self._state_records(tp, dirty.get(tp, ()))
+            points, dirty, expired = self.prepare({tp})
+            return points.get(tp), (self._tombstones(tp, expired.get(tp, ()))
+                                    + self._state_records(tp, dirty.get(tp, ())))
 
         committed = await self.outputs.commit(tp, self.group_id, prepare)
         if committed is not None:
             self.ledger.mark_committed({tp: committed})
 
     async def _at_least_once(self, partitions) -> bool:
-        points, dirty = self.prepare(partitions)
+        points, dirty, expired = self.prepare(partitions)
         try:
             futures = []
+            for tp, patient_ids in expired.items():
+                for topic, key, value, out_partition in self._tombstones(tp, patient_ids):
+                    futures.append(await self.outputs.send(tp, topic, value, key=key, out_partition=out_partition))
             for tp, states in dirty.items():
                 for st in states:  # each serialized just before its send (no await between): in send order
                     ((topic, key, value, out_partition),) = self._state_records(tp, [st])
@@ -92,6 +100,8 @@ class Checkpointer:
             for tp, states in dirty.items():
                 for st in states:
                     self.store.changed(tp, st.patient_id)
+            for tp, patient_ids in expired.items():
+                self.store.expire_again(tp, patient_ids)
             log.warning("checkpoint_state_failed", error=repr(exc))
             return False
         if not points:

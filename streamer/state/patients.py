@@ -13,7 +13,9 @@ from fractions import Fraction
 
 import orjson
 
-STATE_VERSION = 2  # 2 added the episode's seq, pending message and renewal time; version 1 is read too
+# 2 added the episode's seq, pending message and renewal time; 3 the wall time the patient was last seen
+# (state.ttl_s). Versions 1 and 2 are read too.
+STATE_VERSION = 3
 MAX_SEGMENTS = 4  # grids remembered per patient: the current one and the last few before clock events
 
 
@@ -52,6 +54,9 @@ class PatientState:
     patient_id: str
     segments: list[SegmentState] = field(default_factory=list)  # oldest first
     episode: EpisodeState = field(default_factory=EpisodeState)
+    # wall time (s) of its last change (a window reported, an episode message): after state.ttl_s without one
+    # the state is tombstoned. None: restored from a version without it (its clock starts at the restore).
+    seen_at_s: float | None = None
 
     def reported(self, natural_anchor_ns: int, anchor_ns: int, fs: Fraction, k: int) -> bool:
         """Record that window k of this grid was reported (its flag acknowledged). True if it moved."""
@@ -70,7 +75,8 @@ class PatientState:
 
     def to_bytes(self, source_topic: str) -> bytes:
         doc = {"v": STATE_VERSION, "topic": source_topic, "patient_id": self.patient_id,
-               "segments": [asdict(s) for s in self.segments], "episode": asdict(self.episode)}
+               "segments": [asdict(s) for s in self.segments], "episode": asdict(self.episode),
+               "seen_at_s": self.seen_at_s}
         return orjson.dumps(doc)
 
     @classmethod
@@ -82,7 +88,7 @@ class PatientState:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise ValueError(f"unreadable patient state: {exc}") from None
-        if not isinstance(doc, dict) or doc.get("v") not in (1, STATE_VERSION):  # v1: v2's fields defaulted
+        if not isinstance(doc, dict) or doc.get("v") not in (1, 2, STATE_VERSION):  # newer fields defaulted
             raise ValueError(f"unreadable patient state: version {doc.get('v') if isinstance(doc, dict) else doc!r}")
         topic, patient_id = doc.get("topic"), doc.get("patient_id")
         if not isinstance(topic, str) or not topic or not isinstance(patient_id, str) or not patient_id:
@@ -102,9 +108,16 @@ class PatientState:
                     raise ValueError(f"episode last_window {lw!r}"[:120])
                 episode = {**episode, "last_window": tuple(lw)}
             ep = _typed(EpisodeState, episode, "episode")
+            seen = doc.get("seen_at_s")
+            if seen is not None and not (isinstance(seen, (int, float)) and not isinstance(seen, bool)
+                                         and seen == seen):
+                raise ValueError(f"seen_at_s {seen!r}"[:120])
+            extra = set(doc) - {"v", "topic", "patient_id", "segments", "episode", "seen_at_s"}
+            if extra:
+                raise ValueError(f"unknown fields {sorted(extra)[:3]}")
         except (ValueError, ZeroDivisionError) as exc:
             raise ValueError(f"unreadable patient state: {exc}"[:300]) from None
-        return topic, cls(patient_id, segs, ep)
+        return topic, cls(patient_id, segs, ep, None if seen is None else float(seen))
 
 
 def _is_int(v) -> bool:

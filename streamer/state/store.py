@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import time
 from typing import Hashable
 
 from streamer.state.patients import PatientState
 
 
 class StateStore:
-    def __init__(self) -> None:
+    """`clock`: wall time, stamped on each state as it is taken for writing (its last change)."""
+
+    def __init__(self, clock=time.time) -> None:
+        self.clock = clock
         self.partitions: dict[Hashable, dict[str, PatientState]] = {}
         self.dirty: dict[Hashable, set[str]] = {}
+        self.expired: dict[Hashable, set[str]] = {}  # tombstones to write at the next checkpoint
 
     def load(self, partition: Hashable, states: dict[str, PatientState]) -> None:
         """The partition's states as restored from the changelog, before any of its records is processed."""
+        now = self.clock()
+        for st in states.values():
+            if st.seen_at_s is None:  # an older state version: its time to live starts now
+                st.seen_at_s = now
         self.partitions[partition] = states
         self.dirty[partition] = set()
+        self.expired[partition] = set()
 
     def owns(self, partition: Hashable) -> bool:
         return partition in self.partitions
@@ -24,7 +34,8 @@ class StateStore:
         states = self.partitions.setdefault(partition, {})
         st = states.get(patient_id)
         if st is None:
-            st = states[patient_id] = PatientState(patient_id)
+            st = states[patient_id] = PatientState(patient_id, seen_at_s=self.clock())
+            self.expired.get(partition, set()).discard(patient_id)  # back before its tombstone was written
         return st
 
     def reported(self, w) -> None:
@@ -41,19 +52,57 @@ class StateStore:
             self.dirty.setdefault(partition, set()).add(patient_id)
 
     def take_dirty(self, partitions) -> dict[Hashable, list[PatientState]]:
-        """The changed states of `partitions`, no longer marked (put them back with `changed` on failure)."""
+        """The changed states of `partitions`, no longer marked (put them back with `changed` on failure),
+        stamped with the time they were last seen."""
         out = {}
+        now = self.clock()
         for p in partitions:
             names = self.dirty.get(p)
             if names:
                 states = self.partitions.get(p, {})
                 out[p] = [states[n] for n in names if n in states]
+                for st in out[p]:
+                    st.seen_at_s = now
                 self.dirty[p] = set()
         return out
+
+    def expire_idle(self, partition: Hashable, now: float, ttl_s: float, busy) -> list[str]:
+        """Forget the partition's patients unchanged for `ttl_s` (no window reported, no episode message):
+        their tombstones go out with the next checkpoint, so memory and restores follow the active beds.
+        Never a patient with an open or unpublished episode, or one `busy(patient_id)` (open windows)."""
+        states = self.partitions.get(partition)
+        if not states:
+            return []
+        gone = [pid for pid, st in states.items()
+                if st.seen_at_s is not None and now - st.seen_at_s > ttl_s and st.episode.open_start_ns is None
+                and st.episode.pending is None and pid not in self.dirty.get(partition, ()) and not busy(pid)]
+        for pid in gone:
+            del states[pid]
+        self.expired.setdefault(partition, set()).update(gone)
+        return gone
+
+    def take_expired(self, partitions) -> dict[Hashable, list[str]]:
+        """Patients whose tombstones are due, no longer marked (put them back with `expire_again`)."""
+        out = {}
+        for p in partitions:
+            names = self.expired.get(p)
+            if names:
+                out[p] = sorted(names)
+                self.expired[p] = set()
+        return out
+
+    def expire_again(self, partition: Hashable, patient_ids) -> None:
+        if partition in self.partitions:
+            live = self.partitions[partition]
+            self.expired.setdefault(partition, set()).update(p for p in patient_ids if p not in live)
+
+    def count(self) -> int:
+        return sum(len(states) for states in self.partitions.values())
 
     def drop(self, partition: Hashable) -> None:
         self.partitions.pop(partition, None)
         self.dirty.pop(partition, None)
+        self.expired.pop(partition, None)
 
     def open_episodes(self) -> tuple[int, float]:
         """(episodes open, the longest one's span in signal seconds: its first to its last flagged window)."""
