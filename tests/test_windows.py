@@ -173,6 +173,28 @@ def test_restart_resumes_at_the_first_window_the_state_has_not_reported():
     assert not any(r.rejected or r.late_samples for r in results)
 
 
+@pytest.mark.parametrize("anchor", [START, None])
+def test_a_restart_far_behind_the_state_reports_nothing_twice(anchor):
+    """Offsets reset 20 minutes behind what the state says was reported (an operator's reprocessing, an
+    expired commit): the replayed records are duplicates at any distance, never 'late', and never start a
+    shifted grid; the first unreported window comes next, on the grid it always had."""
+    from streamer.state.patients import PatientState
+
+    fs, step = 500, 10 * 10**9
+    chunks = _timeline(fs, 1300, START, anchor, chunk=250)
+    natural = anchor or 0
+    state = PatientState("p1")
+    reported_k = (START - natural) // step + 119  # windows up to 20 minutes in were reported
+    state.reported(natural, natural, as_rate(fs), reported_k)
+    stream = PatientStream("p1", 0, WindowSettings(new_timeline_chunks=4), state)
+    results = [stream.accept(c, i, 0.0) for i, c in enumerate(chunks)]
+    got = [w for r in results for w in r.windows]
+    assert not [r.rejected for r in results if r.rejected], "replayed records are not late"
+    assert got and got[0].start_ns == natural + (reported_k + 1) * step, "nothing reported twice"
+    assert all((w.start_ns - natural) % step == 0 for w in got), "the grid it always had"
+    assert sum(r.duplicate_samples for r in results) == 1200 * fs
+
+
 def test_leading_hole_is_reported_the_same_with_or_without_a_restart():
     """A monitor that joined mid-window, or whose first chunk was lost: the first window is reported
     (here with too many samples missing), never silently skipped."""

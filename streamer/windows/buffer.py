@@ -197,10 +197,10 @@ class PatientStream:
         return None
 
     def _already_reported(self, seg: _Segment, b: int) -> bool:
-        """Samples replayed after a restart that belong to windows the state says were reported."""
-        if seg.reported_floor is None or b > seg.reported_floor:
-            return False
-        return (seg.reported_floor - b) / float(seg.grid.fs) * NS <= self.replay_horizon_ns
+        """Samples replayed after a restart that belong to windows the state says were reported: duplicates
+        at any distance (offsets reset hours back replay hours), never 'late' records that could confirm a
+        shifted timeline and report the same time again under other window ids."""
+        return seg.reported_floor is not None and b <= seg.reported_floor
 
     def _confirms_new_timeline(self, natural: int, fs: Fraction, chunk: Chunk, offset: int) -> bool:
         end_ns = chunk.t0_ns + round(len(chunk.samples) * NS / fs)
@@ -273,6 +273,7 @@ class PatientStream:
         below = min(max(oldest - a, 0), n)
         if below and seg.reported_floor is not None and self._already_reported(seg, min(b, oldest)):
             result.duplicate_samples = below  # replayed after a restart: those windows were reported
+            seg.watermark = max(seg.watermark, min(b, oldest))  # the replay moves on: no jump at its end
         else:
             result.late_samples = below
         if below == n:
