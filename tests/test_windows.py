@@ -404,3 +404,25 @@ def test_a_monitor_whose_clock_froze_goes_idle_and_frees_the_commit():
         emitted += stage.evict(now=1.0 + i)
     assert [(w.patient_id, w.reason) for w in emitted if w.patient_id == "p1"] == [("p1", "truncated")]
     assert stage.min_open_offsets()[0] > 1, "the commit moved past the frozen bed's records"
+
+
+def test_a_backlog_after_an_eviction_never_reopens_a_window_still_in_flight():
+    """A bed evicted as silent (its partial window reported truncated, the flag not yet acknowledged) whose
+    delayed chunks then arrive: the window is not reported a second time with other content; the bed
+    goes on with the next window."""
+    stage = WindowStage(WindowSettings(idle_evict_s=60.0))
+    times, values = recording(500, 200)
+    p1 = list(chunks_of("p1", times, values, 500, fs=500, segment_start_ns=START))
+    p2 = list(chunks_of("p2", times, values, 500, fs=500, segment_start_ns=START))
+    for i in range(5):  # p1: 5 s of its first window, then its gateway stalls
+        stage.accept(0, i, p1[i], now=float(i))
+    emitted = []
+    for i in range(80):  # p2 keeps the partition flowing
+        emitted += stage.accept(0, 100 + i, p2[i], now=5.0 + i).windows + stage.evict(now=5.0 + i)
+    evicted = [w for w in emitted if w.patient_id == "p1"]
+    assert [(w.start_ns, w.reason) for w in evicted] == [(START, "truncated")]  # in flight: not acknowledged
+    later = []
+    for i in range(5, 30):  # the gateway's backlog: the rest of window 0, then windows 1 and 2
+        later += stage.accept(0, 200 + i, p1[i], now=90.0 + i).windows
+    assert START not in [w.start_ns for w in later], "window 0 was already reported"
+    assert [w.start_ns for w in later][:1] == [START + 10 * 10**9]

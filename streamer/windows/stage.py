@@ -26,13 +26,16 @@ class WindowStage:
         # right after one, a patient whose backlog comes a little later does not look idle.
         self.partition_clock: dict[Hashable, tuple[float, float]] = {}
         self.patient_clock: dict[tuple[Hashable, str], float] = {}  # partition flow time at its last record
+        # Windows emitted when a stream closed (eviction, memory cap) that the durable state may not know yet
+        # (their flags in flight): a stream reopened meanwhile starts after them, never reporting one twice.
+        self.emitted: dict[tuple[Hashable, str], list[EmittedWindow]] = {}
 
     def accept(self, partition: Hashable, offset: int, chunk: Chunk, now: float) -> AcceptResult:
         flowed = self._flow(partition, now)
         key = (partition, chunk.patient_id)
         stream = self.streams.get(key)
         if stream is None:
-            state = self.store.patient(partition, chunk.patient_id)
+            state = self._state_after_emitted(key, self.store.patient(partition, chunk.patient_id))
             stream = self.streams[key] = PatientStream(chunk.patient_id, partition, self.s, state)
             self.patient_clock[key] = flowed
         before = stream.nbytes
@@ -73,6 +76,7 @@ class WindowStage:
             flowed = self.partition_clock.get(key[0], (0.0, now))[0]
             if flowed - self.patient_clock.get(key, flowed) >= idle_s:
                 idle.append(key)
+        self.forget_acknowledged()
         for key in idle:
             out.extend(self._close(key, now))
         while self.streams and self.nbytes > self.s.max_buffer_bytes:
@@ -83,7 +87,40 @@ class WindowStage:
         stream = self.streams.pop(key)
         self.patient_clock.pop(key, None)
         self.nbytes -= stream.nbytes
-        return stream.close(now)
+        out = stream.close(now)
+        if out:
+            self.emitted[key] = self.emitted.get(key, []) + out
+        return out
+
+    def _state_after_emitted(self, key, state):
+        """The patient's state as a new stream must see it: with the windows its closed streams emitted,
+        acknowledged or not. A copy when some are still unknown to it (the durable state moves only on
+        acknowledgement: a crash before then must replay them); the state itself otherwise."""
+        emitted = self.emitted.pop(key, None)
+        if not emitted:
+            return state
+        import copy
+
+        view = copy.deepcopy(state)
+        changed = False
+        for w in emitted:
+            changed |= view.reported(w.natural_anchor_ns, w.anchor_ns, w.rate, w.k)
+        return view if changed else state
+
+    def forget_acknowledged(self) -> None:
+        """Drop the markers of closed streams whose windows the state now records (their flags were
+        acknowledged), so they do not outlive their use."""
+        for key in [k for k, ws in self.emitted.items()
+                    if not any(self._unknown_to_state(k, w) for w in ws)]:
+            del self.emitted[key]
+
+    def _unknown_to_state(self, key, w: EmittedWindow) -> bool:
+        states = self.store.partitions.get(key[0])
+        st = states.get(key[1]) if states else None
+        if st is None:
+            return states is not None  # forgotten state: keep until the patient's next stream or the revoke
+        rate = str(w.rate)
+        return not any(g.anchor_ns == w.anchor_ns and g.fs == rate and g.next_k > w.k for g in st.segments)
 
     def min_open_offsets(self) -> dict[Hashable, int]:
         """Per partition, the smallest input offset that an open (unemitted) window still needs."""
@@ -100,6 +137,8 @@ class WindowStage:
         for k in keys:
             self.nbytes -= self.streams.pop(k).nbytes
             self.patient_clock.pop(k, None)
+        for k in [k for k in self.emitted if k[0] == partition]:
+            del self.emitted[k]
         self.partition_clock.pop(partition, None)
         self.store.drop(partition)
         return len(keys)
