@@ -3,8 +3,10 @@
 The real parts (WindowStage, StateStore, OffsetsLedger, Checkpointer.prepare, EpisodeTracker) run against
 an in-memory log: input partitions shared by several patients, a compacted state changelog and committed
 offsets. Hypothesis chunks, duplicates, swaps, loses and dates records (leading holes, outliers), and
-interleaves delivery, publishing, checkpoints, crashes (kill -9: everything in memory is lost) and
-revoke/reassign at random. Invariants:
+interleaves delivery, publishing, checkpoints, crashes (kill -9: everything in memory is lost),
+revoke/reassign, monitors whose clock froze (one chunk resent again and again), offsets reset far behind
+the state (a replay of everything) and, with transactions, wall time passing (idle beds evicted, their
+partial windows reported truncated, then their backlog arriving) at random. Invariants:
 - every window holding any delivered sample is reported at least once, always with the same content;
 - a committed offset never passes a record whose samples feed a window not yet reported;
 - each patient's last episode message equals the hysteresis over its de-duplicated flags;
@@ -37,7 +39,7 @@ FS = 50  # small windows (500 samples) keep the model fast
 START = 1_795_000_000_000_000_000
 PATIENTS = 3
 PARTITIONS = 2
-WINDOW = WindowSettings(min_rate_hz=10, new_timeline_chunks=4)
+WINDOW = WindowSettings(min_rate_hz=10, new_timeline_chunks=4, idle_evict_s=5.0)  # replay horizon 17 s
 EPISODES = EpisodeSettings(open_after=2, close_after=2, stale_after_s=1e9)
 
 
@@ -87,6 +89,7 @@ class Core:
         self.episodes = EpisodeTracker(EPISODES, "m")
         self.pending: list = []  # emitted windows, in order, not yet published
         self.position: dict[int, int] = {}
+        self.now = 0.0  # wall time: moves only in the time_passes rule
 
     def assign(self, p: int) -> None:
         committed = self.log.committed.get(p)
@@ -104,7 +107,7 @@ class Core:
         records = self.log.partitions[p]
         for r in records[self.position[p]:self.position[p] + n]:
             self.tracker.consumed(p, r.offset)
-            result = self.stage.accept(p, r.offset, r.chunk, now=0.0)
+            result = self.stage.accept(p, r.offset, r.chunk, now=self.now)
             for w in result.windows:
                 self.submit(w)
             self.position[p] = r.offset + 1
@@ -196,6 +199,8 @@ def recordings(draw):
         for j in range(len(chunks) - 1):
             if draw(st.integers(0, 8)) == 0:
                 chunks[j], chunks[j + 1] = chunks[j + 1], chunks[j]  # reordered within tolerance
+        if chunks and draw(st.integers(0, 3)) == 0:  # the monitor's clock froze: its last chunk again and again
+            chunks += [chunks[-1]] * draw(st.integers(3, 20))
         per_patient.append(chunks)
     # interleave patients by time; patient i on partition i % PARTITIONS
     merged = sorted(((c.t0_ns if not o else c.t0_ns - 1800 * NS, k, i, c, o) for i, chunks in enumerate(per_patient)
@@ -239,6 +244,13 @@ class DeliveryModel(RuleBasedStateMachine):
         self.core = self.core_class(self.log)
         for p in range(PARTITIONS):
             self.core.assign(p)
+
+    @rule(p=st.integers(0, PARTITIONS - 1))
+    def offsets_reset_far_behind(self, p):
+        """An operator resets the group's offsets of one partition to its start (reprocessing, an expired
+        commit) and the workers restart: everything is replayed behind what the state says was reported."""
+        self.log.committed[p] = 0
+        self.crash()
 
     @rule(p=st.integers(0, PARTITIONS - 1), new_owner=st.booleans())
     def revoke_and_reassign(self, p, new_owner):
@@ -299,6 +311,11 @@ class DeliveryModel(RuleBasedStateMachine):
                     expected |= set(_windows_of(r.chunk))
         missing = expected - set(by_id)
         assert not missing, f"windows never reported: {sorted(missing)[:5]} ({self.crashes} crashes)"
+        # no clock ever stepped here (an outlier is a single record): every window is on its segment's grid,
+        # none re-anchored from replayed records, so no stretch of signal is reported under two ids
+        anchors = {r.patient: r.chunk.segment_start_ns for rs in self.log.partitions.values() for r in rs}
+        shifted = [f["window_id"] for f in flags if (f["window_start_ns"] - anchors[f["patient_id"]]) % (10 * NS)]
+        assert not shifted, f"windows reported on a shifted grid: {shifted[:3]}"
         # episodes: the last message per patient equals the hysteresis over the de-duplicated flags
         reference = EpisodeTracker(EPISODES, "m")
         seen, want = set(), {}
@@ -452,6 +469,18 @@ class TransactionalDeliveryModel(DeliveryModel):
         points = self.core.checkpoint()
         assert not self.core.fenced
         self._check_commits(points)
+
+    @rule(seconds=st.sampled_from([1.0, 30.0, 61.0, 300.0]))
+    def time_passes(self, seconds):
+        """Wall time passes with the partitions fetched and caught up: beds silent for idle_evict_s are
+        evicted, their partial windows reported truncated; a later backlog, a crash or a replay must never
+        report such a window again with other content. (Transactions only: with at-least-once delivery a
+        crash between a truncated flag's acknowledgement and the next checkpoint can replay it; README.)"""
+        core = self.core
+        core.now += seconds
+        core.stage.flowing(list(core.position), core.now)
+        for w in core.stage.evict(core.now):
+            core.submit(w)
 
     @invariant()
     def committed_flags_unique(self):

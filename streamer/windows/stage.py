@@ -96,7 +96,7 @@ class WindowStage:
         """The patient's state as a new stream must see it: with the windows its closed streams emitted,
         acknowledged or not. A copy when some are still unknown to it (the durable state moves only on
         acknowledgement: a crash before then must replay them); the state itself otherwise."""
-        emitted = self.emitted.pop(key, None)
+        emitted = self.emitted.get(key)  # kept until the state records them (forget_acknowledged)
         if not emitted:
             return state
         import copy
