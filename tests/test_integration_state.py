@@ -257,6 +257,12 @@ def test_a_patient_unchanged_past_the_ttl_is_tombstoned_and_not_restored(broker,
                            for r in records)
 
             await _until(tombstoned, 60, "the stopped bed's tombstone")
+
+            async def kept_reported():  # so its state is in the topic too
+                flags = flags_of(await read_topic(s.kafka, s.kafka.flags_topic, timeout_s=2))
+                return any(f["patient_id"] == "bed-kept" for f in flags)
+
+            await _until(kept_reported, 60, "a window of the bed still streaming")
             tp = next(iter(worker.assigned))
             held = set(worker.store.partitions[tp])
             expired = worker.metrics.states_expired._value.get()
