@@ -29,15 +29,19 @@ class _Group(BaseModel):
 class KafkaSettings(_Group):
     bootstrap_servers: str = Field("127.0.0.1:9092", description="comma-separated host:port of the brokers")
     client_id: str = Field("streamer", description="prefix of the Kafka client ids (broker logs and quotas)")
-    group_id: str = Field("streamer-artifact", description="consumer group: one per deployment; its workers share the input partitions")
-    input_topics: list[str] = Field(["ecg.lead2"], description="topics of monitor chunks, keyed by patient id (docs/messages.md)")
+    group_id: str = Field("streamer-artifact", description="consumer group: one per deployment; its workers share the "
+                                                           "input partitions")
+    input_topics: list[str] = Field(["ecg.lead2"], description="topics of monitor chunks, keyed by patient id "
+                                                               "(docs/messages.md)")
     input_partitioner: Literal["murmur2", "crc32"] = Field(
         "murmur2", description="how the monitors' producers map a patient id to an input partition: murmur2 is "
         "Kafka's default (Java client; librdkafka partitioner=murmur2_random), crc32 librdkafka's default. A "
         "record on another partition is dead-lettered (wrong_partition): one patient, one owner")
     flags_topic: str = Field("ecg.artifact.flags", description="one flag per window (schemas/artifact-flag.v1)")
-    episodes_topic: str = Field("ecg.artifact.episodes", description="artifact episodes and their leases, compacted (schemas/artifact-episode.v2)")
-    dead_letter_topic: str = Field("ecg.deadletter", description="rejected records with the reason in headers: holds ECG and patient ids, restrict and expire it")
+    episodes_topic: str = Field("ecg.artifact.episodes", description="artifact episodes and their leases, compacted "
+                                                                     "(schemas/artifact-episode.v2)")
+    dead_letter_topic: str = Field("ecg.deadletter", description="rejected records with the reason in headers: holds "
+                                                                 "ECG and patient ids, restrict and expire it")
     state_topic: str | None = Field(None, description="compacted changelog of per-patient state (internal; as "
                                     "many partitions as the input topics); default <group_id>.state, so two "
                                     "deployments on one cluster never share one")
@@ -60,15 +64,18 @@ class KafkaSettings(_Group):
     transaction_timeout_ms: int = Field(60000, ge=1000, description="the broker aborts a transaction left open "
                                         "this long (a worker that died mid-checkpoint with no successor); "
                                         "read_committed readers of its partitions wait at most this")
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field("PLAINTEXT", description="SASL_SSL for a hospital cluster")
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = Field(None, description="with SASL_*: OAUTHBEARER takes sasl_oauth_token_file, the others a user and password")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="SASL_SSL for a hospital cluster")
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = Field(
+        None, description="with SASL_*: OAUTHBEARER takes sasl_oauth_token_file, the others a user and password")
     sasl_username: str | None = Field(None, description="PLAIN and SCRAM")
     sasl_password: SecretStr | None = Field(None, description="PLAIN and SCRAM (or sasl_password_file)")
     sasl_password_file: Path | None = Field(None, description="a file holding the password (a mounted secret)")
     sasl_oauth_token_file: Path | None = Field(None, description="OAUTHBEARER: a file holding the current "
                                                "bearer token, read again at every authentication, so the "
                                                "platform or a sidecar can rotate it")
-    ssl_cafile: Path | None = Field(None, description="PEM CA bundle that signs the brokers' certificates (else the system CAs)")
+    ssl_cafile: Path | None = Field(None, description="PEM CA bundle that signs the brokers' certificates (else the "
+                                                      "system CAs)")
     ssl_certfile: Path | None = Field(None, description="PEM client certificate (mutual TLS)")
     ssl_keyfile: Path | None = Field(None, description="PEM key of ssl_certfile")
     acks: Literal["all", "1"] = Field("all", description="all: a write is acknowledged once every in-sync "
@@ -91,13 +98,16 @@ class KafkaSettings(_Group):
     restore_idle_timeout_s: float = Field(60.0, gt=0, description="a partition's patient states are read back "
                                           "at its assignment for as long as records keep coming; this long "
                                           "without one stops the worker (exit 1, naming the partition)")
-    auto_offset_reset: Literal["earliest", "latest"] = Field("earliest", description="where a group without commits starts: earliest loses no window")
+    auto_offset_reset: Literal["earliest", "latest"] = Field("earliest", description="where a group without commits "
+                                                                                     "starts: earliest loses no window")
     max_poll_records: int = Field(2000, ge=1, description="records per fetch handed to the consume loop")
     fetch_min_bytes: int = Field(1, ge=1, description="the broker answers a fetch once it has this many bytes...")
     fetch_max_wait_ms: int = Field(500, ge=0, description="...or after this long: fewer, larger fetches cost the "
                                    "broker less per record, at most this much added latency")
-    session_timeout_ms: int = Field(10000, ge=1000, description="a worker silent this long loses its partitions to the others")
-    heartbeat_interval_ms: int = Field(3000, ge=100, description="group heartbeat period (under a third of the session timeout)")
+    session_timeout_ms: int = Field(10000, ge=1000, description="a worker silent this long loses its partitions to the "
+                                                                "others")
+    heartbeat_interval_ms: int = Field(3000, ge=100, description="group heartbeat period (under a third of the session "
+                                                                 "timeout)")
     commit_interval_s: float = Field(0.25, gt=0, description="checkpoint period; with exactly_once it bounds "
                                      "how long a flag stays invisible to read_committed readers")
 
@@ -146,21 +156,25 @@ class WindowSettings(_Group):
     window_s: float = Field(WINDOW_S, gt=0, description="fixed by the released model; change only for experiments")
     overlap_s: float = Field(0.0, ge=0, description="overlap of consecutive windows (0: the released model's grid)")
     reorder_tolerance_s: float = Field(2.0, ge=0, description="how long a window with holes waits for late chunks")
-    max_interpolated_gap_samples: int = Field(5, ge=0, description="longer holes are not filled: the window is insufficient_data")
-    max_missing_fraction: float = Field(0.05, ge=0, le=1, description="a window missing more of its samples is insufficient_data (too_many_missing)")
+    max_interpolated_gap_samples: int = Field(5, ge=0, description="longer holes are not filled: the window is "
+                                                                   "insufficient_data")
+    max_missing_fraction: float = Field(0.05, ge=0, le=1, description="a window missing more of its samples is "
+                                                                      "insufficient_data (too_many_missing)")
     max_forward_jump_s: float = Field(300.0, gt=0, description="a record further ahead of its segment is off the "
                                       "timeline: dead-lettered (timestamp_jump) unless new_timeline_chunks follow it; "
                                       "also caps the no_data windows one record can produce")
     new_timeline_chunks: int = Field(4, ge=1, description="consecutive consistent records off the timeline (a "
                                      "clock step, a new earlier segment, segment_start_ns dropped) that start a new "
                                      "segment; fewer are outliers, dead-lettered without moving the grid")
-    idle_evict_s: float = Field(60.0, gt=0, description="a patient silent this long while its partition keeps flowing has its open window reported and its buffer freed")
+    idle_evict_s: float = Field(60.0, gt=0, description="a patient silent this long while its partition keeps flowing "
+                                                        "has its open window reported and its buffer freed")
     max_chunk_s: float = Field(10.0, gt=0, description="larger messages are dead-lettered as oversized")
     max_buffer_bytes: int = Field(1 << 30, gt=0, description="total bytes held by open windows, all patients")
     min_rate_hz: float = Field(50.0, gt=0, description="lowest sample rate accepted")
     max_rate_hz: float = Field(10000.0, gt=0, description="highest sample rate accepted")
     max_clock_skew_s: float = Field(86400.0, gt=0, description="timestamps further in the future are rejected")
-    unknown_lead: Literal["dead_letter", "drop"] = Field("dead_letter", description="what happens to chunks of other leads")
+    unknown_lead: Literal["dead_letter", "drop"] = Field("dead_letter", description="what happens to chunks of other "
+                                                                                    "leads")
     accepted_leads: list[str] = Field(["II", "MLII"], description="lead names scored (the model is trained on lead II)")
     max_abs_mv: float = Field(100.0, gt=0, le=1e30, description="samples beyond +-this many mV (after units and "
                               "gain) cannot be lead-II ECG (e.g. microvolts sent as millivolts): their windows "
@@ -186,8 +200,10 @@ class ModelSettings(_Group):
     allow_demo: bool = Field(False, description="with checkpoint unset, score with the bundled SYNTHETIC demo "
                              "model (demo and tests only: it was trained on synthetic signals)")
     expected_sha256: str | None = Field(None, description="refuse any checkpoint with another digest")
-    threshold: float = Field(RELEASED_THRESHOLD, ge=0, le=1, description="probability at or above which a window is artifact (the released operating point)")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="cuda fails at start without CUDA; auto takes it when present")
+    threshold: float = Field(RELEASED_THRESHOLD, ge=0, le=1, description="probability at or above which a window is "
+                                                                         "artifact (the released operating point)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="cuda fails at start without CUDA; auto "
+                                                                       "takes it when present")
     backend: Literal["auto", "torch", "onnxruntime"] = Field(
         "auto", description="auto: on the CPU, the faster of PyTorch and ONNX Runtime (and its batch size) "
         "measured once per machine and cached; torch elsewhere. onnxruntime: the same network exported, CPU only")
@@ -203,14 +219,16 @@ class ModelSettings(_Group):
     inference_stall_s: float = Field(120.0, gt=0, description="/healthz fails (503) while one batch has been in "
                                      "the model longer than this: a hung device or thread gets the worker "
                                      "restarted. Well above the slowest batch (max_batch windows on the CPU)")
-    fold_stem: bool = Field(True, description="fold the grayscale-to-RGB copy into the first convolution (same output, less work)")
+    fold_stem: bool = Field(True, description="fold the grayscale-to-RGB copy into the first convolution (same output, "
+                                              "less work)")
     channels_last: bool = Field(True, description="NHWC memory layout for the network (faster on most devices)")
     name: str | None = Field(None, description="model name in the model id; derived from the file if unset")
 
 
 class BatchSettings(_Group):
     max_batch: int = Field(64, ge=1, description="windows per micro-batch at most")
-    max_wait_ms: float = Field(200.0, ge=0, description="a micro-batch is scored once its first window waited this long")
+    max_wait_ms: float = Field(200.0, ge=0, description="a micro-batch is scored once its first window waited "
+                                                        "this long")
     max_pending_windows: int = Field(2048, ge=1, description="pause fetching above this many queued windows")
 
 
@@ -249,13 +267,20 @@ class Settings(BaseSettings):
         toml_file=None,
     )
 
-    log_format: Literal["auto", "json", "console"] = Field("auto", description="auto: JSON lines unless stderr is a terminal; every library's lines too")
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="lowest level logged (aiokafka's records included)")
-    patient_id_in_logs: Literal["plain", "hashed", "omit"] = Field("plain", description="how logs show patient ids: hashed is a keyed HMAC (needs patient_id_log_key); waveform samples are never logged")
+    log_format: Literal["auto", "json", "console"] = Field("auto", description="auto: JSON lines unless stderr is a "
+                                                                               "terminal; every library's lines too")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="lowest level logged "
+                                                                                        "(aiokafka's records included)")
+    patient_id_in_logs: Literal["plain", "hashed", "omit"] = Field("plain", description="how logs show patient ids: "
+                                                                                        "hashed is a keyed HMAC (needs "
+                                                                                        "patient_id_log_key); waveform "
+                                                                                        "samples are never logged")
     patient_id_log_key: SecretStr | None = Field(None, description="HMAC key of hashed patient ids in logs")
     patient_id_log_key_file: Path | None = Field(None, description="...or a file holding it (a mounted secret)")
-    shutdown_deadline_s: float = Field(30.0, gt=0, description="on SIGTERM: time to publish what is in flight and commit before exit 1")
-    metrics_host: str = Field("127.0.0.1", description="address of /metrics, /healthz, /readyz (the images: 0.0.0.0 inside the container)")
+    shutdown_deadline_s: float = Field(30.0, gt=0, description="on SIGTERM: time to publish what is in flight and "
+                                                               "commit before exit 1")
+    metrics_host: str = Field("127.0.0.1", description="address of /metrics, /healthz, /readyz (the images: 0.0.0.0 "
+                                                       "inside the container)")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="serve /metrics, /healthz, /readyz")
     kafka: KafkaSettings = KafkaSettings()
     windows: WindowSettings = WindowSettings()

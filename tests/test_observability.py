@@ -10,7 +10,7 @@ import threading
 import aiohttp
 import pytest
 
-from streamer.metrics import HealthServer, InferenceWatch, Metrics
+from streamer.metrics import InferenceWatch, Metrics
 from streamer.offline.recordings import parse_start
 from streamer.offline.replay import replay, synthetic_fleet
 from streamer.settings import ModelSettings
