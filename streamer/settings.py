@@ -148,7 +148,7 @@ class KafkaSettings(_Group):
         if self.sasl_password is not None:
             return self.sasl_password.get_secret_value()
         if self.sasl_password_file is not None:
-            return self.sasl_password_file.read_text().strip()
+            return read_secret_file(self.sasl_password_file, "kafka.sasl_password_file")
         return None
 
 
@@ -301,13 +301,7 @@ class Settings(BaseSettings):
         if self.patient_id_log_key is not None:
             return self.patient_id_log_key.get_secret_value().encode()
         if self.patient_id_log_key_file is not None:
-            try:
-                key = self.patient_id_log_key_file.read_bytes().strip()
-            except OSError as exc:
-                raise SettingsError(f"settings: cannot read patient_id_log_key_file: {exc.strerror}") from None
-            if not key:
-                raise SettingsError(f"settings: patient_id_log_key_file {self.patient_id_log_key_file} is empty")
-            return key
+            return read_secret_file(self.patient_id_log_key_file, "patient_id_log_key_file").encode()
         return None
 
     @classmethod
@@ -324,6 +318,19 @@ class Settings(BaseSettings):
         if config:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config)))
         return tuple(sources)
+
+
+def read_secret_file(path: Path, setting: str) -> str:
+    """A secret from a mounted file, stripped of its trailing newline; an unreadable or empty file stops
+    with the setting named (never the content)."""
+    try:
+        secret = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"settings: cannot read {setting} {path}: {getattr(exc, 'strerror', None) or exc}") \
+            from None
+    if not secret:
+        raise SettingsError(f"settings: {setting} {path} is empty")
+    return secret
 
 
 # STREAMER_* variables that are not settings: read by the CLI and the scripts.

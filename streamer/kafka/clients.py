@@ -13,7 +13,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 from aiokafka.helpers import create_ssl_context
 
-from streamer.settings import KafkaSettings
+from streamer.errors import SettingsError
+from streamer.settings import KafkaSettings, read_secret_file
 
 
 class TlsError(RuntimeError):
@@ -86,12 +87,9 @@ class FileTokenProvider(AbstractTokenProvider):
 
     async def token(self) -> str:
         try:
-            token = self.path.read_text().strip()
-        except OSError as exc:
-            raise CredentialError(f"kafka.sasl_oauth_token_file {self.path}: {exc.strerror}") from None
-        if not token:
-            raise CredentialError(f"kafka.sasl_oauth_token_file {self.path} is empty")
-        return token
+            return read_secret_file(self.path, "kafka.sasl_oauth_token_file")
+        except SettingsError as exc:
+            raise CredentialError(str(exc).removeprefix("settings: ")) from None
 
 
 def security_kwargs(k: KafkaSettings) -> dict[str, Any]:
@@ -111,8 +109,6 @@ def _passed_through(kind: str, cls: type, options: dict[str, Any], managed: dict
     """kafka.<kind>_options: aiokafka arguments streamer does not set itself; a typo or a managed one stops
     the process with the name (a silently ignored client option is a misconfigured hospital feed)."""
     import inspect
-
-    from streamer.errors import SettingsError
 
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "loop"}
     for name in options:
