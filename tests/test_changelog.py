@@ -81,3 +81,52 @@ def test_a_state_with_wrong_field_types_is_lost_not_a_crash_later():
                 dict(episode__pending="close"), dict(segments="none")):
         states, lost = _read([_rec(0, state_key("in", "a"), _doc(**bad))])
         assert states == {} and set(lost) == {"a"}, bad
+
+
+class _Reader:
+    """A reader of the state topic (the read_states interface) that serves `records` at `every_s` apart and
+    reports `end` as the partition's end: a broker that answers slowly, or stops answering."""
+
+    def __init__(self, records, end: int, every_s: float):
+        self.records, self.end, self.every_s, self.pos = list(records), end, every_s, 0
+
+    def assign(self, tps):
+        pass
+
+    async def seek_to_beginning(self, *tps):
+        self.pos = 0
+
+    async def getmany(self, *tps, timeout_ms):
+        import asyncio
+
+        await asyncio.sleep(self.every_s)
+        if self.pos < len(self.records):
+            self.pos += 1
+            return {tps[0]: [self.records[self.pos - 1]]}
+        return {}
+
+    def last_stable_offset(self, tp):
+        return self.end
+
+    def highwater(self, tp):
+        return self.end
+
+    async def position(self, tp):
+        return self.pos
+
+
+def test_a_restore_that_progresses_slowly_finishes_and_one_that_stalls_fails_naming_the_partition():
+    """The deadline follows progress: records every 0.1 s over 1 s finish under a 0.3 s idle timeout;
+    a partition whose end is never reached fails after the idle timeout, naming it (the worker then
+    exits 1, restore_failed, instead of leaving the partition unassigned)."""
+    import asyncio
+
+    import pytest
+
+    from streamer.state.changelog import read_states
+
+    records = [_rec(i, state_key("in", f"p{i}"), _state(f"p{i}", 1)) for i in range(10)]
+    done = asyncio.run(read_states(_Reader(records, end=10, every_s=0.1), "state", [TP], idle_timeout_s=0.3))
+    assert len(done.states[TP]) == 10 and done.records == 10
+    with pytest.raises(TimeoutError, match="no record read for 0.3s from state:0"):
+        asyncio.run(read_states(_Reader(records[:3], end=10, every_s=0.05), "state", [TP], idle_timeout_s=0.3))
