@@ -81,8 +81,8 @@ class Metrics:
                                    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
         self.states_expired = Counter("streamer_states_expired_total", "patient states forgotten after state.ttl_s "
                                       "unchanged (tombstoned)", registry=r)
-        self.patient_states = Gauge("streamer_patient_states", "patient states held for this worker's partitions",
-                                    registry=r)
+        self.patient_states = Gauge("streamer_state_patients", "patients whose state this worker holds (its "
+                                    "partitions)", registry=r)
         self.restore_records = Counter("streamer_state_restore_records_total", "state records read back at "
                                        "assignments", registry=r)
         self.inference_busy_s = Gauge("streamer_inference_busy_seconds", "how long the batch now in inference has "
