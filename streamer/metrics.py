@@ -37,11 +37,13 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        self._at_scrape: list = []  # gauges refreshed just before each render
         for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             r.register(standard)
-        self.build = Gauge("streamer_build_info", "1, labelled with the versions this process runs",
-                           list(build_labels()), registry=r)
-        self.build.labels(**build_labels()).set(1)
+        build = build_labels()
+        self.build = Gauge("streamer_build_info", "1, labelled with the versions this process runs", list(build),
+                           registry=r)
+        self.build.labels(**build).set(1)
         self.messages = Counter("streamer_messages_total", "input records consumed", registry=r)
         self.samples = Counter("streamer_samples_total", "samples accepted into buffers", registry=r)
         self.duplicate_samples = Counter("streamer_duplicate_samples_total", "samples ignored as duplicates", registry=r)
@@ -94,15 +96,22 @@ class Metrics:
         self.model = Info("streamer_model", "the loaded model", registry=r)
 
     def render(self) -> bytes:
+        for refresh in self._at_scrape:
+            refresh()
         return generate_latest(self.registry)
 
     def watch_inference(self, watch: InferenceWatch) -> None:
         self.inference_busy_s.set_function(watch.busy_s)
 
     def watch_episodes(self, open_episodes) -> None:
-        """`open_episodes()` -> (count, longest span in s), evaluated at each scrape (not per record)."""
-        self.open_episodes.set_function(lambda: open_episodes()[0])
-        self.longest_open_episode_s.set_function(lambda: open_episodes()[1])
+        """`open_episodes()` -> (count, longest span in s): one pass over the patients at each scrape, for
+        both gauges (not per record)."""
+        def refresh() -> None:
+            count, longest_s = open_episodes()
+            self.open_episodes.set(count)
+            self.longest_open_episode_s.set(longest_s)
+
+        self._at_scrape.append(refresh)
 
 
 class InferenceWatch:
