@@ -58,18 +58,22 @@ class PatientState:
     # the state is tombstoned. None: restored from a version without it (its clock starts at the restore).
     seen_at_s: float | None = None
 
+    def grid(self, anchor_ns: int, fs: Fraction) -> SegmentState | None:
+        """The remembered grid starting at anchor_ns with this rate, if any."""
+        rate = str(fs)
+        return next((seg for seg in self.segments if seg.anchor_ns == anchor_ns and seg.fs == rate), None)
+
     def reported(self, natural_anchor_ns: int, anchor_ns: int, fs: Fraction, k: int) -> bool:
         """Record that window k of this grid was reported (its flag acknowledged). True if it moved."""
-        rate = str(fs)
-        for seg in self.segments:
-            if seg.anchor_ns == anchor_ns and seg.fs == rate:
-                if k + 1 <= seg.next_k:
-                    return False
-                seg.next_k = k + 1
-                self.segments.remove(seg)
-                self.segments.append(seg)  # most recently reported last
-                return True
-        self.segments.append(SegmentState(natural_anchor_ns, anchor_ns, rate, k + 1))
+        seg = self.grid(anchor_ns, fs)
+        if seg is not None:
+            if k + 1 <= seg.next_k:
+                return False
+            seg.next_k = k + 1
+            self.segments.remove(seg)
+            self.segments.append(seg)  # most recently reported last
+            return True
+        self.segments.append(SegmentState(natural_anchor_ns, anchor_ns, str(fs), k + 1))
         del self.segments[:-MAX_SEGMENTS]
         return True
 

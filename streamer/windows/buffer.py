@@ -227,9 +227,9 @@ class PatientStream:
                 anchor += 1  # never the window starts (ids) of the grid it stepped away from
         else:
             anchor, next_k = natural, 0
-            for g in self.state.segments:  # the natural grid may have been reported up to some window
-                if g.anchor_ns == natural and g.fs == str(fs):
-                    next_k = g.next_k
+            natural_grid = self.state.grid(natural, fs)  # it may have been reported up to some window
+            if natural_grid is not None:
+                next_k = natural_grid.next_k
             if stepped_from is not None:  # an earlier segment or the epoch grid: never re-cover reported time
                 next_k = max(next_k, -(-(self.reported_until_ns - anchor) // self.step_ns))
         grid = WindowGrid(anchor, fs, self.window_ns, self.step_ns)

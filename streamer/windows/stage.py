@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from fractions import Fraction
 from typing import Hashable
 
 from streamer.ingest.contract import Chunk
@@ -28,7 +29,8 @@ class WindowStage:
         self.patient_clock: dict[tuple[Hashable, str], float] = {}  # partition flow time at its last record
         # Windows emitted when a stream closed (eviction, memory cap) that the durable state may not know yet
         # (their flags in flight): a stream reopened meanwhile starts after them, never reporting one twice.
-        self.emitted: dict[tuple[Hashable, str], list[EmittedWindow]] = {}
+        # Per patient, (natural anchor, anchor, rate, k) of each window: where it lies on its grid.
+        self.emitted: dict[tuple[Hashable, str], list[tuple[int, int, Fraction, int]]] = {}
 
     def accept(self, partition: Hashable, offset: int, chunk: Chunk, now: float) -> AcceptResult:
         flowed = self._flow(partition, now)
@@ -89,7 +91,7 @@ class WindowStage:
         self.nbytes -= stream.nbytes
         out = stream.close(now)
         if out:
-            self.emitted[key] = self.emitted.get(key, []) + out
+            self.emitted.setdefault(key, []).extend((w.natural_anchor_ns, w.anchor_ns, w.rate, w.k) for w in out)
         return out
 
     def _state_after_emitted(self, key, state):
@@ -103,8 +105,8 @@ class WindowStage:
 
         view = copy.deepcopy(state)
         changed = False
-        for w in emitted:
-            changed |= view.reported(w.natural_anchor_ns, w.anchor_ns, w.rate, w.k)
+        for natural, anchor, rate, k in emitted:
+            changed |= view.reported(natural, anchor, rate, k)
         return view if changed else state
 
     def forget_acknowledged(self) -> None:
@@ -114,13 +116,14 @@ class WindowStage:
                     if not any(self._unknown_to_state(k, w) for w in ws)]:
             del self.emitted[key]
 
-    def _unknown_to_state(self, key, w: EmittedWindow) -> bool:
+    def _unknown_to_state(self, key, marker: tuple[int, int, Fraction, int]) -> bool:
         states = self.store.partitions.get(key[0])
         st = states.get(key[1]) if states else None
         if st is None:
             return states is not None  # forgotten state: keep until the patient's next stream or the revoke
-        rate = str(w.rate)
-        return not any(g.anchor_ns == w.anchor_ns and g.fs == rate and g.next_k > w.k for g in st.segments)
+        _, anchor, rate, k = marker
+        grid = st.grid(anchor, rate)
+        return grid is None or grid.next_k <= k
 
     def min_open_offsets(self) -> dict[Hashable, int]:
         """Per partition, the smallest input offset that an open (unemitted) window still needs."""
