@@ -343,19 +343,20 @@ TOOL_VARIABLES = {
 }
 
 
-def setting_variables(model: type[BaseModel] = None, prefix: str = "STREAMER_") -> dict[str, str]:
-    """Every STREAMER_* variable a setting answers to, with its dotted setting name."""
-    model = model or Settings
-    names: dict[str, str] = {}
-    for name, field in model.model_fields.items():
+def setting_fields(model: type[BaseModel] | None = None, prefix: str = ""):
+    """Every setting, nested groups walked: (dotted name, STREAMER_* variable, its pydantic FieldInfo)."""
+    for name, field in (model or Settings).model_fields.items():
         kind = field.annotation
-        key = f"{prefix}{name.upper()}"
         if isinstance(kind, type) and issubclass(kind, BaseModel):
-            for var, dotted in setting_variables(kind, f"{key}__").items():
-                names[var] = f"{name}.{dotted}"
+            yield from setting_fields(kind, f"{prefix}{name}.")
         else:
-            names[key] = name
-    return names
+            dotted = f"{prefix}{name}"
+            yield dotted, "STREAMER_" + dotted.replace(".", "__").upper(), field
+
+
+def setting_variables() -> dict[str, str]:
+    """Every STREAMER_* variable a setting answers to, with its dotted setting name."""
+    return {var: dotted for dotted, var, _ in setting_fields()}
 
 
 def check_environment(environ: dict[str, str] | None = None) -> None:
@@ -365,23 +366,16 @@ def check_environment(environ: dict[str, str] | None = None) -> None:
 
     environ = os.environ if environ is None else environ
     known = {**setting_variables(), **TOOL_VARIABLES}
+    # a mapping setting also takes one variable per key: STREAMER_KAFKA__PRODUCER_OPTIONS__<KEY>
+    mappings = tuple(f"{var}__" for _, var, field in setting_fields()
+                     if getattr(field.annotation, "__origin__", None) is dict)
     for var in sorted(environ):
         upper = var.upper()
-        if not upper.startswith("STREAMER_") or upper in known:
-            continue
-        if any(upper.startswith(f"{k}__") for k, dotted in setting_variables().items()
-               if _is_mapping(dotted)):
+        if not upper.startswith("STREAMER_") or upper in known or upper.startswith(mappings):
             continue
         near = difflib.get_close_matches(upper, list(known), n=1, cutoff=0.6)
         hint = f"; did you mean {near[0]}?" if near else "; see docs/settings.md"
         raise SettingsError(f"settings: unknown environment variable {var}{hint}")
-
-
-def _is_mapping(dotted: str) -> bool:
-    group, _, name = dotted.rpartition(".")
-    model = Settings.model_fields[group].annotation if group else Settings
-    annotation = model.model_fields[name].annotation
-    return getattr(annotation, "__origin__", None) is dict
 
 
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:

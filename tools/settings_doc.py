@@ -10,9 +10,9 @@ import sys
 import typing
 from pathlib import Path
 
-from pydantic import BaseModel, SecretStr
+from pydantic import SecretStr
 
-from streamer.settings import TOOL_VARIABLES, Settings
+from streamer.settings import TOOL_VARIABLES, setting_fields
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "settings.md"
 GROUPS = {"": "Process", "kafka": "Kafka", "windows": "Windows", "model": "Model", "batching": "Batching",
@@ -53,39 +53,32 @@ def _default(value) -> str:
     return f"`{value}`".replace("|", "\\|")
 
 
-def _rows(model: type[BaseModel], prefix: str) -> list[str]:
+def _group(dotted: str) -> str:
+    return dotted.rpartition(".")[0]
+
+
+def _rows(group: str) -> list[str]:
     rows = []
-    for name, field in model.model_fields.items():
-        kind = field.annotation
-        if isinstance(kind, type) and issubclass(kind, BaseModel):
+    for dotted, env, field in setting_fields():
+        if _group(dotted) != group:
             continue
-        dotted = f"{prefix}{name}"
-        env = "STREAMER_" + dotted.replace(".", "__").upper()
         text = (field.description or "").replace("|", "\\|").replace("\n", " ")
-        rows.append(f"| `{dotted}` | `{env}` | {_type(kind)} | {_default(field.default)} | {text} |")
+        rows.append(f"| `{dotted}` | `{env}` | {_type(field.annotation)} | {_default(field.default)} | {text} |")
     return rows
 
 
 def render() -> str:
     out = [HEADER]
     for group, title in GROUPS.items():
-        model = Settings if not group else Settings.model_fields[group].annotation
         out += [f"## {title}", "", "| setting | variable | type | default | meaning |", "|---|---|---|---|---|",
-                *_rows(model, f"{group}." if group else ""), ""]
+                *_rows(group), ""]
     out += ["## Variables that are not settings", "", "| variable | meaning |", "|---|---|",
             *(f"| `{k}` | {v} |" for k, v in TOOL_VARIABLES.items()), ""]
     return "\n".join(out)
 
 
 def undocumented() -> list[str]:
-    missing = []
-    for group in GROUPS:
-        model = Settings if not group else Settings.model_fields[group].annotation
-        for name, field in model.model_fields.items():
-            kind = field.annotation
-            if not (isinstance(kind, type) and issubclass(kind, BaseModel)) and not field.description:
-                missing.append(f"{group}.{name}" if group else name)
-    return missing
+    return [dotted for dotted, _, field in setting_fields() if not field.description]
 
 
 if __name__ == "__main__":
