@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import orjson
@@ -75,7 +76,9 @@ def test_replayed_recording_flags_equal_offline_score(broker, scorer, tmp_path, 
     assert all(f["latency_ms"] < 30_000 for f in scored) and any(f["latency_ms"] > 0 for f in scored)
 
 
-SENT_AT_MS = 1_764_000_000_123  # the gateway's own record timestamp
+# the gateway's own record timestamp: recent, as a live gateway's is (a year-old one lets the broker's
+# retention check delete the records before the worker reads them)
+SENT_AT_MS = (time.time_ns() // 1_000_000 - 60_000) // 1000 * 1000 + 123
 BAD_INPUTS = {
     "malformed_json": b'{"patient_id": "bad", "t0_ns": ',
     "invalid_field": orjson.dumps({"patient_id": "bad", "t0_ns": "yesterday", "fs": 500, "samples": [1.0]}),
