@@ -5,8 +5,9 @@ an in-memory log: input partitions shared by several patients, a compacted state
 offsets. Hypothesis chunks, duplicates, swaps, loses and dates records (leading holes, outliers), and
 interleaves delivery, publishing, checkpoints, crashes (kill -9: everything in memory is lost),
 revoke/reassign, monitors whose clock froze (one chunk resent again and again), offsets reset far behind
-the state (a replay of everything) and, with transactions, wall time passing (idle beds evicted, their
-partial windows reported truncated, then their backlog arriving) at random. Invariants:
+the state (a replay of everything) and wall time passing (idle beds evicted, their partial windows reported
+truncated, then their backlog arriving; with at-least-once, a crash right after such a window's state was
+written ahead) at random. Invariants:
 - every window holding any delivered sample is reported at least once, always with the same content;
 - a committed offset never passes a record whose samples feed a window not yet reported;
 - each patient's last episode message equals the hysteresis over its de-duplicated flags;
@@ -75,6 +76,9 @@ class Log:
         self.changelog: dict[int, dict[bytes, bytes]] = {p: {} for p in records}
         self.flags: list[dict] = []
         self.episodes: list[dict] = []
+        # per partition, how far any worker has read: the records produced so far (the high watermark);
+        # those after it are still to come (a backlog arriving after an eviction)
+        self.high: dict[int, int] = {p: 0 for p in records}
 
 
 class Core:
@@ -100,6 +104,13 @@ class Core:
             states[stt.patient_id] = stt
         self.store.load(p, states)
         self.position[p] = committed or 0
+        for stt in states.values():  # flags a previous owner wrote ahead: sent again (Publisher.resume)
+            for e in list(stt.flags_ahead):
+                self.log.flags.append(e["flag"])
+                self.store.flag_published(p, stt.patient_id, e["flag"]["window_id"])
+                msg = self.episodes.update(e["flag"], stt.episode, 0.0, grid=e["grid"])
+                if msg is not None:
+                    self.log.episodes.append(msg)
 
     def poll(self, p: int, n: int) -> None:
         if p not in self.position:
@@ -111,31 +122,47 @@ class Core:
             for w in result.windows:
                 self.submit(w)
             self.position[p] = r.offset + 1
+        self.log.high[p] = max(self.log.high[p], self.position[p])
 
     def submit(self, w) -> None:
         w.hold = self.tracker.hold(w.partition, w.min_offset)
         self.pending.append(w)
 
     def publish(self, n: int, only: int | None = None) -> None:
-        keep = []
+        """One batch: the next n pending windows (of one partition with `only`)."""
+        keep, batch = [], []
         for w in self.pending:
             if n <= 0 or (only is not None and w.partition != only):
                 keep.append(w)
                 continue
             n -= 1
-            self.publish_one(w)
+            batch.append(w)
         self.pending = keep
+        self.write_ahead(batch)
+        for w in batch:
+            self.publish_one(w)
 
     def publish_one(self, w) -> None:
-        """At least once: the flag is acknowledged, then the state and the episode follow."""
+        """At least once: the flag is acknowledged, then the state and the episode follow; a window the
+        wall clock closed has its state written ahead, holding its flag (Publisher._write_ahead). One handed
+        on before a revocation is dropped: the partition's owner redoes it (Publisher.flags)."""
+        if not self.tracker.is_current(w.hold):
+            return
         flag = flag_message(w, _probability(w), 0.5, "m", produced_at_ns=1)
         self.log.flags.append(flag)
         self.store.reported(w)
+        self.store.flag_published(w.partition, w.patient_id, flag["window_id"])
         if self.store.owns(w.partition):
             msg = self.apply_to_episode(w, flag)
             if msg is not None:
                 self.log.episodes.append(msg)
         self.tracker.release(w.hold)
+
+    def write_ahead(self, batch) -> None:
+        current = [w for w in batch if self.tracker.is_current(w.hold)]
+        docs = [flag_message(w, _probability(w), 0.5, "m", produced_at_ns=1) for w in current]
+        for p, stt in self.store.write_ahead(list(zip(current, docs))):
+            self.log.changelog[p][state_key("in", stt.patient_id)] = stt.to_bytes("in")
 
     def apply_to_episode(self, w, flag: dict) -> dict | None:
         stt = self.store.patient(w.partition, w.patient_id)
@@ -244,6 +271,38 @@ class DeliveryModel(RuleBasedStateMachine):
         self.core = self.core_class(self.log)
         for p in range(PARTITIONS):
             self.core.assign(p)
+
+    @precondition(lambda self: hasattr(self, "core") and any(w.by_clock for w in self.core.pending))
+    @rule()
+    def crash_after_write_ahead(self):
+        """kill -9 after the states of a batch holding a wall-clock-closed window were written ahead, before
+        its flags were sent."""
+        pending = self.core.pending
+        first = next(i for i, w in enumerate(pending) if w.by_clock)
+        self.core.write_ahead(pending[:first + 1])
+        self.crash()
+
+    @rule(seconds=st.sampled_from([1.0, 30.0, 61.0, 300.0]))
+    def time_passes(self, seconds):
+        """Wall time passes with the partitions fetched and caught up: beds silent for idle_evict_s are
+        evicted, their partial windows reported truncated; a later backlog, a crash or a replay must never
+        report such a window again with other content."""
+        core = self.core
+        core.now += seconds
+        # silence counts on partitions read up to their high watermark (the worker's _caught_up): one
+        # still replaying after a restart evicts nobody
+        caught_up = [p for p, pos in core.position.items() if pos >= self.log.high[p]]
+        core.stage.flowing(caught_up, core.now)
+        for w in core.stage.evict(core.now):
+            core.submit(w)
+
+    @rule()
+    def crash_after_eviction_acknowledged(self):
+        """Idle beds evicted, every pending flag (their truncated windows too) acknowledged, then kill -9
+        before any checkpoint: the backlog still to come must not complete those windows a second time."""
+        self.time_passes(30.0)
+        self.core.publish(10**9)
+        self.crash()
 
     @rule(p=st.integers(0, PARTITIONS - 1))
     def offsets_reset_far_behind(self, p):
@@ -402,6 +461,9 @@ class TxnCore(Core):
         self.txns[p] = _empty_txn()
         super().assign(p)
 
+    def write_ahead(self, batch) -> None:
+        pass  # the transaction that holds the flags holds the states: nothing to write ahead
+
     def publish_one(self, w) -> None:
         """Exactly once: the flag, the state change and the episode join the partition's transaction."""
         if w.partition not in self.txns or not self.tracker.is_current(w.hold):
@@ -470,18 +532,6 @@ class TransactionalDeliveryModel(DeliveryModel):
         assert not self.core.fenced
         self._check_commits(points)
 
-    @rule(seconds=st.sampled_from([1.0, 30.0, 61.0, 300.0]))
-    def time_passes(self, seconds):
-        """Wall time passes with the partitions fetched and caught up: beds silent for idle_evict_s are
-        evicted, their partial windows reported truncated; a later backlog, a crash or a replay must never
-        report such a window again with other content. (Transactions only: with at-least-once delivery a
-        crash between a truncated flag's acknowledgement and the next checkpoint can replay it; README.)"""
-        core = self.core
-        core.now += seconds
-        core.stage.flowing(list(core.position), core.now)
-        for w in core.stage.evict(core.now):
-            core.submit(w)
-
     @invariant()
     def committed_flags_unique(self):
         if hasattr(self, "log"):
@@ -505,3 +555,29 @@ TestTransactionalDeliveryModel = TransactionalDeliveryModel.TestCase
 TestTransactionalDeliveryModel.settings = settings(max_examples=100, stateful_step_count=40, deadline=None,
                                                    suppress_health_check=[HealthCheck.too_slow,
                                                                           HealthCheck.data_too_large])
+
+
+def test_a_truncated_window_acknowledged_then_kill_9_is_not_completed_by_the_replay():
+    """Issue 24, sequence 6, at least once: a bed goes silent mid-window, is evicted and its partial window
+    published as truncated; kill -9 before the next checkpoint; its backlog then arrives. The replay must
+    not complete that window and publish it again as scored."""
+    values = np.random.default_rng(0).normal(0, 0.3, 20 * FS)
+    chunks = [Chunk("p0", "II", START + j * NS, float(FS), values[j * FS:(j + 1) * FS], j, START) for j in range(20)]
+    log = Log({0: [Record(j, "p0", c, False) for j, c in enumerate(chunks)], 1: []})
+    core = Core(log)
+    core.assign(0)
+    core.poll(0, 5)  # half of the first window, then silence
+    core.now += 30.0
+    core.stage.flowing([0], core.now)
+    for w in core.stage.evict(core.now):
+        core.submit(w)
+    core.publish(10)
+    assert [f["reason"] for f in log.flags] == ["truncated"]
+    core = Core(log)  # kill -9: no checkpoint ran
+    core.assign(0)
+    core.poll(0, 20)  # the replay, and the rest of the bed's records
+    core.close_all()
+    core.publish(10)
+    first = [f for f in log.flags if f["window_id"] == log.flags[0]["window_id"]]
+    assert {_content(f) for f in first} == {_content(log.flags[0])}, "one window_id, two contents"
+    assert len({f["window_id"] for f in log.flags}) == 2  # the second window is reported once, scored

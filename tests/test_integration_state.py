@@ -289,3 +289,52 @@ def test_a_patient_unchanged_past_the_ttl_is_tombstoned_and_not_restored(broker,
 
     restored = asyncio.run(restore())
     assert set(next(iter(restored.states.values()))) == {"bed-kept"}
+
+
+def test_a_truncated_flag_acknowledged_before_kill_9_is_not_redone_from_the_backlog(broker, checkpoint, tmp_path):
+    """Issue 24, sequence 6, at least once on Apache Kafka: a bed falls silent 5 s into a window and is
+    evicted, its partial window published `truncated`; the worker is killed before any checkpoint (the
+    commit interval is an hour); then the bed's backlog arrives. The next worker must not complete that
+    window from the replay and publish the same window_id as `scored`: the state was written ahead."""
+    s = isolated_settings(broker.bootstrap, partitions=1)
+    s.kafka.delivery = "at_least_once"
+    s.kafka.commit_interval_s = 3600.0
+    s.windows.idle_evict_s = 3.0
+    s.model.checkpoint = checkpoint
+    values = generate(25, fs=500, seed=9).values
+    rec = Recording(regular_times(len(values), 500, T0), values, 500.0)
+    first, rest = 500 * 5, 500 * 25
+
+    async def send(a: int, b: int):
+        from streamer.ingest.contract import Chunk
+        from streamer.ingest.producer import ChunkProducer
+
+        producer = make_producer(s.kafka)
+        await producer.start()
+        out = ChunkProducer(producer, s.kafka.input_topics[0], "json")
+        for i in range(a, b, 250):
+            await (await out.send(Chunk("bed-gone", "II", int(rec.times_ns[i]), 500.0, rec.values[i:i + 250], i, T0)))
+        await producer.stop()
+
+    log = tmp_path / "worker.log"
+    proc = start_worker_process(s, log)
+    try:
+        wait_for_event(log, "partition_assigned", proc=proc)
+        asyncio.run(send(0, first))
+        truncated = flags_of(asyncio.run(read_topic(s.kafka, s.kafka.flags_topic, until=lambda r: len(r) >= 1,
+                                                    timeout_s=60)))
+        assert [(f["window_start_ns"], f["reason"]) for f in truncated] == [(T0, "truncated")]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        asyncio.run(send(first, rest))  # the backlog, while no worker runs
+        s.kafka.commit_interval_s = 0.3
+        proc = start_worker_process(s, log)
+        flags = flags_of(asyncio.run(read_topic(
+            s.kafka, s.kafka.flags_topic, timeout_s=90,
+            until=lambda r: any(f["window_start_ns"] == T0 + 10**10 for f in flags_of(r)))))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    first_window = [(f["status"], f["reason"]) for f in flags if f["window_start_ns"] == T0]
+    assert set(first_window) == {("insufficient_data", "truncated")}, f"one window_id, two contents: {first_window}"
+    assert [f["status"] for f in flags if f["window_start_ns"] == T0 + 10**10] == ["scored"]

@@ -45,14 +45,22 @@ class Publisher:
 
     async def flags(self, batch: list[EmittedWindow], probs: list[float | None], threshold: float,
                     model_id: str) -> None:
-        docs = [flag_message(w, p, threshold, model_id) for w, p in zip(batch, probs)]
         if self.outputs.exactly_once:
+            docs = [flag_message(w, p, threshold, model_id) for w, p in zip(batch, probs)]
             await self._flags_in_transactions(batch, docs)
-        else:
-            await self._flags_acknowledged(batch, docs)
+            return
+        # A window handed on before its partition was revoked is dropped, as with transactions: the records
+        # it came from were not committed past, so whoever owns the partition now redoes it, and a wall-clock
+        # close (truncated) published late beside that redo would give one window_id two contents.
+        current = [(w, p) for w, p in zip(batch, probs) if self.ledger.is_current(w.hold)]
+        if current:
+            await self._flags_acknowledged([w for w, _ in current],
+                                           [flag_message(w, p, threshold, model_id) for w, p in current])
 
     async def _flags_acknowledged(self, batch: list[EmittedWindow], docs: list[dict]) -> None:
         topic = self.k.flags_topic
+        if self.persist is not None and any(w.by_clock for w in batch):
+            await self._write_ahead(batch, docs)
 
         async def attempt():  # all of the batch, in order
             futures = [await self.outputs.send(w.partition, topic, dumps(d), key=d["patient_id"].encode())
@@ -64,12 +72,21 @@ class Publisher:
         now = self.clock()
         for w, d in zip(batch, docs):
             self.store.reported(w)
+            self.store.flag_published(w.partition, w.patient_id, d["window_id"])
             if not self.store.owns(w.partition):
                 continue  # revoked meanwhile: its new owner applies these flags to the restored episodes
             st, episode = self._apply_to_episode(w, d, now)
             if episode is not None:
                 await self._publish_acknowledged(w.partition, st, episode)
         self._released(batch, docs)
+
+    async def _write_ahead(self, batch: list[EmittedWindow], docs: list[dict]) -> None:
+        """Windows the wall clock closed: their patients' states, marking them reported and holding their
+        flags, are written before the flags are sent. Else a crash after the send and before the next
+        checkpoint lets the replay complete such a window from records that came later: one window_id, two
+        contents."""
+        states = self.store.write_ahead(list(zip(batch, docs)))
+        await asyncio.gather(*(self.persist(tp, st) for tp, st in states))
 
     async def _flags_in_transactions(self, batch: list[EmittedWindow], docs: list[dict]) -> None:
         topic = self.k.flags_topic
@@ -186,8 +203,43 @@ class Publisher:
             log.error("state_lost", patient=patient_ref(patient_id), topic=getattr(partition, "topic", None),
                       partition=getattr(partition, "partition", partition))
         for st in list(self.store.partitions.get(partition, {}).values()):
+            if st.flags_ahead:
+                self.background.spawn(self._republish_flags(partition, st))
             if st.episode.pending is not None:
                 self.background.spawn(self._republish(partition, st, fresh=st.patient_id in lost))
+
+    async def _republish_flags(self, partition, st: PatientState) -> None:
+        """Flags a previous owner wrote ahead and may not have published: sent again, the same bytes (a
+        consumer de-duplicates by window_id), applied to the episode (a no-op if they were), cleared."""
+        entries = list(st.flags_ahead)
+        log.info("flags_republished", patient=patient_ref(st.patient_id), windows=len(entries),
+                 topic=getattr(partition, "topic", None), partition=getattr(partition, "partition", partition))
+        if self.outputs.exactly_once:
+            async with self.outputs.gate(partition) as owned:
+                if not owned or not self.store.owns(partition):
+                    return
+                futures = []
+                for e in entries:
+                    futures.append(await self.outputs.send(partition, self.k.flags_topic, dumps(e["flag"]),
+                                                           key=st.patient_id.encode()))
+                    episode = self._flag_written_ahead_published(partition, st, e)
+                    if episode is not None:
+                        futures.append(await self._send_in_transaction(partition, st, episode))
+            await asyncio.gather(*futures)
+            return
+        for e in entries:
+            await self.outputs.send_acknowledged(partition, self.k.flags_topic, dumps(e["flag"]),
+                                                 key=st.patient_id.encode())
+            episode = self._flag_written_ahead_published(partition, st, e)
+            if episode is not None:
+                await self._publish_acknowledged(partition, st, episode)
+
+    def _flag_written_ahead_published(self, partition, st: PatientState, entry: dict) -> dict | None:
+        flag = entry["flag"]
+        self.store.flag_published(partition, st.patient_id, flag["window_id"])
+        episode = self.episodes.update(flag, st.episode, self.clock(), grid=entry["grid"])
+        self.store.changed(partition, st.patient_id)
+        return episode
 
     async def _republish(self, partition, st: PatientState, fresh: bool) -> None:
         if not self.outputs.exactly_once:

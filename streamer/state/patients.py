@@ -14,9 +14,10 @@ from fractions import Fraction
 import orjson
 
 # 2 added the episode's seq, pending message and renewal time; 3 the wall time the patient was last seen
-# (state.ttl_s). Versions 1 and 2 are read too.
-STATE_VERSION = 3
+# (state.ttl_s); 4 the flags written ahead of a wall-clock close. Versions 1 to 3 are read too.
+STATE_VERSION = 4
 MAX_SEGMENTS = 4  # grids remembered per patient: the current one and the last few before clock events
+MAX_FLAGS_AHEAD = 256  # a closed stream emits its due and open windows: a handful, bounded by the tolerance
 
 
 @dataclass
@@ -57,6 +58,12 @@ class PatientState:
     # wall time (s) of its last change (a window reported, an episode message): after state.ttl_s without one
     # the state is tombstoned. None: restored from a version without it (its clock starts at the restore).
     seen_at_s: float | None = None
+    # Flags of windows a wall-clock decision closed (idle eviction, the memory cap), not yet known to be
+    # published. At least once they are written here, with the windows marked reported, before they are
+    # sent, and cleared once acknowledged: a crash in between makes the next owner send these same flags,
+    # never complete the windows from a replay and report them with other content. Each entry:
+    # {"grid": the window's grid anchor (for the episode tracker), "flag": the flag message}.
+    flags_ahead: list[dict] = field(default_factory=list)
 
     def grid(self, anchor_ns: int, fs: Fraction) -> SegmentState | None:
         """The remembered grid starting at anchor_ns with this rate, if any."""
@@ -81,6 +88,8 @@ class PatientState:
         doc = {"v": STATE_VERSION, "topic": source_topic, "patient_id": self.patient_id,
                "segments": [asdict(s) for s in self.segments], "episode": asdict(self.episode),
                "seen_at_s": self.seen_at_s}
+        if self.flags_ahead:
+            doc["flags_ahead"] = self.flags_ahead
         return orjson.dumps(doc)
 
     @classmethod
@@ -92,7 +101,7 @@ class PatientState:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise ValueError(f"unreadable patient state: {exc}") from None
-        if not isinstance(doc, dict) or doc.get("v") not in (1, 2, STATE_VERSION):  # newer fields defaulted
+        if not isinstance(doc, dict) or doc.get("v") not in (1, 2, 3, STATE_VERSION):  # newer fields defaulted
             raise ValueError(f"unreadable patient state: version {doc.get('v') if isinstance(doc, dict) else doc!r}")
         topic, patient_id = doc.get("topic"), doc.get("patient_id")
         if not isinstance(topic, str) or not topic or not isinstance(patient_id, str) or not patient_id:
@@ -116,12 +125,18 @@ class PatientState:
             if seen is not None and not (isinstance(seen, (int, float)) and not isinstance(seen, bool)
                                          and seen == seen):
                 raise ValueError(f"seen_at_s {seen!r}"[:120])
-            extra = set(doc) - {"v", "topic", "patient_id", "segments", "episode", "seen_at_s"}
+            ahead = doc.get("flags_ahead", [])
+            if not (isinstance(ahead, list) and len(ahead) <= MAX_FLAGS_AHEAD
+                    and all(isinstance(e, dict) and set(e) == {"grid", "flag"} and _is_int(e["grid"])
+                            and isinstance(f := e["flag"], dict) and isinstance(f.get("window_id"), str)
+                            and f.get("patient_id") == patient_id for e in ahead)):
+                raise ValueError("flags_ahead must hold this patient's flag messages with their grids")
+            extra = set(doc) - {"v", "topic", "patient_id", "segments", "episode", "seen_at_s", "flags_ahead"}
             if extra:
                 raise ValueError(f"unknown fields {sorted(extra)[:3]}")
         except (ValueError, ZeroDivisionError) as exc:
             raise ValueError(f"unreadable patient state: {exc}"[:300]) from None
-        return topic, cls(patient_id, segs, ep, None if seen is None else float(seen))
+        return topic, cls(patient_id, segs, ep, None if seen is None else float(seen), ahead)
 
 
 def _is_int(v) -> bool:

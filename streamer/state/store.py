@@ -47,6 +47,32 @@ class StateStore:
         if st.reported(w.natural_anchor_ns, w.anchor_ns, w.rate, w.k):
             self.dirty.setdefault(w.partition, set()).add(w.patient_id)
 
+    def write_ahead(self, batch) -> list[tuple[Hashable, PatientState]]:
+        """A batch of (EmittedWindow, flag) about to be published at least once. For each patient with a
+        window the wall clock closed in it, every one of its windows in the batch (those before it too: the
+        state's "reported up to" would pass them) is marked reported and its flag kept in the state until
+        `flag_published`. Returns the (partition, state) pairs the caller writes before it sends the flags.
+        Patients of partitions no longer this worker's are skipped."""
+        patients = {(w.partition, w.patient_id) for w, _ in batch if w.by_clock and w.partition in self.partitions}
+        out = {}
+        for w, flag in batch:
+            key = (w.partition, w.patient_id)
+            if key not in patients:
+                continue
+            st = self.patient(*key)
+            st.reported(w.natural_anchor_ns, w.anchor_ns, w.rate, w.k)
+            if all(e["flag"]["window_id"] != flag["window_id"] for e in st.flags_ahead):
+                st.flags_ahead.append({"grid": w.anchor_ns, "flag": flag})
+            self.changed(*key)
+            out[key] = (w.partition, st)
+        return list(out.values())
+
+    def flag_published(self, partition: Hashable, patient_id: str, window_id: str) -> None:
+        st = self.partitions.get(partition, {}).get(patient_id)
+        if st is not None and st.flags_ahead and any(e["flag"]["window_id"] == window_id for e in st.flags_ahead):
+            st.flags_ahead = [e for e in st.flags_ahead if e["flag"]["window_id"] != window_id]
+            self.changed(partition, patient_id)
+
     def changed(self, partition: Hashable, patient_id: str) -> None:
         if partition in self.partitions:
             self.dirty.setdefault(partition, set()).add(patient_id)
@@ -69,13 +95,13 @@ class StateStore:
     def expire_idle(self, partition: Hashable, now: float, ttl_s: float, busy) -> list[str]:
         """Forget the partition's patients unchanged for `ttl_s` (no window reported, no episode message):
         their tombstones go out with the next checkpoint, so memory and restores follow the active beds.
-        Never a patient with an open or unpublished episode, or one `busy(patient_id)` (open windows)."""
+        Never a patient with an open or unpublished episode or flag, or one `busy(patient_id)` (open windows)."""
         states = self.partitions.get(partition)
         if not states:
             return []
         gone = [pid for pid, st in states.items()
                 if st.seen_at_s is not None and now - st.seen_at_s > ttl_s and st.episode.open_start_ns is None
-                and st.episode.pending is None and pid not in self.dirty.get(partition, ()) and not busy(pid)]
+                and st.episode.pending is None and not st.flags_ahead and pid not in self.dirty.get(partition, ()) and not busy(pid)]
         for pid in gone:
             del states[pid]
         self.expired.setdefault(partition, set()).update(gone)

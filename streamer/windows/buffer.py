@@ -56,6 +56,9 @@ class EmittedWindow:
     natural_anchor_ns: int = 0
     rate: Fraction = Fraction(500)
     hold: object = None  # its offsets-ledger Hold while it is in flight
+    # closed by the wall clock (idle eviction, the memory cap), not by its records: a replay could decide
+    # otherwise, so at least once its flag is written ahead in the patient state (state.patients)
+    by_clock: bool = False
 
 
 @dataclass(slots=True)

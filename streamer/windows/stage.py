@@ -90,6 +90,8 @@ class WindowStage:
         self.patient_clock.pop(key, None)
         self.nbytes -= stream.nbytes
         out = stream.close(now)
+        for w in out:
+            w.by_clock = True
         if out:
             self.emitted.setdefault(key, []).extend((w.natural_anchor_ns, w.anchor_ns, w.rate, w.k) for w in out)
         return out
