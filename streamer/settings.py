@@ -166,6 +166,10 @@ class WindowSettings(_Group):
     new_timeline_chunks: int = Field(4, ge=1, description="consecutive consistent records off the timeline (a "
                                      "clock step, a new earlier segment, segment_start_ns dropped) that start a new "
                                      "segment; fewer are outliers, dead-lettered without moving the grid")
+    provisional_records: int = Field(3, ge=1, description="records a new or reopened stream holds before its "
+                                     "timeline is set: the largest group of them that agree (same segment and rate, "
+                                     "times within reorder_tolerance_s) sets it, so an outlier first record cannot; "
+                                     "1 sets it from the first record")
     idle_evict_s: float = Field(60.0, gt=0, description="a patient silent this long while its partition keeps flowing "
                                                         "has its open window reported and its buffer freed")
     max_chunk_s: float = Field(10.0, gt=0, description="larger messages are dead-lettered as oversized")

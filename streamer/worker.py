@@ -318,6 +318,8 @@ class Worker:
                 self.stage.flowing(self._caught_up(), now)
                 for w in self.stage.evict(now):
                     self._submit(w)
+                for tp, refused, reason, detail in self.stage.take_rejected():
+                    self._dead_letter(tp, refused, reason, detail)
                 self._tend_episodes()
                 self._expire_states()
                 next_evict = now + 1.0
@@ -347,7 +349,7 @@ class Worker:
                               "partitions would have two owners")
             return
         try:
-            result = self.stage.accept(tp, record.offset, chunk, now)
+            result = self.stage.accept(tp, record.offset, chunk, now, ref=record)
         except Exception as exc:  # a bug must cost one record, never the other patients
             log.exception("ingest_failed", patient=patient_ref(chunk.patient_id), offset=record.offset)
             self._dead_letter(tp, record, "internal_error", repr(exc)[:200])
@@ -356,12 +358,8 @@ class Worker:
         self.metrics.duplicate_samples.inc(result.duplicate_samples)
         self.metrics.late_samples.inc(result.late_samples)
         self.metrics.implausible_samples.inc(result.implausible_samples)
-        if result.rejected:
-            self._dead_letter(tp, record, result.rejected,
-                              f"{result.late_samples} samples not accepted ({result.rejected})")
-        elif result.late_samples:
-            self._dead_letter(tp, record, "partly_late",
-                              f"{result.late_samples} of {len(chunk.samples)} samples older than the open windows")
+        for refused, reason, detail in result.dead_letters:  # this record, or earlier ones held until now
+            self._dead_letter(tp, refused, reason, detail)
         for w in result.windows:
             self._submit(w)
 

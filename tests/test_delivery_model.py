@@ -220,9 +220,10 @@ def recordings(draw):
             chunks.append((c, False))
             if draw(st.integers(0, 15)) == 0:
                 chunks.append((c, False))  # duplicate
-            if len(chunks) > 1 and draw(st.integers(0, 25)) == 0:  # an outlier dated +30 min (a first
-                # record defines a new patient's timeline: nothing can tell an outlier there)
-                chunks.append((Chunk(c.patient_id, "II", c.t0_ns + 1800 * NS, float(FS), c.samples, j, anchor), True))
+            if draw(st.integers(0, 25)) == 0:  # an outlier dated +30 min, before or after its chunk: also
+                # a new bed's first record (its provisional stream holds it until records agree)
+                outlier = (Chunk(c.patient_id, "II", c.t0_ns + 1800 * NS, float(FS), c.samples, j, anchor), True)
+                chunks.insert(len(chunks) - 1 if draw(st.booleans()) else len(chunks), outlier)
         for j in range(len(chunks) - 1):
             if draw(st.integers(0, 8)) == 0:
                 chunks[j], chunks[j + 1] = chunks[j + 1], chunks[j]  # reordered within tolerance

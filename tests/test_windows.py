@@ -137,9 +137,14 @@ def test_duplicates_are_counted_and_ignored():
     times, values = recording(fs, 12)
     chunks = list(chunks_of("p1", times, values, 500, fs=fs))
     stream = PatientStream("p1", 0, WindowSettings())
-    stream.accept(chunks[0], 0, 0.0)
-    res = stream.accept(chunks[0], 1, 0.0)
-    assert res.duplicate_samples == 500 and res.new_samples == 0
+    for i in range(3):  # the provisional records that set the timeline
+        stream.accept(chunks[i], i, 0.0)
+    res = stream.accept(chunks[1], 3, 0.0)
+    assert res.duplicate_samples == 500 and res.new_samples == 0 and not res.activity
+    held = PatientStream("p1", 0, WindowSettings())
+    held.accept(chunks[0], 0, 0.0)
+    again = held.accept(chunks[0], 1, 0.0)  # a repeat while the stream is provisional: held, not activity
+    assert again.held_samples == 0 and not again.activity and not again.dead_letters
 
 
 def test_rate_change_starts_a_new_segment():
@@ -426,3 +431,50 @@ def test_a_backlog_after_an_eviction_never_reopens_a_window_still_in_flight():
         later += stage.accept(0, 200 + i, p1[i], now=90.0 + i).windows
     assert START not in [w.start_ns for w in later], "window 0 was already reported"
     assert [w.start_ns for w in later][:1] == [START + 10 * 10**9]
+
+
+@pytest.mark.parametrize("segment_start", [True, False])
+def test_an_outlier_first_record_with_swapped_neighbours_does_not_black_the_bed_out(segment_start):
+    """Issue 24, sequence 5: a new bed's first record is dated +10 min, and its gateway swaps neighbouring
+    chunks. The provisional stream holds its first records until three agree: only the outlier is
+    dead-lettered, every window is scored on the bed's own grid."""
+    fs = 500
+    times, values = recording(fs, 61)
+    chunks = list(chunks_of("p1", times, values, 250, fs=fs, segment_start_ns=None if segment_start else 0))
+    if not segment_start:
+        chunks = [dataclasses.replace(c, segment_start_ns=None) for c in chunks]
+    outlier = dataclasses.replace(chunks[0], t0_ns=chunks[0].t0_ns + 600 * 10**9)
+    swapped = [c for pair in zip(chunks[1::2], chunks[0::2]) for c in pair]  # 1, 0, 3, 2, ...
+    stream = PatientStream("p1", 0, WindowSettings())
+    dead, windows = [], []
+    for i, c in enumerate([outlier, *swapped]):
+        res = stream.accept(c, i, 0.0, ref=i)
+        dead += [(ref, reason) for ref, reason, _ in res.dead_letters]
+        windows += res.windows
+    assert dead == [(0, "timestamp_jump")], "the outlier alone is refused"
+    step = 10 * 10**9
+    origin = int(times[0]) if segment_start else 0
+    assert [w.status for w in windows] == [SCORABLE] * 6
+    assert all((w.start_ns - origin) % step == 0 for w in windows), "on the bed's own grid"
+    assert windows[0].start_ns <= int(times[0]) < windows[0].end_ns
+
+
+def test_a_provisional_stream_that_closes_early_reports_its_windows_and_refuses_its_outlier():
+    """Two records and silence (eviction): the held records still set the timeline at close; a held
+    outlier of another segment comes back to be dead-lettered (stage.take_rejected)."""
+    fs = 500
+    times, values = recording(fs, 4)
+    chunks = list(chunks_of("p1", times, values, 500, fs=fs))
+    stage = WindowStage(WindowSettings(idle_evict_s=5.0))
+    stray = dataclasses.replace(chunks[0], segment_start_ns=chunks[0].segment_start_ns - 3600 * 10**9,
+                                t0_ns=chunks[0].t0_ns - 3600 * 10**9)
+    for i, c in enumerate([chunks[0], stray, chunks[1]]):
+        res = stage.accept(0, i, c, now=float(i), ref=f"r{i}")
+        assert not res.windows and not res.dead_letters and res.activity
+    assert stage.min_open_offsets() == {0: 0}, "held records keep the commit"
+    stage.flowing([0], 10.0)
+    stage.flowing([0], 20.0)
+    out = stage.evict(20.0)
+    assert [(w.status, w.reason) for w in out] == [(INSUFFICIENT, "truncated")]
+    assert [(ref, reason) for _, ref, reason, _ in stage.take_rejected()] == [("r1", "stale_segment")]
+    assert stage.min_open_offsets() == {}

@@ -15,6 +15,10 @@ Rules (docs/windows-and-delivery.md):
   and remembered; once `new_timeline_chunks` consecutive, mutually consistent records follow the new
   timeline, the old segment is closed and the new one starts (re-anchored at that record if it kept the
   same segment_start_ns). A lone outlier never moves the grid.
+- A new or reopened stream is provisional: its first records are held until `provisional_records` of them
+  agree (same segment and rate, times within `reorder_tolerance_s` of each other); that group, in time
+  order, sets the timeline, and the others are judged against it. An outlier first record (+10 min) cannot
+  define a bed's timeline, nor can neighbouring chunks that arrive swapped.
 """
 
 from __future__ import annotations
@@ -113,6 +117,17 @@ class _Candidate:
     offset: int
 
 
+@dataclass(slots=True)
+class _Held:
+    """One of a provisional stream's first records, kept (offset held) until its timeline is set."""
+    chunk: Chunk
+    natural_anchor_ns: int
+    rate: Fraction
+    end_ns: int
+    offset: int
+    ref: object  # what the caller gave with it (the Kafka record): dead-lettered through it if refused
+
+
 @dataclass
 class AcceptResult:
     windows: list[EmittedWindow]
@@ -121,13 +136,25 @@ class AcceptResult:
     late_samples: int = 0
     implausible_samples: int = 0
     rejected: str | None = None  # reason when the whole chunk is refused
+    held_samples: int = 0  # new samples of a provisional stream's record, held until its timeline is set
+    # (ref, reason, detail) of each record to dead-letter: this one, or records held earlier and refused now
+    dead_letters: list[tuple[object, str, str]] = field(default_factory=list)
 
     @property
     def activity(self) -> bool:
         """Whether the record counts as the patient being alive: it added samples. Rejected records and
         records that only repeat what is held (a monitor whose clock froze resends the same t0) do not, so
         such a bed goes idle, its open window is reported and the commit moves on."""
-        return self.rejected is None and self.new_samples > 0
+        return self.rejected is None and (self.new_samples > 0 or self.held_samples > 0)
+
+    def add(self, other: "AcceptResult") -> None:
+        """Fold in the result of another record decided in the same call."""
+        self.windows.extend(other.windows)
+        self.new_samples += other.new_samples
+        self.duplicate_samples += other.duplicate_samples
+        self.late_samples += other.late_samples
+        self.implausible_samples += other.implausible_samples
+        self.dead_letters.extend(other.dead_letters)
 
 
 class PatientStream:
@@ -145,6 +172,8 @@ class PatientStream:
         self.replay_horizon_ns = round((settings.window_s + settings.reorder_tolerance_s + settings.idle_evict_s) * NS)
         self.segment: _Segment | None = None
         self.candidates: list[_Candidate] = []
+        self.held: list[_Held] = []  # a provisional stream's first records
+        self.dead: list[tuple[object, str, str]] = []  # held records refused when the stream closed
         # end of the latest window reported for this patient (on any grid), from the state and since
         self.reported_until_ns = max((g.anchor_ns + (g.next_k - 1) * self.step_ns + self.window_ns
                                       for g in self.state.segments if g.next_k > 0), default=0)
@@ -152,7 +181,76 @@ class PatientStream:
         self.nbytes = 0
 
     # -- chunk in -------------------------------------------------------------------------------
-    def accept(self, chunk: Chunk, offset: int, now: float) -> AcceptResult:
+    def accept(self, chunk: Chunk, offset: int, now: float, ref: object = None) -> AcceptResult:
+        """`ref` travels back in `dead_letters` if this record is refused, now or later."""
+        if self.segment is None and self.s.provisional_records > 1:
+            return self._hold(chunk, offset, now, ref)
+        result = self._accept(chunk, offset, now)
+        if result.rejected:
+            result.dead_letters.append((ref, result.rejected,
+                                        f"{result.late_samples} samples not accepted ({result.rejected})"))
+        elif result.late_samples:
+            result.dead_letters.append((ref, "partly_late", f"{result.late_samples} of {len(chunk.samples)} "
+                                                            "samples older than the open windows"))
+        return result
+
+    # -- a provisional stream's first records ----------------------------------------------------
+    def _hold(self, chunk: Chunk, offset: int, now: float, ref: object) -> AcceptResult:
+        natural = chunk.segment_start_ns if chunk.segment_start_ns is not None else 0
+        fs = as_rate(chunk.fs)
+        n = len(chunk.samples)
+        fresh = all(h.chunk.t0_ns != chunk.t0_ns or len(h.chunk.samples) != n for h in self.held)
+        held = _Held(chunk, natural, fs, chunk.t0_ns + round(n * NS / fs), offset, ref)
+        self.held.append(held)
+        self.nbytes += chunk.samples.nbytes
+        if fresh:
+            self.last_activity = now
+        group = next(g for g in self._agreeing_groups() if any(h is held for h in g))
+        if _distinct(group) < self.s.provisional_records:
+            if len(self.held) < 2 * self.s.provisional_records:
+                return AcceptResult([], held_samples=n if fresh else 0)
+            group = max(self._agreeing_groups(), key=_distinct)  # no agreement among many: the largest group
+        return self._release(group, now)
+
+    def _agreeing_groups(self) -> list[list[_Held]]:
+        """The held records in groups that agree: same segment and rate, each within reorder_tolerance_s of
+        the group's span (in any arrival order)."""
+        tolerance = round(self.s.reorder_tolerance_s * NS)
+        groups: list[list[_Held]] = []
+        for h in sorted(self.held, key=lambda h: (h.natural_anchor_ns, h.rate, h.chunk.t0_ns)):
+            last = groups[-1] if groups else None
+            if (last is not None and last[0].natural_anchor_ns == h.natural_anchor_ns and last[0].rate == h.rate
+                    and h.chunk.t0_ns <= max(x.end_ns for x in last) + tolerance):
+                last.append(h)
+            else:
+                groups.append([h])
+        return groups
+
+    def _release(self, group: list[_Held], now: float) -> AcceptResult:
+        """Set the timeline from `group` (in time order), then judge the other held records against it."""
+        held, self.held = self.held, []
+        self.nbytes -= sum(h.chunk.samples.nbytes for h in held)
+        chosen = {id(h) for h in group}
+        out = AcceptResult([])
+        for h in [*group, *(h for h in held if id(h) not in chosen)]:
+            r = self._accept(h.chunk, h.offset, now, confirmed=id(h) in chosen and len(group) > 1)
+            if r.rejected:
+                r.dead_letters.append((h.ref, r.rejected, f"{len(h.chunk.samples)} samples not accepted "
+                                                          f"({r.rejected}): off the timeline its stream's first "
+                                                          "records set"))
+            elif r.late_samples:
+                r.dead_letters.append((h.ref, "partly_late", f"{r.late_samples} of {len(h.chunk.samples)} "
+                                                             "samples older than the open windows"))
+            out.add(r)
+        return out
+
+    def take_dead(self) -> list[tuple[object, str, str]]:
+        out, self.dead = self.dead, []
+        return out
+
+    # -- chunk in (the timeline set) -------------------------------------------------------------
+    def _accept(self, chunk: Chunk, offset: int, now: float, confirmed: bool = False) -> AcceptResult:
+        """`confirmed`: the record leads a group of agreeing records (no far-ahead check)."""
         natural = chunk.segment_start_ns if chunk.segment_start_ns is not None else 0
         fs = as_rate(chunk.fs)
         n = len(chunk.samples)
@@ -171,7 +269,8 @@ class PatientStream:
                     return AcceptResult(out, late_samples=n, rejected=off)
                 out.extend(self.close(now))  # a clock event: the old segment ends here
                 seg, stepped_from = None, seg
-        if seg is None and stepped_from is None and self._far_ahead_of_state(natural, fs, chunk.t0_ns):
+        if seg is None and stepped_from is None and not confirmed and self._far_ahead_of_state(natural, fs,
+                                                                                                chunk.t0_ns):
             # a (re)opened stream whose first record is far ahead of what the state reported: a patient
             # back after a long silence, or an outlier; only consistent records that follow tell which
             if not self._confirms_new_timeline(natural, fs, chunk, offset):
@@ -361,11 +460,17 @@ class PatientStream:
 
     def close(self, now: float) -> list[EmittedWindow]:
         """End the segment: emit every due window, then the unfinished ones as insufficient (truncated)."""
+        if self.held:  # a provisional stream closing: its largest agreeing group sets the timeline
+            released = self._release(max(self._agreeing_groups(), key=_distinct), now)
+            self.dead.extend(released.dead_letters)
+            early = released.windows
+        else:
+            early = []
         seg = self.segment
         self.candidates.clear()
         if seg is None:
-            return []
-        out = list(self._due(seg, now, flush=True))
+            return early
+        out = early + list(self._due(seg, now, flush=True))
         for k in sorted(seg.open):
             w = seg.open.pop(k)
             self.nbytes -= w.nbytes
@@ -375,10 +480,15 @@ class PatientStream:
 
     def min_open_offset(self) -> int | None:
         """The smallest input offset an open window or an unresolved off-timeline record still needs."""
-        offsets = [c.offset for c in self.candidates]
+        offsets = [c.offset for c in self.candidates] + [h.offset for h in self.held]
         if self.segment is not None:
             offsets += [w.min_offset for w in self.segment.open.values() if w.min_offset is not None]
         return min(offsets) if offsets else None
+
+
+def _distinct(group: list[_Held]) -> int:
+    """Records of a group that are not repeats of each other (a frozen clock resends one record)."""
+    return len({(h.chunk.t0_ns, len(h.chunk.samples)) for h in group})
 
 
 def fill_gaps(values: np.ndarray, mask: np.ndarray, max_gap: int, max_fraction: float) -> NoScoreReason | None:

@@ -31,8 +31,12 @@ class WindowStage:
         # (their flags in flight): a stream reopened meanwhile starts after them, never reporting one twice.
         # Per patient, (natural anchor, anchor, rate, k) of each window: where it lies on its grid.
         self.emitted: dict[tuple[Hashable, str], list[tuple[int, int, Fraction, int]]] = {}
+        # (partition, ref, reason, detail) of held records refused when their stream closed (take_rejected)
+        self.rejected: list[tuple[Hashable, object, str, str]] = []
 
-    def accept(self, partition: Hashable, offset: int, chunk: Chunk, now: float) -> AcceptResult:
+    def accept(self, partition: Hashable, offset: int, chunk: Chunk, now: float, ref: object = None) -> AcceptResult:
+        """`ref` (the Kafka record) comes back in a result's dead_letters, or from take_rejected, if the
+        record is refused."""
         flowed = self._flow(partition, now)
         key = (partition, chunk.patient_id)
         stream = self.streams.get(key)
@@ -41,12 +45,12 @@ class WindowStage:
             stream = self.streams[key] = PatientStream(chunk.patient_id, partition, self.s, state)
             self.patient_clock[key] = flowed
         before = stream.nbytes
-        result = stream.accept(chunk, offset, now)
+        result = stream.accept(chunk, offset, now, ref)
         self.nbytes += stream.nbytes - before
         if result.activity:  # a bed whose records are all rejected is not alive: it can go idle
             self.patient_clock[key] = flowed
             self.streams.move_to_end(key)
-        if stream.segment is None and not stream.nbytes and not stream.candidates:
+        if stream.segment is None and not stream.nbytes and not stream.candidates and not stream.held:
             self.streams.pop(key, None)
             self.patient_clock.pop(key, None)
         return result
@@ -90,10 +94,17 @@ class WindowStage:
         self.patient_clock.pop(key, None)
         self.nbytes -= stream.nbytes
         out = stream.close(now)
+        self.rejected.extend((key[0], *d) for d in stream.take_dead())
         for w in out:
             w.by_clock = True
         if out:
             self.emitted.setdefault(key, []).extend((w.natural_anchor_ns, w.anchor_ns, w.rate, w.k) for w in out)
+        return out
+
+    def take_rejected(self) -> list[tuple[Hashable, object, str, str]]:
+        """Records a closing stream refused (its provisional first records that did not agree), to
+        dead-letter."""
+        out, self.rejected = self.rejected, []
         return out
 
     def _state_after_emitted(self, key, state):
@@ -150,8 +161,9 @@ class WindowStage:
 
     def close_all(self, now: float) -> list[EmittedWindow]:
         out: list[EmittedWindow] = []
-        for stream in self.streams.values():
+        for (partition, _), stream in self.streams.items():
             out.extend(stream.close(now))
+            self.rejected.extend((partition, *d) for d in stream.take_dead())
         self.streams.clear()
         self.patient_clock.clear()
         self.nbytes = 0
