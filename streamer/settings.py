@@ -170,6 +170,9 @@ class WindowSettings(_Group):
                                      "timeline is set: the largest group of them that agree (same segment and rate, "
                                      "times within reorder_tolerance_s) sets it, so an outlier first record cannot; "
                                      "1 sets it from the first record")
+    max_window_life_s: float = Field(120.0, gt=0, description="an open window still incomplete after this long "
+                                     "(its partition flowing: outages do not count) closes its patient's stream: "
+                                     "reported truncated, the commit moves on (a monitor clock that crawls)")
     idle_evict_s: float = Field(60.0, gt=0, description="a patient silent this long while its partition keeps flowing "
                                                         "has its open window reported and its buffer freed")
     max_chunk_s: float = Field(10.0, gt=0, description="larger messages are dead-lettered as oversized")

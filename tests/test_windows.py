@@ -478,3 +478,28 @@ def test_a_provisional_stream_that_closes_early_reports_its_windows_and_refuses_
     assert [(w.status, w.reason) for w in out] == [(INSUFFICIENT, "truncated")]
     assert [(ref, reason) for _, ref, reason, _ in stage.take_rejected()] == [("r1", "stale_segment")]
     assert stage.min_open_offsets() == {}
+
+
+def test_a_window_that_outlives_its_maximum_life_is_reported_and_frees_the_commit():
+    """Issue 24: a monitor clock that crawls (each record adds a few new samples, so the bed stays active)
+    holds its window open for ever; after max_window_life_s of partition flow it is reported truncated and
+    the commit moves on. A broker outage counts at most FLOW_GAP_CAP_S (10 s), not its wall time."""
+    fs = 500
+    stage = WindowStage(WindowSettings(max_window_life_s=30.0, idle_evict_s=60.0, provisional_records=1))
+    values = generate(2, fs=fs, seed=1).values
+    closed_at, now = None, 0.0
+    for i in range(40):  # a record a second, each 10 new samples (20 ms of signal): the window needs 500 s
+        c = Chunk("crawl", "II", START + i * 20_000_000, float(fs), values[i * 10:i * 10 + 10], i, START)
+        res = stage.accept(0, i, c, now=now)
+        assert res.activity or closed_at is not None, "each record adds samples: the bed is active"
+        assert stage.min_open_offsets() == ({0: 0} if closed_at is None else {})
+        out = stage.evict(now)
+        if out and closed_at is None:
+            closed_at = i
+            assert [(w.status, w.reason, w.by_clock) for w in out] == [(INSUFFICIENT, "truncated", True)]
+        if i == 5:
+            now += 600.0  # an outage: ten minutes without a record
+        now += 1.0
+    # flow: 1 s per record, the outage 10 s (capped) instead of 1 s: 30 s at record 21 (wall time: record 6)
+    assert closed_at == 21
+    assert stage.expired_windows == 1

@@ -478,6 +478,11 @@ class PatientStream:
         self.segment = None
         return out
 
+    def oldest_open(self) -> int | None:
+        """The index of the oldest open window of the segment, if any."""
+        seg = self.segment
+        return min(seg.open) if seg is not None and seg.open else None
+
     def min_open_offset(self) -> int | None:
         """The smallest input offset an open window or an unresolved off-timeline record still needs."""
         offsets = [c.offset for c in self.candidates] + [h.offset for h in self.held]

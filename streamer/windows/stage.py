@@ -7,10 +7,13 @@ from fractions import Fraction
 from typing import Hashable
 
 from streamer.ingest.contract import Chunk
+from streamer.logs import get_logger, patient_ref
 from streamer.settings import WindowSettings
 from streamer.state.store import StateStore
 from streamer.windows.buffer import AcceptResult, EmittedWindow, PatientStream
 
+
+log = get_logger("streamer.windows")
 
 FLOW_GAP_CAP_S = 10.0  # monitors send <= 1 s chunks: a longer silence of a whole partition is an outage
 
@@ -33,6 +36,9 @@ class WindowStage:
         self.emitted: dict[tuple[Hashable, str], list[tuple[int, int, Fraction, int]]] = {}
         # (partition, ref, reason, detail) of held records refused when their stream closed (take_rejected)
         self.rejected: list[tuple[Hashable, object, str, str]] = []
+        # per patient: (its oldest open window, partition flow time when it became the oldest)
+        self.oldest_since: dict[tuple[Hashable, str], tuple[int, float]] = {}
+        self.expired_windows = 0  # streams closed because a window outlived max_window_life_s
 
     def accept(self, partition: Hashable, offset: int, chunk: Chunk, now: float, ref: object = None) -> AcceptResult:
         """`ref` (the Kafka record) comes back in a result's dead_letters, or from take_rejected, if the
@@ -53,6 +59,7 @@ class WindowStage:
         if stream.segment is None and not stream.nbytes and not stream.candidates and not stream.held:
             self.streams.pop(key, None)
             self.patient_clock.pop(key, None)
+            self.oldest_since.pop(key, None)
         return result
 
     def _flow(self, partition: Hashable, now: float) -> float:
@@ -83,15 +90,39 @@ class WindowStage:
             if flowed - self.patient_clock.get(key, flowed) >= idle_s:
                 idle.append(key)
         self.forget_acknowledged()
-        for key in idle:
-            out.extend(self._close(key, now))
+        for key in idle + self._outlived():
+            if key in self.streams:
+                out.extend(self._close(key, now))
         while self.streams and self.nbytes > self.s.max_buffer_bytes:
             out.extend(self._close(next(iter(self.streams)), now))
+        return out
+
+    def _outlived(self) -> list[tuple[Hashable, str]]:
+        """Patients whose oldest open window has stayed open max_window_life_s of partition flow time: a
+        monitor clock crawling (records that each add a few samples) would otherwise pin the commit for ever."""
+        life = self.s.max_window_life_s
+        out = []
+        for key, stream in self.streams.items():
+            k = stream.oldest_open()
+            if k is None:
+                self.oldest_since.pop(key, None)
+                continue
+            flowed = self.partition_clock.get(key[0], (0.0, 0.0))[0]
+            since = self.oldest_since.get(key)
+            if since is None or since[0] != k:
+                self.oldest_since[key] = (k, flowed)
+            elif flowed - since[1] >= life:
+                out.append(key)
+        if out:
+            self.expired_windows += len(out)
+            log.warning("window_life_exceeded", patients=[patient_ref(pid) for _, pid in out[:10]],
+                        count=len(out), max_window_life_s=life)
         return out
 
     def _close(self, key: tuple[Hashable, str], now: float) -> list[EmittedWindow]:
         stream = self.streams.pop(key)
         self.patient_clock.pop(key, None)
+        self.oldest_since.pop(key, None)
         self.nbytes -= stream.nbytes
         out = stream.close(now)
         self.rejected.extend((key[0], *d) for d in stream.take_dead())
@@ -153,6 +184,7 @@ class WindowStage:
         for k in keys:
             self.nbytes -= self.streams.pop(k).nbytes
             self.patient_clock.pop(k, None)
+            self.oldest_since.pop(k, None)
         for k in [k for k in self.emitted if k[0] == partition]:
             del self.emitted[k]
         self.partition_clock.pop(partition, None)
@@ -166,5 +198,6 @@ class WindowStage:
             self.rejected.extend((partition, *d) for d in stream.take_dead())
         self.streams.clear()
         self.patient_clock.clear()
+        self.oldest_since.clear()
         self.nbytes = 0
         return out
