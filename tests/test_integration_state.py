@@ -338,3 +338,55 @@ def test_a_truncated_flag_acknowledged_before_kill_9_is_not_redone_from_the_back
     first_window = [(f["status"], f["reason"]) for f in flags if f["window_start_ns"] == T0]
     assert set(first_window) == {("insufficient_data", "truncated")}, f"one window_id, two contents: {first_window}"
     assert [f["status"] for f in flags if f["window_start_ns"] == T0 + 10**10] == ["scored"]
+
+
+def test_a_new_bed_whose_first_record_is_an_outlier_loses_only_that_record(broker, scorer):
+    """Issue 24, sequence 5, through Kafka: the first record of a new bed is dated +10 min and its gateway
+    swaps neighbouring chunks. The outlier alone is dead-lettered (with its own bytes and offset), every
+    window of the bed is scored on its own grid, and the commit reaches the end of the partition."""
+    s = isolated_settings(broker.bootstrap, partitions=1)
+    s.windows.idle_evict_s = 5.0
+    values = generate(41, fs=500, seed=4).values
+    rec = Recording(regular_times(len(values), 500, T0), values, 500.0)
+
+    async def main():
+        from streamer.ingest.contract import Chunk
+        from streamer.ingest.producer import ChunkProducer
+
+        chunks = [Chunk("bed-outlier", "II", int(rec.times_ns[i]), 500.0, rec.values[i:i + 250], i, T0)
+                  for i in range(0, len(values), 250)]
+        outlier = Chunk("bed-outlier", "II", chunks[0].t0_ns + 600 * 10**9, 500.0, chunks[0].samples, 0, T0)
+        swapped = [c for pair in zip(chunks[1::2], chunks[0::2]) for c in pair]
+        worker = Worker(s, scorer=scorer)
+        task = asyncio.create_task(worker.run())
+        try:
+            await _until(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
+            producer = make_producer(s.kafka)
+            await producer.start()
+            out = ChunkProducer(producer, s.kafka.input_topics[0], "json")
+            for c in [outlier, *swapped]:
+                await (await out.send(c))
+            await producer.stop()
+
+            async def scored():
+                flags = flags_of(await read_topic(s.kafka, s.kafka.flags_topic, timeout_s=2))
+                return sum(f["status"] == "scored" for f in flags) >= 4
+
+            await _until(scored, 90, "the bed's windows")
+            tp = next(iter(worker.assigned))
+            end = worker.consumer.highwater(tp)
+            await _until(lambda: asyncio.sleep(0, worker.ledger.committed.get(tp, 0) == end), 60,
+                         "the commit to reach the end of the partition")
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, 60)
+        dead = await read_topic(s.kafka, s.kafka.dead_letter_topic, until=lambda r: len(r) >= 1, timeout_s=10)
+        flags = flags_of(await read_topic(s.kafka, s.kafka.flags_topic, timeout_s=5))
+        return dead, flags
+
+    dead, flags = asyncio.run(main())
+    assert [(reason_of(r.headers), headers_dict(r.headers)["__streams.errors.offset"]) for r in dead] == \
+        [("timestamp_jump", "0")]
+    assert orjson.loads(dead[0].value)["t0_ns"] == T0 + 600 * 10**9, "the outlier's own bytes"
+    scored = sorted(f["window_start_ns"] for f in flags if f["status"] == "scored")
+    assert scored[:4] == [T0 + k * 10**10 for k in range(4)], "every window on the bed's own grid"
