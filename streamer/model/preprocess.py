@@ -61,7 +61,7 @@ class Preprocessor:
         self.w_cols = torch.from_numpy(pillow_bilinear_weights(SPEC_FRAMES, IMAGE_SIZE).T.astype(np.float64)).to(self.device)
         self.w_rows = torch.from_numpy(pillow_bilinear_weights(SPEC_BINS, IMAGE_SIZE).astype(np.float64)).to(self.device)
         self._half = float(1 << (_PRECISION_BITS - 1))
-        self._scale = float(1 << _PRECISION_BITS)
+        self._unscale = 1.0 / float(1 << _PRECISION_BITS)  # a power of two: multiplying is exact, as dividing
 
     def spectrogram_u8(self, x: torch.Tensor) -> torch.Tensor:
         """Steps 1-6: (B, 5000) float32 -> (B, 129, 79) 8-bit values held in float64."""
@@ -77,8 +77,9 @@ class Preprocessor:
         return (norm * 255.0).to(torch.uint8).to(torch.float64)  # uint8 cast truncates toward zero
 
     def _pass(self, acc: torch.Tensor) -> torch.Tensor:
-        # Pillow: start from 1 << (PRECISION_BITS - 1), shift right, clip to 0..255.
-        return torch.clamp(torch.floor((acc + self._half) / self._scale), 0.0, 255.0)
+        # Pillow: start from 1 << (PRECISION_BITS - 1), shift right, clip to 0..255. In place on the matmul's
+        # fresh result: four elementwise passes without temporaries were 70 % of the resize's time.
+        return acc.add_(self._half).mul_(self._unscale).floor_().clamp_(0.0, 255.0)
 
     def resize_u8(self, img: torch.Tensor) -> torch.Tensor:
         """Step 7: (B, 129, 79) 8-bit -> (B, 224, 224) 8-bit, Pillow-exact."""
@@ -90,5 +91,5 @@ class Preprocessor:
             x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         img = self.resize_u8(self.spectrogram_u8(x))
         # Step 8-9: /255; one channel (the stem conv folds the 3-channel repeat, see network.py).
-        return (img.to(torch.float32) / 255.0).unsqueeze(1)
+        return img.to(torch.float32).div_(255.0).unsqueeze(1)
 
