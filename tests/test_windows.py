@@ -503,3 +503,25 @@ def test_a_window_that_outlives_its_maximum_life_is_reported_and_frees_the_commi
     # flow: 1 s per record, the outage 10 s (capped) instead of 1 s: 30 s at record 21 (wall time: record 6)
     assert closed_at == 21
     assert stage.expired_windows == 1
+
+
+def test_a_held_record_that_breaks_the_stream_costs_only_itself(monkeypatch):
+    """A bug met while a provisional stream releases its held records dead-letters that record
+    (internal_error) and still feeds the others: none is dropped without a dead letter."""
+    fs = 500
+    times, values = recording(fs, 12)
+    chunks = list(chunks_of("p1", times, values, 500, fs=fs))
+    stream = PatientStream("p1", 0, WindowSettings())
+    real = stream._accept
+
+    def flaky(chunk, offset, now, confirmed=False):
+        if offset == 1:
+            raise RuntimeError("boom")
+        return real(chunk, offset, now, confirmed)
+
+    monkeypatch.setattr(stream, "_accept", flaky)
+    stream.accept(chunks[0], 0, 0.0, ref="r0")
+    stream.accept(chunks[1], 1, 0.0, ref="r1")
+    res = stream.accept(chunks[2], 2, 0.0, ref="r2")
+    assert [(ref, reason) for ref, reason, _ in res.dead_letters] == [("r1", "internal_error")]
+    assert res.new_samples == 1000 and stream.min_open_offset() == 0

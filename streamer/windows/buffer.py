@@ -30,10 +30,13 @@ from typing import Hashable, Iterator
 import numpy as np
 
 from streamer.ingest.contract import Chunk
+from streamer.logs import get_logger, patient_ref
 from streamer.settings import WindowSettings
 from streamer.spec import MIN_WINDOW_SAMPLES, NoScoreReason, WindowStatus
 from streamer.state.patients import PatientState
 from streamer.windows.grid import NS, WindowGrid, as_rate
+
+log = get_logger("streamer.windows")
 
 SCORABLE = WindowStatus.SCORABLE
 INSUFFICIENT = WindowStatus.INSUFFICIENT
@@ -233,7 +236,14 @@ class PatientStream:
         chosen = {id(h) for h in group}
         out = AcceptResult([])
         for h in [*group, *(h for h in held if id(h) not in chosen)]:
-            r = self._accept(h.chunk, h.offset, now, confirmed=id(h) in chosen and len(group) > 1)
+            try:
+                r = self._accept(h.chunk, h.offset, now, confirmed=id(h) in chosen and len(group) > 1)
+            except Exception as exc:  # a bug costs this record (dead-lettered), never the others held with it
+                log.exception("held_record_failed", patient=patient_ref(self.patient_id), offset=h.offset)
+                r = AcceptResult([], late_samples=len(h.chunk.samples))
+                r.dead_letters.append((h.ref, "internal_error", repr(exc)[:200]))
+                out.add(r)
+                continue
             if r.rejected:
                 r.dead_letters.append((h.ref, r.rejected, f"{len(h.chunk.samples)} samples not accepted "
                                                           f"({r.rejected}): off the timeline its stream's first "
