@@ -103,7 +103,8 @@ def main() -> None:
             n_short, n_long = recs["short"][1], recs["long"][1]
             marginal[label] = (n_long - n_short) / (walls["long"] - walls["short"])
             fixed = walls["short"] - n_short / marginal[label]  # the wall time with the scoring taken out
-            record(f"{label}: {n_short} / {n_long} windows at 360 Hz, probe checkpoint, median of {args.runs} interleaved runs",
+            record(f"{label}: {n_short} / {n_long} windows at 360 Hz, probe checkpoint, "
+                   f"median of {args.runs} interleaved runs",
                    f"{walls['short']:.2f} s / {walls['long']:.2f} s wall, marginal {marginal[label]:.1f} windows/s, "
                    f"fixed start {fixed:.2f} s")
         oke = "okekeclean 1.1.0 detect_artifacts"

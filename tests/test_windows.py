@@ -525,3 +525,16 @@ def test_a_held_record_that_breaks_the_stream_costs_only_itself(monkeypatch):
     res = stream.accept(chunks[2], 2, 0.0, ref="r2")
     assert [(ref, reason) for ref, reason, _ in res.dead_letters] == [("r1", "internal_error")]
     assert res.new_samples == 1000 and stream.min_open_offset() == 0
+
+
+def test_provisional_records_agree_across_a_gateways_rate_noise():
+    """500.0 and 500.001 Hz from one gateway (within rate_tolerance) are one timeline: three records open
+    the stream, as with one exact rate."""
+    fs = 500
+    times, values = recording(fs, 4)
+    chunks = [dataclasses.replace(c, fs=500.001 if i % 2 else 500.0)
+              for i, c in enumerate(chunks_of("p1", times, values, 500, fs=fs))]
+    stream = PatientStream("p1", 0, WindowSettings())
+    results = [stream.accept(c, i, 0.0) for i, c in enumerate(chunks[:3])]
+    assert [r.new_samples for r in results] == [0, 0, 1500] and stream.segment is not None
+    assert not stream.held and not any(r.dead_letters for r in results)

@@ -53,7 +53,8 @@ class StateStore:
         state's "reported up to" would pass them) is marked reported and its flag kept in the state until
         `flag_published`. Returns the (partition, state) pairs the caller writes before it sends the flags.
         Patients of partitions no longer this worker's are skipped."""
-        patients = {(w.partition, w.patient_id) for w, _ in batch if w.by_clock and w.partition in self.partitions}
+        patients = {(w.partition, w.patient_id) for w, _ in batch
+                    if w.by_clock and w.partition in self.partitions}
         out = {}
         for w, flag in batch:
             key = (w.partition, w.patient_id)
@@ -99,9 +100,10 @@ class StateStore:
         states = self.partitions.get(partition)
         if not states:
             return []
+        dirty = self.dirty.get(partition, ())
         gone = [pid for pid, st in states.items()
                 if st.seen_at_s is not None and now - st.seen_at_s > ttl_s and st.episode.open_start_ns is None
-                and st.episode.pending is None and not st.flags_ahead and pid not in self.dirty.get(partition, ()) and not busy(pid)]
+                and st.episode.pending is None and not st.flags_ahead and pid not in dirty and not busy(pid)]
         for pid in gone:
             del states[pid]
         self.expired.setdefault(partition, set()).update(gone)

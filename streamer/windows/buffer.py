@@ -220,9 +220,10 @@ class PatientStream:
         the group's span (in any arrival order)."""
         tolerance = round(self.s.reorder_tolerance_s * NS)
         groups: list[list[_Held]] = []
-        for h in sorted(self.held, key=lambda h: (h.natural_anchor_ns, h.rate, h.chunk.t0_ns)):
+        for h in sorted(self.held, key=lambda h: (h.natural_anchor_ns, h.chunk.t0_ns)):
             last = groups[-1] if groups else None
-            if (last is not None and last[0].natural_anchor_ns == h.natural_anchor_ns and last[0].rate == h.rate
+            if (last is not None and last[0].natural_anchor_ns == h.natural_anchor_ns
+                    and abs(last[0].rate - h.rate) <= self.s.rate_tolerance * last[0].rate  # 500.0 / 500.001
                     and h.chunk.t0_ns <= max(x.end_ns for x in last) + tolerance):
                 last.append(h)
             else:
