@@ -87,12 +87,13 @@ def test_flags_written_ahead_survive_the_changelog_and_bad_ones_lose_the_state()
     """Version 4: the flags a wall-clock close wrote ahead are read back as written; a malformed list
     (another patient's flag, no grid, not a list) makes the state unreadable, never a crash later."""
     flag = {"window_id": "a:0", "patient_id": "a", "status": "insufficient_data", "reason": "truncated"}
-    raw = _doc(flags_ahead=[{"grid": 0, "flag": flag}])
-    assert orjson.loads(raw)["v"] == 4
+    raw = _doc(flags_ahead=[{"grid": 0, "flag": flag}], v=4)
     states, lost = _read([_rec(0, state_key("in", "a"), raw)])
     assert states["a"].flags_ahead == [{"grid": 0, "flag": flag}] and not lost
-    assert orjson.loads(states["a"].to_bytes("in"))["flags_ahead"] == [{"grid": 0, "flag": flag}]
-    assert "flags_ahead" not in orjson.loads(PatientState("b").to_bytes("in")), "absent when empty"
+    written = orjson.loads(states["a"].to_bytes("in"))
+    assert written["flags_ahead"] == [{"grid": 0, "flag": flag}] and written["v"] == 4
+    plain = orjson.loads(PatientState("b").to_bytes("in"))
+    assert "flags_ahead" not in plain and plain["v"] == 3, "nothing ahead: the version the last release reads"
     for bad in ([{"grid": 0, "flag": {**flag, "patient_id": "b"}}], [{"flag": flag}], [flag], "none",
                 [{"grid": "0", "flag": flag}], [{"grid": 0, "flag": flag}] * 257):
         states, lost = _read([_rec(0, state_key("in", "a"), _doc(flags_ahead=bad))])

@@ -85,7 +85,8 @@ class PatientState:
         return True
 
     def to_bytes(self, source_topic: str) -> bytes:
-        doc = {"v": STATE_VERSION, "topic": source_topic, "patient_id": self.patient_id,
+        # version 3 while nothing is written ahead (almost always): a worker one release older still reads it
+        doc = {"v": STATE_VERSION if self.flags_ahead else 3, "topic": source_topic, "patient_id": self.patient_id,
                "segments": [asdict(s) for s in self.segments], "episode": asdict(self.episode),
                "seen_at_s": self.seen_at_s}
         if self.flags_ahead:
