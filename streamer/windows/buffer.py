@@ -189,12 +189,7 @@ class PatientStream:
         if self.segment is None and self.s.provisional_records > 1:
             return self._hold(chunk, offset, now, ref)
         result = self._accept(chunk, offset, now)
-        if result.rejected:
-            result.dead_letters.append((ref, result.rejected,
-                                        f"{result.late_samples} samples not accepted ({result.rejected})"))
-        elif result.late_samples:
-            result.dead_letters.append((ref, "partly_late", f"{result.late_samples} of {len(chunk.samples)} "
-                                                            "samples older than the open windows"))
+        _dead_letter_if_refused(result, ref, len(chunk.samples))
         return result
 
     # -- a provisional stream's first records ----------------------------------------------------
@@ -212,7 +207,7 @@ class PatientStream:
         if _distinct(group) < self.s.provisional_records:
             if len(self.held) < 2 * self.s.provisional_records:
                 return AcceptResult([], held_samples=n if fresh else 0)
-            group = max(self._agreeing_groups(), key=_distinct)  # no agreement among many: the largest group
+            group = self._largest_group()  # no agreement among many
         return self._release(group, now)
 
     def _agreeing_groups(self) -> list[list[_Held]]:
@@ -230,6 +225,9 @@ class PatientStream:
                 groups.append([h])
         return groups
 
+    def _largest_group(self) -> list[_Held]:
+        return max(self._agreeing_groups(), key=_distinct)
+
     def _release(self, group: list[_Held], now: float) -> AcceptResult:
         """Set the timeline from `group` (in time order), then judge the other held records against it."""
         held, self.held = self.held, []
@@ -245,13 +243,8 @@ class PatientStream:
                 r.dead_letters.append((h.ref, "internal_error", repr(exc)[:200]))
                 out.add(r)
                 continue
-            if r.rejected:
-                r.dead_letters.append((h.ref, r.rejected, f"{len(h.chunk.samples)} samples not accepted "
-                                                          f"({r.rejected}): off the timeline its stream's first "
-                                                          "records set"))
-            elif r.late_samples:
-                r.dead_letters.append((h.ref, "partly_late", f"{r.late_samples} of {len(h.chunk.samples)} "
-                                                             "samples older than the open windows"))
+            _dead_letter_if_refused(r, h.ref, len(h.chunk.samples),
+                                    ": off the timeline its stream's first records set")
             out.add(r)
         return out
 
@@ -472,7 +465,7 @@ class PatientStream:
     def close(self, now: float) -> list[EmittedWindow]:
         """End the segment: emit every due window, then the unfinished ones as insufficient (truncated)."""
         if self.held:  # a provisional stream closing: its largest agreeing group sets the timeline
-            released = self._release(max(self._agreeing_groups(), key=_distinct), now)
+            released = self._release(self._largest_group(), now)
             self.dead.extend(released.dead_letters)
             early = released.windows
         else:
@@ -500,6 +493,16 @@ class PatientStream:
         if self.segment is not None:
             offsets += [w.min_offset for w in self.segment.open.values() if w.min_offset is not None]
         return min(offsets) if offsets else None
+
+
+def _dead_letter_if_refused(result: AcceptResult, ref: object, n: int, why: str = "") -> None:
+    """The dead letter of a record `result` refused, whole or in part (n: its samples)."""
+    if result.rejected:
+        result.dead_letters.append((ref, result.rejected,
+                                    f"{result.late_samples} samples not accepted ({result.rejected}){why}"))
+    elif result.late_samples:
+        result.dead_letters.append((ref, "partly_late", f"{result.late_samples} of {n} samples older than the "
+                                                        "open windows"))
 
 
 def _distinct(group: list[_Held]) -> int:
