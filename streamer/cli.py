@@ -104,7 +104,13 @@ def cmd_run(args) -> int:
         _install_stop(asyncio.get_running_loop(), worker.stop)  # from here on the loop owns the signals
         if stop_requested.is_set():
             worker.stop()
-        return await worker.run()
+        code = await worker.run()
+        if worker.deadline_exceeded:
+            # the shutdown deadline passed (a frozen broker): closing the loop would wait on its clients
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
 
     try:
         code = asyncio.run(main())

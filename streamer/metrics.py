@@ -71,6 +71,9 @@ class Metrics:
         self.lag = Gauge("streamer_consumer_lag_records", "records behind the partition's high watermark",
                          ["topic", "partition"], registry=r)
         self.patients = Gauge("streamer_buffered_patients", "patients with open windows", registry=r)
+        self.clock_offset_s = Gauge("streamer_clock_offset_seconds", "this worker's clock minus the timestamps of "
+                                    "the freshest input records (positive: ahead); outputs keep the input's "
+                                    "event time either way", registry=r)
         self.open_episodes = Gauge("streamer_open_episodes", "artifact episodes open (alarms suppressed) on this "
                                    "worker's partitions", registry=r)
         self.longest_open_episode_s = Gauge("streamer_longest_open_episode_seconds", "signal time from the first "

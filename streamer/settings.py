@@ -59,11 +59,23 @@ class KafkaSettings(_Group):
         "(duplicates with the same window_id after a crash). auto: exactly_once when the brokers run "
         "transactions (a probe at start), else at_least_once; the choice is logged (delivery_mode)")
     transactional_id_prefix: str | None = Field(None, description="transactional ids are <prefix>-<input topic>-"
-                                                "<partition>; default: the group id. ACLs: WRITE and DESCRIBE "
-                                                "on this prefix")
-    transaction_timeout_ms: int = Field(60000, ge=1000, description="the broker aborts a transaction left open "
-                                        "this long (a worker that died mid-checkpoint with no successor); "
-                                        "read_committed readers of its partitions wait at most this")
+                                                "<partition>; default: the group id. Every worker of a group must "
+                                                "use the same one (fencing rests on it): a partition last committed "
+                                                "under another prefix is refused. ACLs: WRITE and DESCRIBE on it")
+    previous_transactional_id_prefix: str | None = Field(None, description="only while changing "
+                                                         "transactional_id_prefix (every worker stopped first): "
+                                                         "partitions last committed under this prefix are "
+                                                         "taken, after fencing its ids")
+    transaction_timeout_ms: int = Field(10000, ge=1000, description="the broker aborts a transaction left open "
+                                        "this long (a worker that died with no successor); read_committed "
+                                        "readers of its output partitions wait at most this plus the brokers' "
+                                        "abort check (transaction.abort.timed.out.transaction.cleanup.interval."
+                                        "ms, 10 s by default): well inside the 35 s suppression lease")
+    clock_offset_warn_s: float = Field(120.0, gt=0, description="the worker's clock is compared with the "
+                                       "timestamps of fresh input records; further apart than this, it logs "
+                                       "clock_offset (error) and streamer_clock_offset_seconds shows it. Outputs are "
+                                       "stamped with the input's event time, never this clock, so the brokers "
+                                       "accept them either way")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="SASL_SSL for a hospital cluster")
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = Field(
@@ -117,6 +129,9 @@ class KafkaSettings(_Group):
             self.state_topic = f"{self.group_id}.state"
         if self.transactional_id_prefix is None:
             self.transactional_id_prefix = self.group_id
+        if self.commit_interval_s * 1000 * 4 > self.transaction_timeout_ms:
+            raise ValueError("kafka.commit_interval_s must be under a quarter of kafka.transaction_timeout_ms "
+                             "(each checkpoint's transaction must commit long before the brokers abort it)")
         if self.min_insync_replicas and self.replication_factor and \
                 self.min_insync_replicas > self.replication_factor:
             raise ValueError("kafka.min_insync_replicas must not exceed kafka.replication_factor")

@@ -17,12 +17,14 @@ from aiokafka.errors import KafkaError
 
 from streamer.batching import MicroBatcher
 from streamer.checkpointing import Checkpointer, OffsetsLedger
-from streamer.checkpointing.outputs import AtLeastOnceOutputs, TransactionalOutputs, probe_transactions
+from streamer.checkpointing.event_time import ClockOffset, EventTime
+from streamer.checkpointing.outputs import (AtLeastOnceOutputs, OutputRouting, TransactionalOutputs,
+                                            probe_transactions, refused_prefix)
 from streamer.ingest.contract import InvalidMessage, decode
 from streamer.ingest.partitioning import home_partition
 from streamer.ingest.deadletter import DeadLetters
-from streamer.kafka.clients import (TlsError, check_tls, ensure_topics, make_consumer, make_producer, missing_topics,
-                                    partition_counts, topic_config)
+from streamer.kafka.clients import (TlsError, check_tls, committed_offsets, ensure_topics, make_consumer, make_producer,
+                                    missing_topics, partition_counts, topic_config)
 from streamer.logs import get_logger, patient_ref
 from streamer.metrics import HealthServer, InferenceWatch, Metrics
 from streamer.model.infer import ArtifactScorer, refuse_demo_model
@@ -30,7 +32,7 @@ from streamer.model.scoring import WindowScorer
 from streamer.publish.episodes import EpisodeTracker
 from streamer.publish.publisher import Publisher
 from streamer.settings import Settings
-from streamer.state.changelog import read_states
+from streamer.state.changelog import read_episode_seqs, read_states
 from streamer.state.store import StateStore
 from streamer.windows.buffer import EmittedWindow
 from streamer.windows.stage import WindowStage
@@ -86,6 +88,11 @@ class Worker:
         self.metrics.patient_states.set_function(self.store.count)
         self.next_expiry = 0.0
         self.abandoned_startup = False  # stopped while the model was still loading in its thread
+        self.deadline_exceeded = False  # the shutdown ran out of time: the process must exit now
+        self.event_time = EventTime()  # what outputs are stamped with: the input's time, not this clock
+        self.clock_offset = ClockOffset(settings.kafka.clock_offset_warn_s, self.metrics.clock_offset_s)
+        self.routing: OutputRouting | None = None
+        self.commits_end = asyncio.Event()  # the commit loop ends after its checkpoint in flight
 
     # -- lifecycle ------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -135,6 +142,9 @@ class Worker:
                     raise StartupError(f"topics missing on {k.bootstrap_servers}: {missing} "
                                        "(create them, or set kafka.create_topics=true; with ACLs, a topic the "
                                        "principal may not DESCRIBE looks missing too)")
+            outputs = [k.flags_topic, k.episodes_topic, k.dead_letter_topic]
+            self.routing = OutputRouting(await partition_counts(k, [*k.input_topics, *outputs]),
+                                         k.input_partitioner)
         except (KafkaError, asyncio.TimeoutError, OSError) as exc:
             raise StartupError(f"broker unreachable at {k.bootstrap_servers}: {exc!r}") from None
         try:
@@ -180,14 +190,15 @@ class Worker:
                                    "transactions")
         if k.delivery != "at_least_once" and why_not is None:
             log.info("delivery_mode", mode="exactly_once", transactional_id_prefix=k.transactional_id_prefix)
-            return TransactionalOutputs(k, lambda tid: make_producer(k, transactional_id=tid))
+            return TransactionalOutputs(k, lambda tid: make_producer(k, transactional_id=tid), self.event_time,
+                                        self.routing)
         # idempotence needs InitProducerId, which a broker without transactions may lack as well
         idempotent = k.delivery == "at_least_once" and why_not is None
         if k.delivery == "at_least_once":
             why_not = "kafka.delivery = at_least_once"
         log.info("delivery_mode", mode="at_least_once", reason=why_not, idempotent=idempotent)
         self.producer = make_producer(k, idempotent=idempotent)
-        return AtLeastOnceOutputs(self.producer)
+        return AtLeastOnceOutputs(self.producer, self.event_time, self.routing)
 
     def _fail(self, exc: BaseException) -> None:
         """A failure the worker cannot continue from (a transaction that cannot commit, a restore that cannot
@@ -222,11 +233,19 @@ class Worker:
                                     failed=bool(failed) or self.fatal is not None)
 
     async def _shutdown(self, consume, infer, publish, commit, publish_queue: asyncio.Queue, failed: bool) -> int:
-        """Stop fetching, finish and publish what is in flight, commit, leave the group.
+        """Stop fetching, finish and publish what is in flight, commit, leave the group: all of it within
+        shutdown_deadline_s, whatever the brokers do.
 
+        The last part of the deadline is kept for the final checkpoint and closing the clients. A checkpoint
+        in flight is awaited, never cancelled: aiokafka goes on with a cancelled commit's EndTxn (shielded),
+        and a second commit would then meet a producer still committing. Past the deadline the worker gives
+        up with exit 1 and `deadline_exceeded` (the caller exits the process at once): what is not committed
+        stays in an open transaction that the partition's next owner aborts as it takes the partition.
         If the inference or publish task died, the other one is ended rather than left waiting for it
         until the deadline: what was not acknowledged stays uncommitted and the next owner redoes it."""
         deadline = self.s.shutdown_deadline_s
+        end = time.monotonic() + deadline
+        drain_end = end - min(10.0, deadline / 3)  # the rest: final checkpoint, then closing
         code = 1 if failed else 0
         consume.cancel()
         self.batcher.close()
@@ -235,29 +254,45 @@ class Worker:
             infer.cancel()  # nothing can be published any more
         elif infer.done():
             ending.append(asyncio.create_task(publish_queue.put(None)))  # publish what is queued, then end
-        try:
-            await asyncio.wait_for(asyncio.gather(infer, publish, *ending, *self.dead_letters.background.tasks,
-                                                  *self.publisher.background.tasks,
-                                                  return_exceptions=True), deadline)
-        except asyncio.TimeoutError:
-            log.error("shutdown_deadline_exceeded", pending=self.ledger.in_flight())
+        drained = asyncio.ensure_future(asyncio.gather(infer, publish, *ending, *self.dead_letters.background.tasks,
+                                                       *self.publisher.background.tasks, return_exceptions=True))
+        if not await self._within(drained, drain_end):
+            log.error("shutdown_deadline_exceeded", phase="drain", pending=self.ledger.in_flight())
             code = 1
-        commit.cancel()
-        await asyncio.gather(consume, commit, return_exceptions=True)
+            infer.cancel()
+            publish.cancel()
+        self.commits_end.set()
+        await asyncio.gather(consume, return_exceptions=True)
+        if not await self._within(commit, end - 1.0):
+            self.fatal = self.fatal or TimeoutError("a checkpoint did not finish before the shutdown deadline")
+            self.deadline_exceeded = True
+        elif not commit.cancelled() and commit.exception() is not None and self.fatal is None:
+            self.fatal = commit.exception()
+            log.error("task_failed", task="commit", error=repr(self.fatal))
         if self.fatal is None:
-            try:
-                await self._commit(self.assigned)
-            except Exception as exc:  # the transaction cannot commit: the next owner redoes it
-                log.error("final_checkpoint_failed", error=repr(exc))
+            final = asyncio.ensure_future(self._commit(self.assigned))
+            if not await self._within(final, end - 1.0):
+                self.deadline_exceeded = True
+            elif final.exception() is not None:  # the transaction cannot commit: the next owner redoes it
+                log.error("final_checkpoint_failed", error=repr(final.exception()))
                 code = 1
-        if self.fatal is not None:
+        if self.deadline_exceeded:
+            log.error("shutdown_deadline_exceeded", phase="final_checkpoint", deadline_s=deadline)
+        if self.fatal is not None or self.deadline_exceeded:
             code = 1
-        await self._close_clients()
+        await self._close_clients(max(end - time.monotonic(), 0.5))
         if self.health is not None:
             await self.health.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
         log.info("worker_stopped", exit_code=code)
         return code
+
+    @staticmethod
+    async def _within(task: asyncio.Future, until_monotonic: float) -> bool:
+        """Wait for `task` until a monotonic time without cancelling it; whether it finished."""
+        if not task.done():
+            await asyncio.wait({task}, timeout=max(until_monotonic - time.monotonic(), 0.0))
+        return task.done()
 
     async def _check_state_topic(self) -> None:
         problem = await self._state_topic_problem()
@@ -287,15 +322,22 @@ class Worker:
                     "--add-config cleanup.policy=compact")
         return None
 
-    async def _close_clients(self) -> None:
+    async def _close_clients(self, timeout_s: float = 10.0) -> None:
+        """Close every client, all of them within `timeout_s` (a client that cannot close in time is left:
+        the process is about to exit)."""
+        until = time.monotonic() + timeout_s
+
+        async def close(name, stop):
+            try:
+                await asyncio.wait_for(stop(), max(until - time.monotonic(), 0.1))
+            except Exception as exc:  # closing must not hide the real exit reason
+                log.warning("client_stop_failed", client=name, error=repr(exc))
+
         if self.outputs is not None:
-            await self.outputs.stop()
-        for client in (self.consumer, self.producer, self.state_reader):
-            if client is not None:
-                try:
-                    await asyncio.wait_for(client.stop(), 10)
-                except Exception as exc:  # closing must not hide the real exit reason
-                    log.warning("client_stop_failed", error=repr(exc))
+            await close("outputs", lambda: self.outputs.stop(max(until - time.monotonic(), 0.1)))
+        await asyncio.gather(*(close(name, client.stop) for name, client in
+                               (("consumer", self.consumer), ("producer", self.producer),
+                                ("state_reader", self.state_reader)) if client is not None))
 
     # -- consume --------------------------------------------------------------------------------
     async def _consume_loop(self) -> None:
@@ -312,6 +354,12 @@ class Worker:
                     if batch and tp in consumer.assignment():
                         consumer.seek(tp, batch[0].offset)
                     continue
+                if batch:
+                    newest = max(r.timestamp for r in batch)
+                    self.event_time.observe(tp, newest)
+                    high = consumer.highwater(tp)
+                    if high is not None and batch[-1].offset + 1 >= high:
+                        self.clock_offset.observe(newest)  # caught up: these records are fresh
                 for record in batch:
                     self._ingest(tp, record, now, partitions)
             if now >= next_evict:  # scans the patients silent for idle_evict_s: once a second is enough
@@ -449,8 +497,14 @@ class Worker:
 
     # -- commits and rebalances -------------------------------------------------------------------
     async def _commit_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.s.kafka.commit_interval_s)
+        """A checkpoint every commit_interval_s until `commits_end` (shutdown): it is never cancelled in the
+        middle of one (see _shutdown)."""
+        while not self.commits_end.is_set():
+            try:
+                await asyncio.wait_for(self.commits_end.wait(), self.s.kafka.commit_interval_s)
+                return
+            except asyncio.TimeoutError:
+                pass
             await self._commit(self.assigned)
 
     async def _commit(self, partitions: set[TopicPartition]) -> None:
@@ -488,6 +542,7 @@ class Worker:
             await self._commit(revoked)
         for tp in revoked:
             await self.outputs.close(tp)
+            self.event_time.drop(tp)
             dropped = self.stage.drop_partition(tp)
             self.ledger.drop_partition(tp)
             self.assigned.discard(tp)
@@ -503,22 +558,32 @@ class Worker:
                 problem = f"{self.s.kafka.state_topic} has no partition {max(tp.partition for tp in new)}"
             if problem is not None:
                 raise RuntimeError(problem)
+        committed = await committed_offsets(self.consumer, new)
+        if self.outputs.exactly_once:
+            for tp in new:
+                problem = refused_prefix(self.s.kafka, committed[tp][1], tp)
+                if problem is not None:
+                    raise RuntimeError(problem)
         for tp in new:
             await self.outputs.open(tp)
         for tp in new:
-            self.ledger.start_partition(tp, await self.consumer.committed(tp))
+            self.ledger.start_partition(tp, committed[tp][0])
         self.metrics.restoring.inc(len(new))
+        k = self.s.kafka
         try:
             with self.metrics.restore_s.time():
-                restored = await read_states(self.state_reader, self.s.kafka.state_topic, new,
-                                             idle_timeout_s=self.s.kafka.restore_idle_timeout_s)
+                restored = await read_states(self.state_reader, k.state_topic, new,
+                                             idle_timeout_s=k.restore_idle_timeout_s)
+                seqs = await read_episode_seqs(self.state_reader, k.episodes_topic, self._episode_partitions(new),
+                                               idle_timeout_s=k.restore_idle_timeout_s)
         finally:
             self.metrics.restoring.dec(len(new))
         self.metrics.restore_records.inc(restored.records)
         now = self.clock()
         for tp in new:
             states = restored.states[tp]
-            self.store.load(tp, states)
+            self.event_time.observe(tp, restored.newest_timestamp_ms.get(tp))
+            self.store.load(tp, states, seqs)
             bad = [u for u in restored.unreadable if u.partition == tp]
             for u in bad:
                 self.dead_letters.send(tp, u.record, "state_unreadable", u.reason, held=False)
@@ -527,3 +592,13 @@ class Worker:
             log.info("partition_assigned", topic=tp.topic, partition=tp.partition,
                      committed=self.ledger.committed.get(tp), patients_restored=len(states),
                      states_unreadable=len(bad))
+
+    def _episode_partitions(self, partitions) -> list[int]:
+        """The episodes topic's partitions that hold these input partitions' patients' messages: the same
+        numbers when the topics line up (OutputRouting), else all of them."""
+        k = self.s.kafka
+        n_out = self.routing.counts.get(k.episodes_topic, 0) if self.routing else 0
+        aligned = [self.routing.partition(tp, k.episodes_topic, None) for tp in partitions] if self.routing else []
+        if aligned and all(p is not None for p in aligned):
+            return sorted(set(aligned))
+        return list(range(n_out))

@@ -12,6 +12,15 @@ sent through `Outputs.send(partition, ...)` while that partition's `gate` is hel
   transaction: read_committed readers see all of it or nothing. An output counts once it is in the open
   transaction (the commit that moves the offsets carries it); any failure of the transaction is fatal for
   the worker, whose in-memory state then no longer matches what readers will see.
+  aiokafka (0.14) sends EndTxn(COMMIT) even when the broker refused one of the transaction's batches (it
+  only fails that batch's futures), unlike the Java producer: so every record's delivery is confirmed
+  here before the offsets join the transaction and before it commits; one refused record aborts the
+  whole transaction (nothing of it visible, the offsets unmoved) and stops the worker.
+
+Both modes stamp every output with its input partition's event time (event_time.py), never the worker's
+clock, and route flags, episodes and dead letters to the output partition of the same number as their
+input partition (`OutputRouting`): one input partition's transaction then blocks read_committed readers of
+that one output partition only, whatever partitioner the monitors' producers use.
 """
 
 from __future__ import annotations
@@ -23,11 +32,36 @@ from typing import AsyncIterator, Hashable
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import IllegalOperation, KafkaError
 
+from streamer.checkpointing.event_time import EventTime
+from streamer.ingest.partitioning import home_partition
 from streamer.kafka.clients import retry_kafka
 from streamer.logs import get_logger
 from streamer.settings import KafkaSettings
 
 log = get_logger("streamer.outputs")
+
+# What a transaction's consumer-offset commit carries as metadata: the transactional id prefix, so that a
+# worker taking the partition can tell that the previous owner used another one (fencing would not work).
+TXN_METADATA_PREFIX = "txn-prefix="
+
+
+class OutputRouting:
+    """Which output partition a record of input partition `tp` goes to. Output topics with as many partitions
+    as the input: the same number (a patient's outputs beside its input, whatever the monitors'
+    partitioner). Otherwise the key under the input's partitioner (kafka.input_partitioner), so one
+    patient's outputs still stay in one partition; without a key, the producer's choice."""
+
+    def __init__(self, counts: dict[str, int], partitioner: str):
+        self.counts, self.partitioner = counts, partitioner
+
+    def partition(self, tp, topic: str, key: bytes | None) -> int | None:
+        n_out = self.counts.get(topic)
+        n_in = self.counts.get(getattr(tp, "topic", None))
+        if not n_out:
+            return None
+        if n_in == n_out and isinstance(getattr(tp, "partition", None), int):
+            return tp.partition
+        return home_partition(key, n_out, self.partitioner) if key else None
 
 
 class TransactionFailed(RuntimeError):
@@ -54,11 +88,27 @@ class BackgroundSends:
             self.on_failure(task.exception())
 
 
-class AtLeastOnceOutputs:
+class _Stamped:
+    """Event-time stamps and output routing, shared by both modes."""
+    event_time: EventTime
+    routing: OutputRouting | None
+
+    def _placed(self, partition, topic: str, key, out_partition, timestamp_ms) -> tuple[int | None, int | None]:
+        if out_partition is None and self.routing is not None:
+            out_partition = self.routing.partition(partition, topic, key)
+        if timestamp_ms is None:
+            timestamp_ms = self.event_time.stamp(partition)
+        return out_partition, timestamp_ms
+
+
+class AtLeastOnceOutputs(_Stamped):
     exactly_once = False
 
-    def __init__(self, producer: AIOKafkaProducer):
+    def __init__(self, producer: AIOKafkaProducer, event_time: EventTime | None = None,
+                 routing: OutputRouting | None = None):
         self.producer = producer
+        self.event_time = event_time or EventTime()
+        self.routing = routing
 
     @contextlib.asynccontextmanager
     async def gate(self, partition: Hashable) -> AsyncIterator[bool]:
@@ -67,6 +117,7 @@ class AtLeastOnceOutputs:
     async def send(self, partition: Hashable, topic: str, value: bytes, key: bytes | None = None,
                    headers=None, out_partition: int | None = None, timestamp_ms: int | None = None) -> asyncio.Future:
         """Enqueue one record; the future resolves when the broker acknowledged it."""
+        out_partition, timestamp_ms = self._placed(partition, topic, key, out_partition, timestamp_ms)
         return await self.producer.send(topic, value, key=key, headers=headers, partition=out_partition,
                                         timestamp_ms=timestamp_ms)
 
@@ -87,7 +138,7 @@ class AtLeastOnceOutputs:
     async def close(self, partition: Hashable) -> None:
         pass
 
-    async def stop(self) -> None:
+    async def stop(self, timeout_s: float = 20.0) -> None:
         pass
 
 
@@ -97,15 +148,47 @@ class _Txn:
         self.lock = asyncio.Lock()
         self.has_writes = False  # anything in the open transaction (records or offsets)
         self.failed: BaseException | None = None
+        self.sent: list[tuple[str, asyncio.Future]] = []  # (topic, delivery) of each record in the transaction
 
 
-class TransactionalOutputs:
+def prefix_of(committed_metadata: str | None) -> str | None:
+    """The transactional id prefix a partition's last exactly-once commit was made with (None: unknown)."""
+    if not committed_metadata or not committed_metadata.startswith(TXN_METADATA_PREFIX):
+        return None
+    return committed_metadata[len(TXN_METADATA_PREFIX):]
+
+
+def refused_prefix(k: KafkaSettings, committed_metadata: str | None, partition) -> str | None:
+    """Why this worker must not take `partition` (None: it may). Fencing a previous owner works only through
+    the transactional id `<prefix>-<topic>-<partition>`, and aiokafka's offset commits carry no group
+    generation: a worker with another prefix (a per-pod value) would neither fence a zombie nor be fenced.
+    The last commit's metadata names the prefix it was made with; another one is refused, except
+    kafka.previous_transactional_id_prefix during a planned change (that id is fenced first: `open`)."""
+    theirs = prefix_of(committed_metadata)
+    if theirs is None or theirs in (k.transactional_id_prefix, k.previous_transactional_id_prefix):
+        return None
+    name = f"{getattr(partition, 'topic', partition)}:{getattr(partition, 'partition', '')}"
+    return (f"kafka.transactional_id_prefix is {k.transactional_id_prefix!r} but the group's last commit on "
+            f"{name} was made with {theirs!r}: every worker of a group must use one prefix, else a zombie is "
+            f"never fenced (leave it unset: the group id). To change it, stop every worker, then start them "
+            f"with kafka.previous_transactional_id_prefix = {theirs!r}")
+
+
+class RecordRefused(KafkaError):
+    """The broker refused a record of the open transaction (too large, invalid timestamp, not authorized):
+    the transaction is aborted, never committed over it."""
+
+
+class TransactionalOutputs(_Stamped):
     exactly_once = True
 
-    def __init__(self, k: KafkaSettings, make_producer):
+    def __init__(self, k: KafkaSettings, make_producer, event_time: EventTime | None = None,
+                 routing: OutputRouting | None = None):
         self.k = k
         self._make_producer = make_producer  # (transactional_id) -> AIOKafkaProducer
         self._txns: dict[Hashable, _Txn] = {}
+        self.event_time = event_time or EventTime()
+        self.routing = routing
 
     def transactional_id(self, partition) -> str:
         return f"{self.k.transactional_id_prefix}-{partition.topic}-{partition.partition}"
@@ -115,6 +198,9 @@ class TransactionalOutputs:
         and begin a transaction. Before the partition's states and offsets are read."""
         if partition in self._txns:
             return
+        previous = self.k.previous_transactional_id_prefix
+        if previous and previous != self.k.transactional_id_prefix:
+            await self._fence(f"{previous}-{partition.topic}-{partition.partition}")
         producer = self._make_producer(self.transactional_id(partition))
         try:
             await producer.start()
@@ -125,6 +211,17 @@ class TransactionalOutputs:
             raise
         self._txns[partition] = _Txn(producer)
         log.info("transaction_opened", transactional_id=self.transactional_id(partition))
+
+    async def _fence(self, transactional_id: str) -> None:
+        """Take an id of the previous prefix once (InitProducerId): its owner, should it still run, can no
+        longer write, and its open transaction is aborted."""
+        producer = self._make_producer(transactional_id)
+        try:
+            await producer.start()
+            log.info("previous_transactional_id_fenced", transactional_id=transactional_id)
+        finally:
+            with contextlib.suppress(Exception):
+                await producer.stop()
 
     async def close(self, partition) -> None:
         """Drop the partition (after its last checkpoint): what its open transaction holds is aborted."""
@@ -138,9 +235,13 @@ class TransactionalOutputs:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(txn.producer.stop(), 10)
 
-    async def stop(self) -> None:
-        for partition in list(self._txns):
-            await self.close(partition)
+    async def stop(self, timeout_s: float = 20.0) -> None:
+        """Close every partition's producer (aborting what its open transaction holds), side by side, within
+        `timeout_s`: a producer that cannot close in time is left (its transaction is aborted by the next
+        owner's fencing or the transaction timeout)."""
+        closing = [asyncio.ensure_future(self.close(partition)) for partition in list(self._txns)]
+        if closing:
+            await asyncio.wait(closing, timeout=timeout_s)
 
     @contextlib.asynccontextmanager
     async def gate(self, partition) -> AsyncIterator[bool]:
@@ -157,15 +258,31 @@ class TransactionalOutputs:
 
     async def send(self, partition, topic: str, value: bytes, key: bytes | None = None, headers=None,
                    out_partition: int | None = None, timestamp_ms: int | None = None) -> asyncio.Future:
-        """Enqueue one record into the partition's open transaction (call under `gate`)."""
+        """Enqueue one record into the partition's open transaction (call under `gate`). Its delivery is
+        confirmed before the transaction commits (`commit`); the future is the caller's to await too."""
         txn = self._txns[partition]
+        out_partition, timestamp_ms = self._placed(partition, topic, key, out_partition, timestamp_ms)
         try:
             fut = await txn.producer.send(topic, value, key=key, headers=headers, partition=out_partition,
                                           timestamp_ms=timestamp_ms)
         except (KafkaError, IllegalOperation) as exc:
             raise await self._failed(partition, txn, exc) from exc
+        txn.sent.append((topic, fut))
         txn.has_writes = True
         return fut
+
+    async def _confirm_sent(self, partition, txn: _Txn) -> None:
+        """Every record of the open transaction acknowledged by its broker, or RecordRefused naming the first
+        refused one (its topic and the broker's error)."""
+        sent, txn.sent = txn.sent, []
+        if not sent:
+            return
+        results = await asyncio.gather(*(fut for _, fut in sent), return_exceptions=True)
+        refused = [(topic, r) for (topic, _), r in zip(sent, results) if isinstance(r, BaseException)]
+        if refused:
+            topic, exc = refused[0]
+            raise RecordRefused(f"{len(refused)} of {len(sent)} records of the transaction refused; first on "
+                                f"{topic}: {exc!r}") from exc
 
     async def _failed(self, partition, txn: _Txn, exc: BaseException) -> TransactionFailed:
         """Mark the transaction failed, naming its own error: once a write was refused (e.g. an ACL), aiokafka
@@ -193,20 +310,39 @@ class TransactionalOutputs:
                 raise TransactionFailed(f"{self.transactional_id(partition)}: {txn.failed!r}")
             offset, records = prepare()
             try:
+                stamp = self.event_time.stamp(partition)
                 for topic, key, value, out_partition in records:
-                    await txn.producer.send(topic, value, key=key, partition=out_partition)
+                    txn.sent.append((topic, await txn.producer.send(topic, value, key=key, partition=out_partition,
+                                                                    timestamp_ms=stamp)))
                     txn.has_writes = True
+                # before the offsets join it: a refused record must leave the offsets where they were
+                await self._confirm_sent(partition, txn)
                 if offset is not None:
+                    metadata = f"{TXN_METADATA_PREFIX}{self.k.transactional_id_prefix}"
                     await txn.producer.send_offsets_to_transaction(
-                        {partition: OffsetAndMetadata(offset, "")}, group_id)
+                        {partition: OffsetAndMetadata(offset, metadata)}, group_id)
                     txn.has_writes = True
                 if txn.has_writes:
                     await txn.producer.commit_transaction()
                     await txn.producer.begin_transaction()
                     txn.has_writes = False
             except (KafkaError, IllegalOperation) as exc:
-                raise await self._failed(partition, txn, exc) from exc
+                failure = await self._failed(partition, txn, exc)
+                if isinstance(exc, RecordRefused):
+                    await self._abort(partition, txn)
+                raise failure from exc
         return offset
+
+    async def _abort(self, partition, txn: _Txn) -> None:
+        """Abort a failed transaction at once (readers are not blocked until its timeout; its records never
+        become visible); if even that fails, the broker aborts it after the transaction timeout."""
+        try:
+            await asyncio.wait_for(txn.producer.abort_transaction(), 10)
+            log.error("transaction_aborted", transactional_id=self.transactional_id(partition), error=repr(txn.failed))
+        except Exception as exc:  # noqa: BLE001 (the worker stops either way; the first cause is kept)
+            log.error("transaction_abort_failed", transactional_id=self.transactional_id(partition),
+                      error=repr(exc))
+        txn.has_writes = False
 
 
 async def probe_transactions(k: KafkaSettings, make_producer, timeout_s: float = 15.0) -> str | None:

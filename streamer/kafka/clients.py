@@ -154,6 +154,19 @@ def make_consumer(k: KafkaSettings, **extra: Any) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(**opts, **security_kwargs(k))
 
 
+async def committed_offsets(consumer: AIOKafkaConsumer, partitions) -> dict:
+    """{partition: (committed offset or None, its metadata)} for the consumer's group. The metadata names the
+    transactional id prefix of an exactly-once commit (checkpointing/outputs.py); `committed()` gives the
+    offset only, so the group coordinator's own fetch is used (tests/test_apache_kafka.py proves it)."""
+    found = await consumer._coordinator.fetch_committed_offsets(list(partitions))
+    out = {}
+    for tp in partitions:
+        meta = found.get(tp)
+        offset = meta.offset if meta is not None and meta.offset >= 0 else None
+        out[tp] = (offset, meta.metadata if meta is not None else None)
+    return out
+
+
 def make_admin(k: KafkaSettings) -> AIOKafkaAdminClient:
     return AIOKafkaAdminClient(bootstrap_servers=k.bootstrap_servers, client_id=f"{k.client_id}-admin",
                                **security_kwargs(k))

@@ -20,9 +20,12 @@ EPISODE_SCHEMA_VERSION = 2
 
 
 def next_seq(st: EpisodeState, now_s: float) -> int:
-    """The patient's next message number. A patient's first number is the clock in microseconds, so that
-    after its state was lost or expired the numbers still continue above those consumers saw before;
-    from then on only the stored counter counts."""
+    """The patient's next message number: one above the stored counter, which starts at the highest number
+    the episodes topic holds for the patient (read back at assignment, state/changelog.read_episode_seqs),
+    so after a lost or expired state the numbers continue above every one readers saw, whatever the
+    worker's clock says. Only a patient with no message anywhere to be found starts from the clock in
+    microseconds: any start is above nothing, and this one also stays above the numbers earlier releases
+    took from the clock, should such a patient's messages lie in a partition that was not read back."""
     if st.seq <= 0:
         st.seq = int(now_s * 1_000_000)
     st.seq += 1

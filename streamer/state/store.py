@@ -16,14 +16,22 @@ class StateStore:
         self.partitions: dict[Hashable, dict[str, PatientState]] = {}
         self.dirty: dict[Hashable, set[str]] = {}
         self.expired: dict[Hashable, set[str]] = {}  # tombstones to write at the next checkpoint
+        # per partition, the highest episode seq readers have seen of each patient (the episodes topic, read
+        # at assignment): a state made or restored here never numbers its messages below it
+        self.seq_floors: dict[Hashable, dict[str, int]] = {}
 
-    def load(self, partition: Hashable, states: dict[str, PatientState]) -> None:
-        """The partition's states as restored from the changelog, before any of its records is processed."""
+    def load(self, partition: Hashable, states: dict[str, PatientState],
+             seq_floors: dict[str, int] | None = None) -> None:
+        """The partition's states as restored from the changelog, before any of its records is processed;
+        `seq_floors`: the highest episode seq of each patient in the episodes topic."""
         now = self.clock()
+        floors = seq_floors or {}
         for st in states.values():
             if st.seen_at_s is None:  # an older state version: its time to live starts now
                 st.seen_at_s = now
+            st.episode.seq = max(st.episode.seq, floors.get(st.patient_id, 0))
         self.partitions[partition] = states
+        self.seq_floors[partition] = floors
         self.dirty[partition] = set()
         self.expired[partition] = set()
 
@@ -35,6 +43,7 @@ class StateStore:
         st = states.get(patient_id)
         if st is None:
             st = states[patient_id] = PatientState(patient_id, seen_at_s=self.clock())
+            st.episode.seq = self.seq_floors.get(partition, {}).get(patient_id, 0)
             self.expired.get(partition, set()).discard(patient_id)  # back before its tombstone was written
         return st
 
@@ -131,6 +140,7 @@ class StateStore:
         self.partitions.pop(partition, None)
         self.dirty.pop(partition, None)
         self.expired.pop(partition, None)
+        self.seq_floors.pop(partition, None)
 
     def open_episodes(self) -> tuple[int, float]:
         """(episodes open, the longest one's span in signal seconds: its first to its last flagged window)."""
