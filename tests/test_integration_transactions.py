@@ -1,0 +1,446 @@
+"""Exactly once against what aiokafka and Apache Kafka really do (issue 32): a refused record never
+commits, outputs the brokers accept whatever the worker's clock, a shutdown that is clean at any moment and
+bounded, readers blocked for a bounded time, restores past another owner's open transaction, episode
+numbers that never depend on a clock, one transactional id prefix per group."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+from streamer.checkpointing.outputs import TransactionalOutputs, TransactionFailed
+from streamer.ingest.partitioning import home_partition
+from streamer.kafka.clients import make_admin, make_consumer, make_producer, read_records
+from streamer.offline.recordings import Recording, parse_start, regular_times
+from streamer.offline.replay import Source, replay
+from streamer.synthetic import generate
+from benchmarks.campaigns import feed_in_background
+from streamer.worker import Worker
+from tests.kafka_utils import (expected_windows, flags_of, isolated_settings, log_events, start_worker_process,
+                               wait_for_event, wait_until)
+
+pytestmark = pytest.mark.integration
+T0 = parse_start("2026-12-01T05:00:00Z")
+
+
+def _bed(name: str, seconds: float = 21.0, seed: int = 1) -> Source:
+    n = int(500 * seconds)
+    return Source(name, Recording(regular_times(n, 500, T0), generate(seconds, fs=500, seed=seed).values, 500.0))
+
+
+async def _until(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.2)
+
+
+async def _alter(k, topic: str, **configs: str) -> None:
+    admin = make_admin(k)
+    await admin.start()
+    try:
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs=configs)])
+    finally:
+        await admin.close()
+
+
+async def _committed(k, tp: TopicPartition) -> int | None:
+    consumer = make_consumer(k)  # the worker's group; never subscribes, so it does not join
+    await consumer.start()
+    try:
+        return await consumer.committed(tp)
+    finally:
+        await consumer.stop()
+
+
+def test_a_refused_record_aborts_the_whole_transaction_and_the_offsets_stay(broker):
+    """Item 1, deterministic: one transaction = [a record the broker refuses, a record it accepts, consumer
+    offset 42]. aiokafka alone would commit the accepted record and offset 42; here nothing is visible to a
+    read_committed reader, the offset stays where it was, and the failure names the refusing topic."""
+    s = isolated_settings(broker.bootstrap, partitions=1)
+    k = s.kafka
+    asyncio.run(_alter(k, k.dead_letter_topic, **{"max.message.bytes": "200"}))
+    tp = TopicPartition(k.input_topics[0], 0)
+
+    async def main():
+        outputs = TransactionalOutputs(k, lambda tid: make_producer(k, transactional_id=tid))
+        await outputs.open(tp)
+        try:
+            async with outputs.gate(tp):
+                await outputs.send(tp, k.dead_letter_topic, b"x" * 1000, key=b"bed-1")  # refused: too large
+                await outputs.send(tp, k.flags_topic, b'{"accepted": true}', key=b"bed-1")
+            with pytest.raises(TransactionFailed, match=f"refused; first on {k.dead_letter_topic}"):
+                await outputs.commit(tp, k.group_id, lambda: (42, []))
+        finally:
+            await outputs.stop()
+        visible = await read_records(k, [k.flags_topic, k.dead_letter_topic], timeout_s=4, idle_polls=None)
+        return visible, await _committed(k, tp)
+
+    visible, committed = asyncio.run(main())
+    assert visible == [], "a record of an aborted transaction became visible"
+    assert committed is None, f"the offsets moved to {committed} over a refused record"
+
+
+def test_refused_state_records_stop_the_worker_loudly_and_nothing_is_committed(broker, scorer):
+    """Item 1, the silent variant: the state topic refuses the patient states (a per-topic size limit)
+    while flags pass. The worker must stop with exit 1 naming the state topic, with no flag visible and
+    the offsets unmoved, instead of committing flags without the states that say they were reported."""
+    s = isolated_settings(broker.bootstrap, partitions=1)
+    k = s.kafka
+    # AlterConfigs replaces a topic's whole configuration: the state topic stays compacted
+    asyncio.run(_alter(k, k.state_topic, **{"max.message.bytes": "64", "cleanup.policy": "compact"}))
+
+    async def main():
+        worker = Worker(s, scorer=scorer)
+        task = asyncio.create_task(worker.run())
+        try:
+            await _until(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
+            await replay(k, [_bed("bed-state")], speed=None, chunk_s=0.5)
+            code = await asyncio.wait_for(task, 60)
+        finally:
+            worker.stop()
+        flags = await read_records(k, [k.flags_topic], timeout_s=4, idle_polls=None)
+        return code, worker.fatal, flags, await _committed(k, TopicPartition(k.input_topics[0], 0))
+
+    code, fatal, flags, committed = asyncio.run(main())
+    assert code == 1
+    assert isinstance(fatal, TransactionFailed) and k.state_topic in str(fatal), repr(fatal)
+    assert flags == [], "flags committed without the states that say they were reported"
+    assert committed in (None, 0), f"the offsets moved to {committed} past records whose states were refused"
+
+
+def _faketime_env(offset: str) -> dict[str, str]:
+    lib = next((p for p in ("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+                            "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+                            "/usr/lib/faketime/libfaketime.so.1") if os.path.exists(p)), None)
+    if lib is None:
+        pytest.fail("libfaketime is missing: scripts/test installs Debian's faketime package")
+    # only the wall clock: asyncio and aiokafka time their waits with the monotonic one
+    return {"LD_PRELOAD": lib, "FAKETIME": offset, "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+            "FAKETIME_DONT_RESET": "1"}
+
+
+@pytest.mark.parametrize("offset", ["+2h", "-30m"])
+def test_a_worker_clock_far_off_publishes_every_window_and_says_so(broker, checkpoint, tmp_path, offset):
+    """Item 2: a worker clock two hours ahead (past the brokers' 1 h limit on future timestamps) or half an
+    hour behind, under libfaketime, with linger 100 ms: every window is flagged once, the outputs carry
+    timestamps the brokers accepted, the worker logs clock_offset, and SIGTERM ends it with exit 0."""
+    s = isolated_settings(broker.bootstrap, partitions=2)
+    s.kafka.linger_ms = 100
+    s.model.checkpoint = checkpoint
+    beds = [_bed(f"skew-{i}", seed=i) for i in range(3)]
+    log = tmp_path / "worker.log"
+    proc = start_worker_process(s, log, **_faketime_env(offset))
+    try:
+        wait_for_event(log, "partition_assigned", proc=proc)
+        asyncio.run(replay(s.kafka, beds, speed=None, chunk_s=0.5))
+        expected = expected_windows(beds)
+
+        def flagged():
+            records = asyncio.run(read_records(s.kafka, [s.kafka.flags_topic], timeout_s=3, idle_polls=1))
+            return records if expected <= {(f["patient_id"], f["window_start_ns"]) for f in flags_of(records)} \
+                else None
+
+        records = wait_until(flagged, 90, "every window's flag", proc=proc)
+        offsets = [e for e in log_events(log) if e.get("event") == "clock_offset"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    ids = [f["window_id"] for f in flags_of(records)]
+    assert len(ids) == len(set(ids)), "a window published twice"
+    now_ms = time.time() * 1000
+    assert all(r.timestamp <= now_ms + 60_000 for r in records), "an output stamped by the skewed clock"
+    assert offsets, "no clock_offset log line"
+    sign = 1 if offset.startswith("+") else -1
+    assert sign * offsets[0]["offset_s"] > 1000, offsets[0]
+    assert code == 0, [e for e in log_events(log) if e.get("level") == "error"][:3]
+
+
+def test_a_stop_while_a_checkpoint_commits_is_clean(broker, scorer):
+    """Item 3: the stop request arrives while a checkpoint's EndTxn is in flight (the broker frozen for a
+    second at that moment). The shutdown waits for that commit instead of cancelling it into aiokafka's
+    shielded EndTxn, and its final checkpoint succeeds: exit 0, no final_checkpoint_failed."""
+    s = isolated_settings(broker.bootstrap, partitions=1)
+    s.kafka.commit_interval_s = 0.2
+
+    async def main():
+        worker = Worker(s, scorer=scorer)
+        task = asyncio.create_task(worker.run())
+        try:
+            await _until(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
+            await replay(s.kafka, [_bed("bed-stop", seconds=11)], speed=None, chunk_s=0.5)
+            await _until(lambda: asyncio.sleep(0, bool(worker.ledger.committed)), 60, "a first commit")
+            producer = next(iter(worker.outputs._txns.values())).producer
+            real = producer.commit_transaction
+            armed = [True]
+
+            async def commit_with_a_stop():
+                if armed and armed.pop():
+                    broker.freeze()
+                    asyncio.get_running_loop().call_later(1.0, broker.thaw)
+                    worker.stop()
+                await real()
+
+            producer.commit_transaction = commit_with_a_stop
+            # a commit happens only with something in the transaction: one more record
+            await replay(s.kafka, [Source("bed-late", _bed("bed-late", seconds=1).recording)], speed=None)
+            code = await asyncio.wait_for(task, 60)
+            return code, armed
+        finally:
+            broker.thaw()
+            worker.stop()
+
+    code, armed = asyncio.run(main())
+    assert not armed, "the stop never met a commit in flight"
+    assert code == 0
+
+
+def test_shutdown_during_a_broker_freeze_ends_within_its_deadline(broker, scorer):
+    """Item 3: SIGTERM (stop) while the broker is frozen: the whole shutdown, final checkpoint included,
+    ends within shutdown_deadline_s with exit 1, instead of waiting for the broker to come back."""
+    s = isolated_settings(broker.bootstrap, partitions=1, shutdown_deadline_s=5.0)
+    s.kafka.commit_interval_s = 2.0  # room to freeze the broker while a flag waits in the open transaction
+
+    async def main():
+        worker = Worker(s, scorer=scorer)
+        task = asyncio.create_task(worker.run())
+        try:
+            await _until(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
+            await replay(s.kafka, [_bed("bed-freeze", seconds=11)], speed=None, chunk_s=0.5)
+            await _until(lambda: asyncio.sleep(0, bool(worker.ledger.committed)), 60, "a first commit")
+            await replay(s.kafka, [_bed("bed-more", seconds=11, seed=2)], speed=None, chunk_s=0.5)
+            txn = next(iter(worker.outputs._txns.values()))
+            await _until(lambda: asyncio.sleep(0, txn.has_writes and bool(txn.sent)), 60, "a flag in the transaction")
+            broker.freeze()
+            t0 = time.monotonic()
+            worker.stop()
+            code = await asyncio.wait_for(task, 30)
+            return code, time.monotonic() - t0, worker.deadline_exceeded
+        finally:
+            broker.thaw()
+            worker.stop()
+
+    code, took, exceeded = asyncio.run(main())
+    print(f"shutdown with a frozen broker: {took:.1f} s (deadline 5 s)")
+    assert code == 1 and exceeded
+    assert took <= 5.0 + 0.5, f"the shutdown took {took:.1f} s"
+
+
+async def _end_offsets(k, topic: str, partitions: int):
+    """(last stable offsets, high watermarks) of `topic`: what read_committed readers can reach, and the end."""
+    committed = make_consumer(k, group_id=None, client_id="lso-reader")
+    uncommitted = AIOKafkaConsumer(bootstrap_servers=k.bootstrap_servers, isolation_level="read_uncommitted")
+    await committed.start()
+    await uncommitted.start()
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
+    try:
+        return await committed.end_offsets(tps), await uncommitted.end_offsets(tps)
+    finally:
+        await committed.stop()
+        await uncommitted.stop()
+
+
+def _blocked(k, topic: str, partitions: int) -> bool:
+    lso, hw = asyncio.run(_end_offsets(k, topic, partitions))
+    return lso != hw
+
+
+def test_readers_are_blocked_for_a_bounded_time_after_a_kill_9(broker, checkpoint, tmp_path):
+    """Item 4: SIGKILL in the middle of a stream, no successor: read_committed readers of the flags topic
+    wait at most the transaction timeout (10 s) plus the brokers' abort check (5 s on the suite's broker,
+    10 s by default), well inside the 35 s suppression lease; with a successor, as long as the group takes
+    to hand the partitions over (the session timeout, 6 s here)."""
+    s = isolated_settings(broker.bootstrap, partitions=2)
+    s.model.checkpoint = checkpoint
+    s.kafka.commit_interval_s = 2.0  # flags wait in open transactions long enough to kill the worker then
+    beds = [_bed(f"kill-{i}", seconds=60, seed=i) for i in range(4)]
+    log = tmp_path / "worker.log"
+    figures = {}
+    for successor in (False, True):
+        proc = start_worker_process(s, log)
+        wait_for_event(log, "partition_assigned", proc=proc)
+        feeder = feed_in_background(s.kafka, beds, speed=4.0)
+        nxt = None
+        try:
+            # the moment that blocks readers longest: a flag in a transaction still open
+            wait_until(lambda: _blocked(s.kafka, s.kafka.flags_topic, 2), 90, "a flag in an open transaction",
+                       interval_s=0.01, proc=proc)
+            proc.kill()
+            t_kill = time.monotonic()
+            proc.wait(10)
+            if successor:
+                nxt = start_worker_process(s, log)
+            wait_until(lambda: not _blocked(s.kafka, s.kafka.flags_topic, 2), 40, "readers unblocked")
+            figures[successor] = time.monotonic() - t_kill
+        finally:
+            feeder.join(120)
+            if nxt is not None:
+                nxt.send_signal(signal.SIGTERM)
+                nxt.wait(60)
+    print(f"read_committed readers blocked after SIGKILL: alone {figures[False]:.1f} s, "
+          f"with a successor {figures[True]:.1f} s")
+    assert figures[False] <= 10 + 5 + 3, figures
+    assert figures[True] <= 10 + 5 + 3, figures
+
+
+def test_outputs_line_up_with_the_input_partitions_under_crc32(broker, scorer):
+    """Item 4: monitors on librdkafka's default partitioner (crc32): every flag and episode lies in the
+    output partition of the same number as its patient's input partition, so one input partition's open
+    transaction blocks readers of that output partition only."""
+    s = isolated_settings(broker.bootstrap, partitions=4)
+    s.kafka.input_partitioner = "crc32"
+    beds = [_bed(f"crc-{i}", seconds=11, seed=i) for i in range(8)]
+    homes = {b.patient_id: home_partition(b.patient_id.encode(), 4, "crc32") for b in beds}
+    assert any(homes[p] != home_partition(p.encode(), 4, "murmur2") for p in homes), "the test needs them apart"
+
+    async def main():
+        worker = Worker(s, scorer=scorer)
+        task = asyncio.create_task(worker.run())
+        try:
+            await _until(lambda: asyncio.sleep(0, len(worker.assigned) == 4), 60, "assignment")
+            from streamer.ingest.producer import chunks_of, encode
+
+            producer = make_producer(s.kafka)  # a gateway that places records as librdkafka's default does
+            await producer.start()
+            for b in beds:
+                for c in chunks_of(b.patient_id, b.recording.times_ns, b.recording.values, 250, fs=500.0):
+                    await producer.send(s.kafka.input_topics[0], encode(c), key=b.patient_id.encode(),
+                                        partition=homes[b.patient_id])
+            await producer.flush()
+            await producer.stop()
+
+            async def flagged():
+                records = await read_records(s.kafka, [s.kafka.flags_topic], timeout_s=2, idle_polls=1)
+                return len({r.key for r in records}) == len(beds)
+
+            await _until(flagged, 90, "a flag of every bed")
+            return await read_records(s.kafka, [s.kafka.flags_topic], timeout_s=3, idle_polls=1)
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, 60)
+
+    records = asyncio.run(main())
+    misplaced = [(r.key, r.partition) for r in records if r.partition != homes[r.key.decode()]]
+    assert misplaced == []
+
+
+def test_a_restore_reads_past_another_topics_open_transaction(broker):
+    """Item 5: state partition 0 is written by the owners of partition 0 of two input topics. The other
+    topic's owner has a transaction open (it died, or stalls) below this topic's latest states: the restore
+    waits for it to end and returns the latest state, never an older one from below the stable offset."""
+    from streamer.state.changelog import read_states, state_key
+    from streamer.state.patients import PatientState
+
+    s = isolated_settings(broker.bootstrap, partitions=1)
+    k = s.kafka
+    mine, theirs = k.input_topics[0], f"{k.input_topics[0]}-other"
+
+    def state(pid: str, seq: int) -> bytes:
+        st = PatientState(pid)
+        st.episode.seq = seq
+        return st.to_bytes(mine)
+
+    async def main():
+        other = make_producer(k, transactional_id=f"{k.group_id}-{theirs}-0")
+        owner = make_producer(k, transactional_id=f"{k.group_id}-{mine}-0")
+        await other.start()
+        await owner.start()
+        await owner.begin_transaction()
+        await (await owner.send(k.state_topic, state("bed-r", 1), key=state_key(mine, "bed-r"), partition=0))
+        await owner.commit_transaction()
+        await other.begin_transaction()  # left open, below the latest state
+        await (await other.send(k.state_topic, b"x", key=state_key(theirs, "bed-x"), partition=0))
+        await owner.begin_transaction()
+        await (await owner.send(k.state_topic, state("bed-r", 2), key=state_key(mine, "bed-r"), partition=0))
+        await owner.commit_transaction()
+        reader = make_consumer(k, group_id=None, client_id="restore")
+        await reader.start()
+        try:
+            restore = asyncio.create_task(read_states(reader, k.state_topic, [TopicPartition(mine, 0)],
+                                                      idle_timeout_s=30))
+            await asyncio.sleep(2.0)
+            early = restore.done()
+            await other.abort_transaction()
+            restored = await asyncio.wait_for(restore, 30)
+        finally:
+            await reader.stop()
+            await other.stop()
+            await owner.stop()
+        return early, restored
+
+    early, restored = asyncio.run(main())
+    assert not early, "the restore stopped at the other owner's open transaction"
+    assert restored.states[TopicPartition(mine, 0)]["bed-r"].episode.seq == 2
+
+
+def test_after_a_state_loss_the_episode_seq_stays_above_what_readers_saw(broker, scorer):
+    """Item 6: readers saw seq S for a bed; its state is then unreadable and the next owner's clock is 30
+    minutes behind. Its state_lost close must still be numbered above S (read back from the episodes topic),
+    or SuppressionView would ignore every later message of that bed."""
+    s = isolated_settings(broker.bootstrap, partitions=1)
+    k = s.kafka
+    seen = int(time.time() * 1_000_000) + 5
+    from streamer.state.changelog import state_key
+
+    async def main():
+        producer = make_producer(k)
+        await producer.start()
+        await producer.send_and_wait(k.episodes_topic, orjson.dumps({"patient_id": "bed-seq", "seq": seen,
+                                                                    "state": "open"}), key=b"bed-seq", partition=0)
+        await producer.send_and_wait(k.state_topic, b"\x00 not a state", key=state_key(k.input_topics[0], "bed-seq"),
+                                     partition=0)
+        await producer.stop()
+        worker = Worker(s, scorer=scorer, clock=lambda: time.time() - 1800)
+        task = asyncio.create_task(worker.run())
+        try:
+            async def closed():
+                records = await read_records(k, [k.episodes_topic], timeout_s=2, idle_polls=1)
+                return [orjson.loads(r.value) for r in records][1:]
+
+            await _until(closed, 60, "the state_lost close")
+            return await closed()
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, 60)
+
+    after = asyncio.run(main())
+    assert after[0]["reason"] == "state_lost"
+    assert after[0]["seq"] > seen, f"seq went backwards: {after[0]['seq']} after {seen}"
+
+
+def test_a_worker_with_another_transactional_id_prefix_is_refused(broker, scorer):
+    """Item 7: a per-worker prefix would turn fencing off. The group's last commit names its prefix; a
+    worker with another one refuses the partition (exit 1, naming both) unless told the previous prefix
+    during a planned change, and then fences the previous ids first."""
+    s = isolated_settings(broker.bootstrap, partitions=1)
+
+    async def run_until_committed(settings):
+        worker = Worker(settings, scorer=scorer)
+        task = asyncio.create_task(worker.run())
+        try:
+            await _until(lambda: asyncio.sleep(0, bool(worker.assigned) or task.done()), 60, "assignment")
+            if task.done():
+                return task.result(), worker
+            await replay(settings.kafka, [_bed("bed-prefix", seconds=11)], speed=None, chunk_s=0.5)
+            await _until(lambda: asyncio.sleep(0, bool(worker.ledger.committed) or task.done()), 60, "a commit")
+        finally:
+            worker.stop()
+        return await asyncio.wait_for(task, 60), worker
+
+    code, _ = asyncio.run(run_until_committed(s))
+    assert code == 0
+    pod = s.model_copy(deep=True)
+    pod.kafka.transactional_id_prefix = "pod-b"
+    code, worker = asyncio.run(run_until_committed(pod))
+    assert code == 1
+    assert "'pod-b'" in str(worker.fatal) and repr(s.kafka.group_id) in str(worker.fatal), worker.fatal
+    pod.kafka.previous_transactional_id_prefix = s.kafka.group_id
+    code, _ = asyncio.run(run_until_committed(pod))
+    assert code == 0
