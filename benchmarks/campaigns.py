@@ -9,6 +9,8 @@
     python -m benchmarks.campaigns slow --beds 50 --delay 2 --slow-for 45
     python -m benchmarks.campaigns soak --beds 200 --seconds 600
     python -m benchmarks.campaigns clock --beds 50 --kills 3
+    python -m benchmarks.campaigns rebalance --beds 50 --moves 4
+    python -m benchmarks.campaigns crash --clock +2h ...    # any worker campaign, its clock skewed (faketime)
     python -m benchmarks.campaigns broker-crash --beds 50 --kills 5      # durable (S3) storage
     python -m benchmarks.campaigns soak --beds 100 --seconds 600 --storage s3
 
@@ -46,11 +48,34 @@ from streamer.offline.recordings import Recording, parse_start
 from streamer.offline.replay import Source, replay, synthetic_fleet
 from streamer.settings import KafkaSettings, Settings
 from streamer.windows.segmentation import segment
-from tests.kafka_utils import (expected_windows, log_events, settings_env, start_worker_process, wait_for_event,
-                               wait_until)
+from tests.kafka_utils import (expected_windows, faketime_env, log_events, settings_env, start_worker_process,
+                               wait_for_event, wait_until)
 
 
 # -- shared ------------------------------------------------------------------------------------------
+# The workers' wall clock in every campaign: None (the host's), or a libfaketime offset ("+2h", "-30m")
+WORKER_CLOCK: str | None = None
+
+
+def _worker(s: Settings, log: Path) -> subprocess.Popen:
+    """A `streamer run` process, its clock skewed by WORKER_CLOCK."""
+    return start_worker_process(s, log, **faketime_env(WORKER_CLOCK))
+
+
+def seq_regressions(k: KafkaSettings) -> int:
+    """Episode messages (read_committed, in log order per partition) whose seq is below one already seen
+    for their patient: a reader applying the highest seq would ignore them."""
+    highest: dict[str, int] = {}
+    regressions = 0
+    records = asyncio.run(read_records(k, [k.episodes_topic], timeout_s=30))
+    for r in sorted(records, key=lambda r: (r.partition, r.offset)):
+        e = orjson.loads(r.value)
+        if e["seq"] < highest.get(e["patient_id"], -1):
+            regressions += 1
+        highest[e["patient_id"]] = max(e["seq"], highest.get(e["patient_id"], -1))
+    return regressions
+
+
 def campaign_settings(bootstrap: str, partitions: int = 4, checkpoint: str | None = None,
                       replication: int = 1, min_insync: int = 1) -> Settings:
     tag = uuid.uuid4().hex[:8]
@@ -127,7 +152,7 @@ def _worker_and_feed(bootstrap: str, beds: int, seconds: float, speed: float, ch
     s = campaign_settings(bootstrap, checkpoint=checkpoint)
     fleet = [src for src, _ in synthetic_fleet(beds, seconds, parse_start(start), seed=seed)]
     log = workdir / "worker.log"
-    proc = start_worker_process(s, log)
+    proc = _worker(s, log)
     wait_for_event(log, "partition_assigned", proc=proc)
     return s, expected_windows(fleet), proc, log, feed_in_background(s.kafka, fleet, speed)
 
@@ -144,12 +169,13 @@ def crash_campaign(bootstrap: str, beds: int, kills: int, seconds: float, speed:
             time.sleep(rng.uniform(0.3, 2.0) * span / kills)
             proc.kill()
             proc.wait(10)
-            proc = start_worker_process(s, log)
+            proc = _worker(s, log)
         feeder.join(span + 300)
         flags = asyncio.run(collect_flags(s.kafka, expected, timeout_s=span + 300))
     finally:
         stop_worker(proc)
-    return {"kills": kills, **tally(expected, flags), **episode_consistency(s.kafka)}
+    return {"kills": kills, **tally(expected, flags), **episode_consistency(s.kafka),
+            "seq_regressions": seq_regressions(s.kafka)}
 
 
 def episode_consistency(k: KafkaSettings) -> dict:
@@ -209,7 +235,7 @@ def zombie_campaign(bootstrap: str, beds: int, seconds: float, speed: float, che
     fleet = [src for src, _ in synthetic_fleet(beds, seconds, parse_start("2026-11-22T07:00:00Z"), seed=seed)]
     expected = expected_windows(fleet)
     logs = [workdir / "worker-a.log", workdir / "worker-b.log"]
-    procs = [start_worker_process(s, logs[0])]
+    procs = [_worker(s, logs[0])]
     wait_for_event(logs[0], "partition_assigned", proc=procs[0])
     feeder = feed_in_background(s.kafka, fleet, speed)
     zombie_codes = []
@@ -220,7 +246,7 @@ def zombie_campaign(bootstrap: str, beds: int, seconds: float, speed: float, che
             owner.send_signal(signal.SIGSTOP)
             successor_log = logs[(i + 1) % 2]
             mark = len(log_events_named(successor_log, "partition_assigned"))
-            successor = start_worker_process(s, successor_log)
+            successor = _worker(s, successor_log)
             procs.append(successor)
             # the successor owns every partition: the zombie's session expired
             wait_until(lambda: len(log_events_named(successor_log, "partition_assigned")) >= mark + 4, 120,
@@ -243,7 +269,33 @@ def zombie_campaign(bootstrap: str, beds: int, seconds: float, speed: float, che
                  and "Fenced" in str(e.get("error", "")) + str(e.get("exception", "")))
     return {"takeovers": takeovers, **tally(expected, flags), "zombie_exit_codes": zombie_codes,
             "fenced_failures_logged": fenced, "state_regressions": state_regressions(s.kafka),
-            "exit_codes": codes}
+            "seq_regressions": seq_regressions(s.kafka), "exit_codes": codes}
+
+
+def rebalance_campaign(bootstrap: str, beds: int, moves: int, seconds: float, speed: float, checkpoint: str | None,
+                       seed: int = 0, workdir: Path | None = None) -> dict:
+    """A second worker joins the group and leaves it again (SIGTERM) `moves` times while beds stream: the
+    partitions move back and forth (revoke: drain, checkpoint; assign: fence, restore)."""
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="rebalance-"))
+    s, expected, proc, log, feeder = _worker_and_feed(bootstrap, beds, seconds, speed, checkpoint, seed,
+                                                      "2026-11-22T11:00:00Z", workdir)
+    rng = random.Random(seed)
+    span = seconds / speed
+    codes = []
+    try:
+        for i in range(moves):
+            time.sleep(rng.uniform(0.5, 1.0) * span / (moves + 1))
+            other_log = workdir / f"worker-{i}.log"
+            other = _worker(s, other_log)
+            wait_for_event(other_log, "partition_assigned", proc=other, timeout_s=120)
+            time.sleep(rng.uniform(1.0, 3.0))
+            codes.append(stop_worker(other))
+        feeder.join(span + 300)
+        flags = asyncio.run(collect_flags(s.kafka, expected, timeout_s=span + 300))
+    finally:
+        codes.append(stop_worker(proc))
+    return {"moves": moves, **tally(expected, flags), "exit_codes": codes,
+            "state_regressions": state_regressions(s.kafka), "seq_regressions": seq_regressions(s.kafka)}
 
 
 def log_events_named(path: Path, event: str) -> list[dict]:
@@ -279,7 +331,7 @@ def failover_campaign(cluster, beds: int, kills: int, seconds: float, speed: flo
     fleet = [src for src, _ in synthetic_fleet(beds, seconds, parse_start("2026-11-22T06:00:00Z"), seed=seed)]
     expected = expected_windows(fleet)
     log = workdir / "worker.log"
-    proc = start_worker_process(s, log)
+    proc = _worker(s, log)
     wait_for_event(log, "partition_assigned", proc=proc)
     arrivals: list[float] = []
     stop_tail = threading.Event()
@@ -312,7 +364,7 @@ def failover_campaign(cluster, beds: int, kills: int, seconds: float, speed: flo
         gaps = [b - a for a, b in zip(around, around[1:])]
         pauses.append(round(max(gaps), 1) if gaps else None)
     return {"kills": len(kill_times), **tally(expected, flags), "flag_pause_s": pauses, "exit_code": code,
-            "worker_alive": code == 0}
+            "worker_alive": code == 0, "seq_regressions": seq_regressions(s.kafka)}
 
 
 async def _tail_arrivals(k: KafkaSettings, arrivals: list[float], stop: threading.Event) -> None:
@@ -422,7 +474,7 @@ def stall_campaign(broker: EmbeddedBroker, stall_s: float, beds: int, checkpoint
     seconds = seconds or max(40.0, stall_s + 30)
     fleet = [src for src, _ in synthetic_fleet(beds, seconds, parse_start("2026-11-22T14:00:00Z"), seed=2)]
     expected = expected_windows(fleet)
-    proc = start_worker_process(s, workdir / "worker.log")
+    proc = _worker(s, workdir / "worker.log")
     wait_for_event(workdir / "worker.log", "partition_assigned", proc=proc)
     feeder = feed_in_background(s.kafka, fleet, speed=1.0)
     peak_rss = 0
@@ -443,7 +495,8 @@ def stall_campaign(broker: EmbeddedBroker, stall_s: float, beds: int, checkpoint
         broker.thaw()
         code = stop_worker(proc)
     return {"stall_s": stall_s, **tally(expected, flags), "worker_alive": alive, "exit_code": code,
-            "recovery_s": recovered, "peak_rss_mb": round(peak_rss / 1024, 1)}
+            "recovery_s": recovered, "peak_rss_mb": round(peak_rss / 1024, 1),
+            "seq_regressions": seq_regressions(s.kafka)}
 
 
 def _rss_kb(pid: int) -> int:
@@ -746,7 +799,7 @@ def fuzz_campaign(bootstrap: str, messages: int, beds: int, checkpoint: str | No
                           noisy.values[i:i + 250], None, int(noisy.times_ns[0])) for i in range(0, len(noisy.values), 250)]
     implausible_ids = expected_windows([uv_as_mv])
     noisy_ids = expected_windows([Source("fuzz-noisy-rate", noisy)])
-    proc = start_worker_process(s, workdir / "worker.log")
+    proc = _worker(s, workdir / "worker.log")
     wait_for_event(workdir / "worker.log", "partition_assigned", proc=proc)
 
     async def send_hostile():
@@ -827,7 +880,7 @@ def clock_campaign(bootstrap: str, beds: int, kills: int, checkpoint: str | None
                 outliers.append(Chunk(pid, "II", int(times[n // 2]) + 1800 * 10**9, fs, values[:250], None, start))
         sources.append(Source(pid, Recording(times, values, fs)))
     log = workdir / "worker.log"
-    proc = start_worker_process(s, log)
+    proc = _worker(s, log)
     wait_for_event(log, "partition_assigned", proc=proc)
 
     # monitors send in their own order whatever their clocks say: arrival time = the unshifted time
@@ -861,7 +914,7 @@ def clock_campaign(bootstrap: str, beds: int, kills: int, checkpoint: str | None
             time.sleep(rng.uniform(0.5, 2.0))
             proc.kill()
             proc.wait(10)
-            proc = start_worker_process(s, log)
+            proc = _worker(s, log)
         feeder.join(300)
 
         def done(records) -> bool:
@@ -935,17 +988,27 @@ def main() -> None:
     fo.add_argument("--kills", type=int, default=5)
     fo.add_argument("--seconds", type=float, default=240.0)
     fo.add_argument("--speed", type=float, default=1.0)
+    rb = sub.add_parser("rebalance", help="a second worker joins and leaves the group, again and again")
+    rb.add_argument("--beds", type=int, default=50)
+    rb.add_argument("--moves", type=int, default=4)
+    rb.add_argument("--seconds", type=float, default=180.0)
+    rb.add_argument("--speed", type=float, default=2.0)
     ck = sub.add_parser("clock")
     ck.add_argument("--beds", type=int, default=50)
     ck.add_argument("--kills", type=int, default=3)
     f = sub.add_parser("fuzz")
     f.add_argument("--messages", type=int, default=10_000)
     f.add_argument("--beds", type=int, default=10)
-    for p in (c, st, sl, so, f, ck, bc, z, fo):
+    for p in (c, st, sl, so, f, ck, bc, z, fo, rb):
         p.add_argument("--checkpoint", default=None)
+        p.add_argument("--clock", default=None, help="the workers' wall clock moved by this libfaketime offset "
+                       "(e.g. +2h, -30m; Debian's faketime package)")
         p.add_argument("--broker", choices=["apache", "embedded"], default="apache",
                        help="Apache Kafka (default; fetched by tools/kafka_cluster.py) or the embedded demo broker")
     args = ap.parse_args()
+    global WORKER_CLOCK
+    WORKER_CLOCK = args.clock
+    skew = f", worker clock {args.clock}" if args.clock else ""
     resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
     durable = args.campaign == "broker-crash" or getattr(args, "storage", "memory") == "s3"
     with contextlib.ExitStack() as stack:
@@ -959,7 +1022,7 @@ def main() -> None:
 
             folder = Path(tempfile.mkdtemp(prefix="apache-kafka-"))
             broker = stack.enter_context(KafkaCluster(folder, brokers=3 if args.campaign == "failover" else 1))
-        on = "Apache Kafka 4.4.0" if not durable and args.broker == "apache" else "embedded broker"
+        on = ("Apache Kafka 4.4.0" if not durable and args.broker == "apache" else "embedded broker") + skew
         if args.campaign == "zombie":
             r = zombie_campaign(broker.bootstrap, args.beds, args.seconds, args.speed, args.checkpoint,
                                 takeovers=args.takeovers)
@@ -967,13 +1030,21 @@ def main() -> None:
                    f"timeout, successor takes over, owner resumes; x{args.takeovers}",
                    f"windows expected {r['expected']}, flagged {r['flagged']}, lost {r['lost']}, duplicate window_ids "
                    f"{r['duplicate_ids']} (read_committed); zombie exit codes {r['zombie_exit_codes']}; state "
-                   f"regressions {r['state_regressions']}")
+                   f"regressions {r['state_regressions']}, seq regressions {r['seq_regressions']}")
+        elif args.campaign == "rebalance":
+            r = rebalance_campaign(broker.bootstrap, args.beds, args.moves, args.seconds, args.speed, args.checkpoint)
+            record(f"rebalance campaign ({on}): {args.beds} beds at {args.speed:g}x, a second worker joins and "
+                   f"leaves x{args.moves}",
+                   f"windows expected {r['expected']}, flagged {r['flagged']}, lost {r['lost']}, duplicate window_ids "
+                   f"{r['duplicate_ids']} (read_committed); state regressions {r['state_regressions']}, seq "
+                   f"regressions {r['seq_regressions']}; exit codes {r['exit_codes']}")
         elif args.campaign == "failover":
             r = failover_campaign(broker, args.beds, args.kills, args.seconds, args.speed, args.checkpoint)
             record(f"broker failover ({on}, 3 brokers, RF 3, min.insync 2): {args.beds} beds at {args.speed:g}x, "
                    f"SIGKILL the leader of an input / flags partition x{args.kills}, restarted after 5 s",
                    f"windows expected {r['expected']}, flagged {r['flagged']}, lost {r['lost']}, duplicate window_ids "
-                   f"{r['duplicate_ids']}; flag pause per kill {r['flag_pause_s']} s; worker exit {r['exit_code']}")
+                   f"{r['duplicate_ids']}; flag pause per kill {r['flag_pause_s']} s; worker exit {r['exit_code']}; seq "
+                   f"regressions {r['seq_regressions']}")
         elif args.campaign == "broker-crash":
             r = broker_crash_campaign(broker, args.beds, args.kills, args.seconds, args.speed, args.checkpoint)
             record(f"broker crash campaign: {args.beds} beds at {args.speed:g}x real time, broker SIGKILL x{args.kills} "
@@ -986,13 +1057,14 @@ def main() -> None:
                    f"windows expected {r['expected']}, flagged {r['flagged']}, lost {r['lost']}, duplicates "
                    f"{r['duplicates']}, duplicate window_ids {r['duplicate_ids']} (read_committed); last episode "
                    f"message vs restored state: {r['episode_mismatches']} mismatches over {r['episode_patients']} "
-                   f"patients ({r['episodes_on_topic']} with episodes)")
+                   f"patients ({r['episodes_on_topic']} with episodes); seq regressions {r['seq_regressions']}")
         elif args.campaign == "stall":
             for stall in [float(v) for v in args.stalls.split(",")]:
                 r = stall_campaign(broker, stall, args.beds, args.checkpoint)
-                record(f"broker stall {stall:g}s (SIGSTOP), {args.beds} beds real time",
+                record(f"broker stall {stall:g}s (SIGSTOP), {args.beds} beds real time ({on})",
                        f"lost {r['lost']} of {r['expected']}, worker alive {r['worker_alive']}, exit {r['exit_code']}, "
-                       f"recovery {r['recovery_s']}s, peak RSS {r['peak_rss_mb']} MB, duplicates {r['duplicates']}")
+                       f"recovery {r['recovery_s']}s, peak RSS {r['peak_rss_mb']} MB, duplicates {r['duplicates']}, "
+                       f"duplicate window_ids {r['duplicate_ids']}, seq regressions {r['seq_regressions']}")
         elif args.campaign == "clock":
             r = clock_campaign(broker.bootstrap, args.beds, args.kills, args.checkpoint)
             record(f"clock campaign: {args.beds} beds (+2 h steps, -1 h steps, +30 min outliers, healthy), "

@@ -84,6 +84,22 @@ def settings_env(s: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
+def faketime_env(offset: str | None) -> dict[str, str]:
+    """The environment that runs a worker with its wall clock moved by `offset` ("+2h", "-30m") under
+    libfaketime (Debian's faketime package, which scripts/test installs); {} for None. Only the wall
+    clock: asyncio and aiokafka time their waits with the monotonic one."""
+    import os
+
+    if not offset:
+        return {}
+    lib = next((p for p in ("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+                            "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+                            "/usr/lib/faketime/libfaketime.so.1") if os.path.exists(p)), None)
+    if lib is None:
+        raise RuntimeError("libfaketime is missing: apt-get install faketime (scripts/test does)")
+    return {"LD_PRELOAD": lib, "FAKETIME": offset, "FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_DONT_RESET": "1"}
+
+
 def start_worker_process(s: Settings, log_path, **extra: str):
     import subprocess
     import sys

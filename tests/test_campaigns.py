@@ -65,3 +65,24 @@ def test_clock_events_short(broker, checkpoint, tmp_path):
     assert r["lost"] == 0, r
     assert r["episodes_left_open"] == 0, r
     assert r["exit_code"] == 0
+
+
+@pytest.mark.parametrize("clock, campaign", [("+2h", "crash"), ("-30m", "zombie"), ("+2h", "rebalance")])
+def test_campaigns_with_a_skewed_worker_clock_short(broker, checkpoint, tmp_path, monkeypatch, clock, campaign):
+    """Issue 32: the workers' clock hours ahead or behind (libfaketime) while they are killed, fenced as
+    zombies or rebalanced: every window once (read_committed), no episode seq going backwards."""
+    import benchmarks.campaigns as campaigns
+
+    monkeypatch.setattr(campaigns, "WORKER_CLOCK", clock)
+    if campaign == "crash":
+        r = campaigns.crash_campaign(broker.bootstrap, beds=6, kills=2, seconds=40, speed=2, checkpoint=checkpoint,
+                                     workdir=tmp_path)
+    elif campaign == "zombie":
+        r = campaigns.zombie_campaign(broker.bootstrap, beds=6, seconds=40, speed=2, checkpoint=checkpoint,
+                                      workdir=tmp_path)
+    else:
+        r = campaigns.rebalance_campaign(broker.bootstrap, beds=6, moves=2, seconds=40, speed=2, checkpoint=checkpoint,
+                                         workdir=tmp_path)
+    print(r)
+    assert r["lost"] == 0 and r["duplicate_ids"] == 0, r
+    assert r["seq_regressions"] == 0, r

@@ -6,7 +6,6 @@ numbers that never depend on a clock, one transactional id prefix per group."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import time
 
@@ -23,8 +22,8 @@ from streamer.offline.replay import Source, replay
 from streamer.synthetic import generate
 from benchmarks.campaigns import feed_in_background
 from streamer.worker import Worker
-from tests.kafka_utils import (expected_windows, flags_of, isolated_settings, log_events, start_worker_process,
-                               wait_for_event, wait_until)
+from tests.kafka_utils import (expected_windows, faketime_env, flags_of, isolated_settings, log_events,
+                               start_worker_process, wait_for_event, wait_until)
 
 pytestmark = pytest.mark.integration
 T0 = parse_start("2026-12-01T05:00:00Z")
@@ -116,17 +115,6 @@ def test_refused_state_records_stop_the_worker_loudly_and_nothing_is_committed(b
     assert committed in (None, 0), f"the offsets moved to {committed} past records whose states were refused"
 
 
-def _faketime_env(offset: str) -> dict[str, str]:
-    lib = next((p for p in ("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
-                            "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
-                            "/usr/lib/faketime/libfaketime.so.1") if os.path.exists(p)), None)
-    if lib is None:
-        pytest.fail("libfaketime is missing: scripts/test installs Debian's faketime package")
-    # only the wall clock: asyncio and aiokafka time their waits with the monotonic one
-    return {"LD_PRELOAD": lib, "FAKETIME": offset, "FAKETIME_DONT_FAKE_MONOTONIC": "1",
-            "FAKETIME_DONT_RESET": "1"}
-
-
 @pytest.mark.parametrize("offset", ["+2h", "-30m"])
 def test_a_worker_clock_far_off_publishes_every_window_and_says_so(broker, checkpoint, tmp_path, offset):
     """Item 2: a worker clock two hours ahead (past the brokers' 1 h limit on future timestamps) or half an
@@ -137,7 +125,7 @@ def test_a_worker_clock_far_off_publishes_every_window_and_says_so(broker, check
     s.model.checkpoint = checkpoint
     beds = [_bed(f"skew-{i}", seed=i) for i in range(3)]
     log = tmp_path / "worker.log"
-    proc = start_worker_process(s, log, **_faketime_env(offset))
+    proc = start_worker_process(s, log, **faketime_env(offset))
     try:
         wait_for_event(log, "partition_assigned", proc=proc)
         asyncio.run(replay(s.kafka, beds, speed=None, chunk_s=0.5))
