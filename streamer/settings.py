@@ -129,9 +129,10 @@ class KafkaSettings(_Group):
             self.state_topic = f"{self.group_id}.state"
         if self.transactional_id_prefix is None:
             self.transactional_id_prefix = self.group_id
-        if self.commit_interval_s * 1000 * 4 > self.transaction_timeout_ms:
+        if self.delivery != "at_least_once" and self.commit_interval_s * 1000 * 4 > self.transaction_timeout_ms:
             raise ValueError("kafka.commit_interval_s must be under a quarter of kafka.transaction_timeout_ms "
-                             "(each checkpoint's transaction must commit long before the brokers abort it)")
+                             "with exactly-once delivery (auto may choose it): each checkpoint's transaction must "
+                             "commit long before the brokers abort it")
         if self.min_insync_replicas and self.replication_factor and \
                 self.min_insync_replicas > self.replication_factor:
             raise ValueError("kafka.min_insync_replicas must not exceed kafka.replication_factor")

@@ -257,10 +257,10 @@ class Worker:
         drained = asyncio.ensure_future(asyncio.gather(infer, publish, *ending, *self.dead_letters.background.tasks,
                                                        *self.publisher.background.tasks, return_exceptions=True))
         if not await self._within(drained, drain_end):
+            # publishing is still under way (a stalled broker): it is left as it is, never cancelled halfway
+            # through a window (a flag sent but its state not yet marked), and nothing more is committed
             log.error("shutdown_deadline_exceeded", phase="drain", pending=self.ledger.in_flight())
-            code = 1
-            infer.cancel()
-            publish.cancel()
+            self.deadline_exceeded = True
         self.commits_end.set()
         await asyncio.gather(consume, return_exceptions=True)
         if not await self._within(commit, end - 1.0):
@@ -269,7 +269,7 @@ class Worker:
         elif not commit.cancelled() and commit.exception() is not None and self.fatal is None:
             self.fatal = commit.exception()
             log.error("task_failed", task="commit", error=repr(self.fatal))
-        if self.fatal is None:
+        if self.fatal is None and not self.deadline_exceeded:
             final = asyncio.ensure_future(self._commit(self.assigned))
             if not await self._within(final, end - 1.0):
                 self.deadline_exceeded = True
@@ -277,7 +277,7 @@ class Worker:
                 log.error("final_checkpoint_failed", error=repr(final.exception()))
                 code = 1
         if self.deadline_exceeded:
-            log.error("shutdown_deadline_exceeded", phase="final_checkpoint", deadline_s=deadline)
+            log.error("shutdown_deadline_exceeded", phase="checkpoint", deadline_s=deadline)
         if self.fatal is not None or self.deadline_exceeded:
             code = 1
         await self._close_clients(max(end - time.monotonic(), 0.5))
