@@ -161,3 +161,19 @@ def test_cli_refuses_an_ambiguous_recording_with_exit_2(tmp_path, capsys):
     path = _csv(tmp_path, np.arange(1000) * 0.05)
     assert main(["replay", path, "--patient", "bed-1", "--bootstrap", "127.0.0.1:1"]) == 2
     assert "--time-unit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fraction", ["%03d", "%06d"])
+def test_iso_text_times_with_ms_or_us_and_a_time_zone_are_read_by_their_unit(tmp_path, fraction):
+    """Issue 33, case 1: pandas 3 parses ISO strings to datetime64[us]; read as nanoseconds they made a
+    250 Hz, 60 s recording 250 kHz and 0.06 s long (zero windows, exit 0)."""
+    n, fs = 250 * 60, 250.0
+    start = pd.Timestamp("2026-03-01T08:00:00+01:00")
+    scale = 1000 if fraction == "%03d" else 1_000_000
+    stamps = [(start + pd.Timedelta(milliseconds=4 * i)).strftime("%Y-%m-%dT%H:%M:%S.")
+              + fraction % ((4 * i % 1000) * scale // 1000) + "+01:00" for i in range(n)]
+    path = tmp_path / "iso.csv"
+    pd.DataFrame({"time": stamps, "II": np.zeros(n)}).to_csv(path, index=False)
+    rec = load_recording(path)
+    assert rec.start_ns == start.value and rec.fs == pytest.approx(fs)
+    assert (rec.times_ns[-1] - rec.times_ns[0]) / 1e9 == pytest.approx(60 - 1 / fs)

@@ -63,8 +63,10 @@ def _times_from_column(col: pd.Series, start_ns: int, time_unit: str | None) -> 
     if not pd.api.types.is_numeric_dtype(col):
         if time_unit is not None:
             raise RecordingError(f"--time-unit applies to numeric times; column {col.name!r} holds dates")
-        ts = pd.to_datetime(col, utc=True)
-        return ts.astype("int64").to_numpy() if hasattr(ts, "astype") else np.asarray(ts.asi8)
+        # pandas 3 parses text to datetime64 of the resolution it finds (us for ISO strings): the integers
+        # are nanoseconds only once the unit is made ns, never by assumption
+        ts = pd.to_datetime(col, utc=True).dt.as_unit("ns")
+        return ts.astype("int64").to_numpy()
     v = col.to_numpy(dtype=np.float64)
     if time_unit is None:
         step = float(np.median(np.diff(v))) if len(v) > 1 else float("nan")
