@@ -57,6 +57,15 @@ from tests.kafka_utils import (expected_windows, faketime_env, log_events, setti
 WORKER_CLOCK: str | None = None
 
 
+def clock_skew_s(offset: str | None) -> float:
+    """Seconds of a libfaketime relative offset ("+2h", "-30m", "+90s", "-1d"); 0 for None."""
+    if not offset:
+        return 0.0
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    unit = offset[-1] if offset[-1] in units else "s"
+    return float(offset.rstrip("smhd")) * units[unit]
+
+
 def _worker(s: Settings, log: Path) -> subprocess.Popen:
     """A `streamer run` process, its clock skewed by WORKER_CLOCK."""
     return start_worker_process(s, log, **faketime_env(WORKER_CLOCK))
@@ -511,8 +520,9 @@ def _rss_kb(pid: int) -> int:
 
 def _first_flag_after(log: Path, t_monotonic: float) -> float | None:
     """Seconds from the broker's resume to the worker's next successful commit or publish, from its log."""
-    # the log has wall-clock ISO timestamps; convert the resume moment to wall time
-    resume_wall = time.time() - (time.monotonic() - t_monotonic)
+    # the log has wall-clock ISO timestamps (the worker's clock, WORKER_CLOCK included); convert the resume
+    # moment to that clock
+    resume_wall = time.time() + clock_skew_s(WORKER_CLOCK) - (time.monotonic() - t_monotonic)
     import datetime
 
     for line in log.read_text().splitlines():
