@@ -89,7 +89,7 @@ class Worker:
         self.next_expiry = 0.0
         self.abandoned_startup = False  # stopped while the model was still loading in its thread
         self.deadline_exceeded = False  # the shutdown ran out of time: the process must exit now
-        self.event_time = EventTime()  # what outputs are stamped with: the input's time, not this clock
+        self.event_time = EventTime()  # caps output timestamps at the input's event time (event_time.py)
         self.clock_offset = ClockOffset(settings.kafka.clock_offset_warn_s, self.metrics.clock_offset_s)
         self.routing: OutputRouting | None = None
         self.commits_end = asyncio.Event()  # the commit loop ends after its checkpoint in flight

@@ -177,8 +177,8 @@ def test_a_stop_while_a_checkpoint_commits_is_clean(broker, scorer):
                 await real()
 
             producer.commit_transaction = commit_with_a_stop
-            # a commit happens only with something in the transaction: one more record
-            await replay(s.kafka, [Source("bed-late", _bed("bed-late", seconds=1).recording)], speed=None)
+            # a commit happens only with something in the transaction: a window's flag
+            await replay(s.kafka, [_bed("bed-late", seconds=11, seed=3)], speed=None, chunk_s=0.5)
             code = await asyncio.wait_for(task, 60)
             return code, armed
         finally:
@@ -218,7 +218,7 @@ def test_shutdown_during_a_broker_freeze_ends_within_its_deadline(broker, scorer
     code, took, exceeded = asyncio.run(main())
     print(f"shutdown with a frozen broker: {took:.1f} s (deadline 5 s)")
     assert code == 1 and exceeded
-    assert took <= 5.0 + 0.5, f"the shutdown took {took:.1f} s"
+    assert took <= 5.0 + 1.0, f"the shutdown took {took:.1f} s"  # the deadline, and the loop's scheduling
 
 
 async def _end_offsets(k, topic: str, partitions: int):
