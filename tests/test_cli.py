@@ -177,3 +177,21 @@ def test_iso_text_times_with_ms_or_us_and_a_time_zone_are_read_by_their_unit(tmp
     rec = load_recording(path)
     assert rec.start_ns == start.value and rec.fs == pytest.approx(fs)
     assert (rec.times_ns[-1] - rec.times_ns[0]) / 1e9 == pytest.approx(60 - 1 / fs)
+
+
+def test_a_wfdb_record_in_microvolts_reads_as_the_same_record_in_millivolts(tmp_path):
+    """Issue 33, case 2: the header's unit is applied (a uV record was scored as mV: every window p=1.0);
+    a lead in a unit that is no voltage is refused, naming it."""
+    import wfdb
+
+    x = np.sin(np.arange(5000) / 50.0)[:, None]
+    wfdb.wrsamp("r_mv", fs=500, units=["mV"], sig_name=["II"], p_signal=x, fmt=["16"], write_dir=str(tmp_path))
+    wfdb.wrsamp("r_uv", fs=500, units=["uV"], sig_name=["II"], p_signal=x * 1000, fmt=["16"], write_dir=str(tmp_path))
+    wfdb.wrsamp("r_v", fs=500, units=["V"], sig_name=["II"], p_signal=x / 1000, fmt=["16"], write_dir=str(tmp_path))
+    mv = load_recording(tmp_path / "r_mv.hea")
+    for other in ("r_uv", "r_v"):
+        rec = load_recording(tmp_path / f"{other}.hea")
+        assert np.abs(rec.values - mv.values).max() < 1e-3 * np.abs(mv.values).max(), other
+    wfdb.wrsamp("r_bpm", fs=500, units=["bpm"], sig_name=["II"], p_signal=x, fmt=["16"], write_dir=str(tmp_path))
+    with pytest.raises(RecordingError, match="'bpm', not a voltage unit"):
+        load_recording(tmp_path / "r_bpm.hea")

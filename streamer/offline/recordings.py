@@ -175,5 +175,15 @@ def _from_wfdb(record: Path, fs: float | None, start: str | None, channel: str |
     rate = fs or float(rec.fs)
     if start is None and rec.base_datetime is not None:
         start = rec.base_datetime.isoformat()
-    values = rec.p_signal[:, idx].astype(np.float64)
+    unit = str((rec.units or [None] * len(names))[idx] or "").strip()
+    scale = _MV_PER_UNIT.get(unit.lower().replace("µ", "u").replace("μ", "u"))
+    if scale is None:
+        raise RecordingError(f"WFDB record {record}: lead {names[idx]} is in {unit or 'no unit'!r}, not a voltage "
+                             f"unit streamer reads ({', '.join(sorted(_MV_PER_UNIT))})")
+    values = rec.p_signal[:, idx].astype(np.float64) * scale  # the header's unit, to mV
     return _validated(regular_times(len(values), rate, parse_start(start)), values, rate, names[idx])
+
+
+# Voltage units as WFDB headers spell them, in mV each (lower case, micro written u)
+_MV_PER_UNIT = {"v": 1000.0, "volt": 1000.0, "volts": 1000.0, "mv": 1.0, "millivolt": 1.0, "millivolts": 1.0,
+                "uv": 1e-3, "microvolt": 1e-3, "microvolts": 1e-3, "nv": 1e-6}
