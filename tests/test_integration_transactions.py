@@ -353,8 +353,8 @@ def test_a_restore_reads_past_another_topics_open_transaction(broker):
         try:
             restore = asyncio.create_task(read_states(reader, k.state_topic, [TopicPartition(mine, 0)],
                                                       idle_timeout_s=30))
-            await asyncio.sleep(2.0)
-            early = restore.done()
+            # the restore must still be waiting on the open transaction: it may end no sooner (old code: at once)
+            early = bool((await asyncio.wait({restore}, timeout=2.0))[0])
             await other.abort_transaction()
             restored = await asyncio.wait_for(restore, 30)
         finally:
