@@ -84,6 +84,30 @@ def settings_env(s: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
+async def until_true(condition, timeout_s: float, what: str, interval_s: float = 0.3) -> None:
+    """In a test's event loop: await `condition()` until it is truthy; fail after `timeout_s`."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(interval_s)
+
+
+async def set_topic_config(k: KafkaSettings, topic: str, **configs: str) -> None:
+    """AlterConfigs on one topic (it replaces the topic's whole configuration: name every setting kept)."""
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    from streamer.kafka.clients import make_admin
+
+    admin = make_admin(k)
+    await admin.start()
+    try:
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs=configs)])
+    finally:
+        await admin.close()
+
+
 def faketime_env(offset: str | None) -> dict[str, str]:
     """The environment that runs a worker with its wall clock moved by `offset` ("+2h", "-30m") under
     libfaketime (Debian's faketime package, which scripts/test installs); {} for None. Only the wall

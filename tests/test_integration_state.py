@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 
 import numpy as np
 import orjson
@@ -18,17 +17,10 @@ from streamer.offline.replay import Source, replay
 from streamer.synthetic import generate
 from streamer.worker import Worker
 from tests.kafka_utils import (expected_windows, flags_of, isolated_settings, read_topic, scored_ids,
-                               start_worker_process, wait_for_event)
+                               start_worker_process, until_true, wait_for_event)
 
 pytestmark = pytest.mark.integration
 T0 = parse_start("2026-11-22T05:00:00Z")
-
-
-async def _until(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while not await condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.3)
 
 
 def test_clock_step_keeps_the_neighbour_and_the_commit_moving(broker, scorer):
@@ -44,7 +36,7 @@ def test_clock_step_keeps_the_neighbour_and_the_commit_moving(broker, scorer):
         worker = Worker(s, scorer=scorer)
         task = asyncio.create_task(worker.run())
         try:
-            await _until(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
+            await until_true(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
             await replay(s.kafka, [healthy, stepped], speed=None, chunk_s=0.25)
 
             async def flagged():
@@ -52,10 +44,10 @@ def test_clock_step_keeps_the_neighbour_and_the_commit_moving(broker, scorer):
                 new = [f for f in flags if f["patient_id"] == "stepped" and f["window_start_ns"] >= new_timeline_start]
                 return len(new) >= 3 and expected_windows([healthy]) <= set(scored_ids(flags))
 
-            await _until(flagged, 90, "flags of both beds")
+            await until_true(flagged, 90, "flags of both beds")
             tp = next(iter(worker.assigned))
             end = worker.consumer.highwater(tp)
-            await _until(lambda: asyncio.sleep(0, worker.ledger.committed.get(tp, 0) == end), 60,
+            await until_true(lambda: asyncio.sleep(0, worker.ledger.committed.get(tp, 0) == end), 60,
                          "the commit to reach the end of the partition (nothing pinned by the stepped bed)")
             return flags_of(await read_topic(s.kafka, s.kafka.flags_topic, timeout_s=5)), \
                 worker.metrics.dead_letters.labels("timestamp_jump")._value.get()
@@ -84,14 +76,14 @@ def test_episode_opened_under_one_worker_is_closed_by_its_successor(broker, scor
         s_a.episodes.stale_after_s = 3600.0  # a does not close it: the bed is still "recent" for a
         a.s = s_a
         ta = asyncio.create_task(a.run())
-        await _until(lambda: asyncio.sleep(0, bool(a.assigned)), 60, "assignment of a")
+        await until_true(lambda: asyncio.sleep(0, bool(a.assigned)), 60, "assignment of a")
         await replay(s.kafka, [bed], speed=None, chunk_s=0.5)
 
         async def opened():
             eps = [orjson.loads(r.value) for r in await read_topic(s.kafka, s.kafka.episodes_topic, timeout_s=2)]
             return any(e["state"] == "open" for e in eps)
 
-        await _until(opened, 60, "the episode to open under a")
+        await until_true(opened, 60, "the episode to open under a")
         a.stop()
         assert await asyncio.wait_for(ta, 60) == 0
         b = Worker(s, scorer=scorer)  # takes the partition, restores the bed's state, sees no more flags
@@ -101,7 +93,7 @@ def test_episode_opened_under_one_worker_is_closed_by_its_successor(broker, scor
                 eps = [orjson.loads(r.value) for r in await read_topic(s.kafka, s.kafka.episodes_topic, timeout_s=2)]
                 return eps and eps[-1]["state"] == "closed"
 
-            await _until(closed, 60, "the successor to close the stale episode")
+            await until_true(closed, 60, "the successor to close the stale episode")
         finally:
             b.stop()
             assert await asyncio.wait_for(tb, 60) == 0
@@ -116,7 +108,7 @@ def test_episode_opened_under_one_worker_is_closed_by_its_successor(broker, scor
 async def _bad_record_then_a_healthy_bed(s, worker, bad: bytes, key: bytes, bed) -> None:
     """Once `worker` owns the partition: one bad record, then a healthy bed; returns when the bed is
     flagged and the commit passed the bad record (offset 0)."""
-    await _until(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
+    await until_true(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
     producer = make_producer(s.kafka, max_request_size=4 << 20)
     await producer.start()
     await producer.send_and_wait(s.kafka.input_topics[0], bad, key=key)
@@ -127,9 +119,9 @@ async def _bad_record_then_a_healthy_bed(s, worker, bad: bytes, key: bytes, bed)
         flags = flags_of(await read_topic(s.kafka, s.kafka.flags_topic, timeout_s=2))
         return expected_windows([bed]) <= set(scored_ids(flags))
 
-    await _until(done, 60, "the healthy bed's flags")
+    await until_true(done, 60, "the healthy bed's flags")
     tp = next(iter(worker.assigned))
-    await _until(lambda: asyncio.sleep(0, worker.ledger.committed.get(tp, 0) >= 1), 30,
+    await until_true(lambda: asyncio.sleep(0, worker.ledger.committed.get(tp, 0) >= 1), 30,
                  "the commit to pass the bad record")
 
 
@@ -246,7 +238,7 @@ def test_a_patient_unchanged_past_the_ttl_is_tombstoned_and_not_restored(broker,
         worker = Worker(s, scorer=scorer)
         task = asyncio.create_task(worker.run())
         try:
-            await _until(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
+            await until_true(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
             await replay(s.kafka, [gone], speed=None, chunk_s=0.5)
             # the other bed keeps streaming in real time: its state changes every window and stays
             feed = asyncio.create_task(replay(s.kafka, [Source("bed-kept", kept)], speed=1.0, chunk_s=0.5))
@@ -256,13 +248,13 @@ def test_a_patient_unchanged_past_the_ttl_is_tombstoned_and_not_restored(broker,
                 return any(parse_state_key(r.key) == (s.kafka.input_topics[0], "bed-gone") and r.value is None
                            for r in records)
 
-            await _until(tombstoned, 60, "the stopped bed's tombstone")
+            await until_true(tombstoned, 60, "the stopped bed's tombstone")
 
             async def kept_reported():  # so its state is in the topic too
                 flags = flags_of(await read_topic(s.kafka, s.kafka.flags_topic, timeout_s=2))
                 return any(f["patient_id"] == "bed-kept" for f in flags)
 
-            await _until(kept_reported, 60, "a window of the bed still streaming")
+            await until_true(kept_reported, 60, "a window of the bed still streaming")
             tp = next(iter(worker.assigned))
             held = set(worker.store.partitions[tp])
             expired = worker.metrics.states_expired._value.get()
@@ -360,7 +352,7 @@ def test_a_new_bed_whose_first_record_is_an_outlier_loses_only_that_record(broke
         worker = Worker(s, scorer=scorer)
         task = asyncio.create_task(worker.run())
         try:
-            await _until(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
+            await until_true(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
             producer = make_producer(s.kafka)
             await producer.start()
             out = ChunkProducer(producer, s.kafka.input_topics[0], "json")
@@ -372,10 +364,10 @@ def test_a_new_bed_whose_first_record_is_an_outlier_loses_only_that_record(broke
                 flags = flags_of(await read_topic(s.kafka, s.kafka.flags_topic, timeout_s=2))
                 return sum(f["status"] == "scored" for f in flags) >= 4
 
-            await _until(scored, 90, "the bed's windows")
+            await until_true(scored, 90, "the bed's windows")
             tp = next(iter(worker.assigned))
             end = worker.consumer.highwater(tp)
-            await _until(lambda: asyncio.sleep(0, worker.ledger.committed.get(tp, 0) == end), 60,
+            await until_true(lambda: asyncio.sleep(0, worker.ledger.committed.get(tp, 0) == end), 60,
                          "the commit to reach the end of the partition")
         finally:
             worker.stop()

@@ -12,18 +12,17 @@ import time
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from streamer.checkpointing.outputs import TransactionalOutputs, TransactionFailed
 from streamer.ingest.partitioning import home_partition
-from streamer.kafka.clients import make_admin, make_consumer, make_producer, read_records
+from streamer.kafka.clients import make_consumer, make_producer, read_records
 from streamer.offline.recordings import Recording, parse_start, regular_times
 from streamer.offline.replay import Source, replay
 from streamer.synthetic import generate
 from benchmarks.campaigns import feed_in_background
 from streamer.worker import Worker
 from tests.kafka_utils import (expected_windows, faketime_env, flags_of, isolated_settings, log_events,
-                               start_worker_process, wait_for_event, wait_until)
+                               set_topic_config, start_worker_process, until_true, wait_for_event, wait_until)
 
 pytestmark = pytest.mark.integration
 T0 = parse_start("2026-12-01T05:00:00Z")
@@ -32,22 +31,6 @@ T0 = parse_start("2026-12-01T05:00:00Z")
 def _bed(name: str, seconds: float = 21.0, seed: int = 1) -> Source:
     n = int(500 * seconds)
     return Source(name, Recording(regular_times(n, 500, T0), generate(seconds, fs=500, seed=seed).values, 500.0))
-
-
-async def _until(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while not await condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.2)
-
-
-async def _alter(k, topic: str, **configs: str) -> None:
-    admin = make_admin(k)
-    await admin.start()
-    try:
-        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs=configs)])
-    finally:
-        await admin.close()
 
 
 async def _committed(k, tp: TopicPartition) -> int | None:
@@ -65,7 +48,7 @@ def test_a_refused_record_aborts_the_whole_transaction_and_the_offsets_stay(brok
     read_committed reader, the offset stays where it was, and the failure names the refusing topic."""
     s = isolated_settings(broker.bootstrap, partitions=1)
     k = s.kafka
-    asyncio.run(_alter(k, k.dead_letter_topic, **{"max.message.bytes": "200"}))
+    asyncio.run(set_topic_config(k, k.dead_letter_topic, **{"max.message.bytes": "200"}))
     tp = TopicPartition(k.input_topics[0], 0)
 
     async def main():
@@ -94,13 +77,13 @@ def test_refused_state_records_stop_the_worker_loudly_and_nothing_is_committed(b
     s = isolated_settings(broker.bootstrap, partitions=1)
     k = s.kafka
     # AlterConfigs replaces a topic's whole configuration: the state topic stays compacted
-    asyncio.run(_alter(k, k.state_topic, **{"max.message.bytes": "64", "cleanup.policy": "compact"}))
+    asyncio.run(set_topic_config(k, k.state_topic, **{"max.message.bytes": "64", "cleanup.policy": "compact"}))
 
     async def main():
         worker = Worker(s, scorer=scorer)
         task = asyncio.create_task(worker.run())
         try:
-            await _until(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
+            await until_true(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
             await replay(k, [_bed("bed-state")], speed=None, chunk_s=0.5)
             code = await asyncio.wait_for(task, 60)
         finally:
@@ -162,9 +145,9 @@ def test_a_stop_while_a_checkpoint_commits_is_clean(broker, scorer):
         worker = Worker(s, scorer=scorer)
         task = asyncio.create_task(worker.run())
         try:
-            await _until(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
+            await until_true(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
             await replay(s.kafka, [_bed("bed-stop", seconds=11)], speed=None, chunk_s=0.5)
-            await _until(lambda: asyncio.sleep(0, bool(worker.ledger.committed)), 60, "a first commit")
+            await until_true(lambda: asyncio.sleep(0, bool(worker.ledger.committed)), 60, "a first commit")
             producer = next(iter(worker.outputs._txns.values())).producer
             real = producer.commit_transaction
             armed = [True]
@@ -200,12 +183,12 @@ def test_shutdown_during_a_broker_freeze_ends_within_its_deadline(broker, scorer
         worker = Worker(s, scorer=scorer)
         task = asyncio.create_task(worker.run())
         try:
-            await _until(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
+            await until_true(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
             await replay(s.kafka, [_bed("bed-freeze", seconds=11)], speed=None, chunk_s=0.5)
-            await _until(lambda: asyncio.sleep(0, bool(worker.ledger.committed)), 60, "a first commit")
+            await until_true(lambda: asyncio.sleep(0, bool(worker.ledger.committed)), 60, "a first commit")
             await replay(s.kafka, [_bed("bed-more", seconds=11, seed=2)], speed=None, chunk_s=0.5)
             txn = next(iter(worker.outputs._txns.values()))
-            await _until(lambda: asyncio.sleep(0, txn.has_writes and bool(txn.sent)), 60, "a flag in the transaction")
+            await until_true(lambda: asyncio.sleep(0, txn.has_writes and bool(txn.sent)), 60, "a flag in the transaction")
             broker.freeze()
             t0 = time.monotonic()
             worker.stop()
@@ -292,7 +275,7 @@ def test_outputs_line_up_with_the_input_partitions_under_crc32(broker, scorer):
         worker = Worker(s, scorer=scorer)
         task = asyncio.create_task(worker.run())
         try:
-            await _until(lambda: asyncio.sleep(0, len(worker.assigned) == 4), 60, "assignment")
+            await until_true(lambda: asyncio.sleep(0, len(worker.assigned) == 4), 60, "assignment")
             from streamer.ingest.producer import chunks_of, encode
 
             producer = make_producer(s.kafka)  # a gateway that places records as librdkafka's default does
@@ -308,7 +291,7 @@ def test_outputs_line_up_with_the_input_partitions_under_crc32(broker, scorer):
                 records = await read_records(s.kafka, [s.kafka.flags_topic], timeout_s=2, idle_polls=1)
                 return len({r.key for r in records}) == len(beds)
 
-            await _until(flagged, 90, "a flag of every bed")
+            await until_true(flagged, 90, "a flag of every bed")
             return await read_records(s.kafka, [s.kafka.flags_topic], timeout_s=3, idle_polls=1)
         finally:
             worker.stop()
@@ -392,7 +375,7 @@ def test_after_a_state_loss_the_episode_seq_stays_above_what_readers_saw(broker,
                 records = await read_records(k, [k.episodes_topic], timeout_s=2, idle_polls=1)
                 return [orjson.loads(r.value) for r in records][1:]
 
-            await _until(closed, 60, "the state_lost close")
+            await until_true(closed, 60, "the state_lost close")
             return await closed()
         finally:
             worker.stop()
@@ -413,11 +396,11 @@ def test_a_worker_with_another_transactional_id_prefix_is_refused(broker, scorer
         worker = Worker(settings, scorer=scorer)
         task = asyncio.create_task(worker.run())
         try:
-            await _until(lambda: asyncio.sleep(0, bool(worker.assigned) or task.done()), 60, "assignment")
+            await until_true(lambda: asyncio.sleep(0, bool(worker.assigned) or task.done()), 60, "assignment")
             if task.done():
                 return task.result(), worker
             await replay(settings.kafka, [_bed("bed-prefix", seconds=11)], speed=None, chunk_s=0.5)
-            await _until(lambda: asyncio.sleep(0, bool(worker.ledger.committed) or task.done()), 60, "a commit")
+            await until_true(lambda: asyncio.sleep(0, bool(worker.ledger.committed) or task.done()), 60, "a commit")
         finally:
             worker.stop()
         return await asyncio.wait_for(task, 60), worker

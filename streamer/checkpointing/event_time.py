@@ -77,5 +77,5 @@ class ClockOffset:
             self._next_log = now + 60.0  # once a minute while it lasts
             log.error("clock_offset", offset_s=round(self.offset_s, 3), warn_s=self.warn_s,
                       meaning="the worker's clock is " + ("ahead of" if self.offset_s > 0 else "behind")
-                      + " the input's timestamps: outputs keep the input's event time; fix the host's clock "
-                      "(episode leases are stamped by it)")
+                      + " the input's timestamps: output timestamps stay capped by the input's event time; fix the "
+                      "host's clock (episode leases are stamped by it)")
