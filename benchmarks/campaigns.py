@@ -261,11 +261,14 @@ def zombie_campaign(bootstrap: str, beds: int, seconds: float, speed: float, che
             wait_until(lambda: len(log_events_named(successor_log, "partition_assigned")) >= mark + 4, 120,
                        "the takeover", proc=successor)
             time.sleep(2.0)  # the successor publishes and checkpoints on its own meanwhile
-            owner.send_signal(signal.SIGCONT)  # the zombie resumes: fenced, it must stop
-            try:
-                zombie_codes.append(owner.wait(60))
-            except subprocess.TimeoutExpired:
-                zombie_codes.append(None)
+            revoked = len(log_events_named(logs[i % 2], "partition_revoked"))
+            owner.send_signal(signal.SIGCONT)
+            # the zombie resumes: fenced or told by its heartbeat that it left the group, it drops its
+            # partitions and rejoins as a new member (None), or it stops (its exit code)
+            wait_until(lambda: owner.poll() is not None
+                       or len(log_events_named(logs[i % 2], "partition_revoked")) > revoked, 60,
+                       "the zombie dropping its partitions")
+            zombie_codes.append(owner.poll())
         feeder.join(seconds / speed + 300)
         flags = asyncio.run(collect_flags(s.kafka, expected, timeout_s=seconds / speed + 300))
     finally:
@@ -274,8 +277,9 @@ def zombie_campaign(bootstrap: str, beds: int, seconds: float, speed: float, che
                 p.send_signal(signal.SIGCONT)
         codes = [stop_worker(p) for p in procs]
     fenced = sum(1 for e in log_events(logs[0]) + log_events(logs[1])
-                 if e.get("event") in ("worker_failed", "task_failed", "restore_failed")
-                 and "Fenced" in str(e.get("error", "")) + str(e.get("exception", "")))
+                 if e.get("event") == "transaction_fenced" or (
+                     e.get("event") in ("worker_failed", "task_failed", "restore_failed")
+                     and "Fenced" in str(e.get("error", "")) + str(e.get("exception", ""))))
     return {"takeovers": takeovers, **tally(expected, flags), "zombie_exit_codes": zombie_codes,
             "fenced_failures_logged": fenced, "state_regressions": state_regressions(s.kafka),
             "seq_regressions": seq_regressions(s.kafka), "exit_codes": codes}

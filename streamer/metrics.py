@@ -88,6 +88,9 @@ class Metrics:
                                       "unchanged (tombstoned)", registry=r)
         self.patient_states = Gauge("streamer_state_patients", "patients whose state this worker holds (its "
                                     "partitions)", registry=r)
+        self.fenced = Counter("streamer_transactions_fenced_total", "partitions whose transaction was fenced (a "
+                              "newer owner, or the broker's transaction timeout): dropped and the group rejoined",
+                              registry=r)
         self.restore_records = Counter("streamer_state_restore_records_total", "state records read back at "
                                        "assignments", registry=r)
         self.inference_busy_s = Gauge("streamer_inference_busy_seconds", "how long the batch now in inference has "

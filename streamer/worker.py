@@ -24,7 +24,7 @@ from streamer.ingest.contract import InvalidMessage, decode
 from streamer.ingest.partitioning import home_partition
 from streamer.ingest.deadletter import DeadLetters
 from streamer.kafka.clients import (TlsError, check_tls, committed_offsets, ensure_topics, make_consumer, make_producer,
-                                    missing_topics, partition_counts, topic_config)
+                                    missing_topics, partition_counts, request_rejoin, topic_config)
 from streamer.logs import get_logger, patient_ref
 from streamer.metrics import HealthServer, InferenceWatch, Metrics
 from streamer.model.infer import ArtifactScorer, refuse_demo_model
@@ -79,6 +79,7 @@ class Worker:
         self.producer = None
         self.outputs: AtLeastOnceOutputs | TransactionalOutputs | None = None
         self.fatal: BaseException | None = None  # a failure that must end the worker with exit 1
+        self.fences: list[float] = []  # monotonic times of the recent transaction fences
         self.state_partitions = 0
         self.state_reader = None  # reads patient states back on assignment (no group)
         self.health: HealthServer | None = None
@@ -191,7 +192,7 @@ class Worker:
         if k.delivery != "at_least_once" and why_not is None:
             log.info("delivery_mode", mode="exactly_once", transactional_id_prefix=k.transactional_id_prefix)
             return TransactionalOutputs(k, lambda tid: make_producer(k, transactional_id=tid), self.event_time,
-                                        self.routing)
+                                        self.routing, on_fenced=self._fenced)
         # idempotence needs InitProducerId, which a broker without transactions may lack as well
         idempotent = k.delivery == "at_least_once" and why_not is None
         if k.delivery == "at_least_once":
@@ -207,6 +208,25 @@ class Worker:
             self.fatal = exc
             log.error("worker_failed", error=repr(exc))
         self.stopping.set()
+
+    # a worker fenced this often is fighting another owner, not riding out a broker failover
+    FENCES_TOLERATED, FENCE_WINDOW_S = 5, 600.0
+
+    def _fenced(self, tp: TopicPartition) -> None:
+        """A partition's transaction was fenced (outputs.py): its open transaction is gone, so is this worker's
+        claim on it. As Kafka Streams does, rejoin the group: the revocation drops the partition without a
+        checkpoint, and whoever the group gives it to (this worker, after a broker failover that outlasted
+        the transaction timeout; the newer owner, if this one was a zombie) restores it from its last commit."""
+        self.metrics.fenced.inc()
+        now = time.monotonic()
+        self.fences = [t for t in self.fences if now - t < self.FENCE_WINDOW_S] + [now]
+        log.error("partition_fenced", topic=tp.topic, partition=tp.partition, fences=len(self.fences),
+                  action="rejoin the group")
+        if len(self.fences) > self.FENCES_TOLERATED:
+            self._fail(RuntimeError(f"fenced {len(self.fences)} times in {self.FENCE_WINDOW_S:.0f} s: another "
+                                    "worker keeps taking these partitions' transactional ids"))
+        elif self.consumer is not None and not self.stopping.is_set():
+            request_rejoin(self.consumer)
 
     async def run(self) -> int:
         """Run until stop(); returns the process exit code."""
@@ -528,7 +548,8 @@ class Worker:
     async def _revoke(self, revoked: set[TopicPartition]) -> None:
         """Publish what is in flight for these partitions, checkpoint, then drop their buffers and states."""
         deadline = time.monotonic() + self.s.kafka.session_timeout_ms / 2000
-        while any(self.ledger.in_flight(tp) for tp in revoked):
+        # a fenced partition's outputs are dropped, never acknowledged: nothing to wait for
+        while any(self.ledger.in_flight(tp) for tp in revoked if not self.outputs.lost(tp)):
             left = deadline - time.monotonic()
             if left <= 0:
                 log.warning("revoke_before_drained", pending=sum(self.ledger.in_flight(tp) for tp in revoked))

@@ -84,14 +84,16 @@ def settings_env(s: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
-async def until_true(condition, timeout_s: float, what: str, interval_s: float = 0.3) -> None:
-    """In a test's event loop: await `condition()` until it is truthy; fail after `timeout_s`."""
+async def until_true(condition, timeout_s: float, what: str, interval_s: float = 0.3):
+    """In a test's event loop: await `condition()` until it is truthy, and return that; fail after
+    `timeout_s`."""
     import time
 
     deadline = time.monotonic() + timeout_s
-    while not await condition():
+    while not (value := await condition()):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(interval_s)
+    return value
 
 
 async def set_topic_config(k: KafkaSettings, topic: str, **configs: str) -> None:

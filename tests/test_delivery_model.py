@@ -503,7 +503,8 @@ def _empty_txn() -> dict:
 class TxnCore(Core):
     """The worker with TransactionalOutputs: outputs and state changes join the partition's open
     transaction together (publisher.py), the checkpoint commits states and offsets with them
-    (checkpoint.py); any commit that fails (fenced) ends this worker."""
+    (checkpoint.py). A fenced commit marks the worker fenced: a zombie stops for good (zombie_acts); a worker
+    that still owns the partition rejoins the group (transaction_times_out)."""
 
     def __init__(self, log: TxnLog):
         super().__init__(log)
@@ -579,6 +580,24 @@ class TransactionalDeliveryModel(DeliveryModel):
         self.core.checkpoint()
         assert self.core.stopped
         self.crash()
+
+    @rule(p=st.integers(0, PARTITIONS - 1))
+    def transaction_times_out(self, p):
+        """A broker failover holds p's commit past kafka.transaction_timeout_ms: the broker aborts p's open
+        transaction with a newer epoch. The worker's next commit of p is fenced (outputs.py): p is lost, the
+        worker is not; it rejoins the group (Worker._fenced): every partition revoked, p without a commit,
+        then assigned again (fence, restore from the last commit)."""
+        if p not in self.core.txns:
+            return
+        self.log.fence(p)
+        self.core.checkpoint()
+        assert self.core.fenced
+        owned = sorted(self.core.txns)
+        for q in owned:
+            self.core.revoke(q)
+        for q in owned:
+            self.core.assign(q)
+        self.core.fenced = False
 
     @rule()
     def stop_while_committing(self):

@@ -415,3 +415,45 @@ def test_a_worker_with_another_transactional_id_prefix_is_refused(broker, scorer
     pod.kafka.previous_transactional_id_prefix = s.kafka.group_id
     code, _ = asyncio.run(run_until_committed(pod))
     assert code == 0
+
+
+def test_a_fenced_transaction_costs_the_partition_not_the_worker(broker, scorer):
+    """A transaction fenced while the worker still owns its partition (here another producer takes the
+    transactional id; after a broker failover that outlasts kafka.transaction_timeout_ms the broker's abort
+    does the same): the worker drops the partition, rejoins the group, restores it from its last commit and
+    goes on. Every window of both beds is flagged exactly once, and SIGTERM still ends it with exit 0."""
+    s = isolated_settings(broker.bootstrap, partitions=1)
+    k = s.kafka
+    first, second = _bed("bed-before", seconds=11), _bed("bed-after", seconds=21, seed=2)
+
+    async def main():
+        worker = Worker(s, scorer=scorer)
+        task = asyncio.create_task(worker.run())
+        try:
+            await until_true(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
+            tp = next(iter(worker.assigned))
+            await replay(k, [first], speed=None, chunk_s=0.5)
+            await until_true(lambda: asyncio.sleep(0, bool(worker.ledger.committed.get(tp))), 60, "a first commit")
+            rival = make_producer(k, transactional_id=worker.outputs.transactional_id(tp))
+            await rival.start()  # InitProducerId: a newer epoch; the worker's open transaction is aborted
+            await rival.stop()
+            await replay(k, [second], speed=None, chunk_s=0.5)
+            expected = expected_windows([first, second])
+
+            async def flagged():
+                records = await read_records(k, [k.flags_topic], timeout_s=2, idle_polls=1)
+                seen = {(f["patient_id"], f["window_start_ns"]) for f in flags_of(records)}
+                return records if expected <= seen else None
+
+            records = await until_true(flagged, 90, "every window's flag after the fence")
+            fenced = worker.metrics.registry.get_sample_value("streamer_transactions_fenced_total")
+            worker.stop()
+            return records, fenced, await asyncio.wait_for(task, 60), worker.fatal
+        finally:
+            worker.stop()
+
+    records, fenced, code, fatal = asyncio.run(main())
+    ids = [f["window_id"] for f in flags_of(records)]
+    assert len(ids) == len(set(ids)), "a window published twice"
+    assert fenced == 1, fenced
+    assert code == 0 and fatal is None, fatal

@@ -10,8 +10,12 @@ sent through `Outputs.send(partition, ...)` while that partition's `gate` is hel
   zombie that resumes cannot write any more) and aborts its open transaction. Everything a partition's
   records produce between two checkpoints, its state records and its consumer offsets form one
   transaction: read_committed readers see all of it or nothing. An output counts once it is in the open
-  transaction (the commit that moves the offsets carries it); any failure of the transaction is fatal for
-  the worker, whose in-memory state then no longer matches what readers will see.
+  transaction (the commit that moves the offsets carries it). A fenced transaction (a newer epoch of its
+  id: another owner took it, or the broker aborted it after kafka.transaction_timeout_ms, e.g. while a
+  broker failover held a commit) loses the partition: every output of it is then dropped (`gate` yields
+  False, `commit` commits nothing) and `on_fenced` tells the worker, which rejoins the group; whoever
+  owns the partition next restores it from its last commit. Any other failure of the transaction is
+  fatal for the worker, whose in-memory state then no longer matches what readers will see.
   aiokafka (0.14) sends EndTxn(COMMIT) even when the broker refused one of the transaction's batches (it
   only fails that batch's futures), unlike the Java producer: so every record's delivery is confirmed
   here before the offsets join the transaction and before it commits; one refused record aborts the
@@ -30,7 +34,7 @@ import contextlib
 from typing import AsyncIterator, Hashable
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import IllegalOperation, KafkaError
+from aiokafka.errors import IllegalOperation, InvalidProducerEpoch, KafkaError, ProducerFenced
 
 from streamer.checkpointing.event_time import EventTime
 from streamer.ingest.partitioning import home_partition
@@ -43,6 +47,9 @@ log = get_logger("streamer.outputs")
 # What a transaction's consumer-offset commit carries as metadata: the transactional id prefix, so that a
 # worker taking the partition can tell that the previous owner used another one (fencing would not work).
 TXN_METADATA_PREFIX = "txn-prefix="
+# What aiokafka raises when the transactional id has a newer epoch (it maps InvalidProducerEpoch to
+# ProducerFenced in most places, not all).
+FENCED = (ProducerFenced, InvalidProducerEpoch)
 
 
 class OutputRouting:
@@ -65,8 +72,8 @@ class OutputRouting:
 
 
 class TransactionFailed(RuntimeError):
-    """The partition's transaction cannot commit (fenced by a new owner, timed out, a refused write): the
-    worker must stop; the next owner resumes from the last committed transaction."""
+    """The partition's transaction cannot commit (a refused write, an error the producer cannot recover
+    from): the worker must stop; the next owner resumes from the last committed transaction."""
 
 
 class BackgroundSends:
@@ -114,6 +121,9 @@ class AtLeastOnceOutputs(_Stamped):
     async def gate(self, partition: Hashable) -> AsyncIterator[bool]:
         yield True
 
+    def lost(self, partition: Hashable) -> bool:
+        return False
+
     async def send(self, partition: Hashable, topic: str, value: bytes, key: bytes | None = None,
                    headers=None, out_partition: int | None = None, timestamp_ms: int | None = None) -> asyncio.Future:
         """Enqueue one record; the future resolves when the broker acknowledged it."""
@@ -148,6 +158,7 @@ class _Txn:
         self.lock = asyncio.Lock()
         self.has_writes = False  # anything in the open transaction (records or offsets)
         self.failed: BaseException | None = None
+        self.fenced = False  # a newer epoch of the id exists: the partition is lost, its outputs dropped
         self.sent: list[tuple[str, asyncio.Future]] = []  # (topic, delivery) of each record in the transaction
 
 
@@ -183,12 +194,18 @@ class TransactionalOutputs(_Stamped):
     exactly_once = True
 
     def __init__(self, k: KafkaSettings, make_producer, event_time: EventTime | None = None,
-                 routing: OutputRouting | None = None):
+                 routing: OutputRouting | None = None, on_fenced=None):
         self.k = k
         self._make_producer = make_producer  # (transactional_id) -> AIOKafkaProducer
         self._txns: dict[Hashable, _Txn] = {}
         self.event_time = event_time or EventTime()
         self.routing = routing
+        self.on_fenced = on_fenced  # (partition) -> None, called once per fenced transaction
+
+    def lost(self, partition) -> bool:
+        """Whether the partition's transaction was fenced (it awaits its revocation; nothing of it counts)."""
+        txn = self._txns.get(partition)
+        return txn is not None and txn.fenced
 
     def transactional_id(self, partition) -> str:
         return f"{self.k.transactional_id_prefix}-{partition.topic}-{partition.partition}"
@@ -252,6 +269,9 @@ class TransactionalOutputs(_Stamped):
             yield False
             return
         async with txn.lock:
+            if txn.fenced:
+                yield False  # lost: whoever owns it next redoes these outputs from its last commit
+                return
             if txn.failed is not None:
                 raise TransactionFailed(f"{self.transactional_id(partition)}: {txn.failed!r}")
             yield self._txns.get(partition) is txn
@@ -259,17 +279,43 @@ class TransactionalOutputs(_Stamped):
     async def send(self, partition, topic: str, value: bytes, key: bytes | None = None, headers=None,
                    out_partition: int | None = None, timestamp_ms: int | None = None) -> asyncio.Future:
         """Enqueue one record into the partition's open transaction (call under `gate`). Its delivery is
-        confirmed before the transaction commits (`commit`); the future is the caller's to await too."""
+        confirmed before the transaction commits (`commit`); the future is the caller's to await too (it
+        resolves to None, never raises, once the transaction is fenced: the record is dropped with it)."""
         txn = self._txns[partition]
+        if txn.fenced:
+            return _resolved()
         out_partition, timestamp_ms = self._placed(partition, topic, key, out_partition, timestamp_ms)
         try:
             fut = await txn.producer.send(topic, value, key=key, headers=headers, partition=out_partition,
                                           timestamp_ms=timestamp_ms)
         except (KafkaError, IllegalOperation) as exc:
-            raise await self._failed(partition, txn, exc) from exc
+            failure = await self._failed(partition, txn, exc)
+            if txn.fenced:
+                return _resolved()
+            raise failure from exc
         txn.sent.append((topic, fut))
         txn.has_writes = True
-        return fut
+        return self._for_caller(partition, txn, fut)
+
+    def _for_caller(self, partition, txn: _Txn, fut: asyncio.Future) -> asyncio.Future:
+        """`fut` as the caller sees it: a fence resolves it to None (and marks the partition lost)."""
+        out = asyncio.get_running_loop().create_future()
+
+        def settle(f: asyncio.Future) -> None:
+            if out.done():
+                return
+            if f.cancelled():
+                out.cancel()
+            elif isinstance(f.exception(), FENCED):
+                self._mark_fenced(partition, txn, f.exception())
+                out.set_result(None)
+            elif f.exception() is not None:
+                out.set_exception(f.exception())
+            else:
+                out.set_result(f.result())
+
+        fut.add_done_callback(settle)
+        return out
 
     async def _confirm_sent(self, partition, txn: _Txn) -> None:
         """Every record of the open transaction acknowledged by its broker, or RecordRefused naming the first
@@ -278,6 +324,9 @@ class TransactionalOutputs(_Stamped):
         if not sent:
             return
         results = await asyncio.gather(*(fut for _, fut in sent), return_exceptions=True)
+        fence = next((r for r in results if isinstance(r, FENCED)), None)
+        if fence is not None:
+            raise fence  # not a refusal: the partition is lost (commit)
         refused = [(topic, r) for (topic, _), r in zip(sent, results) if isinstance(r, BaseException)]
         if refused:
             topic, exc = refused[0]
@@ -292,20 +341,48 @@ class TransactionalOutputs(_Stamped):
                 await asyncio.wait_for(txn.producer.commit_transaction(), 5)
             except Exception as cause:  # noqa: BLE001 (the cause is what we are after)
                 exc = cause
-        txn.failed = exc
+        txn.failed = txn.failed or exc
+        fence = exc if isinstance(exc, FENCED) else next(
+            (f.exception() for f in self._failed_futures(txn) if isinstance(f.exception(), FENCED)), None)
+        if fence is not None:
+            self._mark_fenced(partition, txn, fence)
         return TransactionFailed(f"{self.transactional_id(partition)}: {exc!r}")
+
+    @staticmethod
+    def _failed_futures(txn: _Txn) -> list[asyncio.Future]:
+        """The transaction's failed deliveries, and the producer's own transaction-end future: in a fatal
+        state aiokafka 0.14 keeps the cause (e.g. ProducerFenced) only there, and answers every later call
+        with an IllegalOperation or an AssertionError."""
+        futures = [f for _, f in txn.sent]
+        end = getattr(getattr(txn.producer, "_txn_manager", None), "wait_for_transaction_end", None)
+        if end is not None:
+            futures.append(end())
+        return [f for f in futures if f.done() and not f.cancelled() and f.exception() is not None]
+
+    def _mark_fenced(self, partition, txn: _Txn, exc: BaseException) -> None:
+        if txn.fenced:
+            return
+        txn.fenced, txn.failed, txn.has_writes = True, exc, False
+        for _, f in txn.sent:  # dropped with the partition: their errors are this one, already handled
+            f.add_done_callback(lambda f: f.cancelled() or f.exception())
+        log.error("transaction_fenced", transactional_id=self.transactional_id(partition), error=repr(exc),
+                  action="the partition is dropped and the group rejoined; its next owner restores its last commit")
+        if self.on_fenced is not None and self._txns.get(partition) is txn:
+            self.on_fenced(partition)
 
     async def commit(self, partition, group_id: str, prepare) -> int | None:
         """Commit the partition's open transaction and begin the next. `prepare()`, called under the gate so
         that no output slips between it and the commit, returns (consumer offset or None, records: (topic,
         key, value, out partition)); both join the transaction. Returns the committed offset (None if none
-        or if the partition is no longer owned)."""
+        or if the partition is no longer owned, or lost to a fence)."""
         from aiokafka.structs import OffsetAndMetadata
 
         txn = self._txns.get(partition)
         if txn is None:
             return None
         async with txn.lock:
+            if txn.fenced:
+                return None
             if txn.failed is not None:
                 raise TransactionFailed(f"{self.transactional_id(partition)}: {txn.failed!r}")
             offset, records = prepare()
@@ -328,6 +405,8 @@ class TransactionalOutputs(_Stamped):
                     txn.has_writes = False
             except (KafkaError, IllegalOperation) as exc:
                 failure = await self._failed(partition, txn, exc)
+                if txn.fenced:
+                    return None  # nothing of it commits; the partition's next owner redoes it
                 if isinstance(exc, RecordRefused):
                     await self._abort(partition, txn)
                 raise failure from exc
@@ -343,6 +422,12 @@ class TransactionalOutputs(_Stamped):
             log.error("transaction_abort_failed", transactional_id=self.transactional_id(partition),
                       error=repr(exc))
         txn.has_writes = False
+
+
+def _resolved(value=None) -> asyncio.Future:
+    fut = asyncio.get_running_loop().create_future()
+    fut.set_result(value)
+    return fut
 
 
 async def probe_transactions(k: KafkaSettings, make_producer, timeout_s: float = 15.0) -> str | None:

@@ -167,6 +167,13 @@ async def committed_offsets(consumer: AIOKafkaConsumer, partitions) -> dict:
     return out
 
 
+def request_rejoin(consumer: AIOKafkaConsumer) -> None:
+    """Make the consumer rejoin its group (revoking, then assigning, through the rebalance listener), as
+    Kafka Streams does when a task's producer is fenced. aiokafka 0.14 has no public call for it: its group
+    coordinator's request_rejoin (tests/test_integration_transactions.py proves the round trip)."""
+    consumer._coordinator.request_rejoin()
+
+
 def make_admin(k: KafkaSettings) -> AIOKafkaAdminClient:
     return AIOKafkaAdminClient(bootstrap_servers=k.bootstrap_servers, client_id=f"{k.client_id}-admin",
                                **security_kwargs(k))

@@ -109,8 +109,10 @@ class Publisher:
                         futures.append(await self._send_in_transaction(tp, st, episode))
                     self.ledger.release(w.hold)
                     published.append((w, d))
-        await asyncio.gather(*futures)  # a failure here fails the transaction: raised, the worker stops
-        self._released(published, None)
+        await asyncio.gather(*futures)  # a refusal fails the transaction: raised, the worker stops
+        # a fence drops them (resolved, not raised): they are redone from the partition's last commit
+        self._released([(w, d) for w, d in published if not self.outputs.lost(w.partition)
+                        and self.ledger.is_current(w.hold)], None)
 
     def _apply_to_episode(self, w: EmittedWindow, d: dict, now: float) -> tuple[PatientState, dict | None]:
         st = self.store.patient(w.partition, w.patient_id)
