@@ -152,9 +152,15 @@ def cmd_replay(args) -> int:
         print("streamer replay: give RECORDING(s) with --patient, or --synthetic N", file=sys.stderr)
         return 2
     sent = asyncio.run(replay(s.kafka, sources, speed=args.speed, chunk_s=args.chunk_s, encoding=args.encoding,
-                              progress=not args.quiet))
+                              progress=_progress(args)))
     _log().info("replay_done", chunks=sent, sources=len(sources))
     return 0
+
+
+def _progress(args) -> bool:
+    """A progress bar only for a person watching: never with --quiet, never into a log file or pipe
+    (a bar's carriage returns would end up inside JSON log lines)."""
+    return not args.quiet and sys.stderr.isatty()
 
 
 # -- score ----------------------------------------------------------------------------------------
@@ -163,14 +169,19 @@ def cmd_score(args) -> int:
     from streamer.offline.recordings import RecordingError
     from streamer.offline.score import score_file
 
+    from streamer.model.infer import refuse_demo_model
+
     s = _settings(args)
     if args.checkpoint:
         s.model.checkpoint = Path(args.checkpoint)
     if args.threshold is not None:
         s.model.threshold = args.threshold
+    if args.demo:
+        s.model.allow_demo = True
+    refuse_demo_model(s.model, command="streamer score")  # as `run` does: a validation must name its model
     try:
         df = score_file(args.recording, s.model, fs=args.fs, start=args.start, channel=args.channel,
-                        overlap_s=args.overlap, batch_size=args.batch_size, progress=not args.quiet,
+                        overlap_s=args.overlap, batch_size=args.batch_size, progress=_progress(args),
                         time_unit=args.time_unit)
     except (RecordingError, ModelError) as exc:
         print(f"streamer score: {exc}", file=sys.stderr)
@@ -347,7 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sc = command("score", "score a recording offline with the same windows and model path", cmd_score)
     sc.add_argument("recording", help="CSV, .npy, .npz, .parquet or WFDB record")
-    sc.add_argument("--checkpoint", help="checkpoint .pth (default: model.checkpoint, else the demo checkpoint)")
+    sc.add_argument("--checkpoint", help="checkpoint .pth (default: model.checkpoint)")
+    sc.add_argument("--demo", action="store_true", help="score with the bundled SYNTHETIC demo model when no "
+                    "checkpoint is given (never for a validation)")
     _recording_options(sc, "column / lead (WFDB: default II, then MLII)")
     sc.add_argument("--overlap", type=_number(float, minimum=0), default=0.0, help="window overlap in seconds")
     sc.add_argument("--threshold", type=_number(float, minimum=0), help="decision threshold (default: model.threshold)")
@@ -361,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flags CSV(s) of streamer score, JSON lines of the flags topic, or kafka:TOPIC")
     v.add_argument("--labels", required=True, help="CSV of window labels or intervals")
     v.add_argument("--patient", default="recording", help="patient id of flags that carry none")
+    v.add_argument("--unlabelled-clean", action="store_true", help="count patients the labels never mention "
+                   "as clean (default: leave them out, named)")
     v.add_argument("--offline", help="streamer score CSV of the same recording(s), for stream/offline parity")
     v.add_argument("--target-sensitivity", type=_number(float, minimum=0), help="retune the threshold to this "
                    "sensitivity (0..1)")

@@ -5,20 +5,25 @@ Flags: the CSV of `streamer score`, or JSON lines of the flags topic (one flag p
   window labels: [patient_id,] window_start_ns, label (1 = artifact)
   intervals:     [patient_id,] start_ns, end_ns          (artifact stretches; a window is artifact when
                                                           at least 20 % of it lies inside them)
-Without a patient_id column everything belongs to one patient, "recording".
+Without a patient_id column everything belongs to one patient, "recording". A `kind` column (artifact
+kind: motion, electrode, ...) adds a sensitivity per kind. Patients with flags but no label at all are
+left out and named (`--unlabelled-clean` counts them as clean instead: only when the labels file lists
+every artifact of every patient). Intervals come from a patient-clustered bootstrap: a patient's windows
+are correlated, so patients, not windows, are resampled.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import orjson
 import pandas as pd
 
-from streamer.evaluation import (auprc, auroc, bootstrap_ci, confusion, roc_curve, threshold_for_sensitivity,
-                                 threshold_for_specificity)
+from streamer.evaluation import (auprc, auroc, bootstrap_ci, bootstrap_method, confusion, roc_curve,
+                                 threshold_for_sensitivity, threshold_for_specificity)
 from streamer.synthetic import ARTIFACT_SHARE
 
 from streamer.spec import WINDOW_NS  # noqa: E402
@@ -45,30 +50,42 @@ def load_flags(source: str, kafka=None, patient: str = "recording") -> pd.DataFr
     return df.drop_duplicates(["patient_id", "window_start_ns"], keep="last").reset_index(drop=True)
 
 
-def attach_labels(flags: pd.DataFrame, labels_path: str) -> pd.DataFrame:
+def attach_labels(flags: pd.DataFrame, labels_path: str, unlabelled_clean: bool = False) -> tuple[pd.DataFrame, list[str]]:
+    """(flags with a `label` column (and `kind` when the labels carry one), patients left out). A patient
+    the labels never mention is left out, not counted as clean: nobody looked at its ECG."""
     labels = pd.read_csv(labels_path)
     if "patient_id" not in labels:
         labels["patient_id"] = "recording"
     labels["patient_id"] = labels["patient_id"].astype(str)
     flags = flags.assign(patient_id=flags["patient_id"].astype(str))
+    unlabelled = sorted(set(flags["patient_id"]) - set(labels["patient_id"]))
+    if not unlabelled_clean:
+        flags = flags[~flags["patient_id"].isin(unlabelled)]
+    kinds = "kind" in labels
     if "label" in labels:
-        merged = flags.merge(labels[["patient_id", "window_start_ns", "label"]], on=["patient_id", "window_start_ns"],
-                             how="inner")
-        merged["label"] = merged["label"].astype(bool)
-        return merged
+        keep = ["patient_id", "window_start_ns", "label"] + (["kind"] if kinds else [])
+        merged = flags.merge(labels[keep], on=["patient_id", "window_start_ns"], how="left" if unlabelled_clean
+                             else "inner")
+        merged["label"] = merged["label"].fillna(0).astype(bool)
+        return merged.reset_index(drop=True), [] if unlabelled_clean else unlabelled
     if not {"start_ns", "end_ns"} <= set(labels):
         raise ValueError("labels need columns window_start_ns,label or start_ns,end_ns")
-    out = flags.copy()
+    out = flags.copy().reset_index(drop=True)
     ends = out.get("window_end_ns", out["window_start_ns"] + WINDOW_NS)
     share = np.zeros(len(out))
+    kind = np.full(len(out), None, dtype=object)
     for pid, group in labels.groupby("patient_id"):
         rows = np.flatnonzero(out["patient_id"].to_numpy() == pid)
         for r in rows:
             s, e = out["window_start_ns"].iat[r], ends.iat[r]
-            overlap = (np.minimum(group["end_ns"], e) - np.maximum(group["start_ns"], s)).clip(lower=0).sum()
-            share[r] = overlap / (e - s)
+            overlap = (np.minimum(group["end_ns"], e) - np.maximum(group["start_ns"], s)).clip(lower=0)
+            share[r] = overlap.sum() / (e - s)
+            if kinds and overlap.max() > 0:
+                kind[r] = group["kind"].iat[int(np.argmax(overlap.to_numpy()))]
     out["label"] = share >= ARTIFACT_SHARE
-    return out
+    if kinds:
+        out["kind"] = np.where(out["label"], kind, None)
+    return out, [] if unlabelled_clean else unlabelled
 
 
 def metrics_table(df: pd.DataFrame, threshold: float, n_boot: int, seed: int) -> pd.DataFrame:
@@ -80,11 +97,26 @@ def metrics_table(df: pd.DataFrame, threshold: float, n_boot: int, seed: int) ->
         c = confusion(y, p >= threshold)
         row = {"group": name, "windows": len(g), "artifact_share": y.mean() if len(y) else math.nan, **c.as_dict(),
                "auroc": auroc(y, p), "auprc": auprc(y, p)}
+        patients = g["patient_id"].to_numpy()
         for metric, fn in (("auroc", auroc), ("sensitivity", lambda a, b: confusion(a, b >= threshold).sensitivity),
                            ("specificity", lambda a, b: confusion(a, b >= threshold).specificity)):
-            lo, hi = bootstrap_ci(fn, y, p, n=n_boot, seed=seed)
+            lo, hi = bootstrap_ci(fn, y, p, n=n_boot, seed=seed, groups=patients)
             row[f"{metric}_ci"] = f"[{lo:.3f}, {hi:.3f}]"
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def kind_table(df: pd.DataFrame, threshold: float, n_boot: int, seed: int) -> pd.DataFrame | None:
+    """Sensitivity per artifact kind, when the labels carry one."""
+    if "kind" not in df:
+        return None
+    rows = []
+    for kind, g in df[df["label"] & df["kind"].notna()].groupby("kind"):
+        hit = g["probability"].to_numpy(float) >= threshold
+        lo, hi = bootstrap_ci(lambda a, b: float((b >= threshold).mean()), np.ones(len(g), bool),
+                              g["probability"].to_numpy(float), n=n_boot, seed=seed, groups=g["patient_id"].to_numpy())
+        rows.append({"kind": kind, "artifact_windows": len(g), "patients": g["patient_id"].nunique(),
+                     "sensitivity": float(hit.mean()), "sensitivity_ci": f"[{lo:.3f}, {hi:.3f}]"})
     return pd.DataFrame(rows)
 
 
@@ -108,7 +140,8 @@ def retune(df: pd.DataFrame, sensitivity: float | None, specificity: float | Non
     else:
         fn, target, what = threshold_for_specificity, specificity, "specificity"
     thr = fn(y, p, target)
-    lo, hi = bootstrap_ci(lambda a, b: fn(a, b, target) if a.any() and (~a).any() else math.nan, y, p, n=n_boot, seed=seed)
+    lo, hi = bootstrap_ci(lambda a, b: fn(a, b, target) if a.any() and (~a).any() else math.nan, y, p, n=n_boot,
+                          seed=seed, groups=df["patient_id"].to_numpy())
     c = confusion(y, p >= thr)
     return {"target": f"{what} >= {target}", "threshold": thr, "threshold_ci": (lo, hi),
             "sensitivity": c.sensitivity, "specificity": c.specificity}
@@ -186,25 +219,41 @@ def main(args, kafka=None) -> int:
     sources = [args.flags] if isinstance(args.flags, str) else args.flags
     flags = pd.concat([load_flags(f, kafka, getattr(args, "patient", "recording")) for f in sources],
                       ignore_index=True)
-    df = attach_labels(flags, args.labels)
+    df, unlabelled = attach_labels(flags, args.labels, getattr(args, "unlabelled_clean", False))
+    if unlabelled:
+        print(f"streamer validate: {len(unlabelled)} patient(s) with flags but no labels left out: "
+              f"{', '.join(unlabelled[:10])}{' ...' if len(unlabelled) > 10 else ''} (--unlabelled-clean counts "
+              "them as clean)", file=sys.stderr)
     if df.empty:
         print("streamer validate: no flag matched a label (check patient ids and window_start_ns)")
         return 2
     threshold = float(df["threshold"].iloc[0]) if "threshold" in df else 0.20802117884159088
     table = metrics_table(df, threshold, args.bootstrap_samples, args.seed)
+    kinds = kind_table(df, threshold, args.bootstrap_samples, args.seed)
+    method = bootstrap_method(df["patient_id"].to_numpy())
     report = Path(args.report)
     report.parent.mkdir(parents=True, exist_ok=True)
     plots = _plots(df, threshold, report.parent, report.stem)
     lines = ["# Validation report", "",
              f"Flags: `{' '.join(sources)}`; labels: `{args.labels}`; model: `{df['model'].iloc[0] if 'model' in df else '?'}`; "
-             f"threshold {threshold:.6f}; {len(df)} labelled windows; {args.bootstrap_samples} bootstrap resamples "
-             "(95 % percentile intervals, windows resampled).", "", "## Metrics", ""]
+             f"threshold {threshold:.6f}; {len(df)} labelled windows of {df['patient_id'].nunique()} patient(s); "
+             f"95 % percentile intervals from {args.bootstrap_samples} bootstrap resamples, {method}.", ""]
+    if unlabelled:
+        lines += [f"Left out, flags without any label ({len(unlabelled)}): {', '.join(unlabelled)}.", ""]
+    elif getattr(args, "unlabelled_clean", False):
+        lines += ["Patients without labels are counted as clean (--unlabelled-clean).", ""]
+    lines += ["## Metrics", ""]
     cols = ["group", "windows", "artifact_share", "tp", "fp", "tn", "fn", "sensitivity", "sensitivity_ci",
             "specificity", "specificity_ci", "ppv", "npv", "accuracy", "auroc", "auroc_ci", "auprc"]
     lines.append("| " + " | ".join(cols) + " |")
     lines.append("|" + "---|" * len(cols))
     for _, r in table.iterrows():
         lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+    if kinds is not None and len(kinds):
+        lines += ["", "## Sensitivity per artifact kind", "", "| kind | artifact_windows | patients | sensitivity | "
+                  "sensitivity_ci |", "|---|---|---|---|---|"]
+        lines += [f"| {r.kind} | {r.artifact_windows} | {r.patients} | {r.sensitivity:.3f} | {r.sensitivity_ci} |"
+                  for r in kinds.itertuples()]
     lines += ["", *[f"![{p}]({p})" for p in plots], ""]
     if args.offline:
         par = parity(flags, args.offline, threshold)

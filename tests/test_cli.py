@@ -50,6 +50,23 @@ def test_asked_for_the_demo_model_the_worker_goes_on_and_every_log_line_is_json(
     assert lines[-1]["event"] == "startup_failed" and "broker unreachable" in lines[-1]["error"]
 
 
+def test_score_refuses_the_demo_model_unless_asked_and_draws_no_bar_into_a_pipe(tmp_path):
+    """Issue 33, case 7: `streamer score` without a checkpoint silently used the SYNTHETIC demo model; it
+    refuses as `run` does, naming --checkpoint and --demo. Asked with --demo it scores, and with stderr a
+    pipe (a log collector) it writes no progress bar there."""
+    rec = tmp_path / "rec.csv"
+    pd.DataFrame({"II": np.sin(np.arange(250 * 21) / 40.0)}).to_csv(rec, index=False)
+    r = _streamer("score", str(rec), "--fs", "250", "--out", str(tmp_path / "o.csv"))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "--checkpoint" in r.stderr and "streamer score --demo" in r.stderr and "SYNTHETIC" in r.stderr
+    assert not (tmp_path / "o.csv").exists()
+    r = _streamer("score", str(rec), "--fs", "250", "--demo", "--out", str(tmp_path / "o.csv"),
+                  env={"STREAMER_MODEL__BACKEND": "torch"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(pd.read_csv(tmp_path / "o.csv")) == 2
+    assert "scoring" not in r.stderr and "\r" not in r.stderr, r.stderr[-500:]
+
+
 # -- STREAMER_* variables -------------------------------------------------------------------------
 def test_a_mistyped_variable_stops_the_process_naming_the_nearest_one():
     r = _streamer("run", env={"STREAMER_MODEL_CHECKPOINT": "/models/released.pth"})

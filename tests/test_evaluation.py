@@ -59,3 +59,55 @@ def test_bootstrap_interval_contains_point_and_is_reproducible():
     lo, hi = bootstrap_ci(auroc, y, p, n=300, seed=1)
     assert lo < auroc(y, p) < hi
     assert (lo, hi) == bootstrap_ci(auroc, y, p, n=300, seed=1)
+
+
+def _roc_brute_force(y, s):
+    """The definition, one threshold at a time (the former quadratic implementation)."""
+    thresholds = np.r_[np.inf, np.unique(s)[::-1]]
+    tpr = np.array([(s[y] >= t).mean() if y.any() else math.nan for t in thresholds])
+    fpr = np.array([(s[~y] >= t).mean() if (~y).any() else math.nan for t in thresholds])
+    return fpr, tpr, thresholds
+
+
+def _auroc_brute_force(y, s):
+    pos, neg = s[y], s[~y]
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return wins / (len(pos) * len(neg))
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.5, 0.75, 1.0])
+                          | st.floats(0, 1, allow_nan=False)), min_size=1, max_size=60))
+def test_roc_and_auroc_equal_their_definitions(pairs):
+    """Issue 33, case 6: the O(n log n) ROC (one sort, cumulative sums) equals the per-threshold definition
+    on random inputs with ties and one-class cases; AU-ROC equals the all-pairs Mann-Whitney count."""
+    from streamer.evaluation import roc_curve
+
+    y = np.array([p[0] for p in pairs], bool)
+    s = np.array([p[1] for p in pairs], float)
+    got, want = roc_curve(y, s), _roc_brute_force(y, s)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    if y.any() and (~y).any():
+        assert auroc(y, s) == pytest.approx(_auroc_brute_force(y, s))
+
+
+def test_a_cluster_bootstrap_resamples_patients_and_widens_the_interval():
+    """Windows of one patient are correlated: resampling patients (the unit of independence) must give a
+    wider interval than resampling windows when patients differ, and each resample holds whole patients."""
+    rng = np.random.default_rng(3)
+    groups = np.repeat([f"p{i}" for i in range(8)], 200)
+    sens = np.repeat(rng.uniform(0.3, 1.0, 8), 200)  # each patient its own sensitivity
+    y = np.ones(len(groups), bool)
+    hit = rng.uniform(size=len(groups)) < sens
+    scores = hit.astype(float)
+    fn = lambda a, b: float((b >= 0.5).mean())  # noqa: E731 (sensitivity, all windows positive)
+    lo_w, hi_w = bootstrap_ci(fn, y, scores, n=400, seed=1)
+    lo_p, hi_p = bootstrap_ci(fn, y, scores, n=400, seed=1, groups=groups)
+    assert hi_p - lo_p > 3 * (hi_w - lo_w), ((lo_w, hi_w), (lo_p, hi_p))
+    sizes = set()
+    bootstrap_ci(lambda a, b: sizes.add(len(a)) or 0.0, y, scores, n=20, seed=2, groups=groups)
+    assert sizes == {1600}, "every resample holds 8 whole patients"

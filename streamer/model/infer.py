@@ -30,14 +30,15 @@ def demo_checkpoint_path() -> Path:
 DEMO_CHECKPOINT_FILE = "SYNTHETIC-DEMO-not-for-clinical-use-efficientnet_b0.pth"
 
 
-def refuse_demo_model(settings: ModelSettings) -> None:
-    """A worker never scores patients with the synthetic demo model by default: a missing or mistyped
-    checkpoint setting stops it instead (exit 2)."""
+def refuse_demo_model(settings: ModelSettings, command: str = "streamer run") -> None:
+    """Neither the worker nor offline scoring uses the synthetic demo model by default: a missing or
+    mistyped checkpoint setting stops them instead (exit 2)."""
     if settings.checkpoint is None and not settings.allow_demo:
+        flag = "--checkpoint PATH, " if command == "streamer score" else ""
         raise SettingsError(
-            "model.checkpoint is not set: set STREAMER_MODEL__CHECKPOINT (or [model] checkpoint in the config "
-            "file) to the released .pth. The bundled model is a SYNTHETIC demo, not for patients: it runs only "
-            "with `streamer run --demo` or STREAMER_MODEL__ALLOW_DEMO=true")
+            f"model.checkpoint is not set: give {flag}STREAMER_MODEL__CHECKPOINT (or [model] checkpoint in the "
+            "config file) the released .pth. The bundled model is a SYNTHETIC demo, not for patients: it runs "
+            f"only with `{command} --demo` or STREAMER_MODEL__ALLOW_DEMO=true")
 
 
 def resolve_device(name: str) -> torch.device:
