@@ -190,7 +190,9 @@ def cmd_score(args) -> int:
         df.insert(0, "patient_id", args.patient)
     out = Path(args.out)
     df.to_csv(out, index=False)
-    print(f"{len(df)} windows, {int(df['artifact'].sum())} flagged as artifact -> {out}")
+    unscored = int((df["status"] != "scored").sum())
+    print(f"{len(df)} windows, {int(df['artifact'].sum())} flagged as artifact"
+          + (f", {unscored} insufficient_data (see the reason column)" if unscored else "") + f" -> {out}")
     return 0
 
 

@@ -20,6 +20,7 @@ from streamer.errors import SettingsError
 from streamer.offline.recordings import RecordingError, load_recording
 from streamer.settings import check_environment, setting_variables
 from streamer.kafka.broker import free_port
+from streamer.synthetic import generate
 
 
 def _streamer(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -212,3 +213,41 @@ def test_a_wfdb_record_in_microvolts_reads_as_the_same_record_in_millivolts(tmp_
     wfdb.wrsamp("r_bpm", fs=500, units=["bpm"], sig_name=["II"], p_signal=x, fmt=["16"], write_dir=str(tmp_path))
     with pytest.raises(RecordingError, match="'bpm', not a voltage unit"):
         load_recording(tmp_path / "r_bpm.hea")
+
+
+def test_a_nan_gap_costs_only_the_windows_it_touches(tmp_path, scorer):
+    """Issue 33, case 3: a WFDB record with missing samples was refused whole. Now, as the stream handles
+    holes: a window with a 50-sample gap is insufficient_data (gap_too_long), one with 3 missing samples is
+    scored after the stream's linear fill, and every other window scores exactly as the clean record."""
+    import wfdb
+
+    from streamer.offline.score import score_recording
+
+    fs, n = 250, 250 * 61
+    x = generate(61.0, fs=fs, seed=4).values
+    gappy = x.copy()
+    gappy[2600:2650] = np.nan  # window 1
+    gappy[7600:7603] = np.nan  # window 3
+    for name, sig in (("clean", x), ("gappy", gappy)):
+        wfdb.wrsamp(name, fs=fs, units=["mV"], sig_name=["II"], p_signal=sig[:, None], fmt=["16"],
+                    adc_gain=[2000.0], baseline=[0], write_dir=str(tmp_path))
+    clean = score_recording(load_recording(tmp_path / "clean.hea"), scorer)
+    rec = load_recording(tmp_path / "gappy.hea")
+    assert np.isnan(rec.values).sum() == 53, "WFDB's missing-sample value reads as NaN"
+    got = score_recording(rec, scorer)
+    assert len(got) == len(clean) == 6
+    assert got.loc[1, "status"] == "insufficient_data" and got.loc[1, "reason"] == "gap_too_long"
+    assert np.isnan(got.loc[1, "probability"])
+    assert got.loc[3, "status"] == "scored" and got.loc[3, "interpolated"] == 3
+    away = [0, 2, 4, 5]
+    np.testing.assert_array_equal(got.loc[away, "probability"].to_numpy(), clean.loc[away, "probability"].to_numpy())
+    # the filled window is what the stream's rule makes of it
+    from streamer.windows.buffer import fill_gaps
+    from streamer.offline.recordings import Recording
+
+    w = rec.values[7500:10000].copy()
+    mask = np.isfinite(w)
+    w[~mask] = 0.0
+    assert fill_gaps(w, mask, 5, 0.05) is None
+    alone = score_recording(Recording(rec.times_ns[7500:10001], np.r_[w, rec.values[10000]], fs), scorer)
+    assert alone.loc[0, "probability"] == got.loc[3, "probability"]

@@ -22,7 +22,7 @@ class RecordingError(ValueError):
 @dataclass
 class Recording:
     times_ns: np.ndarray  # int64, increasing
-    values: np.ndarray  # float64 mV
+    values: np.ndarray  # float64 mV; NaN where a sample is missing
     fs: float | None  # nominal rate when known
     lead: str = "II"
 
@@ -119,8 +119,11 @@ def _validated(times: np.ndarray, values: np.ndarray, fs: float | None, lead: st
         raise RecordingError("timestamps and samples differ in length")
     if np.any(np.diff(times) <= 0):
         raise RecordingError("timestamps must increase strictly")
-    if not np.isfinite(values).all():
-        raise RecordingError("recording holds NaN or infinite samples")
+    if np.isinf(values).any():
+        raise RecordingError("recording holds infinite samples (missing samples are NaN)")
+    if np.isnan(values).all():
+        raise RecordingError("recording holds no sample (all NaN)")
+    # NaN marks a missing sample: its windows are handled as the stream handles holes (offline/score.py)
     if fs is None and len(times) > 1:
         fs = float(round(NS / np.median(np.diff(times)), 6))
     return Recording(times, values, fs, lead)

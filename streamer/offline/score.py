@@ -11,51 +11,85 @@ import torch
 
 from streamer.model.infer import ArtifactScorer
 from streamer.offline.recordings import Recording, load_recording
-from streamer.settings import ModelSettings
+from streamer.settings import ModelSettings, WindowSettings
+from streamer.spec import FlagStatus, NoScoreReason
+from streamer.windows.buffer import fill_gaps
 from streamer.windows.resample import to_model_samples
 from streamer.windows.segmentation import segment
 
 COLUMNS = ["window_start_ns", "window_end_ns", "window_start", "n_samples", "probability", "artifact",
-           "threshold", "model"]
+           "threshold", "model", "status", "reason", "interpolated"]
+
+
+def window_samples(values: np.ndarray, ws: WindowSettings) -> tuple[np.ndarray | None, str | None, int]:
+    """One window's samples as the stream would score them (windows/buffer.py), or why not: missing samples
+    (NaN) are filled by the stream's rule (holes of at most windows.max_interpolated_gap_samples, at most
+    windows.max_missing_fraction of the window), a sample beyond windows.max_abs_mv makes the window
+    implausible_amplitude. (samples or None, reason or None, samples interpolated)."""
+    mask = np.isfinite(values)
+    if np.abs(values[mask]).max(initial=0.0) > ws.max_abs_mv:
+        return None, NoScoreReason.IMPLAUSIBLE_AMPLITUDE.value, 0
+    if mask.all():
+        return values, None, 0
+    if not mask.any():
+        return None, NoScoreReason.NO_DATA.value, 0
+    filled = np.where(mask, values, 0.0)
+    reason = fill_gaps(filled, mask, ws.max_interpolated_gap_samples, ws.max_missing_fraction)
+    if reason is not None:
+        return None, reason.value, 0
+    return filled, None, int((~mask).sum())
 
 
 def score_recording(rec: Recording, scorer: ArtifactScorer, window_s: float = 10.0, overlap_s: float = 0.0,
-                    batch_size: int = 64, progress: bool = False) -> pd.DataFrame:
+                    batch_size: int = 64, progress: bool = False, windows_settings: WindowSettings | None = None
+                    ) -> pd.DataFrame:
+    """One row per complete window. A window with missing samples (NaN) or an implausible amplitude gets
+    what the stream gives it (window_samples): scored after the same interpolation, or status
+    insufficient_data with the reason and no probability; the other windows are scored as if the gap were
+    not there."""
+    ws = windows_settings or WindowSettings()
     windows = segment(rec.times_ns, window_s, overlap_s)
-    probs = np.empty(len(windows), dtype=np.float64)
+    prepared = [window_samples(rec.values[w.first:w.stop], ws) for w in windows]
+    scorable = [i for i, (x, _, _) in enumerate(prepared) if x is not None]
+    probs = np.full(len(windows), np.nan, dtype=np.float64)
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(windows), unit="win", desc="scoring")
+        bar = tqdm(total=len(scorable), unit="win", desc="scoring")
 
     def prepare(part) -> torch.Tensor:  # resampling and images: the same functions as the stream's
         with torch.inference_mode():
-            return scorer.images(np.stack([to_model_samples(rec.values[w.first:w.stop]) for w in part]))
+            return scorer.images(np.stack([to_model_samples(prepared[i][0]) for i in part]))
 
     # The next batch is resampled and turned into images on a second thread while the network scores this
     # one (both release the GIL in their kernels): the same numbers, about 5 % sooner on 2 cores.
-    parts = [(i, windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
+    parts = [scorable[i:i + batch_size] for i in range(0, len(scorable), batch_size)]
     with ThreadPoolExecutor(1, thread_name_prefix="prepare") as ahead:
-        pending = ahead.submit(prepare, parts[0][1]) if parts else None
-        for j, (i, part) in enumerate(parts):
+        pending = ahead.submit(prepare, parts[0]) if parts else None
+        for j, part in enumerate(parts):
             images = pending.result()
             if j + 1 < len(parts):
-                pending = ahead.submit(prepare, parts[j + 1][1])
-            probs[i:i + len(part)] = scorer.probabilities_of_images(images)
+                pending = ahead.submit(prepare, parts[j + 1])
+            probs[part] = scorer.probabilities_of_images(images)
             if bar is not None:
                 bar.update(len(part))
     if bar is not None:
         bar.close()
     starts = np.array([w.start_ns for w in windows], dtype=np.int64)
+    reasons = [r for _, r, _ in prepared]
     return pd.DataFrame({
         "window_start_ns": starts,
         "window_end_ns": np.array([w.end_ns for w in windows], dtype=np.int64),
         "window_start": pd.to_datetime(starts, utc=True),
         "n_samples": np.array([w.stop - w.first for w in windows], dtype=np.int64),
         "probability": probs,
-        "artifact": probs >= scorer.threshold,
+        "artifact": pd.array([bool(p >= scorer.threshold) if r is None else pd.NA for p, r in zip(probs, reasons)],
+                             dtype="boolean"),
         "threshold": scorer.threshold,
         "model": scorer.info.model_id,
+        "status": [FlagStatus.SCORED.value if r is None else FlagStatus.INSUFFICIENT.value for r in reasons],
+        "reason": reasons,
+        "interpolated": np.array([n for _, _, n in prepared], dtype=np.int64),
     }, columns=COLUMNS)
 
 
