@@ -142,7 +142,8 @@ def cmd_replay(args) -> int:
                                                      seed=args.seed, rates=args.rates)]
     for i, path in enumerate(args.recordings):
         try:
-            rec = load_recording(path, fs=args.fs, start=start, channel=args.channel, time_unit=args.time_unit)
+            rec = load_recording(path, fs=args.fs, start=start, channel=args.channel, time_unit=args.time_unit,
+                                 units=args.units)
         except RecordingError as exc:
             print(f"streamer replay: {path}: {exc}", file=sys.stderr)
             return 2
@@ -182,7 +183,7 @@ def cmd_score(args) -> int:
     try:
         df = score_file(args.recording, s.model, fs=args.fs, start=args.start, channel=args.channel,
                         overlap_s=args.overlap, batch_size=args.batch_size, progress=_progress(args),
-                        time_unit=args.time_unit)
+                        time_unit=args.time_unit, units=args.units)
     except (RecordingError, ModelError) as exc:
         print(f"streamer score: {exc}", file=sys.stderr)
         return 2
@@ -315,6 +316,8 @@ def _recording_options(parser: argparse.ArgumentParser, channel_help: str) -> No
     parser.add_argument("--start", help="ISO time of the first sample, for relative times (default: now for "
                         "replay, 2000-01-01 otherwise)")
     parser.add_argument("--channel", help=channel_help)
+    parser.add_argument("--units", help="unit of the samples (mV, uV, V) for files whose header names none "
+                        "(CSV, NumPy, Parquet: mV by default); must agree with a WFDB or EDF header")
     parser.add_argument("--time-unit", choices=["s", "ms", "us", "ns"],
                         help="unit of a numeric time column; epoch times when after 1980 in that unit, else "
                         "offsets from --start. Default: inferred from the sample step, refused when ambiguous")
@@ -359,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--quiet", action="store_true", help="no progress line")
 
     sc = command("score", "score a recording offline with the same windows and model path", cmd_score)
-    sc.add_argument("recording", help="CSV, .npy, .npz, .parquet or WFDB record")
+    sc.add_argument("recording", help="CSV, .npy, .npz, .parquet, WFDB record or EDF/EDF+/BDF")
     sc.add_argument("--checkpoint", help="checkpoint .pth (default: model.checkpoint)")
     sc.add_argument("--demo", action="store_true", help="score with the bundled SYNTHETIC demo model when no "
                     "checkpoint is given (never for a validation)")
@@ -374,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = command("validate", "metrics, parity and threshold retuning from flags and labels", cmd_validate)
     v.add_argument("--flags", required=True, nargs="+",
                    help="flags CSV(s) of streamer score, JSON lines of the flags topic, or kafka:TOPIC")
-    v.add_argument("--labels", required=True, help="CSV of window labels or intervals")
+    v.add_argument("--labels", required=True, help="CSV of window labels or intervals, or an EDF+ file whose "
+                   "annotations with a duration are the artifact intervals (of --patient)")
     v.add_argument("--patient", default="recording", help="patient id of flags that carry none")
     v.add_argument("--unlabelled-clean", action="store_true", help="count patients the labels never mention "
                    "as clean (default: leave them out, named)")

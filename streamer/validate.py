@@ -50,10 +50,19 @@ def load_flags(source: str, kafka=None, patient: str = "recording") -> pd.DataFr
     return df.drop_duplicates(["patient_id", "window_start_ns"], keep="last").reset_index(drop=True)
 
 
-def attach_labels(flags: pd.DataFrame, labels_path: str, unlabelled_clean: bool = False) -> tuple[pd.DataFrame, list[str]]:
+def read_labels(labels_path: str, patient: str = "recording") -> pd.DataFrame:
+    if str(labels_path).lower().endswith((".edf", ".bdf")):
+        from streamer.offline.recordings import edf_annotations
+
+        return edf_annotations(labels_path).assign(patient_id=patient)
+    return pd.read_csv(labels_path)
+
+
+def attach_labels(flags: pd.DataFrame, labels_path: str, unlabelled_clean: bool = False,
+                  patient: str = "recording") -> tuple[pd.DataFrame, list[str]]:
     """(flags with a `label` column (and `kind` when the labels carry one), patients left out). A patient
     the labels never mention is left out, not counted as clean: nobody looked at its ECG."""
-    labels = pd.read_csv(labels_path)
+    labels = read_labels(labels_path, patient)
     if "patient_id" not in labels:
         labels["patient_id"] = "recording"
     labels["patient_id"] = labels["patient_id"].astype(str)
@@ -219,7 +228,8 @@ def main(args, kafka=None) -> int:
     sources = [args.flags] if isinstance(args.flags, str) else args.flags
     flags = pd.concat([load_flags(f, kafka, getattr(args, "patient", "recording")) for f in sources],
                       ignore_index=True)
-    df, unlabelled = attach_labels(flags, args.labels, getattr(args, "unlabelled_clean", False))
+    df, unlabelled = attach_labels(flags, args.labels, getattr(args, "unlabelled_clean", False),
+                                   getattr(args, "patient", "recording"))
     if unlabelled:
         print(f"streamer validate: {len(unlabelled)} patient(s) with flags but no labels left out: "
               f"{', '.join(unlabelled[:10])}{' ...' if len(unlabelled) > 10 else ''} (--unlabelled-clean counts "
@@ -277,7 +287,7 @@ def main(args, kafka=None) -> int:
         from streamer.offline.recordings import load_recording
 
         rec = load_recording(args.recording, fs=args.fs, start=args.start, channel=args.channel,
-                             time_unit=args.time_unit)
+                             time_unit=args.time_unit, units=getattr(args, "units", None))
         pid = df["patient_id"].iloc[0]
         strip = report.parent / f"{report.stem}-strip.png"
         strip_plot(rec.times_ns, rec.values, df[df["patient_id"] == pid], threshold, strip)

@@ -251,3 +251,74 @@ def test_a_nan_gap_costs_only_the_windows_it_touches(tmp_path, scorer):
     assert fill_gaps(w, mask, 5, 0.05) is None
     alone = score_recording(Recording(rec.times_ns[7500:10001], np.r_[w, rec.values[10000]], fs), scorer)
     assert alone.loc[0, "probability"] == got.loc[3, "probability"]
+
+
+def _edf(path, mv: np.ndarray, fs: int, unit: str = "uV", label: str = "ECG II", annotations=()):
+    import datetime
+
+    import edfio
+
+    scale = {"uV": 1000.0, "mV": 1.0, "V": 1e-3}[unit]
+    signal = edfio.EdfSignal(mv * scale, fs, label=label, physical_dimension=unit)
+    edf = edfio.Edf([signal], recording=edfio.Recording(startdate=datetime.date(2026, 3, 1)),
+                    starttime=datetime.time(8, 0, 0), data_record_duration=1.0,
+                    annotations=[edfio.EdfAnnotation(*a) for a in annotations])
+    edf.write(path)
+    return path
+
+
+def test_an_edf_recording_scores_as_the_same_values_given_as_npy(tmp_path, scorer):
+    """Issue 33, case 4: EDF was unsupported. The lead is found by its label (ECG II), its unit (uV) read
+    from the header, its start from the header; scored, it equals the same millivolts given as .npy."""
+    from streamer.offline.score import score_recording
+
+    fs = 250
+    x = generate(41.0, fs=fs, seed=5).values
+    rec = load_recording(_edf(tmp_path / "r.edf", x, fs))
+    assert rec.lead == "ECG II" and rec.fs == fs
+    assert rec.start_ns == pd.Timestamp("2026-03-01T08:00:00Z").value
+    assert np.abs(rec.values - x).max() < 2e-3 * np.abs(x).max(), "uV to mV, within EDF's 16-bit steps"
+    np.save(tmp_path / "r.npy", rec.values)
+    same = load_recording(tmp_path / "r.npy", fs=fs, start="2026-03-01T08:00:00Z")
+    a, b = score_recording(rec, scorer), score_recording(same, scorer)
+    assert len(a) == 4
+    np.testing.assert_array_equal(a["probability"].to_numpy(), b["probability"].to_numpy())
+
+
+def test_an_edf_plus_d_gap_is_missing_samples_and_its_annotations_are_labels(tmp_path):
+    """EDF+D: the data records after a pause carry later onsets; they land at their own time on the lead's
+    grid, the pause reads as missing samples (NaN). EDF+ annotations with a duration are artifact
+    intervals for `validate --labels file.edf`."""
+    from streamer.offline.recordings import edf_annotations
+
+    fs = 200
+    path = _edf(tmp_path / "d.edf", generate(30.0, fs=fs, seed=6).values, fs, unit="mV",
+                annotations=[(12.0, 5.0, "motion"), (20.0, None, "note")])
+    raw = bytearray(path.read_bytes())
+    raw[192:197] = b"EDF+D"  # the header's reserved field, then records 20..29 moved 5 s later
+    for k in range(29, 19, -1):
+        old = f"+{k}\x14\x14".encode()
+        at = raw.index(old)
+        raw[at:at + len(old)] = f"+{k + 5}\x14\x14".encode()
+    path.write_bytes(bytes(raw))
+    rec = load_recording(path)
+    assert len(rec.values) == 35 * fs
+    assert np.isnan(rec.values[20 * fs:25 * fs]).all() and np.isfinite(rec.values[:20 * fs]).all()
+    assert np.isfinite(rec.values[25 * fs:]).all()
+    labels = edf_annotations(path)
+    t0 = pd.Timestamp("2026-03-01T08:00:00Z").value
+    assert labels.to_dict("records") == [{"start_ns": t0 + 12 * 10**9, "end_ns": t0 + 17 * 10**9, "kind": "motion"}]
+
+
+def test_a_recording_in_the_wrong_unit_is_refused_naming_units(tmp_path):
+    """A CSV in microvolts read as the default mV: refused, naming --units; with --units uV it loads, and a
+    header that names another unit than --units is refused."""
+    x = generate(20.0, fs=250, seed=7).values
+    pd.DataFrame({"II": x * 1000}).to_csv(tmp_path / "uv.csv", index=False)
+    with pytest.raises(RecordingError, match="--units uV"):
+        load_recording(tmp_path / "uv.csv", fs=250)
+    rec = load_recording(tmp_path / "uv.csv", fs=250, units="uV")
+    assert np.abs(rec.values - x).max() < 1e-9
+    path = _edf(tmp_path / "u.edf", x, 250)
+    with pytest.raises(RecordingError, match="'uV' by its header, not --units 'mV'"):
+        load_recording(path, units="mV")

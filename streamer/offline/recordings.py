@@ -1,4 +1,6 @@
-"""Recorded lead-II signals from CSV, NumPy (.npy/.npz), Parquet and WFDB, as (timestamps ns, mV)."""
+"""Recorded lead-II signals from CSV, NumPy (.npy/.npz), Parquet, WFDB and EDF/EDF+/BDF, as (timestamps ns,
+mV; NaN where a sample is missing). Every reading is explicit or checked: time units, voltage units (from
+the header, else --units), missing samples."""
 
 from __future__ import annotations
 
@@ -130,18 +132,51 @@ def _validated(times: np.ndarray, values: np.ndarray, fs: float | None, lead: st
 
 
 def load_recording(path: str | Path, fs: float | None = None, start: str | None = None,
-                   channel: str | None = None, time_unit: str | None = None) -> Recording:
+                   channel: str | None = None, time_unit: str | None = None, units: str | None = None) -> Recording:
     """`time_unit` (s, ms, us, ns) of a numeric time column: inferred from its step when unambiguous.
-    Numeric times are epoch times when they lie after 1980 in that unit, else offsets from `start`."""
-    path = Path(path)
+    Numeric times are epoch times when they lie after 1980 in that unit, else offsets from `start`.
+    `units` (V, mV, uV): the samples' unit for files whose header names none (CSV, NumPy, Parquet: mV by
+    default); a file whose header names one must agree with it. A recording whose amplitude cannot be lead-II
+    ECG in the declared unit is refused, naming --units."""
+    rec = _load(Path(path), fs, start, channel, time_unit, units)
+    return _plausible(rec, path, units)
+
+
+def _load(path: Path, fs, start, channel, time_unit, units) -> Recording:
     if time_unit is not None and time_unit not in TIME_UNITS:
         raise RecordingError(f"time unit {time_unit!r} is not one of {', '.join(TIME_UNITS)}")
+    if units is not None and _mv_per(units) is None:
+        raise RecordingError(f"--units {units!r} is not a voltage unit streamer reads ({', '.join(sorted(_MV_PER_UNIT))})")
     start_ns = parse_start(start)
     suffix = path.suffix.lower()
     if suffix in (".hea", ".dat") or (not path.exists() and path.with_suffix(".hea").exists()):
-        return _from_wfdb(path.with_suffix(""), fs, start, channel)
+        return _from_wfdb(path.with_suffix(""), fs, start, channel, units)
     if not path.exists():
         raise RecordingError(f"recording not found: {path}")
+    if suffix in (".edf", ".bdf"):
+        return _from_edf(path, fs, start, channel, units)
+    return _scaled(_from_file(path, suffix, fs, start_ns, channel, time_unit), units)
+
+
+def _scaled(rec: Recording, units: str | None) -> Recording:
+    if units is None:
+        return rec
+    return Recording(rec.times_ns, rec.values * _mv_per(units), rec.fs, rec.lead)
+
+
+def _plausible(rec: Recording, path, units: str | None) -> Recording:
+    """Lead-II ECG in mV stays within a few mV; a recording whose 99th percentile of |x| is beyond 100 mV was
+    declared in the wrong unit (microvolts read as millivolts): refused, naming the option."""
+    finite = np.abs(rec.values[np.isfinite(rec.values)])
+    p99 = float(np.percentile(finite, 99)) if len(finite) else 0.0
+    if p99 > _MAX_PLAUSIBLE_MV:
+        declared = units or "mV (the default)"
+        raise RecordingError(f"{path}: 99 % of |samples| reach {p99:.4g} mV read as {declared}, implausible for "
+                             "lead-II ECG: give the file's unit with --units uV (or V, mV)")
+    return rec
+
+
+def _from_file(path: Path, suffix: str, fs, start_ns: int, channel, time_unit) -> Recording:
     if suffix == ".csv":
         return _from_frame(pd.read_csv(path), fs, start_ns, channel, time_unit)
     if suffix == ".parquet":
@@ -163,10 +198,12 @@ def load_recording(path: str | Path, fs: float | None = None, start: str | None 
             if rate is None:
                 raise RecordingError(".npz without 'fs' or 'times_ns' needs --fs")
             return _validated(regular_times(len(values), rate, start_ns), values, rate)
-    raise RecordingError(f"unsupported recording format {suffix!r}: use .csv, .npy, .npz, .parquet or WFDB (.hea)")
+    raise RecordingError(f"unsupported recording format {suffix!r}: use .csv, .npy, .npz, .parquet, WFDB (.hea) "
+                         "or EDF/EDF+/BDF (.edf, .bdf)")
 
 
-def _from_wfdb(record: Path, fs: float | None, start: str | None, channel: str | None) -> Recording:
+def _from_wfdb(record: Path, fs: float | None, start: str | None, channel: str | None,
+               units: str | None = None) -> Recording:
     import wfdb
 
     rec = wfdb.rdrecord(str(record))
@@ -179,14 +216,106 @@ def _from_wfdb(record: Path, fs: float | None, start: str | None, channel: str |
     if start is None and rec.base_datetime is not None:
         start = rec.base_datetime.isoformat()
     unit = str((rec.units or [None] * len(names))[idx] or "").strip()
-    scale = _MV_PER_UNIT.get(unit.lower().replace("µ", "u").replace("μ", "u"))
-    if scale is None:
-        raise RecordingError(f"WFDB record {record}: lead {names[idx]} is in {unit or 'no unit'!r}, not a voltage "
-                             f"unit streamer reads ({', '.join(sorted(_MV_PER_UNIT))})")
+    scale = _header_scale(f"WFDB record {record}", names[idx], unit, units)
     values = rec.p_signal[:, idx].astype(np.float64) * scale  # the header's unit, to mV
     return _validated(regular_times(len(values), rate, parse_start(start)), values, rate, names[idx])
 
 
-# Voltage units as WFDB headers spell them, in mV each (lower case, micro written u)
+def _header_scale(what: str, lead: str, unit: str, units: str | None) -> float:
+    """mV per unit of a lead whose header names `unit` (maybe blank: then --units, else refused)."""
+    if not unit:
+        if units is None:
+            raise RecordingError(f"{what}: lead {lead} names no unit: give it with --units (mV, uV or V)")
+        return _mv_per(units)
+    scale = _mv_per(unit)
+    if scale is None:
+        raise RecordingError(f"{what}: lead {lead} is in {unit!r}, not a voltage unit streamer reads "
+                             f"({', '.join(sorted(_MV_PER_UNIT))})")
+    if units is not None and _mv_per(units) != scale:
+        raise RecordingError(f"{what}: lead {lead} is in {unit!r} by its header, not --units {units!r}")
+    return scale
+
+
+def _mv_per(unit: str) -> float | None:
+    return _MV_PER_UNIT.get(unit.strip().lower().replace("µ", "u").replace("μ", "u"))
+
+
+# Voltage units as WFDB and EDF headers spell them, in mV each (lower case, micro written u)
 _MV_PER_UNIT = {"v": 1000.0, "volt": 1000.0, "volts": 1000.0, "mv": 1.0, "millivolt": 1.0, "millivolts": 1.0,
                 "uv": 1e-3, "microvolt": 1e-3, "microvolts": 1e-3, "nv": 1e-6}
+_MAX_PLAUSIBLE_MV = 100.0  # windows.max_abs_mv's default: beyond it no sample can be lead-II ECG
+# EDF labels of lead II as clinical systems write them, once upper-cased and stripped of these words
+_LEAD_II = {"II", "MLII", "2"}
+_LABEL_NOISE = ("ECG", "EKG", "LEAD", "-", "_", " ", ":")
+
+
+def _lead_name(label: str) -> str:
+    name = label.upper()
+    for word in _LABEL_NOISE:
+        name = name.replace(word, "")
+    return name
+
+
+def _from_edf(path: Path, fs: float | None, start: str | None, channel: str | None, units: str | None) -> Recording:
+    """EDF, EDF+ (continuous or discontinuous) and BDF through edfio: the lead by label (II, MLII, ECG II,
+    EKG-II, Lead II...; --channel for another), the unit from its physical dimension, the start from the
+    header (EDF has no time zone: UTC unless --start). In an EDF+D file each data record is placed at its
+    own onset on the lead's sample grid; the samples between records are missing (NaN)."""
+    import edfio
+
+    try:
+        edf = edfio.read_bdf(path) if path.suffix.lower() == ".bdf" else edfio.read_edf(path)
+    except Exception as exc:  # edfio raises ValueError and others on a damaged header
+        raise RecordingError(f"{path}: not a readable EDF/BDF file ({exc})") from exc
+    signals = list(edf.signals)
+    labels = [sig.label for sig in signals]
+    if channel is not None:
+        found = [i for i, label in enumerate(labels) if label.strip() == channel.strip()]
+    else:
+        found = [i for i, label in enumerate(labels) if _lead_name(label) in _LEAD_II]
+    if not found:
+        raise RecordingError(f"{path} has no lead II (labels {labels}): name the lead with --channel")
+    sig = signals[found[0]]
+    scale = _header_scale(str(path), sig.label, sig.physical_dimension.strip(), units)
+    rate = float(sig.sampling_frequency)
+    if fs is not None and abs(fs - rate) > 1e-9 * rate:
+        raise RecordingError(f"{path}: lead {sig.label} is sampled at {rate:g} Hz by its header, not --fs {fs:g}")
+    data = np.asarray(sig.data, dtype=np.float64) * scale
+    if start is None:
+        start = edf.startdatetime.isoformat()
+    per_record = sig.samples_per_data_record
+    onsets = _record_onsets(edf)
+    if onsets is not None and len(onsets) == len(data) // per_record:
+        index = np.round(np.asarray(onsets, dtype=np.float64) * rate).astype(np.int64)
+        if np.any(np.diff(index) < per_record):
+            raise RecordingError(f"{path}: its data records overlap in time")
+        grid = np.full(int(index[-1]) + per_record, np.nan)
+        for j, first in enumerate(index):
+            grid[first:first + per_record] = data[j * per_record:(j + 1) * per_record]
+        data = grid
+    return _validated(regular_times(len(data), rate, parse_start(start)), data, rate, sig.label.strip())
+
+
+def _record_onsets(edf) -> list | None:
+    """Seconds from the start of each data record of an EDF+D file (None when continuous). edfio 0.4 says
+    whether a file is continuous but keeps the onsets in its timekeeping signal: read with its own parser."""
+    if edf.is_continuous:
+        return None
+    from edfio.edf_annotations import _get_data_record_onset
+
+    keeper = edf._timekeeping_signal
+    records = keeper.digital.reshape((-1, keeper._bytes_per_data_record))
+    return [float(_get_data_record_onset(r)) for r in records]
+
+
+def edf_annotations(path: str | Path) -> pd.DataFrame:
+    """An EDF+ file's annotations as artifact intervals for `validate`: start_ns, end_ns, kind (the text).
+    Annotations without a duration mark an instant, not an interval, and are left out."""
+    import edfio
+
+    path = Path(path)
+    edf = edfio.read_bdf(path) if path.suffix.lower() == ".bdf" else edfio.read_edf(path)
+    t0 = parse_start(edf.startdatetime.isoformat())
+    rows = [{"start_ns": t0 + round(a.onset * NS), "end_ns": t0 + round((a.onset + a.duration) * NS),
+             "kind": a.text} for a in edf.annotations if a.duration]
+    return pd.DataFrame(rows, columns=["start_ns", "end_ns", "kind"])

@@ -114,7 +114,7 @@ def score_series(series: pd.Series, checkpoint: str | Path | None = None, thresh
 
 def score_file(path: str | Path, settings: ModelSettings, fs: float | None = None, start: str | None = None,
                channel: str | None = None, overlap_s: float = 0.0, batch_size: int = 64,
-               progress: bool = True, time_unit: str | None = None) -> pd.DataFrame:
-    rec = load_recording(path, fs=fs, start=start, channel=channel, time_unit=time_unit)
+               progress: bool = True, time_unit: str | None = None, units: str | None = None) -> pd.DataFrame:
+    rec = load_recording(path, fs=fs, start=start, channel=channel, time_unit=time_unit, units=units)
     return score_recording(rec, ArtifactScorer(settings), overlap_s=overlap_s, batch_size=batch_size,
                            progress=progress)
