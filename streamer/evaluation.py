@@ -127,6 +127,61 @@ def bootstrap_ci(fn, labels: np.ndarray, scores: np.ndarray, n: int = 1000, seed
     return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
 
 
+class ClusteredBootstrap:
+    """Sensitivity, specificity (at `threshold`) and AU-ROC over bootstrap resamples of patients (one
+    patient: of windows), all three per resample. A resample gives each patient a multiplicity and each
+    window its patient's weight, so the scores are sorted once, up front: a resample is then a few weighted
+    counts, O(n) with no sort (1,000 resamples of 1 M windows in seconds; bootstrap_ci re-ranks each)."""
+
+    METRICS = ("sensitivity", "specificity", "auroc")
+
+    def __init__(self, labels: np.ndarray, scores: np.ndarray, groups: np.ndarray, threshold: float):
+        y = np.asarray(labels, bool)
+        s = np.asarray(scores, float)
+        _, g = np.unique(np.asarray(groups), return_inverse=True)
+        if g.max(initial=0) == 0:  # one patient: windows are the units resampled
+            g = np.arange(len(y))
+        self.units = int(g.max(initial=-1)) + 1
+        hit = s >= threshold
+        self.pos = np.bincount(g, weights=y, minlength=self.units)
+        self.tp = np.bincount(g, weights=y & hit, minlength=self.units)
+        self.neg = np.bincount(g, weights=~y, minlength=self.units)
+        self.tn = np.bincount(g, weights=~y & ~hit, minlength=self.units)
+        order = np.argsort(s, kind="stable")
+        ranked = s[order]
+        self.run = np.cumsum(np.r_[True, np.diff(ranked) != 0]) - 1 if len(s) else np.array([], int)
+        self.g_sorted, self.y_sorted = g[order], y[order]
+
+    def sample(self, m: np.ndarray) -> tuple[float, float, float]:
+        """The three metrics with unit i counted m[i] times."""
+        pos, neg = float(m @ self.pos), float(m @ self.neg)
+        sens = float(m @ self.tp) / pos if pos else math.nan
+        spec = float(m @ self.tn) / neg if neg else math.nan
+        if not pos or not neg:
+            return sens, spec, math.nan
+        w = m[self.g_sorted].astype(float)
+        runs = int(self.run[-1]) + 1
+        pos_run = np.bincount(self.run, weights=w * self.y_sorted, minlength=runs)
+        neg_run = np.bincount(self.run, weights=w * ~self.y_sorted, minlength=runs)
+        below = np.cumsum(neg_run) - neg_run  # negatives scoring strictly lower; ties count half
+        return sens, spec, float(pos_run @ (below + 0.5 * neg_run)) / (pos * neg)
+
+    def intervals(self, n: int, seed: int = 0, level: float = 0.95, progress=None) -> dict[str, tuple[float, float]]:
+        rng = np.random.default_rng(seed)
+        values = np.empty((n, 3))
+        for i in range(n):
+            values[i] = self.sample(np.bincount(rng.integers(0, self.units, self.units), minlength=self.units))
+            if progress is not None:
+                progress(1)
+        alpha = (1 - level) / 2
+        out = {}
+        for j, name in enumerate(self.METRICS):
+            v = values[:, j][~np.isnan(values[:, j])]
+            out[name] = (float(np.quantile(v, alpha)), float(np.quantile(v, 1 - alpha))) if len(v) else (math.nan,
+                                                                                                       math.nan)
+        return out
+
+
 def bootstrap_method(groups: np.ndarray | None) -> str:
     """What bootstrap_ci resamples for these groups, in words for a report."""
     n = len(np.unique(np.asarray(groups))) if groups is not None else 0

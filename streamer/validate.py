@@ -22,8 +22,8 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from streamer.evaluation import (auprc, auroc, bootstrap_ci, bootstrap_method, confusion, roc_curve,
-                                 threshold_for_sensitivity, threshold_for_specificity)
+from streamer.evaluation import (ClusteredBootstrap, auprc, auroc, bootstrap_ci, bootstrap_method, confusion,
+                                 roc_curve, threshold_for_sensitivity, threshold_for_specificity)
 from streamer.synthetic import ARTIFACT_SHARE
 
 from streamer.spec import WINDOW_NS  # noqa: E402
@@ -97,21 +97,25 @@ def attach_labels(flags: pd.DataFrame, labels_path: str, unlabelled_clean: bool 
     return out, [] if unlabelled_clean else unlabelled
 
 
-def metrics_table(df: pd.DataFrame, threshold: float, n_boot: int, seed: int) -> pd.DataFrame:
+def metrics_table(df: pd.DataFrame, threshold: float, n_boot: int, seed: int, progress: bool = False) -> pd.DataFrame:
     rows = []
     groups = [("overall", df)] + [(str(pid), g) for pid, g in df.groupby("patient_id")] if df["patient_id"].nunique() > 1 \
         else [("overall", df)]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=n_boot * len(groups), unit="resample", desc="bootstrap")
     for name, g in groups:
         y, p = g["label"].to_numpy(bool), g["probability"].to_numpy(float)
         c = confusion(y, p >= threshold)
         row = {"group": name, "windows": len(g), "artifact_share": y.mean() if len(y) else math.nan, **c.as_dict(),
                "auroc": auroc(y, p), "auprc": auprc(y, p)}
-        patients = g["patient_id"].to_numpy()
-        for metric, fn in (("auroc", auroc), ("sensitivity", lambda a, b: confusion(a, b >= threshold).sensitivity),
-                           ("specificity", lambda a, b: confusion(a, b >= threshold).specificity)):
-            lo, hi = bootstrap_ci(fn, y, p, n=n_boot, seed=seed, groups=patients)
+        boot = ClusteredBootstrap(y, p, g["patient_id"].to_numpy(), threshold)
+        for metric, (lo, hi) in boot.intervals(n_boot, seed, progress=bar.update if bar else None).items():
             row[f"{metric}_ci"] = f"[{lo:.3f}, {hi:.3f}]"
         rows.append(row)
+    if bar is not None:
+        bar.close()
     return pd.DataFrame(rows)
 
 
@@ -238,7 +242,8 @@ def main(args, kafka=None) -> int:
         print("streamer validate: no flag matched a label (check patient ids and window_start_ns)")
         return 2
     threshold = float(df["threshold"].iloc[0]) if "threshold" in df else 0.20802117884159088
-    table = metrics_table(df, threshold, args.bootstrap_samples, args.seed)
+    table = metrics_table(df, threshold, args.bootstrap_samples, args.seed,
+                          progress=not getattr(args, "quiet", False) and sys.stderr.isatty())
     kinds = kind_table(df, threshold, args.bootstrap_samples, args.seed)
     method = bootstrap_method(df["patient_id"].to_numpy())
     report = Path(args.report)

@@ -111,3 +111,27 @@ def test_a_cluster_bootstrap_resamples_patients_and_widens_the_interval():
     sizes = set()
     bootstrap_ci(lambda a, b: sizes.add(len(a)) or 0.0, y, scores, n=20, seed=2, groups=groups)
     assert sizes == {1600}, "every resample holds 8 whole patients"
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.sampled_from([0.1, 0.3, 0.3, 0.6, 0.9]), st.integers(0, 3)),
+                min_size=2, max_size=40), st.lists(st.integers(0, 3), min_size=4, max_size=4))
+def test_the_weighted_bootstrap_sample_equals_the_metrics_of_the_resampled_windows(rows, picks):
+    """ClusteredBootstrap.sample(multiplicities) must equal sensitivity, specificity and AU-ROC computed on
+    the windows of the resampled patients, repeated (what bootstrap_ci computes by re-ranking)."""
+    from streamer.evaluation import ClusteredBootstrap
+
+    y = np.array([r[0] for r in rows], bool)
+    s = np.array([r[1] for r in rows], float)
+    g = np.array([f"p{r[2]}" for r in rows])
+    names = np.unique(g)
+    if len(names) < 2:
+        return
+    boot = ClusteredBootstrap(y, s, g, 0.5)
+    m = np.bincount(np.array(picks) % len(names), minlength=len(names))
+    idx = np.concatenate([np.flatnonzero(g == names[i]) for i in range(len(names)) for _ in range(m[i])])
+    c = confusion(y[idx], s[idx] >= 0.5)
+    got = boot.sample(m)
+    want = (c.sensitivity, c.specificity, auroc(y[idx], s[idx]))
+    for a, b in zip(got, want):
+        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b)

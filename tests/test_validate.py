@@ -50,3 +50,12 @@ def test_patients_without_labels_are_left_out_and_named(tmp_path, capsys):
     assert main([*args, "--unlabelled-clean"]) == 0
     assert _overall(report)["windows"] == "44"
     assert "counted as clean" in report.read_text()
+
+
+def test_the_validate_benchmark_runs_at_a_tiny_size():
+    """benchmarks/bench_validate.py cannot rot: two tiny sizes, every step timed, nothing recorded."""
+    from benchmarks.bench_validate import run
+
+    small, large = run(2_000, 20), run(6_000, 20)
+    assert small["patients"] == 1 and large["patients"] == 3
+    assert all(r["command_s"] > 0 for r in (small, large))
