@@ -40,16 +40,25 @@ async def run_worker_until(settings, scorer, produce, done, timeout_s=90.0):
     return code, worker
 
 
-@pytest.mark.parametrize("fs,encoding", [(360, "json"), (500, "binary")])
-def test_replayed_recording_flags_equal_offline_score(broker, scorer, tmp_path, fs, encoding):
+@pytest.mark.parametrize("fs,encoding,gaps", [(360, "json", False), (500, "binary", False), (360, "json", True)])
+def test_replayed_recording_flags_equal_offline_score(broker, scorer, tmp_path, fs, encoding, gaps):
+    """Stream and offline give the same windows the same numbers; with `gaps` (issue 33, case 3) the
+    recording misses 3 samples in window 1 (both fill them and score) and 50 in window 3 (both report it
+    insufficient_data, gap_too_long)."""
     s = isolated_settings(broker.bootstrap)
     ecg = generate(65.0, fs=fs, seed=11)
     values = ecg.values.astype(np.float32).astype(np.float64) if encoding == "binary" else ecg.values
+    if gaps:
+        values = values.copy()
+        values[int(1.5 * 10 * fs):int(1.5 * 10 * fs) + 3] = np.nan
+        values[int(3.5 * 10 * fs):int(3.5 * 10 * fs) + 50] = np.nan
     path = tmp_path / "rec.csv"
     pd.DataFrame({"II": values}).to_csv(path, index=False, float_format="%.17g")
     rec = load_recording(path, fs=fs, start="2026-11-22T08:00:00Z")
-    offline = score_recording(rec, scorer)
-    assert len(offline) == 6
+    everything = score_recording(rec, scorer)
+    assert len(everything) == 6
+    offline = everything[everything["status"] == "scored"]
+    assert len(offline) == (5 if gaps else 6)
 
     async def main():
         async def produce():
@@ -68,6 +77,10 @@ def test_replayed_recording_flags_equal_offline_score(broker, scorer, tmp_path, 
     assert [f["window_start_ns"] for f in scored] == offline["window_start_ns"].tolist()
     dp = np.abs(np.array([f["probability"] for f in scored]) - offline["probability"].to_numpy())
     assert dp.max() <= 1e-5
+    unscored = everything[everything["status"] != "scored"]
+    stream_unscored = {f["window_start_ns"]: f["reason"] for f in flags if f["status"] != "scored"}
+    assert {k: stream_unscored.get(k) for k in unscored["window_start_ns"]} == dict(
+        zip(unscored["window_start_ns"], unscored["reason"]))
     assert [f["artifact"] for f in scored] == offline["artifact"].tolist()
     f0 = scored[0]
     assert f0["model"] == scorer.info.model_id and f0["threshold"] == scorer.threshold
