@@ -322,3 +322,18 @@ def test_a_recording_in_the_wrong_unit_is_refused_naming_units(tmp_path):
     path = _edf(tmp_path / "u.edf", x, 250)
     with pytest.raises(RecordingError, match="'uV' by its header, not --units 'mV'"):
         load_recording(path, units="mV")
+
+
+def test_a_bdf_recording_reads_with_its_24_bit_resolution(tmp_path):
+    """BDF (24-bit) through the same reader: lead by label (EKG-II), unit V, values to mV within 24-bit steps."""
+    import datetime
+
+    import edfio
+
+    x = generate(20.0, fs=256, seed=8).values
+    edfio.Bdf([edfio.BdfSignal(x / 1000.0, 256, label="EKG-II", physical_dimension="V")],
+              recording=edfio.Recording(startdate=datetime.date(2026, 3, 1)), starttime=datetime.time(9, 30),
+              data_record_duration=1.0).write(tmp_path / "r.bdf")
+    rec = load_recording(tmp_path / "r.bdf")
+    assert rec.lead == "EKG-II" and rec.start_ns == pd.Timestamp("2026-03-01T09:30:00Z").value
+    assert np.abs(rec.values - x).max() < 1e-5 * np.abs(x).max()
