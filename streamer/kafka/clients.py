@@ -63,19 +63,27 @@ async def check_tls(k: KafkaSettings) -> None:
         try:
             await writer.start_tls(ctx, server_hostname=host, ssl_handshake_timeout=timeout_s)
         except ssl.SSLCertVerificationError as exc:
+            await _closed(writer)
             raise TlsError(f"TLS to {host}:{port}: the broker's certificate was refused ({exc.verify_message}); "
                            f"check kafka.ssl_cafile ({k.ssl_cafile or 'system CAs'}) and that the certificate "
                            f"names {host!r}") from None
         except (ssl.SSLError, OSError, asyncio.TimeoutError) as exc:
             # A plaintext Kafka port reads the ClientHello as a request and waits, or hangs up.
-            writer.close()
+            await _closed(writer)
             raise TlsError(f"no TLS handshake with {host}:{port} ({getattr(exc, 'reason', None) or exc!r}): is that "
                            "port a TLS listener?") from None
-        writer.close()
-        try:
-            await writer.wait_closed()
-        except (OSError, ssl.SSLError):
-            pass
+        await _closed(writer)
+
+
+async def _closed(writer: asyncio.StreamWriter) -> None:
+    """Close a probe connection and wait for it. A failed handshake also leaves its error in the stream's
+    close future: awaited here, it is retrieved; left to the garbage collector, asyncio may log it ("Future
+    exception was never retrieved", with a traceback) at exit, depending on the order objects die."""
+    writer.close()
+    try:
+        await asyncio.wait_for(writer.wait_closed(), 2.0)
+    except (OSError, ssl.SSLError, asyncio.TimeoutError):
+        pass
 
 
 class FileTokenProvider(AbstractTokenProvider):
