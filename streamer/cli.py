@@ -152,8 +152,17 @@ def cmd_replay(args) -> int:
     if not sources:
         print("streamer replay: give RECORDING(s) with --patient, or --synthetic N", file=sys.stderr)
         return 2
-    sent = asyncio.run(replay(s.kafka, sources, speed=args.speed, chunk_s=args.chunk_s, encoding=args.encoding,
-                              progress=_progress(args)))
+    from aiokafka.errors import KafkaError
+
+    try:
+        sent = asyncio.run(replay(s.kafka, sources, speed=args.speed, chunk_s=args.chunk_s, encoding=args.encoding,
+                                  progress=_progress(args)))
+    except KafkaError as exc:  # a refusal retrying cannot fix (retriable errors are retried inside)
+        topic = s.kafka.input_topics[0]
+        _log().error("replay_failed", topic=topic, error=repr(exc), exit_code=1)
+        _say("replay", f"the brokers refused the records for {topic}: {exc!r} (a principal sending to it needs "
+             "WRITE and DESCRIBE on the topic)", logged=True)
+        return 1
     _log().info("replay_done", chunks=sent, sources=len(sources))
     return 0
 

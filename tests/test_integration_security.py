@@ -151,3 +151,20 @@ def test_oauthbearer_reads_its_token_from_a_file_at_each_login(secure_cluster, t
     token.write_text("")
     with pytest.raises(CredentialError, match=str(token)):
         asyncio.run(asyncio.wait_for(send(k), 60))
+
+
+def test_replay_without_write_on_the_input_stops_naming_it(secure_cluster, tmp_path):
+    """Issue 34, item 2: `streamer replay` as a principal without WRITE on the input topic retried
+    TopicAuthorizationFailedError for ever, silently. It must stop with exit 1 within seconds, naming the
+    refusal and the topic, without a traceback."""
+    admin, worker = _settings(secure_cluster)
+    _grant(secure_cluster, worker.kafka, "streamer")  # the worker's ACLs: READ on the input, no WRITE
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "streamer", "replay", "--synthetic", "1", "--duration", "10",
+                          "--speed", "max", "--quiet"], env={**settings_env(worker), "STREAMER_LOG_FORMAT": "console"},
+                         capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - t0
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "TopicAuthorizationFailed" in out.stderr and worker.kafka.input_topics[0] in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert took < 60, f"replay took {took:.0f} s to give up"

@@ -10,10 +10,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from streamer.ingest.producer import ChunkProducer, Encoding, chunks_of
-from streamer.kafka.clients import check_tls, make_producer, retry_kafka
+from streamer.kafka.clients import check_tls, make_producer, retriable, retry_kafka
+from streamer.logs import get_logger
 from streamer.offline.recordings import Recording, regular_times
 from streamer.settings import KafkaSettings
 from streamer.synthetic import generate
+
+log = get_logger("streamer.replay")
 
 
 async def _send_retrying(out: ChunkProducer, chunk):
@@ -22,12 +25,19 @@ async def _send_retrying(out: ChunkProducer, chunk):
 
 
 async def _confirm(out: ChunkProducer, pending: list) -> None:
-    """Wait for every delivery; resend the chunks whose delivery failed (e.g. the broker stalled)."""
+    """Wait for every delivery; resend the chunks whose delivery failed and can succeed later (the broker
+    stalled, a leader moved). A refusal that cannot (no WRITE on the topic, a record too large) is raised:
+    retrying it would run for ever, sending nothing."""
     while pending:
         results = await asyncio.gather(*(fut for _, fut in pending), return_exceptions=True)
-        failed = [chunk for (chunk, _), r in zip(pending, results) if isinstance(r, Exception)]
+        refused = next((r for r in results if isinstance(r, Exception) and not retriable(r)), None)
+        if refused is not None:
+            raise refused
+        failed = [(chunk, r) for (chunk, _), r in zip(pending, results) if isinstance(r, Exception)]
         pending.clear()
-        for chunk in failed:
+        if failed:
+            log.warning("replay_resend", chunks=len(failed), error=repr(failed[0][1]))
+        for chunk, _ in failed:
             pending.append((chunk, await _send_retrying(out, chunk)))
 
 
