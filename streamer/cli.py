@@ -176,10 +176,9 @@ def _progress(args) -> bool:
 # -- score ----------------------------------------------------------------------------------------
 def cmd_score(args) -> int:
     from streamer.model.errors import ModelError
+    from streamer.model.infer import refuse_demo_model
     from streamer.offline.recordings import RecordingError
     from streamer.offline.score import score_file
-
-    from streamer.model.infer import refuse_demo_model
 
     s = _settings(args)
     if args.checkpoint:

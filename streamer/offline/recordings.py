@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from streamer.settings import WindowSettings
 from streamer.windows.grid import NS, as_rate
 
 DEFAULT_START = "2000-01-01T00:00:00Z"  # for recordings with relative time and no --start
@@ -243,7 +244,8 @@ def _mv_per(unit: str) -> float | None:
 # Voltage units as WFDB and EDF headers spell them, in mV each (lower case, micro written u)
 _MV_PER_UNIT = {"v": 1000.0, "volt": 1000.0, "volts": 1000.0, "mv": 1.0, "millivolt": 1.0, "millivolts": 1.0,
                 "uv": 1e-3, "microvolt": 1e-3, "microvolts": 1e-3, "nv": 1e-6}
-_MAX_PLAUSIBLE_MV = 100.0  # windows.max_abs_mv's default: beyond it no sample can be lead-II ECG
+# the stream's own bound (windows.max_abs_mv's default): beyond it no sample can be lead-II ECG
+_MAX_PLAUSIBLE_MV = WindowSettings.model_fields["max_abs_mv"].default
 # EDF labels of lead II as clinical systems write them, once upper-cased and stripped of these words
 _LEAD_II = {"II", "MLII", "2"}
 _LABEL_NOISE = ("ECG", "EKG", "LEAD", "-", "_", " ", ":")
@@ -261,12 +263,7 @@ def _from_edf(path: Path, fs: float | None, start: str | None, channel: str | No
     EKG-II, Lead II...; --channel for another), the unit from its physical dimension, the start from the
     header (EDF has no time zone: UTC unless --start). In an EDF+D file each data record is placed at its
     own onset on the lead's sample grid; the samples between records are missing (NaN)."""
-    import edfio
-
-    try:
-        edf = edfio.read_bdf(path) if path.suffix.lower() == ".bdf" else edfio.read_edf(path)
-    except Exception as exc:  # edfio raises ValueError and others on a damaged header
-        raise RecordingError(f"{path}: not a readable EDF/BDF file ({exc})") from exc
+    edf = _read_edf(path)
     signals = list(edf.signals)
     labels = [sig.label for sig in signals]
     if channel is not None:
@@ -296,6 +293,15 @@ def _from_edf(path: Path, fs: float | None, start: str | None, channel: str | No
     return _validated(regular_times(len(data), rate, parse_start(start)), data, rate, sig.label.strip())
 
 
+def _read_edf(path: Path):
+    import edfio
+
+    try:
+        return edfio.read_bdf(path) if path.suffix.lower() == ".bdf" else edfio.read_edf(path)
+    except Exception as exc:  # edfio raises ValueError and others on a damaged header
+        raise RecordingError(f"{path}: not a readable EDF/BDF file ({exc})") from exc
+
+
 def _record_onsets(edf) -> list | None:
     """Seconds from the start of each data record of an EDF+D file (None when continuous). edfio 0.4 says
     whether a file is continuous but keeps the onsets in its timekeeping signal: read with its own parser."""
@@ -311,10 +317,7 @@ def _record_onsets(edf) -> list | None:
 def edf_annotations(path: str | Path) -> pd.DataFrame:
     """An EDF+ file's annotations as artifact intervals for `validate`: start_ns, end_ns, kind (the text).
     Annotations without a duration mark an instant, not an interval, and are left out."""
-    import edfio
-
-    path = Path(path)
-    edf = edfio.read_bdf(path) if path.suffix.lower() == ".bdf" else edfio.read_edf(path)
+    edf = _read_edf(Path(path))
     t0 = parse_start(edf.startdatetime.isoformat())
     rows = [{"start_ns": t0 + round(a.onset * NS), "end_ns": t0 + round((a.onset + a.duration) * NS),
              "kind": a.text} for a in edf.annotations if a.duration]
