@@ -1,4 +1,4 @@
-"""`streamer` command line: broker, run, replay, score, validate, synth, watch, view, acls, demo."""
+"""`streamer` command line: broker, run, replay, score, validate, synth, watch, view, acls, topics, demo."""
 
 from __future__ import annotations
 
@@ -158,13 +158,31 @@ def cmd_replay(args) -> int:
         sent = asyncio.run(replay(s.kafka, sources, speed=args.speed, chunk_s=args.chunk_s, encoding=args.encoding,
                                   progress=_progress(args)))
     except KafkaError as exc:  # a refusal retrying cannot fix (retriable errors are retried inside)
-        topic = s.kafka.input_topics[0]
-        _log().error("replay_failed", topic=topic, error=repr(exc), exit_code=1)
-        _say("replay", f"the brokers refused the records for {topic}: {exc!r} (a principal sending to it needs "
-             "WRITE and DESCRIBE on the topic)", logged=True)
-        return 1
+        return _refused("replay", exc, s.kafka, "gateway", "WRITE", s.kafka.input_topics)
     _log().info("replay_done", chunks=sent, sources=len(sources))
     return 0
+
+
+def _principal(k) -> str:
+    if k.security_protocol.startswith("SASL") and k.sasl_mechanism != "OAUTHBEARER" and k.sasl_username:
+        return f"User:{k.sasl_username}"
+    return "User:NAME"
+
+
+def _refused(command: str, exc: BaseException, k, role: str, operation: str, topics: list[str]) -> int:
+    """A Kafka error retrying cannot fix, as one line naming the topics, the operation and the fix; exit 1."""
+    principal = _principal(k)
+    what = ", ".join(topics)
+    _log().error(f"{command}_failed", topics=topics, error=repr(exc), exit_code=1)
+    if "Authorization" in type(exc).__name__:
+        fix = (f"{principal} needs {operation} and DESCRIBE on {what}: `streamer acls --role {role} --principal "
+               f"{principal}` prints the commands")
+    elif "UnknownTopic" in type(exc).__name__:
+        fix = "a topic is missing: `streamer topics` prints the commands that create them"
+    else:
+        fix = "retrying cannot fix it"
+    _say(command, f"the brokers refused {command} on {what}: {exc!r}; {fix}", logged=True)
+    return 1
 
 
 def _progress(args) -> bool:
@@ -231,9 +249,14 @@ def cmd_synth(args) -> int:
 def cmd_watch(args) -> int:
     from streamer.watch import watch
 
+    from aiokafka.errors import KafkaError
+
     s = _settings(args)
-    return asyncio.run(watch(s.kafka, seconds=args.seconds, from_beginning=args.from_beginning,
-                             skew_s=s.episodes.skew_allowance_s))
+    try:
+        return asyncio.run(watch(s.kafka, seconds=args.seconds, from_beginning=args.from_beginning,
+                                 skew_s=s.episodes.skew_allowance_s))
+    except KafkaError as exc:  # a refusal: the consumer retries what can be retried itself
+        return _refused("watch", exc, s.kafka, "view", "READ", [s.kafka.flags_topic, s.kafka.episodes_topic])
 
 
 def cmd_view(args) -> int:
@@ -250,16 +273,50 @@ def cmd_view(args) -> int:
         await server.run(stop)
         return 0
 
-    return asyncio.run(main())
+    from aiokafka.errors import KafkaError
+
+    try:
+        return asyncio.run(main())
+    except KafkaError as exc:
+        return _refused("view", exc, s.kafka, "view", "READ",
+                        [*s.kafka.input_topics, s.kafka.flags_topic, s.kafka.episodes_topic])
 
 
 def cmd_acls(args) -> int:
     from streamer.kafka.acls import kafka_acls_commands
 
     s = _settings(args)
+    if args.group and args.role != "reader":
+        _say("acls", f"--group is a reader's own consumer group; the {args.role} role has none to give")
+        return 2
     for line in kafka_acls_commands(s.kafka, args.principal, bootstrap=s.kafka.bootstrap_servers,
-                                    config=args.command_config):
+                                    config=args.command_config, role=args.role, group=args.group):
         print(line)
+    return 0
+
+
+def cmd_topics(args) -> int:
+    from streamer.kafka.topics import kafka_topics_commands, topic_plan
+
+    s = _settings(args)
+    plan = topic_plan(s.kafka, args.partitions, args.replication_factor or s.kafka.replication_factor or 3,
+                      args.min_insync_replicas or s.kafka.min_insync_replicas or 2)
+    if not args.create:
+        for line in kafka_topics_commands(plan, s.kafka.bootstrap_servers, config=args.command_config):
+            print(line)
+        return 0
+    from aiokafka.errors import KafkaError
+
+    from streamer.kafka.clients import create_planned_topics
+
+    try:
+        created = asyncio.run(create_planned_topics(s.kafka, plan))
+    except (KafkaError, asyncio.TimeoutError, OSError) as exc:
+        _say("topics", f"could not create the topics on {s.kafka.bootstrap_servers}: {exc!r} (the principal needs "
+             "CREATE on the cluster or on the topics, and DESCRIBE)")
+        return 1
+    for t in plan:
+        print(f"{t.name}: {'created' if t.name in created else 'exists (left as it is)'}")
     return 0
 
 
@@ -423,9 +480,25 @@ def build_parser() -> argparse.ArgumentParser:
     vw.add_argument("--max-beds", type=_COUNT, default=1000, help="beds shown at most")
     vw.add_argument("--from-beginning", action="store_true", help="read the topics from their first record")
 
-    a = command("acls", "print the kafka-acls.sh commands that grant a worker its minimal ACLs", cmd_acls)
-    a.add_argument("--principal", default="User:streamer", help="the worker's principal (default User:streamer)")
+    a = command("acls", "print the kafka-acls.sh commands that grant one role its minimal ACLs", cmd_acls)
+    a.add_argument("--role", choices=["worker", "gateway", "reader", "view"], default="worker",
+                   help="worker: streamer run; gateway: a monitor gateway or streamer replay (writes the input); "
+                   "reader: an alarm system (reads flags and episodes); view: streamer view and watch")
+    a.add_argument("--principal", default="User:streamer", help="the role's principal (default User:streamer)")
+    a.add_argument("--group", help="reader only: the consumer group it reads with (none: no group ACL)")
     a.add_argument("--command-config", default="admin.properties", help="the admin client's properties file")
+
+    t = command("topics", "print the kafka-topics.sh commands that create every topic as README prescribes "
+                "(or create them: --create)", cmd_topics)
+    t.add_argument("--partitions", type=_COUNT, default=None, help="partitions of every topic (default: "
+                   "kafka.input_partitions); the input's bounds the number of workers")
+    t.add_argument("--replication-factor", type=_COUNT, default=None,
+                   help="replicas (default: kafka.replication_factor, else 3)")
+    t.add_argument("--min-insync-replicas", type=_COUNT, default=None,
+                   help="min.insync.replicas (default: kafka.min_insync_replicas, else 2)")
+    t.add_argument("--command-config", default="admin.properties", help="the admin client's properties file")
+    t.add_argument("--create", action="store_true", help="create the missing topics now with these settings' "
+                   "credentials instead of printing commands")
 
     d = command("demo", "end to end on an embedded broker: broker, worker, synthetic beds, flags", cmd_demo)
     d.add_argument("--beds", type=_COUNT, default=6, help="synthetic beds")

@@ -204,13 +204,15 @@ class ViewServer:
         self.runner = None
 
     async def run(self, stop: asyncio.Event) -> None:
-        from streamer.kafka.clients import check_tls, make_consumer
+        from streamer.kafka.clients import check_connection, make_consumer, require_topics
 
-        await check_tls(self.k)
+        await check_connection(self.k)
+        topics = [*self.k.input_topics, self.k.flags_topic, self.k.episodes_topic]
+        await require_topics(self.k, topics)
         consumer = make_consumer(self.k, group_id=None, client_id=f"{self.k.client_id}-view",
                                  auto_offset_reset="earliest" if self.from_beginning else "latest")
         await consumer.start()
-        consumer.subscribe([*self.k.input_topics, self.k.flags_topic, self.k.episodes_topic])
+        consumer.subscribe(topics)
         await self._serve()
         pusher = asyncio.create_task(self._push_loop())
         try:

@@ -8,7 +8,7 @@ import time
 import orjson
 
 from streamer.client import DEFAULT_SKEW_S, MessageError, SuppressionView, decode_episode
-from streamer.kafka.clients import check_tls, make_consumer
+from streamer.kafka.clients import check_connection, make_consumer, require_topics
 from streamer.settings import KafkaSettings
 
 
@@ -43,7 +43,8 @@ def lapsed_line(patient_id: str) -> str:
 async def watch(k: KafkaSettings, seconds: float | None = None, from_beginning: bool = False, sink=print,
                 skew_s: float = DEFAULT_SKEW_S) -> int:
     # no group: watching never commits offsets or takes partitions from anyone
-    await check_tls(k)
+    await check_connection(k)
+    await require_topics(k, [k.flags_topic, k.episodes_topic])
     consumer = make_consumer(k, group_id=None, auto_offset_reset="earliest" if from_beginning else "latest")
     await consumer.start()
     consumer.subscribe([k.flags_topic, k.episodes_topic])

@@ -7,6 +7,7 @@ library only, so `scripts/kafka` runs before any virtual environment exists.
     scripts/kafka start [--brokers N] [--tls] [--sasl] [--dir DIR]   prints one line: bootstrap=HOST:PORT,...
     scripts/kafka stop [--dir DIR]
     scripts/kafka acl PRINCIPAL TYPE PATTERN NAME OPS [--dir DIR]
+    scripts/kafka tools                                               prints the folder of Kafka's CLI tools
 
 The cluster folder (default `.kafka/cluster` in the repository, or STREAMER_KAFKA_DIR) keeps everything:
 `cluster.json` (ports, pids, users, CA), `client.properties` (an admin client's settings), `logs/` (one
@@ -96,6 +97,43 @@ def resolve_jars(quiet: bool = True) -> Path:
 
 def _classpath(jars: Path) -> str:
     return f"{jars / 'lib'}/*:{jars / 'classes'}"
+
+
+# Kafka's own command-line tools, as its bin/*.sh scripts run them (the classes of Kafka 4.x).
+TOOLS = {"kafka-topics": "org.apache.kafka.tools.TopicCommand",
+         "kafka-acls": "org.apache.kafka.tools.AclCommand",
+         "kafka-configs": "org.apache.kafka.tools.ConfigCommand",
+         "kafka-console-consumer": "org.apache.kafka.tools.consumer.ConsoleConsumer",
+         "kafka-console-producer": "org.apache.kafka.tools.ConsoleProducer"}
+TOOLS_LOG4J = """\
+appender.err.type = Console
+appender.err.name = STDERR
+appender.err.target = SYSTEM_ERR
+appender.err.layout.type = PatternLayout
+appender.err.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = WARN
+rootLogger.appenderRef.err.ref = STDERR
+"""
+
+
+def tools_bin(jars: Path | None = None) -> Path:
+    """A folder of wrappers named as Kafka's scripts (kafka-topics.sh and kafka-topics, ...) that run its
+    tools from the resolved jars: put it on PATH and the commands `streamer topics` / `streamer acls`
+    print run as printed."""
+    jars = jars or resolve_jars()
+    folder = jars / "bin"
+    folder.mkdir(exist_ok=True)
+    (folder / "tools-log4j2.properties").write_text(TOOLS_LOG4J)
+    for name, main_class in TOOLS.items():
+        script = ("#!/bin/sh\n# Apache Kafka's " + name + " (written by tools/kafka_cluster.py)\n"
+                  f'exec java -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 '
+                  f'-Dlog4j2.configurationFile="{folder / "tools-log4j2.properties"}" '
+                  f'-cp "{jars / "lib"}/*" {main_class} "$@"\n')
+        for file_name in (f"{name}.sh", name):
+            path = folder / file_name
+            path.write_text(script)
+            path.chmod(0o755)
+    return folder
 
 
 # -- ports, TLS material ------------------------------------------------------------------------------
@@ -496,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
                sub.add_parser("status", help="print the cluster's bootstrap line if it runs")):
         sp.add_argument("--dir", type=Path, default=None, help="cluster folder (default .kafka/cluster)")
     sub.add_parser("resolve", help="fetch Apache Kafka's jars into the cache (done by start when needed)")
+    sub.add_parser("tools", help="print the folder of Kafka's command-line tools (kafka-topics.sh, kafka-acls.sh, "
+                   "kafka-configs.sh, ...): PATH=\"$(scripts/kafka tools):$PATH\"")
     acl = sub.add_parser("acl", help="allow a principal operations on a resource (as the admin user)")
     for name in ("principal", "type", "pattern", "name", "operations"):
         acl.add_argument(name)
@@ -505,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.command == "resolve":
             resolve_jars()
+            return 0
+        if a.command == "tools":
+            print(tools_bin())
             return 0
         if a.command == "start":
             if a.brokers < 1:

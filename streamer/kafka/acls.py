@@ -1,12 +1,21 @@
-"""The minimal ACLs a worker needs on a cluster with an authorizer (docs/operations.md, "Security"; tested against
-Apache Kafka's StandardAuthorizer in tests/test_integration_security.py)."""
+"""The minimal ACLs of each role around the worker (docs/operations.md, "Security"; tested against Apache
+Kafka's StandardAuthorizer, with Kafka's own kafka-acls, in tests/test_integration_security.py).
+
+worker   `streamer run`: reads the inputs, writes the outputs, owns its state topic, group and transactions.
+gateway  a monitor gateway or `streamer replay`: writes the inputs, nothing else.
+reader   an alarm system: reads flags and episodes, with its own consumer group when it uses one.
+view     `streamer view` and `streamer watch`: read flags, episodes and (view's ECG strip) the inputs; no group.
+"""
 
 from __future__ import annotations
+
+import shlex
 
 from streamer.settings import KafkaSettings
 
 # (resource type, pattern type, name, operations)
 Acl = tuple[str, str, str, str]
+ROLES = ("worker", "gateway", "reader", "view")
 
 
 def worker_acls(k: KafkaSettings) -> list[Acl]:
@@ -22,13 +31,33 @@ def worker_acls(k: KafkaSettings) -> list[Acl]:
     return acls
 
 
+def role_acls(k: KafkaSettings, role: str, group: str | None = None) -> list[Acl]:
+    """The ACLs of `role` (one of ROLES); `group`: a reader's consumer group, if it uses one.
+    An idempotent producer (every current client's default) needs no cluster ACL: WRITE on a topic
+    implies IDEMPOTENT_WRITE since Kafka 2.8 (KIP-679)."""
+    if role == "worker":
+        return worker_acls(k)
+    if role == "gateway":
+        return [("topic", "literal", t, "WRITE,DESCRIBE") for t in k.input_topics]
+    if role == "reader":
+        acls: list[Acl] = [("topic", "literal", t, "READ,DESCRIBE") for t in (k.flags_topic, k.episodes_topic)]
+        return acls + ([("group", "literal", group, "READ,DESCRIBE")] if group else [])
+    if role == "view":
+        return [("topic", "literal", t, "READ,DESCRIBE") for t in (*k.input_topics, k.flags_topic, k.episodes_topic)]
+    raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
+
+
+_FLAG = {"topic": "--topic", "group": "--group", "transactional_id": "--transactional-id"}
+
+
 def kafka_acls_commands(k: KafkaSettings, principal: str, bootstrap: str = "BROKER:9093",
-                        config: str = "admin.properties") -> list[str]:
-    """The same as `kafka-acls.sh` command lines for a platform team."""
-    flag = {"topic": "--topic", "group": "--group", "transactional_id": "--transactional-id"}
+                        config: str = "admin.properties", role: str = "worker", group: str | None = None,
+                        tool: str = "kafka-acls.sh") -> list[str]:
+    """The role's ACLs as `kafka-acls.sh` command lines a platform team runs as printed."""
     out = []
-    for rtype, pattern, name, ops in worker_acls(k):
+    for rtype, pattern, name, ops in role_acls(k, role, group):
         op_flags = " ".join(f"--operation {op.title().replace('_', '')}" for op in ops.split(","))
-        out.append(f"kafka-acls.sh --bootstrap-server {bootstrap} --command-config {config} --add "
-                   f"--allow-principal {principal} {op_flags} {flag[rtype]} {name} --resource-pattern-type {pattern}")
+        out.append(f"{tool} --bootstrap-server {shlex.quote(bootstrap)} --command-config {shlex.quote(config)} "
+                   f"--add --allow-principal {shlex.quote(principal)} {op_flags} {_FLAG[rtype]} {shlex.quote(name)} "
+                   f"--resource-pattern-type {pattern}")
     return out

@@ -25,6 +25,10 @@ class CredentialError(TlsError):
     """A credential file named in the settings cannot be read (reported like a TLS file)."""
 
 
+class AuthenticationError(TlsError):
+    """The brokers refused the SASL credentials: said as such, not as "broker unreachable"."""
+
+
 def uses_tls(k: KafkaSettings) -> bool:
     return k.security_protocol in ("SSL", "SASL_SSL")
 
@@ -73,6 +77,44 @@ async def check_tls(k: KafkaSettings) -> None:
             raise TlsError(f"no TLS handshake with {host}:{port} ({getattr(exc, 'reason', None) or exc!r}): is that "
                            "port a TLS listener?") from None
         await _closed(writer)
+
+
+async def check_connection(k: KafkaSettings) -> None:
+    """What every command runs before its Kafka clients: the TLS handshake (check_tls), then with SASL one
+    authentication against the first reachable bootstrap server.
+
+    aiokafka logs a refused login and goes on to say only "Unable to bootstrap": the operator, and an alert
+    keyed on the startup error, must learn that the credentials are wrong."""
+    await check_tls(k)
+    if not k.security_protocol.startswith("SASL"):
+        return
+    from aiokafka.conn import create_conn
+    from aiokafka.errors import (AuthenticationFailedError, AuthenticationMethodNotSupported, IllegalSaslStateError,
+                                 SaslAuthenticationFailed, UnsupportedSaslMechanismError)
+
+    refused = (AuthenticationFailedError, AuthenticationMethodNotSupported, IllegalSaslStateError,
+               SaslAuthenticationFailed, UnsupportedSaslMechanismError)
+    kw = security_kwargs(k)
+    timeout_s = k.tls_check_timeout_s
+    for server in k.bootstrap_servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            conn = await asyncio.wait_for(create_conn(
+                host.strip("[]"), int(port), client_id=f"{k.client_id}-login-check",
+                request_timeout_ms=int(timeout_s * 1000), ssl_context=kw.get("ssl_context"),
+                security_protocol=k.security_protocol, sasl_mechanism=kw.get("sasl_mechanism"),
+                sasl_plain_username=kw.get("sasl_plain_username"), sasl_plain_password=kw.get("sasl_plain_password"),
+                sasl_oauth_token_provider=kw.get("sasl_oauth_token_provider")), timeout_s)
+        except refused as exc:
+            who = k.sasl_username if k.sasl_mechanism != "OAUTHBEARER" else f"the token in {k.sasl_oauth_token_file}"
+            raise AuthenticationError(
+                f"authentication failed at {host}:{port}: the brokers refused {who} with {k.sasl_mechanism} "
+                f"({type(exc).__name__}: {exc}); check kafka.sasl_username, the password (kafka.sasl_password or "
+                "sasl_password_file) or the token, and kafka.sasl_mechanism") from None
+        except (KafkaError, OSError, asyncio.TimeoutError):
+            continue  # unreachable or slow: the clients' own retries and errors cover it
+        conn.close()
+        return
 
 
 async def _closed(writer: asyncio.StreamWriter) -> None:
@@ -188,15 +230,11 @@ def make_admin(k: KafkaSettings) -> AIOKafkaAdminClient:
 
 
 def wanted_topics(k: KafkaSettings, partitions: int | None = None, replication: int = 1) -> list[NewTopic]:
-    n = partitions or k.input_partitions
-    rf = k.replication_factor or replication
-    plain = {"min.insync.replicas": str(k.min_insync_replicas)} if k.min_insync_replicas else {}
-    compact = {**plain, "cleanup.policy": "compact"}
-    return ([NewTopic(t, n, rf, topic_configs=dict(plain)) for t in k.input_topics]
-            + [NewTopic(k.flags_topic, n, rf, topic_configs=dict(plain)),
-               NewTopic(k.dead_letter_topic, n, rf, topic_configs=dict(plain)),
-               NewTopic(k.episodes_topic, n, rf, topic_configs=dict(compact)),
-               NewTopic(k.state_topic, n, rf, topic_configs=dict(compact))])
+    """What `kafka.create_topics` creates: the plan of streamer/kafka/topics.py without its retention."""
+    from streamer.kafka.topics import topic_plan
+
+    return [NewTopic(t.name, t.partitions, t.replication, topic_configs=dict(t.configs))
+            for t in topic_plan(k, partitions, k.replication_factor or replication, retention=False)]
 
 
 async def _default_replication(admin: AIOKafkaAdminClient) -> int:
@@ -228,21 +266,40 @@ async def ensure_topics(k: KafkaSettings, partitions: int | None = None, timeout
         if missing and k.replication_factor is None:
             missing = [t for t in wanted_topics(k, partitions, await _default_replication(admin))
                        if t.name not in existing]
-        if missing:
-            resp = await admin.create_topics(missing)
-            # (name, error_code[, error_message]); 36: created meanwhile by another worker
-            errors = [(e[0], e[1], e[2] if len(e) > 2 else None) for e in getattr(resp, "topic_errors", ())
-                      if e[1] not in (0, 36)]
-            if errors:
-                from aiokafka.errors import for_code
-
-                name, code, message = errors[0]
-                raise for_code(code)(f"creating topic {name}: {message or for_code(code).__name__} "
-                                     f"(replication_factor={k.replication_factor}, min_insync_replicas="
-                                     f"{k.min_insync_replicas})")
+        await _create(admin, missing, f"replication_factor={k.replication_factor}, min_insync_replicas="
+                      f"{k.min_insync_replicas}")
         return [t.name for t in missing]
     finally:
         await admin.close()
+
+
+async def create_planned_topics(k: KafkaSettings, plan, timeout_s: float = 15.0) -> list[str]:
+    """`streamer topics --create`: the plan's missing topics (streamer/kafka/topics.py); returns those created.
+    An existing topic is left as it is (the worker checks what it relies on at start)."""
+    admin = make_admin(k)
+    await asyncio.wait_for(admin.start(), timeout_s)
+    try:
+        existing = set(await admin.list_topics())
+        missing = [NewTopic(t.name, t.partitions, t.replication, topic_configs=dict(t.configs))
+                   for t in plan if t.name not in existing]
+        await _create(admin, missing, "streamer topics")
+        return [t.name for t in missing]
+    finally:
+        await admin.close()
+
+
+async def _create(admin: AIOKafkaAdminClient, topics: list[NewTopic], context: str) -> None:
+    if not topics:
+        return
+    resp = await admin.create_topics(topics)
+    # (name, error_code[, error_message]); 36: created meanwhile by another worker
+    errors = [(e[0], e[1], e[2] if len(e) > 2 else None) for e in getattr(resp, "topic_errors", ())
+              if e[1] not in (0, 36)]
+    if errors:
+        from aiokafka.errors import for_code
+
+        name, code, message = errors[0]
+        raise for_code(code)(f"creating topic {name}: {message or for_code(code).__name__} ({context})")
 
 
 async def missing_topics(k: KafkaSettings, timeout_s: float = 15.0) -> list[str]:
@@ -265,6 +322,26 @@ async def partition_counts(k: KafkaSettings, topics: list[str], timeout_s: float
     finally:
         await admin.close()
     return {t["topic"]: len(t["partitions"]) for t in described if t["error_code"] == 0}
+
+
+async def require_topics(k: KafkaSettings, topics: list[str], timeout_s: float = 15.0) -> None:
+    """Raise unless every topic exists and this principal may DESCRIBE it. A consumer subscribed to a topic
+    it may not describe only logs it and reads nothing, for ever: a reader must learn it at start."""
+    from aiokafka.errors import TopicAuthorizationFailedError, UnknownTopicOrPartitionError
+
+    admin = make_admin(k)
+    await asyncio.wait_for(admin.start(), timeout_s)
+    try:
+        described = await admin.describe_topics(topics)
+    finally:
+        await admin.close()
+    codes = {t["topic"]: t["error_code"] for t in described}
+    refused = [t for t in topics if codes.get(t) == TopicAuthorizationFailedError.errno]
+    if refused:
+        raise TopicAuthorizationFailedError(", ".join(refused))
+    missing = [t for t in topics if codes.get(t, UnknownTopicOrPartitionError.errno) != 0]
+    if missing:
+        raise UnknownTopicOrPartitionError(", ".join(missing))
 
 
 async def topic_config(k: KafkaSettings, topic: str, name: str, timeout_s: float = 15.0) -> str | None:

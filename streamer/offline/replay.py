@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from streamer.ingest.producer import ChunkProducer, Encoding, chunks_of
-from streamer.kafka.clients import check_tls, make_producer, retriable, retry_kafka
+from streamer.kafka.clients import check_connection, make_producer, retriable, retry_kafka
 from streamer.logs import get_logger
 from streamer.offline.recordings import Recording, regular_times
 from streamer.settings import KafkaSettings
@@ -68,7 +68,7 @@ def synthetic_fleet(beds: int, duration_s: float, start_ns: int, seed: int = 0,
 async def replay(kafka: KafkaSettings, sources: list[Source], speed: float | None = 1.0, chunk_s: float = 0.25,
                  encoding: Encoding = "json", progress: bool = False, topic: str | None = None) -> int:
     """Send every source's chunks in timestamp order; speed None = as fast as possible. Returns chunks sent."""
-    await check_tls(kafka)
+    await check_connection(kafka)
     producer = make_producer(kafka, linger_ms=10, compression_type=None)
     await producer.start()
     sent = 0
