@@ -68,6 +68,12 @@ class Metrics:
         self.latency_s = Histogram("streamer_flag_latency_seconds",
                                    "last sample of a window received -> its flag acknowledged", registry=r,
                                    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
+        self.partitioner_mismatch = Counter(
+            "streamer_input_partitioner_mismatch_total", "input records on a partition their key does not map to "
+            "under kafka.input_partitioner; fits: the other partitioner maps them there (crc32, murmur2), or neither",
+            ["topic", "fits"], registry=r)
+        self.ready = Gauge("streamer_ready", "1 while /readyz answers 200 (model loaded, a member of the group)",
+                           registry=r)
         self.lag = Gauge("streamer_consumer_lag_records", "records behind the partition's high watermark",
                          ["topic", "partition"], registry=r)
         self.patients = Gauge("streamer_buffered_patients", "patients with open windows", registry=r)

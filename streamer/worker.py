@@ -21,10 +21,11 @@ from streamer.checkpointing.event_time import ClockOffset, EventTime
 from streamer.checkpointing.outputs import (AtLeastOnceOutputs, OutputRouting, TransactionalOutputs,
                                             probe_transactions, refused_prefix)
 from streamer.ingest.contract import InvalidMessage, decode
-from streamer.ingest.partitioning import home_partition
+from streamer.ingest.partitioning import PartitionerWatch, home_partition
 from streamer.ingest.deadletter import DeadLetters
-from streamer.kafka.clients import (TlsError, check_tls, committed_offsets, ensure_topics, make_consumer, make_producer,
+from streamer.kafka.clients import (TlsError, check_connection, committed_offsets, ensure_topics, make_consumer, make_producer,
                                     missing_topics, partition_counts, request_rejoin, topic_config)
+from streamer.kafka.topics import compaction_fix
 from streamer.logs import get_logger, patient_ref
 from streamer.metrics import HealthServer, InferenceWatch, Metrics
 from streamer.model.infer import ArtifactScorer, refuse_demo_model
@@ -74,6 +75,7 @@ class Worker:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
         self.stopping = asyncio.Event()
         self.assigned: set[TopicPartition] = set()
+        self.joined = False  # a group generation assigned this worker its partitions (none, for a standby)
         self.paused = False
         self.consumer = None
         self.producer = None
@@ -87,11 +89,14 @@ class Worker:
         self.metrics.watch_inference(self.inference_watch)
         self.metrics.watch_episodes(self.store.open_episodes)
         self.metrics.patient_states.set_function(self.store.count)
+        self.metrics.ready.set_function(lambda: float(self.ready()[0]))
         self.next_expiry = 0.0
         self.abandoned_startup = False  # stopped while the model was still loading in its thread
         self.deadline_exceeded = False  # the shutdown ran out of time: the process must exit now
         self.event_time = EventTime()  # caps output timestamps at the input's event time (event_time.py)
         self.clock_offset = ClockOffset(settings.kafka.clock_offset_warn_s, self.metrics.clock_offset_s)
+        self.partitioner_watch = PartitionerWatch(settings.kafka.input_partitioner, settings.kafka.input_topics,
+                                                  self.metrics.partitioner_mismatch)
         self.routing: OutputRouting | None = None
         self.commits_end = asyncio.Event()  # the commit loop ends after its checkpoint in flight
 
@@ -100,10 +105,15 @@ class Worker:
         self.stopping.set()
 
     def ready(self) -> tuple[bool, str]:
+        """Ready once the model is loaded and the worker has joined its group, with or without partitions: a
+        standby (more replicas than input partitions) is ready to take over on the next rebalance, and a
+        rollout must not wait for partitions it can never get."""
         if self.scorer is None:
             return False, "model not loaded"
-        if self.consumer is None or not self.assigned:
-            return False, "no partitions assigned"
+        if self.consumer is None or not self.joined:
+            return False, "not yet a member of the consumer group"
+        if not self.assigned:
+            return True, "ready: standby, no partitions assigned"
         return True, f"ready: {len(self.assigned)} partitions"
 
     async def start(self) -> bool:
@@ -113,7 +123,7 @@ class Worker:
         if self.scorer is None:
             refuse_demo_model(self.s.model)
         try:
-            await check_tls(k)  # before the model load: a wrong CA or host name fails in a second, not after it
+            await check_connection(k)  # before the model load: a wrong CA or host name fails in a second, not after it
         except TlsError as exc:
             raise StartupError(str(exc)) from None
         if self.scorer is None:
@@ -338,8 +348,7 @@ class Worker:
             log.warning("state_topic_policy_unknown", topic=k.state_topic)
         elif "compact" not in policy.split(","):
             return (f"{k.state_topic} has cleanup.policy={policy}; the state changelog must be compacted: "
-                    f"kafka-configs --alter --entity-type topics --entity-name {k.state_topic} "
-                    "--add-config cleanup.policy=compact")
+                    f"{compaction_fix(k, k.state_topic)}")
         return None
 
     async def _close_clients(self, timeout_s: float = 10.0) -> None:
@@ -412,6 +421,7 @@ class Worker:
             return
         rule = self.s.kafka.input_partitioner
         if partitions and (home := home_partition(record.key, partitions, rule)) != tp.partition:
+            self.partitioner_watch.mismatch(tp, record.key, partitions, time.monotonic())
             self._dead_letter(tp, record, "wrong_partition", f"the key belongs to partition {home} of {partitions} "
                               f"({rule}, kafka.input_partitioner), not {tp.partition}: a patient on two "
                               "partitions would have two owners")
@@ -540,6 +550,7 @@ class Worker:
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         try:
             await self._assign(assigned)
+            self.joined = True
         except Exception as exc:  # aiokafka would log and swallow it, leaving the partitions never read
             log.error("restore_failed", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
                       error=repr(exc))

@@ -18,7 +18,7 @@ from streamer.worker import Worker
 from tests.kafka_utils import isolated_settings
 
 UNITS = ("_seconds", "_bytes", "_records", "_windows", "_patients", "_partitions", "_episodes", "_total", "_info")
-STATES = {"streamer_fetch_paused", "streamer_device_fallback"}  # 0 or 1
+STATES = {"streamer_fetch_paused", "streamer_device_fallback", "streamer_ready"}  # 0 or 1
 
 
 def _families(text: str) -> dict[str, str]:
