@@ -2,7 +2,8 @@
 
 Every line goes through one stdlib handler, so the libraries' own log records (aiokafka's connection and
 rebalance messages, asyncio's) come out as the same JSON, with logger, service and version, as ours.
-Never log waveform samples: events carry ids, counts and reasons only.
+Never log waveform samples: events carry ids, counts and reasons only, and other libraries' lines stop at
+info (their debug lines carry raw message keys and values).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", patient_ids: str =
     )
     renderer = structlog.processors.JSONRenderer() if _json else structlog.dev.ConsoleRenderer()
     handler = _StderrHandler()
+    handler.addFilter(_library_cap)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
@@ -59,7 +61,18 @@ def configure_logging(fmt: str = "auto", level: str = "info", patient_ids: str =
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(threshold)
+    for name in _CHATTY:  # spares them formatting requests nobody may read
+        logging.getLogger(name).setLevel(max(threshold, logging.INFO))
     logging.captureWarnings(True)  # warnings.warn from libraries: a log line too, not bare text
+
+
+# Libraries write whole requests at debug level: aiokafka's "Sending request" lines hold message keys
+# (patient ids, never hashed) and values (ECG samples). Only streamer's own events go below info.
+_CHATTY = ("aiokafka", "kafka", "aiohttp", "asyncio")
+
+
+def _library_cap(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.INFO or record.name == "streamer" or record.name.startswith("streamer.")
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -83,6 +83,7 @@ class Checkpointer:
         committed = await self.outputs.commit(tp, self.group_id, prepare)
         if committed is not None:
             self.ledger.mark_committed({tp: committed})
+            log.debug("offsets_committed", topic=tp.topic, partition=tp.partition, offset=committed)
 
     async def _at_least_once(self, partitions) -> bool:
         points, dirty, expired = self.prepare(partitions)
@@ -112,4 +113,6 @@ class Checkpointer:
             log.warning("commit_failed", error=repr(exc))
             return False
         self.ledger.mark_committed(points)
+        for tp, offset in points.items():
+            log.debug("offsets_committed", topic=tp.topic, partition=tp.partition, offset=offset)
         return True
