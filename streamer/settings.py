@@ -401,6 +401,21 @@ def check_environment(environ: dict[str, str] | None = None) -> None:
         raise SettingsError(f"settings: unknown environment variable {var}{hint}")
 
 
+def _nearest_field(loc: tuple) -> str | None:
+    """For a key no setting has (a TOML typo): the closest name in the same group, dotted."""
+    import difflib
+
+    model: type[BaseModel] = Settings
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        inner = getattr(field, "annotation", None) if field is not None else None
+        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+            return None
+        model = inner
+    near = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    return ".".join([*map(str, loc[:-1]), near[0]]) if near else None
+
+
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
     """Build settings; `config` (a TOML path) takes the place of STREAMER_CONFIG. Unknown STREAMER_*
     variables are refused (check_environment)."""
@@ -419,7 +434,10 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
         for err in exc.errors():
             name = ".".join(str(p) for p in err["loc"]) or "(settings)"
             secret = "password" in name or "key" in name or name == "(settings)"
-            lines.append(f"  {name}: {err['msg']}" if secret else f"  {name}: {err['msg']} (got {err.get('input')!r})")
+            line = f"  {name}: {err['msg']}" if secret else f"  {name}: {err['msg']} (got {err.get('input')!r})"
+            if err["type"] == "extra_forbidden" and (near := _nearest_field(err["loc"])):
+                line += f"; did you mean {near}?"
+            lines.append(line)
         raise SettingsError("invalid settings:\n" + "\n".join(lines)) from None
     finally:
         if config is not None:

@@ -35,11 +35,14 @@ def isolated_settings(bootstrap: str, kafka: dict | None = None, **overrides) ->
 
 @functools.cache
 def schema_validator(name: str):
-    """A JSON Schema validator for one of the files in schemas/ (with format checks)."""
+    """A JSON Schema validator for one of the files in schemas/ (with format checks), strict: no field the
+    file does not list."""
     from jsonschema import Draft202012Validator
 
     schema = json.loads((SCHEMAS / name).read_text())
     Draft202012Validator.check_schema(schema)
+    # The output schemas let readers meet fields added later; the worker itself must write only listed ones.
+    schema["additionalProperties"] = False
     return Draft202012Validator(schema)
 
 

@@ -83,6 +83,27 @@ def test_a_flag_that_breaks_its_rules_fails_the_schema():
         decode_flag(dumps({**msg, "latency_ms": "fast"}))
 
 
+def test_a_field_added_later_keeps_the_version_for_readers_but_not_for_the_worker():
+    """The published output schemas allow fields they do not list (a reader validating with them keeps
+    working when one is added), the client ignores them, and the suite's strict copy refuses them."""
+    import json
+
+    from jsonschema import Draft202012Validator
+
+    from tests.kafka_utils import SCHEMAS
+
+    msg = {**flag_message(_window(SCORABLE, None), 0.5, 0.208, MODEL), "ward": "ICU-3"}
+    for name in ("artifact-flag.v1.schema.json", "artifact-episode.v2.schema.json"):
+        published = json.loads((SCHEMAS / name).read_text())
+        assert published["additionalProperties"] is True, name
+    assert not list(Draft202012Validator(json.loads((SCHEMAS / "artifact-flag.v1.schema.json").read_text()))
+                    .iter_errors(msg))
+    assert decode_flag(dumps(msg)).window_id == f"bed-1:{T0}"
+    assert _errors("artifact-flag.v1.schema.json", msg)  # the worker must not write an unlisted field
+    inputs = json.loads((SCHEMAS / "ecg-chunk.v1.schema.json").read_text())
+    assert inputs["additionalProperties"] is False  # the worker refuses unknown input fields
+
+
 def test_episode_open_and_close_match_the_schema_and_drive_suppression():
     tracker = EpisodeTracker(EpisodeSettings(open_after=2, close_after=2), MODEL)
     view = SuppressionView()

@@ -44,6 +44,16 @@ def test_unknown_setting_in_file_is_refused(tmp_path):
         load_settings(cfg)
 
 
+def test_a_typo_in_the_file_gets_the_nearest_setting_named(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[kafka]\nbootstrap_server = "x:1"\n[model]\ntreshold = 0.3\n[windows]\nzzzz = 1\n')
+    with pytest.raises(SettingsError) as err:
+        load_settings(cfg)
+    text = str(err.value)
+    assert "did you mean kafka.bootstrap_servers?" in text and "did you mean model.threshold?" in text
+    assert "windows.zzzz: Extra inputs are not permitted (got 1)\n" in text + "\n"  # nothing near: no guess
+
+
 def test_sasl_needs_credentials(monkeypatch):
     monkeypatch.setenv("STREAMER_KAFKA__SECURITY_PROTOCOL", "SASL_SSL")
     with pytest.raises(SettingsError, match="sasl_mechanism"):
