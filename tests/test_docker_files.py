@@ -44,11 +44,16 @@ def test_compose_services_use_real_commands_env_and_ports(monkeypatch):
     assert "ports" not in services["worker"], "metrics are not published on the host"
     assert all(p.startswith("127.0.0.1:") for svc in services.values() for p in svc.get("ports", [])), \
         "anything published on the host binds its loopback"
-    s = load_settings()
-    topics_cmd = services["topics"]["command"][0]
-    for topic in (s.kafka.input_topics[0], s.kafka.flags_topic, s.kafka.dead_letter_topic, s.kafka.episodes_topic,
-                  s.kafka.state_topic):
-        assert topic in topics_cmd
+    # the topics come from the same plan as `streamer topics` prints (streamer/kafka/topics.py)
+    topics = services["topics"]
+    assert topics["command"][:2] == ["topics", "--create"] and topics["command"][0] in _subcommands()
+    build_parser().parse_args(topics["command"])
+    with monkeypatch.context() as m:
+        _check_env(topics["environment"], m)
+    # one Apache Kafka version everywhere: compose runs what the suite proves (tools/kafka/pom.xml)
+    pom = (DOCKER.parent / "tools" / "kafka" / "pom.xml").read_text()
+    proven = re.search(r"<kafka.version>([^<]+)</kafka.version>", pom).group(1)
+    assert services["kafka"]["image"] == f"apache/kafka:{proven}"
     prom = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
     assert prom["scrape_configs"][0]["static_configs"][0]["targets"] == [f"worker:{worker_env['STREAMER_METRICS_PORT']}"]
 
@@ -70,3 +75,13 @@ def test_dockerfiles_non_root_entrypoint_and_env(dockerfile, monkeypatch):
     _check_env(env, monkeypatch)
     cmd = re.search(r'^CMD \["(\w+)"\]', text, re.M).group(1)
     assert cmd in _subcommands()
+    # hermetic: the local packages are built with the lock's setuptools, nothing fetched unpinned
+    assert "--no-deps --no-build-isolation ./client ." in text and re.search(r"^setuptools==", lock, re.M)
+
+
+def test_the_cuda_image_base_matches_the_cuda_of_the_locked_torch():
+    text = (DOCKER / "Dockerfile.cuda").read_text()
+    base = re.search(r"^FROM nvidia/cuda:(\d+)\.(\d+)\.\d+-", text, re.M)
+    lock = (DOCKER.parent / "requirements.lock").read_text()
+    runtime = re.search(r"^nvidia-cuda-runtime(?:-cu\d+)?==(\d+)\.(\d+)\.", lock, re.M)
+    assert base and runtime and base.groups() == runtime.groups(), (base and base.groups(), runtime.groups())
