@@ -41,7 +41,12 @@ msg = {"schema": 2, "episode_id": "bed-1:1", "patient_id": "bed-1", "seq": 7, "s
        "lease_ns": 30 * 10**9}
 view = SuppressionView()
 view.apply(decode_episode(json.dumps(msg).encode()))
-print(json.dumps({"heavy": heavy, "suppressed": view.suppressed("bed-1"), "version": streamer_client.__version__}))
+from streamer_client.frames import encode_frame  # a gateway's binary frames, standard library only
+frames = [encode_frame("bed-7", 1_764_000_000 * 10**9, 500.0, [0.125, -1.5, 2.0], seq=3).hex(),
+          encode_frame("Zoë-2", 1_764_000_000 * 10**9, 250.0, [-200, 0, 400.4], lead="MLII", counts_gain=200.0,
+                       baseline=0.0, segment_start_ns=1_763_999_990 * 10**9).hex()]
+print(json.dumps({"heavy": heavy, "suppressed": view.suppressed("bed-1"), "version": streamer_client.__version__,
+                  "frames": frames}))
 """
     out = subprocess.run([py, "-c", probe], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -49,6 +54,17 @@ print(json.dumps({"heavy": heavy, "suppressed": view.suppressed("bed-1"), "versi
 
     got = json.loads(out.stdout)
     assert got["heavy"] == [] and got["suppressed"] is True and got["version"] == "0.1.0"
+    # the gateway's frames decode in the worker exactly as its own encoder's
+    from streamer.ingest.contract import Chunk, decode_binary, encode_binary
+
+    first, second = (bytes.fromhex(f) for f in got["frames"])
+    chunk = decode_binary(first)
+    assert (chunk.patient_id, chunk.lead, chunk.fs, chunk.seq, chunk.segment_start_ns) == ("bed-7", "II", 500.0, 3, None)
+    assert list(chunk.samples) == [0.125, -1.5, 2.0]
+    assert first == encode_binary(Chunk("bed-7", "II", 1_764_000_000 * 10**9, 500.0, chunk.samples, seq=3))
+    counts = decode_binary(second)
+    assert (counts.patient_id, counts.lead, counts.segment_start_ns) == ("Zoë-2", "MLII", 1_763_999_990 * 10**9)
+    assert list(counts.samples) == [-1.0, 0.0, 2.0]  # (counts - baseline) / gain, counts rounded
     size = _site_bytes(env_dir)
     print(f"streamer-client installed size: {size / 1e6:.2f} MB")  # recorded in the issue note
     assert size < 5e6, f"{size / 1e6:.1f} MB: the client must stay small"
@@ -71,3 +87,14 @@ def test_an_offline_command_without_its_extra_names_it(monkeypatch, capsys):
         monkeypatch.delitem(sys.modules, name)
     assert main(["score", "rec.csv", "--out", "o.csv"]) == 2
     assert "pip install 'streamer[offline]'" in capsys.readouterr().err
+
+
+def test_the_client_frame_encoder_refuses_what_it_cannot_send_faithfully():
+    from streamer_client.frames import encode_frame
+
+    with pytest.raises(ValueError, match="int16"):
+        encode_frame("bed-1", 1, 500.0, [40000], counts_gain=200.0)  # never clipped silently
+    with pytest.raises(ValueError, match="patient_id"):
+        encode_frame("", 1, 500.0, [0.0])
+    with pytest.raises(ValueError, match="fs"):
+        encode_frame("bed-1", 1, float("nan"), [0.0])

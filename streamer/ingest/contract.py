@@ -6,23 +6,20 @@ anything else is parsed as JSON. See docs/messages.md, "Input messages".
 
 from __future__ import annotations
 
-import struct
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+# The binary frame's layout is the light client's: gateways write frames with it, without this package.
+# HEADER: magic, version, dtype, reserved, fs, t0_ns, segment_start_ns, seq, gain, baseline, n_samples, lead, id_len
+from streamer_client.frames import DTYPE_FLOAT32_MV, DTYPE_INT16_COUNTS, FORMAT_VERSION, MAGIC, NO_VALUE
+from streamer_client.frames import HEADER as _HEADER
+from streamer_client.frames import frame_header
 
 from streamer.settings import WindowSettings
 
-MAGIC = b"ECG1"
-FORMAT_VERSION = 1
-DTYPE_FLOAT32_MV = 1
-DTYPE_INT16_COUNTS = 2
-NO_VALUE = -(1 << 63)  # int64 sentinel for "absent" in the binary header
-# magic, version, dtype, reserved, fs, t0_ns, segment_start_ns, seq, gain, baseline, n_samples, lead, id_len
-_HEADER = struct.Struct("<4sBBHdqqqddI8sH")
 HEADER_SIZE = _HEADER.size
 MIN_TIMESTAMP_NS = 946_684_800 * 10**9  # 2000-01-01: anything earlier is a broken clock
 MAX_PATIENT_ID = 128
@@ -197,8 +194,6 @@ def encode_binary(chunk: Chunk, counts_gain: float | None = None, baseline: floa
         counts = np.round(np.asarray(chunk.samples) * counts_gain + baseline)
         body = np.clip(counts, -32768, 32767).astype("<i2").tobytes()
         dtype, gain = DTYPE_INT16_COUNTS, counts_gain
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, dtype, 0, float(chunk.fs), chunk.t0_ns,
-                          NO_VALUE if chunk.segment_start_ns is None else chunk.segment_start_ns,
-                          NO_VALUE if chunk.seq is None else chunk.seq, gain, baseline,
-                          len(chunk.samples), lead, len(pid))
+    header = frame_header(pid, lead, chunk.t0_ns, chunk.fs, len(chunk.samples), dtype, gain, baseline, chunk.seq,
+                          chunk.segment_start_ns)
     return header + pid + body
