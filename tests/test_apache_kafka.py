@@ -89,7 +89,7 @@ def test_delivery_falls_back_to_at_least_once_without_transactions(embedded_brok
         _start_worker(s, scorer)
 
 
-def test_a_state_topic_that_is_not_compacted_stops_the_worker(broker, scorer):
+def test_a_state_topic_that_is_not_compacted_stops_the_worker(broker, scorer, tmp_path):
     from aiokafka.admin import NewTopic
 
     s = isolated_settings(broker.bootstrap)
@@ -109,8 +109,62 @@ def test_a_state_topic_that_is_not_compacted_stops_the_worker(broker, scorer):
             await admin.close()
 
     asyncio.run(create())
-    with pytest.raises(StartupError, match="cleanup.policy=delete.*compacted"):
+    with pytest.raises(StartupError, match="cleanup.policy=delete.*compacted") as refused:
         _start_worker(s, scorer)
+    # the fix it prints runs as printed, with Kafka's own kafka-configs.sh (an admin.properties beside it)
+    from streamer.kafka.clients import topic_config
+    from tools.kafka_cluster import tools_bin
+
+    fix = str(refused.value).split("compacted: ", 1)[1]
+    assert fix.startswith("kafka-configs.sh --bootstrap-server ")
+    folder = tmp_path
+    (folder / "admin.properties").write_text("")  # a plaintext broker: an admin needs no settings
+    done = subprocess.run(["bash", "-c", fix], cwd=folder, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PATH": f"{tools_bin()}:{os.environ['PATH']}"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert asyncio.run(topic_config(s.kafka, s.kafka.state_topic, "cleanup.policy")) == "compact"
+
+
+def test_aiokafka_tells_a_standby_member_its_empty_assignment(broker):
+    """/readyz counts a worker ready once its rebalance listener saw an assignment, an empty one included
+    (a standby: more workers than partitions). That rests on aiokafka calling on_partitions_assigned with
+    an empty set, proven here with two members of one group on a one-partition topic."""
+    from aiokafka import ConsumerRebalanceListener
+
+    from streamer.kafka.clients import make_consumer
+
+    s = isolated_settings(broker.bootstrap, partitions=1)
+
+    class Seen(ConsumerRebalanceListener):
+        def __init__(self):
+            self.assigned: list[set] = []
+
+        async def on_partitions_revoked(self, revoked):
+            pass
+
+        async def on_partitions_assigned(self, assigned):
+            self.assigned.append(set(assigned))
+
+    async def main():
+        members = [make_consumer(s.kafka, client_id=f"member-{i}") for i in range(2)]
+        seen = [Seen(), Seen()]
+        for consumer, listener in zip(members, seen):
+            await consumer.start()
+            consumer.subscribe(s.kafka.input_topics, listener=listener)
+        try:
+            deadline = asyncio.get_running_loop().time() + 60
+            while asyncio.get_running_loop().time() < deadline:
+                await asyncio.gather(*(c.getmany(timeout_ms=200) for c in members))
+                latest = [listener.assigned[-1] if listener.assigned else None for listener in seen]
+                if None not in latest and sorted(len(a) for a in latest) == [0, 1]:
+                    return latest
+            raise AssertionError(f"no standby assignment seen: {[listener.assigned for listener in seen]}")
+        finally:
+            for consumer in members:
+                await consumer.stop()
+
+    latest = asyncio.run(main())
+    assert sorted(len(a) for a in latest) == [0, 1]
 
 
 def test_the_state_topic_name_derives_from_the_group():

@@ -112,3 +112,25 @@ def test_healthz_fails_while_inference_hangs_and_recovers(broker, scorer):
     assert "inference stalled" in stalled and code == 0
     busy = float(re.search(r"^streamer_inference_busy_seconds (\S+)$", metrics, re.M).group(1))
     assert busy > 1.0
+
+
+def test_readiness_is_membership_so_a_standby_without_partitions_is_ready():
+    """Replicas may exceed input partitions: a standby has joined its group and holds none, and a rollout
+    must not wait on partitions it can never get. Not ready: the model not loaded, or not yet a member."""
+    from aiokafka import TopicPartition
+
+    from streamer.settings import Settings
+
+    w = Worker(Settings())
+
+    def gauge() -> float:
+        return float(re.search(r"^streamer_ready (\S+)$", w.metrics.render().decode(), re.M).group(1))
+
+    assert w.ready() == (False, "model not loaded") and gauge() == 0.0
+    w.scorer, w.consumer = object(), object()
+    assert w.ready() == (False, "not yet a member of the consumer group") and gauge() == 0.0
+    w.joined = True  # on_assigned ran with an empty assignment
+    ok, why = w.ready()
+    assert ok and "standby" in why and gauge() == 1.0
+    w.assigned = {TopicPartition("ecg.lead2", 0), TopicPartition("ecg.lead2", 1)}
+    assert w.ready() == (True, "ready: 2 partitions")
