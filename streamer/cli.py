@@ -163,15 +163,11 @@ def cmd_replay(args) -> int:
     return 0
 
 
-def _principal(k) -> str:
-    if k.security_protocol.startswith("SASL") and k.sasl_mechanism != "OAUTHBEARER" and k.sasl_username:
-        return f"User:{k.sasl_username}"
-    return "User:NAME"
-
-
 def _refused(command: str, exc: BaseException, k, role: str, operation: str, topics: list[str]) -> int:
     """A Kafka error retrying cannot fix, as one line naming the topics, the operation and the fix; exit 1."""
-    principal = _principal(k)
+    from streamer.kafka.acls import principal_of
+
+    principal = principal_of(k)
     what = ", ".join(topics)
     _log().error(f"{command}_failed", topics=topics, error=repr(exc), exit_code=1)
     if "Authorization" in type(exc).__name__:

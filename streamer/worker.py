@@ -23,8 +23,9 @@ from streamer.checkpointing.outputs import (AtLeastOnceOutputs, OutputRouting, T
 from streamer.ingest.contract import InvalidMessage, decode
 from streamer.ingest.partitioning import PartitionerWatch, home_partition
 from streamer.ingest.deadletter import DeadLetters
-from streamer.kafka.clients import (TlsError, check_connection, committed_offsets, ensure_topics, make_consumer, make_producer,
-                                    missing_topics, partition_counts, request_rejoin, topic_config)
+from streamer.kafka.clients import (TlsError, check_connection, committed_offsets, ensure_topics, make_consumer,
+                                    make_producer, missing_topics, partition_counts, request_rejoin, topic_config)
+from streamer.kafka.acls import authorization_fix
 from streamer.kafka.topics import compaction_fix
 from streamer.logs import get_logger, patient_ref
 from streamer.metrics import HealthServer, InferenceWatch, Metrics
@@ -216,7 +217,7 @@ class Worker:
         finish): stop with exit 1; the next owner resumes from the last checkpoint."""
         if self.fatal is None:
             self.fatal = exc
-            log.error("worker_failed", error=repr(exc))
+            log.error("worker_failed", error=repr(exc), fix=authorization_fix(exc, self.s.kafka))
         self.stopping.set()
 
     # a worker fenced this often is fighting another owner, not riding out a broker failover
@@ -254,7 +255,8 @@ class Worker:
                                      return_when=asyncio.FIRST_COMPLETED)
         failed = [t for t in done if t is not stop_wait and t.exception() is not None]
         for t in failed:
-            log.error("task_failed", task=t.get_name(), error=repr(t.exception()))
+            log.error("task_failed", task=t.get_name(), error=repr(t.exception()),
+                      fix=authorization_fix(t.exception(), self.s.kafka))
         if failed and self.fatal is None and self.outputs.exactly_once:
             self.fatal = failed[0].exception()  # the open transactions cannot commit any more
         self.stopping.set()
@@ -298,7 +300,8 @@ class Worker:
             self.deadline_exceeded = True
         elif not commit.cancelled() and commit.exception() is not None and self.fatal is None:
             self.fatal = commit.exception()
-            log.error("task_failed", task="commit", error=repr(self.fatal))
+            log.error("task_failed", task="commit", error=repr(self.fatal),
+                      fix=authorization_fix(self.fatal, self.s.kafka))
         if self.fatal is None and not self.deadline_exceeded:
             final = asyncio.ensure_future(self._commit(self.assigned))
             if not await self._within(final, end - 1.0):

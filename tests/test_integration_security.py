@@ -99,6 +99,7 @@ def test_without_write_on_the_flags_topic_the_worker_stops_naming_it(secure_clus
     assert took < 30
     failed = [e for e in log_events(log) if e.get("event") in ("worker_failed", "task_failed")]
     assert failed and any("TopicAuthorizationFailed" in str(e.get("error")) for e in failed), failed
+    assert any("streamer acls --role worker --principal User:streamer" in str(e.get("fix")) for e in failed), failed
 
 
 def test_a_wrong_password_stops_the_worker_within_seconds(secure_cluster, checkpoint, tmp_path):

@@ -61,3 +61,20 @@ def kafka_acls_commands(k: KafkaSettings, principal: str, bootstrap: str = "BROK
                    f"--add --allow-principal {shlex.quote(principal)} {op_flags} {_FLAG[rtype]} {shlex.quote(name)} "
                    f"--resource-pattern-type {pattern}")
     return out
+
+
+def principal_of(k: KafkaSettings) -> str:
+    """The principal these settings authenticate as, where the settings say it (SASL with a user name)."""
+    if k.security_protocol.startswith("SASL") and k.sasl_mechanism != "OAUTHBEARER" and k.sasl_username:
+        return f"User:{k.sasl_username}"
+    return "User:NAME"
+
+
+def authorization_fix(exc: BaseException, k: KafkaSettings, role: str = "worker") -> str | None:
+    """For an error the brokers' authorizer caused (retrying never helps): the command that prints the
+    role's grants; None for any other error."""
+    if "Authorization" not in repr(exc):
+        return None
+    principal = principal_of(k)
+    return (f"{principal} lacks an ACL the {role} role needs: `streamer acls --role {role} --principal "
+            f"{principal}` prints its grants")
