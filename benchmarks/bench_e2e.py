@@ -114,7 +114,8 @@ def main() -> None:
     record(f"end to end ({on}, checkpoint every {args.commit_interval:g} s), {args.beds} beds real time, "
            f"{args.seconds:.0f}s, {args.encoding}, batch<={args.max_batch}, "
            f"{args.backend}" + (f", {args.cpu_threads} inference thread(s)" if args.cpu_threads else ""),
-           f"flagged {r['flagged']}/{r['expected']}, latency p50 {r['p50'] * 1000:.0f} ms, p99 {r['p99'] * 1000:.0f} ms, "
+           f"flagged {r['flagged']}/{r['expected']}, latency p50 {r['p50'] * 1000:.0f} ms, "
+           f"p99 {r['p99'] * 1000:.0f} ms, "
            f"max {r['max'] * 1000:.0f} ms")
 
 

@@ -76,17 +76,18 @@ def main() -> None:
     pre = Preprocessor(dev)
     for b in [int(v) for v in args.batches.split(",")]:
         xb = torch.from_numpy(x[:b])
-        p = rate(lambda: pre(xb).cpu(), b, repeat=3)
+        p = rate(lambda xb=xb: pre(xb).cpu(), b, repeat=3)
         record(f"batched preprocessing only, batch {b} ({dev}, {scorer.info.precision})", f"{p:.0f} windows/s")
 
         scorer.device_batch = b  # measure this batch size as such
 
-        def ours():
+        def ours(b=b):
             for i in range(0, args.windows, b):
                 scorer.probabilities(x[i:i + b])
 
         r = rate(ours, args.windows, repeat=1)
-        record(f"batched preprocessing+model, batch {b} ({dev}, {scorer.info.precision}, {args.backend})", f"{r:.1f} windows/s",
+        record(f"batched preprocessing+model, batch {b} ({dev}, {scorer.info.precision}, {args.backend})",
+               f"{r:.1f} windows/s",
                f"{base:.1f}", f"{r / base:.2f}")
     if not args.skip_score:
         score_cli(base)

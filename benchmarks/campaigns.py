@@ -258,15 +258,15 @@ def zombie_campaign(bootstrap: str, beds: int, seconds: float, speed: float, che
             successor = _worker(s, successor_log)
             procs.append(successor)
             # the successor owns every partition: the zombie's session expired
-            wait_until(lambda: len(log_events_named(successor_log, "partition_assigned")) >= mark + 4, 120,
+            wait_until(lambda: len(log_events_named(successor_log, "partition_assigned")) >= mark + 4, 120,  # noqa: B023 (polled within this iteration)
                        "the takeover", proc=successor)
             time.sleep(2.0)  # the successor publishes and checkpoints on its own meanwhile
             revoked = len(log_events_named(logs[i % 2], "partition_revoked"))
             owner.send_signal(signal.SIGCONT)
             # the zombie resumes: fenced or told by its heartbeat that it left the group, it drops its
             # partitions and rejoins as a new member (None), or it stops (its exit code)
-            wait_until(lambda: owner.poll() is not None
-                       or len(log_events_named(logs[i % 2], "partition_revoked")) > revoked, 60,
+            wait_until(lambda: owner.poll() is not None  # noqa: B023 (polled within this iteration)
+                       or len(log_events_named(logs[i % 2], "partition_revoked")) > revoked, 60,  # noqa: B023
                        "the zombie dropping its partitions")
             zombie_codes.append(owner.poll())
         feeder.join(seconds / speed + 300)

@@ -47,7 +47,8 @@ def record(figure: str, value: str, baseline: str = "", ratio: str = "", command
     date, host, at = where or (str(datetime.date.today()), machine(), commit())
     row = f"| {date} | {host} | {at} | `{cmd}` | {figure} | {value} | {baseline} | {ratio} |\n"
     if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark results\n\nRows are appended by the benchmark scripts; newest last.\n\n" + HEADER)
+        RESULTS.write_text("# Benchmark results\n\nRows are appended by the benchmark scripts; newest last.\n\n"
+                           + HEADER)
     with open(RESULTS, "a") as f:
         f.write(row)
     print(row, end="")

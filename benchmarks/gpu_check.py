@@ -111,7 +111,7 @@ def throughput(device: str, batches, precision: str, min_s: float) -> list[dict]
         try:
             with torch.inference_mode():
                 images = pre(host.to(device))
-                row["network_eager"] = b / _timed(lambda: net.logits(images), sync, min_s)
+                row["network_eager"] = b / _timed(lambda images=images: net.logits(images), sync, min_s)
                 for name, buf in (("pageable", host), ("pinned", pinned)):
                     def whole(buf=buf):
                         x = buf.to(device, non_blocking=True)

@@ -147,7 +147,8 @@ def cmd_replay(args) -> int:
         except RecordingError as exc:
             print(f"streamer replay: {path}: {exc}", file=sys.stderr)
             return 2
-        pid = args.patient[i] if i < len(args.patient) else f"{args.patient[0] if args.patient else Path(path).stem}-{i}"
+        stem = args.patient[0] if args.patient else Path(path).stem
+        pid = args.patient[i] if i < len(args.patient) else f"{stem}-{i}"
         sources.append(Source(pid, rec))
     if not sources:
         print("streamer replay: give RECORDING(s) with --patient, or --synthetic N", file=sys.stderr)

@@ -72,7 +72,7 @@ def run_demo(beds: int = 6, duration_s: float = 90.0, speed: float = 4.0, seed: 
             if not _wait_for(OUT / "worker.log", b"partition_assigned", worker, 120):
                 print("worker did not start; see demo-out/worker.log", file=sys.stderr)
                 return 1
-            model_line = next(l for l in (OUT / "worker.log").read_bytes().splitlines() if b"model_loaded" in l)
+            model_line = next(ln for ln in (OUT / "worker.log").read_bytes().splitlines() if b"model_loaded" in ln)
             print(f"worker   pid {worker.pid}, model {orjson.loads(model_line)['model_id']}", flush=True)
             view_port = free_port()
             view = subprocess.Popen([sys.executable, "-m", "streamer", "view", "--port", str(view_port)], env=env,

@@ -46,7 +46,8 @@ class Metrics:
         self.build.labels(**build).set(1)
         self.messages = Counter("streamer_messages_total", "input records consumed", registry=r)
         self.samples = Counter("streamer_samples_total", "samples accepted into buffers", registry=r)
-        self.duplicate_samples = Counter("streamer_duplicate_samples_total", "samples ignored as duplicates", registry=r)
+        self.duplicate_samples = Counter("streamer_duplicate_samples_total", "samples ignored as duplicates",
+                                         registry=r)
         self.late_samples = Counter("streamer_late_samples_total", "samples older than the open windows", registry=r)
         self.implausible_samples = Counter("streamer_implausible_samples_total",
                                            "samples beyond windows.max_abs_mv (their windows are not scored)",

@@ -99,8 +99,9 @@ def attach_labels(flags: pd.DataFrame, labels_path: str, unlabelled_clean: bool 
 
 def metrics_table(df: pd.DataFrame, threshold: float, n_boot: int, seed: int, progress: bool = False) -> pd.DataFrame:
     rows = []
-    groups = [("overall", df)] + [(str(pid), g) for pid, g in df.groupby("patient_id")] if df["patient_id"].nunique() > 1 \
-        else [("overall", df)]
+    groups = [("overall", df)]
+    if df["patient_id"].nunique() > 1:
+        groups += [(str(pid), g) for pid, g in df.groupby("patient_id")]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -141,10 +142,12 @@ def parity(stream: pd.DataFrame, offline_csv: str, threshold: float) -> dict:
     dp = (m["probability_stream"] - m["probability_offline"]).abs()
     return {"stream_windows": len(stream), "offline_windows": len(off), "matched": len(m),
             "max_abs_dp": float(dp.max()) if len(m) else math.nan,
-            "flag_disagreements": int(((m["probability_stream"] >= threshold) != (m["probability_offline"] >= threshold)).sum())}
+            "flag_disagreements": int(((m["probability_stream"] >= threshold)
+                                       != (m["probability_offline"] >= threshold)).sum())}
 
 
-def retune(df: pd.DataFrame, sensitivity: float | None, specificity: float | None, n_boot: int, seed: int) -> dict | None:
+def retune(df: pd.DataFrame, sensitivity: float | None, specificity: float | None, n_boot: int,
+           seed: int) -> dict | None:
     if sensitivity is None and specificity is None:
         return None
     y, p = df["label"].to_numpy(bool), df["probability"].to_numpy(float)
@@ -250,7 +253,8 @@ def main(args, kafka=None) -> int:
     report.parent.mkdir(parents=True, exist_ok=True)
     plots = _plots(df, threshold, report.parent, report.stem)
     lines = ["# Validation report", "",
-             f"Flags: `{' '.join(sources)}`; labels: `{args.labels}`; model: `{df['model'].iloc[0] if 'model' in df else '?'}`; "
+             f"Flags: `{' '.join(sources)}`; labels: `{args.labels}`; "
+             f"model: `{df['model'].iloc[0] if 'model' in df else '?'}`; "
              f"threshold {threshold:.6f}; {len(df)} labelled windows of {df['patient_id'].nunique()} patient(s); "
              f"95 % percentile intervals from {args.bootstrap_samples} bootstrap resamples, {method}.", ""]
     if unlabelled:

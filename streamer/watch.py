@@ -16,7 +16,8 @@ def format_flag(f: dict) -> str:
     t = time.strftime("%H:%M:%S", time.gmtime(f["window_start_ns"] / 1e9))
     if f["status"] == "scored":
         mark = "ARTIFACT" if f["artifact"] else "clean   "
-        return f"flag    {f['patient_id']:<10} {t}+10s  {mark} p={f['probability']:.3f}  latency={f['latency_ms']:.0f}ms"
+        return (f"flag    {f['patient_id']:<10} {t}+10s  {mark} p={f['probability']:.3f}  "
+                f"latency={f['latency_ms']:.0f}ms")
     return f"flag    {f['patient_id']:<10} {t}+10s  {f['status']} ({f['reason']})"
 
 

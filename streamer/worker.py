@@ -362,7 +362,7 @@ class Worker:
         async def close(name, stop):
             try:
                 await asyncio.wait_for(stop(), max(until - time.monotonic(), 0.1))
-            except Exception as exc:  # closing must not hide the real exit reason
+            except Exception as exc:  # noqa: BLE001 (closing must not hide the real exit reason)
                 log.warning("client_stop_failed", client=name, error=repr(exc))
 
         if self.outputs is not None:
@@ -519,7 +519,7 @@ class Worker:
             return
         self.next_expiry = now + min(300.0, ttl / 4)
         for tp in self.assigned:
-            gone = self.store.expire_idle(tp, now, ttl, lambda pid: (tp, pid) in self.stage.streams)
+            gone = self.store.expire_idle(tp, now, ttl, lambda pid, tp=tp: (tp, pid) in self.stage.streams)
             if gone:
                 self.metrics.states_expired.inc(len(gone))
                 log.info("states_expired", topic=tp.topic, partition=tp.partition, patients=len(gone))
@@ -547,14 +547,14 @@ class Worker:
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         try:
             await self._revoke(revoked)
-        except Exception as exc:  # aiokafka would log and swallow it: a silent stall
+        except Exception as exc:  # noqa: BLE001 (aiokafka would log and swallow it: a silent stall)
             self._fail(exc)
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
         try:
             await self._assign(assigned)
             self.joined = True
-        except Exception as exc:  # aiokafka would log and swallow it, leaving the partitions never read
+        except Exception as exc:  # noqa: BLE001 (aiokafka would swallow it, leaving the partitions unread)
             log.error("restore_failed", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
                       error=repr(exc))
             self._fail(exc)

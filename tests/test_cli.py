@@ -223,7 +223,7 @@ def test_a_nan_gap_costs_only_the_windows_it_touches(tmp_path, scorer):
 
     from streamer.offline.score import score_recording
 
-    fs, n = 250, 250 * 61
+    fs = 250
     x = generate(61.0, fs=fs, seed=4).values
     gappy = x.copy()
     gappy[2600:2650] = np.nan  # window 1

@@ -55,7 +55,8 @@ def test_compose_services_use_real_commands_env_and_ports(monkeypatch):
     proven = re.search(r"<kafka.version>([^<]+)</kafka.version>", pom).group(1)
     assert services["kafka"]["image"] == f"apache/kafka:{proven}"
     prom = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
-    assert prom["scrape_configs"][0]["static_configs"][0]["targets"] == [f"worker:{worker_env['STREAMER_METRICS_PORT']}"]
+    targets = prom["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert targets == [f"worker:{worker_env['STREAMER_METRICS_PORT']}"]
 
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.cuda"])

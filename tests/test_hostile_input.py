@@ -207,7 +207,8 @@ def test_metrics_server_refuses_hostile_requests_and_keeps_serving():
                 if len(server.runner.server.connections) < 8:
                     break
                 await asyncio.sleep(0.02)
-            results["after"] = await asyncio.to_thread(_raw, port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            results["after"] = await asyncio.to_thread(_raw, port, request)
             results["extra"] = extra
             return results
         finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import subprocess
 import threading
 import time
 
@@ -12,7 +13,8 @@ import pytest
 
 from streamer.offline.recordings import parse_start
 from streamer.offline.replay import replay, synthetic_fleet
-from tests.kafka_utils import expected_windows, flags_of, isolated_settings, read_topic, scored_ids, start_worker_process
+from tests.kafka_utils import (expected_windows, flags_of, isolated_settings, read_topic, scored_ids,
+                               start_worker_process)
 
 pytestmark = pytest.mark.integration
 
@@ -65,5 +67,5 @@ def test_three_workers_share_partitions_and_survive_a_kill(broker, checkpoint, t
         for p in procs:
             try:
                 p.wait(60)
-            except Exception:
+            except subprocess.TimeoutExpired:
                 p.kill()

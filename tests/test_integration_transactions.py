@@ -188,7 +188,8 @@ def test_shutdown_during_a_broker_freeze_ends_within_its_deadline(broker, scorer
             await until_true(lambda: asyncio.sleep(0, bool(worker.ledger.committed)), 60, "a first commit")
             await replay(s.kafka, [_bed("bed-more", seconds=11, seed=2)], speed=None, chunk_s=0.5)
             txn = next(iter(worker.outputs._txns.values()))
-            await until_true(lambda: asyncio.sleep(0, txn.has_writes and bool(txn.sent)), 60, "a flag in the transaction")
+            await until_true(lambda: asyncio.sleep(0, txn.has_writes and bool(txn.sent)), 60,
+                             "a flag in the transaction")
             broker.freeze()
             t0 = time.monotonic()
             worker.stop()

@@ -56,8 +56,8 @@ def test_replay_validate_report_and_retuned_threshold(broker, tmp_path):
     assert f"| overall | {len(labels)} |" in text
     assert "max_abs_dp: 0.000" in text and "flag_disagreements: 0" in text and f"matched: {len(labels)}" in text
     assert (report.parent / "validation-roc.png").stat().st_size > 1000
-    header = next(l for l in text.splitlines() if l.startswith("| group |"))
-    overall = next(l for l in text.splitlines() if l.startswith("| overall |"))
+    header = next(ln for ln in text.splitlines() if ln.startswith("| group |"))
+    overall = next(ln for ln in text.splitlines() if ln.startswith("| overall |"))
     row = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in overall.split("|")]))
     overall_auroc = float(row["auroc"])
     assert overall_auroc > 0.8, "the demo model must agree with injected artifacts well above chance"

@@ -36,3 +36,16 @@ def test_the_runtime_package_ships_no_test_or_training_code():
     assert not names & {"training", "conftest"}
     text = "\n".join(p.read_text() for p in ROOT.rglob("*.py"))
     assert "test_inference_delay" not in text and "import pytest" not in text
+
+
+def test_the_code_passes_the_projects_lint():
+    """ruff with pyproject.toml's rules (pycodestyle, pyflakes, bugbear, blind excepts) over everything."""
+    import shutil
+    import subprocess
+    import sys
+
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    assert ruff, "ruff comes with the test extra (scripts/test installs it)"
+    repo = ROOT.parent
+    done = subprocess.run([ruff, "check", "--no-cache", "."], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]

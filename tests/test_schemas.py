@@ -154,7 +154,8 @@ def test_suppression_lapses_with_the_lease_by_the_readers_clock():
     assert view.open_episodes(now + 36 * SECOND) == []
     renewal = decode_episode(dumps(t.renew("bed-1", st, NOW_S + 20)))
     view.apply(renewal, received_ns=now + 20 * SECOND)
-    assert view.status("bed-1", now + 54 * SECOND) == "suppressed" and view.status("bed-1", now + 56 * SECOND) == "lapsed"
+    assert view.status("bed-1", now + 54 * SECOND) == "suppressed"
+    assert view.status("bed-1", now + 56 * SECOND) == "lapsed"
 
 
 def test_a_publisher_clock_ahead_cannot_stretch_the_lease_and_one_behind_fails_safe():
@@ -197,7 +198,8 @@ def test_state_lost_close_ends_the_open_episode_whatever_its_number():
     view = SuppressionView()
     view.apply(opened, received_ns=now)
     assert view.apply(lost, received_ns=now) and view.status("bed-1", now) == "off"
-    assert _errors("artifact-episode.v2.schema.json", orjson.loads(dumps(tracker.lost("x", EpisodeState(), NOW_S)))) == []
+    lost = orjson.loads(dumps(tracker.lost("x", EpisodeState(), NOW_S)))
+    assert _errors("artifact-episode.v2.schema.json", lost) == []
 
 
 def test_a_version_1_episode_is_refused_with_the_upgrade_hint():

@@ -84,7 +84,8 @@ def test_cli_exits_2_with_the_setting_named():
 
 def test_every_subcommand_has_help():
     for cmd in ("broker", "run", "replay", "score", "validate", "watch", "demo"):
-        r = subprocess.run([sys.executable, "-m", "streamer", cmd, "--help"], capture_output=True, text=True, timeout=60)
+        r = subprocess.run([sys.executable, "-m", "streamer", cmd, "--help"], capture_output=True, text=True,
+                           timeout=60)
         assert r.returncode == 0 and "usage: streamer" in r.stdout
 
 

@@ -294,7 +294,7 @@ class SuppressionModel(RuleBasedStateMachine):
             items, self.broker.inflight = self.broker.inflight, []
             for item in items:
                 self.broker.land(item)
-            self._act(lambda: [i.future.set_result(None) for i in items if not i.future.done()])
+            self._act(lambda items=items: [i.future.set_result(None) for i in items if not i.future.done()])
 
     @precondition(lambda self: self.owner is not None)
     @rule(lands=st.lists(st.booleans(), max_size=6), restart=st.booleans(),
@@ -390,7 +390,7 @@ class SuppressionModel(RuleBasedStateMachine):
             if self.broker.inflight:
                 item = self.broker.inflight.pop(0)
                 self.broker.land(item)
-                self._act(lambda: item.future.done() or item.future.set_result(None))
+                self._act(lambda item=item: item.future.done() or item.future.set_result(None))
                 continue
             if not self.owner.busy() and not any(s.episode.pending for _, s in self.owner.store):
                 break

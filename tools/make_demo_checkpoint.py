@@ -47,7 +47,8 @@ def main() -> None:
     ap.add_argument("--train-patients", type=int, default=48)
     ap.add_argument("--test-patients", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=120.0)
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "streamer" / "assets" / DEMO_CHECKPOINT_FILE))
+    assets = Path(__file__).resolve().parent.parent / "streamer" / "assets"
+    ap.add_argument("--out", default=str(assets / DEMO_CHECKPOINT_FILE))
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     t0 = time.time()

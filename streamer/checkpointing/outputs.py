@@ -22,7 +22,8 @@ sent through `Outputs.send(partition, ...)` while that partition's `gate` is hel
   whole transaction (nothing of it visible, the offsets unmoved) and stops the worker.
 
 Both modes stamp every output with the worker's clock capped by its input partition's event time
-(event_time.py: never further ahead of the brokers than a record they accepted), and route flags, episodes and dead letters to the output partition of the same number as their
+(event_time.py: never further ahead of the brokers than a record they accepted), and route flags, episodes
+and dead letters to the output partition of the same number as their
 input partition (`OutputRouting`): one input partition's transaction then blocks read_committed readers of
 that one output partition only, whatever partitioner the monitors' producers use.
 """

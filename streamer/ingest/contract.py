@@ -139,7 +139,8 @@ def decode_json(value: bytes, s: WindowSettings | None = None) -> Chunk:
 def decode_binary(value: bytes, s: WindowSettings | None = None) -> Chunk:
     if len(value) < HEADER_SIZE:
         raise InvalidMessage("malformed_binary", f"{len(value)} bytes is shorter than the {HEADER_SIZE}-byte header")
-    (magic, version, dtype, _reserved, fs, t0_ns, seg, seq, gain, baseline, n, lead, id_len) = _HEADER.unpack_from(value)
+    (magic, version, dtype, _reserved, fs, t0_ns, seg, seq, gain, baseline, n, lead,
+     id_len) = _HEADER.unpack_from(value)
     if version != FORMAT_VERSION:
         raise InvalidMessage("malformed_binary", f"unknown format version {version}")
     width = {DTYPE_FLOAT32_MV: 4, DTYPE_INT16_COUNTS: 2}.get(dtype)

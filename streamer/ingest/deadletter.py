@@ -44,7 +44,8 @@ def reason_of(headers) -> str | None:
     return headers_dict(headers).get(ERROR_CLASS)
 
 
-def oversized_dead_letter(record, headers: list[tuple[str, bytes]], error: str) -> tuple[bytes, list[tuple[str, bytes]]]:
+def oversized_dead_letter(record, headers: list[tuple[str, bytes]],
+                          error: str) -> tuple[bytes, list[tuple[str, bytes]]]:
     """A dead letter the producer refused (too large with its headers): a small one in its place that
     identifies the original (size and SHA-256 of its value, its position and original headers)."""
     import hashlib

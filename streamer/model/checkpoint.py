@@ -44,7 +44,7 @@ def load_state_dict(path: str | Path, expected_sha256: str | None = None) -> tup
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"checkpoint {path} holds objects other than tensors (refused by "
                               f"weights_only loading): {str(exc).splitlines()[0]}") from None
-    except Exception as exc:  # truncated or not a torch file at all
+    except Exception as exc:  # noqa: BLE001 (truncated or not a torch file at all: torch raises anything)
         raise CheckpointError(f"checkpoint {path} is not a readable torch file: {exc}") from None
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"checkpoint {path} is not a state dict (got {type(obj).__name__}); "

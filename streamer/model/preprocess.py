@@ -58,8 +58,10 @@ class Preprocessor:
         self.device = torch.device(device)
         self.window = torch.hann_window(N_FFT, periodic=True, dtype=torch.float32, device=self.device)
         # (in -> out) matrices, transposed once so both passes are plain matmuls.
-        self.w_cols = torch.from_numpy(pillow_bilinear_weights(SPEC_FRAMES, IMAGE_SIZE).T.astype(np.float64)).to(self.device)
-        self.w_rows = torch.from_numpy(pillow_bilinear_weights(SPEC_BINS, IMAGE_SIZE).astype(np.float64)).to(self.device)
+        cols = pillow_bilinear_weights(SPEC_FRAMES, IMAGE_SIZE).T.astype(np.float64)
+        rows = pillow_bilinear_weights(SPEC_BINS, IMAGE_SIZE).astype(np.float64)
+        self.w_cols = torch.from_numpy(cols).to(self.device)
+        self.w_rows = torch.from_numpy(rows).to(self.device)
         self._half = float(1 << (_PRECISION_BITS - 1))
         self._unscale = 1.0 / float(1 << _PRECISION_BITS)  # a power of two: multiplying is exact, as dividing
 

@@ -28,6 +28,8 @@ def write_dataset(out: Path, patients: int, duration_s: float, fs: float, seed: 
             windows.append((pid, w.start_ns, int(ecg.artifact_mask[w.first:w.stop].mean() >= ARTIFACT_SHARE)))
         for kind, a, b in ecg.episodes:
             intervals.append((pid, int(times[a]), int(times[b - 1]) + round(1e9 / fs), kind))
-    pd.DataFrame(windows, columns=["patient_id", "window_start_ns", "label"]).to_csv(out / "window_labels.csv", index=False)
-    pd.DataFrame(intervals, columns=["patient_id", "start_ns", "end_ns", "kind"]).to_csv(out / "intervals.csv", index=False)
+    labels = pd.DataFrame(windows, columns=["patient_id", "window_start_ns", "label"])
+    labels.to_csv(out / "window_labels.csv", index=False)
+    pd.DataFrame(intervals, columns=["patient_id", "start_ns", "end_ns", "kind"]).to_csv(out / "intervals.csv",
+                                                                                         index=False)
     return {"recordings": recordings, "window_labels": out / "window_labels.csv", "intervals": out / "intervals.csv"}

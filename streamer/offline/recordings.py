@@ -147,7 +147,8 @@ def _load(path: Path, fs, start, channel, time_unit, units) -> Recording:
     if time_unit is not None and time_unit not in TIME_UNITS:
         raise RecordingError(f"time unit {time_unit!r} is not one of {', '.join(TIME_UNITS)}")
     if units is not None and _mv_per(units) is None:
-        raise RecordingError(f"--units {units!r} is not a voltage unit streamer reads ({', '.join(sorted(_MV_PER_UNIT))})")
+        known = ", ".join(sorted(_MV_PER_UNIT))
+        raise RecordingError(f"--units {units!r} is not a voltage unit streamer reads ({known})")
     start_ns = parse_start(start)
     suffix = path.suffix.lower()
     if suffix in (".hea", ".dat") or (not path.exists() and path.with_suffix(".hea").exists()):

@@ -104,8 +104,8 @@ def _fields(value: bytes, what: str, record, version: int) -> dict:
     if not isinstance(doc, dict):
         raise MessageError(f"{what}: not a JSON object")
     if doc.get("schema") != version:
-        hint = " (published by a worker older than the lease: upgrade the workers, docs/messages.md 'Episode schema 2')" \
-            if what == "episode" and doc.get("schema") == 1 else ""
+        hint = (" (published by a worker older than the lease: upgrade the workers, docs/messages.md "
+                "'Episode schema 2')") if what == "episode" and doc.get("schema") == 1 else ""
         raise MessageError(f"{what}: schema {doc.get('schema')!r}, this reader knows {version}{hint}")
     out = {}
     for name, (kind, nullable) in _field_types(record).items():
