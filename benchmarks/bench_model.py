@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import record
-from streamer.model.checkpoint import build_network, load_state_dict
+from streamer.model.weights import build_network, load_state_dict
 from streamer.model.infer import ArtifactScorer, demo_checkpoint_path
 from streamer.model.preprocess import Preprocessor
 from streamer.settings import ModelSettings

@@ -545,7 +545,7 @@ def slow_campaign(bootstrap: str, beds: int, seconds: float, delay_s: float, slo
     """Inference slowed below the arrival rate (a SlowScorer injected) for slow_for_s, then recovered: backpressure,
     bounded memory, catch-up time, lost windows."""
     from streamer.model.infer import ArtifactScorer
-    from streamer.worker import Worker
+    from streamer.runtime import Worker
     from tests.slow_scorer import SlowScorer
 
     s = campaign_settings(bootstrap, partitions=4, checkpoint=checkpoint)

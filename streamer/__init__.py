@@ -1,10 +1,6 @@
-"""streamer: real-time ECG artifact flags from bedside-monitor lead-II streams in Kafka."""
+"""streamer: real-time ECG artifact flags from bedside-monitor lead-II streams in Kafka.
+
+The package root holds only the version: the worker is `streamer.runtime`, the commands `streamer.cli`,
+offline scoring `streamer.offline.score` (score_series, score_file)."""
 
 __version__ = "0.1.0"
-
-
-def score_series(*args, **kwargs):
-    """See streamer.offline.score.score_series (imported lazily: torch is heavy)."""
-    from streamer.offline.score import score_series as _score_series
-
-    return _score_series(*args, **kwargs)

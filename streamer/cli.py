@@ -96,7 +96,7 @@ def cmd_run(args) -> int:
         s.model.allow_demo = True
     _log().info("worker_starting", group=s.kafka.group_id, topics=s.kafka.input_topics)
     from streamer.model.errors import ModelError
-    from streamer.worker import StartupError, Worker
+    from streamer.runtime import StartupError, Worker
 
     worker = Worker(s)
 

@@ -24,6 +24,7 @@ import pandas as pd
 
 from streamer.evaluation import (ClusteredBootstrap, auprc, auroc, bootstrap_ci, bootstrap_method, confusion,
                                  roc_curve, threshold_for_sensitivity, threshold_for_specificity)
+from streamer.model.decision import is_artifact
 from streamer.synthetic import ARTIFACT_SHARE
 
 from streamer.spec import WINDOW_NS  # noqa: E402
@@ -108,7 +109,7 @@ def metrics_table(df: pd.DataFrame, threshold: float, n_boot: int, seed: int, pr
         bar = tqdm(total=n_boot * len(groups), unit="resample", desc="bootstrap")
     for name, g in groups:
         y, p = g["label"].to_numpy(bool), g["probability"].to_numpy(float)
-        c = confusion(y, p >= threshold)
+        c = confusion(y, is_artifact(p, threshold))
         row = {"group": name, "windows": len(g), "artifact_share": y.mean() if len(y) else math.nan, **c.as_dict(),
                "auroc": auroc(y, p), "auprc": auprc(y, p)}
         boot = ClusteredBootstrap(y, p, g["patient_id"].to_numpy(), threshold)
@@ -126,8 +127,8 @@ def kind_table(df: pd.DataFrame, threshold: float, n_boot: int, seed: int) -> pd
         return None
     rows = []
     for kind, g in df[df["label"] & df["kind"].notna()].groupby("kind"):
-        hit = g["probability"].to_numpy(float) >= threshold
-        lo, hi = bootstrap_ci(lambda a, b: float((b >= threshold).mean()), np.ones(len(g), bool),
+        hit = is_artifact(g["probability"].to_numpy(float), threshold)
+        lo, hi = bootstrap_ci(lambda a, b: float(is_artifact(b, threshold).mean()), np.ones(len(g), bool),
                               g["probability"].to_numpy(float), n=n_boot, seed=seed, groups=g["patient_id"].to_numpy())
         rows.append({"kind": kind, "artifact_windows": len(g), "patients": g["patient_id"].nunique(),
                      "sensitivity": float(hit.mean()), "sensitivity_ci": f"[{lo:.3f}, {hi:.3f}]"})
@@ -142,8 +143,8 @@ def parity(stream: pd.DataFrame, offline_csv: str, threshold: float) -> dict:
     dp = (m["probability_stream"] - m["probability_offline"]).abs()
     return {"stream_windows": len(stream), "offline_windows": len(off), "matched": len(m),
             "max_abs_dp": float(dp.max()) if len(m) else math.nan,
-            "flag_disagreements": int(((m["probability_stream"] >= threshold)
-                                       != (m["probability_offline"] >= threshold)).sum())}
+            "flag_disagreements": int((is_artifact(m["probability_stream"], threshold)
+                                       != is_artifact(m["probability_offline"], threshold)).sum())}
 
 
 def retune(df: pd.DataFrame, sensitivity: float | None, specificity: float | None, n_boot: int,
@@ -158,7 +159,7 @@ def retune(df: pd.DataFrame, sensitivity: float | None, specificity: float | Non
     thr = fn(y, p, target)
     lo, hi = bootstrap_ci(lambda a, b: fn(a, b, target) if a.any() and (~a).any() else math.nan, y, p, n=n_boot,
                           seed=seed, groups=df["patient_id"].to_numpy())
-    c = confusion(y, p >= thr)
+    c = confusion(y, is_artifact(p, thr))
     return {"target": f"{what} >= {target}", "threshold": thr, "threshold_ci": (lo, hi),
             "sensitivity": c.sensitivity, "specificity": c.specificity}
 

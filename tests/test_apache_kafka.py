@@ -14,7 +14,7 @@ import pytest
 
 from benchmarks.campaigns import zombie_campaign
 from streamer.kafka.clients import make_admin
-from streamer.worker import StartupError, Worker
+from streamer.runtime import StartupError, Worker
 from tests.kafka_utils import isolated_settings
 
 pytestmark = pytest.mark.integration

@@ -234,7 +234,7 @@ def test_checkpoint_is_loaded_from_the_bytes_that_were_hashed(checkpoint, monkey
     import io as io_module
     from pathlib import Path
 
-    from streamer.model.checkpoint import load_state_dict
+    from streamer.model.weights import load_state_dict
 
     opens = []
     real_open = io_module.open

@@ -11,7 +11,7 @@ import pytest
 
 from streamer.offline.recordings import parse_start
 from streamer.offline.replay import replay, synthetic_fleet
-from streamer.worker import Worker
+from streamer.runtime import Worker
 from tests.slow_scorer import SlowScorer
 from tests.kafka_utils import expected_windows, flags_of, isolated_settings, read_topic, scored_ids
 

@@ -12,7 +12,7 @@ import pytest
 from benchmarks.campaigns import crash_campaign
 from streamer.offline.recordings import parse_start
 from streamer.offline.replay import replay, synthetic_fleet
-from streamer.worker import Worker
+from streamer.runtime import Worker
 from tests.kafka_utils import (expected_windows, flags_of, isolated_settings, read_topic, scored_ids,
                                start_worker_process, wait_for_event)
 

@@ -15,7 +15,7 @@ from streamer.kafka.clients import make_producer
 from streamer.offline.recordings import Recording, parse_start, regular_times
 from streamer.offline.replay import Source, replay
 from streamer.synthetic import generate
-from streamer.worker import Worker
+from streamer.runtime import Worker
 from tests.kafka_utils import (expected_windows, flags_of, isolated_settings, read_topic, scored_ids,
                                start_worker_process, until_true, wait_for_event)
 

@@ -17,7 +17,7 @@ from streamer.offline.recordings import Recording, load_recording, regular_times
 from streamer.offline.replay import Source, replay
 from streamer.offline.score import score_recording
 from streamer.synthetic import generate
-from streamer.worker import Worker
+from streamer.runtime import Worker
 from tests.kafka_utils import flags_of, isolated_settings, read_topic
 
 pytestmark = pytest.mark.integration

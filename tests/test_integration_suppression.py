@@ -22,7 +22,7 @@ from streamer.settings import ModelSettings
 from streamer.state.changelog import parse_state_key
 from streamer.state.patients import PatientState
 from streamer.synthetic import generate
-from streamer.worker import Worker
+from streamer.runtime import Worker
 from tests.kafka_utils import isolated_settings, read_topic, start_worker_process, wait_for_event, wait_until
 
 pytestmark = pytest.mark.integration

@@ -31,6 +31,62 @@ def test_no_stage_imports_a_later_stage():
     assert found == []
 
 
+# Every module of the package in a layer; a module may import its own layer and those below it. Commands
+# sit on top: nothing of the running worker imports them (`python -m streamer run` must never pull in
+# pandas, the offline readers or the web view).
+LAYERS = [
+    ("foundation", {"streamer", "streamer.errors", "streamer.spec", "streamer.settings", "streamer.logs",
+                    "streamer.lifecycle", "streamer.metrics", "streamer.client", "streamer.synthetic"}),
+    ("kafka", {"streamer.kafka", "streamer.kafka.clients", "streamer.kafka.acls", "streamer.kafka.topics"}),
+    ("data path", {"streamer.ingest", "streamer.windows", "streamer.batching", "streamer.model",
+                   "streamer.publish", "streamer.state", "streamer.checkpointing"}),
+    ("runtime", {"streamer.runtime", "streamer.worker"}),
+    ("commands", {"streamer.cli", "streamer.__main__", "streamer.demo", "streamer.validate", "streamer.view",
+                  "streamer.watch", "streamer.evaluation", "streamer.offline", "streamer.kafka.broker"}),
+]
+
+
+def _layer(module: str) -> int | None:
+    """The layer of a streamer module (by its longest listed prefix); None outside the package."""
+    best = None
+    for i, (_, members) in enumerate(LAYERS):
+        for m in members:
+            if (module == m or module.startswith(m + ".")) and (best is None or len(m) > len(best[1])):
+                best = (i, m)
+    return None if best is None else best[0]
+
+
+def _imports(path: Path, module: str) -> list[str]:
+    """Every streamer module `path` imports, at any depth (function-level imports included)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:  # relative: resolve against the package
+            base = module.rsplit(".", node.level)[0] if path.name != "__init__.py" else module
+            out.append(f"{base}.{node.module}" if node.module else base)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.append(node.module)
+        elif isinstance(node, ast.Import):
+            out.extend(alias.name for alias in node.names)
+    return [m for m in out if m == "streamer" or m.startswith("streamer.")]
+
+
+def test_every_module_has_a_layer_and_imports_only_its_own_or_lower_ones():
+    found, unplaced = [], []
+    for path in sorted(ROOT.rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        module = ".".join(("streamer", *parts[:-1])) if parts[-1] == "__init__" else ".".join(("streamer", *parts))
+        me = _layer(module)
+        if me is None:
+            unplaced.append(module)
+            continue
+        for other in _imports(path, module):
+            them = _layer(other)
+            if them is not None and them > me:
+                found.append(f"{module} ({LAYERS[me][0]}) imports {other} ({LAYERS[them][0]})")
+    assert unplaced == [], f"modules with no layer in LAYERS: {unplaced}"
+    assert found == []
+
+
 def test_the_runtime_package_ships_no_test_or_training_code():
     names = {p.stem for p in ROOT.rglob("*.py")}
     assert not names & {"training", "conftest"}

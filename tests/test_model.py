@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from streamer.model.checkpoint import CheckpointError, build_network, load_state_dict
+from streamer.model.weights import CheckpointError, build_network, load_state_dict
 from streamer.model.errors import DeviceError
 from streamer.model.infer import ArtifactScorer
 from streamer.model.network import ArtifactNet
@@ -142,3 +142,16 @@ def test_cpu_threads_limits_inference_threads(checkpoint, windows_by_kind):
         torch.set_num_threads(before)
     p_all = ArtifactScorer(ModelSettings(checkpoint=checkpoint, device="cpu")).probabilities(x)
     assert np.abs(p_one - p_all).max() <= 1e-5
+
+
+def test_the_flag_decision_is_one_function_online_and_offline():
+    """A probability at the threshold is artifact (the released operating point's rule), for one window and
+    for an array of them alike."""
+    import numpy as np
+
+    from streamer.model.decision import is_artifact
+    from streamer.spec import RELEASED_THRESHOLD
+
+    assert is_artifact(RELEASED_THRESHOLD, RELEASED_THRESHOLD) and not is_artifact(0.2080211, RELEASED_THRESHOLD)
+    p = np.array([0.0, RELEASED_THRESHOLD, 0.9])
+    assert is_artifact(p, RELEASED_THRESHOLD).tolist() == [False, True, True]

@@ -14,7 +14,7 @@ from streamer.metrics import InferenceWatch, Metrics
 from streamer.offline.recordings import parse_start
 from streamer.offline.replay import replay, synthetic_fleet
 from streamer.settings import ModelSettings
-from streamer.worker import Worker
+from streamer.runtime import Worker
 from tests.kafka_utils import isolated_settings
 
 UNITS = ("_seconds", "_bytes", "_records", "_windows", "_patients", "_partitions", "_episodes", "_total", "_info")

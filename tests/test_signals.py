@@ -76,7 +76,7 @@ def test_failed_inference_ends_shutdown_without_waiting_the_deadline(broker, sco
 
     from streamer.offline.recordings import parse_start
     from streamer.offline.replay import replay, synthetic_fleet
-    from streamer.worker import Worker
+    from streamer.runtime import Worker
 
     s = isolated_settings(broker.bootstrap, partitions=1, shutdown_deadline_s=120)
     fleet = [src for src, _ in synthetic_fleet(2, 21.0, parse_start("2026-11-22T07:00:00Z"), seed=3)]

@@ -132,7 +132,7 @@ class _Consumer:
 
 def test_backpressure_pauses_above_the_limit_and_resumes_at_half():
     from streamer.settings import Settings
-    from streamer.worker import Worker
+    from streamer.runtime import Worker
 
     s = Settings()
     s.batching.max_pending_windows = 10

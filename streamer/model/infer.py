@@ -13,7 +13,7 @@ from streamer.logs import get_logger
 from streamer.model.backends import (CPU_BATCH_CANDIDATES, ChoiceCache, CpuChoice, OrtRunner,
                                      TorchRunner, default_cache_dir, export_onnx, measure_cpu_backends,
                                      onnxruntime_available, ort_runner, probe_images)
-from streamer.model.checkpoint import load_state_dict, model_name_for
+from streamer.model.weights import load_state_dict, model_name_for
 from streamer.model.errors import DeviceError
 from streamer.model.preprocess import MODEL_SAMPLES, Preprocessor
 from streamer.settings import ModelSettings, SettingsError
@@ -105,7 +105,7 @@ class ArtifactScorer:
                  device_batch=self.device_batch)
 
     def _torch_runner(self) -> TorchRunner:
-        from streamer.model.checkpoint import build_network
+        from streamer.model.weights import build_network
         from streamer.model.network import fold_grayscale_stem
 
         net = build_network(self._state, source=self._source)

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from streamer.model.decision import is_artifact
 from streamer.model.infer import ArtifactScorer
 from streamer.offline.recordings import Recording, load_recording
 from streamer.settings import ModelSettings, WindowSettings
@@ -83,7 +84,8 @@ def score_recording(rec: Recording, scorer: ArtifactScorer, window_s: float = 10
         "window_start": pd.to_datetime(starts, utc=True),
         "n_samples": np.array([w.stop - w.first for w in windows], dtype=np.int64),
         "probability": probs,
-        "artifact": pd.array([bool(p >= scorer.threshold) if r is None else pd.NA for p, r in zip(probs, reasons)],
+        "artifact": pd.array([bool(is_artifact(p, scorer.threshold)) if r is None else pd.NA
+                              for p, r in zip(probs, reasons)],
                              dtype="boolean"),
         "threshold": scorer.threshold,
         "model": scorer.info.model_id,

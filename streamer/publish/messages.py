@@ -7,6 +7,7 @@ from typing import TypedDict
 
 import orjson
 
+from streamer.model.decision import is_artifact
 from streamer.spec import FlagStatus, NoScoreReason
 from streamer.windows.buffer import SCORABLE, EmittedWindow
 
@@ -52,7 +53,7 @@ def flag_message(w: EmittedWindow, probability: float | None, threshold: float, 
         status=FlagStatus.SCORED if scored else FlagStatus(w.status),
         reason=w.reason,
         probability=float(probability) if scored else None,
-        artifact=bool(probability >= threshold) if scored else None,
+        artifact=bool(is_artifact(probability, threshold)) if scored else None,
         threshold=threshold,
         model=model_id,
         fs=w.fs,

@@ -1,4 +1,5 @@
-"""Loading a checkpoint in the released format, with a clear error for every way it can be wrong."""
+"""The model weights: loading a checkpoint file in the released format, with a clear error for every way it
+can be wrong (not the offset checkpoints: those are streamer/checkpointing/)."""
 
 from __future__ import annotations
 

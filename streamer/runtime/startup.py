@@ -1,0 +1,100 @@
+"""What the worker checks and chooses before it joins its group, as functions it calls in order: the
+connection (TLS, SASL login), the topics and their partitions, the delivery mode, the state topic. Each
+failure is a StartupError with the cause and the fix (exit 1 before anything is consumed)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from streamer.checkpointing.event_time import EventTime
+from streamer.checkpointing.outputs import (AtLeastOnceOutputs, OutputRouting, TransactionalOutputs,
+                                            probe_transactions)
+from streamer.kafka.clients import (TlsError, check_connection, ensure_topics, make_producer, missing_topics,
+                                    partition_counts, topic_config)
+from streamer.kafka.topics import compaction_fix
+from streamer.logs import get_logger
+from streamer.settings import KafkaSettings
+
+log = get_logger("streamer.worker")
+
+
+class StartupError(RuntimeError):
+    """A condition that must stop the worker before it joins the group (clear message, exit 1)."""
+
+
+async def preflight(k: KafkaSettings) -> None:
+    """TLS handshake and SASL login, before the model load: a wrong CA, host name or password fails in a
+    second, not after it."""
+    try:
+        await check_connection(k)
+    except TlsError as exc:
+        raise StartupError(str(exc)) from None
+
+
+async def output_routing(k: KafkaSettings) -> OutputRouting:
+    """The topics exist (created with kafka.create_topics), and where each input partition's outputs go."""
+    try:
+        if k.create_topics:
+            await ensure_topics(k)
+        else:
+            missing = await missing_topics(k)
+            if missing:
+                raise StartupError(f"topics missing on {k.bootstrap_servers}: {missing} "
+                                   "(create them: `streamer topics` prints the commands, or set "
+                                   "kafka.create_topics=true; with ACLs, a topic the principal may not DESCRIBE "
+                                   "looks missing too)")
+        outputs = [k.flags_topic, k.episodes_topic, k.dead_letter_topic]
+        return OutputRouting(await partition_counts(k, [*k.input_topics, *outputs]), k.input_partitioner)
+    except (KafkaError, asyncio.TimeoutError, OSError) as exc:
+        raise StartupError(f"broker unreachable at {k.bootstrap_servers}: {exc!r}") from None
+
+
+async def choose_delivery(k: KafkaSettings, event_time: EventTime, routing: OutputRouting,
+                          on_fenced) -> tuple[AtLeastOnceOutputs | TransactionalOutputs, AIOKafkaProducer | None]:
+    """exactly_once where the brokers run transactions (a probe), else at_least_once; logged. Returns the
+    outputs and, at least once, their one producer (exactly once: one per partition, opened on assignment)."""
+    try:
+        why_not = None
+        if k.delivery != "at_least_once":
+            why_not = await probe_transactions(k, lambda tid: make_producer(k, transactional_id=tid))
+            if why_not is not None and k.delivery == "exactly_once":
+                raise StartupError(f"kafka.delivery = exactly_once but the brokers at {k.bootstrap_servers} "
+                                   f"refused a transaction ({why_not}); use at_least_once for brokers without "
+                                   "transactions")
+    except KafkaError as exc:
+        raise StartupError(f"cannot set up delivery on {k.bootstrap_servers}: {exc!r}") from None
+    if k.delivery != "at_least_once" and why_not is None:
+        log.info("delivery_mode", mode="exactly_once", transactional_id_prefix=k.transactional_id_prefix)
+        return TransactionalOutputs(k, lambda tid: make_producer(k, transactional_id=tid), event_time, routing,
+                                    on_fenced=on_fenced), None
+    # idempotence needs InitProducerId, which a broker without transactions may lack as well
+    idempotent = k.delivery == "at_least_once" and why_not is None
+    if k.delivery == "at_least_once":
+        why_not = "kafka.delivery = at_least_once"
+    log.info("delivery_mode", mode="at_least_once", reason=why_not, idempotent=idempotent)
+    producer = make_producer(k, idempotent=idempotent)
+    return AtLeastOnceOutputs(producer, event_time, routing), producer
+
+
+async def state_topic_problem(k: KafkaSettings) -> tuple[str | None, int]:
+    """At start and on every assignment: input partition p keeps its patients' states in partition p of
+    the state topic, which must be compacted (else every state write is kept and restores slow down
+    without bound). Returns (why it cannot be used, with the fix, or None; its partitions)."""
+    counts = await partition_counts(k, [k.state_topic, *k.input_topics])
+    n = counts.get(k.state_topic, 0)
+    if not n:
+        return f"the state topic {k.state_topic} is missing (create it compacted, as many partitions as the input)", 0
+    for topic in k.input_topics:
+        if counts.get(topic, 0) > n:
+            return (f"{k.state_topic} has {n} partitions but {topic} has {counts[topic]}: the state topic needs "
+                    "at least as many (add partitions to it)"), n
+    policy = await topic_config(k, k.state_topic, "cleanup.policy")
+    if policy is None:
+        log.warning("state_topic_policy_unknown", topic=k.state_topic)
+    elif "compact" not in policy.split(","):
+        return (f"{k.state_topic} has cleanup.policy={policy}; the state changelog must be compacted: "
+                f"{compaction_fix(k, k.state_topic)}"), n
+    return None, n

@@ -1,0 +1,110 @@
+"""The worker's once-a-second work beside the fetches: windows of silent beds closed by the wall clock,
+episode leases renewed or closed stale, idle patient states forgotten, fetching paused while too much is
+in flight, and the gauges. Each step is a method the consume loop calls; none awaits."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from aiokafka import TopicPartition
+
+from streamer.checkpointing import OffsetsLedger
+from streamer.ingest.deadletter import DeadLetters
+from streamer.logs import get_logger
+from streamer.metrics import Metrics
+from streamer.publish.publisher import Publisher
+from streamer.settings import Settings
+from streamer.state.store import StateStore
+from streamer.windows.buffer import EmittedWindow
+from streamer.windows.stage import WindowStage
+
+log = get_logger("streamer.worker")
+
+
+class Backpressure:
+    """Fetching pauses while more than `limit` windows and dead letters are in flight (not yet acknowledged
+    or in a transaction) and resumes at half of it: memory stays bounded when inference or the brokers lag."""
+
+    def __init__(self, limit: int, ledger: OffsetsLedger, metrics: Metrics):
+        self.limit, self.ledger, self.metrics = limit, ledger, metrics
+        self.paused = False
+
+    def apply(self, consumer) -> bool:
+        """Pause or resume `consumer`'s whole assignment; whether fetching is paused now."""
+        pending = self.ledger.in_flight()
+        assignment = list(consumer.assignment())
+        if pending > self.limit and assignment:
+            if not self.paused:
+                log.warning("backpressure_pause", pending=pending)
+            consumer.pause(*assignment)  # also pauses partitions assigned meanwhile
+            self.paused = True
+        elif self.paused and pending <= self.limit // 2:
+            consumer.resume(*assignment)
+            self.paused = False
+            log.info("backpressure_resume", pending=pending)
+        self.metrics.paused.set(1 if self.paused else 0)
+        return self.paused
+
+
+@dataclass
+class Upkeep:
+    s: Settings
+    assigned: set[TopicPartition]  # the worker's
+    stage: WindowStage
+    ledger: OffsetsLedger
+    store: StateStore
+    metrics: Metrics
+    consumer: object  # AIOKafkaConsumer of the group
+    publisher: Publisher
+    dead_letters: DeadLetters
+    submit: Callable[[EmittedWindow], None]  # a window to the batcher, held in the ledger
+    paused: Callable[[], bool]  # whether backpressure pauses fetching now
+    clock: Callable[[], float] = time.time  # wall time of episodes and state ages
+    next_expiry: float = field(default=0.0)
+
+    def every_second(self, now: float) -> None:
+        """Silent beds' windows closed by the wall clock (only on partitions read to their end: a lagging
+        partition's silence is not the bed's), their refused records dead-lettered, episodes tended, idle
+        states expired."""
+        self.stage.flowing(self.caught_up(), now)
+        for w in self.stage.evict(now):
+            self.submit(w)
+        for tp, refused, reason, detail in self.stage.take_rejected():
+            self.dead_letters.send(tp, refused, reason, detail)
+        self.publisher.tend_episodes(self.clock())
+        self.expire_states()
+
+    def caught_up(self) -> list[TopicPartition]:
+        """Partitions fetched lately and read to their high watermark: their silence is real silence."""
+        now_ms = time.time() * 1000
+        fresh_ms = 2 * self.s.kafka.fetch_max_wait_ms + 1000
+        out = []
+        for tp in self.assigned:
+            high, polled = self.consumer.highwater(tp), self.consumer.last_poll_timestamp(tp)
+            if high is not None and polled is not None and now_ms - polled <= fresh_ms and not self.paused() \
+                    and self.ledger.position(tp) >= high:
+                out.append(tp)
+        return out
+
+    def expire_states(self) -> None:
+        """Every few minutes (a quarter of state.ttl_s at most): forget patients unchanged for state.ttl_s."""
+        now, ttl = self.clock(), self.s.state.ttl_s
+        if now < self.next_expiry:
+            return
+        self.next_expiry = now + min(300.0, ttl / 4)
+        for tp in self.assigned:
+            gone = self.store.expire_idle(tp, now, ttl, lambda pid, tp=tp: (tp, pid) in self.stage.streams)
+            if gone:
+                self.metrics.states_expired.inc(len(gone))
+                log.info("states_expired", topic=tp.topic, partition=tp.partition, patients=len(gone))
+
+    def gauges(self) -> None:
+        self.metrics.patients.set(len(self.stage.streams))
+        self.metrics.buffer_bytes.set(self.stage.nbytes)
+        self.metrics.pending.set(self.ledger.in_flight())
+        for tp in self.assigned:
+            high = self.consumer.highwater(tp)
+            if high is not None:
+                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(high - self.ledger.position(tp), 0))

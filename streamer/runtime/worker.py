@@ -1,0 +1,454 @@
+"""The asyncio worker: it owns the four loops and the shutdown order, and wires the stages.
+
+ingest/ (decode, dead letters) -> windows/ (per-patient grids) -> batching.py -> model/scoring.py (in the
+inference thread) -> publish/ (flags, episodes) -> checkpointing/ (offsets ledger, checkpoint). Four tasks
+share one event loop: consume, inference, publish and commit. What it checks and builds before joining
+its group is in startup.py, how partitions change hands in ownership.py, the once-a-second work in
+upkeep.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+
+from streamer.batching import MicroBatcher
+from streamer.checkpointing import Checkpointer, OffsetsLedger
+from streamer.checkpointing.event_time import ClockOffset, EventTime
+from streamer.checkpointing.outputs import AtLeastOnceOutputs, OutputRouting, TransactionalOutputs
+from streamer.ingest.contract import InvalidMessage, decode
+from streamer.ingest.deadletter import DeadLetters
+from streamer.ingest.partitioning import PartitionerWatch, home_partition
+from streamer.kafka.acls import authorization_fix
+from streamer.kafka.clients import make_consumer, request_rejoin
+from streamer.logs import get_logger, patient_ref
+from streamer.metrics import HealthServer, InferenceWatch, Metrics
+from streamer.model.infer import ArtifactScorer, refuse_demo_model
+from streamer.model.scoring import WindowScorer
+from streamer.publish.episodes import EpisodeTracker
+from streamer.publish.publisher import Publisher
+from streamer.runtime.ownership import PartitionOwnership
+from streamer.runtime.startup import (StartupError, choose_delivery, output_routing, preflight,
+                                      state_topic_problem)
+from streamer.runtime.upkeep import Backpressure, Upkeep
+from streamer.settings import Settings
+from streamer.state.store import StateStore
+from streamer.windows.buffer import EmittedWindow
+from streamer.windows.stage import WindowStage
+
+__all__ = ["StartupError", "Worker"]
+
+log = get_logger("streamer.worker")
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, worker: "Worker"):
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked):
+        await self.worker.on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned):
+        await self.worker.on_assigned(set(assigned))
+
+
+class Worker:
+    def __init__(self, settings: Settings, scorer: ArtifactScorer | None = None, clock=time.time):
+        """`clock`: the wall clock episodes are stamped and aged by (a host clock's offset, in tests)."""
+        self.s = settings
+        self.clock = clock
+        self.metrics = Metrics()
+        self.scorer = scorer
+        self.store = StateStore(clock)
+        self.stage = WindowStage(settings.windows, self.store)
+        self.ledger = OffsetsLedger()
+        self.checkpointer: Checkpointer | None = None
+        self.settled = asyncio.Event()  # set whenever an output is acknowledged (revocation waits on it)
+        self.batcher = MicroBatcher(settings.batching.max_batch, settings.batching.max_wait_ms)
+        self.publisher: Publisher | None = None  # built once the model id and the producer exist
+        self.dead_letters: DeadLetters | None = None
+        self.window_scorer: WindowScorer | None = None
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
+        self.stopping = asyncio.Event()
+        self.assigned: set[TopicPartition] = set()
+        self.joined = False  # a group generation assigned this worker its partitions (none, for a standby)
+        self.backpressure = Backpressure(settings.batching.max_pending_windows, self.ledger, self.metrics)
+        self.consumer = None
+        self.producer = None
+        self.outputs: AtLeastOnceOutputs | TransactionalOutputs | None = None
+        self.fatal: BaseException | None = None  # a failure that must end the worker with exit 1
+        self.fences: list[float] = []  # monotonic times of the recent transaction fences
+        self.state_reader = None  # reads patient states back on assignment (no group)
+        self.health: HealthServer | None = None
+        self.inference_watch = InferenceWatch(settings.model.inference_stall_s)
+        self.metrics.watch_inference(self.inference_watch)
+        self.metrics.watch_episodes(self.store.open_episodes)
+        self.metrics.patient_states.set_function(self.store.count)
+        self.metrics.ready.set_function(lambda: float(self.ready()[0]))
+        self.ownership: PartitionOwnership | None = None  # built at start, with the clients
+        self.upkeep: Upkeep | None = None
+        self.abandoned_startup = False  # stopped while the model was still loading in its thread
+        self.deadline_exceeded = False  # the shutdown ran out of time: the process must exit now
+        self.event_time = EventTime()  # caps output timestamps at the input's event time (event_time.py)
+        self.clock_offset = ClockOffset(settings.kafka.clock_offset_warn_s, self.metrics.clock_offset_s)
+        self.partitioner_watch = PartitionerWatch(settings.kafka.input_partitioner, settings.kafka.input_topics,
+                                                  self.metrics.partitioner_mismatch)
+        self.routing: OutputRouting | None = None
+        self.commits_end = asyncio.Event()  # the commit loop ends after its checkpoint in flight
+
+    @property
+    def paused(self) -> bool:
+        """Whether backpressure pauses fetching now."""
+        return self.backpressure.paused
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def ready(self) -> tuple[bool, str]:
+        """Ready once the model is loaded and the worker has joined its group, with or without partitions: a
+        standby (more replicas than input partitions) is ready to take over on the next rebalance, and a
+        rollout must not wait for partitions it can never get."""
+        if self.scorer is None:
+            return False, "model not loaded"
+        if self.consumer is None or not self.joined:
+            return False, "not yet a member of the consumer group"
+        if not self.assigned:
+            return True, "ready: standby, no partitions assigned"
+        return True, f"ready: {len(self.assigned)} partitions"
+
+    async def start(self) -> bool:
+        """Load the model, check topics, join the group. False if a stop came before the model was ready:
+        nothing was consumed then, so there is nothing to drain."""
+        k = self.s.kafka
+        if self.scorer is None:
+            refuse_demo_model(self.s.model)
+        await preflight(k)  # before the model load: a wrong CA, host name or password fails in a second
+        if self.scorer is None:
+            log.info("model_loading", checkpoint=str(self.s.model.checkpoint or "demo"))
+            # warmed here, not in one-shot scoring: only a long-running worker earns back its cost
+            load = asyncio.get_running_loop().run_in_executor(
+                self.executor, lambda: ArtifactScorer(self.s.model).warm_up())
+            stop = asyncio.ensure_future(self.stopping.wait())
+            await asyncio.wait({load, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if not load.done():
+                self.abandoned_startup = True
+                load.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "never retrieved"
+                return False
+            self.scorer = load.result()
+        if self.stopping.is_set():
+            return False
+        info = self.scorer.info
+        self.metrics.model.info({"model_id": info.model_id, "device": info.device, "precision": info.precision})
+        self.window_scorer = WindowScorer(self.scorer, self.s.model.cpu_fallback, self.metrics)
+        self.routing = await output_routing(k)
+        self.outputs, self.producer = await choose_delivery(k, self.event_time, self.routing, self._fenced)
+        self.consumer = make_consumer(k)
+        self.state_reader = make_consumer(k, group_id=None, client_id=f"{k.client_id}-state")
+        self.checkpointer = Checkpointer(self.ledger, self.stage, self.store, self.consumer, self.outputs,
+                                         k.state_topic, k.group_id)
+        self.publisher = Publisher(k, self.outputs, self.ledger, self.store,
+                                   EpisodeTracker(self.s.episodes, info.model_id), self.metrics, self.settled,
+                                   persist=self.checkpointer.persist, clock=self.clock)
+        self.dead_letters = DeadLetters(k.dead_letter_topic, self.outputs, self.ledger, self.metrics, self.settled)
+        self.publisher.background.on_failure = self.dead_letters.background.on_failure = self._fail
+        self.ownership = PartitionOwnership(
+            k, self.assigned, self.ledger, self.stage, self.store, self.event_time, self.metrics, self.settled,
+            self.outputs, self.consumer, self.state_reader, self.dead_letters, self.publisher, self.routing,
+            checkpoint=self._commit, failed=lambda: self.fatal is not None, clock=self.clock)
+        self.upkeep = Upkeep(self.s, self.assigned, self.stage, self.ledger, self.store, self.metrics, self.consumer,
+                             self.publisher, self.dead_letters, submit=self._submit,
+                             paused=lambda: self.backpressure.paused, clock=self.clock)
+        try:
+            if self.producer is not None:
+                await self.producer.start()
+            await self.state_reader.start()
+            await self._check_state_topic()
+            self.consumer.subscribe(k.input_topics, listener=_Rebalance(self))
+            await self.consumer.start()
+        except KafkaError as exc:
+            await self._close_clients()
+            raise StartupError(f"broker unreachable at {k.bootstrap_servers}: {exc!r}") from None
+        if self.s.metrics_port is not None:
+            self.health = HealthServer(self.metrics, self.ready, self.s.metrics_host, self.s.metrics_port,
+                                       alive=self.inference_watch.alive)
+            port = await self.health.start()
+            log.info("metrics_listening", host=self.s.metrics_host, port=port)
+        log.info("worker_started", group=k.group_id, topics=k.input_topics, model=info.model_id)
+        return True
+
+    def _fail(self, exc: BaseException) -> None:
+        """A failure the worker cannot continue from (a transaction that cannot commit, a restore that cannot
+        finish): stop with exit 1; the next owner resumes from the last checkpoint."""
+        if self.fatal is None:
+            self.fatal = exc
+            log.error("worker_failed", error=repr(exc), fix=authorization_fix(exc, self.s.kafka))
+        self.stopping.set()
+
+    # a worker fenced this often is fighting another owner, not riding out a broker failover
+    FENCES_TOLERATED, FENCE_WINDOW_S = 5, 600.0
+
+    def _fenced(self, tp: TopicPartition) -> None:
+        """A partition's transaction was fenced (outputs.py): its open transaction is gone, so is this worker's
+        claim on it. As Kafka Streams does, rejoin the group: the revocation drops the partition without a
+        checkpoint, and whoever the group gives it to (this worker, after a broker failover that outlasted
+        the transaction timeout; the newer owner, if this one was a zombie) restores it from its last commit."""
+        self.metrics.fenced.inc()
+        now = time.monotonic()
+        self.fences = [t for t in self.fences if now - t < self.FENCE_WINDOW_S] + [now]
+        log.error("partition_fenced", topic=tp.topic, partition=tp.partition, fences=len(self.fences),
+                  action="rejoin the group")
+        if len(self.fences) > self.FENCES_TOLERATED:
+            self._fail(RuntimeError(f"fenced {len(self.fences)} times in {self.FENCE_WINDOW_S:.0f} s: another "
+                                    "worker keeps taking these partitions' transactional ids"))
+        elif self.consumer is not None and not self.stopping.is_set():
+            request_rejoin(self.consumer)
+
+    async def run(self) -> int:
+        """Run until stop(); returns the process exit code."""
+        if not await self.start():
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            log.info("worker_stopped", exit_code=0, phase="model_loading")
+            return 0
+        publish_queue: asyncio.Queue = asyncio.Queue(maxsize=2)
+        consume = asyncio.create_task(self._consume_loop(), name="consume")
+        infer = asyncio.create_task(self._inference_loop(publish_queue), name="inference")
+        publish = asyncio.create_task(self._publish_loop(publish_queue), name="publish")
+        commit = asyncio.create_task(self._commit_loop(), name="commit")
+        stop_wait = asyncio.create_task(self.stopping.wait())
+        done, _ = await asyncio.wait({consume, infer, publish, commit, stop_wait},
+                                     return_when=asyncio.FIRST_COMPLETED)
+        failed = [t for t in done if t is not stop_wait and t.exception() is not None]
+        for t in failed:
+            log.error("task_failed", task=t.get_name(), error=repr(t.exception()),
+                      fix=authorization_fix(t.exception(), self.s.kafka))
+        if failed and self.fatal is None and self.outputs.exactly_once:
+            self.fatal = failed[0].exception()  # the open transactions cannot commit any more
+        self.stopping.set()
+        stop_wait.cancel()
+        return await self._shutdown(consume, infer, publish, commit, publish_queue,
+                                    failed=bool(failed) or self.fatal is not None)
+
+    async def _shutdown(self, consume, infer, publish, commit, publish_queue: asyncio.Queue, failed: bool) -> int:
+        """Stop fetching, finish and publish what is in flight, commit, leave the group: all of it within
+        shutdown_deadline_s, whatever the brokers do.
+
+        The last part of the deadline is kept for the final checkpoint and closing the clients. A checkpoint
+        in flight is awaited, never cancelled: aiokafka goes on with a cancelled commit's EndTxn (shielded),
+        and a second commit would then meet a producer still committing. Past the deadline the worker gives
+        up with exit 1 and `deadline_exceeded` (the caller exits the process at once): what is not committed
+        stays in an open transaction that the partition's next owner aborts as it takes the partition.
+        If the inference or publish task died, the other one is ended rather than left waiting for it
+        until the deadline: what was not acknowledged stays uncommitted and the next owner redoes it."""
+        deadline = self.s.shutdown_deadline_s
+        end = time.monotonic() + deadline
+        drain_end = end - min(10.0, deadline / 3)  # the rest: final checkpoint, then closing
+        code = 1 if failed else 0
+        consume.cancel()
+        self.batcher.close()
+        ending = []
+        if publish.done():
+            infer.cancel()  # nothing can be published any more
+        elif infer.done():
+            ending.append(asyncio.create_task(publish_queue.put(None)))  # publish what is queued, then end
+        drained = asyncio.ensure_future(asyncio.gather(infer, publish, *ending, *self.dead_letters.background.tasks,
+                                                       *self.publisher.background.tasks, return_exceptions=True))
+        if not await self._within(drained, drain_end):
+            # publishing is still under way (a stalled broker): it is left as it is, never cancelled halfway
+            # through a window (a flag sent but its state not yet marked), and nothing more is committed
+            log.error("shutdown_deadline_exceeded", phase="drain", pending=self.ledger.in_flight())
+            self.deadline_exceeded = True
+        self.commits_end.set()
+        await asyncio.gather(consume, return_exceptions=True)
+        if not await self._within(commit, end - 1.0):
+            self.fatal = self.fatal or TimeoutError("a checkpoint did not finish before the shutdown deadline")
+            self.deadline_exceeded = True
+        elif not commit.cancelled() and commit.exception() is not None and self.fatal is None:
+            self.fatal = commit.exception()
+            log.error("task_failed", task="commit", error=repr(self.fatal),
+                      fix=authorization_fix(self.fatal, self.s.kafka))
+        if self.fatal is None and not self.deadline_exceeded:
+            final = asyncio.ensure_future(self._commit(self.assigned))
+            if not await self._within(final, end - 1.0):
+                self.deadline_exceeded = True
+            elif final.exception() is not None:  # the transaction cannot commit: the next owner redoes it
+                log.error("final_checkpoint_failed", error=repr(final.exception()))
+                code = 1
+        if self.deadline_exceeded:
+            log.error("shutdown_deadline_exceeded", phase="checkpoint", deadline_s=deadline)
+        if self.fatal is not None or self.deadline_exceeded:
+            code = 1
+        await self._close_clients(max(end - time.monotonic(), 0.5))
+        if self.health is not None:
+            await self.health.stop()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        log.info("worker_stopped", exit_code=code)
+        return code
+
+    @staticmethod
+    async def _within(task: asyncio.Future, until_monotonic: float) -> bool:
+        """Wait for `task` until a monotonic time without cancelling it; whether it finished."""
+        if not task.done():
+            await asyncio.wait({task}, timeout=max(until_monotonic - time.monotonic(), 0.0))
+        return task.done()
+
+    async def _check_state_topic(self) -> None:
+        problem, _ = await state_topic_problem(self.s.kafka)
+        if problem is not None:
+            await self._close_clients()
+            raise StartupError(problem)
+
+    async def _close_clients(self, timeout_s: float = 10.0) -> None:
+        """Close every client, all of them within `timeout_s` (a client that cannot close in time is left:
+        the process is about to exit)."""
+        until = time.monotonic() + timeout_s
+
+        async def close(name, stop):
+            try:
+                await asyncio.wait_for(stop(), max(until - time.monotonic(), 0.1))
+            except Exception as exc:  # noqa: BLE001 (closing must not hide the real exit reason)
+                log.warning("client_stop_failed", client=name, error=repr(exc))
+
+        if self.outputs is not None:
+            await close("outputs", lambda: self.outputs.stop(max(until - time.monotonic(), 0.1)))
+        await asyncio.gather(*(close(name, client.stop) for name, client in
+                               (("consumer", self.consumer), ("producer", self.producer),
+                                ("state_reader", self.state_reader)) if client is not None))
+
+    # -- consume --------------------------------------------------------------------------------
+    async def _consume_loop(self) -> None:
+        consumer = self.consumer
+        next_gauges = next_evict = 0.0
+        while not self.stopping.is_set():
+            records = await consumer.getmany(timeout_ms=100, max_records=self.s.kafka.max_poll_records)
+            now = time.time()
+            for tp, batch in records.items():
+                partitions = len(consumer.partitions_for_topic(tp.topic) or ())
+                if tp not in self.assigned:
+                    # fetched before its states were restored (aiokafka fetches before the assignment
+                    # listener returns): fetch these again later rather than skip them
+                    if batch and tp in consumer.assignment():
+                        consumer.seek(tp, batch[0].offset)
+                    continue
+                if batch:
+                    newest = max(r.timestamp for r in batch)
+                    self.event_time.observe(tp, newest)
+                    high = consumer.highwater(tp)
+                    if high is not None and batch[-1].offset + 1 >= high:
+                        self.clock_offset.observe(newest)  # caught up: these records are fresh
+                for record in batch:
+                    self._ingest(tp, record, now, partitions)
+            if now >= next_evict:  # scans the patients silent for idle_evict_s: once a second is enough
+                self.upkeep.every_second(now)
+                next_evict = now + 1.0
+            self._backpressure()
+            if now >= next_gauges:
+                self.upkeep.gauges()
+                next_gauges = now + 1.0
+            await asyncio.sleep(0)  # let publish/commit run between fetches
+
+    def _ingest(self, tp: TopicPartition, record, now: float, partitions: int) -> None:
+        """`partitions`: how many the record's topic has (0: unknown, then the key is not checked)."""
+        self.ledger.consumed(tp, record.offset)
+        self.metrics.messages.inc()
+        ws = self.s.windows
+        try:
+            chunk = decode(record.key, record.value, ws)
+        except InvalidMessage as exc:
+            if exc.reason == "wrong_lead" and ws.unknown_lead == "drop":
+                self.metrics.dropped.labels(exc.reason).inc()
+                return
+            self._dead_letter(tp, record, exc.reason, exc.detail)
+            return
+        rule = self.s.kafka.input_partitioner
+        if partitions and (home := home_partition(record.key, partitions, rule)) != tp.partition:
+            self.partitioner_watch.mismatch(tp, record.key, partitions, time.monotonic())
+            self._dead_letter(tp, record, "wrong_partition", f"the key belongs to partition {home} of {partitions} "
+                              f"({rule}, kafka.input_partitioner), not {tp.partition}: a patient on two "
+                              "partitions would have two owners")
+            return
+        try:
+            result = self.stage.accept(tp, record.offset, chunk, now, ref=record)
+        except Exception as exc:  # a bug must cost one record, never the other patients
+            log.exception("ingest_failed", patient=patient_ref(chunk.patient_id), offset=record.offset)
+            self._dead_letter(tp, record, "internal_error", repr(exc)[:200])
+            return
+        self.metrics.samples.inc(result.new_samples)
+        self.metrics.duplicate_samples.inc(result.duplicate_samples)
+        self.metrics.late_samples.inc(result.late_samples)
+        self.metrics.implausible_samples.inc(result.implausible_samples)
+        for refused, reason, detail in result.dead_letters:  # this record, or earlier ones held until now
+            self._dead_letter(tp, refused, reason, detail)
+        for w in result.windows:
+            self._submit(w)
+
+    def _submit(self, w: EmittedWindow) -> None:
+        w.hold = self.ledger.hold(w.partition, w.min_offset)
+        self.batcher.put(w)
+
+    def _backpressure(self) -> None:
+        if self.consumer is not None:
+            self.backpressure.apply(self.consumer)
+
+    def _dead_letter(self, tp: TopicPartition, record, reason: str, detail: str) -> None:
+        self.dead_letters.send(tp, record, reason, detail)
+
+    # -- inference ------------------------------------------------------------------------------
+    async def _inference_loop(self, out: asyncio.Queue) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self.batcher.next_batch()
+            if batch is None:
+                await out.put(None)
+                return
+            self.inference_watch.begin(len(batch))
+            try:
+                probs = await loop.run_in_executor(self.executor, self.window_scorer, batch)
+            finally:
+                self.inference_watch.end()
+            await out.put((batch, probs))
+
+    # -- publish --------------------------------------------------------------------------------
+    async def _publish_loop(self, queue: asyncio.Queue) -> None:
+        while (item := await queue.get()) is not None:
+            await self._publish(*item)
+
+    async def _publish(self, batch: list[EmittedWindow], probs: list[float | None]) -> None:
+        info = self.scorer.info
+        await self.publisher.flags(batch, probs, info.threshold, info.model_id)
+
+    # -- commits and rebalances -------------------------------------------------------------------
+    async def _commit_loop(self) -> None:
+        """A checkpoint every commit_interval_s until `commits_end` (shutdown): it is never cancelled in the
+        middle of one (see _shutdown)."""
+        while not self.commits_end.is_set():
+            try:
+                await asyncio.wait_for(self.commits_end.wait(), self.s.kafka.commit_interval_s)
+                return
+            except asyncio.TimeoutError:
+                pass
+            await self._commit(self.assigned)
+
+    async def _commit(self, partitions: set[TopicPartition]) -> None:
+        if self.checkpointer is not None:
+            await self.checkpointer.checkpoint(partitions)
+
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        try:
+            await self.ownership.revoke(revoked)
+        except Exception as exc:  # noqa: BLE001 (aiokafka would log and swallow it: a silent stall)
+            self._fail(exc)
+
+    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        try:
+            await self.ownership.assign(assigned)
+            self.joined = True
+        except Exception as exc:  # noqa: BLE001 (aiokafka would swallow it, leaving the partitions unread)
+            log.error("restore_failed", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
+                      error=repr(exc))
+            self._fail(exc)

@@ -1,0 +1,113 @@
+"""The runtime's parts without a Worker (streamer/runtime/): startup's choices, partition ownership's
+revocation, the once-a-second upkeep and backpressure, each with real ledgers, stages and stores."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiokafka import TopicPartition
+
+from streamer.checkpointing import OffsetsLedger
+from streamer.checkpointing.event_time import EventTime
+from streamer.checkpointing.outputs import AtLeastOnceOutputs, TransactionalOutputs
+from streamer.metrics import Metrics
+from streamer.runtime.ownership import PartitionOwnership
+from streamer.runtime.startup import choose_delivery
+from streamer.runtime.upkeep import Backpressure, Upkeep
+from streamer.settings import KafkaSettings, Settings
+from streamer.state.store import StateStore
+from streamer.windows.stage import WindowStage
+
+TP0, TP1 = TopicPartition("ecg", 0), TopicPartition("ecg", 1)
+
+
+class _Consumer:
+    def __init__(self, assignment=(), high=None, polled_ms=None):
+        self._assignment, self.paused_tps = set(assignment), set()
+        self.high, self.polled_ms = high or {}, polled_ms or {}
+
+    def assignment(self):
+        return self._assignment
+
+    def pause(self, *tps):
+        self.paused_tps |= set(tps)
+
+    def resume(self, *tps):
+        self.paused_tps -= set(tps)
+
+    def highwater(self, tp):
+        return self.high.get(tp)
+
+    def last_poll_timestamp(self, tp):
+        return self.polled_ms.get(tp)
+
+
+def test_at_least_once_is_chosen_without_a_probe_and_brings_its_one_producer():
+    async def main():
+        k = KafkaSettings(bootstrap_servers="127.0.0.1:1", delivery="at_least_once")
+        outputs, producer = await choose_delivery(k, EventTime(), None, on_fenced=None)
+        assert isinstance(outputs, AtLeastOnceOutputs) and outputs.producer is producer
+        assert not isinstance(outputs, TransactionalOutputs)
+        await producer.stop()  # never started: nothing to flush
+
+    asyncio.run(main())
+
+
+def test_revocation_checkpoints_then_drops_the_partition_unless_the_worker_failed():
+    async def main(failed: bool):
+        s = Settings()
+        ledger, store, metrics = OffsetsLedger(), StateStore(), Metrics()
+        stage = WindowStage(s.windows, store)
+        assigned = {TP0, TP1}
+        for tp in assigned:
+            ledger.start_partition(tp, 10)
+            ledger.consumed(tp, 10)
+        checkpoints: list[set] = []
+
+        async def checkpoint(partitions):
+            checkpoints.append(set(partitions))
+
+        own = PartitionOwnership(s.kafka, assigned, ledger, stage, store, EventTime(), metrics, asyncio.Event(),
+                                 AtLeastOnceOutputs(producer=None), consumer=None, state_reader=None,
+                                 dead_letters=None, publisher=None, routing=None, checkpoint=checkpoint,
+                                 failed=lambda: failed)
+        await own.revoke({TP1})
+        return assigned, checkpoints, ledger
+
+    assigned, checkpoints, ledger = asyncio.run(main(failed=False))
+    assert assigned == {TP0} and checkpoints == [{TP1}]
+    assert ledger.in_flight(TP1) == 0
+    assigned, checkpoints, _ = asyncio.run(main(failed=True))
+    assert assigned == {TP0} and checkpoints == []  # a failed worker commits nothing more
+
+
+def test_backpressure_pauses_the_whole_assignment_and_resumes_at_half():
+    ledger, metrics = OffsetsLedger(), Metrics()
+    bp = Backpressure(4, ledger, metrics)
+    consumer = _Consumer({TP0, TP1})
+    holds = [ledger.hold(TP0, i) for i in range(5)]
+    assert bp.apply(consumer) and consumer.paused_tps == {TP0, TP1}
+    ledger.release(holds[0])
+    ledger.release(holds[1])
+    assert bp.apply(consumer) and consumer.paused_tps == {TP0, TP1}  # 3 in flight: above half the limit
+    ledger.release(holds[2])
+    assert not bp.apply(consumer) and consumer.paused_tps == set()  # 2: at half, fetching resumes
+
+
+def test_only_partitions_read_to_their_end_count_as_silent():
+    import time
+
+    s = Settings()
+    ledger, store = OffsetsLedger(), StateStore()
+    now_ms = time.time() * 1000
+    for tp in (TP0, TP1):
+        ledger.start_partition(tp, 0)
+        for off in range(5):
+            ledger.consumed(tp, off)
+    consumer = _Consumer(high={TP0: 5, TP1: 9}, polled_ms={TP0: now_ms, TP1: now_ms})
+    paused = [False]
+    upkeep = Upkeep(s, {TP0, TP1}, WindowStage(s.windows, store), ledger, store, Metrics(), consumer,
+                    publisher=None, dead_letters=None, submit=lambda w: None, paused=lambda: paused[0])
+    assert upkeep.caught_up() == [TP0]  # TP1 has 4 records unread: its beds' silence is not theirs
+    paused[0] = True
+    assert upkeep.caught_up() == []  # paused fetching says nothing about the beds
