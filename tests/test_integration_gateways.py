@@ -37,6 +37,20 @@ def _librdkafka_gateway(bootstrap: str, topic: str, fleet) -> int:
     return sent
 
 
+def _worker_fed_by_gateways(s, checkpoint, log, fleet, until):
+    """A worker process, the fleet sent through librdkafka once it has its partitions, `until(proc)`'s
+    result; the worker then stops with exit 0."""
+    s.model.checkpoint = checkpoint
+    proc = start_worker_process(s, log)
+    try:
+        wait_for_event(log, "partition_assigned", proc=proc)
+        _librdkafka_gateway(s.kafka.bootstrap_servers, s.kafka.input_topics[0], fleet)
+        return until(proc)
+    finally:
+        proc.terminate()
+        assert proc.wait(60) == 0, log.read_text()[-3000:]
+
+
 def _fleet():
     return [src for src, _ in synthetic_fleet(8, 21.0, parse_start(START), seed=21)]
 
@@ -52,16 +66,9 @@ def test_a_crc32_gateway_fleet_is_named_within_seconds_and_works_once_configured
 
     # 1. the worker on its default (murmur2): told at the first refused record, with the setting that fits
     s = isolated_settings(broker.bootstrap, partitions=4)
-    s.model.checkpoint = checkpoint
     log = tmp_path / "murmur2.log"
-    proc = start_worker_process(s, log)
-    try:
-        wait_for_event(log, "partition_assigned", proc=proc)
-        _librdkafka_gateway(broker.bootstrap, s.kafka.input_topics[0], fleet)
-        told = wait_for_event(log, "input_partitioner_mismatch", timeout_s=60, proc=proc)
-    finally:
-        proc.terminate()
-        assert proc.wait(60) == 0, log.read_text()[-3000:]
+    told = _worker_fed_by_gateways(s, checkpoint, log, fleet, lambda proc: wait_for_event(
+        log, "input_partitioner_mismatch", timeout_s=60, proc=proc))
     assert told["fits"] == "crc32" and told["setting"] == "kafka.input_partitioner", told
     assert "STREAMER_KAFKA__INPUT_PARTITIONER=crc32" in told["hint"]
     assert len([e for e in log_events(log) if e.get("event") == "input_partitioner_mismatch"]) == 1
@@ -71,16 +78,9 @@ def test_a_crc32_gateway_fleet_is_named_within_seconds_and_works_once_configured
 
     # 2. the same gateways, the worker told crc32: every window of every bed, nothing dead-lettered
     s = isolated_settings(broker.bootstrap, partitions=4, kafka={"input_partitioner": "crc32"})
-    s.model.checkpoint = checkpoint
     log = tmp_path / "crc32.log"
-    proc = start_worker_process(s, log)
-    try:
-        wait_for_event(log, "partition_assigned", proc=proc)
-        _librdkafka_gateway(broker.bootstrap, s.kafka.input_topics[0], fleet)
-        records = asyncio.run(read_topic(s.kafka, s.kafka.flags_topic, timeout_s=120, until=lambda rs: {
-            (f["patient_id"], f["window_start_ns"]) for f in flags_of(rs)} >= want))
-    finally:
-        proc.terminate()
-        assert proc.wait(60) == 0, log.read_text()[-3000:]
+    records = _worker_fed_by_gateways(s, checkpoint, log, fleet, lambda proc: asyncio.run(read_topic(
+        s.kafka, s.kafka.flags_topic, timeout_s=120,
+        until=lambda rs: {(f["patient_id"], f["window_start_ns"]) for f in flags_of(rs)} >= want)))
     assert {(f["patient_id"], f["window_start_ns"]) for f in flags_of(records)} == want
     assert not [e for e in log_events(log) if e.get("event") in ("dead_letter", "input_partitioner_mismatch")]

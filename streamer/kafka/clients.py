@@ -313,15 +313,19 @@ async def missing_topics(k: KafkaSettings, timeout_s: float = 15.0) -> list[str]
     return [t for t in needed if t not in existing]
 
 
-async def partition_counts(k: KafkaSettings, topics: list[str], timeout_s: float = 15.0) -> dict[str, int]:
-    """Partitions of each existing topic among `topics` (metadata)."""
+async def _describe(k: KafkaSettings, topics: list[str], timeout_s: float) -> list[dict]:
+    """Metadata of `topics`: one dict per topic with its error_code and partitions."""
     admin = make_admin(k)
     await asyncio.wait_for(admin.start(), timeout_s)
     try:
-        described = await admin.describe_topics(topics)
+        return await admin.describe_topics(topics)
     finally:
         await admin.close()
-    return {t["topic"]: len(t["partitions"]) for t in described if t["error_code"] == 0}
+
+
+async def partition_counts(k: KafkaSettings, topics: list[str], timeout_s: float = 15.0) -> dict[str, int]:
+    """Partitions of each existing topic among `topics` (metadata)."""
+    return {t["topic"]: len(t["partitions"]) for t in await _describe(k, topics, timeout_s) if t["error_code"] == 0}
 
 
 async def require_topics(k: KafkaSettings, topics: list[str], timeout_s: float = 15.0) -> None:
@@ -329,13 +333,7 @@ async def require_topics(k: KafkaSettings, topics: list[str], timeout_s: float =
     it may not describe only logs it and reads nothing, for ever: a reader must learn it at start."""
     from aiokafka.errors import TopicAuthorizationFailedError, UnknownTopicOrPartitionError
 
-    admin = make_admin(k)
-    await asyncio.wait_for(admin.start(), timeout_s)
-    try:
-        described = await admin.describe_topics(topics)
-    finally:
-        await admin.close()
-    codes = {t["topic"]: t["error_code"] for t in described}
+    codes = {t["topic"]: t["error_code"] for t in await _describe(k, topics, timeout_s)}
     refused = [t for t in topics if codes.get(t) == TopicAuthorizationFailedError.errno]
     if refused:
         raise TopicAuthorizationFailedError(", ".join(refused))
