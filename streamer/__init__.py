@@ -1,6 +1,16 @@
 """streamer: real-time ECG artifact flags from bedside-monitor lead-II streams in Kafka.
 
-The package root holds only the version: the worker is `streamer.runtime`, the commands `streamer.cli`,
-offline scoring `streamer.offline.score` (score_series, score_file)."""
+The package's public face: the version and `score_series` (offline scoring from Python, docs/commands.md).
+It sits above every layer (tests/test_layering.py): the worker is `streamer.runtime`, the commands
+`streamer.cli`, and no module of theirs imports this one."""
 
-__version__ = "0.1.0"
+from streamer._version import __version__
+
+__all__ = ["__version__", "score_series"]
+
+
+def score_series(*args, **kwargs):
+    """See streamer.offline.score.score_series (imported when called: pandas and torch are heavy)."""
+    from streamer.offline.score import score_series as _score_series
+
+    return _score_series(*args, **kwargs)

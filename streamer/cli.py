@@ -360,7 +360,7 @@ def _rates(text: str) -> tuple[float, ...]:
 
 
 def _version() -> str:
-    from streamer import __version__
+    from streamer._version import __version__
 
     return f"streamer {__version__}"
 

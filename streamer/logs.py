@@ -21,7 +21,7 @@ _json = False
 
 
 def _service(_, __, event_dict):
-    from streamer import __version__
+    from streamer._version import __version__
 
     event_dict.setdefault("service", "streamer")
     event_dict.setdefault("version", __version__)

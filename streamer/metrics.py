@@ -25,7 +25,7 @@ def build_labels() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             return "none"
 
-    from streamer import __version__
+    from streamer._version import __version__
 
     return {"version": __version__, "python": platform.python_version(), "torch": version("torch"),
             "aiokafka": version("aiokafka"), "onnxruntime": version("onnxruntime")}

@@ -35,7 +35,7 @@ def test_no_stage_imports_a_later_stage():
 # sit on top: nothing of the running worker imports them (`python -m streamer run` must never pull in
 # pandas, the offline readers or the web view).
 LAYERS = [
-    ("foundation", {"streamer", "streamer.errors", "streamer.spec", "streamer.settings", "streamer.logs",
+    ("foundation", {"streamer._version", "streamer.errors", "streamer.spec", "streamer.settings", "streamer.logs",
                     "streamer.lifecycle", "streamer.metrics", "streamer.client", "streamer.synthetic"}),
     ("kafka", {"streamer.kafka", "streamer.kafka.clients", "streamer.kafka.acls", "streamer.kafka.topics"}),
     ("data path", {"streamer.ingest", "streamer.windows", "streamer.batching", "streamer.model",
@@ -43,15 +43,19 @@ LAYERS = [
     ("runtime", {"streamer.runtime", "streamer.worker"}),
     ("commands", {"streamer.cli", "streamer.__main__", "streamer.demo", "streamer.validate", "streamer.view",
                   "streamer.watch", "streamer.evaluation", "streamer.offline", "streamer.kafka.broker"}),
+    # the package root: the version and the documented `streamer.score_series`, above everything
+    ("package face", {"streamer"}),
 ]
 
 
 def _layer(module: str) -> int | None:
-    """The layer of a streamer module (by its longest listed prefix); None outside the package."""
+    """The layer of a streamer module (by its longest listed prefix; the root only by its own name); None
+    outside the package."""
     best = None
     for i, (_, members) in enumerate(LAYERS):
         for m in members:
-            if (module == m or module.startswith(m + ".")) and (best is None or len(m) > len(best[1])):
+            inside = module == m or (m != "streamer" and module.startswith(m + "."))
+            if inside and (best is None or len(m) > len(best[1])):
                 best = (i, m)
     return None if best is None else best[0]
 
