@@ -233,8 +233,12 @@ def wanted_topics(k: KafkaSettings, partitions: int | None = None, replication: 
     """What `kafka.create_topics` creates: the plan of streamer/kafka/topics.py without its retention."""
     from streamer.kafka.topics import topic_plan
 
-    return [NewTopic(t.name, t.partitions, t.replication, topic_configs=dict(t.configs))
-            for t in topic_plan(k, partitions, k.replication_factor or replication, retention=False)]
+    return [_new_topic(t) for t in topic_plan(k, partitions, k.replication_factor or replication, retention=False)]
+
+
+def _new_topic(t) -> NewTopic:
+    """A TopicSpec of streamer/kafka/topics.py as the admin client's CreateTopics entry."""
+    return NewTopic(t.name, t.partitions, t.replication, topic_configs=dict(t.configs))
 
 
 async def _default_replication(admin: AIOKafkaAdminClient) -> int:
@@ -280,8 +284,7 @@ async def create_planned_topics(k: KafkaSettings, plan, timeout_s: float = 15.0)
     await asyncio.wait_for(admin.start(), timeout_s)
     try:
         existing = set(await admin.list_topics())
-        missing = [NewTopic(t.name, t.partitions, t.replication, topic_configs=dict(t.configs))
-                   for t in plan if t.name not in existing]
+        missing = [_new_topic(t) for t in plan if t.name not in existing]
         await _create(admin, missing, "streamer topics")
         return [t.name for t in missing]
     finally:
