@@ -57,20 +57,28 @@ class ClockOffset:
     is the closest to the clocks' true difference; a backlog is excluded by sampling caught-up partitions
     only. Positive: the worker's clock is ahead."""
 
-    def __init__(self, warn_s: float, gauge=None, window_s: float = 60.0, clock: Callable[[], float] = time.time):
-        self.warn_s, self.gauge, self.window_s, self.clock = warn_s, gauge, window_s, clock
-        self._samples: deque[tuple[float, float]] = deque()  # (monotonic time, offset s)
+    def __init__(self, warn_s: float, gauge=None, window_s: float = 60.0, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic):
+        self.warn_s, self.gauge, self.window_s, self.clock, self.monotonic = warn_s, gauge, window_s, clock, monotonic
+        # (monotonic time, offset s), offsets increasing: a sample with a smaller or equal offset after an older one
+        # ends that one's chance to be the minimum, so the front is always the window's minimum (O(1) per fetch;
+        # a min over every sample of the window cost a third of the worker's CPU at 400 beds)
+        self._samples: deque[tuple[float, float]] = deque()
         self._next_log = 0.0
         self.offset_s: float | None = None
 
     def observe(self, newest_timestamp_ms: int | None) -> None:
         if newest_timestamp_ms is None or newest_timestamp_ms < 0:
             return
-        now = time.monotonic()
-        self._samples.append((now, self.clock() - newest_timestamp_ms / 1000))
-        while self._samples and self._samples[0][0] < now - self.window_s:
-            self._samples.popleft()
-        self.offset_s = min(s for _, s in self._samples)
+        now = self.monotonic()
+        offset = self.clock() - newest_timestamp_ms / 1000
+        samples = self._samples
+        while samples and samples[-1][1] >= offset:
+            samples.pop()
+        samples.append((now, offset))
+        while samples[0][0] < now - self.window_s:
+            samples.popleft()
+        self.offset_s = samples[0][1]
         if self.gauge is not None:
             self.gauge.set(self.offset_s)
         if abs(self.offset_s) > self.warn_s and now >= self._next_log:

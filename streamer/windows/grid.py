@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import lru_cache
 
 NS = 1_000_000_000
 
@@ -19,6 +20,7 @@ def nearest_index(numerator: int, denominator: int) -> int:
     return -((denominator - 2 * numerator) // (2 * denominator))
 
 
+@lru_cache(maxsize=256)  # called per record with a handful of distinct rates; a Fraction is immutable
 def as_rate(fs: float) -> Fraction:
     """A sample rate as an exact fraction (250, 360, 500.0, 128.5 ...)."""
     return Fraction(str(fs)).limit_denominator(1_000_000)
