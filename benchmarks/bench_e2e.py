@@ -2,7 +2,11 @@
 N synthetic beds replayed in real time into one worker; flags read read_committed.
 
 Latency per window = the flag received by a reader - the moment the window's last sample was due to be
-sent (real-time schedule). It includes producer, broker, worker, inference, publish and fetch.
+sent (real-time schedule). It includes producer, broker, worker, inference, publish and fetch. It is split
+by step two ways: per window from the flag itself (its `produced_at_ns` and `latency_ms`: arrival = due ->
+the worker read the completing sample; worker = -> the flag built; delivery = -> the reader got it, which
+holds the send, the commit and the reader's fetch), and inside the worker from its
+streamer_flag_step_seconds histogram (queued, inference, to_publisher, sent, committed).
 
     python -m benchmarks.bench_e2e --beds 100 --seconds 60 [--commit-interval 0.25] [--broker embedded]
 """
@@ -26,7 +30,7 @@ from benchmarks.common import record
 from streamer.kafka.broker import EmbeddedBroker, free_port
 from streamer.kafka.clients import ensure_topics, make_consumer
 from streamer.offline.replay import replay, synthetic_fleet
-from streamer.settings import KafkaSettings
+from streamer.settings import BatchSettings, KafkaSettings
 from streamer.windows.segmentation import segment
 
 
@@ -41,7 +45,8 @@ def _broker(kind: str):
 
 
 async def run(beds: int, seconds: float, max_batch: int, max_wait_ms: float, encoding: str, backend: str,
-              cpu_threads: int | None = None, broker_kind: str = "apache", commit_interval_s: float = 0.25) -> dict:
+              cpu_threads: int | None = None, broker_kind: str = "apache", commit_interval_s: float = 0.25,
+              profile: Path | None = None) -> dict:
     with _broker(broker_kind) as broker:
         k = KafkaSettings(bootstrap_servers=broker.bootstrap, input_partitions=8, create_topics=True,
                           group_id=f"bench-{os.getpid()}", replication_factor=1, min_insync_replicas=1)
@@ -63,15 +68,17 @@ async def run(beds: int, seconds: float, max_batch: int, max_wait_ms: float, enc
         expected = {(src.patient_id, w.start_ns): w.end_ns for src in fleet for w in segment(src.recording.times_ns)}
         t_first = min(int(src.recording.times_ns[0]) for src in fleet)  # replay's time zero (replay.py)
         latencies: dict = {}
-        reader = make_consumer(k, group_id=None, auto_offset_reset="earliest")
+        # an alarm system's reader on the clients' defaults: answered as soon as a flag is visible
+        reader = make_consumer(k, group_id=None, auto_offset_reset="earliest", fetch_min_bytes=1, fetch_max_wait_ms=500)
         await reader.start()
         reader.subscribe([k.flags_topic])
-        wall0 = time.monotonic()
+        wall0, wall0_wall = time.monotonic(), time.time()
+        split: dict = {}  # window -> (arrival, worker, delivery) seconds
 
         async def read():
             while len(latencies) < len(expected):
                 batch = await reader.getmany(timeout_ms=100)
-                now = time.monotonic()
+                now, now_wall = time.monotonic(), time.time()
                 for recs in batch.values():
                     for r in recs:
                         f = orjson.loads(r.value)
@@ -79,21 +86,95 @@ async def run(beds: int, seconds: float, max_batch: int, max_wait_ms: float, enc
                         if key in expected and key not in latencies:
                             # the sample at the window end completes it (REFERENCE: s + 10 s <= last); replay
                             # sends its 0.25-s chunk once the chunk's last sample is due, counted from t_first
-                            due = wall0 + (expected[key] - t_first) / 1e9 + 0.25
-                            latencies[key] = now - due
+                            due = (expected[key] - t_first) / 1e9 + 0.25
+                            latencies[key] = now - (wall0 + due)
+                            produced = f["produced_at_ns"] / 1e9
+                            completed = produced - f["latency_ms"] / 1000
+                            split[key] = (completed - (wall0_wall + due), produced - completed, now_wall - produced)
 
         reading = asyncio.create_task(read())
+        sampling = (asyncio.create_task(asyncio.to_thread(sample_worker, worker.pid, seconds, profile))
+                    if profile is not None else None)
         await replay(k, fleet, speed=1.0, chunk_s=0.25, encoding=encoding)
         try:
             await asyncio.wait_for(reading, 60)
         except asyncio.TimeoutError:
             pass
         await reader.stop()
+        steps = await asyncio.to_thread(worker_steps, metrics_port)
+        sampled_s = await sampling if sampling is not None else None
         worker.send_signal(signal.SIGTERM)
         worker.wait(60)
         lat = np.array(list(latencies.values()))
+        parts = np.array(list(split.values())).reshape(-1, 3)
+        flag_split = {name: (float(np.percentile(parts[:, i], 50)), float(np.percentile(parts[:, i], 99)))
+                      for i, name in enumerate(("arrival", "worker", "delivery"))}
         return {"expected": len(expected), "flagged": len(latencies), "p50": float(np.percentile(lat, 50)),
-                "p99": float(np.percentile(lat, 99)), "max": float(lat.max())}
+                "p99": float(np.percentile(lat, 99)), "max": float(lat.max()), "split": flag_split,
+                "steps": steps, "sampled_s": sampled_s,
+                "timeline": sorted(((expected[key] - t_first) / 1e9, latency) for key, latency in latencies.items())}
+
+
+PROFILE_RATE_HZ = 200
+
+
+def sample_worker(pid: int, seconds: float, out: Path) -> float:
+    """py-spy on the worker through the steady part of the run (after 10 s, until 10 s before the end),
+    without pausing it; returns how many seconds were sampled."""
+    import shutil
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    duration = max(int(seconds) - 20, 1)
+    time.sleep(min(10.0, seconds / 4))
+    subprocess.run([spy, "record", "--pid", str(pid), "--duration", str(duration), "--rate", str(PROFILE_RATE_HZ),
+                    "--format", "raw", "--nonblocking", "--output", str(out)], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return float(duration)
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
+    """Prometheus' histogram_quantile over cumulative (upper bound, count) pairs: linear within a bucket."""
+    buckets = sorted(buckets)
+    total = buckets[-1][1] if buckets else 0
+    if total <= 0:
+        return None
+    rank, lower, below = q * total, 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank:
+            if upper == float("inf"):
+                return lower
+            return lower + (upper - lower) * (rank - below) / max(count - below, 1e-12)
+        lower, below = upper, count
+    return lower
+
+
+def worker_steps(port: int) -> dict[str, tuple[float, float] | None]:
+    """{step: (p50, p99) in s} from the worker's streamer_flag_step_seconds (None: the step never ran)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    buckets: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "streamer_flag_step_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                buckets.setdefault(sample.labels["step"], []).append((float(sample.labels["le"]), sample.value))
+    out = {}
+    for step, bs in buckets.items():
+        p50, p99 = histogram_quantile(0.5, bs), histogram_quantile(0.99, bs)
+        out[step] = None if p50 is None else (p50, p99)
+    return out
+
+
+def describe_split(r: dict) -> str:
+    """The latency split as one line: per window from the flags, then the worker's own steps."""
+    ms = lambda q: f"{q[0] * 1000:.0f}/{q[1] * 1000:.0f}"  # noqa: E731
+    flags = ", ".join(f"{name} {ms(q)}" for name, q in r["split"].items())
+    inside = ", ".join(f"{name} {ms(q)}" for name, q in r["steps"].items() if q is not None)
+    return f"split p50/p99 ms: {flags}; in the worker: {inside}"
 
 
 def main() -> None:
@@ -101,22 +182,32 @@ def main() -> None:
     ap.add_argument("--beds", type=int, default=100)
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--max-batch", type=int, default=64)
-    ap.add_argument("--max-wait-ms", type=float, default=200.0)
+    ap.add_argument("--max-wait-ms", type=float, default=BatchSettings().max_wait_ms)
     ap.add_argument("--encoding", default="binary")
     ap.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
     ap.add_argument("--cpu-threads", type=int, default=None, help="model.cpu_threads for the worker")
     ap.add_argument("--broker", choices=["apache", "embedded"], default="apache")
     ap.add_argument("--commit-interval", type=float, default=0.25, help="kafka.commit_interval_s (checkpoints)")
+    ap.add_argument("--profile", action="store_true", help="sample the worker with py-spy; a row per stage")
     args = ap.parse_args()
+    raw = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_e2e_worker_{args.beds}.pyspy" if args.profile else None
     r = asyncio.run(run(args.beds, args.seconds, args.max_batch, args.max_wait_ms, args.encoding, args.backend,
-                        args.cpu_threads, args.broker, args.commit_interval))
+                        args.cpu_threads, args.broker, args.commit_interval, raw))
     on = ("Apache Kafka 4.4.0, exactly-once" if args.broker == "apache" else "embedded broker, at-least-once")
-    record(f"end to end ({on}, checkpoint every {args.commit_interval:g} s), {args.beds} beds real time, "
-           f"{args.seconds:.0f}s, {args.encoding}, batch<={args.max_batch}, "
-           f"{args.backend}" + (f", {args.cpu_threads} inference thread(s)" if args.cpu_threads else ""),
+    setup = (f"{args.beds} beds real time, {args.seconds:.0f}s, {args.encoding}, batch<={args.max_batch}, "
+             f"{args.backend}" + (f", {args.cpu_threads} inference thread(s)" if args.cpu_threads else ""))
+    record(f"end to end ({on}, checkpoint every {args.commit_interval:g} s), {setup}",
            f"flagged {r['flagged']}/{r['expected']}, latency p50 {r['p50'] * 1000:.0f} ms, "
            f"p99 {r['p99'] * 1000:.0f} ms, "
-           f"max {r['max'] * 1000:.0f} ms")
+           f"max {r['max'] * 1000:.0f} ms; {describe_split(r)}")
+    if raw is not None:
+        from benchmarks.profile_stages import table
+
+        sampled = r["sampled_s"]
+        windows, records = args.beds / 10 * sampled, args.beds / 0.25 * sampled  # steady: 10 s windows, 0.25 s chunks
+        for stage, ms_window, us_record, share in table(raw, PROFILE_RATE_HZ, int(windows), int(records)):
+            record(f"worker CPU by stage (py-spy {PROFILE_RATE_HZ} Hz, {sampled:.0f} s steady; {on}), {setup}: "
+                   f"{stage}", f"{ms_window:.2f} ms per window, {us_record:.1f} us per record, {share:.1%}")
 
 
 if __name__ == "__main__":

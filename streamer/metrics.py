@@ -69,6 +69,13 @@ class Metrics:
         self.latency_s = Histogram("streamer_flag_latency_seconds",
                                    "last sample of a window received -> its flag acknowledged", registry=r,
                                    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
+        self.flag_step_s = Histogram(
+            "streamer_flag_step_seconds", "where a flag's latency goes, per window: queued (window complete -> "
+            "its batch starts), inference (its batch scored), to_publisher (scored -> the publisher takes it), "
+            "sent (-> acknowledged, at least once; in its open transaction, exactly once), committed (in the "
+            "transaction -> the transaction committed: visible to read_committed readers)", ["step"], registry=r,
+            buckets=STEP_BUCKETS)
+        self.flag_steps = FlagSteps(self.flag_step_s)
         self.partitioner_mismatch = Counter(
             "streamer_input_partitioner_mismatch_total", "input records on a partition their key does not map to "
             "under kafka.input_partitioner; fits: the other partitioner maps them there (crc32, murmur2), or neither",
@@ -125,6 +132,42 @@ class Metrics:
             self.longest_open_episode_s.set(longest_s)
 
         self._at_scrape.append(refresh)
+
+
+# fine enough below a second to tell a 50 ms step from a 250 ms one in a quantile
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0,
+                1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+FLAG_STEPS = ("queued", "inference", "to_publisher", "sent", "committed")
+
+
+class FlagSteps:
+    """The per-step split of streamer_flag_latency_seconds, and (exactly once) the wait for the commit that
+    makes a flag visible: the publisher notes when each flag joined its partition's open transaction, the
+    checkpoint takes those notes under the partition's gate and observes them once the transaction committed."""
+
+    def __init__(self, histogram: Histogram):
+        self._by_step = {step: histogram.labels(step) for step in FLAG_STEPS}  # exported at 0 from the start
+        self._uncommitted: dict = {}  # input partition -> wall times its flags joined the open transaction
+
+    def observe(self, step: str, seconds: float, windows: int = 1) -> None:
+        child = self._by_step[step]
+        for _ in range(windows):
+            child.observe(max(seconds, 0.0))
+
+    def joined_transaction(self, partition, at: float, windows: int) -> None:
+        self._uncommitted.setdefault(partition, []).extend([at] * windows)
+
+    def take_uncommitted(self, partition) -> list[float]:
+        return self._uncommitted.pop(partition, [])
+
+    def committed(self, joined: list[float], at: float) -> None:
+        child = self._by_step["committed"]
+        for t in joined:
+            child.observe(max(at - t, 0.0))
+
+    def forget(self, partition) -> None:
+        """The partition was dropped: its open transaction's flags never commit here."""
+        self._uncommitted.pop(partition, None)
 
 
 class InferenceWatch:

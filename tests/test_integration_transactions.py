@@ -178,6 +178,7 @@ def test_shutdown_during_a_broker_freeze_ends_within_its_deadline(broker, scorer
     ends within shutdown_deadline_s with exit 1, instead of waiting for the broker to come back."""
     s = isolated_settings(broker.bootstrap, partitions=1, shutdown_deadline_s=5.0)
     s.kafka.commit_interval_s = 2.0  # room to freeze the broker while a flag waits in the open transaction
+    s.kafka.commit_after_flags = False  # flags wait for the periodic checkpoint, not their own commit
 
     async def main():
         worker = Worker(s, scorer=scorer)
@@ -232,6 +233,7 @@ def test_readers_are_blocked_for_a_bounded_time_after_a_kill_9(broker, checkpoin
     s = isolated_settings(broker.bootstrap, partitions=2)
     s.model.checkpoint = checkpoint
     s.kafka.commit_interval_s = 2.0  # flags wait in open transactions long enough to kill the worker then
+    s.kafka.commit_after_flags = False
     beds = [_bed(f"kill-{i}", seconds=60, seed=i) for i in range(4)]
     log = tmp_path / "worker.log"
     figures = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from aiokafka.errors import KafkaError
 
@@ -10,6 +11,7 @@ from streamer.checkpointing.ledger import OffsetsLedger
 from streamer.checkpointing.outputs import AtLeastOnceOutputs, TransactionalOutputs
 from streamer.kafka.clients import retry_kafka
 from streamer.logs import get_logger
+from streamer.metrics import FlagSteps
 from streamer.state.changelog import state_key
 from streamer.state.store import StateStore
 
@@ -18,8 +20,10 @@ log = get_logger("streamer.checkpoint")
 
 class Checkpointer:
     def __init__(self, ledger: OffsetsLedger, stage, store: StateStore, consumer,
-                 outputs: AtLeastOnceOutputs | TransactionalOutputs, state_topic: str, group_id: str):
+                 outputs: AtLeastOnceOutputs | TransactionalOutputs, state_topic: str, group_id: str,
+                 steps: FlagSteps | None = None):
         self.ledger, self.stage, self.store = ledger, stage, store
+        self.steps = steps  # exactly once: how long flags waited in the open transaction for its commit
         self.consumer, self.outputs, self.state_topic, self.group_id = consumer, outputs, state_topic, group_id
         self._lock = asyncio.Lock()  # checkpoints never overlap (commit loop, revocation, shutdown)
 
@@ -75,12 +79,18 @@ class Checkpointer:
             return await self._at_least_once(partitions)
 
     async def _transactional(self, tp) -> None:
+        joined: list[float] = []
+
         def prepare():  # under the partition's gate: nothing is published between this and the commit
+            if self.steps is not None:
+                joined.extend(self.steps.take_uncommitted(tp))
             points, dirty, expired = self.prepare({tp})
             return points.get(tp), (self._tombstones(tp, expired.get(tp, ()))
                                     + self._state_records(tp, dirty.get(tp, ())))
 
         committed = await self.outputs.commit(tp, self.group_id, prepare)
+        if joined and not self.outputs.lost(tp):
+            self.steps.committed(joined, time.time())
         if committed is not None:
             self.ledger.mark_committed({tp: committed})
             log.debug("offsets_committed", topic=tp.topic, partition=tp.partition, offset=committed)

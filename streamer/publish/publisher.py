@@ -42,12 +42,22 @@ class Publisher:
         self.persist = persist  # at least once: one patient's state written now (Checkpointer.persist)
         self.clock = clock  # wall time (s): episode staleness and leases
         self.background = BackgroundSends()  # episode messages sent beside the flags (renewals, stale closes)
+        # exactly once: partitions whose open transactions hold flags no checkpoint committed yet
+        self.uncommitted: set = set()
+        self.flags_uncommitted = asyncio.Event()
+
+    def take_uncommitted(self) -> set:
+        """The partitions with flags in open transactions, forgotten here (their checkpoint is next)."""
+        taken, self.uncommitted = self.uncommitted, set()
+        self.flags_uncommitted.clear()
+        return taken
 
     async def flags(self, batch: list[EmittedWindow], probs: list[float | None], threshold: float,
                     model_id: str) -> None:
+        taken = time.time()
         if self.outputs.exactly_once:
             docs = [flag_message(w, p, threshold, model_id) for w, p in zip(batch, probs)]
-            await self._flags_in_transactions(batch, docs)
+            await self._flags_in_transactions(batch, docs, taken)
             return
         # A window handed on before its partition was revoked is dropped, as with transactions: the records
         # it came from were not committed past, so whoever owns the partition now redoes it, and a wall-clock
@@ -55,9 +65,9 @@ class Publisher:
         current = [(w, p) for w, p in zip(batch, probs) if self.ledger.is_current(w.hold)]
         if current:
             await self._flags_acknowledged([w for w, _ in current],
-                                           [flag_message(w, p, threshold, model_id) for w, p in current])
+                                           [flag_message(w, p, threshold, model_id) for w, p in current], taken)
 
-    async def _flags_acknowledged(self, batch: list[EmittedWindow], docs: list[dict]) -> None:
+    async def _flags_acknowledged(self, batch: list[EmittedWindow], docs: list[dict], taken: float) -> None:
         topic = self.k.flags_topic
         if self.persist is not None and any(w.by_clock for w in batch):
             await self._write_ahead(batch, docs)
@@ -78,7 +88,7 @@ class Publisher:
             st, episode = self._apply_to_episode(w, d, now)
             if episode is not None:
                 await self._publish_acknowledged(w.partition, st, episode)
-        self._released(batch, docs)
+        self._released(batch, docs, taken)
 
     async def _write_ahead(self, batch: list[EmittedWindow], docs: list[dict]) -> None:
         """Windows the wall clock closed: their patients' states, marking them reported and holding their
@@ -88,7 +98,7 @@ class Publisher:
         states = self.store.write_ahead(list(zip(batch, docs)))
         await asyncio.gather(*(self.persist(tp, st) for tp, st in states))
 
-    async def _flags_in_transactions(self, batch: list[EmittedWindow], docs: list[dict]) -> None:
+    async def _flags_in_transactions(self, batch: list[EmittedWindow], docs: list[dict], taken: float) -> None:
         topic = self.k.flags_topic
         by_partition: dict = {}
         for w, d in zip(batch, docs):
@@ -109,10 +119,14 @@ class Publisher:
                         futures.append(await self._send_in_transaction(tp, st, episode))
                     self.ledger.release(w.hold)
                     published.append((w, d))
+                    self.metrics.flag_steps.joined_transaction(tp, time.time(), 1)
+                    self.uncommitted.add(tp)
+        if self.uncommitted:
+            self.flags_uncommitted.set()
         await asyncio.gather(*futures)  # a refusal fails the transaction: raised, the worker stops
         # a fence drops them (resolved, not raised): they are redone from the partition's last commit
         self._released([(w, d) for w, d in published if not self.outputs.lost(w.partition)
-                        and self.ledger.is_current(w.hold)], None)
+                        and self.ledger.is_current(w.hold)], None, taken)
 
     def _apply_to_episode(self, w: EmittedWindow, d: dict, now: float) -> tuple[PatientState, dict | None]:
         st = self.store.patient(w.partition, w.patient_id)
@@ -121,14 +135,16 @@ class Publisher:
             self.store.changed(w.partition, w.patient_id)
         return st, episode
 
-    def _released(self, items, docs) -> None:
+    def _released(self, items, docs, taken: float) -> None:
+        """`taken`: when the publisher took the batch (the `sent` step starts there)."""
         acked = time.time()
-        pairs = zip(items, docs) if docs is not None else items
+        pairs = list(zip(items, docs) if docs is not None else items)
         for w, d in pairs:
             if docs is not None:
                 self.ledger.release(w.hold)
             self.metrics.windows.labels(d["status"]).inc()
             self.metrics.latency_s.observe(max(acked - w.completed_at, 0.0))
+        self.metrics.flag_steps.observe("sent", acked - taken, len(pairs))
         self.settled.set()
 
     # -- episode messages -------------------------------------------------------------------------

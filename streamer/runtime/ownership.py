@@ -69,6 +69,7 @@ class PartitionOwnership:
             await self.checkpoint(revoked)
         for tp in revoked:
             await self.outputs.close(tp)
+            self.metrics.flag_steps.forget(tp)
             self.event_time.drop(tp)
             dropped = self.stage.drop_partition(tp)
             self.ledger.drop_partition(tp)

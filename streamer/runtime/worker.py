@@ -151,7 +151,7 @@ class Worker:
         self.consumer = make_consumer(k)
         self.state_reader = make_consumer(k, group_id=None, client_id=f"{k.client_id}-state")
         self.checkpointer = Checkpointer(self.ledger, self.stage, self.store, self.consumer, self.outputs,
-                                         k.state_topic, k.group_id)
+                                         k.state_topic, k.group_id, steps=self.metrics.flag_steps)
         self.publisher = Publisher(k, self.outputs, self.ledger, self.store,
                                    EpisodeTracker(self.s.episodes, info.model_id), self.metrics, self.settled,
                                    persist=self.checkpointer.persist, clock=self.clock)
@@ -406,33 +406,59 @@ class Worker:
             if batch is None:
                 await out.put(None)
                 return
+            started = time.time()
             self.inference_watch.begin(len(batch))
             try:
                 probs = await loop.run_in_executor(self.executor, self.window_scorer, batch)
             finally:
                 self.inference_watch.end()
-            await out.put((batch, probs))
+            scored = time.time()
+            steps = self.metrics.flag_steps
+            for w in batch:
+                steps.observe("queued", started - w.completed_at)
+            steps.observe("inference", scored - started, len(batch))
+            await out.put((batch, probs, scored))
 
     # -- publish --------------------------------------------------------------------------------
     async def _publish_loop(self, queue: asyncio.Queue) -> None:
         while (item := await queue.get()) is not None:
             await self._publish(*item)
 
-    async def _publish(self, batch: list[EmittedWindow], probs: list[float | None]) -> None:
+    async def _publish(self, batch: list[EmittedWindow], probs: list[float | None], scored_at: float) -> None:
         info = self.scorer.info
+        self.metrics.flag_steps.observe("to_publisher", time.time() - scored_at, len(batch))
         await self.publisher.flags(batch, probs, info.threshold, info.model_id)
 
     # -- commits and rebalances -------------------------------------------------------------------
     async def _commit_loop(self) -> None:
-        """A checkpoint every commit_interval_s until `commits_end` (shutdown): it is never cancelled in the
-        middle of one (see _shutdown)."""
-        while not self.commits_end.is_set():
-            try:
-                await asyncio.wait_for(self.commits_end.wait(), self.s.kafka.commit_interval_s)
-                return
-            except asyncio.TimeoutError:
-                pass
-            await self._commit(self.assigned)
+        """A checkpoint of every owned partition every commit_interval_s until `commits_end` (shutdown); with
+        exactly once and kafka.commit_after_flags, between those, one of the partitions whose open transactions
+        hold flags as soon as there are any (the loop runs one checkpoint at a time, so flags published during
+        one wait for the next: the commit rate follows the commit's own speed). A checkpoint is never
+        cancelled in the middle (see _shutdown)."""
+        k = self.s.kafka
+        after_flags = k.commit_after_flags and self.outputs.exactly_once
+        ending = asyncio.ensure_future(self.commits_end.wait())
+        next_full = time.monotonic() + k.commit_interval_s
+        try:
+            while not self.commits_end.is_set():
+                wakers = {ending}
+                if after_flags:
+                    wakers.add(asyncio.ensure_future(self.publisher.flags_uncommitted.wait()))
+                await asyncio.wait(wakers, timeout=max(next_full - time.monotonic(), 0.0),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                for waker in wakers - {ending}:
+                    waker.cancel()
+                if self.commits_end.is_set():
+                    return
+                flagged = self.publisher.take_uncommitted()
+                if time.monotonic() >= next_full:
+                    next_full = time.monotonic() + k.commit_interval_s
+                    await self._commit(self.assigned)
+                elif flagged & self.assigned:
+                    await self._commit(flagged & self.assigned)
+        finally:
+            ending.cancel()
 
     async def _commit(self, partitions: set[TopicPartition]) -> None:
         if self.checkpointer is not None:
