@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from benchmarks.campaigns import wait_ready
+from benchmarks.campaigns.common import wait_ready
 from benchmarks.common import record
 from streamer.kafka.broker import EmbeddedBroker, free_port
 from streamer.kafka.clients import ensure_topics, make_consumer

@@ -42,7 +42,9 @@ def record(figure: str, value: str, baseline: str = "", ratio: str = "", command
     """Append one row. `where`: (date, machine, commit) of a measurement made elsewhere (the GPU machine's
     device check, recorded here from the JSON it brought back); by default this run's."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    how = f"-m {spec.name}" if spec is not None else Path(sys.argv[0]).as_posix().split("/main/")[-1]
+    # `python -m benchmarks.campaigns` runs the package's __main__: the command is the package's name
+    how = (f"-m {spec.name.removesuffix('.__main__')}" if spec is not None
+           else Path(sys.argv[0]).as_posix().split("/main/")[-1])
     cmd = command or "python " + " ".join([how, *sys.argv[1:]])
     date, host, at = where or (str(datetime.date.today()), machine(), commit())
     row = f"| {date} | {host} | {at} | `{cmd}` | {figure} | {value} | {baseline} | {ratio} |\n"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.campaigns import zombie_campaign
+from benchmarks.campaigns.worker_faults import zombie_campaign
 from streamer.kafka.clients import make_admin
 from streamer.runtime import StartupError, Worker
 from tests.kafka_utils import isolated_settings
@@ -225,7 +225,7 @@ def test_the_demo_path_on_the_embedded_broker(embedded_broker, scorer):
 def test_broker_failover_short(checkpoint, tmp_path):
     """3 brokers, RF 3, min.insync 2: the leader of an input, then of a flags partition, is SIGKILLed and
     restarted while beds stream; nothing is lost or duplicated and the worker rides it out."""
-    from benchmarks.campaigns import failover_campaign
+    from benchmarks.campaigns.broker_faults import failover_campaign
     from tools.kafka_cluster import KafkaCluster
 
     with KafkaCluster(tmp_path / "cluster", brokers=3) as cluster:

@@ -1,4 +1,4 @@
-"""Short versions of the reliability campaigns (benchmarks/campaigns.py has the full ones).
+"""Short versions of the reliability campaigns (benchmarks/campaigns/ has the full ones).
 The short crash campaign is tests/test_integration_faults.py::test_kill_9_at_random_moments_loses_no_window."""
 
 from __future__ import annotations
@@ -6,7 +6,9 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from benchmarks.campaigns import clock_campaign, fuzz_campaign, hostile_messages, soak_campaign, stall_campaign
+from benchmarks.campaigns.broker_faults import stall_campaign
+from benchmarks.campaigns.input_faults import clock_campaign, fuzz_campaign, hostile_messages
+from benchmarks.campaigns.load import soak_campaign
 from streamer.ingest.contract import InvalidMessage, decode
 from streamer.settings import WindowSettings
 
@@ -71,9 +73,9 @@ def test_clock_events_short(broker, checkpoint, tmp_path):
 def test_campaigns_with_a_skewed_worker_clock_short(broker, checkpoint, tmp_path, monkeypatch, clock, campaign):
     """Issue 32: the workers' clock hours ahead or behind (libfaketime) while they are killed, fenced as
     zombies or rebalanced: every window once (read_committed), no episode seq going backwards."""
-    import benchmarks.campaigns as campaigns
+    from benchmarks.campaigns import common, worker_faults as campaigns
 
-    monkeypatch.setattr(campaigns, "WORKER_CLOCK", clock)
+    monkeypatch.setattr(common, "WORKER_CLOCK", clock)
     if campaign == "crash":
         r = campaigns.crash_campaign(broker.bootstrap, beds=6, kills=2, seconds=40, speed=2, checkpoint=checkpoint,
                                      workdir=tmp_path)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from benchmarks.campaigns import crash_campaign
+from benchmarks.campaigns.worker_faults import crash_campaign
 from streamer.offline.recordings import parse_start
 from streamer.offline.replay import replay, synthetic_fleet
 from streamer.runtime import Worker

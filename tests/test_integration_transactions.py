@@ -19,7 +19,7 @@ from streamer.kafka.clients import make_consumer, make_producer, read_records
 from streamer.offline.recordings import Recording, parse_start, regular_times
 from streamer.offline.replay import Source, replay
 from streamer.synthetic import generate
-from benchmarks.campaigns import feed_in_background
+from benchmarks.campaigns.common import feed_in_background
 from streamer.runtime import Worker
 from tests.kafka_utils import (expected_windows, faketime_env, flags_of, isolated_settings, log_events,
                                set_topic_config, start_worker_process, until_true, wait_for_event, wait_until)
