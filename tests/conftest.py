@@ -3,6 +3,8 @@ from __future__ import annotations
 import os
 import tempfile
 
+import hypothesis  # noqa: F401 (imported here, at collection: its plugin imports it lazily at the session's end,
+#                   where CPython 3.11.7's compiler failed once with 'AST constructor recursion depth mismatch')
 import numpy as np
 import pytest
 
