@@ -42,7 +42,7 @@ def write_inputs(folder: Path, windows: int, seed: int = 0) -> tuple[Path, Path]
 
 
 def run(windows: int, bootstrap: int) -> dict:
-    from streamer import validate
+    from streamer.commands import validate
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

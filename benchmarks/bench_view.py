@@ -1,6 +1,6 @@
 """The ward view's server side at 400 beds: memory stays bounded, every push is cheap and small.
 
-Feeds `streamer.view.Ward` directly (no broker: what is measured is the view, not Kafka) with what 400
+Feeds `streamer.commands.view.Ward` directly (no broker: what is measured is the view, not Kafka) with what 400
 monitors and a worker send: 0.25-s binary chunks at 500 Hz, one flag per bed per 10 s, an episode now
 and then; builds and encodes one server-sent-event delta per simulated second, as the server pushes.
 
@@ -19,7 +19,7 @@ import orjson
 from benchmarks.common import record
 from streamer.ingest.contract import Chunk, encode_binary
 from streamer.settings import WindowSettings
-from streamer.view import Ward
+from streamer.commands.view import Ward
 
 FS, CHUNK_S, T0 = 500.0, 0.25, 1_795_316_700_000_000_000
 

@@ -223,7 +223,7 @@ def cmd_score(args) -> int:
 # -- validate -------------------------------------------------------------------------------------
 def cmd_validate(args) -> int:
     from streamer.offline.recordings import RecordingError
-    from streamer.validate import main as validate_main
+    from streamer.commands.validate import main as validate_main
 
     s = _settings(args)
     try:
@@ -244,7 +244,7 @@ def cmd_synth(args) -> int:
 
 # -- watch ----------------------------------------------------------------------------------------
 def cmd_watch(args) -> int:
-    from streamer.watch import watch
+    from streamer.commands.watch import watch
 
     from aiokafka.errors import KafkaError
 
@@ -257,7 +257,7 @@ def cmd_watch(args) -> int:
 
 
 def cmd_view(args) -> int:
-    from streamer.view import ViewServer, Ward
+    from streamer.commands.view import ViewServer, Ward
 
     s = _settings(args)
     server = ViewServer(s.kafka, host=args.host, port=args.port, from_beginning=args.from_beginning,
@@ -318,7 +318,7 @@ def cmd_topics(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from streamer.demo import run_demo
+    from streamer.commands.demo import run_demo
 
     return run_demo(beds=args.beds, duration_s=args.duration, speed=args.speed, seed=args.seed)
 

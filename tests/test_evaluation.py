@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from streamer.evaluation import (auprc, auroc, bootstrap_ci, confusion, threshold_for_sensitivity,
-                                 threshold_for_specificity)
+from streamer.offline.evaluation import (auprc, auroc, bootstrap_ci, confusion, threshold_for_sensitivity,
+                                         threshold_for_specificity)
 
 
 def test_confusion_by_hand():
@@ -84,7 +84,7 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 def test_roc_and_auroc_equal_their_definitions(pairs):
     """Issue 33, case 6: the O(n log n) ROC (one sort, cumulative sums) equals the per-threshold definition
     on random inputs with ties and one-class cases; AU-ROC equals the all-pairs Mann-Whitney count."""
-    from streamer.evaluation import roc_curve
+    from streamer.offline.evaluation import roc_curve
 
     y = np.array([p[0] for p in pairs], bool)
     s = np.array([p[1] for p in pairs], float)
@@ -119,7 +119,7 @@ def test_a_cluster_bootstrap_resamples_patients_and_widens_the_interval():
 def test_the_weighted_bootstrap_sample_equals_the_metrics_of_the_resampled_windows(rows, picks):
     """ClusteredBootstrap.sample(multiplicities) must equal sensitivity, specificity and AU-ROC computed on
     the windows of the resampled patients, repeated (what bootstrap_ci computes by re-ranking)."""
-    from streamer.evaluation import ClusteredBootstrap
+    from streamer.offline.evaluation import ClusteredBootstrap
 
     y = np.array([r[0] for r in rows], bool)
     s = np.array([r[1] for r in rows], float)

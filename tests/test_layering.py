@@ -41,8 +41,8 @@ LAYERS = [
     ("data path", {"streamer.ingest", "streamer.windows", "streamer.batching", "streamer.model",
                    "streamer.publish", "streamer.state", "streamer.checkpointing"}),
     ("runtime", {"streamer.runtime", "streamer.worker"}),
-    ("commands", {"streamer.cli", "streamer.__main__", "streamer.demo", "streamer.validate", "streamer.view",
-                  "streamer.watch", "streamer.evaluation", "streamer.offline", "streamer.kafka.broker"}),
+    ("commands", {"streamer.cli", "streamer.__main__", "streamer.commands", "streamer.offline",
+                  "streamer.kafka.broker"}),
     # the package root: the version and the documented `streamer.score_series`, above everything
     ("package face", {"streamer"}),
 ]

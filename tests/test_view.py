@@ -13,7 +13,7 @@ from streamer.ingest.contract import Chunk, encode_json
 from streamer.publish.episodes import EpisodeTracker
 from streamer.settings import EpisodeSettings, WindowSettings
 from streamer.state.patients import EpisodeState
-from streamer.view import STRIP_HZ, Ward
+from streamer.commands.view import STRIP_HZ, Ward
 
 T0 = 1_795_316_700_000_000_000
 S = WindowSettings()

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streamer.evaluation import auroc
+from streamer.offline.evaluation import auroc
 from streamer.model.infer import DEMO_CHECKPOINT_FILE, ArtifactScorer
 from tools.training import (calibrate_batchnorm, fit_head, images_of, pooled_features,
                                      random_network, save_checkpoint)

@@ -17,15 +17,15 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from streamer.evaluation import auroc, confusion
+from streamer.commands.watch import format_episode, format_flag
 from streamer.kafka.broker import EmbeddedBroker, free_port
 from streamer.kafka.clients import ensure_topics, make_consumer
+from streamer.offline.evaluation import auroc, confusion
 from streamer.offline.recordings import parse_start
 from streamer.offline.replay import replay, synthetic_fleet
 from streamer.settings import load_settings
 from streamer.synthetic import ARTIFACT_SHARE
 from streamer.windows.segmentation import segment
-from streamer.watch import format_episode, format_flag
 
 OUT = Path(os.environ.get("STREAMER_DEMO_OUT", "demo-out"))
 

@@ -22,9 +22,9 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from streamer.evaluation import (ClusteredBootstrap, auprc, auroc, bootstrap_ci, bootstrap_method, confusion,
-                                 roc_curve, threshold_for_sensitivity, threshold_for_specificity)
 from streamer.model.decision import is_artifact
+from streamer.offline.evaluation import (ClusteredBootstrap, auprc, auroc, bootstrap_ci, bootstrap_method, confusion,
+                                         roc_curve, threshold_for_sensitivity, threshold_for_specificity)
 from streamer.synthetic import ARTIFACT_SHARE
 
 from streamer.spec import WINDOW_NS  # noqa: E402

@@ -25,7 +25,7 @@ from streamer.settings import KafkaSettings, WindowSettings
 
 log = get_logger(__name__)
 
-PAGE = Path(__file__).resolve().parent / "assets" / "view.html"
+PAGE = Path(__file__).resolve().parent.parent / "assets" / "view.html"
 STRIP_HZ = 125  # display rate of the strip: enough to see QRS complexes and noise, 4x less than 500 Hz
 
 
