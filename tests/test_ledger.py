@@ -96,3 +96,22 @@ def test_never_commits_past_a_held_record(ops):
                 assert point > last_commit
                 ledger.mark_committed(points)
                 last_commit = point
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 40), st.booleans()), max_size=40),
+       st.sets(st.integers(0, 3)))
+def test_commit_points_of_some_partitions_are_those_of_all_restricted_to_them(ops, asked):
+    """A checkpoint of a few partitions (exactly once, one per partition) gets the same points as the
+    checkpoint of all of them would give those partitions."""
+    ledger = OffsetsLedger()
+    for p in range(4):
+        ledger.start_partition(("in", p), None)
+    for p, off, hold in ops:
+        ledger.consumed(("in", p), off)
+        if hold:
+            ledger.hold(("in", p), off)
+    open_offsets = {("in", p): off for p, off, _ in ops[::3]}
+    asked = {("in", p) for p in asked}
+    every = ledger.commit_points(open_offsets)
+    assert ledger.commit_points(open_offsets, asked) == {tp: v for tp, v in every.items() if tp in asked}

@@ -367,6 +367,19 @@ def test_a_bed_whose_records_are_all_rejected_goes_idle_and_frees_the_commit():
     assert stage.min_open_offsets()[0] > 1
 
 
+def test_open_offsets_of_some_partitions_are_those_of_all_restricted_to_them():
+    stage = WindowStage(WindowSettings())
+    times, values = recording(500, 30)
+    for partition in range(3):
+        for i, c in enumerate(chunks_of(f"p{partition}", times, values, 700, fs=500, segment_start_ns=START)):
+            stage.accept(partition, 10 * partition + i, c, now=float(i))
+    every = stage.min_open_offsets()
+    assert set(every) == {0, 1, 2}
+    assert stage.min_open_offsets({1}) == {1: every[1]}
+    assert stage.min_open_offsets({0, 2}) == {0: every[0], 2: every[2]}
+    assert stage.min_open_offsets(set()) == {}
+
+
 def test_a_patient_alone_on_a_caught_up_partition_is_evicted():
     stage = WindowStage(WindowSettings(idle_evict_s=60.0))
     times, values = recording(500, 15)

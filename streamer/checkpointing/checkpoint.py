@@ -30,8 +30,7 @@ class Checkpointer:
     def prepare(self, partitions) -> tuple[dict, dict, dict]:
         """Steps 1 and 2's inputs, in that order: (offsets safe to commit, changed states to write, patients
         whose states expired: tombstones to write)."""
-        points = {tp: off for tp, off in self.ledger.commit_points(self.stage.min_open_offsets()).items()
-                  if tp in partitions}
+        points = self.ledger.commit_points(self.stage.min_open_offsets(partitions), partitions)
         return points, self.store.take_dirty(partitions), self.store.take_expired(partitions)
 
     def _state_records(self, tp, states) -> list[tuple[str, bytes, bytes, int]]:

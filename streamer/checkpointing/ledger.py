@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Hashable
+from typing import Collection, Hashable
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,10 +76,14 @@ class OffsetsLedger:
         """Outputs not yet acknowledged, of one partition or of all."""
         return self._count[partition] if partition is not None else self._count.total()
 
-    def commit_points(self, open_offsets: dict[Hashable, int]) -> dict[Hashable, int]:
-        """Offsets safe to commit now, only those that moved forward since the last commit."""
+    def commit_points(self, open_offsets: dict[Hashable, int],
+                      partitions: Collection[Hashable] | None = None) -> dict[Hashable, int]:
+        """Offsets safe to commit now (of `partitions`, else of all; `open_offsets` must cover them), only
+        those that moved forward since the last commit."""
         out = {}
         for partition, nxt in self.next_offset.items():
+            if partitions is not None and partition not in partitions:
+                continue
             point = nxt
             if partition in open_offsets:
                 point = min(point, open_offsets[partition])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from fractions import Fraction
-from typing import Hashable
+from typing import Collection, Hashable
 
 from streamer.ingest.contract import Chunk
 from streamer.logs import get_logger, patient_ref
@@ -169,10 +169,14 @@ class WindowStage:
         grid = st.grid(anchor, rate)
         return grid is None or grid.next_k <= k
 
-    def min_open_offsets(self) -> dict[Hashable, int]:
-        """Per partition, the smallest input offset that an open (unemitted) window still needs."""
+    def min_open_offsets(self, partitions: Collection[Hashable] | None = None) -> dict[Hashable, int]:
+        """Per partition (of `partitions`, else of all), the smallest input offset that an open (unemitted)
+        window still needs. A checkpoint asks for the partitions it commits only: it runs per partition, and
+        a scan of every stream each time cost 6% of the worker's CPU at 400 beds."""
         out: dict[Hashable, int] = {}
         for (partition, _), stream in self.streams.items():
+            if partitions is not None and partition not in partitions:
+                continue
             off = stream.min_open_offset()
             if off is not None and (partition not in out or off < out[partition]):
                 out[partition] = off
