@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import orjson
 
-from benchmarks.campaigns.common import wait_ready
+from benchmarks.campaigns.common import cpu_s, wait_ready
 from benchmarks.common import record
 from streamer.kafka.broker import EmbeddedBroker, free_port
 from streamer.kafka.clients import ensure_topics, make_consumer
@@ -46,13 +48,20 @@ def _broker(kind: str):
 
 async def run(beds: int, seconds: float, max_batch: int, max_wait_ms: float, encoding: str, backend: str,
               cpu_threads: int | None = None, broker_kind: str = "apache", commit_interval_s: float = 0.25,
-              profile: Path | None = None) -> dict:
-    with _broker(broker_kind) as broker:
+              profile: Path | None = None, broker=None) -> dict:
+    """One run; `broker`: a running one to use (the suite's), else one of `broker_kind` is started."""
+    with contextlib.nullcontext(broker) if broker is not None else _broker(broker_kind) as broker:
+        tag = uuid.uuid4().hex[:8]  # topics of this run alone: a shared broker may hold others
         k = KafkaSettings(bootstrap_servers=broker.bootstrap, input_partitions=8, create_topics=True,
-                          group_id=f"bench-{os.getpid()}", replication_factor=1, min_insync_replicas=1)
+                          input_topics=[f"ecg.lead2.{tag}"], flags_topic=f"flags.{tag}",
+                          episodes_topic=f"episodes.{tag}", dead_letter_topic=f"deadletter.{tag}",
+                          group_id=f"bench-{tag}", replication_factor=1, min_insync_replicas=1)
         await ensure_topics(k)
         env = dict(os.environ, STREAMER_MODEL__ALLOW_DEMO="true",
                    STREAMER_KAFKA__BOOTSTRAP_SERVERS=broker.bootstrap, STREAMER_KAFKA__GROUP_ID=k.group_id,
+                   STREAMER_KAFKA__INPUT_TOPICS=orjson.dumps(k.input_topics).decode(),
+                   STREAMER_KAFKA__FLAGS_TOPIC=k.flags_topic, STREAMER_KAFKA__EPISODES_TOPIC=k.episodes_topic,
+                   STREAMER_KAFKA__DEAD_LETTER_TOPIC=k.dead_letter_topic,
                    STREAMER_KAFKA__COMMIT_INTERVAL_S=str(commit_interval_s),
                    STREAMER_BATCHING__MAX_BATCH=str(max_batch), STREAMER_BATCHING__MAX_WAIT_MS=str(max_wait_ms),
                    STREAMER_LOG_FORMAT="json", STREAMER_LOG_LEVEL="warning", STREAMER_MODEL__BACKEND=backend)
@@ -95,6 +104,8 @@ async def run(beds: int, seconds: float, max_batch: int, max_wait_ms: float, enc
         reading = asyncio.create_task(read())
         sampling = (asyncio.create_task(asyncio.to_thread(sample_worker, worker.pid, seconds, profile))
                     if profile is not None else None)
+        pids = {"worker": worker.pid, "broker": _broker_pid(broker), "replay and reader": os.getpid()}
+        using = asyncio.create_task(asyncio.to_thread(cores_used, {n: p for n, p in pids.items() if p}, seconds))
         await replay(k, fleet, speed=1.0, chunk_s=0.25, encoding=encoding)
         try:
             await asyncio.wait_for(reading, 60)
@@ -103,6 +114,7 @@ async def run(beds: int, seconds: float, max_batch: int, max_wait_ms: float, enc
         await reader.stop()
         steps = await asyncio.to_thread(worker_steps, metrics_port)
         sampled_s = await sampling if sampling is not None else None
+        cores = await using
         worker.send_signal(signal.SIGTERM)
         worker.wait(60)
         lat = np.array(list(latencies.values()))
@@ -111,11 +123,30 @@ async def run(beds: int, seconds: float, max_batch: int, max_wait_ms: float, enc
                       for i, name in enumerate(("arrival", "worker", "delivery"))}
         return {"expected": len(expected), "flagged": len(latencies), "p50": float(np.percentile(lat, 50)),
                 "p99": float(np.percentile(lat, 99)), "max": float(lat.max()), "split": flag_split,
-                "steps": steps, "sampled_s": sampled_s,
+                "steps": steps, "sampled_s": sampled_s, "cores": cores,
                 "timeline": sorted(((expected[key] - t_first) / 1e9, latency) for key, latency in latencies.items())}
 
 
 PROFILE_RATE_HZ = 200
+
+
+def _broker_pid(broker) -> int | None:
+    """The broker's process: Apache Kafka's first node, or the embedded broker's."""
+    procs = getattr(broker, "processes", None)
+    if procs:
+        return next(iter(procs.values())).pid
+    process = getattr(broker, "process", None)
+    return process.pid if process is not None else None
+
+
+def cores_used(pids: dict[str, int], seconds: float) -> dict[str, float]:
+    """Cores each process used (user + system CPU / wall time) over the steady part of the run (the span
+    the profile samples): the CPU a window costs, idle waits excluded, which a sampled stack cannot tell."""
+    time.sleep(min(10.0, seconds / 4))
+    before, t0 = {n: cpu_s(p) for n, p in pids.items()}, time.monotonic()
+    time.sleep(max(seconds - 20, 1))
+    wall = time.monotonic() - t0
+    return {n: round((cpu_s(p) - before[n]) / wall, 3) for n, p in pids.items()}
 
 
 def sample_worker(pid: int, seconds: float, out: Path) -> float:
@@ -199,7 +230,8 @@ def main() -> None:
     record(f"end to end ({on}, checkpoint every {args.commit_interval:g} s), {setup}",
            f"flagged {r['flagged']}/{r['expected']}, latency p50 {r['p50'] * 1000:.0f} ms, "
            f"p99 {r['p99'] * 1000:.0f} ms, "
-           f"max {r['max'] * 1000:.0f} ms; {describe_split(r)}")
+           f"max {r['max'] * 1000:.0f} ms; {describe_split(r)}; cores used {r['cores']}, worker "
+           f"{r['cores']['worker'] * 10_000 / args.beds:.1f} ms CPU per window")
     if raw is not None:
         from benchmarks.profile_stages import table
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -300,6 +302,32 @@ def test_grid_arithmetic_matches_fractions():
     for i in (0, 1, 3599, 3600, 3601, 100000):
         k = g.first_window_ending_after(i)
         assert g.end_index(k) > i and (k == 0 or g.end_index(k - 1) <= i)
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.sampled_from([128.5, 250.0, 256.0, 360.0, 500.0, 500.001, 1000.0, 999.9]),
+       st.integers(-10**12, 10**12), st.integers(0, 10**7), st.integers(0, 500))
+def test_grid_indices_are_the_exact_rounding_of_times(fs, t_offset_ns, i, k):
+    """The grid's integer shortcuts (its rate taken apart once) against the plain Fraction arithmetic of
+    the definition: sample index = round((t - anchor) * fs), halves down; a window exists once the first
+    sample at or after its end does; the searches find the first and last windows an index touches."""
+    g = WindowGrid(START, as_rate(fs), 10 * 10**9, 10 * 10**9)
+    rate = as_rate(fs)
+
+    def nearest(t_ns: int) -> int:
+        x = Fraction(t_ns - START, 10**9) * rate
+        lower = math.floor(x)
+        return lower if x - lower <= Fraction(1, 2) else lower + 1
+
+    assert g.sample_index(START + t_offset_ns) == nearest(START + t_offset_ns)
+    assert g.start_index(k) == nearest(START + k * g.step_ns)
+    assert g.end_index(k) == nearest(START + k * g.step_ns + g.window_ns)
+    assert g.complete_index(k) == math.ceil(Fraction(k * g.step_ns + g.window_ns, 10**9) * rate)
+    assert g.fs_hz == float(rate)
+    first = g.first_window_ending_after(i)
+    assert g.end_index(first) > i and (first == 0 or g.end_index(first - 1) <= i)
+    last = g.last_window_starting_at_or_before(i)
+    assert (last == -1 or g.start_index(last) <= i) and g.start_index(last + 1) > i
 
 
 def test_fill_gaps_limits():

@@ -6,6 +6,7 @@ anything else is parsed as JSON. See docs/messages.md, "Input messages".
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -74,7 +75,7 @@ def _check(chunk: Chunk, key: bytes | None, s: WindowSettings, now_ns: int) -> C
         raise InvalidMessage("key_mismatch", "message key differs from the patient id in the value")
     if not chunk.patient_id or len(chunk.patient_id) > MAX_PATIENT_ID or not chunk.patient_id.isprintable():
         raise InvalidMessage("bad_patient_id", "patient id must be 1-128 printable characters")
-    if not (np.isfinite(chunk.fs) and s.min_rate_hz <= chunk.fs <= s.max_rate_hz):
+    if not (math.isfinite(chunk.fs) and s.min_rate_hz <= chunk.fs <= s.max_rate_hz):
         raise InvalidMessage("bad_rate", f"sample rate {chunk.fs!r} outside [{s.min_rate_hz}, {s.max_rate_hz}] Hz")
     latest_ns = now_ns + int(s.max_clock_skew_s * 1e9)
     if not MIN_TIMESTAMP_NS <= chunk.t0_ns <= latest_ns:

@@ -260,7 +260,9 @@ class PatientStream:
         n = len(chunk.samples)
         out: list[EmittedWindow] = []
         seg = self.segment
-        if seg is not None and fs != seg.grid.fs and abs(fs - seg.grid.fs) <= self.s.rate_tolerance * seg.grid.fs:
+        # as_rate is cached: the same rate is the same object, so `is` spares the Fraction comparison
+        if (seg is not None and fs is not seg.grid.fs and fs != seg.grid.fs
+                and abs(fs - seg.grid.fs) <= self.s.rate_tolerance * seg.grid.fs):
             fs = seg.grid.fs  # float noise from a gateway (500.0 / 500.001), not a new rate
         stepped_from = None
         if seg is not None:
@@ -289,13 +291,13 @@ class PatientStream:
     def _off_timeline(self, seg: _Segment, natural: int, fs: Fraction, chunk: Chunk) -> str | None:
         """None if the record continues the current segment; _NEW_SEGMENT for a clean new one; else the
         reason it does not fit (a clock event or an outlier)."""
-        if natural != seg.natural_anchor_ns or fs != seg.grid.fs:
+        if natural != seg.natural_anchor_ns or (fs is not seg.grid.fs and fs != seg.grid.fs):
             return "stale_segment" if natural < seg.natural_anchor_ns else _NEW_SEGMENT
         a = seg.grid.sample_index(chunk.t0_ns)
         b = a + len(chunk.samples)
         if a < 0:
             return "late"  # before a re-anchored grid: the old timeline
-        if a - seg.watermark > self.s.max_forward_jump_s * float(fs):
+        if a - seg.watermark > self.s.max_forward_jump_s * seg.grid.fs_hz:
             return "timestamp_jump"
         oldest = seg.grid.start_index(seg.next_k)
         if b <= oldest and not self._already_reported(seg, b):
@@ -399,15 +401,22 @@ class PatientStream:
                 w = seg.open[k] = _Open(e0 - s0, np.empty(0, np.float64), np.zeros(0, bool))
             self.nbytes += w.reserve(hi - s0)
             span = w.mask[lo - s0:hi - s0]
-            fresh = ~span
-            added = int(fresh.sum())
+            if not span.any():  # the usual case, samples not seen before: plain slices, no masks
+                fresh, added = None, hi - lo
+                w.values[lo - s0:hi - s0] = chunk.samples[lo - a:hi - a]
+                span[:] = True
+            else:  # a duplicate or an overlap: only the samples still missing are taken
+                fresh = ~span
+                added = int(fresh.sum())
+                if added:
+                    w.values[lo - s0:hi - s0][fresh] = chunk.samples[lo - a:hi - a][fresh]
+                    span[fresh] = True
             if added:
-                w.values[lo - s0:hi - s0][fresh] = chunk.samples[lo - a:hi - a][fresh]
-                span[fresh] = True
                 w.filled += added
                 w.min_offset = offset if w.min_offset is None else min(w.min_offset, offset)
                 if over is not None:
-                    bad = int(over[lo - a:hi - a][fresh].sum())
+                    taken = over[lo - a:hi - a] if fresh is None else over[lo - a:hi - a][fresh]
+                    bad = int(taken.sum())
                     w.implausible |= bad > 0
                     result.implausible_samples += bad
             result.new_samples += added
@@ -421,7 +430,7 @@ class PatientStream:
     # -- windows out ---------------------------------------------------------------------------
     def _due(self, seg: _Segment, now: float, flush: bool) -> Iterator[EmittedWindow]:
         grid = seg.grid
-        tolerance = round(self.s.reorder_tolerance_s * float(grid.fs))
+        tolerance = round(self.s.reorder_tolerance_s * grid.fs_hz)
         while True:
             k = seg.next_k
             ready_at = grid.complete_index(k)
@@ -444,7 +453,7 @@ class PatientStream:
         start_ns = grid.start_ns(k)
         self.reported_until_ns = max(self.reported_until_ns, start_ns + grid.window_ns)
         base = dict(patient_id=self.patient_id, partition=self.partition, start_ns=start_ns,
-                    end_ns=start_ns + grid.window_ns, fs=float(grid.fs), completed_at=now,
+                    end_ns=start_ns + grid.window_ns, fs=grid.fs_hz, completed_at=now,
                     min_offset=w.min_offset if w else None, k=k, anchor_ns=grid.anchor_ns,
                     natural_anchor_ns=seg.natural_anchor_ns, rate=grid.fs)
         if w is None:

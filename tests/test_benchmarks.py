@@ -1,0 +1,28 @@
+"""The benchmarks of issue 36 at tiny sizes, so that they cannot rot: each runs its real code path (the
+ingest loop; a worker process on Apache Kafka with a reader) and must account for every window. The
+figures they print at these sizes mean nothing; benchmarks/RESULTS.md holds the real runs."""
+
+from __future__ import annotations
+
+import asyncio
+
+from benchmarks.bench_e2e import run
+from benchmarks.bench_ingest import ENCODINGS, measure
+
+
+def test_bench_ingest_decodes_and_windows_every_encoding():
+    results = measure(beds=3, seconds=21, chunk_s=0.25, rounds=1)
+    assert set(results) == set(ENCODINGS)
+    for r in results.values():
+        assert r["records"] == 3 * 84 and r["windows"] == 3 * 2  # 21 s: two complete windows per bed
+        assert r["records_per_s"] > 0 and r["us_per_record"] > 0
+
+
+def test_bench_e2e_flags_every_window_and_splits_the_latency(broker):
+    r = asyncio.run(run(beds=3, seconds=22, max_batch=8, max_wait_ms=10, encoding="binary", backend="torch",
+                        broker=broker))
+    assert r["flagged"] == r["expected"] == 3 * 2, r
+    assert set(r["split"]) == {"arrival", "worker", "delivery"}
+    assert {"queued", "inference", "sent", "committed"} <= {step for step, q in r["steps"].items() if q}
+    assert set(r["cores"]) == {"worker", "broker", "replay and reader"} and r["cores"]["worker"] > 0
+    assert 0 < r["p50"] <= r["p99"] <= r["max"]
