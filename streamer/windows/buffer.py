@@ -392,7 +392,7 @@ class PatientStream:
         over = magnitude > self.s.max_abs_mv if magnitude.max() > self.s.max_abs_mv else None
         first_k = max(seg.next_k, grid.first_window_ending_after(max(a, oldest)))
         for k in range(first_k, grid.last_window_starting_at_or_before(b - 1) + 1):
-            s0, e0 = grid.start_index(k), grid.end_index(k)
+            s0, e0 = grid.sample_range(k)
             lo, hi = max(a, s0), min(b, e0)
             if lo >= hi:
                 continue

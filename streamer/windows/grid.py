@@ -37,6 +37,8 @@ class WindowGrid:
     _rate_num: int = field(init=False, repr=False, compare=False)
     _per_ns_den: int = field(init=False, repr=False, compare=False)  # NS * fs.denominator
     fs_hz: float = field(init=False, repr=False, compare=False)
+    # the sample ranges of the last few windows: a record asks for those of its window several times
+    _ranges: dict[int, tuple[int, int]] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_rate_num", self.fs.numerator)
@@ -50,11 +52,21 @@ class WindowGrid:
     def start_ns(self, k: int) -> int:
         return self.anchor_ns + k * self.step_ns
 
+    def sample_range(self, k: int) -> tuple[int, int]:
+        """Window k's samples: [index nearest its start, index nearest its end)."""
+        found = self._ranges.get(k)
+        if found is None:
+            if len(self._ranges) >= 16:
+                self._ranges.clear()
+            start = self.anchor_ns + k * self.step_ns
+            found = self._ranges[k] = (self.sample_index(start), self.sample_index(start + self.window_ns))
+        return found
+
     def start_index(self, k: int) -> int:
-        return self.sample_index(self.anchor_ns + k * self.step_ns)
+        return self.sample_range(k)[0]
 
     def end_index(self, k: int) -> int:
-        return self.sample_index(self.anchor_ns + k * self.step_ns + self.window_ns)
+        return self.sample_range(k)[1]
 
     def complete_index(self, k: int) -> int:
         """Index of the first sample at or after window k's end time: the window exists once that sample
