@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from benchmarks.campaigns.common import cpu_s, wait_ready
+from benchmarks.campaigns.common import cpu_s, pin_threads, wait_ready
 from benchmarks.common import record
 from streamer.kafka.broker import EmbeddedBroker, free_port
 from streamer.kafka.clients import ensure_topics, make_consumer
@@ -48,8 +48,14 @@ def _broker(kind: str):
 
 async def run(beds: int, seconds: float, max_batch: int, max_wait_ms: float, encoding: str, backend: str,
               cpu_threads: int | None = None, broker_kind: str = "apache", commit_interval_s: float = 0.25,
-              profile: Path | None = None, broker=None) -> dict:
-    """One run; `broker`: a running one to use (the suite's), else one of `broker_kind` is started."""
+              profile: Path | None = None, broker=None, warmup_s: float = 0.0, pin: bool = False) -> dict:
+    """One run; `broker`: a running one to use (the suite's), else one of `broker_kind` is started.
+
+    warmup_s: the beds stream that long before the measured `seconds`; latencies, cores and the profile
+    count windows due after it only (a broker started just now spends its first seconds of transactions
+    compiling them: 0.9 of a core for ~15 s on the 2-core box, which starves the model; a production
+    broker is long warm). Every window of the whole run must still be flagged.
+    pin: the broker, the replayer and the reader on CPU 0, the worker alone on CPU 1."""
     with contextlib.nullcontext(broker) if broker is not None else _broker(broker_kind) as broker:
         tag = uuid.uuid4().hex[:8]  # topics of this run alone: a shared broker may hold others
         k = KafkaSettings(bootstrap_servers=broker.bootstrap, input_partitions=8, create_topics=True,
@@ -71,9 +77,13 @@ async def run(beds: int, seconds: float, max_batch: int, max_wait_ms: float, enc
         log = open(Path(os.environ.get("TMPDIR", "/tmp")) / "bench_e2e_worker.log", "wb")
         worker = subprocess.Popen([sys.executable, "-m", "streamer", "run"], env=env, stdout=log,
                                   stderr=subprocess.STDOUT)  # its own process, as deployed
+        if pin:  # before the model loads: the threads it starts inherit the worker's CPU
+            pin_threads(worker.pid, {1})
+            pin_threads(_broker_pid(broker), {0})
+            os.sched_setaffinity(0, {0})
         await asyncio.to_thread(wait_ready, metrics_port, worker)  # model loaded, partitions assigned
         start_ns = time.time_ns()
-        fleet = [src for src, _ in synthetic_fleet(beds, seconds, start_ns, seed=1)]
+        fleet = [src for src, _ in synthetic_fleet(beds, warmup_s + seconds, start_ns, seed=1)]
         expected = {(src.patient_id, w.start_ns): w.end_ns for src in fleet for w in segment(src.recording.times_ns)}
         t_first = min(int(src.recording.times_ns[0]) for src in fleet)  # replay's time zero (replay.py)
         latencies: dict = {}
@@ -102,10 +112,11 @@ async def run(beds: int, seconds: float, max_batch: int, max_wait_ms: float, enc
                             split[key] = (completed - (wall0_wall + due), produced - completed, now_wall - produced)
 
         reading = asyncio.create_task(read())
-        sampling = (asyncio.create_task(asyncio.to_thread(sample_worker, worker.pid, seconds, profile))
+        sampling = (asyncio.create_task(asyncio.to_thread(sample_worker, worker.pid, seconds, profile, warmup_s))
                     if profile is not None else None)
         pids = {"worker": worker.pid, "broker": _broker_pid(broker), "replay and reader": os.getpid()}
-        using = asyncio.create_task(asyncio.to_thread(cores_used, {n: p for n, p in pids.items() if p}, seconds))
+        using = asyncio.create_task(asyncio.to_thread(cores_used, {n: p for n, p in pids.items() if p}, seconds,
+                                                      warmup_s))
         await replay(k, fleet, speed=1.0, chunk_s=0.25, encoding=encoding)
         try:
             await asyncio.wait_for(reading, 60)
@@ -117,12 +128,16 @@ async def run(beds: int, seconds: float, max_batch: int, max_wait_ms: float, enc
         cores = await using
         worker.send_signal(signal.SIGTERM)
         worker.wait(60)
-        lat = np.array(list(latencies.values()))
-        parts = np.array(list(split.values())).reshape(-1, 3)
+        if pin:
+            os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+        steady = [key for key in latencies if (expected[key] - t_first) / 1e9 >= warmup_s]
+        lat = np.array([latencies[key] for key in steady])
+        parts = np.array([split[key] for key in steady]).reshape(-1, 3)
         flag_split = {name: (float(np.percentile(parts[:, i], 50)), float(np.percentile(parts[:, i], 99)))
                       for i, name in enumerate(("arrival", "worker", "delivery"))}
-        return {"expected": len(expected), "flagged": len(latencies), "p50": float(np.percentile(lat, 50)),
-                "p99": float(np.percentile(lat, 99)), "max": float(lat.max()), "split": flag_split,
+        return {"expected": len(expected), "flagged": len(latencies), "measured": len(steady),
+                "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)), "max": float(lat.max()),
+                "p99_all": float(np.percentile(np.array(list(latencies.values())), 99)), "split": flag_split,
                 "steps": steps, "sampled_s": sampled_s, "cores": cores,
                 "timeline": sorted(((expected[key] - t_first) / 1e9, latency) for key, latency in latencies.items())}
 
@@ -139,24 +154,24 @@ def _broker_pid(broker) -> int | None:
     return process.pid if process is not None else None
 
 
-def cores_used(pids: dict[str, int], seconds: float) -> dict[str, float]:
+def cores_used(pids: dict[str, int], seconds: float, warmup_s: float = 0.0) -> dict[str, float]:
     """Cores each process used (user + system CPU / wall time) over the steady part of the run (the span
     the profile samples): the CPU a window costs, idle waits excluded, which a sampled stack cannot tell."""
-    time.sleep(min(10.0, seconds / 4))
+    time.sleep(warmup_s + min(10.0, seconds / 4))
     before, t0 = {n: cpu_s(p) for n, p in pids.items()}, time.monotonic()
     time.sleep(max(seconds - 20, 1))
     wall = time.monotonic() - t0
     return {n: round((cpu_s(p) - before[n]) / wall, 3) for n, p in pids.items()}
 
 
-def sample_worker(pid: int, seconds: float, out: Path) -> float:
-    """py-spy on the worker through the steady part of the run (after 10 s, until 10 s before the end),
-    without pausing it; returns how many seconds were sampled."""
+def sample_worker(pid: int, seconds: float, out: Path, warmup_s: float = 0.0) -> float:
+    """py-spy on the worker through the steady part of the run (after the warm-up and 10 s, until 10 s
+    before the end), without pausing it; returns how many seconds were sampled."""
     import shutil
 
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     duration = max(int(seconds) - 20, 1)
-    time.sleep(min(10.0, seconds / 4))
+    time.sleep(warmup_s + min(10.0, seconds / 4))
     subprocess.run([spy, "record", "--pid", str(pid), "--duration", str(duration), "--rate", str(PROFILE_RATE_HZ),
                     "--format", "raw", "--nonblocking", "--output", str(out)], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -208,6 +223,66 @@ def describe_split(r: dict) -> str:
     return f"split p50/p99 ms: {flags}; in the worker: {inside}"
 
 
+def describe_setup(args, beds: int) -> tuple[str, str]:
+    on = ("Apache Kafka 4.4.0, exactly-once" if args.broker == "apache" else "embedded broker, at-least-once")
+    on += f", checkpoint every {args.commit_interval:g} s" + (", worker pinned to CPU 1, the rest to CPU 0"
+                                                             if args.pin or args.capacity else "")
+    setup = (f"{beds} beds real time, {args.seconds:.0f}s measured after {args.warmup:.0f}s, {args.encoding}, "
+             f"batch<={args.max_batch}, {args.backend}"
+             + (f", {args.cpu_threads} inference thread(s)" if args.cpu_threads else ""))
+    return on, setup
+
+
+def describe_run(r: dict, beds: int) -> str:
+    return (f"flagged {r['flagged']}/{r['expected']}, latency p50 {r['p50'] * 1000:.0f} ms, p99 "
+            f"{r['p99'] * 1000:.0f} ms, max {r['max'] * 1000:.0f} ms (with the warm-up's windows: p99 "
+            f"{r['p99_all'] * 1000:.0f} ms); {describe_split(r)}; cores used {r['cores']}, worker "
+            f"{r['cores']['worker'] * 10_000 / beds:.1f} ms CPU per window")
+
+
+def model_alone(backend: str, batch: int, cpu: int = 1, windows: int = 256) -> float:
+    """Windows/s the model (preprocessing included) scores alone on one core, one thread, batches of
+    `batch`: what the worker's core could do with no Kafka, windows or publishing around it."""
+    from streamer.model.infer import ArtifactScorer
+    from streamer.settings import ModelSettings
+    from streamer.synthetic import generate
+
+    everything = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        scorer = ArtifactScorer(ModelSettings(backend=backend, cpu_threads=1)).warm_up()
+        x = generate(10.0 * windows, fs=500, seed=0).values.reshape(windows, 5000).astype(np.float32)
+        best = 0.0
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for i in range(0, windows, batch):
+                scorer.probabilities(x[i:i + batch])
+            best = max(best, windows / (time.perf_counter() - t0))
+        return best
+    finally:
+        os.sched_setaffinity(0, everything)
+
+
+def capacity(args, beds_list: list[int]) -> None:
+    """Pinned runs at growing bed counts until p99 passes 1 s; a row each, then the capacity row."""
+    alone = model_alone(args.backend, args.max_batch)
+    best = None
+    for beds in beds_list:
+        r = asyncio.run(run(beds, args.seconds, args.max_batch, args.max_wait_ms, args.encoding, args.backend,
+                            args.cpu_threads, args.broker, args.commit_interval, warmup_s=args.warmup, pin=True))
+        on, setup = describe_setup(args, beds)
+        record(f"end to end ({on}), {setup}", describe_run(r, beds))
+        if r["flagged"] < r["expected"] or r["p99"] > 1.0:
+            break
+        best = beds
+    on, setup = describe_setup(args, 0)
+    rate = (best or 0) / 10
+    record(f"capacity ({on}): the most beds of {beds_list} at p99 <= 1 s, every window flagged; "
+           f"{setup.split(', ', 1)[1]}",
+           f"{best or 0} beds = {rate:g} windows/s; the model alone on that core, one thread, batch "
+           f"{args.max_batch}: {alone:.1f} windows/s", baseline=f"{alone:.1f}", ratio=f"{rate / alone:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--beds", type=int, default=100)
@@ -220,18 +295,20 @@ def main() -> None:
     ap.add_argument("--broker", choices=["apache", "embedded"], default="apache")
     ap.add_argument("--commit-interval", type=float, default=0.25, help="kafka.commit_interval_s (checkpoints)")
     ap.add_argument("--profile", action="store_true", help="sample the worker with py-spy; a row per stage")
+    ap.add_argument("--warmup", type=float, default=20.0, help="seconds streamed before the measured ones")
+    ap.add_argument("--pin", action="store_true", help="broker, replayer and reader on CPU 0, the worker on CPU 1")
+    ap.add_argument("--capacity", default=None, metavar="BEDS,BEDS,...",
+                    help="pinned runs at these bed counts, in order, until p99 > 1 s; the most beds within it "
+                         "as a ratio to the model alone on the worker's core")
     args = ap.parse_args()
+    if args.capacity:
+        return capacity(args, [int(b) for b in args.capacity.split(",")])
     raw = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_e2e_worker_{args.beds}.pyspy" if args.profile else None
     r = asyncio.run(run(args.beds, args.seconds, args.max_batch, args.max_wait_ms, args.encoding, args.backend,
-                        args.cpu_threads, args.broker, args.commit_interval, raw))
-    on = ("Apache Kafka 4.4.0, exactly-once" if args.broker == "apache" else "embedded broker, at-least-once")
-    setup = (f"{args.beds} beds real time, {args.seconds:.0f}s, {args.encoding}, batch<={args.max_batch}, "
-             f"{args.backend}" + (f", {args.cpu_threads} inference thread(s)" if args.cpu_threads else ""))
-    record(f"end to end ({on}, checkpoint every {args.commit_interval:g} s), {setup}",
-           f"flagged {r['flagged']}/{r['expected']}, latency p50 {r['p50'] * 1000:.0f} ms, "
-           f"p99 {r['p99'] * 1000:.0f} ms, "
-           f"max {r['max'] * 1000:.0f} ms; {describe_split(r)}; cores used {r['cores']}, worker "
-           f"{r['cores']['worker'] * 10_000 / args.beds:.1f} ms CPU per window")
+                        args.cpu_threads, args.broker, args.commit_interval, raw, warmup_s=args.warmup,
+                        pin=args.pin))
+    on, setup = describe_setup(args, args.beds)
+    record(f"end to end ({on}), {setup}", describe_run(r, args.beds))
     if raw is not None:
         from benchmarks.profile_stages import table
 
