@@ -256,7 +256,9 @@ class ModelSettings(_Group):
 
 
 class BatchSettings(_Group):
-    max_batch: int = Field(64, ge=1, description="windows per micro-batch at most")
+    max_batch: int = Field(64, ge=1, description="windows per micro-batch at most, and at most one network "
+                           "call (model.device_batch): a batch's flags go out together, so on the CPU a larger "
+                           "one would only hold the first windows' flags back while the rest are scored")
     max_wait_ms: float = Field(10.0, ge=0, description="an idle model scores a micro-batch once its first window "
                                "waited this long (while the model runs, windows queue up and the next batch takes "
                                "them all: waiting longer only adds latency)")

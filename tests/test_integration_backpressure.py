@@ -92,3 +92,23 @@ def test_slow_inference_pauses_fetching_then_catches_up(broker, scorer):
     assert 'streamer_model_info{' in after and "model_id=" in after
     assert st3 == 200 and health.strip() == "ok"
     assert st4 == 200 and ready.startswith("ready")
+
+
+def test_a_micro_batch_is_one_network_call_at_most(broker, scorer):
+    """batching.max_batch above the model's device batch: batches are cut at the device batch (their flags
+    go out together, so the first call's flags never wait for a second call); below it, max_batch holds."""
+    async def limit(s) -> int:
+        worker = Worker(s, scorer=scorer)
+        task = asyncio.create_task(worker.run())
+        try:
+            while not worker.assigned and not task.done():  # started: its partition assigned
+                await asyncio.sleep(0.05)
+            return worker.batcher.max_batch
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, 60)
+
+    for max_batch, expected in ((scorer.device_batch * 4, scorer.device_batch), (1, 1)):
+        s = isolated_settings(broker.bootstrap, partitions=1)  # topics made here, outside the event loop
+        s.batching.max_batch = max_batch
+        assert asyncio.run(limit(s)) == expected

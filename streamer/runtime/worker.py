@@ -146,6 +146,11 @@ class Worker:
         info = self.scorer.info
         self.metrics.model.info({"model_id": info.model_id, "device": info.device, "precision": info.precision})
         self.window_scorer = WindowScorer(self.scorer, self.s.model.cpu_fallback, self.metrics)
+        # a micro-batch is one network call at most: past it, the model scores in several calls anyway,
+        # and the first call's flags would wait for the last (pinned, 400 beds on one core: p99 1.7 -> 0.5 s)
+        device_batch = getattr(self.scorer, "device_batch", None)
+        if device_batch:
+            self.batcher.max_batch = min(self.batcher.max_batch, device_batch)
         self.routing = await output_routing(k)
         self.outputs, self.producer = await choose_delivery(k, self.event_time, self.routing, self._fenced)
         self.consumer = make_consumer(k)
