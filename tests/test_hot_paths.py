@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks.bench_e2e import histogram_quantile
-from benchmarks.profile_stages import fold, stage_of
+from benchmarks.profile_stages import IDLE, fold, stage_of, table
 from streamer.checkpointing.event_time import ClockOffset
 from streamer.metrics import FLAG_STEPS, Metrics
 
@@ -74,6 +74,19 @@ def test_stage_profile_charges_a_stack_to_its_most_specific_stage():
     assert stage_of(send) == "transactions and commits"
     assert stage_of(["_consume_loop (streamer/runtime/worker.py:1)", "decode (streamer/ingest/contract.py:5)"]) \
         == "decode"
-    assert stage_of(["select (selectors.py:468)"]) == "event loop"
-    raw = ";".join(model) + " 7\n" + ";".join(send) + " 3\nbroken line\n"
-    assert fold(raw) == {"model": 7, "transactions and commits": 3}
+    assert stage_of(["_run_once (asyncio/base_events.py:1)", "_process_events (selectors.py:1)"]) == "event loop"
+    waiting = ["cmd_run (streamer/cli.py:116)", "_run_once (asyncio/base_events.py:1)",
+               "EpollSelector.select (selectors.py:468)"]
+    assert stage_of(waiting) == IDLE
+    raw = ";".join(model) + " 7\n" + ";".join(send) + " 3\n" + ";".join(waiting) + " 5\nbroken line\n"
+    assert fold(raw) == {"model": 7, "transactions and commits": 3, IDLE: 5}
+
+
+def test_stage_table_leaves_the_idle_event_loop_out(tmp_path):
+    raw = tmp_path / "profile.raw"
+    raw.write_text("run (streamer/model/backends.py:3) 300\nEpollSelector.select (selectors.py:468) 700\n"
+                   "decode (streamer/ingest/contract.py:5) 100\n")
+    rows = table(raw, rate_hz=100, windows=10, records=400)
+    assert [r[0] for r in rows] == ["model", "decode"]
+    stage, ms_window, us_record, share = rows[0]
+    assert (ms_window, us_record) == (300.0, 7500.0) and abs(share - 0.75) < 1e-9
