@@ -437,9 +437,9 @@ class Worker:
     # -- commits and rebalances -------------------------------------------------------------------
     async def _commit_loop(self) -> None:
         """A checkpoint of every owned partition every commit_interval_s until `commits_end` (shutdown); with
-        exactly once and kafka.commit_after_flags, between those, one of the partitions whose open transactions
-        hold flags as soon as there are any (the loop runs one checkpoint at a time, so flags published during
-        one wait for the next: the commit rate follows the commit's own speed). A checkpoint is never
+        exactly once and kafka.commit_after_flags, between those, the partitions whose open transactions hold
+        flags as soon as there are any (the loop runs one checkpoint at a time, so flags published during one
+        wait for the next: the commit rate follows the commit's own speed). A checkpoint is never
         cancelled in the middle (see _shutdown)."""
         k = self.s.kafka
         after_flags = k.commit_after_flags and self.outputs.exactly_once
