@@ -10,6 +10,7 @@ from aiokafka import TopicPartition
 from streamer.checkpointing import OffsetsLedger
 from streamer.checkpointing.event_time import EventTime
 from streamer.checkpointing.outputs import AtLeastOnceOutputs, TransactionalOutputs
+from streamer.checkpointing.schedule import CheckpointSchedule
 from streamer.metrics import Metrics
 from streamer.runtime.ownership import PartitionOwnership
 from streamer.runtime.startup import choose_delivery
@@ -111,3 +112,41 @@ def test_only_partitions_read_to_their_end_count_as_silent():
     assert upkeep.caught_up() == [TP0]  # TP1 has 4 records unread: its beds' silence is not theirs
     paused[0] = True
     assert upkeep.caught_up() == []  # paused fetching says nothing about the beds
+
+
+def test_checkpoint_schedule_commits_flagged_partitions_at_once_and_every_partition_each_period():
+    """Without a Worker: flags in open transactions get their partitions checkpointed at once (only those
+    owned), every owned partition is checkpointed when the period is due, and shutdown ends the schedule."""
+    class Clock:
+        t = 0.0
+
+        def __call__(self) -> float:
+            return self.t
+
+    async def main():
+        clock, ending, flagged = Clock(), asyncio.Event(), asyncio.Event()
+        pending: set = set()
+
+        def take() -> set:
+            taken = set(pending)
+            pending.clear()
+            flagged.clear()
+            return taken
+
+        schedule = CheckpointSchedule(3600.0, ending, flagged, take, clock=clock)
+        pending.update({"p1", "p9"})
+        flagged.set()
+        assert await schedule.next({"p0", "p1"}) == {"p1"}  # p9 is no longer owned
+        clock.t = 3600.0  # the period is due: the next call does not wait
+        assert await schedule.next({"p0", "p1"}) == {"p0", "p1"}
+        waiting = asyncio.ensure_future(schedule.next({"p0"}))
+        await asyncio.sleep(0)
+        assert not waiting.done(), "nothing flagged and the period not due: it waits"
+        ending.set()
+        assert await waiting is None
+        assert await schedule.next({"p0"}) is None
+
+        periodic = CheckpointSchedule(0.0, asyncio.Event())  # at least once: periodic only
+        assert await periodic.next({"p0"}) == {"p0"}
+
+    asyncio.run(main())

@@ -1,5 +1,5 @@
 """When input offsets may move: the offsets ledger (what was consumed, what outputs still depend on which
-records) and the checkpoint (offsets, then patient states, then the commit)."""
+records), the checkpoint (offsets, then patient states, then the commit) and its schedule."""
 
 from streamer.checkpointing.checkpoint import Checkpointer
 from streamer.checkpointing.ledger import OffsetsLedger

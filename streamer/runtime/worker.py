@@ -20,6 +20,7 @@ from streamer.batching import MicroBatcher
 from streamer.checkpointing import Checkpointer, OffsetsLedger
 from streamer.checkpointing.event_time import ClockOffset, EventTime
 from streamer.checkpointing.outputs import AtLeastOnceOutputs, OutputRouting, TransactionalOutputs
+from streamer.checkpointing.schedule import CheckpointSchedule
 from streamer.ingest.contract import InvalidMessage, decode
 from streamer.ingest.deadletter import DeadLetters
 from streamer.ingest.partitioning import PartitionerWatch, home_partition
@@ -436,34 +437,16 @@ class Worker:
 
     # -- commits and rebalances -------------------------------------------------------------------
     async def _commit_loop(self) -> None:
-        """A checkpoint of every owned partition every commit_interval_s until `commits_end` (shutdown); with
-        exactly once and kafka.commit_after_flags, between those, the partitions whose open transactions hold
-        flags as soon as there are any (the loop runs one checkpoint at a time, so flags published during one
-        wait for the next: the commit rate follows the commit's own speed). A checkpoint is never
-        cancelled in the middle (see _shutdown)."""
+        """Checkpoints as the schedule says (checkpointing/schedule.py) until `commits_end` (shutdown); a
+        checkpoint is never cancelled in the middle (see _shutdown)."""
         k = self.s.kafka
         after_flags = k.commit_after_flags and self.outputs.exactly_once
-        ending = asyncio.ensure_future(self.commits_end.wait())
-        next_full = time.monotonic() + k.commit_interval_s
-        try:
-            while not self.commits_end.is_set():
-                wakers = {ending}
-                if after_flags:
-                    wakers.add(asyncio.ensure_future(self.publisher.flags_uncommitted.wait()))
-                await asyncio.wait(wakers, timeout=max(next_full - time.monotonic(), 0.0),
-                                   return_when=asyncio.FIRST_COMPLETED)
-                for waker in wakers - {ending}:
-                    waker.cancel()
-                if self.commits_end.is_set():
-                    return
-                flagged = self.publisher.take_uncommitted()
-                if time.monotonic() >= next_full:
-                    next_full = time.monotonic() + k.commit_interval_s
-                    await self._commit(self.assigned)
-                elif flagged & self.assigned:
-                    await self._commit(flagged & self.assigned)
-        finally:
-            ending.cancel()
+        schedule = CheckpointSchedule(k.commit_interval_s, self.commits_end,
+                                      self.publisher.flags_uncommitted if after_flags else None,
+                                      self.publisher.take_uncommitted)
+        while (partitions := await schedule.next(self.assigned)) is not None:
+            if partitions:
+                await self._commit(partitions)
 
     async def _commit(self, partitions: set[TopicPartition]) -> None:
         if self.checkpointer is not None:

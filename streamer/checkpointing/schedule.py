@@ -1,0 +1,44 @@
+"""When to checkpoint which partitions: every owned partition each `interval_s`; and, where flags wait in
+open transactions (exactly once with kafka.commit_after_flags), those partitions as soon as there are any,
+so a flag becomes visible to read_committed readers after one commit instead of at the next period.
+
+One checkpoint runs at a time (the caller awaits it before asking again), so flags published during one
+wait for the next: the commit rate follows the commit's own speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable
+
+
+class CheckpointSchedule:
+    def __init__(self, interval_s: float, ending: asyncio.Event, flagged: asyncio.Event | None = None,
+                 take_flagged: Callable[[], set] = set, clock: Callable[[], float] = time.monotonic):
+        """`ending`: set at shutdown (no further checkpoint); `flagged`: set while partitions hold flags in
+        open transactions, `take_flagged()` names them and clears it (None: periodic checkpoints only)."""
+        self.interval_s, self.ending, self.flagged, self.take_flagged = interval_s, ending, flagged, take_flagged
+        self.clock = clock
+        self._next_full = clock() + interval_s
+
+    async def next(self, owned: set) -> set | None:
+        """The partitions to checkpoint now (empty: nothing of `owned` is due), or None once ending."""
+        if self.ending.is_set():
+            return None
+        wakers = {asyncio.ensure_future(self.ending.wait())}
+        if self.flagged is not None:
+            wakers.add(asyncio.ensure_future(self.flagged.wait()))
+        try:
+            await asyncio.wait(wakers, timeout=max(self._next_full - self.clock(), 0.0),
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waker in wakers:
+                waker.cancel()
+        if self.ending.is_set():
+            return None
+        flagged = self.take_flagged()
+        if self.clock() >= self._next_full:
+            self._next_full = self.clock() + self.interval_s
+            return set(owned)
+        return flagged & owned
