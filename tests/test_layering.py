@@ -4,12 +4,28 @@ imports a later stage (state/ and checkpointing/ sit beside the path; the worker
 from __future__ import annotations
 
 import ast
+import gc
 from pathlib import Path
 
 import streamer
 
 ORDER = ["ingest", "windows", "batching", "model", "publish"]
 ROOT = Path(streamer.__file__).resolve().parent
+
+
+def parse(path: Path) -> ast.Module:
+    """ast.parse with the garbage collector paused. CPython 3.11.7's AST constructor keeps one recursion
+    counter for the whole interpreter (python/cpython#106905, fixed in 3.11.8): a collection in the middle
+    of a parse runs finalizers, which can hand the GIL to another thread that parses too (pytest rewriting
+    a module a test's thread imports), and the counter no longer matches: a SystemError this suite met once
+    in a fresh clone. With no collection, nothing runs Python code in the middle of our parse."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return ast.parse(path.read_text(), filename=str(path))
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _stage(module: str) -> int | None:
@@ -24,7 +40,7 @@ def test_no_stage_imports_a_later_stage():
         me = _stage(module)
         if me is None:
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(parse(path)):
             if isinstance(node, ast.ImportFrom) and node.module and (other := _stage(node.module)) is not None:
                 if other > me:
                     found.append(f"{module} imports {node.module}")
@@ -63,7 +79,7 @@ def _layer(module: str) -> int | None:
 def _imports(path: Path, module: str) -> list[str]:
     """Every streamer module `path` imports, at any depth (function-level imports included)."""
     out = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(parse(path)):
         if isinstance(node, ast.ImportFrom) and node.level:  # relative: resolve against the package
             base = module.rsplit(".", node.level)[0] if path.name != "__init__.py" else module
             out.append(f"{base}.{node.module}" if node.module else base)
