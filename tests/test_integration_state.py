@@ -72,9 +72,9 @@ def test_episode_opened_under_one_worker_is_closed_by_its_successor(broker, scor
 
     async def main():
         a = Worker(s, scorer=scorer)
-        s_a = a.s.model_copy(deep=True)
+        s_a = a.settings.model_copy(deep=True)
         s_a.episodes.stale_after_s = 3600.0  # a does not close it: the bed is still "recent" for a
-        a.s = s_a
+        a.settings = s_a
         ta = asyncio.create_task(a.run())
         await until_true(lambda: asyncio.sleep(0, bool(a.assigned)), 60, "assignment of a")
         await replay(s.kafka, [bed], speed=None, chunk_s=0.5)

@@ -195,7 +195,7 @@ class Ward:
 class ViewServer:
     def __init__(self, k: KafkaSettings, host: str = "127.0.0.1", port: int = 8765, push_interval_s: float = 1.0,
                  from_beginning: bool = False, ward: Ward | None = None):
-        self.k, self.host, self.port = k, host, port
+        self.kafka, self.host, self.port = k, host, port
         self.push_interval_s = push_interval_s
         self.from_beginning = from_beginning
         self.ward = ward or Ward()
@@ -206,10 +206,10 @@ class ViewServer:
     async def run(self, stop: asyncio.Event) -> None:
         from streamer.kafka.clients import check_connection, make_consumer, require_topics
 
-        await check_connection(self.k)
-        topics = [*self.k.input_topics, self.k.flags_topic, self.k.episodes_topic]
-        await require_topics(self.k, topics)
-        consumer = make_consumer(self.k, group_id=None, client_id=f"{self.k.client_id}-view",
+        await check_connection(self.kafka)
+        topics = [*self.kafka.input_topics, self.kafka.flags_topic, self.kafka.episodes_topic]
+        await require_topics(self.kafka, topics)
+        consumer = make_consumer(self.kafka, group_id=None, client_id=f"{self.kafka.client_id}-view",
                                  auto_offset_reset="earliest" if self.from_beginning else "latest")
         await consumer.start()
         consumer.subscribe(topics)
@@ -221,9 +221,9 @@ class ViewServer:
                 for tp, records in batch.items():
                     for r in records:
                         try:
-                            if tp.topic == self.k.flags_topic:
+                            if tp.topic == self.kafka.flags_topic:
                                 self.ward.on_flag(r.value)
-                            elif tp.topic == self.k.episodes_topic:
+                            elif tp.topic == self.kafka.episodes_topic:
                                 self.ward.on_episode(r.value)
                             else:
                                 self.ward.on_input(r.key, r.value, self.window_settings)

@@ -45,7 +45,7 @@ class EpisodeTracker:
     """
 
     def __init__(self, settings: EpisodeSettings, model_id: str):
-        self.s = settings
+        self.settings = settings
         self.model_id = model_id
         self.patients: dict[str, EpisodeState] = {}
 
@@ -74,7 +74,7 @@ class EpisodeTracker:
                 st.streak_start_ns, st.streak_peak = flag["window_start_ns"], p
             st.flagged_streak += 1
             st.streak_peak = max(st.streak_peak, p)
-            if st.flagged_streak >= self.s.open_after:
+            if st.flagged_streak >= self.settings.open_after:
                 st.open_start_ns, st.peak = st.streak_start_ns, st.streak_peak
                 st.last_flagged_end_ns = flag["window_end_ns"]
                 st.flagged_windows = st.flagged_streak
@@ -85,7 +85,7 @@ class EpisodeTracker:
         if st.open_start_ns is None:
             return None
         st.clean_streak += 1
-        if st.clean_streak < self.s.close_after:
+        if st.clean_streak < self.settings.close_after:
             return None
         return self._close(flag["patient_id"], st, "clean", now_s)
 
@@ -98,7 +98,7 @@ class EpisodeTracker:
             # this clock is behind the one that stamped the state (a step back, or a new owner's clock):
             # count from now, so the close comes at most stale_after_s later instead of never
             st.updated_at_s = now_s
-        if now_s - st.updated_at_s < self.s.stale_after_s:
+        if now_s - st.updated_at_s < self.settings.stale_after_s:
             return None
         return self._close(patient_id, st, "stale", now_s)
 
@@ -106,7 +106,7 @@ class EpisodeTracker:
         """A renewal of an open episode's lease when one is due (or this clock went back since the last)."""
         if st.open_start_ns is None:
             return None
-        if 0 <= now_s - st.renewed_at_s < self.s.renew_every_s:
+        if 0 <= now_s - st.renewed_at_s < self.settings.renew_every_s:
             return None
         return self._message(patient_id, st, "open", now_s, renewal=True)
 
@@ -118,8 +118,8 @@ class EpisodeTracker:
         """Whether `stale` or `renew` has something to do for this state now (reads only)."""
         if st.open_start_ns is None:
             return False
-        return (now_s < st.updated_at_s or now_s - st.updated_at_s >= self.s.stale_after_s
-                or not 0 <= now_s - st.renewed_at_s < self.s.renew_every_s)
+        return (now_s < st.updated_at_s or now_s - st.updated_at_s >= self.settings.stale_after_s
+                or not 0 <= now_s - st.renewed_at_s < self.settings.renew_every_s)
 
     def lost(self, patient_id: str, st: EpisodeState, now_s: float) -> dict:
         """The conservative close for a patient whose state could not be read (`st` is its fresh state):
@@ -142,7 +142,7 @@ class EpisodeTracker:
     def _message(self, patient_id: str, st: EpisodeState, state: str, now_s: float, reason: str | None = None,
                  renewal: bool = False) -> dict:
         now_ns = int(now_s * 1e9)
-        lease_ns = int(self.s.lease_s * 1e9) if state == "open" else None
+        lease_ns = int(self.settings.lease_s * 1e9) if state == "open" else None
         if state == "open":
             st.renewed_at_s = now_s
         msg = {

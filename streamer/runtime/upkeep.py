@@ -50,7 +50,7 @@ class Backpressure:
 
 @dataclass
 class Upkeep:
-    s: Settings
+    settings: Settings
     assigned: set[TopicPartition]  # the worker's
     stage: WindowStage
     ledger: OffsetsLedger
@@ -79,7 +79,7 @@ class Upkeep:
     def caught_up(self) -> list[TopicPartition]:
         """Partitions fetched lately and read to their high watermark: their silence is real silence."""
         now_ms = time.time() * 1000
-        fresh_ms = 2 * self.s.kafka.fetch_max_wait_ms + 1000
+        fresh_ms = 2 * self.settings.kafka.fetch_max_wait_ms + 1000
         out = []
         for tp in self.assigned:
             high, polled = self.consumer.highwater(tp), self.consumer.last_poll_timestamp(tp)
@@ -90,7 +90,7 @@ class Upkeep:
 
     def expire_states(self) -> None:
         """Every few minutes (a quarter of state.ttl_s at most): forget patients unchanged for state.ttl_s."""
-        now, ttl = self.clock(), self.s.state.ttl_s
+        now, ttl = self.clock(), self.settings.state.ttl_s
         if now < self.next_expiry:
             return
         self.next_expiry = now + min(300.0, ttl / 4)

@@ -167,7 +167,7 @@ class PatientStream:
                  state: PatientState | None = None):
         self.patient_id = patient_id
         self.partition = partition
-        self.s = settings
+        self.settings = settings
         self.state = state or PatientState(patient_id)  # read here; updated when flags are acknowledged
         self.window_ns = round(settings.window_s * NS)
         self.step_ns = round((settings.window_s - settings.overlap_s) * NS)
@@ -186,7 +186,7 @@ class PatientStream:
     # -- chunk in -------------------------------------------------------------------------------
     def accept(self, chunk: Chunk, offset: int, now: float, ref: object = None) -> AcceptResult:
         """`ref` travels back in `dead_letters` if this record is refused, now or later."""
-        if self.segment is None and self.s.provisional_records > 1:
+        if self.segment is None and self.settings.provisional_records > 1:
             return self._hold(chunk, offset, now, ref)
         result = self._accept(chunk, offset, now)
         _dead_letter_if_refused(result, ref, len(chunk.samples))
@@ -204,8 +204,8 @@ class PatientStream:
         if fresh:
             self.last_activity = now
         group = next(g for g in self._agreeing_groups() if any(h is held for h in g))
-        if _distinct(group) < self.s.provisional_records:
-            if len(self.held) < 2 * self.s.provisional_records:
+        if _distinct(group) < self.settings.provisional_records:
+            if len(self.held) < 2 * self.settings.provisional_records:
                 return AcceptResult([], held_samples=n if fresh else 0)
             group = self._largest_group()  # no agreement among many
         return self._release(group, now)
@@ -213,12 +213,12 @@ class PatientStream:
     def _agreeing_groups(self) -> list[list[_Held]]:
         """The held records in groups that agree: same segment and rate, each within reorder_tolerance_s of
         the group's span (in any arrival order)."""
-        tolerance = round(self.s.reorder_tolerance_s * NS)
+        tolerance = round(self.settings.reorder_tolerance_s * NS)
         groups: list[list[_Held]] = []
         for h in sorted(self.held, key=lambda h: (h.natural_anchor_ns, h.chunk.t0_ns)):
             last = groups[-1] if groups else None
             if (last is not None and last[0].natural_anchor_ns == h.natural_anchor_ns
-                    and abs(last[0].rate - h.rate) <= self.s.rate_tolerance * last[0].rate  # 500.0 / 500.001
+                    and abs(last[0].rate - h.rate) <= self.settings.rate_tolerance * last[0].rate  # 500.0 / 500.001
                     and h.chunk.t0_ns <= max(x.end_ns for x in last) + tolerance):
                 last.append(h)
             else:
@@ -262,7 +262,7 @@ class PatientStream:
         seg = self.segment
         # as_rate is cached: the same rate is the same object, so `is` spares the Fraction comparison
         if (seg is not None and fs is not seg.grid.fs and fs != seg.grid.fs
-                and abs(fs - seg.grid.fs) <= self.s.rate_tolerance * seg.grid.fs):
+                and abs(fs - seg.grid.fs) <= self.settings.rate_tolerance * seg.grid.fs):
             fs = seg.grid.fs  # float noise from a gateway (500.0 / 500.001), not a new rate
         stepped_from = None
         if seg is not None:
@@ -297,7 +297,7 @@ class PatientStream:
         b = a + len(chunk.samples)
         if a < 0:
             return "late"  # before a re-anchored grid: the old timeline
-        if a - seg.watermark > self.s.max_forward_jump_s * seg.grid.fs_hz:
+        if a - seg.watermark > self.settings.max_forward_jump_s * seg.grid.fs_hz:
             return "timestamp_jump"
         oldest = seg.grid.start_index(seg.next_k)
         if b <= oldest and not self._already_reported(seg, b):
@@ -313,14 +313,14 @@ class PatientStream:
     def _confirms_new_timeline(self, natural: int, fs: Fraction, chunk: Chunk, offset: int) -> bool:
         end_ns = chunk.t0_ns + round(len(chunk.samples) * NS / fs)
         c = _Candidate(natural, fs, chunk.t0_ns, end_ns, offset)
-        tolerance = self.s.reorder_tolerance_s * NS
+        tolerance = self.settings.reorder_tolerance_s * NS
         last = self.candidates[-1] if self.candidates else None
         consistent = (last is not None and last.natural_anchor_ns == natural and last.rate == fs
                       and chunk.t0_ns > last.t0_ns and abs(chunk.t0_ns - last.end_ns) <= tolerance)
         if not consistent:
             self.candidates.clear()
         self.candidates.append(c)
-        return len(self.candidates) >= self.s.new_timeline_chunks
+        return len(self.candidates) >= self.settings.new_timeline_chunks
 
     def _open_segment(self, natural: int, fs: Fraction, t0_ns: int, stepped_from: _Segment | None) -> _Segment:
         """The grid a record starts (or resumes): the one the state remembers for it, else its natural
@@ -353,7 +353,7 @@ class PatientStream:
         rate = str(fs)
         nexts = [g.anchor_ns + g.next_k * self.step_ns for g in self.state.segments
                  if g.natural_anchor_ns == natural and g.fs == rate]
-        return bool(nexts) and t0_ns - max(nexts) > self.s.max_forward_jump_s * NS
+        return bool(nexts) and t0_ns - max(nexts) > self.settings.max_forward_jump_s * NS
 
     def _remembered_grid(self, natural: int, fs: Fraction, t0_ns: int, avoid_anchor: int | None):
         """A grid of the state this record continues: same segment and rate, and the record near the
@@ -389,7 +389,7 @@ class PatientStream:
                 result.rejected = "late"
             return result
         magnitude = np.abs(chunk.samples)
-        over = magnitude > self.s.max_abs_mv if magnitude.max() > self.s.max_abs_mv else None
+        over = magnitude > self.settings.max_abs_mv if magnitude.max() > self.settings.max_abs_mv else None
         first_k = max(seg.next_k, grid.first_window_ending_after(max(a, oldest)))
         for k in range(first_k, grid.last_window_starting_at_or_before(b - 1) + 1):
             s0, e0 = grid.sample_range(k)
@@ -430,7 +430,7 @@ class PatientStream:
     # -- windows out ---------------------------------------------------------------------------
     def _due(self, seg: _Segment, now: float, flush: bool) -> Iterator[EmittedWindow]:
         grid = seg.grid
-        tolerance = round(self.s.reorder_tolerance_s * grid.fs_hz)
+        tolerance = round(self.settings.reorder_tolerance_s * grid.fs_hz)
         while True:
             k = seg.next_k
             ready_at = grid.complete_index(k)
@@ -464,7 +464,8 @@ class PatientStream:
             reason = NoScoreReason.IMPLAUSIBLE_AMPLITUDE
         values, mask = w.full()
         if reason is None and missing:
-            reason = fill_gaps(values, mask, self.s.max_interpolated_gap_samples, self.s.max_missing_fraction)
+            reason = fill_gaps(values, mask, self.settings.max_interpolated_gap_samples,
+                               self.settings.max_missing_fraction)
         if reason is not None or n < MIN_WINDOW_SAMPLES:
             return EmittedWindow(**base, status=INSUFFICIENT, reason=reason or NoScoreReason.TOO_SHORT, samples=None,
                                  missing=missing, interpolated=0)

@@ -20,7 +20,7 @@ FLOW_GAP_CAP_S = 10.0  # monitors send <= 1 s chunks: a longer silence of a whol
 
 class WindowStage:
     def __init__(self, settings: WindowSettings, store: StateStore | None = None):
-        self.s = settings
+        self.settings = settings
         self.store = store if store is not None else StateStore()  # what each patient already reported
         # least recently active first, so eviction and the memory cap look at the front only
         self.streams: OrderedDict[tuple[Hashable, str], PatientStream] = OrderedDict()
@@ -48,7 +48,7 @@ class WindowStage:
         stream = self.streams.get(key)
         if stream is None:
             state = self._state_after_emitted(key, self.store.patient(partition, chunk.patient_id))
-            stream = self.streams[key] = PatientStream(chunk.patient_id, partition, self.s, state)
+            stream = self.streams[key] = PatientStream(chunk.patient_id, partition, self.settings, state)
             self.patient_clock[key] = flowed
         before = stream.nbytes
         result = stream.accept(chunk, offset, now, ref)
@@ -81,7 +81,7 @@ class WindowStage:
         partition_clock). Candidates are only those silent that long by the wall clock (the LRU front).
         """
         out: list[EmittedWindow] = []
-        idle_s = self.s.idle_evict_s
+        idle_s = self.settings.idle_evict_s
         idle = []
         for key, stream in self.streams.items():
             if now - stream.last_activity < idle_s:
@@ -93,14 +93,14 @@ class WindowStage:
         for key in idle + self._outlived():
             if key in self.streams:
                 out.extend(self._close(key, now))
-        while self.streams and self.nbytes > self.s.max_buffer_bytes:
+        while self.streams and self.nbytes > self.settings.max_buffer_bytes:
             out.extend(self._close(next(iter(self.streams)), now))
         return out
 
     def _outlived(self) -> list[tuple[Hashable, str]]:
         """Patients whose oldest open window has stayed open max_window_life_s of partition flow time: a
         monitor clock crawling (records that each add a few samples) would otherwise pin the commit for ever."""
-        life = self.s.max_window_life_s
+        life = self.settings.max_window_life_s
         out = []
         for key, stream in self.streams.items():
             k = stream.oldest_open()
