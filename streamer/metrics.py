@@ -142,32 +142,21 @@ FLAG_STEPS = ("queued", "inference", "to_publisher", "sent", "committed")
 
 class FlagSteps:
     """The per-step split of streamer_flag_latency_seconds, and (exactly once) the wait for the commit that
-    makes a flag visible: the publisher notes when each flag joined its partition's open transaction, the
-    checkpoint takes those notes under the partition's gate and observes them once the transaction committed."""
+    makes a flag visible: the outputs note when each flag joined its partition's open transaction
+    (checkpointing/outputs.py's AwaitingCommit) and hand those times to `committed` once it committed."""
 
     def __init__(self, histogram: Histogram):
         self._by_step = {step: histogram.labels(step) for step in FLAG_STEPS}  # exported at 0 from the start
-        self._uncommitted: dict = {}  # input partition -> wall times its flags joined the open transaction
 
     def observe(self, step: str, seconds: float, windows: int = 1) -> None:
         child = self._by_step[step]
         for _ in range(windows):
             child.observe(max(seconds, 0.0))
 
-    def joined_transaction(self, partition, at: float, windows: int) -> None:
-        self._uncommitted.setdefault(partition, []).extend([at] * windows)
-
-    def take_uncommitted(self, partition) -> list[float]:
-        return self._uncommitted.pop(partition, [])
-
     def committed(self, joined: list[float], at: float) -> None:
         child = self._by_step["committed"]
         for t in joined:
             child.observe(max(at - t, 0.0))
-
-    def forget(self, partition) -> None:
-        """The partition was dropped: its open transaction's flags never commit here."""
-        self._uncommitted.pop(partition, None)
 
 
 class InferenceWatch:

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from benchmarks.bench_e2e import histogram_quantile
 from benchmarks.profile_stages import IDLE, fold, stage_of, table
 from streamer.checkpointing.event_time import ClockOffset
+from streamer.checkpointing.outputs import AwaitingCommit
 from streamer.metrics import FLAG_STEPS, Metrics
 
 
@@ -44,13 +45,16 @@ def test_flag_steps_are_exported_from_the_start_and_committed_only_once():
     for step in FLAG_STEPS:
         assert f'streamer_flag_step_seconds_count{{step="{step}"}} 0.0' in text
     steps = m.flag_steps
-    steps.joined_transaction("p0", 10.0, 2)
-    steps.joined_transaction("p1", 10.0, 1)
-    joined = steps.take_uncommitted("p0")
-    assert joined == [10.0, 10.0] and steps.take_uncommitted("p0") == []
+    awaiting = AwaitingCommit(on_committed=steps.committed)  # the outputs' record of flags in open transactions
+    awaiting.add("p0", 10.0)
+    awaiting.add("p0", 10.0)
+    awaiting.add("p1", 10.0)
+    assert awaiting.event.is_set() and awaiting.take_partitions() == {"p0", "p1"} and not awaiting.event.is_set()
+    joined = awaiting.take("p0")
+    assert joined == [10.0, 10.0] and awaiting.take("p0") == []
     steps.committed(joined, 10.125)
-    steps.forget("p1")  # dropped with its partition: never observed
-    assert steps.take_uncommitted("p1") == []
+    awaiting.forget("p1")  # dropped with its partition: never observed
+    assert awaiting.take("p1") == []
     text = m.render().decode()
     assert 'streamer_flag_step_seconds_count{step="committed"} 2.0' in text
     assert 'streamer_flag_step_seconds_bucket{le="0.1",step="committed"} 0.0' in text

@@ -13,7 +13,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from streamer.checkpointing.outputs import TransactionalOutputs, TransactionFailed
+from streamer.checkpointing.outputs import CheckpointPlan, TransactionalOutputs, TransactionFailed
 from streamer.ingest.partitioning import home_partition
 from streamer.kafka.clients import make_consumer, make_producer, read_records
 from streamer.offline.recordings import Recording, parse_start, regular_times
@@ -68,6 +68,47 @@ def test_a_refused_record_aborts_the_whole_transaction_and_the_offsets_stay(brok
     visible, committed = asyncio.run(main())
     assert visible == [], "a record of an aborted transaction became visible"
     assert committed is None, f"the offsets moved to {committed} over a refused record"
+
+
+def test_the_delivery_interface_counts_in_the_transaction_and_a_refusal_fails_it(broker):
+    """Exactly once through the interface both modes share (`deliver`, `checkpoint`): `counted` runs as the
+    record joins the open transaction, a flag marks its partition as awaiting a commit, nothing is visible
+    before the commit and everything after it, the commit hands the flag's wait to `on_committed`, and a
+    refused record fails its block with TransactionFailed naming the topic."""
+    s = isolated_settings(broker.bootstrap, partitions=1)
+    k = s.kafka
+    asyncio.run(set_topic_config(k, k.dead_letter_topic, **{"max.message.bytes": "200"}))
+    tp = TopicPartition(k.input_topics[0], 0)
+    waited: list[float] = []
+
+    async def main():
+        outputs = TransactionalOutputs(k, lambda tid: make_producer(k, transactional_id=tid),
+                                       on_committed=lambda joined, at: waited.extend(at - t for t in joined))
+        await outputs.open(tp)
+        try:
+            counted = []
+            async with outputs.deliver(tp) as d:
+                assert d.owned
+                await d.send(k.flags_topic, b'{"flag": 1}', key=b"bed-1", urgent=True,
+                             counted=lambda: counted.append(outputs.awaiting.event.is_set()))
+                assert counted == [True], "counted as it joined the transaction, awaiting its commit"
+            assert d.stands() and outputs.awaiting.take_partitions() == {tp}
+            before = await read_records(k, [k.flags_topic], timeout_s=3, idle_polls=None)
+            plan = CheckpointPlan({tp: 7}, lambda _: iter(()))
+            committed = await outputs.checkpoint({tp}, lambda _: plan, None, k.group_id)
+            after = await read_records(k, [k.flags_topic], timeout_s=10, idle_polls=1)
+            with pytest.raises(TransactionFailed, match=f"a record on {k.dead_letter_topic} was refused"):
+                async with outputs.deliver(tp) as d:
+                    await d.send(k.dead_letter_topic, b"x" * 1000, key=b"bed-1")  # over the topic's limit
+        finally:
+            await outputs.stop()
+        return before, committed, after, await _committed(k, tp)
+
+    before, committed, after, offset = asyncio.run(main())
+    assert before == [], "a flag was visible before its transaction committed"
+    assert committed == {tp: 7} and offset == 7
+    assert [r.value for r in after] == [b'{"flag": 1}']
+    assert len(waited) == 1 and 0 <= waited[0] < 30
 
 
 def test_refused_state_records_stop_the_worker_loudly_and_nothing_is_committed(broker, scorer):

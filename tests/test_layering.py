@@ -125,3 +125,22 @@ def test_the_code_passes_the_projects_lint():
     repo = ROOT.parent
     done = subprocess.run([ruff, "check", "--no-cache", "."], cwd=repo, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+
+
+def test_the_delivery_mode_is_known_in_one_module():
+    """Publisher, dead letters, checkpoint and runtime call one interface (checkpointing/outputs.py); none of
+    them asks which mode runs (`.exactly_once`, an isinstance of an outputs class): startup chooses it once,
+    outputs.py implements it."""
+    allowed = {ROOT / "checkpointing" / "outputs.py", ROOT / "runtime" / "startup.py"}
+    modes = {"AtLeastOnceOutputs", "TransactionalOutputs"}
+    found = []
+    for path in sorted(ROOT.rglob("*.py")):
+        if path in allowed:
+            continue
+        for node in ast.walk(parse(path)):
+            if isinstance(node, ast.Attribute) and node.attr == "exactly_once":
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance" and len(node.args) == 2 \
+                    and any(getattr(n, "id", None) in modes for n in ast.walk(node.args[1])):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert found == []

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
-from aiokafka.errors import KafkaError
 
 from streamer.checkpointing.ledger import OffsetsLedger
-from streamer.checkpointing.outputs import AtLeastOnceOutputs, TransactionalOutputs
+from streamer.checkpointing.outputs import AtLeastOnceOutputs, CheckpointPlan, TransactionalOutputs
 from streamer.kafka.clients import retry_kafka
 from streamer.logs import get_logger
-from streamer.metrics import FlagSteps
 from streamer.state.changelog import state_key
 from streamer.state.store import StateStore
 
@@ -20,10 +17,8 @@ log = get_logger("streamer.checkpoint")
 
 class Checkpointer:
     def __init__(self, ledger: OffsetsLedger, stage, store: StateStore, consumer,
-                 outputs: AtLeastOnceOutputs | TransactionalOutputs, state_topic: str, group_id: str,
-                 steps: FlagSteps | None = None):
+                 outputs: AtLeastOnceOutputs | TransactionalOutputs, state_topic: str, group_id: str):
         self.ledger, self.stage, self.store = ledger, stage, store
-        self.steps = steps  # exactly once: how long flags waited in the open transaction for its commit
         self.consumer, self.outputs, self.state_topic, self.group_id = consumer, outputs, state_topic, group_id
         self._lock = asyncio.Lock()  # checkpoints never overlap (commit loop, revocation, shutdown)
 
@@ -64,64 +59,35 @@ class Checkpointer:
            the changelog. They are at least as new as the offsets of step 1, so a restart from those
            offsets never meets a window whose report the state does not know about.
         3. The offsets of step 1 committed.
-        Exactly once: per partition, 1-3 are one transaction with every output since the last checkpoint
-        (a failure stops the worker). At least once: states acknowledged before the commit; a failure at 2
-        or 3 commits nothing more and the next checkpoint tries again.
+        The outputs carry it out as their mode says (outputs.py): exactly once, per partition, 1-3 are one
+        transaction with every output since the last checkpoint (a failure stops the worker); at least once,
+        states acknowledged before the commit, and a failure at 2 or 3 commits nothing more and the next
+        checkpoint tries again (False).
         """
         if self.consumer is None:
             return False
         async with self._lock:
-            if self.outputs.exactly_once:
-                # one producer per partition: their transactions commit side by side
-                await asyncio.gather(*(self._transactional(tp) for tp in sorted(partitions)))
-                return True
-            return await self._at_least_once(partitions)
+            committed = await self.outputs.checkpoint(partitions, self._plan, self.consumer, self.group_id)
+            if committed is None:
+                return False
+            self.ledger.mark_committed(committed)
+        for tp, offset in committed.items():
+            log.debug("offsets_committed", topic=tp.topic, partition=tp.partition, offset=offset)
+        return True
 
-    async def _transactional(self, tp) -> None:
-        joined: list[float] = []
-
-        def prepare():  # under the partition's gate: nothing is published between this and the commit
-            if self.steps is not None:
-                joined.extend(self.steps.take_uncommitted(tp))
-            points, dirty, expired = self.prepare({tp})
-            return points.get(tp), (self._tombstones(tp, expired.get(tp, ()))
-                                    + self._state_records(tp, dirty.get(tp, ())))
-
-        committed = await self.outputs.commit(tp, self.group_id, prepare)
-        if joined and not self.outputs.lost(tp):
-            self.steps.committed(joined, time.time())
-        if committed is not None:
-            self.ledger.mark_committed({tp: committed})
-            log.debug("offsets_committed", topic=tp.topic, partition=tp.partition, offset=committed)
-
-    async def _at_least_once(self, partitions) -> bool:
+    def _plan(self, partitions) -> CheckpointPlan:
         points, dirty, expired = self.prepare(partitions)
-        try:
-            futures = []
-            for tp, patient_ids in expired.items():
-                for topic, key, value, out_partition in self._tombstones(tp, patient_ids):
-                    futures.append(await self.outputs.send(tp, topic, value, key=key, out_partition=out_partition))
-            for tp, states in dirty.items():
-                for st in states:  # each serialized just before its send (no await between): in send order
-                    ((topic, key, value, out_partition),) = self._state_records(tp, [st])
-                    futures.append(await self.outputs.send(tp, topic, value, key=key, out_partition=out_partition))
-            await asyncio.gather(*futures)
-        except KafkaError as exc:
+
+        def records(tp):
+            yield from self._tombstones(tp, expired.get(tp, ()))
+            for st in dirty.get(tp, ()):  # each serialized as it is taken: just before its send
+                yield from self._state_records(tp, [st])
+
+        def retry_later() -> None:
             for tp, states in dirty.items():
                 for st in states:
                     self.store.changed(tp, st.patient_id)
             for tp, patient_ids in expired.items():
                 self.store.expire_again(tp, patient_ids)
-            log.warning("checkpoint_state_failed", error=repr(exc))
-            return False
-        if not points:
-            return True
-        try:
-            await self.consumer.commit(points)
-        except KafkaError as exc:  # e.g. a rebalance is under way: the next checkpoint catches up
-            log.warning("commit_failed", error=repr(exc))
-            return False
-        self.ledger.mark_committed(points)
-        for tp, offset in points.items():
-            log.debug("offsets_committed", topic=tp.topic, partition=tp.partition, offset=offset)
-        return True
+
+        return CheckpointPlan(points, records, set(dirty) | set(expired), retry_later)

@@ -1,19 +1,31 @@
 """Where outputs go and when they count: the two delivery modes, behind one narrow interface.
 
-Every output (flag, episode message, dead letter, state record) derives from one input partition and is
-sent through `Outputs.send(partition, ...)` while that partition's `gate` is held.
+Every output (flag, episode message, dead letter, state record) derives from one input partition. The
+publisher and the dead letters send through one interface whatever the mode:
+
+    async with outputs.deliver(partition) as d:   # d.owned: False once the partition is not this worker's
+        d.durable_first(write)                    # what must be durable before these outputs may be seen
+        await d.send(topic, value, key=..., counted=callback, urgent=...)
+    # here every output of the block counts (d.stands(): unless the partition was lost meanwhile)
+
+and the checkpoint commits through `outputs.checkpoint(...)`. The modes differ in when an output counts,
+which is when `counted` runs (the state changes an output implies are made there):
 
 - `AtLeastOnceOutputs`: one idempotent producer (when the broker can), plain consumer-group commits. An
-  output counts once the broker acknowledged it; a crash before the commit re-sends (same window_id).
+  output counts once the broker acknowledged it (sends are retried until then); what `durable_first`
+  names is written before the block's records are sent; a crash before the commit re-sends (same
+  window_id). A callback's own outputs are sent (and count) before the next record's callback runs.
 - `TransactionalOutputs`: exactly once. One transactional producer per owned input partition, its
   transactional id `<prefix>-<topic>-<partition>`: a new owner's InitProducerId fences the old owner (a
   zombie that resumes cannot write any more) and aborts its open transaction. Everything a partition's
   records produce between two checkpoints, its state records and its consumer offsets form one
   transaction: read_committed readers see all of it or nothing. An output counts once it is in the open
-  transaction (the commit that moves the offsets carries it). A fenced transaction (a newer epoch of its
-  id: another owner took it, or the broker aborted it after kafka.transaction_timeout_ms, e.g. while a
-  broker failover held a commit) loses the partition: every output of it is then dropped (`gate` yields
-  False, `commit` commits nothing) and `on_fenced` tells the worker, which rejoins the group; whoever
+  transaction (the commit that moves the offsets carries it): `counted` runs as it is sent, under the
+  partition's lock, and `durable_first` is not needed (the transaction carries the state). A fenced
+  transaction (a newer epoch of its id: another owner took it, or the broker aborted it after
+  kafka.transaction_timeout_ms, e.g. while a broker failover held a commit) loses the partition: every
+  output of it is then dropped (`owned` is False, `commit` commits nothing) and `on_fenced` tells the
+  worker, which rejoins the group; whoever
   owns the partition next restores it from its last commit. Any other failure of the transaction is
   fatal for the worker, whose in-memory state then no longer matches what readers will see.
   aiokafka (0.14) sends EndTxn(COMMIT) even when the broker refused one of the transaction's batches (it
@@ -32,7 +44,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import AsyncIterator, Hashable
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable, Hashable, Iterable
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import IllegalOperation, InvalidProducerEpoch, KafkaError, ProducerFenced
@@ -96,6 +111,60 @@ class BackgroundSends:
             self.on_failure(task.exception())
 
 
+Counted = Callable[[], "Awaitable[None] | None"]  # what an output implies, done when it counts
+
+
+async def _run(callback: Counted | None) -> None:
+    if callback is not None:
+        result = callback()
+        if inspect.isawaitable(result):
+            await result
+
+
+class AwaitingCommit:
+    """Input partitions whose open transactions hold records readers wait for (flags), with the times they
+    joined: the checkpoint schedule commits those partitions at once (`event`, `take_partitions`), and each
+    commit hands their wait to `on_committed(joined_times, at)` (the `committed` step of
+    streamer_flag_step_seconds). At least once nothing waits for a commit: it stays empty."""
+
+    def __init__(self, on_committed: Callable[[list[float], float], None] | None = None):
+        self.on_committed = on_committed
+        self.event = asyncio.Event()
+        self._joined: dict = {}
+
+    def add(self, partition, at: float) -> None:
+        self._joined.setdefault(partition, []).append(at)
+        self.event.set()
+
+    def take_partitions(self) -> set:
+        """The partitions waiting now (their times stay until their commit takes them); clears `event`."""
+        self.event.clear()
+        return set(self._joined)
+
+    def take(self, partition) -> list[float]:
+        return self._joined.pop(partition, [])
+
+    def committed(self, joined: list[float]) -> None:
+        if joined and self.on_committed is not None:
+            self.on_committed(joined, time.time())
+
+    def forget(self, partition) -> None:
+        """The partition was dropped: its open transaction's records never commit here."""
+        self._joined.pop(partition, None)
+
+
+@dataclass
+class CheckpointPlan:
+    """What one checkpoint commits (checkpoint.py decides it): per input partition the offset safe to
+    commit and the records that must land with it (state records, tombstones: `records(tp)` serializes
+    each as it is taken), and `retry_later()`, which marks those states to be written again (at least once:
+    when they could not be, the next checkpoint tries again)."""
+    offsets: dict
+    records: Callable[[Hashable], Iterable[tuple[str, bytes, bytes | None, int]]]
+    partitions: set = field(default_factory=set)  # the partitions with records
+    retry_later: Callable[[], None] = lambda: None
+
+
 class _Stamped:
     """Event-time stamps and output routing, shared by both modes."""
     event_time: EventTime
@@ -109,21 +178,101 @@ class _Stamped:
         return out_partition, timestamp_ms
 
 
+class _Acknowledged:
+    """At least once, what `deliver` yields: the block's records are sent as it ends (after what
+    `durable_first` names is written), until the broker acknowledged them; then each one's `counted` runs,
+    in send order, and what a callback sends is delivered the same way before the next callback runs."""
+    owned = True
+
+    def __init__(self, outputs: "AtLeastOnceOutputs", partition):
+        self._outputs, self.partition = outputs, partition
+        self._writes: list[Callable[[], Awaitable[None]]] = []
+        self._sends: list[tuple[tuple, dict, Counted | None]] = []
+
+    async def send(self, topic: str, value: bytes | None, key: bytes | None = None, headers=None,
+                   out_partition: int | None = None, timestamp_ms: int | None = None,
+                   counted: Counted | None = None, urgent: bool = False) -> None:
+        """`urgent` (readers wait for it) changes nothing here: a record is visible once acknowledged."""
+        self._sends.append(((topic, value), dict(key=key, headers=headers, out_partition=out_partition,
+                                                 timestamp_ms=timestamp_ms), counted))
+
+    def durable_first(self, write: Callable[[], Awaitable[None]]) -> None:
+        self._writes.append(write)
+
+    def stands(self) -> bool:
+        return True
+
+    async def flush(self) -> None:
+        while self._sends or self._writes:
+            writes, self._writes = self._writes, []
+            sends, self._sends = self._sends, []
+            await asyncio.gather(*(write() for write in writes))
+            if sends:
+                await self._acknowledged(sends)
+            for _, _, counted in sends:
+                await _run(counted)
+                await self.flush()  # what counting it sent, before the next one counts
+
+    async def _acknowledged(self, sends) -> None:
+        async def attempt():  # all of them, in order
+            futures = [await self._outputs.send(self.partition, *args, **kwargs) for args, kwargs, _ in sends]
+            await asyncio.gather(*futures)
+
+        topics = sorted({args[0] for args, _, _ in sends})
+        await retry_kafka(attempt, lambda exc, delay: log.warning(
+            "publish_retry", topics=topics, records=len(sends), error=repr(exc), retry_in_s=delay))
+
+
 class AtLeastOnceOutputs(_Stamped):
-    exactly_once = False
+    exactly_once = False  # the mode, for logs and tests: nothing branches on it (the methods differ)
+    # a task that failed left nothing half-counted: what was acknowledged counts, the offsets ledger holds
+    # the rest, so the final checkpoint stays safe
+    task_failure_is_fatal = False
 
     def __init__(self, producer: AIOKafkaProducer, event_time: EventTime | None = None,
                  routing: OutputRouting | None = None):
         self.producer = producer
         self.event_time = event_time or EventTime()
         self.routing = routing
+        self.awaiting = AwaitingCommit()  # stays empty: nothing waits for a commit to be seen
 
     @contextlib.asynccontextmanager
-    async def gate(self, partition: Hashable) -> AsyncIterator[bool]:
-        yield True
+    async def deliver(self, partition: Hashable) -> AsyncIterator[_Acknowledged]:
+        """Outputs of `partition` that count together (module docstring)."""
+        delivery = _Acknowledged(self, partition)
+        yield delivery
+        await delivery.flush()
 
     def lost(self, partition: Hashable) -> bool:
         return False
+
+    def takeover_refusal(self, partition: Hashable, committed_metadata: str | None) -> str | None:
+        """Why this worker must not take `partition` (None: it may). At least once, nothing to fence."""
+        return None
+
+    async def checkpoint(self, partitions, plan_for: Callable[[set], CheckpointPlan], consumer,
+                         group_id: str) -> dict | None:
+        """The plan's records acknowledged, then its offsets committed in one consumer-group commit. Returns
+        the offsets committed, None if nothing could be (the next checkpoint tries again)."""
+        plan = plan_for(partitions)
+        try:
+            futures = []
+            for tp in sorted(plan.partitions):
+                for topic, key, value, out_partition in plan.records(tp):  # no await between serializing
+                    futures.append(await self.send(tp, topic, value, key=key, out_partition=out_partition))
+            await asyncio.gather(*futures)
+        except KafkaError as exc:
+            plan.retry_later()
+            log.warning("checkpoint_state_failed", error=repr(exc))
+            return None
+        if not plan.offsets:
+            return {}
+        try:
+            await consumer.commit(plan.offsets)
+        except KafkaError as exc:  # e.g. a rebalance is under way: the next checkpoint catches up
+            log.warning("commit_failed", error=repr(exc))
+            return None
+        return dict(plan.offsets)
 
     async def send(self, partition: Hashable, topic: str, value: bytes, key: bytes | None = None,
                    headers=None, out_partition: int | None = None, timestamp_ms: int | None = None) -> asyncio.Future:
@@ -131,17 +280,6 @@ class AtLeastOnceOutputs(_Stamped):
         out_partition, timestamp_ms = self._placed(partition, topic, key, out_partition, timestamp_ms)
         return await self.producer.send(topic, value, key=key, headers=headers, partition=out_partition,
                                         timestamp_ms=timestamp_ms)
-
-    async def send_acknowledged(self, partition: Hashable, topic: str, value: bytes, key: bytes | None = None,
-                                headers=None, out_partition: int | None = None,
-                                timestamp_ms: int | None = None) -> None:
-        """One record, sent until the broker acknowledges it (retriable errors only; others are raised)."""
-        async def attempt():
-            await (await self.send(partition, topic, value, key=key, headers=headers, out_partition=out_partition,
-                                   timestamp_ms=timestamp_ms))
-
-        await retry_kafka(attempt, lambda exc, delay: log.warning(
-            "publish_retry", topic=topic, error=repr(exc), retry_in_s=delay))
 
     async def open(self, partition: Hashable) -> None:
         pass
@@ -191,17 +329,91 @@ class RecordRefused(KafkaError):
     the transaction is aborted, never committed over it."""
 
 
+class _InTransaction:
+    """Exactly once, what `deliver` yields (under the partition's lock): each record joins the open
+    transaction as it is sent and counts at once (`counted` runs then); the block's end awaits their
+    deliveries. `durable_first` needs nothing: the transaction carries the states with the outputs."""
+
+    def __init__(self, outputs: "TransactionalOutputs", partition, owned: bool):
+        self._outputs, self.partition, self.owned = outputs, partition, owned
+        self._txn = outputs._txns.get(partition)
+        self.sent: list[tuple[str, asyncio.Future]] = []
+
+    async def send(self, topic: str, value: bytes | None, key: bytes | None = None, headers=None,
+                   out_partition: int | None = None, timestamp_ms: int | None = None,
+                   counted: Counted | None = None, urgent: bool = False) -> None:
+        """`urgent`: readers wait for this record (a flag): its transaction is committed soon (AwaitingCommit)."""
+        self.sent.append((topic, await self._outputs.send(self.partition, topic, value, key=key, headers=headers,
+                                                          out_partition=out_partition, timestamp_ms=timestamp_ms)))
+        if urgent:
+            self._outputs.awaiting.add(self.partition, time.time())
+        await _run(counted)
+
+    def durable_first(self, write: Callable[[], Awaitable[None]]) -> None:
+        pass
+
+    def stands(self) -> bool:
+        """Whether the block's outputs are still in the partition's transaction (not revoked, not fenced)."""
+        return self._txn is not None and self._outputs._txns.get(self.partition) is self._txn \
+            and not self._txn.fenced
+
+    async def confirmed(self) -> None:
+        """Every record of the block delivered to its broker (a fence resolves them to None: dropped with the
+        partition); a refused one fails the transaction: TransactionFailed, naming the record's topic."""
+        results = await asyncio.gather(*(fut for _, fut in self.sent), return_exceptions=True)
+        for (topic, _), result in zip(self.sent, results):
+            if isinstance(result, BaseException):
+                raise TransactionFailed(f"{self._outputs.transactional_id(self.partition)}: a record on {topic} "
+                                        f"was refused: {result!r}") from result
+
+
 class TransactionalOutputs(_Stamped):
-    exactly_once = True
+    exactly_once = True  # the mode, for logs and tests: nothing branches on it (the methods differ)
+    # a task that failed may have left part of a window's outputs in an open transaction: it must never
+    # commit; the partition's next owner redoes it from the last commit
+    task_failure_is_fatal = True
 
     def __init__(self, k: KafkaSettings, make_producer, event_time: EventTime | None = None,
-                 routing: OutputRouting | None = None, on_fenced=None):
-        self.k = k
+                 routing: OutputRouting | None = None, on_fenced=None,
+                 on_committed: Callable[[list[float], float], None] | None = None):
+        self.kafka = k
         self._make_producer = make_producer  # (transactional_id) -> AIOKafkaProducer
         self._txns: dict[Hashable, _Txn] = {}
         self.event_time = event_time or EventTime()
         self.routing = routing
         self.on_fenced = on_fenced  # (partition) -> None, called once per fenced transaction
+        self.awaiting = AwaitingCommit(on_committed)
+
+    @contextlib.asynccontextmanager
+    async def deliver(self, partition) -> AsyncIterator[_InTransaction]:
+        """Outputs of `partition` that count together (module docstring): the block runs under the
+        partition's gate; its end awaits the records' deliveries."""
+        async with self.gate(partition) as owned:
+            delivery = _InTransaction(self, partition, owned)
+            yield delivery
+        await delivery.confirmed()
+
+    def takeover_refusal(self, partition, committed_metadata: str | None) -> str | None:
+        """Why this worker must not take `partition` (None: it may): refused_prefix."""
+        return refused_prefix(self.kafka, committed_metadata, partition)
+
+    async def checkpoint(self, partitions, plan_for: Callable[[set], CheckpointPlan], consumer,
+                         group_id: str) -> dict:
+        """One transaction per partition, side by side (one producer each): the plan's offset and records
+        join it and it commits (`commit`). Returns the offsets committed; a failure is raised (fatal)."""
+        committed: dict = {}
+
+        async def one(tp) -> None:
+            def prepare():  # under the partition's gate: nothing is published between this and the commit
+                plan = plan_for({tp})
+                return plan.offsets.get(tp), list(plan.records(tp))
+
+            offset = await self.commit(tp, group_id, prepare)
+            if offset is not None:
+                committed[tp] = offset
+
+        await asyncio.gather(*(one(tp) for tp in sorted(partitions)))
+        return committed
 
     def lost(self, partition) -> bool:
         """Whether the partition's transaction was fenced (it awaits its revocation; nothing of it counts)."""
@@ -209,15 +421,15 @@ class TransactionalOutputs(_Stamped):
         return txn is not None and txn.fenced
 
     def transactional_id(self, partition) -> str:
-        return f"{self.k.transactional_id_prefix}-{partition.topic}-{partition.partition}"
+        return f"{self.kafka.transactional_id_prefix}-{partition.topic}-{partition.partition}"
 
     async def open(self, partition) -> None:
         """Take the partition's transactional id (fencing any earlier owner, aborting its open transaction)
         and begin a transaction. Before the partition's states and offsets are read."""
         if partition in self._txns:
             return
-        previous = self.k.previous_transactional_id_prefix
-        if previous and previous != self.k.transactional_id_prefix:
+        previous = self.kafka.previous_transactional_id_prefix
+        if previous and previous != self.kafka.transactional_id_prefix:
             await self._fence(f"{previous}-{partition.topic}-{partition.partition}")
         producer = self._make_producer(self.transactional_id(partition))
         try:
@@ -243,6 +455,7 @@ class TransactionalOutputs(_Stamped):
 
     async def close(self, partition) -> None:
         """Drop the partition (after its last checkpoint): what its open transaction holds is aborted."""
+        self.awaiting.forget(partition)
         txn = self._txns.pop(partition, None)
         if txn is None:
             return
@@ -387,6 +600,7 @@ class TransactionalOutputs(_Stamped):
             if txn.failed is not None:
                 raise TransactionFailed(f"{self.transactional_id(partition)}: {txn.failed!r}")
             offset, records = prepare()
+            joined = self.awaiting.take(partition)
             try:
                 stamp = self.event_time.stamp(partition)
                 for topic, key, value, out_partition in records:
@@ -396,7 +610,7 @@ class TransactionalOutputs(_Stamped):
                 # before the offsets join it: a refused record must leave the offsets where they were
                 await self._confirm_sent(partition, txn)
                 if offset is not None:
-                    metadata = f"{TXN_METADATA_PREFIX}{self.k.transactional_id_prefix}"
+                    metadata = f"{TXN_METADATA_PREFIX}{self.kafka.transactional_id_prefix}"
                     await txn.producer.send_offsets_to_transaction(
                         {partition: OffsetAndMetadata(offset, metadata)}, group_id)
                     txn.has_writes = True
@@ -411,6 +625,7 @@ class TransactionalOutputs(_Stamped):
                 if isinstance(exc, RecordRefused):
                     await self._abort(partition, txn)
                 raise failure from exc
+        self.awaiting.committed(joined)
         return offset
 
     async def _abort(self, partition, txn: _Txn) -> None:

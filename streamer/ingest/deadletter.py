@@ -4,6 +4,7 @@ the headers Kafka Streams' dead-letter queue writes (KIP-1034), so existing DLQ 
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from aiokafka.errors import KafkaError
 
@@ -91,30 +92,23 @@ class DeadLetters:
     async def _send(self, tp, record, reason: str, detail: str, hold) -> None:
         headers = dead_letter_headers(reason, detail, record.topic, record.partition, record.offset,
                                       record.headers)
-        if self.outputs.exactly_once:
-            await self._send_in_transaction(tp, record, headers, hold)
-        else:
-            await self._send_acknowledged(tp, record, reason, headers)
-            self.ledger.release(hold)
-        self.settled.set()
-        self.metrics.dead_letters.labels(reason).inc()
-
-    async def _send_acknowledged(self, tp, record, reason: str, headers) -> None:
-        async def attempt(value, hdrs):
-            await self.outputs.send_acknowledged(tp, self.topic, value, key=record.key, headers=hdrs,
-                                                 timestamp_ms=_timestamp(record))
-
+        value = record.value or b""
+        if len(value) + len(record.key or b"") + sum(len(k) + len(v) for k, v in headers) > self.max_bytes:
+            # the producer would refuse it (exactly once, failing the whole transaction): the small stand-in
+            log.warning("dead_letter_replaced", error="over the producer's max request size", topic=tp.topic,
+                        partition=tp.partition, offset=record.offset)
+            value, headers = oversized_dead_letter(record, headers, "record too large for a dead letter")
         try:
-            await attempt(record.value or b"", headers)
-        except KafkaError as exc:
+            await self._deliver(tp, record, value, headers, hold)
+        except KafkaError as exc:  # the broker refused it (exactly once a refusal is TransactionFailed, fatal)
             if retriable(exc):
                 raise
-            # e.g. the record plus headers is over the producer's size limit: a small dead letter that
-            # still identifies it, so the partition moves on
+            # e.g. the topic's own size limit: a small dead letter that still identifies it, so the partition
+            # moves on
             log.warning("dead_letter_replaced", error=repr(exc)[:200], topic=tp.topic,
                         partition=tp.partition, offset=record.offset)
             try:
-                await attempt(*oversized_dead_letter(record, headers, repr(exc)))
+                await self._deliver(tp, record, *oversized_dead_letter(record, headers, repr(exc)), hold)
             except KafkaError as again:
                 if retriable(again):
                     raise
@@ -123,18 +117,13 @@ class DeadLetters:
                 log.error("dead_letter_failed", reason=reason, error=repr(again)[:200], topic=record.topic,
                           partition=record.partition, offset=record.offset)
                 self.metrics.dead_letters_failed.labels(reason).inc()
+                self.ledger.release(hold)
+        self.settled.set()
+        self.metrics.dead_letters.labels(reason).inc()
 
-    async def _send_in_transaction(self, tp, record, headers, hold) -> None:
-        value = record.value or b""
-        if len(value) + len(record.key or b"") + sum(len(k) + len(v) for k, v in headers) > self.max_bytes:
-            # a refused record would fail the whole transaction: send the small stand-in at once
-            log.warning("dead_letter_replaced", error="over the producer's max request size", topic=tp.topic,
-                        partition=tp.partition, offset=record.offset)
-            value, headers = oversized_dead_letter(record, headers, "record too large for a dead letter")
-        async with self.outputs.gate(tp) as owned:
-            if not owned or (hold is not None and not self.ledger.is_current(hold)):
+    async def _deliver(self, tp, record, value: bytes, headers, hold) -> None:
+        async with self.outputs.deliver(tp) as d:
+            if not d.owned or (hold is not None and not self.ledger.is_current(hold)):
                 return  # revoked meanwhile: the partition's owner reads the record again
-            fut = await self.outputs.send(tp, self.topic, value, key=record.key, headers=headers,
-                                          timestamp_ms=_timestamp(record))
-            self.ledger.release(hold)
-        await fut
+            await d.send(self.topic, value, key=record.key, headers=headers, timestamp_ms=_timestamp(record),
+                         counted=functools.partial(self.ledger.release, hold))

@@ -2,9 +2,11 @@
 
 The publisher owns the producer side of the data path. For each window it sends the flag, records the
 report in the patient state, feeds the episode tracker (sending any transition) and releases the window's
-hold in the offsets ledger, so the commit point can move past its records. When that happens depends on
-the delivery mode (checkpointing/outputs.py):
-- at least once: after the broker acknowledged the batch; unacknowledged sends are retried (a retry may
+hold in the offsets ledger, so the commit point can move past its records. All of that is done when the
+flag counts, and the publisher does not know when that is: it sends through `outputs.deliver` (one
+interface, checkpointing/outputs.py) and makes the changes in the flag's `counted` callback. The mode
+decides the moment:
+- at least once: once the broker acknowledged the flag; unacknowledged sends are retried (a retry may
   duplicate a flag, never lose one; flags carry their window id);
 - exactly once: as soon as the flag is in its partition's open transaction, under the partition's gate, so
   the transaction that moves the offsets also carries the flag, the state and the episode message. A send
@@ -14,12 +16,12 @@ the delivery mode (checkpointing/outputs.py):
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Awaitable, Callable
 
 from streamer.checkpointing import OffsetsLedger
 from streamer.checkpointing.outputs import AtLeastOnceOutputs, BackgroundSends, TransactionalOutputs
-from streamer.kafka.clients import retry_kafka
 from streamer.logs import episode_ref, get_logger, patient_ref
 from streamer.metrics import Metrics
 from streamer.publish.episodes import EpisodeTracker
@@ -37,96 +39,60 @@ class Publisher:
                  store: StateStore, episodes: EpisodeTracker, metrics: Metrics, settled: asyncio.Event,
                  persist: Callable[[object, PatientState], Awaitable[None]] | None = None,
                  clock: Callable[[], float] = time.time):
-        self.k, self.outputs, self.ledger, self.store = k, outputs, ledger, store
+        self.kafka, self.outputs, self.ledger, self.store = k, outputs, ledger, store
         self.episodes, self.metrics, self.settled = episodes, metrics, settled
-        self.persist = persist  # at least once: one patient's state written now (Checkpointer.persist)
+        self.persist = persist  # one patient's state written now (Checkpointer.persist): durable_first's writes
         self.clock = clock  # wall time (s): episode staleness and leases
         self.background = BackgroundSends()  # episode messages sent beside the flags (renewals, stale closes)
-        # exactly once: partitions whose open transactions hold flags no checkpoint committed yet
-        self.uncommitted: set = set()
-        self.flags_uncommitted = asyncio.Event()
-
-    def take_uncommitted(self) -> set:
-        """The partitions with flags in open transactions, forgotten here (their checkpoint is next)."""
-        taken, self.uncommitted = self.uncommitted, set()
-        self.flags_uncommitted.clear()
-        return taken
 
     async def flags(self, batch: list[EmittedWindow], probs: list[float | None], threshold: float,
                     model_id: str) -> None:
+        """Publish a scored batch: each partition's flags in window order, side by side across partitions."""
         taken = time.time()
-        if self.outputs.exactly_once:
-            docs = [flag_message(w, p, threshold, model_id) for w, p in zip(batch, probs)]
-            await self._flags_in_transactions(batch, docs, taken)
-            return
-        # A window handed on before its partition was revoked is dropped, as with transactions: the records
-        # it came from were not committed past, so whoever owns the partition now redoes it, and a wall-clock
-        # close (truncated) published late beside that redo would give one window_id two contents.
-        current = [(w, p) for w, p in zip(batch, probs) if self.ledger.is_current(w.hold)]
-        if current:
-            await self._flags_acknowledged([w for w, _ in current],
-                                           [flag_message(w, p, threshold, model_id) for w, p in current], taken)
-
-    async def _flags_acknowledged(self, batch: list[EmittedWindow], docs: list[dict], taken: float) -> None:
-        topic = self.k.flags_topic
-        if self.persist is not None and any(w.by_clock for w in batch):
-            await self._write_ahead(batch, docs)
-
-        async def attempt():  # all of the batch, in order
-            futures = [await self.outputs.send(w.partition, topic, dumps(d), key=d["patient_id"].encode())
-                       for w, d in zip(batch, docs)]
-            await asyncio.gather(*futures)
-
-        await retry_kafka(attempt, lambda exc, delay: log.warning(
-            "publish_retry", topic=topic, windows=len(docs), error=repr(exc), retry_in_s=delay))
-        now = self.clock()
-        for w, d in zip(batch, docs):
-            self.store.reported(w)
-            self.store.flag_published(w.partition, w.patient_id, d["window_id"])
-            if not self.store.owns(w.partition):
-                continue  # revoked meanwhile: its new owner applies these flags to the restored episodes
-            st, episode = self._apply_to_episode(w, d, now)
-            if episode is not None:
-                await self._publish_acknowledged(w.partition, st, episode)
-        self._released(batch, docs, taken)
-
-    async def _write_ahead(self, batch: list[EmittedWindow], docs: list[dict]) -> None:
-        """Windows the wall clock closed: their patients' states, marking them reported and holding their
-        flags, are written before the flags are sent. Else a crash after the send and before the next
-        checkpoint lets the replay complete such a window from records that came later: one window_id, two
-        contents."""
-        states = self.store.write_ahead(list(zip(batch, docs)))
-        await asyncio.gather(*(self.persist(tp, st) for tp, st in states))
-
-    async def _flags_in_transactions(self, batch: list[EmittedWindow], docs: list[dict], taken: float) -> None:
-        topic = self.k.flags_topic
         by_partition: dict = {}
-        for w, d in zip(batch, docs):
-            by_partition.setdefault(w.partition, []).append((w, d))
-        futures, published = [], []
-        now = self.clock()
-        for tp, items in by_partition.items():
-            async with self.outputs.gate(tp) as owned:
-                if not owned:
-                    continue  # revoked meanwhile: its new owner redoes these windows
-                for w, d in items:
-                    if not self.ledger.is_current(w.hold):
-                        continue  # from before a revocation: this assignment re-reads and redoes it
-                    futures.append(await self.outputs.send(tp, topic, dumps(d), key=d["patient_id"].encode()))
-                    self.store.reported(w)
-                    st, episode = self._apply_to_episode(w, d, now)
-                    if episode is not None:
-                        futures.append(await self._send_in_transaction(tp, st, episode))
-                    self.ledger.release(w.hold)
-                    published.append((w, d))
-                    self.metrics.flag_steps.joined_transaction(tp, time.time(), 1)
-                    self.uncommitted.add(tp)
-        if self.uncommitted:
-            self.flags_uncommitted.set()
-        await asyncio.gather(*futures)  # a refusal fails the transaction: raised, the worker stops
-        # a fence drops them (resolved, not raised): they are redone from the partition's last commit
-        self._released([(w, d) for w, d in published if not self.outputs.lost(w.partition)
-                        and self.ledger.is_current(w.hold)], None, taken)
+        for w, p in zip(batch, probs):
+            by_partition.setdefault(w.partition, []).append((w, flag_message(w, p, threshold, model_id)))
+        counted = await asyncio.gather(*(self._partition_flags(tp, items) for tp, items in by_partition.items()))
+        self._counted([pair for pairs in counted for pair in pairs], taken)
+
+    async def _partition_flags(self, tp, items: list[tuple[EmittedWindow, dict]]) -> list[tuple[EmittedWindow, dict]]:
+        """One partition's flags; returns those that count (none if the partition was lost meanwhile)."""
+        counted: list = []
+        async with self.outputs.deliver(tp) as d:
+            if not d.owned:
+                return []  # revoked meanwhile: its new owner redoes these windows
+            # A window handed on before its partition was revoked is dropped: the records it came from were
+            # not committed past, so whoever owns the partition now redoes it (and a wall-clock close
+            # published late beside that redo would give one window_id two contents).
+            items = [(w, doc) for w, doc in items if self.ledger.is_current(w.hold)]
+            if self.persist is not None and any(w.by_clock for w, _ in items):
+                d.durable_first(functools.partial(self._write_ahead, items))
+            for w, doc in items:
+                await d.send(self.kafka.flags_topic, dumps(doc), key=doc["patient_id"].encode(), urgent=True,
+                             counted=functools.partial(self._flag_counted, d, w, doc, counted))
+        # a refusal fails the transaction (raised above: the worker stops); a fence drops them: they are
+        # redone from the partition's last commit
+        return counted if d.stands() else []
+
+    async def _flag_counted(self, d, w: EmittedWindow, doc: dict, counted: list) -> None:
+        """What a flag that counts implies: its window reported, its episode updated (and any transition
+        sent with it), its hold released so the commit point may pass its records."""
+        self.store.reported(w)
+        self.store.flag_published(w.partition, w.patient_id, doc["window_id"])
+        if self.store.owns(w.partition):  # else revoked meanwhile: its new owner applies it to the restored episode
+            st, episode = self._apply_to_episode(w, doc, self.clock())
+            if episode is not None:
+                await self._send_episode(d, w.partition, st, episode)
+        self.ledger.release(w.hold)
+        counted.append((w, doc))
+
+    async def _write_ahead(self, items: list[tuple[EmittedWindow, dict]]) -> None:
+        """Windows the wall clock closed: their patients' states, marking them reported and holding their
+        flags, are written before the flags are sent (where a state is not written with its flags, at
+        least once). Else a crash after the send and before the next checkpoint lets the replay complete
+        such a window from records that came later: one window_id, two contents."""
+        states = self.store.write_ahead(items)
+        await asyncio.gather(*(self.persist(tp, st) for tp, st in states))
 
     def _apply_to_episode(self, w: EmittedWindow, d: dict, now: float) -> tuple[PatientState, dict | None]:
         st = self.store.patient(w.partition, w.patient_id)
@@ -135,38 +101,29 @@ class Publisher:
             self.store.changed(w.partition, w.patient_id)
         return st, episode
 
-    def _released(self, items, docs, taken: float) -> None:
+    def _counted(self, pairs: list[tuple[EmittedWindow, dict]], taken: float) -> None:
         """`taken`: when the publisher took the batch (the `sent` step starts there)."""
-        acked = time.time()
-        pairs = list(zip(items, docs) if docs is not None else items)
+        now = time.time()
         for w, d in pairs:
-            if docs is not None:
-                self.ledger.release(w.hold)
             self.metrics.windows.labels(d["status"]).inc()
-            self.metrics.latency_s.observe(max(acked - w.completed_at, 0.0))
-        self.metrics.flag_steps.observe("sent", acked - taken, len(pairs))
+            self.metrics.latency_s.observe(max(now - w.completed_at, 0.0))
+        self.metrics.flag_steps.observe("sent", now - taken, len(pairs))
         self.settled.set()
 
     # -- episode messages -------------------------------------------------------------------------
-    # Each one is the state's `pending` message until it is published. At least once: the state holding
-    # it is written to the changelog first, then the message is sent until acknowledged, then `pending`
-    # is cleared; a crash anywhere in between leaves it in the durable state and the next owner sends it
-    # again (same seq, same bytes), and no number is ever sent that the durable state has not seen.
-    # Exactly once: the message, the state and the offsets are one transaction; `pending` is cleared
-    # as the message joins it.
+    # Each one is the state's `pending` message until it counts (then `pending` is cleared). The state
+    # holding it is `durable_first`: at least once it is written to the changelog before the message is
+    # sent, so a crash anywhere in between leaves it in the durable state and the next owner sends it
+    # again (same seq, same bytes), and no number is ever sent that the durable state has not seen;
+    # exactly once the message, the state and the offsets are one transaction.
 
-    async def _send_in_transaction(self, partition, st: PatientState, episode: dict):
-        fut = await self.outputs.send(partition, self.k.episodes_topic, dumps(episode),
-                                      key=episode["patient_id"].encode())
-        self._sent(partition, st, episode)
-        return fut
-
-    async def _publish_acknowledged(self, partition, st: PatientState, episode: dict, persist: bool = True) -> None:
-        if persist and self.persist is not None:
-            await self.persist(partition, st)
-        await self.outputs.send_acknowledged(partition, self.k.episodes_topic, dumps(episode),
-                                             key=episode["patient_id"].encode())
-        self._sent(partition, st, episode)
+    async def _send_episode(self, d, partition, st: PatientState, episode: dict, durable: bool = True) -> None:
+        """`durable`: the state holding the message as pending is written first (where the outputs need
+        that); False for a message restored from the durable state."""
+        if durable and self.persist is not None:
+            d.durable_first(functools.partial(self.persist, partition, st))
+        await d.send(self.kafka.episodes_topic, dumps(episode), key=episode["patient_id"].encode(),
+                     counted=functools.partial(self._sent, partition, st, episode))
 
     def _sent(self, partition, st: PatientState, episode: dict) -> None:
         if st.episode.pending is not None and st.episode.pending["seq"] == episode["seq"]:
@@ -188,27 +145,21 @@ class Publisher:
             if not self.episodes.due(st.episode, now):
                 continue
             due += 1
-            if self.outputs.exactly_once:
-                # decided and sent under the partition's gate, so the message and its state share a transaction
-                self.background.spawn(self._tend_in_transaction(partition, st.patient_id, now))
-                continue
-            msg = self.episodes.tend(st.patient_id, st.episode, now)
-            if msg is not None:
-                self.store.changed(partition, st.patient_id)
-                self.background.spawn(self._publish_acknowledged(partition, st, msg))
+            # decided when its delivery begins (exactly once: under the partition's gate), so the message
+            # and its state count together
+            self.background.spawn(self._tend(partition, st.patient_id, now))
         return due
 
-    async def _tend_in_transaction(self, partition, patient_id: str, now: float) -> None:
-        async with self.outputs.gate(partition) as owned:
-            if not owned or not self.store.owns(partition):
+    async def _tend(self, partition, patient_id: str, now: float) -> None:
+        async with self.outputs.deliver(partition) as d:
+            if not d.owned or not self.store.owns(partition):
                 return
             st = self.store.patient(partition, patient_id)
             msg = self.episodes.tend(patient_id, st.episode, now)
             if msg is None:
                 return  # closed or renewed meanwhile
             self.store.changed(partition, patient_id)
-            fut = await self._send_in_transaction(partition, st, msg)
-        await fut
+            await self._send_episode(d, partition, st, msg)
 
     def resume(self, partition, lost: list[str], now: float) -> None:
         """After a partition's states were restored: a conservative close (`state_lost`) for each patient
@@ -232,25 +183,17 @@ class Publisher:
         entries = list(st.flags_ahead)
         log.info("flags_republished", patient=patient_ref(st.patient_id), windows=len(entries),
                  topic=getattr(partition, "topic", None), partition=getattr(partition, "partition", partition))
-        if self.outputs.exactly_once:
-            async with self.outputs.gate(partition) as owned:
-                if not owned or not self.store.owns(partition):
-                    return
-                futures = []
-                for e in entries:
-                    futures.append(await self.outputs.send(partition, self.k.flags_topic, dumps(e["flag"]),
-                                                           key=st.patient_id.encode()))
-                    episode = self._flag_written_ahead_published(partition, st, e)
-                    if episode is not None:
-                        futures.append(await self._send_in_transaction(partition, st, episode))
-            await asyncio.gather(*futures)
-            return
-        for e in entries:
-            await self.outputs.send_acknowledged(partition, self.k.flags_topic, dumps(e["flag"]),
-                                                 key=st.patient_id.encode())
-            episode = self._flag_written_ahead_published(partition, st, e)
-            if episode is not None:
-                await self._publish_acknowledged(partition, st, episode)
+        async with self.outputs.deliver(partition) as d:
+            if not d.owned or not self.store.owns(partition):
+                return
+            for e in entries:
+                await d.send(self.kafka.flags_topic, dumps(e["flag"]), key=st.patient_id.encode(),
+                             counted=functools.partial(self._written_ahead_counted, d, partition, st, e))
+
+    async def _written_ahead_counted(self, d, partition, st: PatientState, entry: dict) -> None:
+        episode = self._flag_written_ahead_published(partition, st, entry)
+        if episode is not None:
+            await self._send_episode(d, partition, st, episode)
 
     def _flag_written_ahead_published(self, partition, st: PatientState, entry: dict) -> dict | None:
         flag = entry["flag"]
@@ -260,12 +203,8 @@ class Publisher:
         return episode
 
     async def _republish(self, partition, st: PatientState, fresh: bool) -> None:
-        if not self.outputs.exactly_once:
-            # a restored pending message is durable already; a state_lost close is not yet
-            await self._publish_acknowledged(partition, st, st.episode.pending, persist=fresh)
-            return
-        async with self.outputs.gate(partition) as owned:
-            if not owned or not self.store.owns(partition) or st.episode.pending is None:
+        async with self.outputs.deliver(partition) as d:
+            if not d.owned or not self.store.owns(partition) or st.episode.pending is None:
                 return
-            fut = await self._send_in_transaction(partition, st, st.episode.pending)
-        await fut
+            # a restored pending message is durable already; a state_lost close is not yet
+            await self._send_episode(d, partition, st, st.episode.pending, durable=fresh)

@@ -16,7 +16,7 @@ from aiokafka import TopicPartition
 
 from streamer.checkpointing import OffsetsLedger
 from streamer.checkpointing.event_time import EventTime
-from streamer.checkpointing.outputs import AtLeastOnceOutputs, OutputRouting, TransactionalOutputs, refused_prefix
+from streamer.checkpointing.outputs import AtLeastOnceOutputs, OutputRouting, TransactionalOutputs
 from streamer.ingest.deadletter import DeadLetters
 from streamer.kafka.clients import committed_offsets
 from streamer.logs import get_logger
@@ -33,7 +33,7 @@ log = get_logger("streamer.worker")
 
 @dataclass
 class PartitionOwnership:
-    k: KafkaSettings
+    kafka: KafkaSettings
     assigned: set[TopicPartition]  # the worker's: what the consume loop lets in
     ledger: OffsetsLedger
     stage: WindowStage
@@ -53,7 +53,7 @@ class PartitionOwnership:
 
     async def revoke(self, revoked: set[TopicPartition]) -> None:
         """Publish what is in flight for these partitions, checkpoint, then drop their buffers and states."""
-        deadline = time.monotonic() + self.k.session_timeout_ms / 2000
+        deadline = time.monotonic() + self.kafka.session_timeout_ms / 2000
         # a fenced partition's outputs are dropped, never acknowledged: nothing to wait for
         while any(self.ledger.in_flight(tp) for tp in revoked if not self.outputs.lost(tp)):
             left = deadline - time.monotonic()
@@ -69,7 +69,6 @@ class PartitionOwnership:
             await self.checkpoint(revoked)
         for tp in revoked:
             await self.outputs.close(tp)
-            self.metrics.flag_steps.forget(tp)
             self.event_time.drop(tp)
             dropped = self.stage.drop_partition(tp)
             self.ledger.drop_partition(tp)
@@ -81,17 +80,16 @@ class PartitionOwnership:
         patient states, then let their records in (never before)."""
         new = sorted(assigned - self.assigned)
         if new:
-            problem, state_partitions = await state_topic_problem(self.k)  # the topics may have changed
+            problem, state_partitions = await state_topic_problem(self.kafka)  # the topics may have changed
             if problem is None and max(tp.partition for tp in new) >= state_partitions:
-                problem = f"{self.k.state_topic} has no partition {max(tp.partition for tp in new)}"
+                problem = f"{self.kafka.state_topic} has no partition {max(tp.partition for tp in new)}"
             if problem is not None:
                 raise RuntimeError(problem)
         committed = await committed_offsets(self.consumer, new)
-        if self.outputs.exactly_once:
-            for tp in new:
-                problem = refused_prefix(self.k, committed[tp][1], tp)
-                if problem is not None:
-                    raise RuntimeError(problem)
+        for tp in new:  # all checked before any is taken
+            problem = self.outputs.takeover_refusal(tp, committed[tp][1])
+            if problem is not None:
+                raise RuntimeError(problem)
         for tp in new:
             await self.outputs.open(tp)
         for tp in new:
@@ -99,11 +97,11 @@ class PartitionOwnership:
         self.metrics.restoring.inc(len(new))
         try:
             with self.metrics.restore_s.time():
-                restored = await read_states(self.state_reader, self.k.state_topic, new,
-                                             idle_timeout_s=self.k.restore_idle_timeout_s)
-                seqs = await read_episode_seqs(self.state_reader, self.k.episodes_topic,
+                restored = await read_states(self.state_reader, self.kafka.state_topic, new,
+                                             idle_timeout_s=self.kafka.restore_idle_timeout_s)
+                seqs = await read_episode_seqs(self.state_reader, self.kafka.episodes_topic,
                                                self._episode_partitions(new),
-                                               idle_timeout_s=self.k.restore_idle_timeout_s)
+                                               idle_timeout_s=self.kafka.restore_idle_timeout_s)
         finally:
             self.metrics.restoring.dec(len(new))
         self.metrics.restore_records.inc(restored.records)
@@ -124,7 +122,7 @@ class PartitionOwnership:
     def _episode_partitions(self, partitions) -> list[int]:
         """The episodes topic's partitions that hold these input partitions' patients' messages: the same
         numbers when the topics line up (OutputRouting), else all of them."""
-        k = self.k
+        k = self.kafka
         n_out = self.routing.counts.get(k.episodes_topic, 0) if self.routing else 0
         aligned = [self.routing.partition(tp, k.episodes_topic, None) for tp in partitions] if self.routing else []
         if aligned and all(p is not None for p in aligned):

@@ -52,10 +52,13 @@ async def output_routing(k: KafkaSettings) -> OutputRouting:
         raise StartupError(f"broker unreachable at {k.bootstrap_servers}: {exc!r}") from None
 
 
-async def choose_delivery(k: KafkaSettings, event_time: EventTime, routing: OutputRouting,
-                          on_fenced) -> tuple[AtLeastOnceOutputs | TransactionalOutputs, AIOKafkaProducer | None]:
+async def choose_delivery(k: KafkaSettings, event_time: EventTime, routing: OutputRouting, on_fenced,
+                          on_committed=None) -> tuple[AtLeastOnceOutputs | TransactionalOutputs,
+                                                      AIOKafkaProducer | None]:
     """exactly_once where the brokers run transactions (a probe), else at_least_once; logged. Returns the
-    outputs and, at least once, their one producer (exactly once: one per partition, opened on assignment)."""
+    outputs and, at least once, their one producer (exactly once: one per partition, opened on assignment).
+    The mode is chosen here once: nothing else asks which it is (outputs.py's one interface).
+    `on_committed(joined_times, at)`: how long flags waited in open transactions for their commit."""
     try:
         why_not = None
         if k.delivery != "at_least_once":
@@ -69,7 +72,7 @@ async def choose_delivery(k: KafkaSettings, event_time: EventTime, routing: Outp
     if k.delivery != "at_least_once" and why_not is None:
         log.info("delivery_mode", mode="exactly_once", transactional_id_prefix=k.transactional_id_prefix)
         return TransactionalOutputs(k, lambda tid: make_producer(k, transactional_id=tid), event_time, routing,
-                                    on_fenced=on_fenced), None
+                                    on_fenced=on_fenced, on_committed=on_committed), None
     # idempotence needs InitProducerId, which a broker without transactions may lack as well
     idempotent = k.delivery == "at_least_once" and why_not is None
     if k.delivery == "at_least_once":

@@ -60,7 +60,7 @@ class _Rebalance(ConsumerRebalanceListener):
 class Worker:
     def __init__(self, settings: Settings, scorer: ArtifactScorer | None = None, clock=time.time):
         """`clock`: the wall clock episodes are stamped and aged by (a host clock's offset, in tests)."""
-        self.s = settings
+        self.settings = settings
         self.clock = clock
         self.metrics = Metrics()
         self.scorer = scorer
@@ -102,6 +102,15 @@ class Worker:
         self.commits_end = asyncio.Event()  # the commit loop ends after its checkpoint in flight
 
     @property
+    def s(self) -> Settings:
+        """The settings under their earlier name (`settings`), kept for existing callers."""
+        return self.settings
+
+    @s.setter
+    def s(self, value: Settings) -> None:
+        self.settings = value
+
+    @property
     def paused(self) -> bool:
         """Whether backpressure pauses fetching now."""
         return self.backpressure.paused
@@ -125,15 +134,15 @@ class Worker:
     async def start(self) -> bool:
         """Load the model, check topics, join the group. False if a stop came before the model was ready:
         nothing was consumed then, so there is nothing to drain."""
-        k = self.s.kafka
+        k = self.settings.kafka
         if self.scorer is None:
-            refuse_demo_model(self.s.model)
+            refuse_demo_model(self.settings.model)
         await preflight(k)  # before the model load: a wrong CA, host name or password fails in a second
         if self.scorer is None:
-            log.info("model_loading", checkpoint=str(self.s.model.checkpoint or "demo"))
+            log.info("model_loading", checkpoint=str(self.settings.model.checkpoint or "demo"))
             # warmed here, not in one-shot scoring: only a long-running worker earns back its cost
             load = asyncio.get_running_loop().run_in_executor(
-                self.executor, lambda: ArtifactScorer(self.s.model).warm_up())
+                self.executor, lambda: ArtifactScorer(self.settings.model).warm_up())
             stop = asyncio.ensure_future(self.stopping.wait())
             await asyncio.wait({load, stop}, return_when=asyncio.FIRST_COMPLETED)
             stop.cancel()
@@ -146,20 +155,21 @@ class Worker:
             return False
         info = self.scorer.info
         self.metrics.model.info({"model_id": info.model_id, "device": info.device, "precision": info.precision})
-        self.window_scorer = WindowScorer(self.scorer, self.s.model.cpu_fallback, self.metrics)
+        self.window_scorer = WindowScorer(self.scorer, self.settings.model.cpu_fallback, self.metrics)
         # a micro-batch is one network call at most: past it, the model scores in several calls anyway,
         # and the first call's flags would wait for the last (pinned, 400 beds on one core: p99 1.7 -> 0.5 s)
         device_batch = getattr(self.scorer, "device_batch", None)
         if device_batch:
             self.batcher.max_batch = min(self.batcher.max_batch, device_batch)
         self.routing = await output_routing(k)
-        self.outputs, self.producer = await choose_delivery(k, self.event_time, self.routing, self._fenced)
+        self.outputs, self.producer = await choose_delivery(k, self.event_time, self.routing, self._fenced,
+                                                            on_committed=self.metrics.flag_steps.committed)
         self.consumer = make_consumer(k)
         self.state_reader = make_consumer(k, group_id=None, client_id=f"{k.client_id}-state")
         self.checkpointer = Checkpointer(self.ledger, self.stage, self.store, self.consumer, self.outputs,
-                                         k.state_topic, k.group_id, steps=self.metrics.flag_steps)
+                                         k.state_topic, k.group_id)
         self.publisher = Publisher(k, self.outputs, self.ledger, self.store,
-                                   EpisodeTracker(self.s.episodes, info.model_id), self.metrics, self.settled,
+                                   EpisodeTracker(self.settings.episodes, info.model_id), self.metrics, self.settled,
                                    persist=self.checkpointer.persist, clock=self.clock)
         self.dead_letters = DeadLetters(k.dead_letter_topic, self.outputs, self.ledger, self.metrics, self.settled)
         self.publisher.background.on_failure = self.dead_letters.background.on_failure = self._fail
@@ -167,8 +177,8 @@ class Worker:
             k, self.assigned, self.ledger, self.stage, self.store, self.event_time, self.metrics, self.settled,
             self.outputs, self.consumer, self.state_reader, self.dead_letters, self.publisher, self.routing,
             checkpoint=self._commit, failed=lambda: self.fatal is not None, clock=self.clock)
-        self.upkeep = Upkeep(self.s, self.assigned, self.stage, self.ledger, self.store, self.metrics, self.consumer,
-                             self.publisher, self.dead_letters, submit=self._submit,
+        self.upkeep = Upkeep(self.settings, self.assigned, self.stage, self.ledger, self.store, self.metrics,
+                             self.consumer, self.publisher, self.dead_letters, submit=self._submit,
                              paused=lambda: self.backpressure.paused, clock=self.clock)
         try:
             if self.producer is not None:
@@ -180,11 +190,11 @@ class Worker:
         except KafkaError as exc:
             await self._close_clients()
             raise StartupError(f"broker unreachable at {k.bootstrap_servers}: {exc!r}") from None
-        if self.s.metrics_port is not None:
-            self.health = HealthServer(self.metrics, self.ready, self.s.metrics_host, self.s.metrics_port,
+        if self.settings.metrics_port is not None:
+            self.health = HealthServer(self.metrics, self.ready, self.settings.metrics_host, self.settings.metrics_port,
                                        alive=self.inference_watch.alive)
             port = await self.health.start()
-            log.info("metrics_listening", host=self.s.metrics_host, port=port)
+            log.info("metrics_listening", host=self.settings.metrics_host, port=port)
         log.info("worker_started", group=k.group_id, topics=k.input_topics, model=info.model_id)
         return True
 
@@ -193,7 +203,7 @@ class Worker:
         finish): stop with exit 1; the next owner resumes from the last checkpoint."""
         if self.fatal is None:
             self.fatal = exc
-            log.error("worker_failed", error=repr(exc), fix=authorization_fix(exc, self.s.kafka))
+            log.error("worker_failed", error=repr(exc), fix=authorization_fix(exc, self.settings.kafka))
         self.stopping.set()
 
     # a worker fenced this often is fighting another owner, not riding out a broker failover
@@ -232,9 +242,9 @@ class Worker:
         failed = [t for t in done if t is not stop_wait and t.exception() is not None]
         for t in failed:
             log.error("task_failed", task=t.get_name(), error=repr(t.exception()),
-                      fix=authorization_fix(t.exception(), self.s.kafka))
-        if failed and self.fatal is None and self.outputs.exactly_once:
-            self.fatal = failed[0].exception()  # the open transactions cannot commit any more
+                      fix=authorization_fix(t.exception(), self.settings.kafka))
+        if failed and self.fatal is None and self.outputs.task_failure_is_fatal:
+            self.fatal = failed[0].exception()  # e.g. the open transactions cannot commit any more
         self.stopping.set()
         stop_wait.cancel()
         return await self._shutdown(consume, infer, publish, commit, publish_queue,
@@ -251,7 +261,7 @@ class Worker:
         stays in an open transaction that the partition's next owner aborts as it takes the partition.
         If the inference or publish task died, the other one is ended rather than left waiting for it
         until the deadline: what was not acknowledged stays uncommitted and the next owner redoes it."""
-        deadline = self.s.shutdown_deadline_s
+        deadline = self.settings.shutdown_deadline_s
         end = time.monotonic() + deadline
         drain_end = end - min(10.0, deadline / 3)  # the rest: final checkpoint, then closing
         code = 1 if failed else 0
@@ -277,7 +287,7 @@ class Worker:
         elif not commit.cancelled() and commit.exception() is not None and self.fatal is None:
             self.fatal = commit.exception()
             log.error("task_failed", task="commit", error=repr(self.fatal),
-                      fix=authorization_fix(self.fatal, self.s.kafka))
+                      fix=authorization_fix(self.fatal, self.settings.kafka))
         if self.fatal is None and not self.deadline_exceeded:
             final = asyncio.ensure_future(self._commit(self.assigned))
             if not await self._within(final, end - 1.0):
@@ -304,7 +314,7 @@ class Worker:
         return task.done()
 
     async def _check_state_topic(self) -> None:
-        problem, _ = await state_topic_problem(self.s.kafka)
+        problem, _ = await state_topic_problem(self.settings.kafka)
         if problem is not None:
             await self._close_clients()
             raise StartupError(problem)
@@ -331,7 +341,7 @@ class Worker:
         consumer = self.consumer
         next_gauges = next_evict = 0.0
         while not self.stopping.is_set():
-            records = await consumer.getmany(timeout_ms=100, max_records=self.s.kafka.max_poll_records)
+            records = await consumer.getmany(timeout_ms=100, max_records=self.settings.kafka.max_poll_records)
             now = time.time()
             for tp, batch in records.items():
                 partitions = len(consumer.partitions_for_topic(tp.topic) or ())
@@ -362,7 +372,7 @@ class Worker:
         """`partitions`: how many the record's topic has (0: unknown, then the key is not checked)."""
         self.ledger.consumed(tp, record.offset)
         self.metrics.messages.inc()
-        ws = self.s.windows
+        ws = self.settings.windows
         try:
             chunk = decode(record.key, record.value, ws)
         except InvalidMessage as exc:
@@ -371,7 +381,7 @@ class Worker:
                 return
             self._dead_letter(tp, record, exc.reason, exc.detail)
             return
-        rule = self.s.kafka.input_partitioner
+        rule = self.settings.kafka.input_partitioner
         if partitions and (home := home_partition(record.key, partitions, rule)) != tp.partition:
             self.partitioner_watch.mismatch(tp, record.key, partitions, time.monotonic())
             self._dead_letter(tp, record, "wrong_partition", f"the key belongs to partition {home} of {partitions} "
@@ -439,11 +449,10 @@ class Worker:
     async def _commit_loop(self) -> None:
         """Checkpoints as the schedule says (checkpointing/schedule.py) until `commits_end` (shutdown); a
         checkpoint is never cancelled in the middle (see _shutdown)."""
-        k = self.s.kafka
-        after_flags = k.commit_after_flags and self.outputs.exactly_once
+        k = self.settings.kafka
+        awaiting = self.outputs.awaiting  # flags in open transactions (exactly once; else never any)
         schedule = CheckpointSchedule(k.commit_interval_s, self.commits_end,
-                                      self.publisher.flags_uncommitted if after_flags else None,
-                                      self.publisher.take_uncommitted)
+                                      awaiting.event if k.commit_after_flags else None, awaiting.take_partitions)
         while (partitions := await schedule.next(self.assigned)) is not None:
             if partitions:
                 await self._commit(partitions)
