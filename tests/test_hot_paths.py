@@ -94,3 +94,59 @@ def test_stage_table_leaves_the_idle_event_loop_out(tmp_path):
     assert [r[0] for r in rows] == ["model", "decode"]
     stage, ms_window, us_record, share = rows[0]
     assert (ms_window, us_record) == (300.0, 7500.0) and abs(share - 0.75) < 1e-9
+
+
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
+                     st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=3))
+_NUMBERS = st.one_of(st.integers(-2**65, 2**65), st.floats(allow_nan=False, allow_infinity=False))
+
+
+def _decoded(value: bytes, plain: bool):
+    """What decode_json makes of `value`: the chunk's fields, or the refusal (reason and detail)."""
+    import streamer.ingest.contract as contract
+
+    skip = contract._plain_json
+    if not plain:
+        contract._plain_json = lambda raw, value: None
+    try:
+        c = contract.decode_json(value)
+        return (c.patient_id, c.lead, c.t0_ns, c.fs, c.samples.dtype.str, c.samples.tolist(), c.seq,
+                c.segment_start_ns)
+    except contract.InvalidMessage as exc:
+        return exc.reason, exc.detail
+    finally:
+        contract._plain_json = skip
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.fixed_dictionaries(
+    {"patient_id": st.one_of(st.text("abcdeghij-0123456789", max_size=130), st.text(max_size=130), _SCALARS),
+     "lead": st.one_of(st.sampled_from(["II", "", "123456789"]), _SCALARS),
+     "t0_ns": st.one_of(st.integers(0, 2**64), _SCALARS), "fs": st.one_of(st.integers(-5, 1000), _SCALARS),
+     "samples": st.one_of(st.lists(_NUMBERS, max_size=6), st.lists(_SCALARS, max_size=4),
+                          st.lists(st.lists(st.integers(), max_size=2), max_size=2), _SCALARS)},
+    optional={"seq": st.one_of(st.integers(-2**65, 2**65), _SCALARS), "segment_start_ns": _SCALARS,
+              "units": _SCALARS, "counts": _SCALARS, "other": _SCALARS}))
+def test_the_plain_json_path_decides_exactly_as_the_json_model(doc):
+    """decode_json checks the usual message without pydantic (a third of its cost): on any message, valid
+    or not, it must accept the same chunks and refuse with the same reason and words as JsonChunk."""
+    import json
+
+    value = json.dumps(doc).encode()  # the standard library: integers past 64 bits too
+    assert _decoded(value, plain=True) == _decoded(value, plain=False), doc
+
+
+def test_the_usual_json_message_takes_the_plain_path_and_a_boolean_does_not():
+    import orjson
+
+    from streamer.ingest.contract import _plain_json
+
+    doc = {"patient_id": "bed-7", "lead": "II", "t0_ns": 1_795_000_000_000_000_000, "fs": 500.0,
+           "samples": [0.1, -0.25, 1], "seq": 3}
+    value = orjson.dumps(doc)
+    chunk = _plain_json(orjson.loads(value), value)
+    assert chunk is not None and chunk.samples.tolist() == [0.1, -0.25, 1.0] and chunk.peak_mv == 1.0
+    for odd in ({"samples": [0.1, True]}, {"samples": [0.1, False]}, {"patient_id": "bed-fu"},
+                {"units": "uV"}, {"samples": [0.1, None]}):
+        value = orjson.dumps({**doc, **odd})
+        assert _plain_json(orjson.loads(value), value) is None, odd  # JsonChunk decides those

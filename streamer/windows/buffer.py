@@ -76,6 +76,9 @@ class _Open:
     filled: int = 0
     min_offset: int | None = None
     implausible: bool = False  # holds a sample beyond windows.max_abs_mv
+    # the filled samples are exactly [0, filled): `mask` is not kept up to date (the usual case, samples
+    # in order, then needs no mask work); sparse() writes it out once anything else arrives
+    dense: bool = True
 
     @property
     def nbytes(self) -> int:
@@ -95,9 +98,16 @@ class _Open:
         self.values, self.mask = values, mask
         return self.nbytes - before
 
+    def sparse(self) -> np.ndarray:
+        """The mask, made exact: from here on every sample added marks it."""
+        if self.dense:
+            self.mask[:self.filled] = True
+            self.dense = False
+        return self.mask
+
     def full(self) -> tuple[np.ndarray, np.ndarray]:
         self.reserve(self.length)
-        return self.values, self.mask
+        return self.values, self.sparse()
 
 
 @dataclass
@@ -388,8 +398,8 @@ class PatientStream:
             if result.late_samples:
                 result.rejected = "late"
             return result
-        magnitude = np.abs(chunk.samples)
-        over = magnitude > self.settings.max_abs_mv if magnitude.max() > self.settings.max_abs_mv else None
+        limit = self.settings.max_abs_mv
+        over = np.abs(chunk.samples) > limit if chunk.peak_mv > limit else None
         first_k = max(seg.next_k, grid.first_window_ending_after(max(a, oldest)))
         for k in range(first_k, grid.last_window_starting_at_or_before(b - 1) + 1):
             s0, e0 = grid.sample_range(k)
@@ -400,8 +410,10 @@ class PatientStream:
             if w is None:
                 w = seg.open[k] = _Open(e0 - s0, np.empty(0, np.float64), np.zeros(0, bool))
             self.nbytes += w.reserve(hi - s0)
-            span = w.mask[lo - s0:hi - s0]
-            if not span.any():  # the usual case, samples not seen before: plain slices, no masks
+            if w.dense and lo - s0 == w.filled:  # the usual case, the next samples in order: no mask work
+                fresh, added = None, hi - lo
+                w.values[lo - s0:hi - s0] = chunk.samples[lo - a:hi - a]
+            elif not (span := w.sparse()[lo - s0:hi - s0]).any():  # samples not seen before: plain slices
                 fresh, added = None, hi - lo
                 w.values[lo - s0:hi - s0] = chunk.samples[lo - a:hi - a]
                 span[:] = True
@@ -424,7 +436,8 @@ class PatientStream:
         seg.watermark = max(seg.watermark, b)
         if result.new_samples:
             self.last_activity = now
-        result.windows.extend(self._due(seg, now, flush=False))
+        if seg.watermark > grid.complete_index(seg.next_k):  # else nothing is due (most records): no generator
+            result.windows.extend(self._due(seg, now, flush=False))
         return result
 
     # -- windows out ---------------------------------------------------------------------------
