@@ -64,7 +64,9 @@ class ModelInfo:
 
 
 class ArtifactScorer:
-    """Loads the checkpoint once; `probabilities(windows)` scores a (B, 5000) float32 batch.
+    """The released model on arrays: loads the checkpoint once; `probabilities(windows)` scores a (B, 5000)
+    float32 batch. Windows (with their statuses, retries, the CPU fallback) are WindowScorer's
+    (model/scoring.py); offline scoring calls this directly.
 
     `warm_up()` (the worker calls it; one-shot scoring does not) runs every batch size once so a
     long-running process reaches its steady memory and speed before the first real window."""

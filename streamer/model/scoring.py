@@ -17,6 +17,10 @@ log = get_logger("streamer.model")
 
 
 class WindowScorer:
+    """The inference stage's scorer of windows: a batch of EmittedWindows -> one probability each (None
+    for a window that is not scorable, or whose batch failed every attempt), retrying a failed batch and
+    falling back to the CPU; it hands the samples, as arrays, to ArtifactScorer (model/infer.py)."""
+
     def __init__(self, scorer, cpu_fallback: bool, metrics: Metrics, attempts: int = 3):
         self.scorer, self.cpu_fallback, self.metrics, self.attempts = scorer, cpu_fallback, metrics, attempts
 
