@@ -99,6 +99,7 @@ def cmd_run(args) -> int:
     from streamer.runtime import StartupError, Worker
 
     worker = Worker(s)
+    worker.owns_process = True
 
     async def main() -> int:
         _install_stop(asyncio.get_running_loop(), worker.stop)  # from here on the loop owns the signals
