@@ -129,6 +129,9 @@ class KafkaSettings(_Group):
                                      "as soon as they are in their transactions (visible after one commit, not at "
                                      "the next checkpoint period; smaller, more frequent transactions, never two "
                                      "at once)")
+    flag_commit_spacing_ms: float = Field(100.0, ge=0, description="exactly_once with commit_after_flags: at least "
+                                          "this long between two such commits (more flags per transaction, less "
+                                          "CPU per flag; at most this much added latency)")
 
     @model_validator(mode="after")
     def _derived_names(self) -> "KafkaSettings":

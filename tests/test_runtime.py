@@ -4,6 +4,7 @@ revocation, the once-a-second upkeep and backpressure, each with real ledgers, s
 from __future__ import annotations
 
 import asyncio
+import time
 
 from aiokafka import TopicPartition
 
@@ -148,5 +149,36 @@ def test_checkpoint_schedule_commits_flagged_partitions_at_once_and_every_partit
 
         periodic = CheckpointSchedule(0.0, asyncio.Event())  # at least once: periodic only
         assert await periodic.next({"p0"}) == {"p0"}
+
+    asyncio.run(main())
+
+
+def test_checkpoints_for_flags_are_spaced_and_the_end_cuts_the_spacing_short():
+    """kafka.flag_commit_spacing_ms: a checkpoint for flags waits until that long after the previous one
+    began (more flags per transaction); the period is never delayed; shutdown ends the wait at once."""
+    async def main():
+        ending, flagged = asyncio.Event(), asyncio.Event()
+
+        def take() -> set:
+            flagged.clear()
+            return {"p0"}
+
+        schedule = CheckpointSchedule(3600.0, ending, flagged, take, spacing_s=0.3)
+        flagged.set()
+        t0 = time.monotonic()
+        assert await schedule.next({"p0"}) == {"p0"}  # the first one: nothing to space it from
+        flagged.set()
+        assert await schedule.next({"p0"}) == {"p0"}
+        assert time.monotonic() - t0 >= 0.3, "a second checkpoint for flags came before the spacing"
+        flagged.set()
+        waiting = asyncio.ensure_future(schedule.next({"p0"}))
+        await asyncio.wait({waiting}, timeout=0.05)
+        assert not waiting.done(), "it waits out the spacing"
+        ending.set()
+        assert await asyncio.wait_for(waiting, 1.0) is None
+
+        periodic = CheckpointSchedule(0.0, asyncio.Event(), asyncio.Event(), set, spacing_s=3600.0)
+        assert await periodic.next({"p0"}) == {"p0"}  # the period is due: no spacing
+        assert await asyncio.wait_for(periodic.next({"p0"}), 1.0) == {"p0"}
 
     asyncio.run(main())

@@ -3,24 +3,31 @@ open transactions (exactly once with kafka.commit_after_flags), those partitions
 so a flag becomes visible to read_committed readers after one commit instead of at the next period.
 
 One checkpoint runs at a time (the caller awaits it before asking again), so flags published during one
-wait for the next: the commit rate follows the commit's own speed.
+wait for the next: the commit rate follows the commit's own speed. A checkpoint for flags also begins no
+sooner than kafka.flag_commit_spacing_ms after the previous one: every transaction costs the worker
+several requests per partition whatever it holds, so under load more flags per transaction buy back CPU
+(bench_e2e, 800 beds on one core: 11.6 -> 10.5 ms of worker CPU a window, p99 1339 -> 779 ms).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Callable
 
 
 class CheckpointSchedule:
     def __init__(self, interval_s: float, ending: asyncio.Event, flagged: asyncio.Event | None = None,
-                 take_flagged: Callable[[], set] = set, clock: Callable[[], float] = time.monotonic):
+                 take_flagged: Callable[[], set] = set, clock: Callable[[], float] = time.monotonic,
+                 spacing_s: float = 0.0):
         """`ending`: set at shutdown (no further checkpoint); `flagged`: set while partitions hold flags in
-        open transactions, `take_flagged()` names them and clears it (None: periodic checkpoints only)."""
+        open transactions, `take_flagged()` names them and clears it (None: periodic checkpoints only);
+        `spacing_s`: the least time from one checkpoint's start to the next's for flags."""
         self.interval_s, self.ending, self.flagged, self.take_flagged = interval_s, ending, flagged, take_flagged
-        self.clock = clock
+        self.clock, self.spacing_s = clock, spacing_s
         self._next_full = clock() + interval_s
+        self._last = -float("inf")  # when the last checkpoint was handed out
 
     async def next(self, owned: set) -> set | None:
         """The partitions to checkpoint now (empty: nothing of `owned` is due), or None once ending."""
@@ -37,6 +44,13 @@ class CheckpointSchedule:
                 waker.cancel()
         if self.ending.is_set():
             return None
+        spaced = self._last + self.spacing_s - self.clock()
+        if spaced > 0 and self.clock() < self._next_full:  # flags only: let more join this transaction
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.ending.wait(), min(spaced, self._next_full - self.clock()))
+            if self.ending.is_set():
+                return None
+        self._last = self.clock()
         flagged = self.take_flagged()
         if self.clock() >= self._next_full:
             self._next_full = self.clock() + self.interval_s

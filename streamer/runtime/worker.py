@@ -462,7 +462,8 @@ class Worker:
         k = self.settings.kafka
         awaiting = self.outputs.awaiting  # flags in open transactions (exactly once; else never any)
         schedule = CheckpointSchedule(k.commit_interval_s, self.commits_end,
-                                      awaiting.event if k.commit_after_flags else None, awaiting.take_partitions)
+                                      awaiting.event if k.commit_after_flags else None, awaiting.take_partitions,
+                                      spacing_s=k.flag_commit_spacing_ms / 1000)
         while (partitions := await schedule.next(self.assigned)) is not None:
             if partitions:
                 await self._commit(partitions)
