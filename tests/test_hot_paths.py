@@ -3,6 +3,8 @@ plain version gave. And the latency split and the stage profile the benchmarks r
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -150,3 +152,22 @@ def test_the_usual_json_message_takes_the_plain_path_and_a_boolean_does_not():
                 {"units": "uV"}, {"samples": [0.1, None]}):
         value = orjson.dumps({**doc, **odd})
         assert _plain_json(orjson.loads(value), value) is None, odd  # JsonChunk decides those
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("at", [0, 61, 124])
+def test_one_non_finite_sample_anywhere_is_refused_through_the_single_peak_pass(bad, at):
+    """The finite check reads Chunk.peak_mv (numpy's abs then max): that must carry a NaN or an infinity
+    from any position, first, middle or last, as np.isfinite(...).all() did."""
+    import time
+
+    from streamer.ingest.contract import Chunk, InvalidMessage, decode, encode_binary
+    from streamer.settings import WindowSettings
+
+    samples = np.linspace(-1.0, 1.0, 125)
+    assert Chunk("bed-1", "II", 1, 500.0, samples).peak_mv == 1.0
+    samples[at] = bad
+    frame = encode_binary(Chunk("bed-1", "II", time.time_ns(), 500.0, samples))
+    with pytest.raises(InvalidMessage) as refused:
+        decode(b"bed-1", frame, WindowSettings())
+    assert refused.value.reason == "non_finite"
