@@ -579,3 +579,40 @@ def test_provisional_records_agree_across_a_gateways_rate_noise():
     results = [stream.accept(c, i, 0.0) for i, c in enumerate(chunks[:3])]
     assert [r.new_samples for r in results] == [0, 0, 1500] and stream.segment is not None
     assert not stream.held and not any(r.dead_letters for r in results)
+
+
+def _brute_min_open_offsets(stage: WindowStage) -> dict:
+    out: dict = {}
+    for (partition, _), stream in stage.streams.items():
+        off = stream.min_open_offset()
+        if off is not None:
+            out[partition] = min(off, out.get(partition, off))
+    return out
+
+
+@hsettings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["accept", "accept", "accept", "evict", "drop"]),
+                          st.integers(0, 2), st.integers(0, 3), st.integers(0, 30)), max_size=60))
+def test_the_partition_index_follows_every_stream_opened_closed_or_dropped(ops):
+    """min_open_offsets walks the streams by partition: through accepts (in order, late, repeated), idle
+    evictions, the memory cap and revocations it must answer what a walk of every stream answers."""
+    stage = WindowStage(WindowSettings(idle_evict_s=5.0, max_buffer_bytes=60_000))  # two beds' windows pass it
+    times, values = recording(500, 40)
+    chunks = {pid: list(chunks_of(f"p{pid}", times, values, 250, fs=500, segment_start_ns=START)) for pid in range(4)}
+    offset, now = 0, 0.0
+    for op, partition, pid, i in ops:
+        now += 1.0
+        if op == "accept":
+            stage.accept(partition, offset, chunks[pid][i % len(chunks[pid])], now)
+            offset += 1
+        elif op == "evict":
+            now += 6.0 * (i % 2)  # every other eviction after a silence: idle streams close
+            stage.flowing([0, 1, 2], now)
+            stage.evict(now)
+        else:
+            stage.drop_partition(partition)
+        assert {(p, k) for p, s in stage.partition_streams.items() for k in s} == set(stage.streams)
+        assert all(stage.partition_streams[p][k] is s for (p, k), s in stage.streams.items())
+        assert stage.min_open_offsets() == _brute_min_open_offsets(stage)
+        assert stage.min_open_offsets({partition}) == {
+            p: o for p, o in _brute_min_open_offsets(stage).items() if p == partition}

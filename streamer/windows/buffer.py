@@ -512,10 +512,16 @@ class PatientStream:
 
     def min_open_offset(self) -> int | None:
         """The smallest input offset an open window or an unresolved off-timeline record still needs."""
-        offsets = [c.offset for c in self.candidates] + [h.offset for h in self.held]
-        if self.segment is not None:
-            offsets += [w.min_offset for w in self.segment.open.values() if w.min_offset is not None]
-        return min(offsets) if offsets else None
+        low = None
+        if self.segment is not None:  # the usual case first: asked of every stream at every checkpoint
+            for w in self.segment.open.values():
+                if w.min_offset is not None and (low is None or w.min_offset < low):
+                    low = w.min_offset
+        for pending in (self.candidates, self.held):
+            for c in pending:
+                if low is None or c.offset < low:
+                    low = c.offset
+        return low
 
 
 def _dead_letter_if_refused(result: AcceptResult, ref: object, n: int, why: str = "") -> None:

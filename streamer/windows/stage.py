@@ -24,6 +24,8 @@ class WindowStage:
         self.store = store if store is not None else StateStore()  # what each patient already reported
         # least recently active first, so eviction and the memory cap look at the front only
         self.streams: OrderedDict[tuple[Hashable, str], PatientStream] = OrderedDict()
+        # the same streams by partition: a checkpoint asks for one partition's streams several times a second
+        self.partition_streams: dict[Hashable, dict[str, PatientStream]] = {}
         self.nbytes = 0  # bytes held by open windows, kept up to date on every change
         # Per partition, (seconds it has been flowing, wall time of its last record). Gaps between its
         # records count at most FLOW_GAP_CAP_S, so a broker or upstream outage hardly advances it and,
@@ -49,6 +51,7 @@ class WindowStage:
         if stream is None:
             state = self._state_after_emitted(key, self.store.patient(partition, chunk.patient_id))
             stream = self.streams[key] = PatientStream(chunk.patient_id, partition, self.settings, state)
+            self.partition_streams.setdefault(partition, {})[chunk.patient_id] = stream
             self.patient_clock[key] = flowed
         before = stream.nbytes
         result = stream.accept(chunk, offset, now, ref)
@@ -57,10 +60,15 @@ class WindowStage:
             self.patient_clock[key] = flowed
             self.streams.move_to_end(key)
         if stream.segment is None and not stream.nbytes and not stream.candidates and not stream.held:
-            self.streams.pop(key, None)
-            self.patient_clock.pop(key, None)
-            self.oldest_since.pop(key, None)
+            self._forget(key)
         return result
+
+    def _forget(self, key: tuple[Hashable, str]) -> PatientStream:
+        stream = self.streams.pop(key)
+        del self.partition_streams[key[0]][key[1]]
+        self.patient_clock.pop(key, None)
+        self.oldest_since.pop(key, None)
+        return stream
 
     def _flow(self, partition: Hashable, now: float) -> float:
         flowed, last = self.partition_clock.get(partition, (0.0, now))
@@ -120,9 +128,7 @@ class WindowStage:
         return out
 
     def _close(self, key: tuple[Hashable, str], now: float) -> list[EmittedWindow]:
-        stream = self.streams.pop(key)
-        self.patient_clock.pop(key, None)
-        self.oldest_since.pop(key, None)
+        stream = self._forget(key)
         self.nbytes -= stream.nbytes
         out = stream.close(now)
         self.rejected.extend((key[0], *d) for d in stream.take_dead())
@@ -171,24 +177,22 @@ class WindowStage:
 
     def min_open_offsets(self, partitions: Collection[Hashable] | None = None) -> dict[Hashable, int]:
         """Per partition (of `partitions`, else of all), the smallest input offset that an open (unemitted)
-        window still needs. A checkpoint asks for the partitions it commits only: it runs per partition, and
-        a scan of every stream each time cost 6% of the worker's CPU at 400 beds."""
+        window still needs. A checkpoint asks for the partitions it commits only, and walks only their streams:
+        it runs per partition, and filtering every stream each time cost 8% of the event loop at 600 beds."""
         out: dict[Hashable, int] = {}
-        for (partition, _), stream in self.streams.items():
-            if partitions is not None and partition not in partitions:
-                continue
-            off = stream.min_open_offset()
-            if off is not None and (partition not in out or off < out[partition]):
-                out[partition] = off
+        for partition in self.partition_streams if partitions is None else partitions:
+            offsets = [off for stream in self.partition_streams.get(partition, {}).values()
+                       if (off := stream.min_open_offset()) is not None]
+            if offsets:
+                out[partition] = min(offsets)
         return out
 
     def drop_partition(self, partition: Hashable) -> int:
         """Forget a revoked partition's buffers; its new owner rebuilds them from the committed offset."""
-        keys = [k for k in self.streams if k[0] == partition]
+        keys = [(partition, pid) for pid in self.partition_streams.get(partition, ())]
         for k in keys:
-            self.nbytes -= self.streams.pop(k).nbytes
-            self.patient_clock.pop(k, None)
-            self.oldest_since.pop(k, None)
+            self.nbytes -= self._forget(k).nbytes
+        self.partition_streams.pop(partition, None)
         for k in [k for k in self.emitted if k[0] == partition]:
             del self.emitted[k]
         self.partition_clock.pop(partition, None)
@@ -201,6 +205,7 @@ class WindowStage:
             out.extend(stream.close(now))
             self.rejected.extend((partition, *d) for d in stream.take_dead())
         self.streams.clear()
+        self.partition_streams.clear()
         self.patient_clock.clear()
         self.oldest_since.clear()
         self.nbytes = 0
