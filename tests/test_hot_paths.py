@@ -12,7 +12,8 @@ from benchmarks.bench_e2e import histogram_quantile
 from benchmarks.profile_stages import IDLE, fold, stage_of, table
 from streamer.checkpointing.event_time import ClockOffset
 from streamer.checkpointing.outputs import AwaitingCommit
-from streamer.metrics import FLAG_STEPS, Metrics
+from streamer.metrics import FLAG_STEPS, IngestCounts, Metrics
+from streamer.windows.buffer import AcceptResult
 
 
 class _Clock:
@@ -61,6 +62,24 @@ def test_flag_steps_are_exported_from_the_start_and_committed_only_once():
     assert 'streamer_flag_step_seconds_count{step="committed"} 2.0' in text
     assert 'streamer_flag_step_seconds_bucket{le="0.1",step="committed"} 0.0' in text
     assert 'streamer_flag_step_seconds_bucket{le="0.15",step="committed"} 2.0' in text
+
+
+def test_ingest_counts_reach_their_counters_at_each_flush_and_only_then():
+    m = Metrics()
+    counts = IngestCounts(m)
+    for result in (AcceptResult([], new_samples=125), AcceptResult([], duplicate_samples=125),
+                   AcceptResult([], new_samples=100, late_samples=25, implausible_samples=3)):
+        counts.messages += 1
+        counts.accepted(result)
+    counts.messages += 1  # a record refused before the window stage: counted, no samples
+    assert "streamer_messages_total 0.0" in m.render().decode()
+    counts.flush()
+    counts.flush()  # nothing new: nothing added twice
+    text = m.render().decode()
+    for line in ("streamer_messages_total 4.0", "streamer_samples_total 225.0",
+                 "streamer_duplicate_samples_total 125.0", "streamer_late_samples_total 25.0",
+                 "streamer_implausible_samples_total 3.0"):
+        assert line in text
 
 
 def test_histogram_quantile_interpolates_within_a_bucket_as_prometheus_does():

@@ -28,7 +28,7 @@ from streamer.ingest.partitioning import PartitionerWatch, home_partition
 from streamer.kafka.acls import authorization_fix
 from streamer.kafka.clients import make_consumer, request_rejoin
 from streamer.logs import get_logger, patient_ref
-from streamer.metrics import HealthServer, InferenceWatch, Metrics
+from streamer.metrics import HealthServer, InferenceWatch, IngestCounts, Metrics
 from streamer.model.infer import ArtifactScorer, refuse_demo_model
 from streamer.model.scoring import WindowScorer
 from streamer.publish.episodes import EpisodeTracker
@@ -65,6 +65,7 @@ class Worker:
         self.clock = clock
         self.owns_process = False  # `streamer run`: the process is this worker's alone (see start)
         self.metrics = Metrics()
+        self.ingest_counts = IngestCounts(self.metrics)
         self.scorer = scorer
         self.store = StateStore(clock)
         self.stage = WindowStage(settings.windows, self.store)
@@ -369,6 +370,7 @@ class Worker:
                         self.clock_offset.observe(newest)  # caught up: these records are fresh
                 for record in batch:
                     self._ingest(tp, record, now, partitions)
+            self.ingest_counts.flush()
             if now >= next_evict:  # scans the patients silent for idle_evict_s: once a second is enough
                 self.upkeep.every_second(now)
                 next_evict = now + 1.0
@@ -381,7 +383,7 @@ class Worker:
     def _ingest(self, tp: TopicPartition, record, now: float, partitions: int) -> None:
         """`partitions`: how many the record's topic has (0: unknown, then the key is not checked)."""
         self.ledger.consumed(tp, record.offset)
-        self.metrics.messages.inc()
+        self.ingest_counts.messages += 1
         ws = self.settings.windows
         try:
             chunk = decode(record.key, record.value, ws)
@@ -404,10 +406,7 @@ class Worker:
             log.exception("ingest_failed", patient=patient_ref(chunk.patient_id), offset=record.offset)
             self._dead_letter(tp, record, "internal_error", repr(exc)[:200])
             return
-        self.metrics.samples.inc(result.new_samples)
-        self.metrics.duplicate_samples.inc(result.duplicate_samples)
-        self.metrics.late_samples.inc(result.late_samples)
-        self.metrics.implausible_samples.inc(result.implausible_samples)
+        self.ingest_counts.accepted(result)
         for refused, reason, detail in result.dead_letters:  # this record, or earlier ones held until now
             self._dead_letter(tp, refused, reason, detail)
         for w in result.windows:
