@@ -32,6 +32,7 @@ from benchmarks.common import record
 from streamer.kafka.broker import EmbeddedBroker, free_port
 from streamer.kafka.clients import ensure_topics, make_consumer
 from streamer.offline.replay import replay, synthetic_fleet
+from streamer.model.backends import CPU_BATCH_CANDIDATES
 from streamer.settings import BatchSettings, KafkaSettings
 from streamer.windows.segmentation import segment
 
@@ -48,7 +49,8 @@ def _broker(kind: str):
 
 async def run(beds: int, seconds: float, max_batch: int, max_wait_ms: float, encoding: str, backend: str,
               cpu_threads: int | None = None, broker_kind: str = "apache", commit_interval_s: float = 0.25,
-              profile: Path | None = None, broker=None, warmup_s: float = 0.0, pin: bool = False) -> dict:
+              profile: Path | None = None, broker=None, warmup_s: float = 0.0, pin: bool = False,
+              device_batch: int | None = None) -> dict:
     """One run; `broker`: a running one to use (the suite's), else one of `broker_kind` is started.
 
     warmup_s: the beds stream that long before the measured `seconds`; latencies, cores and the profile
@@ -73,6 +75,8 @@ async def run(beds: int, seconds: float, max_batch: int, max_wait_ms: float, enc
                    STREAMER_LOG_FORMAT="json", STREAMER_LOG_LEVEL="warning", STREAMER_MODEL__BACKEND=backend)
         if cpu_threads:
             env["STREAMER_MODEL__CPU_THREADS"] = str(cpu_threads)
+        if device_batch:
+            env["STREAMER_MODEL__DEVICE_BATCH"] = str(device_batch)
         env["STREAMER_METRICS_PORT"] = str(metrics_port := free_port())
         log = open(Path(os.environ.get("TMPDIR", "/tmp")) / "bench_e2e_worker.log", "wb")
         worker = subprocess.Popen([sys.executable, "-m", "streamer", "run"], env=env, stdout=log,
@@ -239,7 +243,8 @@ def describe_setup(args, beds: int) -> tuple[str, str]:
                                                              if args.pin or args.capacity else "")
     setup = (f"{beds} beds real time, {args.seconds:.0f}s measured after {args.warmup:.0f}s, {args.encoding}, "
              f"batch<={args.max_batch}, {args.backend}"
-             + (f", {args.cpu_threads} inference thread(s)" if args.cpu_threads else ""))
+             + (f", {args.cpu_threads} inference thread(s)" if args.cpu_threads else "")
+             + (f", device batch {args.device_batch}" if args.device_batch else ""))
     return on, setup
 
 
@@ -260,9 +265,11 @@ def describe_threads(cores: dict, beds: int) -> str:
     return f" ({loop:.1f} in the event loop, {other:.1f} in the inference thread: {share:.0%} of it)"
 
 
-def model_alone(backend: str, batch: int, cpu: int = 1, windows: int = 256) -> float:
-    """Windows/s the model (preprocessing included) scores alone on one core, one thread, batches of
-    `batch`: what the worker's core could do with no Kafka, windows or publishing around it."""
+def model_alone(backend: str, batch: int, cpu: int = 1, windows: int = 256,
+                device_batches: tuple[int, ...] = CPU_BATCH_CANDIDATES) -> tuple[float, int]:
+    """(windows/s, device batch): the most the model (preprocessing included) scores alone on one core, one
+    thread, batches of `batch`, over the network batch sizes backend auto chooses from: what the worker's
+    core could do with no Kafka, windows or publishing around it (the other core idle)."""
     from streamer.model.infer import ArtifactScorer
     from streamer.settings import ModelSettings
     from streamer.synthetic import generate
@@ -270,26 +277,30 @@ def model_alone(backend: str, batch: int, cpu: int = 1, windows: int = 256) -> f
     everything = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {cpu})
     try:
-        scorer = ArtifactScorer(ModelSettings(backend=backend, cpu_threads=1)).warm_up()
         x = generate(10.0 * windows, fs=500, seed=0).values.reshape(windows, 5000).astype(np.float32)
-        best = 0.0
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for i in range(0, windows, batch):
-                scorer.probabilities(x[i:i + batch])
-            best = max(best, windows / (time.perf_counter() - t0))
-        return best
+        best, best_batch = 0.0, device_batches[0]
+        for device_batch in device_batches:
+            scorer = ArtifactScorer(ModelSettings(backend=backend, cpu_threads=1, device_batch=device_batch)).warm_up()
+            for _ in range(3):
+                t0 = time.perf_counter()
+                for i in range(0, windows, batch):
+                    scorer.probabilities(x[i:i + batch])
+                rate = windows / (time.perf_counter() - t0)
+                if rate > best:
+                    best, best_batch = rate, device_batch
+        return best, best_batch
     finally:
         os.sched_setaffinity(0, everything)
 
 
 def capacity(args, beds_list: list[int]) -> None:
     """Pinned runs at growing bed counts until p99 passes 1 s; a row each, then the capacity row."""
-    alone = model_alone(args.backend, args.max_batch)
+    alone, alone_batch = model_alone(args.backend, args.max_batch)
     best = None
     for beds in beds_list:
         r = asyncio.run(run(beds, args.seconds, args.max_batch, args.max_wait_ms, args.encoding, args.backend,
-                            args.cpu_threads, args.broker, args.commit_interval, warmup_s=args.warmup, pin=True))
+                            args.cpu_threads, args.broker, args.commit_interval, warmup_s=args.warmup, pin=True,
+                            device_batch=args.device_batch))
         on, setup = describe_setup(args, beds)
         record(f"end to end ({on}), {setup}", describe_run(r, beds))
         if r["flagged"] < r["expected"] or r["p99"] > 1.0:
@@ -300,7 +311,8 @@ def capacity(args, beds_list: list[int]) -> None:
     record(f"capacity ({on}): the most beds of {beds_list} at p99 <= 1 s, every window flagged; "
            f"{setup.split(', ', 1)[1]}",
            f"{best or 0} beds = {rate:g} windows/s; the model alone on that core, one thread, batch "
-           f"{args.max_batch}: {alone:.1f} windows/s", baseline=f"{alone:.1f}", ratio=f"{rate / alone:.2f}")
+           f"{args.max_batch}, best device batch ({alone_batch}): {alone:.1f} windows/s", baseline=f"{alone:.1f}",
+           ratio=f"{rate / alone:.2f}")
 
 
 def main() -> None:
@@ -312,6 +324,7 @@ def main() -> None:
     ap.add_argument("--encoding", default="binary")
     ap.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"])
     ap.add_argument("--cpu-threads", type=int, default=None, help="model.cpu_threads for the worker")
+    ap.add_argument("--device-batch", type=int, default=None, help="model.device_batch for the worker")
     ap.add_argument("--broker", choices=["apache", "embedded"], default="apache")
     ap.add_argument("--commit-interval", type=float, default=0.25, help="kafka.commit_interval_s (checkpoints)")
     ap.add_argument("--profile", action="store_true", help="sample the worker with py-spy; a row per stage")
@@ -326,7 +339,7 @@ def main() -> None:
     raw = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_e2e_worker_{args.beds}.pyspy" if args.profile else None
     r = asyncio.run(run(args.beds, args.seconds, args.max_batch, args.max_wait_ms, args.encoding, args.backend,
                         args.cpu_threads, args.broker, args.commit_interval, raw, warmup_s=args.warmup,
-                        pin=args.pin))
+                        pin=args.pin, device_batch=args.device_batch))
     on, setup = describe_setup(args, args.beds)
     record(f"end to end ({on}), {setup}", describe_run(r, args.beds))
     if raw is not None:

@@ -5,8 +5,9 @@ figures they print at these sizes mean nothing; benchmarks/RESULTS.md holds the 
 from __future__ import annotations
 
 import asyncio
+import os
 
-from benchmarks.bench_e2e import describe_run, run
+from benchmarks.bench_e2e import describe_run, model_alone, run
 from benchmarks.bench_ingest import ENCODINGS, measure
 
 
@@ -30,3 +31,9 @@ def test_bench_e2e_flags_every_window_and_splits_the_latency(broker):
     assert abs(r["cores"]["worker event loop"] + r["cores"]["worker other threads"] - r["cores"]["worker"]) <= 0.02
     assert "in the event loop" in describe_run(r, 3)
     assert 0 < r["p50"] <= r["p99"] <= r["max"]
+
+
+def test_the_model_alone_baseline_is_its_best_device_batch():
+    rate, device_batch = model_alone("onnxruntime", batch=8, cpu=sorted(os.sched_getaffinity(0))[-1], windows=16,
+                                     device_batches=(4, 8))
+    assert rate > 0 and device_batch in (4, 8)
