@@ -123,8 +123,9 @@ class KafkaSettings(_Group):
     heartbeat_interval_ms: int = Field(3000, ge=100, description="group heartbeat period (under a third of the session "
                                                                  "timeout)")
     commit_interval_s: float = Field(0.25, gt=0, description="checkpoint period (every owned partition: offsets, "
-                                     "states); with exactly_once and commit_after_flags off, it also bounds how "
-                                     "long a flag stays invisible to read_committed readers")
+                                     "states; one a checkpoint for flags took in the last half period waits for "
+                                     "the next: at most 1.5 periods); with exactly_once and commit_after_flags "
+                                     "off, it also bounds how long a flag stays invisible to read_committed readers")
     commit_after_flags: bool = Field(True, description="exactly_once: commit the partitions a batch's flags went to "
                                      "as soon as they are in their transactions (visible after one commit, not at "
                                      "the next checkpoint period; smaller, more frequent transactions, never two "

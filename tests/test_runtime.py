@@ -153,6 +153,46 @@ def test_checkpoint_schedule_commits_flagged_partitions_at_once_and_every_partit
     asyncio.run(main())
 
 
+def test_the_period_leaves_out_partitions_checkpointed_for_flags_in_its_last_half():
+    """Under load flags commit every partition several times a period: the periodic checkpoint takes only
+    those no checkpoint took for half a period, so each is still taken at least every 1.5 periods."""
+    class Clock:
+        t = 0.0
+
+        def __call__(self):
+            return self.t
+
+    async def main():
+        clock, flagged, pending = Clock(), asyncio.Event(), set()
+
+        def take() -> set:
+            taken = set(pending)
+            pending.clear()
+            flagged.clear()
+            return taken
+
+        schedule = CheckpointSchedule(1.0, asyncio.Event(), flagged, take, clock=clock)
+        owned = {"p0", "p1", "p2"}
+        clock.t = 0.7
+        pending.add("p1")
+        flagged.set()
+        assert await schedule.next(owned) == {"p1"}
+        clock.t = 1.0  # the period: p1 was taken 0.3 s ago
+        pending.add("p2")
+        flagged.set()
+        assert await schedule.next(owned) == {"p0", "p2"}, "flags are never left out; p1 is"
+        clock.t = 2.0  # p1 last taken 1.3 s ago: due
+        assert await schedule.next(owned) == owned
+        clock.t = 2.4
+        pending.add("p0")
+        flagged.set()
+        assert await schedule.next(owned) == {"p0"}
+        clock.t = 3.0  # p0 was taken 0.6 s ago, over half a period: taken again
+        assert await schedule.next(owned) == owned
+
+    asyncio.run(main())
+
+
 def test_checkpoints_for_flags_are_spaced_and_the_end_cuts_the_spacing_short():
     """kafka.flag_commit_spacing_ms: a checkpoint for flags waits until that long after the previous one
     began (more flags per transaction); the period is never delayed; shutdown ends the wait at once."""
