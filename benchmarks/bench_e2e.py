@@ -265,16 +265,28 @@ def describe_threads(cores: dict, beds: int) -> str:
     return f" ({loop:.1f} in the event loop, {other:.1f} in the inference thread: {share:.0%} of it)"
 
 
+# a neighbour that keeps another core copying 200 MB arrays: the memory traffic the broker, replayer and
+# reader make beside the worker, without their CPU on the worker's core
+MEMORY_NEIGHBOUR = ("import numpy as np\na = np.random.rand(25_000_000)\nb = np.empty_like(a)\n"
+                    "while True:\n    np.copyto(b, a)\n")
+
+
 def model_alone(backend: str, batch: int, cpu: int = 1, windows: int = 256,
-                device_batches: tuple[int, ...] = CPU_BATCH_CANDIDATES) -> tuple[float, int]:
+                device_batches: tuple[int, ...] = CPU_BATCH_CANDIDATES,
+                neighbour_cpu: int | None = None) -> tuple[float, int]:
     """(windows/s, device batch): the most the model (preprocessing included) scores alone on one core, one
     thread, batches of `batch`, over the network batch sizes backend auto chooses from: what the worker's
-    core could do with no Kafka, windows or publishing around it (the other core idle)."""
+    core could do with no Kafka, windows or publishing around it. The other cores idle, or with
+    `neighbour_cpu`, that one copying memory (MEMORY_NEIGHBOUR): cache and memory bandwidth are shared."""
     from streamer.model.infer import ArtifactScorer
     from streamer.settings import ModelSettings
     from streamer.synthetic import generate
 
     everything = os.sched_getaffinity(0)
+    neighbour = None
+    if neighbour_cpu is not None:
+        neighbour = subprocess.Popen([sys.executable, "-c", MEMORY_NEIGHBOUR])
+        os.sched_setaffinity(neighbour.pid, {neighbour_cpu})
     os.sched_setaffinity(0, {cpu})
     try:
         x = generate(10.0 * windows, fs=500, seed=0).values.reshape(windows, 5000).astype(np.float32)
@@ -291,11 +303,15 @@ def model_alone(backend: str, batch: int, cpu: int = 1, windows: int = 256,
         return best, best_batch
     finally:
         os.sched_setaffinity(0, everything)
+        if neighbour is not None:
+            neighbour.kill()
+            neighbour.wait()
 
 
 def capacity(args, beds_list: list[int]) -> None:
     """Pinned runs at growing bed counts until p99 passes 1 s; a row each, then the capacity row."""
     alone, alone_batch = model_alone(args.backend, args.max_batch)
+    crowded, crowded_batch = model_alone(args.backend, args.max_batch, neighbour_cpu=0)
     best = None
     for beds in beds_list:
         r = asyncio.run(run(beds, args.seconds, args.max_batch, args.max_wait_ms, args.encoding, args.backend,
@@ -311,8 +327,9 @@ def capacity(args, beds_list: list[int]) -> None:
     record(f"capacity ({on}): the most beds of {beds_list} at p99 <= 1 s, every window flagged; "
            f"{setup.split(', ', 1)[1]}",
            f"{best or 0} beds = {rate:g} windows/s; the model alone on that core, one thread, batch "
-           f"{args.max_batch}, best device batch ({alone_batch}): {alone:.1f} windows/s", baseline=f"{alone:.1f}",
-           ratio=f"{rate / alone:.2f}")
+           f"{args.max_batch}, best device batch ({alone_batch}): {alone:.1f} windows/s with CPU 0 idle; "
+           f"{crowded:.1f} (device batch {crowded_batch}) with CPU 0 copying memory, as the broker's side loads it: "
+           f"{rate / crowded:.2f} of that", baseline=f"{alone:.1f}", ratio=f"{rate / alone:.2f}")
 
 
 def main() -> None:
