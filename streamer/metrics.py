@@ -142,7 +142,7 @@ FLAG_STEPS = ("queued", "inference", "to_publisher", "sent", "committed")
 
 class IngestCounts:
     """The consume loop's per-record counts, added to their counters once per fetch: five Counter.inc
-    calls a record (each takes a lock) were a twentieth of the event loop's ingest cost."""
+    calls a record (each takes a lock) were ~5 % of the event loop at 600 beds."""
     __slots__ = ("metrics", "messages", "samples", "duplicate", "late", "implausible")
 
     def __init__(self, metrics: Metrics):
