@@ -31,8 +31,8 @@ from benchmarks.campaigns.common import cpu_s, pin_threads, thread_cpu_s, wait_r
 from benchmarks.common import record
 from streamer.kafka.broker import EmbeddedBroker, free_port
 from streamer.kafka.clients import ensure_topics, make_consumer
-from streamer.offline.replay import replay, synthetic_fleet
 from streamer.model.backends import CPU_BATCH_CANDIDATES
+from streamer.offline.replay import replay, synthetic_fleet
 from streamer.settings import BatchSettings, KafkaSettings
 from streamer.windows.segmentation import segment
 
@@ -284,11 +284,11 @@ def model_alone(backend: str, batch: int, cpu: int = 1, windows: int = 256,
 
     everything = os.sched_getaffinity(0)
     neighbour = None
-    if neighbour_cpu is not None:
-        neighbour = subprocess.Popen([sys.executable, "-c", MEMORY_NEIGHBOUR])
-        os.sched_setaffinity(neighbour.pid, {neighbour_cpu})
-    os.sched_setaffinity(0, {cpu})
     try:
+        if neighbour_cpu is not None:
+            neighbour = subprocess.Popen([sys.executable, "-c", MEMORY_NEIGHBOUR])
+            os.sched_setaffinity(neighbour.pid, {neighbour_cpu})
+        os.sched_setaffinity(0, {cpu})
         x = generate(10.0 * windows, fs=500, seed=0).values.reshape(windows, 5000).astype(np.float32)
         best, best_batch = 0.0, device_batches[0]
         for device_batch in device_batches:
