@@ -215,11 +215,16 @@ def first_flag_after(log: Path, t_monotonic: float) -> float | None:
 
 
 # -- soak -----------------------------------------------------------------------------------------------
+def _stat_cpu_s(stat_path: str) -> float:
+    """User + system CPU seconds from a /proc stat file (a process's or one of its threads')."""
+    fields = open(stat_path).read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process so far."""
     try:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return _stat_cpu_s(f"/proc/{pid}/stat")
     except OSError:
         return 0.0
 
@@ -229,9 +234,8 @@ def thread_cpu_s(pid: int) -> dict[int, float]:
     id is the process id)."""
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else ():
-        with contextlib.suppress(OSError):
-            fields = open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()
-            out[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            out[int(tid)] = _stat_cpu_s(f"/proc/{pid}/task/{tid}/stat")
     return out
 
 
