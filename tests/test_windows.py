@@ -306,12 +306,14 @@ def test_grid_arithmetic_matches_fractions():
 
 @hsettings(max_examples=300, deadline=None)
 @given(st.sampled_from([128.5, 250.0, 256.0, 360.0, 500.0, 500.001, 1000.0, 999.9]),
-       st.integers(-10**12, 10**12), st.integers(0, 10**7), st.integers(0, 500))
-def test_grid_indices_are_the_exact_rounding_of_times(fs, t_offset_ns, i, k):
+       st.integers(-10**12, 10**12), st.integers(0, 10**7), st.integers(0, 500),
+       st.sampled_from([10 * 10**9, 5 * 10**9, 2_500_000_000, 7 * 10**9 + 1]))
+def test_grid_indices_are_the_exact_rounding_of_times(fs, t_offset_ns, i, k, step_ns):
     """The grid's integer shortcuts (its rate taken apart once) against the plain Fraction arithmetic of
     the definition: sample index = round((t - anchor) * fs), halves down; a window exists once the first
-    sample at or after its end does; the searches find the first and last windows an index touches."""
-    g = WindowGrid(START, as_rate(fs), 10 * 10**9, 10 * 10**9)
+    sample at or after its end does; the closed forms find the first and last windows an index touches,
+    with and without overlap."""
+    g = WindowGrid(START, as_rate(fs), 10 * 10**9, step_ns)
     rate = as_rate(fs)
 
     def nearest(t_ns: int) -> int:
@@ -324,10 +326,12 @@ def test_grid_indices_are_the_exact_rounding_of_times(fs, t_offset_ns, i, k):
     assert g.end_index(k) == nearest(START + k * g.step_ns + g.window_ns)
     assert g.complete_index(k) == math.ceil(Fraction(k * g.step_ns + g.window_ns, 10**9) * rate)
     assert g.fs_hz == float(rate)
-    first = g.first_window_ending_after(i)
-    assert g.end_index(first) > i and (first == 0 or g.end_index(first - 1) <= i)
-    last = g.last_window_starting_at_or_before(i)
-    assert (last == -1 or g.start_index(last) <= i) and g.start_index(last + 1) > i
+    # a random index, and those beside window k's edges (where a rounding slip would show)
+    for j in (i, *(edge + d for edge in (g.start_index(k), g.end_index(k)) for d in (-1, 0, 1) if edge + d >= 0)):
+        first = g.first_window_ending_after(j)
+        assert g.end_index(first) > j and (first == 0 or g.end_index(first - 1) <= j)
+        last = g.last_window_starting_at_or_before(j)
+        assert (last == -1 or g.start_index(last) <= j) and g.start_index(last + 1) > j
 
 
 def test_fill_gaps_limits():

@@ -141,7 +141,7 @@ class _Held:
     ref: object  # what the caller gave with it (the Kafka record): dead-lettered through it if refused
 
 
-@dataclass
+@dataclass(slots=True)  # one a record
 class AcceptResult:
     windows: list[EmittedWindow]
     new_samples: int = 0

@@ -75,16 +75,14 @@ class WindowGrid:
         return -(-num // self._per_ns_den)
 
     def first_window_ending_after(self, i: int) -> int:
-        """Smallest k whose sample range ends after index i (the first window sample i can belong to)."""
-        t_ns = (i * self._per_ns_den) // self._rate_num
-        k = max((t_ns - self.window_ns) // self.step_ns - 1, 0)  # a window or more below the answer
-        while self.end_index(k) <= i:
-            k += 1
-        return k
+        """Smallest k whose sample range ends after index i (the first window sample i can belong to).
+
+        Closed form, no search (asked once per record): end_index(k) > i holds exactly when window k's end
+        lies past half a sample after i, (k * step + window) * fs > i + 1/2, in integers."""
+        over = (2 * i + 1) * self._per_ns_den - 2 * self.window_ns * self._rate_num
+        return max(over // (2 * self.step_ns * self._rate_num) + 1, 0)
 
     def last_window_starting_at_or_before(self, i: int) -> int:
-        """Largest k whose sample range starts at or before index i (-1 if none)."""
-        k = ((i * self._per_ns_den) // self._rate_num) // self.step_ns + 1
-        while k >= 0 and self.start_index(k) > i:
-            k -= 1
-        return k
+        """Largest k whose sample range starts at or before index i (-1 if none): start_index(k) <= i holds
+        exactly when k * step * fs <= i + 1/2."""
+        return max(((2 * i + 1) * self._per_ns_den) // (2 * self.step_ns * self._rate_num), -1)
