@@ -312,6 +312,9 @@ def capacity(args, beds_list: list[int]) -> None:
     """Pinned runs at growing bed counts until p99 passes 1 s; a row each, then the capacity row."""
     alone, alone_batch = model_alone(args.backend, args.max_batch)
     crowded, crowded_batch = model_alone(args.backend, args.max_batch, neighbour_cpu=0)
+    # the worker scores at the network batch the baseline found best, as backend auto chooses one at start
+    # (a fixed 16 cost it 8.4 ms a window near saturation against 6.8-7.0 at 4: 850 -> 900 beds, 09b8717)
+    args.device_batch = args.device_batch or alone_batch
     best = None
     for beds in beds_list:
         r = asyncio.run(run(beds, args.seconds, args.max_batch, args.max_wait_ms, args.encoding, args.backend,
@@ -349,7 +352,8 @@ def main() -> None:
     ap.add_argument("--pin", action="store_true", help="broker, replayer and reader on CPU 0, the worker on CPU 1")
     ap.add_argument("--capacity", default=None, metavar="BEDS,BEDS,...",
                     help="pinned runs at these bed counts, in order, until p99 > 1 s; the most beds within it "
-                         "as a ratio to the model alone on the worker's core")
+                         "as a ratio to the model alone on the worker's core (at the device batch the "
+                         "model alone does best with, unless --device-batch)")
     args = ap.parse_args()
     if args.capacity:
         return capacity(args, [int(b) for b in args.capacity.split(",")])
