@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
-
 import platform
 import time
 
 from prometheus_client import (CONTENT_TYPE_LATEST, GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR,
                                CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics,
                                generate_latest)
+
+from streamer.logs import get_logger
 
 disable_created_metrics()  # no <name>_created series beside every counter: half the scrape, no use here
 
@@ -217,42 +219,142 @@ class HealthServer:
 
     Served by aiohttp (a maintained HTTP parser: request line and header fields at most 8 KB, at most 32
     headers, over-long or malformed requests answered 4xx), on 127.0.0.1 unless metrics_host says
-    otherwise, with at most `max_connections` open at once (more are closed on accept) and idle
-    keep-alive connections closed after 5 s, so a scraper cannot pin the worker's memory or sockets.
+    otherwise, on the worker's own event loop. So that no client, wherever it sits on the network, can
+    starve the liveness probe (a failing one restarts the worker) or the worker itself:
+
+    - at most `max_connections_per_peer` connections per peer address (an IPv6 peer: its /64) and
+      `max_connections` in all; one over either is closed on accept, except that a peer holding fewer
+      than the heaviest peer minus one closes that peer's oldest connection instead (max-min fair: a
+      probe's one connection always gets in);
+    - a connection without a request in progress (not yet sent, sent in part, or between keep-alive
+      requests) is closed after `idle_timeout_s`;
+    - each peer's requests are paced to `requests_per_peer_s` after a burst of `request_burst` (the rest
+      wait; a connection's pipelined requests queue in aiohttp, which stops reading past its bound);
+    - /metrics renders (which walk every patient) are spaced so that they take at most `render_share` of
+      the event loop, whoever asks; each answer is still a fresh render.
     """
 
     def __init__(self, metrics: Metrics, ready, host: str = "127.0.0.1", port: int = 0, max_connections: int = 64,
-                 alive=lambda: (True, "ok")):
+                 alive=lambda: (True, "ok"), max_connections_per_peer: int = 8, idle_timeout_s: float = 2.0,
+                 requests_per_peer_s: float = 10.0, request_burst: int = 20, render_share: float = 0.1):
         self.metrics, self.ready, self.alive, self.host, self.port = metrics, ready, alive, host, port
-        self.max_connections = max_connections
+        self.max_connections, self.max_connections_per_peer = max_connections, max_connections_per_peer
+        self.idle_timeout_s, self.render_share = idle_timeout_s, render_share
+        self.requests_per_peer_s, self.request_burst = requests_per_peer_s, request_burst
         self.runner = None
         self.server: asyncio.base_events.Server | None = None
+        self._by_peer: dict[str, dict[_Connection, None]] = {}  # each peer's open connections, oldest first
+        self._open = 0
+        self._pace: dict[str, list[float]] = {}  # peer -> [tokens, when counted]
+        self._render_lock = asyncio.Lock()
+        self._next_render_at = 0.0
+        self.refused = self.evicted = 0  # connections closed on accept / to make room for a lighter peer
+        self._reported_at = -_REPORT_EVERY_S
 
     async def start(self) -> int:
         from aiohttp import web
 
-        app = web.Application()
+        @web.middleware
+        async def paced(request, handler):
+            return await self._paced(request, handler)
+
+        app = web.Application(middlewares=[paced])
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=5.0,
+        # aiohttp's keep-alive timer runs from accept too: a connection that sends no complete request (a
+        # slowloris) is closed after it as well as an idle keep-alive one
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=self.idle_timeout_s,
                                     max_line_size=8190, max_field_size=8190, max_headers=32,
                                     logger=_QUIET)  # a bad request gets its 400, not a traceback in our logs
         await self.runner.setup()
-        self.server = await asyncio.get_running_loop().create_server(self._protocol, self.host, self.port)
+        self.server = await asyncio.get_running_loop().create_server(lambda: _Connection(self), self.host, self.port)
         self.port = self.server.sockets[0].getsockname()[1]
         return self.port
 
-    def _protocol(self):
-        handlers = self.runner.server
-        if len(handlers.connections) >= self.max_connections:
-            return _Refuse()
-        return handlers()
+    def connections_of(self, host: str) -> int:
+        """Open connections of the peer at `host` (an address as the server sees it)."""
+        return len(self._by_peer.get(_peer_key(host), ()))
+
+    def _admit(self, conn: _Connection) -> bool:
+        mine = self._by_peer.get(conn.peer, {})
+        if len(mine) >= self.max_connections_per_peer:
+            return self._refuse(conn)
+        if self._open >= self.max_connections:
+            heaviest = max(self._by_peer.values(), key=len)
+            if len(heaviest) <= len(mine) + 1:
+                return self._refuse(conn)
+            victim = next(iter(heaviest))
+            self._release(victim)
+            victim.transport.abort()
+            self.evicted += 1
+        self._by_peer.setdefault(conn.peer, {})[conn] = None
+        self._open += 1
+        return True
+
+    def _refuse(self, conn: _Connection) -> bool:
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._reported_at >= _REPORT_EVERY_S:  # a flood is one line a minute, not one per connection
+            self._reported_at = now
+            log.warning("metrics_connections_refused", peer=conn.peer, refused=self.refused, evicted=self.evicted,
+                        open=self._open, per_peer=self.max_connections_per_peer, total=self.max_connections)
+        return False
+
+    def _release(self, conn: _Connection) -> None:
+        mine = self._by_peer.get(conn.peer)
+        if mine is None or conn not in mine:
+            return  # refused, or already released (evicted)
+        del mine[conn]
+        self._open -= 1
+        if not mine:
+            del self._by_peer[conn.peer]
+
+    def _handler(self):
+        return self.runner.server()  # aiohttp's RequestHandler for one connection
+
+    async def _paced(self, request, handler):
+        """Middleware: a token bucket per peer; a request over it waits for its token (its connection with
+        it), so a flood costs the loop `requests_per_peer_s` requests a second, not as many as it sends."""
+        from aiohttp import web
+
+        transport = request.transport
+        if transport is None:  # closed while queued
+            raise web.HTTPServiceUnavailable()
+        peer = _peer_key(_host_of(transport))
+        now = time.monotonic()
+        bucket = self._pace.get(peer)
+        if bucket is None:
+            if len(self._pace) >= _MAX_PACED_PEERS:
+                self._forget_rested(now)
+            bucket = self._pace[peer] = [float(self.request_burst), now]
+        tokens = min(float(self.request_burst), bucket[0] + (now - bucket[1]) * self.requests_per_peer_s)
+        bucket[0], bucket[1] = tokens - 1.0, now  # taken now, even if its turn comes later: queued ones line up
+        if tokens < 1.0:
+            await asyncio.sleep((1.0 - tokens) / self.requests_per_peer_s)
+        return await handler(request)
+
+    def _forget_rested(self, now: float) -> None:
+        """Drops the buckets that have refilled (as good as new): the table stays bounded by the peers active
+        in the last burst / rate seconds."""
+        full = float(self.request_burst)
+        for peer, (tokens, at) in list(self._pace.items()):
+            if tokens + (now - at) * self.requests_per_peer_s >= full:
+                del self._pace[peer]
 
     async def _metrics(self, request):
         from aiohttp import web
 
-        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        loop = asyncio.get_running_loop()
+        async with self._render_lock:
+            wait = self._next_render_at - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            began = loop.time()
+            body = self.metrics.render()
+            took = loop.time() - began
+            self._next_render_at = loop.time() + took * (1.0 / self.render_share - 1.0)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, request):
         from aiohttp import web
@@ -275,12 +377,68 @@ class HealthServer:
             await self.server.wait_closed()
 
 
+_REPORT_EVERY_S = 60.0
+_MAX_PACED_PEERS = 4096
+
+
+def _host_of(transport) -> str:
+    peername = transport.get_extra_info("peername")
+    return peername[0] if isinstance(peername, tuple) and peername else ""
+
+
+def _peer_key(host: str) -> str:
+    """Who a connection counts against: its IPv4 address; an IPv6 peer's /64 (one host commonly holds a whole
+    /64, so a per-address limit would not hold it); a peer without an address (a Unix socket) is one peer."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+log = get_logger("streamer.metrics")
 _QUIET = logging.getLogger("streamer.metrics.http")
 _QUIET.setLevel(logging.CRITICAL)
 
 
-class _Refuse(asyncio.Protocol):
-    """Closes a connection over the limit as soon as it is accepted."""
+class _Connection(asyncio.Protocol):
+    """One accepted connection: admitted by the server's limits (its peer known only now), then handed to
+    aiohttp's handler; closed at once when refused."""
+
+    def __init__(self, server: HealthServer):
+        self.server = server
+        self.peer = ""
+        self.transport = None
+        self.handler = None
 
     def connection_made(self, transport) -> None:
-        transport.close()
+        self.transport, self.peer = transport, _peer_key(_host_of(transport))
+        if not self.server._admit(self):
+            transport.close()
+            return
+        self.handler = self.server._handler()
+        self.handler.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.handler is not None:
+            self.handler.data_received(data)
+
+    def eof_received(self):
+        return self.handler.eof_received() if self.handler is not None else None
+
+    def pause_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.resume_writing()
+
+    def connection_lost(self, exc) -> None:
+        self.server._release(self)
+        if self.handler is not None:
+            self.handler.connection_lost(exc)
