@@ -8,12 +8,15 @@ import time
 import numpy as np
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from streamer.ingest.contract import Chunk, encode_json
 from streamer.publish.episodes import EpisodeTracker
 from streamer.settings import EpisodeSettings, WindowSettings
 from streamer.state.patients import EpisodeState
 from streamer.commands.view import STRIP_HZ, Ward
+from tests.test_view_http import flag_bytes
 
 T0 = 1_795_316_700_000_000_000
 S = WindowSettings()
@@ -25,12 +28,8 @@ def _feed(ward: Ward, pid: str, seconds: float, fs: float = 500.0, t0: int = T0)
         ward.on_input(pid.encode(), encode_json(Chunk(pid, "II", t0 + int(i * 0.5e9), fs, np.zeros(n))), S)
 
 
-def _flag(pid: str, start: int, p: float | None) -> bytes:
-    return orjson.dumps({"window_id": f"{pid}:{start}", "patient_id": pid, "window_start_ns": start,
-                         "window_end_ns": start + 10**10, "status": "scored" if p is not None else "insufficient_data",
-                         "reason": None if p is not None else "no_data", "probability": p,
-                         "artifact": None if p is None else p >= 0.2, "threshold": 0.2, "model": "m@sha256:x",
-                         "latency_ms": 120.0})
+def _flag(pid: str, start: int, p: float | None, **over) -> bytes:
+    return flag_bytes(pid, start, p, **over)
 
 
 def test_strip_keeps_only_its_seconds_at_display_rate():
@@ -113,5 +112,89 @@ def test_episodes_ordered_by_seq_their_lease_lapses_and_bad_input_is_ignored():
     assert ward.delta()["beds"]["bed-1"]["episode"]["state"] == "lapsed"
     with pytest.raises(ValueError):
         ward.on_episode(orjson.dumps({"patient_id": "bed-1", "state": "open", "schema": 1}))
-    ward.on_input(b"bed-9", b"{not json", S)  # the worker dead-letters it; the view just skips it
-    assert "bed-9" not in ward.beds
+    assert not ward.on_record("input", b"bed-9", b"{not json", S)  # the worker dead-letters it; the view skips it
+    assert "bed-9" not in ward.beds and ward.skipped["input"] == 1
+
+
+# -- records the page must never see (issue 45, item 3) ------------------------------------------------------
+BAD_FLAGS = {
+    "probability not a number": dict(probability="0.9<img src=x onerror=alert(1)>"),
+    "artifact not a bool": dict(artifact="yes"),
+    "reason not text": dict(status="insufficient_data", probability=None, artifact=None, reason={"html": "<b>"}),
+    "window start not an int": dict(window_start_ns="soon"),
+    "no patient": dict(patient_id=None),
+    "unknown status": dict(status="<script>alert(1)</script>"),
+    "scored without probability": dict(probability=None),
+    "wrong schema": dict(schema=2),
+}
+
+
+@pytest.mark.parametrize("what", sorted(BAD_FLAGS))
+def test_a_flag_the_client_decoder_refuses_is_skipped_and_counted_never_shown(what):
+    ward = Ward()
+    ward.on_flag(_flag("bed-1", T0, 0.1))
+    ward.delta()
+    assert not ward.on_record("flag", b"bed-1", _flag("bed-1", T0 + 10**10, 0.9, **BAD_FLAGS[what]), S)
+    assert ward.skipped == {"flag": 1}
+    assert [f["window_start_ns"] for f in ward.beds["bed-1"].flags] == [T0]
+    assert ward.delta() is None
+    assert ward.snapshot()["skipped"] == 1
+
+
+def test_out_of_range_flags_are_skipped_once_the_client_checks_ranges():
+    """The client's range checks (probability and threshold in [0, 1], fs > 0, the window ending after it
+    starts) are the view's: whatever `decode_flag` refuses never reaches the page."""
+    from streamer.client import MessageError, decode_flag
+
+    ward = Ward()
+    for over in (dict(probability=1.5), dict(threshold=-1.0), dict(fs=0.0), dict(window_end_ns=T0 - 1)):
+        value = _flag("bed-1", T0, 0.5, **over)
+        try:
+            decode_flag(value)
+        except MessageError:
+            assert not ward.on_record("flag", b"bed-1", value, S)
+        else:  # this client does not check that range yet: the view shows what the client accepts
+            assert ward.on_record("flag", b"bed-1", value, S)
+
+
+def test_a_hostile_reason_is_kept_as_the_text_it_is():
+    ward = Ward()
+    hostile = '<img src=x onerror="window.__pwned=1">'
+    assert ward.on_record("flag", b"bed-1", _flag("bed-1", T0, None, reason=hostile), S)
+    assert ward.snapshot()["beds"]["bed-1"]["flags"][0]["reason"] == hostile  # the page writes it as text
+
+
+def test_only_the_fields_the_page_shows_are_kept():
+    ward = Ward()
+    ward.on_flag(_flag("bed-1", T0, 0.4, extra="<script>", fs=250.0))
+    assert set(ward.beds["bed-1"].flags[0]) == {"window_id", "window_start_ns", "window_end_ns", "status", "reason",
+                                                  "probability", "artifact", "threshold", "latency_ms"}
+    assert ward.model == "m@sha256:0123456789abcdef"
+
+
+_scalar = st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats(allow_nan=False) | st.text()
+_json = st.recursive(_scalar, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                         max_size=4), max_leaves=20)
+_flag_fields = st.fixed_dictionaries({}, optional={k: _json for k in (
+    "schema", "window_id", "patient_id", "window_start_ns", "window_end_ns", "status", "reason", "probability",
+    "artifact", "threshold", "model", "fs", "missing_samples", "interpolated_samples", "produced_at_ns", "latency_ms")})
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(["flag", "episode", "input"]),
+       value=st.one_of(st.binary(max_size=300), _json.map(orjson.dumps), st.integers().map(lambda i: str(i).encode()),
+                       _flag_fields.map(lambda over: _flag("bed-1", T0, 0.5, **over))))
+def test_fuzz_one_record_never_stops_the_view_and_what_is_kept_has_the_page_types(kind, value):
+    ward = Ward()
+    ok = ward.on_record(kind, b"bed-1", value, S)
+    assert ok != bool(ward.skipped)
+    snap = orjson.loads(orjson.dumps(ward.snapshot()))  # what the page gets
+    for bed in snap["beds"].values():
+        for f in bed["flags"]:
+            assert isinstance(f["window_id"], str) and isinstance(f["status"], str)
+            assert f["status"] in ("scored", "insufficient_data")
+            assert isinstance(f["window_start_ns"], int) and isinstance(f["window_end_ns"], int)
+            assert f["reason"] is None or isinstance(f["reason"], str)
+            assert isinstance(f["threshold"], float) and isinstance(f["latency_ms"], float)
+            if f["status"] == "scored":
+                assert isinstance(f["probability"], float) and isinstance(f["artifact"], bool)
