@@ -32,20 +32,28 @@ def test_the_client_installs_without_torch_numpy_or_pydantic(tmp_path):
     done = subprocess.run([py, "-m", "pip", "install", "-q", str(source)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     probe = """
-import importlib.util, json, streamer_client
-from streamer_client import SuppressionView, decode_episode
+import importlib.util, json, time, streamer_client
+from streamer_client import MessageError, SuppressionView, decode_episode
 heavy = [m for m in ("torch", "numpy", "pydantic", "pandas", "aiokafka") if importlib.util.find_spec(m)]
+now = time.time_ns()
 msg = {"schema": 2, "episode_id": "bed-1:1", "patient_id": "bed-1", "seq": 7, "state": "open", "renewal": False,
        "reason": None, "start_ns": 1, "end_ns": None, "last_flagged_end_ns": 2, "peak_probability": 0.9,
-       "flagged_windows": 2, "model": "m@sha256:0", "updated_at_ns": 2, "valid_until_ns": 4102444800 * 10**9,
+       "flagged_windows": 2, "model": "m@sha256:0", "updated_at_ns": now, "valid_until_ns": now + 30 * 10**9,
        "lease_ns": 30 * 10**9}
 view = SuppressionView()
 view.apply(decode_episode(json.dumps(msg).encode()))
+forged = {**msg, "patient_id": "bed-2", "lease_ns": 10**18, "valid_until_ns": now + 10**18}
+try:
+    decode_episode(json.dumps(forged).encode())
+    refused = False
+except MessageError:
+    refused = True
 from streamer_client.frames import encode_frame  # a gateway's binary frames, standard library only
 frames = [encode_frame("bed-7", 1_764_000_000 * 10**9, 500.0, [0.125, -1.5, 2.0], seq=3).hex(),
           encode_frame("Zoë-2", 1_764_000_000 * 10**9, 250.0, [-200, 0, 400.4], lead="MLII", counts_gain=200.0,
                        baseline=0.0, segment_start_ns=1_763_999_990 * 10**9).hex()]
 print(json.dumps({"heavy": heavy, "suppressed": view.suppressed("bed-1"), "version": streamer_client.__version__,
+                  "forged_refused": refused, "capped": view.lease_end_ns("bed-1") - now <= 35 * 10**9 + 10**9,
                   "frames": frames}))
 """
     out = subprocess.run([py, "-c", probe], capture_output=True, text=True, timeout=60)
@@ -54,6 +62,7 @@ print(json.dumps({"heavy": heavy, "suppressed": view.suppressed("bed-1"), "versi
 
     got = json.loads(out.stdout)
     assert got["heavy"] == [] and got["suppressed"] is True and got["version"] == "0.1.0"
+    assert got["forged_refused"] and got["capped"], "the installed client checks ranges and caps the lease"
     # the gateway's frames decode in the worker exactly as its own encoder's
     from streamer.ingest.contract import Chunk, decode_binary, encode_binary
 

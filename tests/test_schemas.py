@@ -190,7 +190,8 @@ def test_order_is_by_seq_not_by_clock_and_ties_fail_safe():
 
 
 def test_state_lost_close_ends_the_open_episode_whatever_its_number():
-    tracker, _, opened = _open_at(NOW_S, seq_from=10**17)  # numbered above what a lost state restarts from
+    # numbered above what a lost state restarts from (an earlier owner's clock ran an hour ahead)
+    tracker, _, opened = _open_at(NOW_S, seq_from=int((NOW_S + 3600) * 1_000_000))
     from streamer.state.patients import EpisodeState
     lost = decode_episode(dumps(tracker.lost("bed-1", EpisodeState(), NOW_S)))
     assert lost.seq < opened.seq

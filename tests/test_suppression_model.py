@@ -13,6 +13,9 @@ state records, publisher clock steps of +/- 1 h, and deliveries to the consumer 
   suppressed (no close is ever lost), and without zombies or lost states the consumer shows exactly the
   owner's open episode;
 - no message stays pending in a settled state.
+Forged episode records (a producer past the topic's ACL: any seq, lease, validity and state, in range or
+not) arrive among them too: the decoder refuses what is out of range, and whatever it lets through
+suppresses no longer than the reader's cap (lease + skew) after it arrived, by the first invariant.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from streamer.checkpointing import Checkpointer, OffsetsLedger
 from streamer.checkpointing.outputs import AtLeastOnceOutputs
-from streamer.client import SuppressionView, decode_episode
+from streamer.client import MAX_LEASE_NS, MAX_SEQ, SEQ_LEAD_NS, MessageError, SuppressionView, decode_episode
 from streamer.metrics import Metrics
 from streamer.publish.episodes import EpisodeTracker
 from streamer.publish.messages import window_id
@@ -209,7 +212,7 @@ class SuppressionModel(RuleBasedStateMachine):
         self.received: dict[str, float] = {}
         self.owner: Owner | None = None
         self.zombie: Owner | None = None
-        self.zombie_ever = self.lost_ever = False
+        self.zombie_ever = self.lost_ever = self.forged_ever = False
         self._act(self._start_owner, offset_s)
 
     # -- plumbing ---------------------------------------------------------------------------------
@@ -359,6 +362,32 @@ class SuppressionModel(RuleBasedStateMachine):
     def consumer_reads_a_duplicate(self, data):
         self._deliver(data.draw(st.sampled_from([x for x in self.broker.episodes if x.delivered])))
 
+    @rule(pid=st.sampled_from(PATIENTS), data=st.data())
+    def forged_record_arrives(self, pid, data):
+        """A forged episode for a bed, delivered at once: a huge lease, a validity years ahead, a seq far
+        ahead (up to 2**63-1), a close, or in range but claiming the longest lease a worker may write."""
+        now_ns = int(self.T * NS)
+        seen = [x.doc["seq"] for x in self.broker.episodes if x.doc["patient_id"] == pid]
+        top = max(seen, default=int(self.T * 1e6))
+        seq = data.draw(st.sampled_from([top - 1, top, top + 1, (now_ns + SEQ_LEAD_NS) // 1000, MAX_SEQ, 2**63 - 1]))
+        lease = data.draw(st.sampled_from([1, int(LEASE_S * NS), MAX_LEASE_NS, 10**18]))
+        until = now_ns + data.draw(st.sampled_from([lease, 32 * 365 * 86400 * NS]))
+        state = data.draw(st.sampled_from(["open", "closed"]))
+        doc = {"schema": 2, "patient_id": pid, "episode_id": data.draw(st.sampled_from([f"{pid}:forged", None])),
+               "seq": seq, "state": state, "renewal": False, "reason": None if state == "open" else "clean",
+               "start_ns": 0, "end_ns": None if state == "open" else 1, "last_flagged_end_ns": 1,
+               "peak_probability": 1.0, "flagged_windows": 1, "model": "m", "updated_at_ns": now_ns,
+               "valid_until_ns": until if state == "open" else None, "lease_ns": lease if state == "open" else None}
+        value = orjson.dumps(doc)
+        try:
+            episode = decode_episode(value, now_ns=now_ns)
+        except MessageError:
+            return
+        self.forged_ever = True
+        self.view.apply(episode, received_ns=now_ns)
+        if self.view.episode(pid) is episode:
+            self.received[pid] = Landed(doc, value, self.T, None, delivered=True)
+
     @rule()
     def settle(self):
         self._settle()
@@ -407,9 +436,10 @@ class SuppressionModel(RuleBasedStateMachine):
                 # only a zombie's lease (or one numbered above a lost state's restart) may outlive the
                 # owner's close, and only until it lapses (the invariant above)
                 if self.view.suppressed(pid, now_ns):
-                    assert (self.zombie_ever or self.lost_ever) and self.received[pid].owner is not self.owner, \
+                    assert (self.zombie_ever or self.lost_ever or self.forged_ever) \
+                        and self.received[pid].owner is not self.owner, \
                         f"{pid}: closed by its owner, suppressed downstream"
-            elif not (self.zombie_ever or self.lost_ever):
+            elif not (self.zombie_ever or self.lost_ever or self.forged_ever):
                 shown = self.view.episode(pid)
                 assert shown is not None and shown.is_open and \
                     shown.episode_id == window_id(pid, stt.episode.open_start_ns), f"{pid}: open, shown {shown}"
