@@ -11,13 +11,19 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import secrets
 import sys
 
 import structlog
 
-_patient_mode = "plain"
-_patient_key = b""
+# Ids are hashed by default, before configure_logging too. Without a configured key, with a random key of
+# this process: references agree within one run and link to nothing outside it (neither the id, nor another
+# run's logs, nor another worker's).
+_PROCESS_KEY = secrets.token_bytes(32)
+_patient_mode = "hashed"
+_patient_key = _PROCESS_KEY
 _json = False
+_said_process_key = False
 
 
 def _service(_, __, event_dict):
@@ -30,11 +36,12 @@ def _service(_, __, event_dict):
 
 def configure_logging(fmt: str = "auto", level: str = "info", patient_ids: str = "plain",
                       patient_key: bytes | None = None) -> None:
-    """`patient_ids`: plain, hashed (HMAC-SHA-256 with `patient_key`) or omit."""
-    global _patient_mode, _patient_key, _json
-    if patient_ids == "hashed" and not patient_key:
-        raise ValueError("hashed patient ids need a key (patient_id_log_key or patient_id_log_key_file)")
-    _patient_mode, _patient_key = patient_ids, patient_key or b""
+    """`patient_ids`: plain, hashed (HMAC-SHA-256 with `patient_key`, or without one this process's random
+    key, said once in a log line) or omit."""
+    global _patient_mode, _patient_key, _json, _said_process_key
+    if patient_ids not in ("plain", "hashed", "omit"):
+        raise ValueError(f"patient_ids must be plain, hashed or omit, not {patient_ids!r}")
+    _patient_mode, _patient_key = patient_ids, patient_key or _PROCESS_KEY
     _json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     threshold = getattr(logging, level.upper())
     shared = [
@@ -64,6 +71,11 @@ def configure_logging(fmt: str = "auto", level: str = "info", patient_ids: str =
     for name in _CHATTY:  # spares them formatting requests nobody may read
         logging.getLogger(name).setLevel(max(threshold, logging.INFO))
     logging.captureWarnings(True)  # warnings.warn from libraries: a log line too, not bare text
+    if patient_ids == "hashed" and not patient_key and not _said_process_key:
+        _said_process_key = True
+        get_logger("streamer.logs").info(
+            "patient_ids_hashed_with_process_key", detail="patient ids in these logs are keyed with a random key of "
+            "this process: consistent within this run only; set patient_id_log_key(_file) to link runs and workers")
 
 
 # Libraries write whole requests at debug level: aiokafka's "Sending request" lines hold message keys
@@ -96,7 +108,8 @@ def patient_ref(patient_id: str) -> str | None:
     """The patient identifier as logs may show it (plain, hashed or omitted by setting).
 
     Hashed is keyed (HMAC-SHA-256): an unkeyed hash of a medical record number is reversed by hashing
-    every possible number. The same key gives the same reference across restarts and workers."""
+    every possible number. The same configured key gives the same reference across restarts and workers;
+    the process's random key (no key configured) only within this process."""
     if _patient_mode == "plain":
         return patient_id
     if _patient_mode == "hashed":
