@@ -132,7 +132,7 @@ def cmd_run(args) -> int:
 
 # -- replay ---------------------------------------------------------------------------------------
 def cmd_replay(args) -> int:
-    from streamer.offline.recordings import RecordingError, load_recording, parse_start
+    from streamer.offline.recordings import RecordingError, RecordingLimits, load_recording, parse_start
     from streamer.offline.replay import Source, replay, synthetic_fleet
 
     s = _settings(args)
@@ -144,9 +144,9 @@ def cmd_replay(args) -> int:
     for i, path in enumerate(args.recordings):
         try:
             rec = load_recording(path, fs=args.fs, start=start, channel=args.channel, time_unit=args.time_unit,
-                                 units=args.units)
-        except RecordingError as exc:
-            print(f"streamer replay: {path}: {exc}", file=sys.stderr)
+                                 units=args.units, limits=RecordingLimits.of(s.windows, args.max_recording_hours))
+        except RecordingError as exc:  # its one line names the file
+            print(f"streamer replay: {exc}", file=sys.stderr)
             return 2
         stem = args.patient[0] if args.patient else Path(path).stem
         pid = args.patient[i] if i < len(args.patient) else f"{stem}-{i}"
@@ -193,7 +193,7 @@ def _progress(args) -> bool:
 def cmd_score(args) -> int:
     from streamer.model.errors import ModelError
     from streamer.model.infer import refuse_demo_model
-    from streamer.offline.recordings import RecordingError
+    from streamer.offline.recordings import RecordingError, RecordingLimits
     from streamer.offline.score import score_file
 
     s = _settings(args)
@@ -207,7 +207,8 @@ def cmd_score(args) -> int:
     try:
         df = score_file(args.recording, s.model, fs=args.fs, start=args.start, channel=args.channel,
                         overlap_s=args.overlap, batch_size=args.batch_size, progress=_progress(args),
-                        time_unit=args.time_unit, units=args.units)
+                        time_unit=args.time_unit, units=args.units,
+                        limits=RecordingLimits.of(s.windows, args.max_recording_hours))
     except (RecordingError, ModelError) as exc:
         print(f"streamer score: {exc}", file=sys.stderr)
         return 2
@@ -228,9 +229,9 @@ def cmd_validate(args) -> int:
 
     s = _settings(args)
     try:
-        return validate_main(args, s.kafka)
-    except RecordingError as exc:
-        print(f"streamer validate: {args.recording}: {exc}", file=sys.stderr)
+        return validate_main(args, s.kafka, s.windows)
+    except RecordingError as exc:  # its one line names the file (--recording, or the --labels EDF)
+        print(f"streamer validate: {exc}", file=sys.stderr)
         return 2
 
 
@@ -384,6 +385,9 @@ def _recording_options(parser: argparse.ArgumentParser, channel_help: str) -> No
     parser.add_argument("--time-unit", choices=["s", "ms", "us", "ns"],
                         help="unit of a numeric time column; epoch times when after 1980 in that unit, else "
                         "offsets from --start. Default: inferred from the sample step, refused when ambiguous")
+    parser.add_argument("--max-recording-hours", type=_POSITIVE, default=None, metavar="H",
+                        help="refuse a recording longer than H hours or holding more than H hours of 1 kHz samples, "
+                        "checked against its header before its data are read (default 48)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -232,7 +232,15 @@ def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def main(args, kafka=None) -> int:
+def main(args, kafka=None, windows=None) -> int:
+    """`windows` (WindowSettings): the rate range a --recording must keep to (the stream's)."""
+    rec = None
+    if getattr(args, "recording", None):  # read (and refused) before any metric is computed
+        from streamer.offline.recordings import RecordingLimits, load_recording
+
+        limits = RecordingLimits.of(windows, getattr(args, "max_recording_hours", None))
+        rec = load_recording(args.recording, fs=args.fs, start=args.start, channel=args.channel,
+                             time_unit=args.time_unit, units=getattr(args, "units", None), limits=limits)
     sources = [args.flags] if isinstance(args.flags, str) else args.flags
     flags = pd.concat([load_flags(f, kafka, getattr(args, "patient", "recording")) for f in sources],
                       ignore_index=True)
@@ -293,11 +301,7 @@ def main(args, kafka=None) -> int:
                 f"# streamer validate: {tune['target']} on {len(df)} windows of {args.labels}\n"
                 f"[model]\nthreshold = {tune['threshold']!r}\n")
             lines += [f"Config snippet written to `{args.config_out}` (use it as STREAMER_CONFIG or merge it).", ""]
-    if getattr(args, "recording", None):
-        from streamer.offline.recordings import load_recording
-
-        rec = load_recording(args.recording, fs=args.fs, start=args.start, channel=args.channel,
-                             time_unit=args.time_unit, units=getattr(args, "units", None))
+    if rec is not None:
         pid = df["patient_id"].iloc[0]
         strip = report.parent / f"{report.stem}-strip.png"
         strip_plot(rec.times_ns, rec.values, df[df["patient_id"] == pid], threshold, strip)

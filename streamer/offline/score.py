@@ -11,7 +11,7 @@ import torch
 
 from streamer.model.decision import is_artifact
 from streamer.model.infer import ArtifactScorer
-from streamer.offline.recordings import Recording, load_recording
+from streamer.offline.recordings import Recording, RecordingLimits, load_recording
 from streamer.settings import ModelSettings, WindowSettings
 from streamer.spec import FlagStatus, NoScoreReason
 from streamer.windows.buffer import fill_gaps
@@ -116,7 +116,8 @@ def score_series(series: pd.Series, checkpoint: str | Path | None = None, thresh
 
 def score_file(path: str | Path, settings: ModelSettings, fs: float | None = None, start: str | None = None,
                channel: str | None = None, overlap_s: float = 0.0, batch_size: int = 64,
-               progress: bool = True, time_unit: str | None = None, units: str | None = None) -> pd.DataFrame:
-    rec = load_recording(path, fs=fs, start=start, channel=channel, time_unit=time_unit, units=units)
+               progress: bool = True, time_unit: str | None = None, units: str | None = None,
+               limits: RecordingLimits | None = None) -> pd.DataFrame:
+    rec = load_recording(path, fs=fs, start=start, channel=channel, time_unit=time_unit, units=units, limits=limits)
     return score_recording(rec, ArtifactScorer(settings), overlap_s=overlap_s, batch_size=batch_size,
                            progress=progress)
