@@ -175,8 +175,28 @@ def npz_bomb(d: Path) -> tuple[Path, list[str]]:
     return path, []
 
 
+def wfdb_short_signal_file(d: Path) -> tuple[Path, list[str]]:
+    """A real record whose signal file lost its second half."""
+    hea = _wfdb(d)
+    dat = hea.with_suffix(".dat")
+    dat.write_bytes(dat.read_bytes()[: dat.stat().st_size // 2])
+    return hea, []
+
+
+def npy_forged_length(d: Path) -> tuple[Path, list[str]]:
+    """A real .npy whose header then claims 100 times the samples its file holds."""
+    path = d / "forged.npy"
+    np.save(path, _ecg())
+    data = path.read_bytes()
+    forged = data.replace(b"(6250,), }  ", b"(625000,), }", 1)  # the header's padding keeps its length
+    assert forged != data
+    path.write_bytes(forged)
+    return path, ["--fs", str(FS)]
+
+
 HOSTILE = [parquet_text_cell, csv_lead_off, object_npy, truncated_parquet, directory, wfdb_parent_path,
-           wfdb_absolute_path, wfdb_symlink_out, wfdb_huge_rate, edf_forged_records]
+           wfdb_absolute_path, wfdb_symlink_out, wfdb_huge_rate, edf_forged_records, wfdb_short_signal_file,
+           npy_forged_length]
 LARGE_CLAIMS = [wfdb_huge_rate, edf_forged_records, npz_bomb]
 
 
@@ -227,7 +247,9 @@ def test_the_reasons_say_what_is_wrong(tmp_path):
                 directory: "is a directory", wfdb_parent_path: "outside its folder",
                 wfdb_absolute_path: "outside its folder", wfdb_symlink_out: "outside its folder",
                 wfdb_huge_rate: "outside the [50, 10000] Hz", edf_forged_records: "claims 10,000,000 data records",
-                npz_bomb: "200,000,000 samples, more than the 172,800,000 --max-recording-hours 48 allows"}
+                npz_bomb: "200,000,000 samples, more than the 172,800,000 --max-recording-hours 48 allows",
+                wfdb_short_signal_file: "claims 6,250 samples, more than its signal file 'rec.dat' holds",
+                npy_forged_length: "header claims (625000,) float64 values, more than its"}
     for make, reason in expected.items():
         d = tmp_path / make.__name__
         d.mkdir()

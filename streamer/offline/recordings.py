@@ -465,8 +465,9 @@ def _checked_wfdb_header(record: Path, fs: float | None, limits: RecordingLimits
     n = int(header.sig_len or 0)
     limits.check_length(n, rate, f"WFDB record {record.name}")
     per_file: dict[str, float] = {}
-    for name, fmt, spf, offset in zip(header.file_name or [], header.fmt or [],
-                                      header.samps_per_frame or [], header.byte_offset or []):
+    channels = len(header.file_name or [])
+    for name, fmt, spf, offset in zip(*(getattr(header, field) or [None] * channels
+                                        for field in ("file_name", "fmt", "samps_per_frame", "byte_offset"))):
         per_file.setdefault(name, float(offset or 0))
         per_file[name] += n * (spf or 1) * BYTES_PER_SAMPLE.get(str(fmt), 0)
     for name, needed in per_file.items():
