@@ -133,7 +133,10 @@ def _plain_json(raw: dict, value: bytes) -> Chunk | None:
             or type(t0_ns) is not int or type(fs) not in (float, int) or type(samples) is not list
             or (seq is not None and type(seq) is not int) or (seg is not None and type(seg) is not int)):
         return None
-    array = np.array(samples)
+    try:
+        array = np.array(samples)
+    except (ValueError, TypeError, OverflowError):
+        return None  # ragged or too deeply nested lists: JsonChunk words the error
     if array.ndim != 1 or array.dtype.kind not in "fi":
         return None  # null, text, nested lists, integers past 64 bits
     return Chunk(pid, lead, t0_ns, float(fs), array.astype(np.float64, copy=False), seq, seg)
@@ -206,11 +209,21 @@ def decode_binary(value: bytes, s: WindowSettings | None = None) -> Chunk:
 
 
 def decode(key: bytes | None, value: bytes | None, settings: WindowSettings, now_ns: int | None = None) -> Chunk:
-    """Decode and validate one Kafka record; raises InvalidMessage with a reason."""
+    """Decode and validate one Kafka record; raises InvalidMessage with a reason, and nothing else.
+
+    Whatever the bytes hold, the outcome is a checked Chunk or InvalidMessage: a failure this module did not
+    foresee (numpy or pydantic refusing a shape, an overflow) is `undecodable`, so the caller's one handler
+    turns it into a dead letter. A record must never be able to stop its partition."""
     if value is None:
         raise InvalidMessage("empty", "record has no value (tombstone)")
-    chunk = decode_binary(value, settings) if value[:4] == MAGIC else decode_json(value, settings)
-    return _check(chunk, key, settings, now_ns if now_ns is not None else time.time_ns())
+    try:
+        chunk = decode_binary(value, settings) if value[:4] == MAGIC else decode_json(value, settings)
+        return _check(chunk, key, settings, now_ns if now_ns is not None else time.time_ns())
+    except InvalidMessage:
+        raise
+    except (ValueError, TypeError, OverflowError, ArithmeticError, RecursionError, MemoryError) as exc:
+        # the exception's type only: its text may quote the record (samples, ids) into logs and headers
+        raise InvalidMessage("undecodable", f"{type(exc).__name__} while decoding") from None
 
 
 def encode_json(chunk: Chunk) -> bytes:

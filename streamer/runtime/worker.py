@@ -22,17 +22,17 @@ from streamer.checkpointing import Checkpointer, OffsetsLedger
 from streamer.checkpointing.event_time import ClockOffset, EventTime
 from streamer.checkpointing.outputs import AtLeastOnceOutputs, OutputRouting, TransactionalOutputs
 from streamer.checkpointing.schedule import CheckpointSchedule
-from streamer.ingest.contract import InvalidMessage, decode
 from streamer.ingest.deadletter import DeadLetters
-from streamer.ingest.partitioning import PartitionerWatch, home_partition
+from streamer.ingest.partitioning import PartitionerWatch
 from streamer.kafka.acls import authorization_fix
 from streamer.kafka.clients import make_consumer, request_rejoin
-from streamer.logs import get_logger, patient_ref
+from streamer.logs import get_logger
 from streamer.metrics import HealthServer, InferenceWatch, IngestCounts, Metrics
 from streamer.model.infer import ArtifactScorer, refuse_demo_model
 from streamer.model.scoring import WindowScorer
 from streamer.publish.episodes import EpisodeTracker
 from streamer.publish.publisher import Publisher
+from streamer.runtime.intake import Intake
 from streamer.runtime.ownership import PartitionOwnership
 from streamer.runtime.startup import (StartupError, choose_delivery, output_routing, preflight,
                                       state_topic_problem)
@@ -102,6 +102,8 @@ class Worker:
         self.partitioner_watch = PartitionerWatch(settings.kafka.input_partitioner, settings.kafka.input_topics,
                                                   self.metrics.partitioner_mismatch)
         self.routing: OutputRouting | None = None
+        self.intake = Intake(settings, self.ledger, self.stage, self.ingest_counts, self.metrics,
+                             self.partitioner_watch, self._dead_letter, self._submit)
         self.commits_end = asyncio.Event()  # the commit loop ends after its checkpoint in flight
 
     @property
@@ -368,8 +370,9 @@ class Worker:
                     high = consumer.highwater(tp)
                     if high is not None and batch[-1].offset + 1 >= high:
                         self.clock_offset.observe(newest)  # caught up: these records are fresh
+                ingest = self.intake.ingest
                 for record in batch:
-                    self._ingest(tp, record, now, partitions)
+                    ingest(tp, record, now, partitions)
             self.ingest_counts.flush()
             if now >= next_evict:  # scans the patients silent for idle_evict_s: once a second is enough
                 self.upkeep.every_second(now)
@@ -379,38 +382,6 @@ class Worker:
                 self.upkeep.gauges()
                 next_gauges = now + 1.0
             await asyncio.sleep(0)  # let publish/commit run between fetches
-
-    def _ingest(self, tp: TopicPartition, record, now: float, partitions: int) -> None:
-        """`partitions`: how many the record's topic has (0: unknown, then the key is not checked)."""
-        self.ledger.consumed(tp, record.offset)
-        self.ingest_counts.messages += 1
-        ws = self.settings.windows
-        try:
-            chunk = decode(record.key, record.value, ws)
-        except InvalidMessage as exc:
-            if exc.reason == "wrong_lead" and ws.unknown_lead == "drop":
-                self.metrics.dropped.labels(exc.reason).inc()
-                return
-            self._dead_letter(tp, record, exc.reason, exc.detail)
-            return
-        rule = self.settings.kafka.input_partitioner
-        if partitions and (home := home_partition(record.key, partitions, rule)) != tp.partition:
-            self.partitioner_watch.mismatch(tp, record.key, partitions, time.monotonic())
-            self._dead_letter(tp, record, "wrong_partition", f"the key belongs to partition {home} of {partitions} "
-                              f"({rule}, kafka.input_partitioner), not {tp.partition}: a patient on two "
-                              "partitions would have two owners")
-            return
-        try:
-            result = self.stage.accept(tp, record.offset, chunk, now, ref=record)
-        except Exception as exc:  # a bug must cost one record, never the other patients
-            log.exception("ingest_failed", patient=patient_ref(chunk.patient_id), offset=record.offset)
-            self._dead_letter(tp, record, "internal_error", repr(exc)[:200])
-            return
-        self.ingest_counts.accepted(result)
-        for refused, reason, detail in result.dead_letters:  # this record, or earlier ones held until now
-            self._dead_letter(tp, refused, reason, detail)
-        for w in result.windows:
-            self._submit(w)
 
     def _submit(self, w: EmittedWindow) -> None:
         w.hold = self.ledger.hold(w.partition, w.min_offset)

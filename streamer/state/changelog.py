@@ -121,23 +121,24 @@ async def read_episode_seqs(reader, episodes_topic: str, out_partitions: list[in
                             idle_timeout_s: float = 60.0) -> dict[str, int]:
     """The highest episode `seq` each patient has in `out_partitions` of the episodes topic: what readers
     have seen. A patient's next number starts above it whatever became of its state (lost, expired, a
-    recreated state topic), so message order never rests on a worker's clock. Unreadable values are
-    skipped (they were never applied by a reader either)."""
-    import orjson
+    recreated state topic), so message order never rests on a worker's clock. A value the readers' decoder
+    refuses is skipped: no reader applied it, and a forged seq of 2**63-1 taken as the floor would number
+    every later real message of the patient above what readers accept (its suppression lost for good)."""
+    from streamer.client import MessageError, decode_episode
 
     seqs: dict[str, int] = {}
 
     def apply(_, records):
+        now_ns = time.time_ns()
         for r in records:
             if r.value is None:
                 continue
             try:
-                doc = orjson.loads(r.value)
-                pid, seq = doc["patient_id"], doc["seq"]
-            except (orjson.JSONDecodeError, KeyError, TypeError):
+                episode = decode_episode(r.value, now_ns)
+            except (MessageError, ValueError, TypeError):
                 continue
-            if isinstance(pid, str) and isinstance(seq, int) and seq > seqs.get(pid, 0):
-                seqs[pid] = seq
+            if episode.seq > seqs.get(episode.patient_id, 0):
+                seqs[episode.patient_id] = episode.seq
 
     sources = [TopicPartition(episodes_topic, p) for p in sorted(set(out_partitions))]
     await read_to_end(reader, sources, apply, idle_timeout_s, what="episode numbers")
