@@ -87,6 +87,10 @@ class Metrics:
         self.lag = Gauge("streamer_consumer_lag_records", "records behind the partition's high watermark",
                          ["topic", "partition"], registry=r)
         self.patients = Gauge("streamer_buffered_patients", "patients with open windows", registry=r)
+        self.dead_letters.labels("too_many_patients")  # exported at 0, so the alert sees the first refusal rise
+        self.patients_held = Gauge("streamer_patients", "patients this worker holds (states and provisional "
+                                   "streams): new ids are refused at windows.max_patients", registry=r)
+        self.max_patients = Gauge("streamer_max_patients", "windows.max_patients", registry=r)
         self.clock_offset_s = Gauge("streamer_clock_offset_seconds", "this worker's clock minus the timestamps of "
                                     "the freshest input records (positive: ahead); outputs keep the input's "
                                     "event time either way", registry=r)

@@ -204,6 +204,11 @@ class WindowSettings(_Group):
                                                         "has its open window reported and its buffer freed")
     max_chunk_s: float = Field(10.0, gt=0, description="larger messages are dead-lettered as oversized")
     max_buffer_bytes: int = Field(1 << 30, gt=0, description="total bytes held by open windows, all patients")
+    max_patients: int = Field(10_000, ge=1, description="patients this worker holds at once: states and open "
+                              "streams, provisional ones included. A record of a further new patient id is "
+                              "dead-lettered (too_many_patients) while every bed already streaming keeps "
+                              "streaming; idle states are then forgotten early to make room. Size it above the "
+                              "beds of the partitions a worker may hold (an id flood costs ~4 KB an id)")
     min_rate_hz: float = Field(50.0, gt=0, description="lowest sample rate accepted")
     max_rate_hz: float = Field(10000.0, gt=0, description="highest sample rate accepted")
     max_clock_skew_s: float = Field(86400.0, gt=0, description="timestamps further in the future are rejected")
@@ -274,11 +279,14 @@ class EpisodeSettings(_Group):
     close_after: int = Field(2, ge=1, description="consecutive clean windows that close it")
     stale_after_s: float = Field(60.0, gt=0, description="an open episode with no scored window for this long "
                                  "is closed (reason stale): suppression never stays on by itself")
-    lease_s: float = Field(30.0, gt=0, description="how long an open or renewal message suppresses alarms: "
-                           "consumers drop the suppression when it lapses (every worker down, broker down)")
+    lease_s: float = Field(30.0, gt=0, le=600, description="how long an open or renewal message suppresses "
+                           "alarms: consumers drop the suppression when it lapses (every worker down, broker down). "
+                           "Readers cap every lease at their own maximum (streamer_client: 35 s, max_lease_s): "
+                           "raising this above 30 s means raising that in every reader to at least lease_s + "
+                           "skew_allowance_s, or their suppressions end early (alarms sound)")
     renew_every_s: float = Field(10.0, gt=0, description="the owner renews each open episode's lease this often "
                                  "(a few times per lease: two renewals may be lost before it lapses)")
-    skew_allowance_s: float = Field(5.0, ge=0, description="clock difference tolerated between a worker and the "
+    skew_allowance_s: float = Field(5.0, ge=0, le=60, description="clock difference tolerated between a worker and the "
                                     "consumers that read its leases (the clients' default)")
 
     @model_validator(mode="after")
@@ -308,10 +316,11 @@ class Settings(BaseSettings):
                                                                                "terminal; every library's lines too")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="lowest level logged "
                                                                                         "(aiokafka's records included)")
-    patient_id_in_logs: Literal["plain", "hashed", "omit"] = Field("plain", description="how logs show patient ids: "
-                                                                                        "hashed is a keyed HMAC (needs "
-                                                                                        "patient_id_log_key); waveform "
-                                                                                        "samples are never logged")
+    patient_id_in_logs: Literal["plain", "hashed", "omit"] = Field(
+        "hashed", description="how logs show patient ids: hashed is a keyed HMAC: with patient_id_log_key the same id "
+        "gives the same reference across restarts and workers; without one, a random key of this process (consistent "
+        "within one run, not linkable across runs; said in a log line at start). plain shows ids in clear. Waveform "
+        "samples are never logged")
     patient_id_log_key: SecretStr | None = Field(None, description="HMAC key of hashed patient ids in logs")
     patient_id_log_key_file: Path | None = Field(None, description="...or a file holding it (a mounted secret)")
     shutdown_deadline_s: float = Field(30.0, gt=0, description="on SIGTERM: time to publish what is in flight and "
@@ -325,14 +334,6 @@ class Settings(BaseSettings):
     batching: BatchSettings = BatchSettings()
     episodes: EpisodeSettings = EpisodeSettings()
     state: StateSettings = StateSettings()
-
-    @model_validator(mode="after")
-    def _log_key_when_hashed(self) -> "Settings":
-        if self.patient_id_in_logs == "hashed" and self.patient_id_log_key is None \
-                and self.patient_id_log_key_file is None:
-            raise ValueError("patient_id_in_logs=hashed needs patient_id_log_key or patient_id_log_key_file "
-                             "(a secret: an unkeyed hash of a record number is reversible)")
-        return self
 
     def patient_log_key(self) -> bytes | None:
         if self.patient_id_log_key is not None:
@@ -430,6 +431,26 @@ def _nearest_field(loc: tuple) -> str | None:
     return ".".join([*map(str, loc[:-1]), near[0]]) if near else None
 
 
+_SECRET_WORDS = ("password", "secret", "key", "token", "credential", "sasl", "ssl")
+
+
+def _value_may_be_shown(loc: tuple) -> bool:
+    """Whether an invalid value at `loc` may be echoed: only for a declared setting (never an unknown key,
+    whatever its name: a typo of a secret's name holds the secret) that is not a secret, a secret's file or
+    a mapping of client options (those may carry passwords)."""
+    model: type[BaseModel] = Settings
+    for i, part in enumerate(loc):
+        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
+        if field is None or any(word in str(part).lower() for word in _SECRET_WORDS):
+            return False
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            model = kind
+            continue
+        return i == len(loc) - 1 and "SecretStr" not in str(kind) and "dict" not in str(kind)
+    return False
+
+
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
     """Build settings; `config` (a TOML path) takes the place of STREAMER_CONFIG. Unknown STREAMER_*
     variables are refused (check_environment)."""
@@ -447,8 +468,9 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
         lines = []
         for err in exc.errors():
             name = ".".join(str(p) for p in err["loc"]) or "(settings)"
-            secret = "password" in name or "key" in name or name == "(settings)"
-            line = f"  {name}: {err['msg']}" if secret else f"  {name}: {err['msg']} (got {err.get('input')!r})"
+            # the value is shown only for a setting known not to be secret: a mistyped key may hold one
+            shown = err["type"] != "extra_forbidden" and _value_may_be_shown(err["loc"])
+            line = f"  {name}: {err['msg']} (got {err.get('input')!r})"[:300] if shown else f"  {name}: {err['msg']}"
             if err["type"] == "extra_forbidden" and (near := _nearest_field(err["loc"])):
                 line += f"; did you mean {near}?"
             lines.append(line)

@@ -376,9 +376,10 @@ def test_a_patient_silent_while_its_partition_flows_is_evicted():
     times, values = recording(500, 15)
     chunks = list(chunks_of("p1", times, values, 500, fs=500))
     other = list(chunks_of("p2", times, values, 500, fs=500))
-    stage.accept(0, 0, chunks[0], now=0.0)
+    for i, c in enumerate(chunks[:3]):  # provisional_records (3) agreeing records set its timeline
+        stage.accept(0, i, c, now=0.0)
     for i, c in enumerate(other[:15]):
-        stage.accept(0, 1 + i, c, now=5.0 * (i + 1))  # p2 keeps partition 0 flowing until t = 75 s
+        stage.accept(0, 3 + i, c, now=5.0 * (i + 1))  # p2 keeps partition 0 flowing until t = 75 s
     out = stage.evict(now=75.0)
     assert [(w.patient_id, w.reason) for w in out] == [("p1", "truncated")]
 
@@ -504,9 +505,11 @@ def test_an_outlier_first_record_with_swapped_neighbours_does_not_black_the_bed_
     assert windows[0].start_ns <= int(times[0]) < windows[0].end_ns
 
 
-def test_a_provisional_stream_that_closes_early_reports_its_windows_and_refuses_its_outlier():
-    """Two records and silence (eviction): the held records still set the timeline at close; a held
-    outlier of another segment comes back to be dead-lettered (stage.take_rejected)."""
+def test_a_provisional_stream_that_closes_early_reports_nothing_and_leaves_no_state():
+    """Issue 45: two records and silence (eviction): a stream that never set its timeline (fewer than
+    provisional_records agreeing records) reports no window and keeps no state; every record it held, the
+    outlier of another segment too, comes back to be dead-lettered (no_timeline, stage.take_rejected). One
+    record per id of a flood of ids costs dead letters, never flags or states."""
     fs = 500
     times, values = recording(fs, 4)
     chunks = list(chunks_of("p1", times, values, 500, fs=fs))
@@ -519,10 +522,13 @@ def test_a_provisional_stream_that_closes_early_reports_its_windows_and_refuses_
     assert stage.min_open_offsets() == {0: 0}, "held records keep the commit"
     stage.flowing([0], 10.0)
     stage.flowing([0], 20.0)
+    assert stage.patients() == 1 and stage.store.count() == 0, "a provisional stream holds no state"
     out = stage.evict(20.0)
-    assert [(w.status, w.reason) for w in out] == [(INSUFFICIENT, "truncated")]
-    assert [(ref, reason) for _, ref, reason, _ in stage.take_rejected()] == [("r1", "stale_segment")]
+    assert out == []
+    assert sorted((ref, reason) for _, ref, reason, _ in stage.take_rejected()) == [
+        ("r0", "no_timeline"), ("r1", "no_timeline"), ("r2", "no_timeline")]
     assert stage.min_open_offsets() == {}
+    assert stage.patients() == 0 and stage.store.count() == 0 and not stage.streams and stage.nbytes == 0
 
 
 def test_a_window_that_outlives_its_maximum_life_is_reported_and_frees_the_commit():

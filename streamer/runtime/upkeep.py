@@ -75,6 +75,7 @@ class Upkeep:
             self.dead_letters.send(tp, refused, reason, detail)
         self.publisher.tend_episodes(self.clock())
         self.expire_states()
+        self.make_room()
 
     def caught_up(self) -> list[TopicPartition]:
         """Partitions fetched lately and read to their high watermark: their silence is real silence."""
@@ -100,8 +101,28 @@ class Upkeep:
                 self.metrics.states_expired.inc(len(gone))
                 log.info("states_expired", topic=tp.topic, partition=tp.partition, patients=len(gone))
 
+    def make_room(self) -> None:
+        """At the patient cap, forget idle states early (down to 90 % of it), so that a flood of ids that set
+        timelines and went silent cannot keep a newly admitted bed out until state.ttl_s. Beds streaming,
+        and patients with an open episode or unpublished flags, are never forgotten."""
+        refused = self.stage.take_refused_patients()
+        cap = self.settings.windows.max_patients
+        held = self.stage.patients()
+        if not refused and held < cap:
+            return
+        if refused:
+            log.warning("patients_refused", count=refused, max_patients=cap, held=held)
+        target = held - int(cap * 0.9)
+        gone = self.store.reclaim(target, self.clock(), self.settings.windows.idle_evict_s,
+                                  lambda tp, pid: (tp, pid) in self.stage.streams)
+        if gone:
+            self.metrics.states_expired.inc(len(gone))
+            log.warning("states_reclaimed", patients=len(gone), max_patients=cap)
+
     def gauges(self) -> None:
         self.metrics.patients.set(len(self.stage.streams))
+        self.metrics.patients_held.set(self.stage.patients())
+        self.metrics.max_patients.set(self.settings.windows.max_patients)
         self.metrics.buffer_bytes.set(self.stage.nbytes)
         self.metrics.pending.set(self.ledger.in_flight())
         for tp in self.assigned:

@@ -39,13 +39,28 @@ class StateStore:
         return partition in self.partitions
 
     def patient(self, partition: Hashable, patient_id: str) -> PatientState:
-        states = self.partitions.setdefault(partition, {})
-        st = states.get(patient_id)
+        st = self.lookup(partition, patient_id)
         if st is None:
-            st = states[patient_id] = PatientState(patient_id, seen_at_s=self.clock())
-            st.episode.seq = self.seq_floors.get(partition, {}).get(patient_id, 0)
-            self.expired.get(partition, set()).discard(patient_id)  # back before its tombstone was written
+            st = self.adopt(partition, self.new_state(partition, patient_id))
         return st
+
+    def lookup(self, partition: Hashable, patient_id: str) -> PatientState | None:
+        states = self.partitions.get(partition)
+        return states.get(patient_id) if states else None
+
+    def new_state(self, partition: Hashable, patient_id: str) -> PatientState:
+        """A fresh state for a patient this store does not hold, not yet held (see `adopt`)."""
+        st = PatientState(patient_id, seen_at_s=self.clock())
+        st.episode.seq = self.seq_floors.get(partition, {}).get(patient_id, 0)
+        return st
+
+    def adopt(self, partition: Hashable, st: PatientState) -> PatientState:
+        """Hold `st` (from `new_state`) from now on, unless a state of its patient came meanwhile."""
+        states = self.partitions.setdefault(partition, {})
+        held = states.setdefault(st.patient_id, st)
+        if held is st:
+            self.expired.get(partition, set()).discard(st.patient_id)  # back before its tombstone was written
+        return held
 
     def reported(self, w) -> None:
         """Window `w` (an EmittedWindow) was published and acknowledged."""
@@ -116,6 +131,24 @@ class StateStore:
         for pid in gone:
             del states[pid]
         self.expired.setdefault(partition, set()).update(gone)
+        return gone
+
+    def reclaim(self, count: int, now: float, min_idle_s: float, busy) -> list[tuple[Hashable, str]]:
+        """Forget up to `count` patients early, least recently changed first, when the patient cap is
+        reached: expire_idle's rules (never an open or unpublished episode or flag, a dirty state, or one
+        `busy(partition, patient_id)`), with `min_idle_s` in place of the time to live."""
+        if count <= 0:
+            return []
+        dirty = self.dirty
+        idle = [(st.seen_at_s, p, pid) for p, states in self.partitions.items() for pid, st in states.items()
+                if st.seen_at_s is not None and now - st.seen_at_s >= min_idle_s and st.episode.open_start_ns is None
+                and st.episode.pending is None and not st.flags_ahead and pid not in dirty.get(p, ())
+                and not busy(p, pid)]
+        idle.sort(key=lambda e: e[0])
+        gone = [(p, pid) for _, p, pid in idle[:count]]
+        for p, pid in gone:
+            del self.partitions[p][pid]
+            self.expired.setdefault(p, set()).add(pid)
         return gone
 
     def take_expired(self, partitions) -> dict[Hashable, list[str]]:

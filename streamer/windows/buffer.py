@@ -262,6 +262,15 @@ class PatientStream:
         out, self.dead = self.dead, []
         return out
 
+    def abandon(self) -> list[tuple[object, str, str]]:
+        """Close a stream that never set its timeline: its held records, as dead letters (no_timeline), and
+        nothing emitted."""
+        held, self.held = self.held, []
+        self.nbytes -= sum(h.chunk.samples.nbytes for h in held)
+        n = self.settings.provisional_records
+        return [*self.take_dead(), *((h.ref, "no_timeline", f"its stream went silent before {n} of its records "
+                                      "agreed on a timeline") for h in held)]
+
     # -- chunk in (the timeline set) -------------------------------------------------------------
     def _accept(self, chunk: Chunk, offset: int, now: float, confirmed: bool = False) -> AcceptResult:
         """`confirmed`: the record leads a group of agreeing records (no far-ahead check)."""

@@ -9,6 +9,7 @@ from typing import Collection, Hashable
 from streamer.ingest.contract import Chunk
 from streamer.logs import get_logger, patient_ref
 from streamer.settings import WindowSettings
+from streamer.state.patients import PatientState
 from streamer.state.store import StateStore
 from streamer.windows.buffer import AcceptResult, EmittedWindow, PatientStream
 
@@ -41,6 +42,10 @@ class WindowStage:
         # per patient: (its oldest open window, partition flow time when it became the oldest)
         self.oldest_since: dict[tuple[Hashable, str], tuple[int, float]] = {}
         self.expired_windows = 0  # streams closed because a window outlived max_window_life_s
+        # New patients' states, kept out of the store until their stream sets a timeline: an id that never
+        # does (one record of a flood, a bed that sent one chunk) leaves no state and no flag behind.
+        self.unadopted: dict[tuple[Hashable, str], PatientState] = {}
+        self.refused_patients = 0  # new ids refused at max_patients since the last `take_refused_patients`
 
     def accept(self, partition: Hashable, offset: int, chunk: Chunk, now: float, ref: object = None) -> AcceptResult:
         """`ref` (the Kafka record) comes back in a result's dead_letters, or from take_rejected, if the
@@ -49,13 +54,25 @@ class WindowStage:
         key = (partition, chunk.patient_id)
         stream = self.streams.get(key)
         if stream is None:
-            state = self._state_after_emitted(key, self.store.patient(partition, chunk.patient_id))
-            stream = self.streams[key] = PatientStream(chunk.patient_id, partition, self.settings, state)
+            state = self.store.lookup(partition, chunk.patient_id)
+            if state is None:
+                if self.patients() >= self.settings.max_patients:
+                    # refuse the newcomer, never evict a bed that is streaming (an id flood must cost the
+                    # flood, not the ward)
+                    self.refused_patients += 1
+                    return AcceptResult([], rejected="too_many_patients", dead_letters=[(ref, "too_many_patients",
+                                                           f"this worker holds windows.max_patients "
+                                                           f"({self.settings.max_patients}) patients")])
+                state = self.unadopted[key] = self.store.new_state(partition, chunk.patient_id)
+            stream = self.streams[key] = PatientStream(chunk.patient_id, partition, self.settings,
+                                                       self._state_after_emitted(key, state))
             self.partition_streams.setdefault(partition, {})[chunk.patient_id] = stream
             self.patient_clock[key] = flowed
         before = stream.nbytes
         result = stream.accept(chunk, offset, now, ref)
         self.nbytes += stream.nbytes - before
+        if stream.segment is not None and key in self.unadopted:
+            self.store.adopt(partition, self.unadopted.pop(key))  # a timeline is set: the patient is real
         if result.activity:  # a bed whose records are all rejected is not alive: it can go idle
             self.patient_clock[key] = flowed
             self.streams.move_to_end(key)
@@ -68,7 +85,17 @@ class WindowStage:
         del self.partition_streams[key[0]][key[1]]
         self.patient_clock.pop(key, None)
         self.oldest_since.pop(key, None)
+        self.unadopted.pop(key, None)
         return stream
+
+    def patients(self) -> int:
+        """Patients held: every state, and every provisional stream of a patient without one (the count
+        `windows.max_patients` caps; what a patient costs beyond its buffers hangs off one of these)."""
+        return self.store.count() + len(self.unadopted)
+
+    def take_refused_patients(self) -> int:
+        out, self.refused_patients = self.refused_patients, 0
+        return out
 
     def _flow(self, partition: Hashable, now: float) -> float:
         flowed, last = self.partition_clock.get(partition, (0.0, now))
@@ -130,6 +157,12 @@ class WindowStage:
     def _close(self, key: tuple[Hashable, str], now: float) -> list[EmittedWindow]:
         stream = self._forget(key)
         self.nbytes -= stream.nbytes
+        if stream.segment is None:
+            # never set a timeline (fewer than provisional_records agreeing records before it went silent):
+            # no window of it is trusted, so none is reported; its held records are dead letters, and no
+            # state is kept for it
+            self.rejected.extend((key[0], *d) for d in stream.abandon())
+            return []
         out = stream.close(now)
         self.rejected.extend((key[0], *d) for d in stream.take_dead())
         for w in out:
