@@ -1,5 +1,8 @@
 """The ward view in a real browser: headless Chromium (Debian's) opens `streamer view` during a live
-run, waits for pushed updates, and finds every bed, its latest flag and an open episode in the DOM."""
+run, waits for pushed updates, and finds every bed, its latest flag and an open episode in the DOM. With
+hostile records on the flags topic (issue 45): a reason that is markup stays text, a flag the client's
+decoder refuses never reaches the page, and a bed the page cannot draw (one the server's checks are made
+to miss, through a crafted ward) leaves every other bed live."""
 
 from __future__ import annotations
 
@@ -11,13 +14,18 @@ import sys
 import threading
 
 import numpy as np
+import orjson
 import pytest
 
+from streamer.commands.view import Ward
 from streamer.kafka.broker import free_port
+from streamer.kafka.clients import make_producer
 from streamer.offline.recordings import Recording, parse_start
 from streamer.offline.replay import Source, replay
 from streamer.synthetic import generate
-from tests.kafka_utils import isolated_settings, settings_env, start_worker_process, wait_for_event
+from tests.kafka_utils import (isolated_settings, log_events, settings_env, start_worker_process, wait_for_event,
+                               wait_until)
+from tests.test_view_http import T0, fill, flag_bytes, serving
 
 pytestmark = pytest.mark.integration
 
@@ -52,6 +60,44 @@ def _beds(start_ns: int) -> list[Source]:
     return out
 
 
+HOSTILE = '<img src=x onerror="window.__pwned = 1">'
+
+
+def _printed_url(log_path, proc) -> str:
+    """The one line `streamer view` prints with this start's token."""
+    def url():
+        lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.startswith("ward view: ")]
+        return lines[0].removeprefix("ward view: ") if lines else None
+
+    return wait_until(url, 60, "the view's address", proc=proc)
+
+
+def _in_thread(coro) -> None:
+    """Run `coro` to its end on a loop of its own (playwright's sync API holds this thread's loop)."""
+    failed = []
+
+    def run():
+        try:
+            asyncio.run(coro)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the test's thread
+            failed.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(60)
+    assert not t.is_alive() and not failed, failed
+
+
+async def _publish_flags(k, values: list[bytes]) -> None:
+    producer = make_producer(k)
+    await producer.start()
+    try:
+        for v in values:
+            await producer.send_and_wait(k.flags_topic, v, key=orjson.loads(v)["patient_id"].encode())
+    finally:
+        await producer.stop()
+
+
 def test_ward_page_shows_beds_flags_and_an_open_episode(chromium, broker, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -63,12 +109,27 @@ def test_ward_page_shows_beds_flags_and_an_open_episode(chromium, broker, tmp_pa
     try:
         wait_for_event(tmp_path / "worker.log", "partition_assigned", proc=worker)
         wait_for_event(tmp_path / "view.log", "view_listening", proc=view)
-        sources = _beds(parse_start("2026-11-22T13:00:00Z"))
+        url = _printed_url(tmp_path / "view.log", view)
+        assert url.startswith(f"http://127.0.0.1:{port}/?token=")
+        assert not any(url.split("=", 1)[1] in str(e) for e in log_events(tmp_path / "view.log"))  # not in the logs
+        start = parse_start("2026-11-22T13:00:00Z")
+        sources = _beds(start)
         feeder = threading.Thread(target=lambda: asyncio.run(replay(s.kafka, sources, speed=5.0, chunk_s=0.25)))
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
             page = browser.new_page(viewport={"width": 1280, "height": 720})
-            page.goto(f"http://127.0.0.1:{port}/")
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            assert page.goto(f"http://127.0.0.1:{port}/").status == 401  # no token, no ward
+            page.goto(url)
+            assert page.url == f"http://127.0.0.1:{port}/"  # the token left the address bar for a cookie
+            # Hostile flags first, as a producer on the flags topic would write them: a reason that is markup
+            # (a valid flag), and one whose probability is not a number (which the decoder refuses).
+            _in_thread(_publish_flags(s.kafka, [
+                flag_bytes("hostile-1", start, None, reason=HOSTILE),
+                flag_bytes("clean-2", start - 10**10, 0.5, probability="high"),
+            ]))
+            page.wait_for_selector('[data-bed="hostile-1"] .latest[data-status="insufficient_data"]', timeout=60_000)
             feeder.start()  # after the page is open: what it shows arrives as live pushes
             page.wait_for_selector('[data-bed="noisy-1"] .episode.open', timeout=120_000)
             for pid in ("clean-1", "clean-2"):
@@ -84,7 +145,17 @@ def test_ward_page_shows_beds_flags_and_an_open_episode(chromium, broker, tmp_pa
             page.wait_for_selector("#d-flags tr")
             assert page.is_visible("#detail") and "artifact" in page.inner_text("#d-flags")
             page.screenshot(path=str(tmp_path / "ward-detail.png"))
+            # the hostile reason is text on the card and in the detail table; no element came of it
+            page.click("#d-close")
+            page.click('[data-bed="hostile-1"]')
+            page.wait_for_selector("#d-flags tr")
+            assert HOSTILE in page.inner_text('[data-bed="hostile-1"] .latest')
+            assert HOSTILE in page.inner_text("#d-flags")
+            assert page.evaluate("document.querySelectorAll('img').length") == 0
+            assert page.evaluate("window.__pwned") is None
+            assert errors == [], errors
             browser.close()
+        assert any(e.get("event") == "view_record_skipped" for e in log_events(tmp_path / "view.log"))
         feeder.join(60)
     finally:
         view.terminate()
@@ -92,3 +163,41 @@ def test_ward_page_shows_beds_flags_and_an_open_episode(chromium, broker, tmp_pa
         assert view.wait(20) == 0
         assert worker.wait(60) == 0
     print(f"screenshots: {tmp_path / 'ward.png'} {tmp_path / 'ward-detail.png'}")
+
+
+def test_one_bed_the_page_cannot_draw_leaves_the_others_live(chromium):
+    """The page's own defence, behind the server's: a bed whose data the page cannot draw (a probability
+    that is not a number, which `decode_flag` refuses, so it is put into the ward here past the server's
+    checks, as a check the server missed would) is marked; every other bed keeps being redrawn, and "live"
+    follows the drawing loop."""
+    from playwright.sync_api import sync_playwright
+
+    ward = Ward()
+    fill(ward, 2, 5)  # bed-000, bed-001: a strip and one clean flag each
+    ward.bed("bad-1").add_flag({"window_id": "bad-1:0", "window_start_ns": T0, "window_end_ns": T0 + 10**10,
+                                "status": "scored", "reason": None, "probability": "high", "artifact": True,
+                                "threshold": 0.2, "latency_ms": 1.0})
+    with serving(ward, push_interval_s=0.2) as server, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 720})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(server.url)
+        page.wait_for_selector('[data-bed="bed-001"] .latest[data-artifact="true"]', timeout=30_000)
+        # a new flag for bed-000 after the bad bed was met: the page still draws it
+        later = T0 + 10**10
+        asyncio.run_coroutine_threadsafe(_call(ward.on_flag, flag_bytes("bed-000", later, 0.01)),
+                                         server._pusher.get_loop()).result(10)
+        page.wait_for_selector('[data-bed="bed-000"] .latest[data-artifact="false"]', timeout=30_000)
+        assert "clean p=0.010" in page.inner_text('[data-bed="bed-000"] .latest')
+        page.wait_for_function("document.getElementById('live').textContent.startsWith('live, updated')",
+                               timeout=30_000)
+        assert "1 bed not drawn" in page.inner_text("#live")
+        assert page.is_visible('[data-bed="bad-1"].bad')
+        assert "could not be drawn" in page.inner_text('[data-bed="bad-1"] .latest')
+        assert errors == [], errors  # nothing escaped a bed's own try
+        browser.close()
+
+
+async def _call(fn, *args):
+    return fn(*args)

@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from streamer.client import DEFAULT_SKEW_S, Episode, SuppressionView, decode_episode, decode_flag
+from streamer.client import (DEFAULT_MAX_LEASE_S, DEFAULT_SKEW_S, Episode, SuppressionView, decode_episode,
+                             decode_flag)
 from streamer.errors import SettingsError
 from streamer.ingest.contract import decode
 from streamer.logs import get_logger
@@ -188,12 +189,13 @@ class Ward:
     """Every bed's view, bounded: `max_beds` beds, each `strip_s` of samples and `history` flags."""
 
     def __init__(self, strip_s: float = 60.0, history: int = 360, max_beds: int = 1000,
-                 skew_s: float = DEFAULT_SKEW_S):
+                 skew_s: float = DEFAULT_SKEW_S, max_lease_s: float = DEFAULT_MAX_LEASE_S):
         self.strip_s, self.history, self.max_beds = strip_s, history, max_beds
         self.beds: OrderedDict[str, BedView] = OrderedDict()
         self.model: str | None = None
         self.changed: set[str] = set()
-        self.suppression = SuppressionView(skew_s)  # episodes by seq, bounded by their lease, as alarm systems do
+        # episodes by seq, bounded by their lease and at most max_lease_s after arrival, as alarm systems do
+        self.suppression = SuppressionView(skew_s, max_lease_s=max_lease_s)
         self.skipped: Counter[str] = Counter()  # records not shown, by topic kind ("input", "flag", "episode")
 
     def bed(self, patient_id: str) -> BedView:
