@@ -55,7 +55,8 @@ def main() -> None:
                                            "window_start_ns": start, "window_end_ns": start + 10**10,
                                            "status": "scored", "reason": None, "probability": p, "artifact": p >= 0.2,
                                            "threshold": 0.2, "model": "m@sha256:0123456789abcdef",
-                                           "latency_ms": 200.0}))
+                                           "fs": FS, "missing_samples": 0, "interpolated_samples": 0,
+                                           "produced_at_ns": start + 10**10, "latency_ms": 200.0}))
                 if b % 50 == 0:
                     ward.on_episode(orjson.dumps({
                         "schema": 2, "patient_id": f"bed-{b:03d}", "episode_id": f"bed-{b:03d}:{start}", "seq": sec,
