@@ -259,12 +259,16 @@ def cmd_watch(args) -> int:
 
 
 def cmd_view(args) -> int:
-    from streamer.commands.view import ViewServer, Ward
+    from streamer.commands.view import Access, ViewServer, Ward
 
     s = _settings(args)
+    access = Access.configure(args.host, token_file=args.token_file, allow_hosts=tuple(args.allow_host),
+                              tls_cert=args.tls_cert, tls_key=args.tls_key)  # SettingsError: exit 2, one line
     server = ViewServer(s.kafka, host=args.host, port=args.port, from_beginning=args.from_beginning,
                         ward=Ward(strip_s=args.strip_s, max_beds=args.max_beds,
-                                  skew_s=s.episodes.skew_allowance_s))
+                                  skew_s=s.episodes.skew_allowance_s,
+                                  max_lease_s=s.episodes.lease_s + s.episodes.skew_allowance_s),
+                        access=access, max_event_clients=args.max_pages)
 
     async def main() -> int:
         stop = asyncio.Event()
@@ -475,8 +479,19 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--seconds", type=_POSITIVE, default=None, help="stop after this long")
     w.add_argument("--from-beginning", action="store_true", help="read the topics from their first record")
 
-    vw = command("view", "live web page of every bed: ECG strip, flags, episodes (127.0.0.1)", cmd_view)
-    vw.add_argument("--host", default="127.0.0.1", help="address to serve on (loopback by default)")
+    vw = command("view", "live web page of every bed: ECG strip, flags, episodes (127.0.0.1; open the address "
+                 "it prints, which carries this start's access token)", cmd_view)
+    vw.add_argument("--host", default="127.0.0.1", help="address to serve on (loopback by default; any other "
+                    "needs --tls-cert, --tls-key and --token-file)")
+    vw.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                    help="a host name browsers reach the view by, besides 127.0.0.1, localhost and [::1] "
+                    "(repeatable); requests naming any other Host get 421")
+    vw.add_argument("--token-file", help="file holding the access token (at least 16 characters) instead of a "
+                    "random one printed at start; browsers then open the address with ?token=<it> once")
+    vw.add_argument("--tls-cert", help="certificate chain (PEM) to serve HTTPS with")
+    vw.add_argument("--tls-key", help="private key (PEM) of --tls-cert")
+    vw.add_argument("--max-pages", type=_COUNT, default=16, help="live pages (event streams) served at once; "
+                    "one more gets 503")
     vw.add_argument("--port", type=_PORT, default=8765, help="0 = a free port")
     vw.add_argument("--strip-s", type=_POSITIVE, default=60.0, help="seconds of ECG kept and drawn per bed")
     vw.add_argument("--max-beds", type=_COUNT, default=1000, help="beds shown at most")

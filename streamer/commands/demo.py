@@ -78,8 +78,9 @@ def run_demo(beds: int = 6, duration_s: float = 90.0, speed: float = 4.0, seed: 
             view = subprocess.Popen([sys.executable, "-m", "streamer", "view", "--port", str(view_port)], env=env,
                                     stdout=open(OUT / "view.log", "wb"), stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL)
-            if _wait_for(OUT / "view.log", b"view_listening", view, 60):
-                print(f"view     http://127.0.0.1:{view_port}/  (the ward page, live while the demo runs)", flush=True)
+            if _wait_for(OUT / "view.log", b"ward view: http", view, 60):  # its one line with this start's token
+                url = next(ln for ln in (OUT / "view.log").read_bytes().splitlines() if ln.startswith(b"ward view: "))
+                print(f"view     {url[11:].decode()}  (the ward page, live while the demo runs)", flush=True)
             fleet = synthetic_fleet(beds, duration_s, parse_start(time.strftime("%Y-%m-%dT%H:%M:%SZ")),
                                     seed=seed, rates=(500.0, 360.0, 250.0))
             truth = {}  # the windows docs/preprocessing.md's segmentation makes, labelled by injected artifacts
