@@ -1,4 +1,5 @@
-"""Why the model cannot be used: the file (CheckpointError) or where it would run (DeviceError)."""
+"""Why the model cannot be used: the file (CheckpointError), where it would run (DeviceError) or an unsafe
+cache directory (CacheError)."""
 
 
 class ModelError(RuntimeError):
@@ -11,3 +12,7 @@ class CheckpointError(ModelError):
 
 class DeviceError(ModelError):
     """The device or runtime: CUDA absent, ONNX Runtime not installed or asked for on a GPU."""
+
+
+class CacheError(ModelError):
+    """The backend cache directory: writable by another user, so nothing in it can be trusted."""

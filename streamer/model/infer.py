@@ -11,8 +11,9 @@ import torch
 
 from streamer.logs import get_logger
 from streamer.model.backends import (CPU_BATCH_CANDIDATES, ChoiceCache, CpuChoice, OrtRunner,
-                                     TorchRunner, default_cache_dir, export_onnx, measure_cpu_backends,
-                                     onnxruntime_available, ort_runner, probe_images)
+                                     TorchRunner, check_parity, default_cache_dir, export_onnx,
+                                     measure_cpu_backends, onnxruntime_available, ort_runner, probe_images,
+                                     start_probe_images)
 from streamer.model.weights import load_state_dict, model_name_for
 from streamer.model.errors import DeviceError
 from streamer.model.preprocess import MODEL_SAMPLES, Preprocessor
@@ -84,6 +85,7 @@ class ArtifactScorer:
         self._state, self._source = state, str(path)
         self.choice: CpuChoice | None = None  # backend auto on the CPU: what was measured
         self.choice_from_cache = False
+        self.cache_rejected: list[str] = []  # why stored backend entries were refused at this start
         backend = settings.backend
         if backend == "auto":
             backend = "measure" if self.device.type == "cpu" and onnxruntime_available() else "torch"
@@ -120,32 +122,58 @@ class ArtifactScorer:
         return ort_runner(onnx_model, torch.get_num_threads())
 
     def _measured_runner(self, settings: ModelSettings, digest: str):
-        """CPU and ONNX Runtime installed: the stored choice for this machine, else measure and store."""
+        """CPU and ONNX Runtime installed: the stored choice for this machine, else measure and store.
+
+        A stored ONNX model scores only after it matched the checkpoint's network on the start probe, at
+        every start: its digests bind it to the checkpoint, but whoever can write the cache can forge
+        those. One that fails is refused loudly (`backend_cache_rejected`, removed) and re-measured."""
         cache_dir = (settings.cache_dir or default_cache_dir()) if settings.backend_cache else None
         cache = ChoiceCache(cache_dir, digest, self.fold_stem, torch.get_num_threads(), settings.device_batch)
+        self.cache_rejected = cache.rejected  # the cache's own list: filled as entries are refused
         stored = cache.load()
+        torch_runner = None
         if stored is not None:
             choice, onnx_model = stored
-            self.choice, self.choice_from_cache = choice, True
-            log.info("backend_from_cache", backend=choice.backend, device_batch=choice.device_batch,
-                     path=str(cache.choice_path))
-            runner = self._ort(onnx_model) if onnx_model is not None else self._torch_runner()
-            return runner, choice.device_batch
+            t0 = time.perf_counter()
+            torch_runner = self._torch_runner()
+            runner = torch_runner if onnx_model is None else self._verified_ort(cache, torch_runner, onnx_model)
+            if runner is not None:
+                self.choice, self.choice_from_cache = choice, True
+                log.info("backend_from_cache", backend=choice.backend, device_batch=choice.device_batch,
+                         path=str(cache.choice_path), check_s=round(time.perf_counter() - t0, 2))
+                return runner, choice.device_batch
         t0 = time.perf_counter()
-        torch_runner = self._torch_runner()
+        torch_runner = torch_runner or self._torch_runner()
         onnx_model = export_onnx(torch_runner.net)
         ort = self._ort(onnx_model)
         batches = (settings.device_batch,) if settings.device_batch else CPU_BATCH_CANDIDATES
         choice = measure_cpu_backends([torch_runner, ort], probe_images(self.preprocess), batches)
+        ort_kept_parity = any(rate.startswith("onnxruntime@") for rate in choice.rates)
         if choice.backend == "onnxruntime":
             choice.onnx_sha256 = cache.save_onnx(onnx_model)
         stored_choice = cache.save(choice)
         log.info("backend_measured", backend=choice.backend, device_batch=choice.device_batch,
                  rates=choice.rates, max_abs_dp=choice.max_abs_dp, seconds=round(time.perf_counter() - t0, 2),
                  adopted=stored_choice.backend if stored_choice is not choice else None)
+        if stored_choice.backend == "onnxruntime" and not ort_kept_parity:
+            stored_choice = CpuChoice("torch", stored_choice.device_batch, choice.rates, choice.max_abs_dp)
         self.choice = stored_choice
         runner = ort if stored_choice.backend == "onnxruntime" else torch_runner
         return runner, stored_choice.device_batch
+
+    def _verified_ort(self, cache: ChoiceCache, torch_runner: TorchRunner, onnx_model: bytes) -> OrtRunner | None:
+        """The stored ONNX model's runner if it scores the start probe as `torch_runner` does; else None,
+        with the entry refused and removed."""
+        try:
+            ort = self._ort(onnx_model)
+        except Exception as exc:  # noqa: BLE001 (onnxruntime raises its own types for bytes it cannot load)
+            reason = f"onnxruntime cannot load it: {type(exc).__name__}: {str(exc)[:200]}"
+        else:
+            reason = check_parity(torch_runner, ort, start_probe_images(self.preprocess))
+        if reason is None:
+            return ort
+        cache.reject(f"{cache.onnx_path.name}: {reason}")
+        return None
 
     def warm_up(self) -> "ArtifactScorer":
         """Score flat windows at every network batch size before the first real window, so memory and
