@@ -320,23 +320,23 @@ class Access:
         """SettingsError (exit 2, one line) for a bind beyond loopback without TLS and a configured token, an
         unreadable or short token file, a certificate that does not load."""
         if bool(tls_cert) != bool(tls_key):
-            raise SettingsError("view: --tls-cert and --tls-key go together")
+            raise SettingsError("--tls-cert and --tls-key go together")
         token = None
         if token_file:
             try:
                 token = Path(token_file).read_text(encoding="ascii").strip()
             except (OSError, UnicodeDecodeError) as exc:
-                raise SettingsError(f"view: --token-file {token_file}: cannot read it ({type(exc).__name__})") from None
+                raise SettingsError(f"--token-file {token_file}: cannot read it ({type(exc).__name__})") from None
             # never echoed: only its length is judged
             if len(token) < MIN_TOKEN_CHARS or not all(33 <= ord(c) < 127 and c not in ';,"\\' for c in token):
-                raise SettingsError(f"view: --token-file {token_file}: the token must be at least {MIN_TOKEN_CHARS} "
+                raise SettingsError(f"--token-file {token_file}: the token must be at least {MIN_TOKEN_CHARS} "
                                     "printable ASCII characters without spaces, quotes, commas or semicolons")
         wildcard = host in ("0.0.0.0", "::", "")
         if not is_loopback(host) and not (tls_cert and token):
-            raise SettingsError(f"view: --host {host} serves patient data beyond this machine: it needs --tls-cert, "
+            raise SettingsError(f"--host {host} serves patient data beyond this machine: it needs --tls-cert, "
                                 "--tls-key and --token-file (or serve on 127.0.0.1 and tunnel to it)")
         if wildcard and not allow_hosts:
-            raise SettingsError(f"view: --host {host} listens on every address: name the host names clients use "
+            raise SettingsError(f"--host {host} listens on every address: name the host names clients use "
                                 "with --allow-host (any other Host header is refused)")
         tls = None
         if tls_cert:
@@ -345,7 +345,7 @@ class Access:
                 tls.minimum_version = ssl.TLSVersion.TLSv1_2
                 tls.load_cert_chain(tls_cert, tls_key)
             except (OSError, ssl.SSLError) as exc:
-                raise SettingsError(f"view: --tls-cert/--tls-key do not load: {exc}") from None
+                raise SettingsError(f"--tls-cert/--tls-key do not load: {exc}") from None
         names = {*LOOPBACK_NAMES, *(_host_name(h) for h in allow_hosts)}
         if not wildcard:
             names.add(_host_name(host))
