@@ -240,6 +240,24 @@ def test_a_huge_claim_is_refused_before_the_data_are_read(make, tmp_path):
     assert rss_mib < 1500, f"peak RSS {rss_mib} MiB: the data were inflated ({line})"
 
 
+def test_a_wide_parquet_file_inflates_only_the_columns_read(tmp_path):
+    """A Parquet file of a few MB: lead II beside 800 columns of zeros, 1.6 GB once decompressed. Only the
+    columns a recording uses are read: the lead, in about what the interpreter and pandas take alone."""
+    rows, path = 250_000, tmp_path / "wide.parquet"
+    zeros = pa.array(np.zeros(rows))  # one buffer, shared by every column while writing
+    columns = {f"lead_{i}": zeros for i in range(800)}
+    pq.write_table(pa.table({**columns, "II": pa.array(np.resize(_ecg(), rows))}), path)
+    assert path.stat().st_size < 20_000_000
+    probe = "import sys; from streamer.offline.recordings import load_recording; " \
+            "print(len(load_recording(sys.argv[1], fs=250).values), file=sys.stderr)"
+    r = subprocess.run([sys.executable, "-c", _MEASURED, sys.executable, "-c", probe, str(path)],
+                       capture_output=True, text=True, timeout=150)
+    lines = r.stderr.splitlines()
+    code, rss_kib = (int(v) for v in lines[-1].split())
+    assert code == 0 and lines[-2] == str(rows), lines[-20:]
+    assert rss_kib // 1024 < 700, f"peak RSS {rss_kib // 1024} MiB: every column was read"
+
+
 def test_the_reasons_say_what_is_wrong(tmp_path):
     """The one line says the problem, not only that there is one."""
     expected = {parquet_text_cell: "'lead-off' at row 1234", csv_lead_off: "'lead-off' at row 2000",

@@ -196,6 +196,15 @@ def _from_frame(df: pd.DataFrame, fs: float | None, start_ns: int, channel: str 
     return _validated(times, values, nominal)
 
 
+def _columns_read(cols: list, fs: float | None, channel: str | None) -> list:
+    """The columns _from_frame uses of a frame with these columns, in their order: the value column, the
+    named time columns and, without --fs, the first."""
+    named = [c for c in cols if str(c) in _VALUE_NAMES]
+    value = channel if channel is not None else (named or cols[-1:] or [None])[0]
+    used = {c for c in cols if c == value or str(c).lower() in _TIME_NAMES or (fs is None and c == cols[0])}
+    return [c for c in cols if c in used]
+
+
 def _numbers(col: pd.Series) -> np.ndarray:
     """A sample column as float64 mV; a cell that is no number (text such as 'lead-off') is refused, naming
     its row, never read as NaN: a missing sample is an empty cell."""
@@ -317,11 +326,16 @@ def _from_file(path: Path, suffix: str, fs, start_ns: int, channel, time_unit, l
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        with _reading("Parquet"):  # the footer's row count, before any column is decompressed
-            rows = pq.ParquetFile(path).metadata.num_rows
+        with _reading("Parquet"):  # the footer's row count and columns, before any column is decompressed
+            footer = pq.ParquetFile(path)
+            rows, schema = footer.metadata.num_rows, footer.schema_arrow
+            index = {c for c in (schema.pandas_metadata or {}).get("index_columns", []) if isinstance(c, str)}
+            names = [n for n in schema.names if n not in index]
         limits.check_length(rows, fs, "its Parquet footer")
-        with _reading("Parquet"):
-            df = pd.read_parquet(path)
+        if channel is not None and channel not in names:
+            raise RecordingError(f"column {channel!r} not found; columns are {names}")
+        with _reading("Parquet"):  # only the columns _from_frame reads: a wide file cannot inflate either
+            df = pd.read_parquet(path, columns=_columns_read(names, fs, channel))
         return _from_frame(df, fs, start_ns, channel, time_unit)
     if suffix == ".npy":
         with open(path, "rb") as f, _reading(".npy"):
