@@ -253,7 +253,8 @@ def cmd_watch(args) -> int:
     s = _settings(args)
     try:
         return asyncio.run(watch(s.kafka, seconds=args.seconds, from_beginning=args.from_beginning,
-                                 skew_s=s.episodes.skew_allowance_s))
+                                 skew_s=s.episodes.skew_allowance_s,
+                                 max_lease_s=s.episodes.lease_s + s.episodes.skew_allowance_s))
     except KafkaError as exc:  # a refusal: the consumer retries what can be retried itself
         return _refused("watch", exc, s.kafka, "view", "READ", [s.kafka.flags_topic, s.kafka.episodes_topic])
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from streamer.client import MessageError, decode_episode, decode_flag
 from streamer.commands.watch import format_episode, format_flag
 from streamer.kafka.broker import EmbeddedBroker, free_port
 from streamer.kafka.clients import ensure_topics, make_consumer
@@ -39,13 +40,18 @@ async def _collect(k, expected: int, stop: asyncio.Event, flags: list, episodes:
             batch = await consumer.getmany(timeout_ms=200)
             for tp, records in batch.items():
                 for r in records:
+                    try:  # the readers' checks: the demo's own worker wrote these, but a topic is a topic
+                        decoded = (decode_flag if tp.topic == k.flags_topic else decode_episode)(r.value)
+                    except MessageError as exc:
+                        print(f"unreadable record at {tp.topic}[{tp.partition}]@{r.offset}: {exc}", flush=True)
+                        continue
                     doc = orjson.loads(r.value)
                     if tp.topic == k.flags_topic:
                         flags.append(doc)
-                        print(format_flag(doc), flush=True)
+                        print(format_flag(decoded), flush=True)
                     elif not doc.get("renewal"):  # lease renewals change nothing on screen
                         episodes.append(doc)
-                        print(format_episode(doc), flush=True)
+                        print(format_episode(decoded), flush=True)
             if len({(f["patient_id"], f["window_start_ns"]) for f in flags}) >= expected:
                 return
     finally:
