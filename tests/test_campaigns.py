@@ -88,3 +88,17 @@ def test_campaigns_with_a_skewed_worker_clock_short(broker, checkpoint, tmp_path
     print(r)
     assert r["lost"] == 0 and r["duplicate_ids"] == 0, r
     assert r["seq_regressions"] == 0, r
+
+
+def test_flood_short(broker, checkpoint, tmp_path):
+    """Issue 45, item 2: an id flood beside real beds; the full one (100,000 ids, 50 beds) is in RESULTS.md."""
+    from benchmarks.campaigns.input_faults import flood_campaign
+
+    r = flood_campaign(broker.bootstrap, ids=3000, beds=4, seconds=40, checkpoint=checkpoint, workdir=tmp_path,
+                       flood_at_s=10.0, max_patients=500)
+    print(r)
+    assert r["crashes"] == 0 and r["lost"] == 0
+    assert r["lateness_p99_s"] < 35.0, "the real beds' flags within the suppression lease"
+    assert r["flood_flags"] == 0, "an id with one record is never flagged"
+    assert r["dead_letters"].get("too_many_patients", 0) >= 3000 - 500
+    assert r["patients_after"] <= 500 and r["states_after"] <= 4

@@ -6,6 +6,7 @@
     python -m benchmarks.campaigns failover --beds 50 --kills 5            # 3 brokers, RF 3
     python -m benchmarks.campaigns stall --stalls 5,30,120 --beds 50
     python -m benchmarks.campaigns fuzz --messages 10000 --beds 10
+    python -m benchmarks.campaigns flood --ids 100000 --beds 50        # a patient-id flood beside real beds
     python -m benchmarks.campaigns slow --beds 50 --delay 2 --slow-for 45
     python -m benchmarks.campaigns soak --beds 200 --seconds 600
     python -m benchmarks.campaigns clock --beds 50 --kills 3

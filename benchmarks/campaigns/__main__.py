@@ -12,7 +12,7 @@ import benchmarks.campaigns as campaigns
 from benchmarks.campaigns import common
 from benchmarks.campaigns.broker_faults import ObjectStore, broker_crash_campaign, failover_campaign, stall_campaign
 from benchmarks.campaigns.common import record
-from benchmarks.campaigns.input_faults import clock_campaign, fuzz_campaign
+from benchmarks.campaigns.input_faults import clock_campaign, flood_campaign, fuzz_campaign
 from benchmarks.campaigns.load import slow_campaign, soak_campaign
 from benchmarks.campaigns.worker_faults import crash_campaign, rebalance_campaign, zombie_campaign
 from streamer.kafka.broker import EmbeddedBroker
@@ -67,7 +67,12 @@ def main() -> None:
     f = sub.add_parser("fuzz")
     f.add_argument("--messages", type=int, default=10_000)
     f.add_argument("--beds", type=int, default=10)
-    for p in (c, st, sl, so, f, ck, bc, z, fo, rb):
+    fl = sub.add_parser("flood")
+    fl.add_argument("--ids", type=int, default=100_000, help="distinct patient ids, one record each")
+    fl.add_argument("--beds", type=int, default=50, help="real beds streaming in real time beside the flood")
+    fl.add_argument("--seconds", type=float, default=150.0)
+    fl.add_argument("--max-patients", type=int, default=None, help="windows.max_patients (default: the setting's)")
+    for p in (c, st, sl, so, f, ck, bc, z, fo, rb, fl):
         p.add_argument("--checkpoint", default=None)
         p.add_argument("--clock", default=None, help="the workers' wall clock moved by this libfaketime offset "
                        "(e.g. +2h, -30m; Debian's faketime package)")
@@ -159,6 +164,17 @@ def main() -> None:
                    f"-> max {r['patients_buffered'][1]}, p99 per {args.interval:g} s interval {r['interval_p99_s'][0]}-"
                    f"{r['interval_p99_s'][1]} s, max pending {r['max_pending']}, exit {r['exit_code']}; "
                    f"cores used {r['cores_used']}")
+        elif args.campaign == "flood":
+            r = flood_campaign(broker.bootstrap, args.ids, args.beds, args.seconds, args.checkpoint,
+                               max_patients=args.max_patients)
+            record(f"patient-id flood ({on}): {r['ids']} new ids, one record each from one producer "
+                   f"({r['flood_send_s']} s), beside {args.beds} real beds in real time, "
+                   f"windows.max_patients {args.max_patients or 'default'}",
+                   f"real beds: windows {r['expected']}, flagged {r['flagged']}, lost {r['lost']}, flag lateness "
+                   f"p50 {r['lateness_p50_s']} s, p99 {r['lateness_p99_s']} s, max {r['lateness_max_s']} s (lease 35 s); "
+                   f"flags of flood ids {r['flood_flags']}; dead letters {r['dead_letters']}; states after "
+                   f"{r['states_after']}, patients held after {r['patients_after']}; worker RSS {r['rss_before_mb']} "
+                   f"MB before, peak {r['rss_peak_mb']} MB; crashes {r['crashes']}")
         else:
             r = fuzz_campaign(broker.bootstrap, args.messages, args.beds, args.checkpoint)
             record(f"bad-input campaign: {r['hostile']} hostile records among {args.beds} healthy beds",

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from benchmarks.campaigns.common import (campaign_settings, collect_flags, feed_in_background, stop_worker, tally,
-                                         worker_process)
+from benchmarks.campaigns.common import (campaign_settings, collect_flags, feed_in_background, rss_kb,
+                                         scrape_metrics, stop_worker, tally, wait_ready, worker_process)
 from streamer.ingest.producer import chunks_of
 from streamer.ingest.contract import HEADER_SIZE, MAGIC, Chunk, encode_binary
 from streamer.ingest.deadletter import reason_of
@@ -23,7 +23,7 @@ from streamer.offline.recordings import Recording, parse_start
 from streamer.offline.replay import Source, synthetic_fleet
 from streamer.settings import KafkaSettings
 from streamer.windows.segmentation import segment
-from tests.kafka_utils import expected_windows, wait_for_event
+from tests.kafka_utils import expected_windows, start_worker_process, wait_for_event
 
 
 # -- hostile input -------------------------------------------------------------------------------------
@@ -270,3 +270,107 @@ def clock_campaign(bootstrap: str, beds: int, kills: int, checkpoint: str | None
             "new_lost": new_lost, "healthy_windows": len(healthy), "healthy_lost": len(healthy - scored),
             "lost": len(expected_old - reported) + new_lost + len(healthy - scored),
             "episodes_left_open": sum(v == "open" for v in last.values()), "exit_code": code}
+
+
+# -- patient-id flood -----------------------------------------------------------------------------------
+def flood_campaign(bootstrap: str, ids: int, beds: int, seconds: float, checkpoint: str | None, seed: int = 0,
+                   workdir: Path | None = None, flood_at_s: float = 20.0, max_patients: int | None = None) -> dict:
+    """Issue 45: `ids` distinct patient ids, one small record each, sent as fast as one producer can, beside
+    `beds` real beds streaming in real time. The real beds' flags must keep arriving within the suppression
+    lease (35 s), the worker's memory must stay bounded, and the flood must leave neither flags nor states:
+    ids beyond windows.max_patients are dead letters (too_many_patients), the rest go when their provisional
+    streams go idle (no_timeline). Lateness of a flag: when it was read (read_committed) minus when the
+    sample that completed its window was sent."""
+    from streamer.kafka.broker import free_port
+
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="flood-"))
+    s = campaign_settings(bootstrap, partitions=4, checkpoint=checkpoint)
+    if max_patients is not None:
+        s.windows.max_patients = max_patients
+    port = free_port()
+    start_ns = time.time_ns() - int(60e9)  # recent event times: the broker's retention keeps them
+    fleet = [src for src, _ in synthetic_fleet(beds, seconds, start_ns, seed=seed, stagger_s=1.0)]
+    expected = expected_windows(fleet)
+    t_first = min(int(src.recording.times_ns[0]) for src in fleet)
+    log = workdir / "worker.log"
+    proc = start_worker_process(s, log, STREAMER_METRICS_PORT=str(port))
+    wait_ready(port, proc)
+    wait_for_event(log, "partition_assigned", proc=proc)
+    received: dict[tuple[str, int], float] = {}
+    stop_reading = threading.Event()
+
+    def read_flags() -> None:  # read_committed, as an alarm system reads them, stamped when read
+        async def run():
+            from streamer.kafka.clients import make_consumer
+
+            consumer = make_consumer(s.kafka, group_id=None, client_id="flood-reader", auto_offset_reset="earliest")
+            await consumer.start()
+            consumer.subscribe([s.kafka.flags_topic])
+            try:
+                while not stop_reading.is_set():
+                    batch = await consumer.getmany(timeout_ms=200)
+                    now = time.time()
+                    for records in batch.values():
+                        for r in records:
+                            f = orjson.loads(r.value)
+                            received.setdefault((f["patient_id"], f["window_start_ns"]), now)
+            finally:
+                await consumer.stop()
+        asyncio.run(run())
+
+    reader = threading.Thread(target=read_flags, daemon=True)
+    reader.start()
+    rss: list[tuple[float, int]] = []
+    wall0 = time.time()
+    feeder = feed_in_background(s.kafka, fleet, speed=1.0)
+
+    async def flood() -> float:
+        producer = make_producer(s.kafka, linger_ms=20)
+        await producer.start()
+        t0 = time.monotonic()
+        now = time.time_ns()
+        futs = []
+        for n in range(ids):
+            pid = f"flood-{seed}-{n}"
+            value = orjson.dumps({"patient_id": pid, "lead": "II", "t0_ns": now, "fs": 500, "samples": [0.1] * 50})
+            futs.append(await producer.send(s.kafka.input_topics[0], value, key=pid.encode()))
+            if len(futs) >= 5000:
+                await asyncio.gather(*futs)
+                futs = []
+        await asyncio.gather(*futs)
+        await producer.stop()
+        return time.monotonic() - t0
+
+    try:
+        while time.time() - wall0 < flood_at_s:
+            rss.append((time.time() - wall0, rss_kb(proc.pid)))
+            time.sleep(1.0)
+        before = scrape_metrics(port)
+        rss_before = rss_kb(proc.pid)
+        flood_s = asyncio.run(flood())
+        while feeder.is_alive() or not expected <= set(received):
+            rss.append((time.time() - wall0, rss_kb(proc.pid)))
+            if time.time() - wall0 > seconds + 240 or proc.poll() is not None:
+                break
+            time.sleep(1.0)
+        after = scrape_metrics(port)
+        alive = proc.poll() is None
+    finally:
+        stop_reading.set()
+        reader.join(30)
+        code = stop_worker(proc)
+    lateness = sorted(received[w] - (wall0 + (w[1] + 10**10 - t_first) / 1e9) for w in expected if w in received)
+    flood_flags = sum(1 for pid, _ in received if pid.startswith("flood-"))
+
+    def q(p):
+        return round(lateness[min(len(lateness) - 1, int(p * len(lateness)))], 2) if lateness else float("nan")
+
+    dead = {k[1][1]: after[k] - before.get(k, 0.0) for k in after if k[0] == "streamer_dead_letters_total"}
+    return {"ids": ids, "beds": beds, "flood_send_s": round(flood_s, 1), "expected": len(expected),
+            "flagged": len(expected & set(received)), "lost": len(expected - set(received)),
+            "lateness_p50_s": q(0.5), "lateness_p99_s": q(0.99), "lateness_max_s": round(lateness[-1], 2) if lateness else None,
+            "flood_flags": flood_flags, "dead_letters": {k: int(v) for k, v in dead.items() if v},
+            "states_after": int(after.get(("streamer_state_patients",), -1)),
+            "patients_after": int(after.get(("streamer_patients",), -1)),
+            "rss_before_mb": round(rss_before / 1024), "rss_peak_mb": round(max(v for _, v in rss) / 1024),
+            "crashes": int(not alive or code != 0), "exit_code": code}
