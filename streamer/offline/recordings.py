@@ -484,6 +484,9 @@ def _checked_wfdb_header(record: Path, fs: float | None, limits: RecordingLimits
                                         for field in ("file_name", "fmt", "samps_per_frame", "byte_offset"))):
         per_file.setdefault(name, float(offset or 0))
         per_file[name] += n * (spf or 1) * BYTES_PER_SAMPLE.get(str(fmt), 0)
+    if not n and any(BYTES_PER_SAMPLE.get(str(f)) == 0 for f in header.fmt or []):
+        # wfdb would count a FLAC file's samples by inflating it: only a declared length is bounded first
+        raise RecordingError(f"WFDB record {record.name} is compressed (FLAC) but its header gives no length")
     for name, needed in per_file.items():
         path = _inside(folder, name, "signal file")
         if path.stat().st_size < int(needed):
