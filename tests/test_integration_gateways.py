@@ -65,7 +65,7 @@ def test_a_crc32_gateway_fleet_is_named_within_seconds_and_works_once_configured
     assert moved, "the test needs beds the two partitioners place apart"
 
     # 1. the worker on its default (murmur2): told at the first refused record, with the setting that fits
-    s = isolated_settings(broker.bootstrap, partitions=4)
+    s = isolated_settings(broker.bootstrap, partitions=4, patient_id_in_logs="plain")  # ids read from the log
     log = tmp_path / "murmur2.log"
     told = _worker_fed_by_gateways(s, checkpoint, log, fleet, lambda proc: wait_for_event(
         log, "input_partitioner_mismatch", timeout_s=60, proc=proc))

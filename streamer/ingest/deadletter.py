@@ -4,7 +4,9 @@ the headers Kafka Streams' dead-letter queue writes (KIP-1034), so existing DLQ 
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
+import time
 
 from aiokafka.errors import KafkaError
 
@@ -70,34 +72,101 @@ def _timestamp(record) -> int | None:
     return ts if isinstance(ts, int) and ts >= 0 else None
 
 
+class LogLimit:
+    """At most `per_minute` log lines a minute for each reason; the rest are counted and said in one
+    `dead_letters_not_logged` line with the first dead letter after that minute. A producer writing 100,000
+    bad records must not write 35 MB of the worker's log: every dead letter is in its topic and in
+    streamer_dead_letters_total."""
+
+    def __init__(self, clock=time.monotonic, per_minute: int = 20):
+        self.clock, self.per_minute = clock, per_minute
+        self.minute_end = 0.0
+        self.logged: collections.Counter = collections.Counter()
+        self.skipped: collections.Counter = collections.Counter()
+
+    def allow(self, reason: str) -> bool:
+        now = self.clock()
+        if now >= self.minute_end:
+            if self.skipped:
+                log.warning("dead_letters_not_logged", by_reason=dict(self.skipped), per_minute=self.per_minute)
+            self.minute_end = now + 60.0
+            self.logged.clear()
+            self.skipped.clear()
+        if self.logged[reason] < self.per_minute:
+            self.logged[reason] += 1
+            return True
+        self.skipped[reason] += 1
+        return False
+
+
 class DeadLetters:
     """Sends rejected records to the dead-letter topic in the background; each stays held in the offsets
     ledger until it is published (acknowledged, or in its partition's open transaction), so a crash before
     that re-reads it instead of losing it."""
 
-    def __init__(self, topic: str, outputs, ledger, metrics, settled: asyncio.Event):
+    def __init__(self, topic: str, outputs, ledger, metrics, settled: asyncio.Event, clock=time.monotonic):
         self.topic, self.outputs, self.ledger, self.metrics, self.settled = topic, outputs, ledger, metrics, settled
         self.background = BackgroundSends()
         self.max_bytes = 900_000  # under the producer's max_request_size (1 MiB) with room for the batch
+        self.log_limit = LogLimit(clock)
+        # per input partition, the dead letters waiting for their partition's sending task: a fetch's worth
+        # goes in one delivery block (one task, one gate, one acknowledgement wait), so a flood of bad records
+        # costs the other beds of the partition little more than reading them
+        self._queued: dict = {}
 
     def send(self, tp, record, reason: str, detail: str, held: bool = True) -> None:
         """Dead-letter `record` on behalf of input partition `tp`. `held`: the record is one of tp's own, so
         tp's commit waits for it; a record of another topic (an unreadable state record) is not."""
         hold = self.ledger.hold(tp, record.offset) if held else None
-        key = record.key.decode("utf-8", "replace") if record.key else None
-        log.warning("dead_letter", reason=reason, detail=detail[:200], patient=patient_ref(key) if key else None,
-                    topic=record.topic, partition=record.partition, offset=record.offset)
-        self.background.spawn(self._send(tp, record, reason, detail, hold))
+        if self.log_limit.allow(reason):
+            key = record.key.decode("utf-8", "replace") if record.key else None
+            log.warning("dead_letter", reason=reason, detail=detail[:200], patient=patient_ref(key) if key else None,
+                        topic=record.topic, partition=record.partition, offset=record.offset)
+        queue = self._queued.get(tp)
+        if queue is None:
+            queue = self._queued[tp] = []
+            self.background.spawn(self._send_queued(tp))
+        queue.append((record, reason, detail, hold))
 
-    async def _send(self, tp, record, reason: str, detail: str, hold) -> None:
+    async def _send_queued(self, tp) -> None:
+        """The dead letters `send` queued for `tp` until this task ran, in one delivery block. If a broker
+        refuses the block, each goes again on its own, where a refused record is replaced by its stand-in
+        (none of them counted yet: at least once counts a block only once all of it is acknowledged)."""
+        items = self._queued.pop(tp)
+        prepared = [(record, reason, *self._sized(tp, record, reason, detail), hold)
+                    for record, reason, detail, hold in items]
+        try:
+            async with self.outputs.deliver(tp) as d:
+                if d.owned:  # else revoked meanwhile: the partition's owner reads the records again
+                    for record, _, value, headers, hold in prepared:
+                        if hold is None or self.ledger.is_current(hold):
+                            await d.send(self.topic, value, key=record.key, headers=headers,
+                                         timestamp_ms=_timestamp(record),
+                                         counted=functools.partial(self.ledger.release, hold))
+        except KafkaError as exc:
+            if retriable(exc):
+                raise
+            for record, reason, detail, hold in items:
+                await self._send(tp, record, reason, detail, hold)
+            return
+        self.settled.set()
+        for reason, n in collections.Counter(reason for _, reason, _, _ in items).items():
+            self.metrics.dead_letters.labels(reason).inc(n)
+
+    def _sized(self, tp, record, reason: str, detail: str) -> tuple[bytes, list]:
+        """The dead letter's value and headers: the record's own, or its small stand-in when the producer
+        would refuse it (exactly once that would fail the whole transaction)."""
         headers = dead_letter_headers(reason, detail, record.topic, record.partition, record.offset,
                                       record.headers)
         value = record.value or b""
         if len(value) + len(record.key or b"") + sum(len(k) + len(v) for k, v in headers) > self.max_bytes:
-            # the producer would refuse it (exactly once, failing the whole transaction): the small stand-in
             log.warning("dead_letter_replaced", error="over the producer's max request size", topic=tp.topic,
                         partition=tp.partition, offset=record.offset)
             value, headers = oversized_dead_letter(record, headers, "record too large for a dead letter")
+        return value, headers
+
+    async def _send(self, tp, record, reason: str, detail: str, hold) -> None:
+        value, headers = self._sized(tp, record, reason, detail)
         try:
             await self._deliver(tp, record, value, headers, hold)
         except KafkaError as exc:  # the broker refused it (exactly once a refusal is TransactionFailed, fatal)
