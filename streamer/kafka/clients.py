@@ -187,6 +187,31 @@ def make_producer(k: KafkaSettings, transactional_id: str | None = None, idempot
     return AIOKafkaProducer(**opts, **security_kwargs(k))
 
 
+async def start_ordered_producer(k: KafkaSettings, timeout_s: float = 30.0,
+                                 **extra: Any) -> tuple[AIOKafkaProducer, str | None]:
+    """A started producer for a feed whose order per key matters (replay, gateways): idempotent where the
+    brokers grant a producer id and acks=all, else a plain one. Returns (producer, why it is not idempotent,
+    or None). aiokafka 0.14 never expires an idempotent batch: one that timed out is retried at the head of
+    its partition, and the broker drops the copy it already wrote and refuses a gap in the sequence. A
+    plain producer fails a batch that timed out while newer ones of its partition go on: its caller must
+    keep the order itself (streamer.ingest.producer.OrderedSender does both)."""
+    why_not = "kafka.acks is not all"
+    if k.acks == "all":
+        producer = make_producer(k, idempotent=True, **extra)
+        try:
+            await asyncio.wait_for(producer.start(), timeout_s)
+            return producer, None
+        except (KafkaError, asyncio.TimeoutError) as exc:  # e.g. the embedded broker's InitProducerId fails
+            why_not = f"no producer id from the brokers: {exc!r}"
+            try:
+                await asyncio.wait_for(producer.stop(), 5.0)
+            except (KafkaError, asyncio.TimeoutError, OSError):
+                pass  # nothing was sent with it; its connections go with it
+    producer = make_producer(k, **extra)
+    await producer.start()
+    return producer, why_not
+
+
 def make_consumer(k: KafkaSettings, **extra: Any) -> AIOKafkaConsumer:
     """read_committed: what an aborted transaction (a fenced zombie's, a crashed checkpoint's) wrote is
     never seen, and outputs appear once their checkpoint committed."""

@@ -9,36 +9,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from streamer.ingest.producer import ChunkProducer, Encoding, chunks_of
-from streamer.kafka.clients import check_connection, make_producer, retriable, retry_kafka
+from streamer.ingest.producer import Encoding, OrderedSender, chunks_of
+from streamer.kafka.clients import check_connection, start_ordered_producer
 from streamer.logs import get_logger
 from streamer.offline.recordings import Recording, regular_times
 from streamer.settings import KafkaSettings
 from streamer.synthetic import generate
 
 log = get_logger("streamer.replay")
-
-
-async def _send_retrying(out: ChunkProducer, chunk):
-    """Keep sending through broker stalls: a chunk sent twice is a duplicate the worker ignores."""
-    return await retry_kafka(lambda: out.send(chunk))
-
-
-async def _confirm(out: ChunkProducer, pending: list) -> None:
-    """Wait for every delivery; resend the chunks whose delivery failed and can succeed later (the broker
-    stalled, a leader moved). A refusal that cannot (no WRITE on the topic, a record too large) is raised:
-    retrying it would run for ever, sending nothing."""
-    while pending:
-        results = await asyncio.gather(*(fut for _, fut in pending), return_exceptions=True)
-        refused = next((r for r in results if isinstance(r, Exception) and not retriable(r)), None)
-        if refused is not None:
-            raise refused
-        failed = [(chunk, r) for (chunk, _), r in zip(pending, results) if isinstance(r, Exception)]
-        pending.clear()
-        if failed:
-            log.warning("replay_resend", chunks=len(failed), error=repr(failed[0][1]))
-        for chunk, _ in failed:
-            pending.append((chunk, await _send_retrying(out, chunk)))
 
 
 @dataclass
@@ -69,8 +47,9 @@ async def replay(kafka: KafkaSettings, sources: list[Source], speed: float | Non
                  encoding: Encoding = "json", progress: bool = False, topic: str | None = None) -> int:
     """Send every source's chunks in timestamp order; speed None = as fast as possible. Returns chunks sent."""
     await check_connection(kafka)
-    producer = make_producer(kafka, linger_ms=10, compression_type=None)
-    await producer.start()
+    # each bed's chunks land in their order through broker stalls: a resend never behind a newer chunk
+    out = await OrderedSender(lambda: start_ordered_producer(kafka, linger_ms=10, compression_type=None),
+                              topic or kafka.input_topics[0], encoding).start()
     sent = 0
     bar = None
     try:
@@ -95,25 +74,22 @@ async def replay(kafka: KafkaSettings, sources: list[Source], speed: float | Non
         for i in range(len(streams)):
             push_next(i)
         wall0 = time.monotonic()
-        out = ChunkProducer(producer, topic or kafka.input_topics[0], encoding)
-        pending = []
         while heap:
             due_ns, i, chunk = heapq.heappop(heap)
             if speed is not None:
                 wait = wall0 + (due_ns - t_first) / 1e9 / speed - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)
-            pending.append((chunk, await _send_retrying(out, chunk)))
+            await out.send(chunk)
             sent += 1
-            if len(pending) >= 1000:
-                await _confirm(out, pending)
             if bar is not None:
                 bar.update(1)
             push_next(i)
-        await _confirm(out, pending)
-        await producer.flush()
+        await out.flush()
+        if out.resent or out.dropped:
+            log.info("replay_resends", chunks_resent=out.resent, chunks_dropped=out.dropped)
     finally:
         if bar is not None:
             bar.close()
-        await producer.stop()
+        await out.stop()
     return sent
