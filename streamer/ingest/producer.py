@@ -52,7 +52,8 @@ def encode(chunk: Chunk, encoding: Encoding = "json", counts_gain: float = 200.0
 
 
 class ChunkProducer:
-    """Sends chunks keyed by patient id. `async with ChunkProducer(producer, topic) as p: await p.send(c)`."""
+    """Sends chunks keyed by patient id. `async with ChunkProducer(producer, topic) as p: await p.send(c)`.
+    It resends nothing: a feed that must keep each bed's order through broker stalls uses OrderedSender."""
 
     def __init__(self, producer: AIOKafkaProducer, topic: str, encoding: Encoding = "json"):
         self.producer = producer
