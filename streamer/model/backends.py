@@ -215,8 +215,11 @@ class UntrustedEntry(Exception):
 
 
 def default_cache_dir() -> Path:
+    """A folder of its own under streamer's cache (which also holds the test suite's Kafka jars, made with
+    the user's umask): only this one must be private, so a group-writable parent made by other tools never
+    stops a worker; a parent others can write could swap this folder, which then fails the ownership check."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "streamer"
+    return Path(base) / "streamer" / "model"
 
 
 def private_cache_dir(directory: Path) -> Path | None:
