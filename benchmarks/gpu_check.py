@@ -6,6 +6,7 @@ In at most ~8 minutes it measures, and writes into --out (the device tool's $OUT
 2. throughput per batch size (64..4096): the network alone and the whole path (raw windows from the host,
    preprocessing, network, probabilities back), eager vs CUDA graphs, pageable vs pinned host buffers;
 3. preprocessing (spectrogram and Pillow-exact image steps) on the GPU vs the CPU: time and max |diff|;
+   and the resize alone, int32 two taps vs the float64 matrix products it replaced, each against the CPU;
 4. end to end on the embedded broker: N simulated beds in real time into one worker process on the GPU:
    flag latency p50/p99, windows/s and GPU utilisation.
 Each section is timed and its failure recorded without losing the others; device_check.json is rewritten
@@ -179,7 +180,28 @@ def preprocessing(device: str, n: int, min_s: float) -> dict:
         out["gpu_windows_per_s"] = round(n / _timed(lambda: gpu(xd), torch.cuda.synchronize, min_s), 1)
         out["max_abs_diff_vs_cpu"] = float((img - ref).abs().max())
         out["differing_pixels"] = int((img != ref).sum())
+    out.update(resize(device, cpu.spectrogram_u8(x), min_s))
     return out
+
+
+def resize(device: str, spec_u8, min_s: float) -> dict:
+    """The image step's resize alone on `device`: the int32 two-tap resize the worker runs against the
+    float64 matrix products it replaced (issue 48, item 5); both must give the CPU's integers."""
+    import torch
+
+    from streamer.model.preprocess import Preprocessor
+    from tests.resize_float64 import Float64Resize
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    n = len(spec_u8)
+    want = Preprocessor("cpu").resize_u8(spec_u8)
+    pre, float64 = Preprocessor(device), Float64Resize(device)
+    s32, s64 = spec_u8.to(device), spec_u8.to(device, torch.float64)
+    got32, got64 = pre.resize_u8(s32).cpu(), float64(s64).cpu().to(torch.int32)
+    return {"resize_int32_windows_per_s": round(n / _timed(lambda: pre.resize_u8(s32), sync, min_s), 1),
+            "resize_float64_windows_per_s": round(n / _timed(lambda: float64(s64), sync, min_s), 1),
+            "resize_int32_differing_pixels_vs_cpu": int((got32 != want).sum()),
+            "resize_float64_differing_pixels_vs_cpu": int((got64 != want).sum())}
 
 
 class GpuUtilisation:
@@ -299,6 +321,12 @@ def rows(results: dict) -> list[tuple[str, str]]:
         out.append((f"device check: preprocessing (spectrogram + image steps) on {where} vs CPU",
                     f"{pre['gpu_windows_per_s']:.0f} vs {pre['cpu_windows_per_s']:.0f} windows/s; max abs diff "
                     f"{pre['max_abs_diff_vs_cpu']:.1e} ({pre['differing_pixels']} pixels differ)"))
+    if "resize_int32_windows_per_s" in pre:
+        out.append((f"device check: image resize alone on {where}, int32 two taps vs float64 matmuls, "
+                    f"{pre['windows']} windows",
+                    f"{pre['resize_int32_windows_per_s']:.0f} vs {pre['resize_float64_windows_per_s']:.0f} "
+                    f"windows/s; pixels differing from the CPU's int32: "
+                    f"{pre['resize_int32_differing_pixels_vs_cpu']} / {pre['resize_float64_differing_pixels_vs_cpu']}"))
     for name in ("throughput_bf16", "throughput_fp16", "throughput_fp32"):
         for r in s.get(name, []) if isinstance(s.get(name), list) else []:
             parts = [f"{k} {v:.0f}" for k, v in r.items() if isinstance(v, float)]

@@ -29,6 +29,8 @@ def test_cpu_dry_run_measures_every_section_and_records_rows(tmp_path):
     assert sections["parity"]["fp32"] == {"max_abs_dp": 0.0, "mean_abs_dp": 0.0, "flips": 0}
     assert [r["batch"] for r in sections["throughput_bf16"]] == [4, 8]
     assert all(r["network_eager"] > 0 and r["path_eager_pinned"] > 0 for r in sections["throughput_bf16"])
+    assert sections["preprocessing"]["resize_int32_windows_per_s"] > 0, sections["preprocessing"]
+    assert sections["preprocessing"]["resize_int32_differing_pixels_vs_cpu"] == 0
     e2e = sections["end_to_end"]
     assert e2e["flagged"] == e2e["expected"] > 0, e2e
     # the rows a GPU run would bring back are recorded here from its JSON, with its machine and date
@@ -41,5 +43,5 @@ def test_cpu_dry_run_measures_every_section_and_records_rows(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert rec.returncode == 0, rec.stderr[-2000:]
     added = results_md.read_text()[len((ROOT / "benchmarks" / "RESULTS.md").read_text()):]
-    assert added.count("device check:") == 4, added
+    assert added.count("device check:") == 5, added  # parity fp32, 2 batches, the resize, end to end
     assert results["sections"]["environment"]["result"]["machine"] in added
