@@ -250,9 +250,10 @@ class ModelSettings(_Group):
     device_batch: int | None = Field(None, ge=1, description="windows per network call; default: measured "
                                      "on the CPU with backend auto (else 16), 256 on CUDA")
     cache_dir: Path | None = Field(None, description="where backend auto keeps its measured choice and the "
-                                   "exported ONNX model; default $XDG_CACHE_HOME/streamer/model or ~/.cache/streamer/model. "
-                                   "Must be this user's and closed to group and others (chmod 700), else start "
-                                   "is refused; a stored model is used only after it matches the checkpoint")
+                                   "exported ONNX model; default $XDG_CACHE_HOME/streamer/model or "
+                                   "~/.cache/streamer/model. Must be this user's and closed to group and others "
+                                   "(chmod 700), else start is refused; a stored model is used only after it "
+                                   "matches the checkpoint")
     backend_cache: bool = Field(True, description="false: measure at every start, store nothing")
     cpu_threads: int | None = Field(None, ge=1, description="threads for CPU inference (torch and onnxruntime); "
                                     "default: all cores. Set it when other busy processes share the machine")
