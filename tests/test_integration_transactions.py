@@ -14,6 +14,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from streamer.checkpointing.outputs import CheckpointPlan, TransactionalOutputs, TransactionFailed
+from streamer.client import decode_episode
 from streamer.ingest.partitioning import home_partition
 from streamer.kafka.clients import make_consumer, make_producer, read_records
 from streamer.offline.recordings import Recording, parse_start, regular_times
@@ -407,8 +408,14 @@ def test_after_a_state_loss_the_episode_seq_stays_above_what_readers_saw(broker,
     async def main():
         producer = make_producer(k)
         await producer.start()
-        await producer.send_and_wait(k.episodes_topic, orjson.dumps({"patient_id": "bed-seq", "seq": seen,
-                                                                    "state": "open"}), key=b"bed-seq", partition=0)
+        # an open episode as a worker writes it (a record the readers' decoder refuses is no floor: issue 45)
+        now_ns, lease_ns = time.time_ns(), 30 * 10**9
+        opened = {"schema": 2, "patient_id": "bed-seq", "episode_id": f"bed-seq:{now_ns - 20 * 10**9}", "seq": seen,
+                  "state": "open", "renewal": False, "reason": None, "start_ns": now_ns - 20 * 10**9, "end_ns": None,
+                  "last_flagged_end_ns": now_ns - 10**9, "peak_probability": 0.9, "flagged_windows": 2,
+                  "model": "m", "updated_at_ns": now_ns, "valid_until_ns": now_ns + lease_ns, "lease_ns": lease_ns}
+        assert decode_episode(orjson.dumps(opened)).seq == seen
+        await producer.send_and_wait(k.episodes_topic, orjson.dumps(opened), key=b"bed-seq", partition=0)
         await producer.send_and_wait(k.state_topic, b"\x00 not a state", key=state_key(k.input_topics[0], "bed-seq"),
                                      partition=0)
         await producer.stop()
