@@ -48,7 +48,7 @@ class Path:
         record = ConsumerRecord(TP.topic, TP.partition, self.offset, 0, 0, key, value, None, 0,
                                 len(value or b""), ())
         self.offset += 1
-        outcome = self.intake.ingest(TP, record, now, 0)
+        outcome = self.intake.ingest(TP, record, now, 1)  # one partition: every key's home, the check runs
         return record, outcome
 
     def dead_reasons(self, record) -> list[str]:
@@ -144,6 +144,7 @@ def test_any_record_is_accepted_dropped_or_a_dead_letter_never_a_crash(records):
         reasons = path.dead_reasons(record)
         if outcome is Outcome.DEAD_LETTER:
             assert reasons and all(isinstance(r, str) and r for r in reasons)
+            assert "internal_error" not in reasons, "decode refused it with a reason of its own, not as a bug"
         else:
             assert outcome in (Outcome.ACCEPTED, Outcome.DROPPED) and not reasons
         for key2, value2 in [next(stream, (None, None))]:
@@ -212,3 +213,46 @@ def test_at_the_cap_idle_states_are_forgotten_early_but_never_a_streaming_bed_or
     assert sorted(store.partitions[0]) == ["busy", "open"]
     assert store.take_expired([0]) == {0: ["idle-new", "idle-old"]}, "their tombstones go out"
 
+
+
+def test_a_state_forgotten_early_leaves_its_episode_number_as_the_floor():
+    """Review of issue 45: a state reclaimed (or expired) and made again must number its episode messages
+    above every one readers saw, or they would ignore the bed's next open and close."""
+    store = StateStore(clock=lambda: 1000.0)
+    store.load(0, {}, {"bed-1": 500})
+    st = store.patient(0, "bed-1")
+    st.episode.seq += 40  # messages 501..540 published
+    st.seen_at_s = 100.0
+    assert store.reclaim(1, now=1000.0, min_idle_s=60.0, busy=lambda p, pid: False) == [(0, "bed-1")]
+    assert store.patient(0, "bed-1").episode.seq == 540
+    store.partitions[0]["bed-1"].episode.seq = 560
+    store.partitions[0]["bed-1"].seen_at_s = 0.0
+    assert store.expire_idle(0, now=1000.0, ttl_s=60.0, busy=lambda pid: False) == ["bed-1"]
+    assert store.patient(0, "bed-1").episode.seq == 560
+
+
+def test_provisional_streams_of_new_ids_never_make_a_paused_beds_state_go():
+    """At the cap because of a flood of one-record ids, the upkeep forgets no state: a bed silent for a
+    minute (lead off) keeps its state and is not refused when it comes back."""
+    from streamer.runtime.upkeep import Upkeep
+
+    path = Path(max_patients=20, idle_evict_s=60.0)
+    for key, value in list(_healthy("bed-1", 4.0))[:3]:  # a timeline, so a state; then it pauses
+        path.feed(key, value, now=0.0)
+    for t in range(5, 66, 5):  # fetched and caught up: silence there is time passing
+        path.stage.flowing([TP], float(t))
+    path.stage.evict(65.0)  # silent a minute while its partition flowed: its stream is closed, its state kept
+    assert (TP, "bed-1") not in path.stage.streams and path.stage.store.lookup(TP, "bed-1") is not None
+    path.stage.store.patient(TP, "bed-1").seen_at_s = 0.0  # changed long ago
+    for n in range(40):
+        path.feed(f"flood-{n}".encode(), encode_json(Chunk(f"flood-{n}", "II", START, 500.0, np.zeros(50))),
+                  now=66.0)
+    assert path.stage.patients() == 20
+    upkeep = Upkeep(path.settings, {TP}, path.stage, path.ledger, path.stage.store, Metrics(), None, None, None,
+                    submit=path.windows.append, paused=lambda: False, clock=lambda: 10_000.0)
+    upkeep.make_room()
+    assert path.stage.store.lookup(TP, "bed-1") is not None, "the paused bed's state is kept"
+    path.stage.forget_acknowledged()
+    for key, value in list(_healthy("bed-1", 4.0))[3:5]:
+        record, outcome = path.feed(key, value, now=67.0)
+        assert outcome is Outcome.ACCEPTED, path.dead_reasons(record)

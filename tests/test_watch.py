@@ -73,3 +73,16 @@ def test_watch_reports_a_malformed_record_in_one_line_and_goes_on(broker):
     assert len(bad) == 2 and flag_at in bad[0] + bad[1] and episode_at in bad[0] + bad[1], done.stdout
     assert any("'reason' is missing" in line for line in bad) and any("out of range" in line for line in bad)
     assert "bed-bad" not in done.stdout.replace(flag_at, "") and "bed-forged" not in done.stdout
+
+
+def test_a_records_text_cannot_write_escape_sequences_to_the_terminal():
+    """Review of issue 45: a forged flag's patient id and reason pass the decoder's type checks; watch
+    escapes what is not printable, so no ANSI or OSC sequence reaches an operator's terminal."""
+    from streamer.client import decode_flag
+    from streamer.commands.watch import format_flag
+
+    flag = _flag("bed-1", 1_795_000_000_000_000_000, 0.5)
+    hostile = {**flag, "patient_id": "p\x1b[2K\r\x1b]0;pwn\x07", "status": "insufficient_data",
+               "reason": "x\x1b[31m", "probability": None, "artifact": None}
+    line = format_flag(decode_flag(orjson.dumps(hostile)))
+    assert line.isprintable() and "\x1b" not in line and "\\x1b[2K" in line and "\\x07" in line

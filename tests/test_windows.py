@@ -531,6 +531,24 @@ def test_a_provisional_stream_that_closes_early_reports_nothing_and_leaves_no_st
     assert stage.patients() == 0 and stage.store.count() == 0 and not stage.streams and stage.nbytes == 0
 
 
+def test_a_known_patients_reopened_stream_that_closes_early_still_reports_its_window():
+    """Only a new id's stream is dropped without a timeline (no_timeline): a patient with a state (a stream
+    reopened after an eviction or a restart) closes as before, its held records setting the timeline and
+    its window reported truncated."""
+    fs = 500
+    times, values = recording(fs, 4)
+    chunks = list(chunks_of("p1", times, values, 500, fs=fs))
+    stage = WindowStage(WindowSettings(idle_evict_s=5.0))
+    stage.store.patient(0, "p1")  # known: restored from the changelog
+    for i, c in enumerate(chunks[:2]):
+        stage.accept(0, i, c, now=float(i), ref=f"r{i}")
+    stage.flowing([0], 10.0)
+    stage.flowing([0], 20.0)
+    out = stage.evict(20.0)
+    assert [(w.status, w.reason) for w in out] == [(INSUFFICIENT, "truncated")]
+    assert stage.take_rejected() == []
+
+
 def test_a_window_that_outlives_its_maximum_life_is_reported_and_frees_the_commit():
     """Issue 24: a monitor clock that crawls (each record adds a few new samples, so the bed stays active)
     holds its window open for ever; after max_window_life_s of partition flow it is reported truncated and

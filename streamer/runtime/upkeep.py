@@ -108,11 +108,14 @@ class Upkeep:
         refused = self.stage.take_refused_patients()
         cap = self.settings.windows.max_patients
         held = self.stage.patients()
-        if not refused and held < cap:
-            return
         if refused:
             log.warning("patients_refused", count=refused, max_patients=cap, held=held)
-        target = held - int(cap * 0.9)
+        # only states crowding the cap make room: provisional streams of new ids (a flood of one-record
+        # ids) leave at idle eviction by themselves, and forgetting a paused bed's state for them would
+        # refuse that bed when it comes back
+        target = self.store.count() - int(cap * 0.9)
+        if target <= 0:
+            return
         gone = self.store.reclaim(target, self.clock(), self.settings.windows.idle_evict_s,
                                   lambda tp, pid: (tp, pid) in self.stage.streams)
         if gone:

@@ -129,8 +129,7 @@ class StateStore:
                 if st.seen_at_s is not None and now - st.seen_at_s > ttl_s and st.episode.open_start_ns is None
                 and st.episode.pending is None and not st.flags_ahead and pid not in dirty and not busy(pid)]
         for pid in gone:
-            del states[pid]
-        self.expired.setdefault(partition, set()).update(gone)
+            self._forget(partition, pid)
         return gone
 
     def reclaim(self, count: int, now: float, min_idle_s: float, busy) -> list[tuple[Hashable, str]]:
@@ -147,9 +146,18 @@ class StateStore:
         idle.sort(key=lambda e: e[0])
         gone = [(p, pid) for _, p, pid in idle[:count]]
         for p, pid in gone:
-            del self.partitions[p][pid]
-            self.expired.setdefault(p, set()).add(pid)
+            self._forget(p, pid)
         return gone
+
+    def _forget(self, partition: Hashable, patient_id: str) -> None:
+        """Drop a state; its tombstone goes out with the next checkpoint. Its episode number stays as the
+        patient's floor: a state made for it later numbers its messages above every one readers saw (one int,
+        only for patients that had an episode message)."""
+        st = self.partitions[partition].pop(patient_id)
+        floors = self.seq_floors.setdefault(partition, {})
+        if st.episode.seq > floors.get(patient_id, 0):
+            floors[patient_id] = st.episode.seq
+        self.expired.setdefault(partition, set()).add(patient_id)
 
     def take_expired(self, partitions) -> dict[Hashable, list[str]]:
         """Patients whose tombstones are due, no longer marked (put them back with `expire_again`)."""

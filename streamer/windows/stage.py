@@ -155,12 +155,13 @@ class WindowStage:
         return out
 
     def _close(self, key: tuple[Hashable, str], now: float) -> list[EmittedWindow]:
+        new_patient = key in self.unadopted
         stream = self._forget(key)
         self.nbytes -= stream.nbytes
-        if stream.segment is None:
-            # never set a timeline (fewer than provisional_records agreeing records before it went silent):
-            # no window of it is trusted, so none is reported; its held records are dead letters, and no
-            # state is kept for it
+        if stream.segment is None and new_patient:
+            # a new id whose stream never set a timeline (fewer than provisional_records agreeing records
+            # before it went silent): no window of it is trusted, so none is reported; its held records are
+            # dead letters, and no state is kept for it. A known patient's reopened stream closes as before.
             self.rejected.extend((key[0], *d) for d in stream.abandon())
             return []
         out = stream.close(now)
