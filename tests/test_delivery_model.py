@@ -79,6 +79,10 @@ class Log:
         self.changelog: dict[int, dict[bytes, bytes]] = {p: {} for p in records}
         self.flags: list[dict] = []
         self.episodes: list[dict] = []
+        # (partition, offset) of records dead-lettered as no_timeline: a new patient's stream that went
+        # silent before its first records agreed reports no window; those records are in the dead-letter
+        # topic with that reason (issue 45), which accounts for their samples
+        self.dead: set[tuple[int, int]] = set()
         # per partition, how far any worker has read: the records produced so far (the high watermark);
         # those after it are still to come (a backlog arriving after an eviction)
         self.high: dict[int, int] = {p: 0 for p in records}
@@ -130,7 +134,8 @@ class Core:
         records = self.log.partitions[p]
         for r in records[self.position[p]:self.position[p] + n]:
             self.tracker.consumed(p, r.offset)
-            result = self.stage.accept(p, r.offset, r.chunk, now=self.now)
+            result = self.stage.accept(p, r.offset, r.chunk, now=self.now, ref=r)
+            self.dead_letters((p, ref, reason) for ref, reason, _ in result.dead_letters)
             for w in result.windows:
                 self.submit(w)
             self.position[p] = r.offset + 1
@@ -139,6 +144,18 @@ class Core:
     def submit(self, w) -> None:
         w.hold = self.tracker.hold(w.partition, w.min_offset)
         self.pending.append(w)
+
+    def dead_letters(self, refused) -> None:
+        """The worker's dead letters (Intake, Upkeep.every_second): only no_timeline ones account for a
+        record's samples here; anything else refused stays owed a window."""
+        for p, ref, reason in refused:
+            if reason == "no_timeline":
+                self.log.dead.add((p, ref.offset))
+
+    def evict(self) -> None:
+        for w in self.stage.evict(self.now):
+            self.submit(w)
+        self.dead_letters((p, ref, reason) for p, ref, reason, _ in self.stage.take_rejected())
 
     def publish(self, n: int, only: int | None = None) -> None:
         """One batch: the next n pending windows (of one partition with `only`)."""
@@ -347,8 +364,7 @@ class DeliveryModel(RuleBasedStateMachine):
         # still replaying after a restart evicts nobody
         caught_up = [p for p, pos in core.position.items() if pos >= self.log.high[p]]
         core.stage.flowing(caught_up, core.now)
-        for w in core.stage.evict(core.now):
-            core.submit(w)
+        core.evict()
 
     @rule()
     def crash_after_eviction_acknowledged(self):
@@ -394,7 +410,7 @@ class DeliveryModel(RuleBasedStateMachine):
         reported = {f["window_id"] for f in self.log.flags}
         for p, committed in points.items():
             for r in self.log.partitions[p][:committed]:
-                if r.outlier:
+                if r.outlier or (p, r.offset) in self.log.dead:
                     continue
                 for wid in _windows_of(r.chunk):
                     assert wid in reported or _never_needed(r, wid, self.log), \
@@ -415,9 +431,9 @@ class DeliveryModel(RuleBasedStateMachine):
             assert by_id.setdefault(f["window_id"], _content(f)) == _content(f) or f["patient_id"] in self.lost, \
                 f"{f['window_id']} reported twice with different content"
         expected = set()
-        for records in self.log.partitions.values():
+        for p, records in self.log.partitions.items():
             for r in records:
-                if not r.outlier:
+                if not r.outlier and (p, r.offset) not in self.log.dead:
                     expected |= set(_windows_of(r.chunk))
         missing = expected - set(by_id)
         assert not missing, f"windows never reported: {sorted(missing)[:5]} ({self.crashes} crashes)"
