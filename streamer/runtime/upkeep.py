@@ -107,9 +107,8 @@ class Upkeep:
         and patients with an open episode or unpublished flags, are never forgotten."""
         refused = self.stage.take_refused_patients()
         cap = self.settings.windows.max_patients
-        held = self.stage.patients()
         if refused:
-            log.warning("patients_refused", count=refused, max_patients=cap, held=held)
+            log.warning("patients_refused", count=refused, max_patients=cap, held=self.stage.patients())
         # only states crowding the cap make room: provisional streams of new ids (a flood of one-record
         # ids) leave at idle eviction by themselves, and forgetting a paused bed's state for them would
         # refuse that bed when it comes back

@@ -126,8 +126,8 @@ class StateStore:
             return []
         dirty = self.dirty.get(partition, ())
         gone = [pid for pid, st in states.items()
-                if st.seen_at_s is not None and now - st.seen_at_s > ttl_s and st.episode.open_start_ns is None
-                and st.episode.pending is None and not st.flags_ahead and pid not in dirty and not busy(pid)]
+                if st.seen_at_s is not None and now - st.seen_at_s > ttl_s and _settled(st) and pid not in dirty
+                and not busy(pid)]
         for pid in gone:
             self._forget(partition, pid)
         return gone
@@ -140,9 +140,8 @@ class StateStore:
             return []
         dirty = self.dirty
         idle = [(st.seen_at_s, p, pid) for p, states in self.partitions.items() for pid, st in states.items()
-                if st.seen_at_s is not None and now - st.seen_at_s >= min_idle_s and st.episode.open_start_ns is None
-                and st.episode.pending is None and not st.flags_ahead and pid not in dirty.get(p, ())
-                and not busy(p, pid)]
+                if st.seen_at_s is not None and now - st.seen_at_s >= min_idle_s and _settled(st)
+                and pid not in dirty.get(p, ()) and not busy(p, pid)]
         idle.sort(key=lambda e: e[0])
         gone = [(p, pid) for _, p, pid in idle[:count]]
         for p, pid in gone:
@@ -197,3 +196,9 @@ class StateStore:
         for partition, states in self.partitions.items():
             for st in states.values():
                 yield partition, st
+
+
+def _settled(st: PatientState) -> bool:
+    """Nothing of the patient is still owed to readers: no open episode, no unpublished episode message or
+    flag. Only such a state may be forgotten (expired or reclaimed)."""
+    return st.episode.open_start_ns is None and st.episode.pending is None and not st.flags_ahead
