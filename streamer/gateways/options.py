@@ -27,8 +27,17 @@ def hl7_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-by", choices=["patient", "bed"], default="patient",
                         help="patient: PID-3 (a message without it is refused); bed: PV1-3 when PID-3 is empty")
     parser.add_argument("--max-connections", type=int, default=256, help="connections served at once")
-    parser.add_argument("--max-message-bytes", type=int, default=4 << 20, help="largest MLLP message accepted")
+    parser.add_argument("--max-message-bytes", type=int, default=1 << 20,
+                        help="largest MLLP message accepted (a connection holds at most about twice this)")
     parser.add_argument("--idle-timeout", type=float, default=300.0, help="seconds a silent connection is kept")
+    parser.add_argument("--max-beds", type=int, default=10000,
+                        help="beds whose segment is remembered (least recently seen forgotten: a new segment)")
+    parser.add_argument("--naive-times", choices=["refuse", "utc"], default="refuse",
+                        help="a time without UTC offset (nor one in MSH-7): refused (AE), or read as UTC")
+    parser.add_argument("--encoding", choices=["json", "binary"], default="json",
+                        help="input record format: json keeps every float64 mV value exactly; binary is float32")
+    parser.add_argument("--allow-plain-mllp", action="store_true",
+                        help="listen beyond loopback without TLS (a protected network only; warned at start)")
     _tls(parser, "receiver")
 
 
@@ -39,6 +48,11 @@ def sdc_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-by", choices=["patient", "location"], default="patient",
                         help="patient: the PatientContext's identification; location: the LocationContext's")
     parser.add_argument("--adapter", default="127.0.0.1", help="network address discovery and notifications use")
+    parser.add_argument("--max-queued-reports", type=int, default=300,
+                        help="waveform reports a device may have waiting for Kafka (300: 30 s at 10/s); more "
+                        "are dropped, counted and logged, and a new segment starts after the gap")
+    parser.add_argument("--silence-s", type=float, default=5.0,
+                        help="seconds without a report from an active waveform before the device is reconnected")
     _tls(parser, "consumer")
 
 
