@@ -175,7 +175,7 @@ class IngestCounts:
 class FlagSteps:
     """The per-step split of streamer_flag_latency_seconds, and (exactly once) the wait for the commit that
     makes a flag visible: the outputs note when each flag joined its partition's open transaction
-    (checkpointing/outputs.py's AwaitingCommit) and hand those times to `committed` once it committed."""
+    (delivery/'s AwaitingCommit) and hand those times to `committed` once it committed."""
 
     def __init__(self, histogram: Histogram):
         self._by_step = {step: histogram.labels(step) for step in FLAG_STEPS}  # exported at 0 from the start

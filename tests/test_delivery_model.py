@@ -517,7 +517,7 @@ def _empty_txn() -> dict:
 
 
 class TxnCore(Core):
-    """The worker with TransactionalOutputs: outputs and state changes join the partition's open
+    """The worker with ExactlyOnceDelivery: outputs and state changes join the partition's open
     transaction together (publisher.py), the checkpoint commits states and offsets with them
     (checkpoint.py). A fenced commit marks the worker fenced: a zombie stops for good (zombie_acts); a worker
     that still owns the partition rejoins the group (transaction_times_out)."""

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from benchmarks.bench_e2e import histogram_quantile
 from benchmarks.profile_stages import IDLE, fold, stage_of, table
-from streamer.checkpointing.event_time import ClockOffset
-from streamer.checkpointing.outputs import AwaitingCommit
+from streamer.delivery.event_time import ClockOffset
+from streamer.delivery import AwaitingCommit
 from streamer.metrics import FLAG_STEPS, IngestCounts, Metrics
 from streamer.windows.buffer import AcceptResult
 
@@ -95,7 +95,7 @@ def test_stage_profile_charges_a_stack_to_its_most_specific_stage():
     model = ["_inference_loop (streamer/runtime/worker.py:1)", "__call__ (streamer/model/scoring.py:2)",
              "run (streamer/model/backends.py:3)"]
     assert stage_of(model) == "model"
-    send = ["commit (streamer/checkpointing/outputs.py:1)", "send (aiokafka/producer/producer.py:2)"]
+    send = ["commit (streamer/delivery/exactly_once.py:1)", "send (aiokafka/producer/producer.py:2)"]
     assert stage_of(send) == "transactions and commits"
     assert stage_of(["_consume_loop (streamer/runtime/worker.py:1)", "decode (streamer/ingest/contract.py:5)"]) \
         == "decode"

@@ -58,7 +58,7 @@ def _fleet():
 def test_a_crc32_gateway_fleet_is_named_within_seconds_and_works_once_configured(broker, checkpoint, tmp_path):
     fleet = _fleet()
     want = expected_windows(fleet)
-    from streamer.ingest.partitioning import home_partition
+    from streamer.kafka.partitioning import home_partition
 
     moved = {src.patient_id for src in fleet
              if home_partition(src.patient_id.encode(), 4, "crc32") != home_partition(src.patient_id.encode(), 4)}

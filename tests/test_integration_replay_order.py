@@ -150,7 +150,7 @@ def test_a_broken_sequence_is_resent_in_order_by_a_fresh_producer(broker):
     later batch of that partition from that producer (OutOfOrderSequenceNumber), so nothing lands behind
     the gap; the sender starts a fresh producer and resends those chunks in their order: every chunk once,
     each bed in order."""
-    from streamer.ingest.partitioning import home_partition
+    from streamer.kafka.partitioning import home_partition
     from streamer.ingest.producer import OrderedSender, chunks_of
     from streamer.kafka.clients import start_ordered_producer
 

@@ -151,7 +151,7 @@ def test_a_record_on_another_partition_than_its_key_is_dead_lettered(broker, sco
     """One patient, one owner: a gateway that pins a bed's record to another partition (another
     partitioner) gets it dead-lettered as wrong_partition; the bed's records on its own partition and the
     other beds are scored."""
-    from streamer.ingest.partitioning import home_partition
+    from streamer.kafka.partitioning import home_partition
     from streamer.kafka.clients import make_producer
 
     s = isolated_settings(broker.bootstrap, partitions=2)

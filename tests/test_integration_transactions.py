@@ -13,9 +13,9 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from streamer.checkpointing.outputs import CheckpointPlan, TransactionalOutputs, TransactionFailed
+from streamer.delivery import CheckpointPlan, ExactlyOnceDelivery, TransactionFailed
 from streamer.client import decode_episode
-from streamer.ingest.partitioning import home_partition
+from streamer.kafka.partitioning import home_partition
 from streamer.kafka.clients import make_consumer, make_producer, read_records
 from streamer.offline.recordings import Recording, parse_start, regular_times
 from streamer.offline.replay import Source, replay
@@ -53,7 +53,7 @@ def test_a_refused_record_aborts_the_whole_transaction_and_the_offsets_stay(brok
     tp = TopicPartition(k.input_topics[0], 0)
 
     async def main():
-        outputs = TransactionalOutputs(k, lambda tid: make_producer(k, transactional_id=tid))
+        outputs = ExactlyOnceDelivery(k, lambda tid: make_producer(k, transactional_id=tid))
         await outputs.open(tp)
         try:
             async with outputs.gate(tp):
@@ -83,7 +83,7 @@ def test_the_delivery_interface_counts_in_the_transaction_and_a_refusal_fails_it
     waited: list[float] = []
 
     async def main():
-        outputs = TransactionalOutputs(k, lambda tid: make_producer(k, transactional_id=tid),
+        outputs = ExactlyOnceDelivery(k, lambda tid: make_producer(k, transactional_id=tid),
                                        on_committed=lambda joined, at: waited.extend(at - t for t in joined))
         await outputs.open(tp)
         try:

@@ -53,7 +53,10 @@ def test_no_stage_imports_a_later_stage():
 LAYERS = [
     ("foundation", {"streamer._version", "streamer.errors", "streamer.spec", "streamer.settings", "streamer.logs",
                     "streamer.lifecycle", "streamer.metrics", "streamer.client", "streamer.synthetic"}),
-    ("kafka", {"streamer.kafka", "streamer.kafka.clients", "streamer.kafka.acls", "streamer.kafka.topics"}),
+    ("kafka", {"streamer.kafka", "streamer.kafka.clients", "streamer.kafka.acls", "streamer.kafka.topics",
+               "streamer.kafka.partitioning"}),
+    # where outputs go and when they count (both modes behind one interface): below every stage that sends
+    ("delivery", {"streamer.delivery"}),
     ("data path", {"streamer.ingest", "streamer.windows", "streamer.batching", "streamer.model",
                    "streamer.publish", "streamer.state", "streamer.checkpointing"}),
     ("runtime", {"streamer.runtime", "streamer.worker"}),
@@ -128,11 +131,12 @@ def test_the_code_passes_the_projects_lint():
 
 
 def test_the_delivery_mode_is_known_in_one_module():
-    """Publisher, dead letters, checkpoint and runtime call one interface (checkpointing/outputs.py); none of
-    them asks which mode runs (`.exactly_once`, an isinstance of an outputs class): startup chooses it once,
-    outputs.py implements it."""
-    allowed = {ROOT / "checkpointing" / "outputs.py", ROOT / "runtime" / "startup.py"}
-    modes = {"AtLeastOnceOutputs", "TransactionalOutputs"}
+    """Publisher, dead letters, checkpoint and runtime call one interface (streamer/delivery's `Delivery` and
+    `Block`); none of them asks which mode runs (`.exactly_once`, an isinstance of a mode's class): startup
+    chooses it once, one module per mode implements it."""
+    allowed = {ROOT / "delivery" / "at_least_once.py", ROOT / "delivery" / "exactly_once.py",
+               ROOT / "delivery" / "base.py", ROOT / "runtime" / "startup.py"}
+    modes = {"AtLeastOnceDelivery", "ExactlyOnceDelivery"}
     found = []
     for path in sorted(ROOT.rglob("*.py")):
         if path in allowed:

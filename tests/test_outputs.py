@@ -1,4 +1,4 @@
-"""At least once through the one delivery interface (checkpointing/outputs.py), without a broker: the
+"""At least once through the one delivery interface (delivery/), without a broker: the
 order of durable writes, sends, acknowledgements and `counted` callbacks the publisher relies on. Exactly
 once, against Apache Kafka: tests/test_integration_transactions.py."""
 
@@ -9,7 +9,7 @@ import asyncio
 import pytest
 from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
 
-from streamer.checkpointing.outputs import AtLeastOnceOutputs, CheckpointPlan
+from streamer.delivery import AtLeastOnceDelivery, CheckpointPlan
 
 
 class Producer:
@@ -34,7 +34,7 @@ def test_acknowledged_delivery_writes_first_then_sends_then_counts_each_in_order
     events: list = []
 
     async def main():
-        outputs = AtLeastOnceOutputs(Producer(events))
+        outputs = AtLeastOnceDelivery(Producer(events))
 
         async def write(name):
             events.append(("durable", name))
@@ -63,7 +63,7 @@ def test_acknowledged_delivery_retries_what_can_succeed_and_raises_what_cannot()
     events: list = []
 
     async def main(failures):
-        outputs = AtLeastOnceOutputs(Producer(events, failures))
+        outputs = AtLeastOnceDelivery(Producer(events, failures))
         counted = []
         async with outputs.deliver("p0") as d:
             await d.send("flags", b"f", counted=lambda: counted.append(1))
@@ -91,7 +91,7 @@ def test_an_acknowledged_checkpoint_writes_the_records_then_commits_and_retries_
 
     async def main(failures):
         consumer = Consumer()
-        committed = await AtLeastOnceOutputs(Producer(events, failures)).checkpoint({"p0"}, plan_for, consumer, "g")
+        committed = await AtLeastOnceDelivery(Producer(events, failures)).checkpoint({"p0"}, plan_for, consumer, "g")
         return committed, consumer.commits
 
     assert asyncio.run(main([])) == ({"p0": 42}, [{"p0": 42}])

@@ -6,7 +6,7 @@ import zlib
 
 import pytest
 
-from streamer.ingest.partitioning import home_partition
+from streamer.kafka.partitioning import home_partition
 
 # Kafka's own test vectors for Utils.murmur2 (signed 32-bit), which the Java producer's default uses.
 KAFKA_MURMUR2 = {b"21": -973932308, b"foobar": -790332482, b"a-little-bit-long-string": -985981536,

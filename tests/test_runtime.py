@@ -9,8 +9,8 @@ import time
 from aiokafka import TopicPartition
 
 from streamer.checkpointing import OffsetsLedger
-from streamer.checkpointing.event_time import EventTime
-from streamer.checkpointing.outputs import AtLeastOnceOutputs, TransactionalOutputs
+from streamer.delivery.event_time import EventTime
+from streamer.delivery import AtLeastOnceDelivery, ExactlyOnceDelivery
 from streamer.checkpointing.schedule import CheckpointSchedule
 from streamer.metrics import Metrics
 from streamer.runtime.ownership import PartitionOwnership
@@ -48,8 +48,8 @@ def test_at_least_once_is_chosen_without_a_probe_and_brings_its_one_producer():
     async def main():
         k = KafkaSettings(bootstrap_servers="127.0.0.1:1", delivery="at_least_once")
         outputs, producer = await choose_delivery(k, EventTime(), None, on_fenced=None)
-        assert isinstance(outputs, AtLeastOnceOutputs) and outputs.producer is producer
-        assert not isinstance(outputs, TransactionalOutputs)
+        assert isinstance(outputs, AtLeastOnceDelivery) and outputs.producer is producer
+        assert not isinstance(outputs, ExactlyOnceDelivery)
         await producer.stop()  # never started: nothing to flush
 
     asyncio.run(main())
@@ -70,7 +70,7 @@ def test_revocation_checkpoints_then_drops_the_partition_unless_the_worker_faile
             checkpoints.append(set(partitions))
 
         own = PartitionOwnership(s.kafka, assigned, ledger, stage, store, EventTime(), metrics, asyncio.Event(),
-                                 AtLeastOnceOutputs(producer=None), consumer=None, state_reader=None,
+                                 AtLeastOnceDelivery(producer=None), consumer=None, state_reader=None,
                                  dead_letters=None, publisher=None, routing=None, checkpoint=checkpoint,
                                  failed=lambda: failed)
         await own.revoke({TP1})

@@ -1,6 +1,6 @@
 """Alarm suppression seen from the consumer's side: a model-based test (hypothesis stateful).
 
-The real Publisher, Checkpointer (at least once), AtLeastOnceOutputs, StateStore, EpisodeTracker, the
+The real Publisher, Checkpointer (at least once), AtLeastOnceDelivery, StateStore, EpisodeTracker, the
 changelog reader and streamer.client.SuppressionView run on one event loop against an in-memory broker
 whose sends complete only when the test says so. Hypothesis interleaves flags, lease renewals, stale
 checks, checkpoints, broker acknowledgements, crashes between any two of those steps (what was in flight
@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from streamer.checkpointing import Checkpointer, OffsetsLedger
-from streamer.checkpointing.outputs import AtLeastOnceOutputs
+from streamer.delivery import AtLeastOnceDelivery
 from streamer.client import MAX_LEASE_NS, MAX_SEQ, SEQ_LEAD_NS, MessageError, SuppressionView, decode_episode
 from streamer.metrics import Metrics
 from streamer.publish.episodes import EpisodeTracker
@@ -98,7 +98,7 @@ class Broker:
 
 
 class MemoryProducer:
-    """aiokafka's producer.send, as AtLeastOnceOutputs uses it: a future the broker resolves later."""
+    """aiokafka's producer.send, as AtLeastOnceDelivery uses it: a future the broker resolves later."""
 
     def __init__(self, broker: Broker, owner: "Owner"):
         self.broker, self.owner = broker, owner
@@ -123,7 +123,7 @@ class Owner:
     def __init__(self, model: "SuppressionModel", offset_s: float):
         self.m, self.offset_s, self.alive = model, offset_s, True
         self.store, self.ledger = StateStore(), OffsetsLedger()
-        self.outputs = AtLeastOnceOutputs(MemoryProducer(model.broker, self))
+        self.outputs = AtLeastOnceDelivery(MemoryProducer(model.broker, self))
         self.checkpointer = Checkpointer(self.ledger, WindowStage(WindowSettings(), self.store), self.store,
                                          Committer(), self.outputs, K.state_topic, "g")
         self.publisher = Publisher(K, self.outputs, self.ledger, self.store, EpisodeTracker(EPISODES, "m"), Metrics(),

@@ -6,7 +6,7 @@ import asyncio
 
 
 from streamer.checkpointing.ledger import OffsetsLedger
-from streamer.checkpointing.outputs import AtLeastOnceOutputs, CheckpointPlan, TransactionalOutputs
+from streamer.delivery import CheckpointPlan, Delivery
 from streamer.kafka.clients import retry_kafka
 from streamer.logs import get_logger
 from streamer.state.changelog import state_key
@@ -17,9 +17,9 @@ log = get_logger("streamer.checkpoint")
 
 class Checkpointer:
     def __init__(self, ledger: OffsetsLedger, stage, store: StateStore, consumer,
-                 outputs: AtLeastOnceOutputs | TransactionalOutputs, state_topic: str, group_id: str):
+                 delivery: Delivery, state_topic: str, group_id: str):
         self.ledger, self.stage, self.store = ledger, stage, store
-        self.consumer, self.outputs, self.state_topic, self.group_id = consumer, outputs, state_topic, group_id
+        self.consumer, self.delivery, self.state_topic, self.group_id = consumer, delivery, state_topic, group_id
         self._lock = asyncio.Lock()  # checkpoints never overlap (commit loop, revocation, shutdown)
 
     def prepare(self, partitions) -> tuple[dict, dict, dict]:
@@ -45,7 +45,7 @@ class Checkpointer:
             # serialized at each attempt, just before its send: a retry never lands a state older than
             # one a checkpoint wrote meanwhile
             ((topic, key, value, out_partition),) = self._state_records(tp, [st])
-            await (await self.outputs.send(tp, topic, value, key=key, out_partition=out_partition))
+            await (await self.delivery.send(tp, topic, value, key=key, out_partition=out_partition))
 
         await retry_kafka(attempt, lambda exc, delay: log.warning(
             "state_write_retry", error=repr(exc), retry_in_s=delay))
@@ -59,7 +59,7 @@ class Checkpointer:
            the changelog. They are at least as new as the offsets of step 1, so a restart from those
            offsets never meets a window whose report the state does not know about.
         3. The offsets of step 1 committed.
-        The outputs carry it out as their mode says (outputs.py): exactly once, per partition, 1-3 are one
+        The delivery carries it out as its mode says (streamer/delivery): exactly once, per partition, 1-3 are one
         transaction with every output since the last checkpoint (a failure stops the worker); at least once,
         states acknowledged before the commit, and a failure at 2 or 3 commits nothing more and the next
         checkpoint tries again (False).
@@ -67,7 +67,7 @@ class Checkpointer:
         if self.consumer is None:
             return False
         async with self._lock:
-            committed = await self.outputs.checkpoint(partitions, self._plan, self.consumer, self.group_id)
+            committed = await self.delivery.checkpoint(partitions, self._plan, self.consumer, self.group_id)
             if committed is None:
                 return False
             self.ledger.mark_committed(committed)

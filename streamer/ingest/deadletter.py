@@ -10,7 +10,7 @@ import time
 
 from aiokafka.errors import KafkaError
 
-from streamer.checkpointing.outputs import BackgroundSends
+from streamer.delivery import BackgroundSends, Delivery
 from streamer.kafka.clients import retriable
 from streamer.logs import get_logger, patient_ref
 
@@ -104,8 +104,8 @@ class DeadLetters:
     ledger until it is published (acknowledged, or in its partition's open transaction), so a crash before
     that re-reads it instead of losing it."""
 
-    def __init__(self, topic: str, outputs, ledger, metrics, settled: asyncio.Event, clock=time.monotonic):
-        self.topic, self.outputs, self.ledger, self.metrics, self.settled = topic, outputs, ledger, metrics, settled
+    def __init__(self, topic: str, delivery: Delivery, ledger, metrics, settled: asyncio.Event, clock=time.monotonic):
+        self.topic, self.delivery, self.ledger, self.metrics, self.settled = topic, delivery, ledger, metrics, settled
         self.background = BackgroundSends()
         self.max_bytes = 900_000  # under the producer's max_request_size (1 MiB) with room for the batch
         self.log_limit = LogLimit(clock)
@@ -136,11 +136,11 @@ class DeadLetters:
         prepared = [(record, reason, *self._sized(tp, record, reason, detail), hold)
                     for record, reason, detail, hold in items]
         try:
-            async with self.outputs.deliver(tp) as d:
-                if d.owned:  # else revoked meanwhile: the partition's owner reads the records again
+            async with self.delivery.deliver(tp) as block:
+                if block.owned:  # else revoked meanwhile: the partition's owner reads the records again
                     for record, _, value, headers, hold in prepared:
                         if hold is None or self.ledger.is_current(hold):
-                            await d.send(self.topic, value, key=record.key, headers=headers,
+                            await block.send(self.topic, value, key=record.key, headers=headers,
                                          timestamp_ms=_timestamp(record),
                                          counted=functools.partial(self.ledger.release, hold))
         except KafkaError as exc:
@@ -191,8 +191,8 @@ class DeadLetters:
         self.metrics.dead_letters.labels(reason).inc()
 
     async def _deliver(self, tp, record, value: bytes, headers, hold) -> None:
-        async with self.outputs.deliver(tp) as d:
-            if not d.owned or (hold is not None and not self.ledger.is_current(hold)):
+        async with self.delivery.deliver(tp) as block:
+            if not block.owned or (hold is not None and not self.ledger.is_current(hold)):
                 return  # revoked meanwhile: the partition's owner reads the record again
-            await d.send(self.topic, value, key=record.key, headers=headers, timestamp_ms=_timestamp(record),
+            await block.send(self.topic, value, key=record.key, headers=headers, timestamp_ms=_timestamp(record),
                          counted=functools.partial(self.ledger.release, hold))

@@ -1,5 +1,6 @@
-"""Which input partition a patient's records belong to. A record elsewhere would give one patient two owners,
-each publishing its own flags for the same window ids: the worker dead-letters it (wrong_partition) instead.
+"""Records on the wrong input partition (the partitioners themselves: kafka/partitioning.py). A record
+outside its patient's home partition would give one patient two owners, each publishing its own flags for
+the same window ids: the worker dead-letters it (wrong_partition) instead.
 
 murmur2: Kafka's default partitioner (the Java client; librdkafka with partitioner=murmur2_random).
 crc32: librdkafka's default (consistent_random), for a fleet of gateways that all use it.
@@ -7,22 +8,11 @@ crc32: librdkafka's default (consistent_random), for a fleet of gateways that al
 
 from __future__ import annotations
 
-import functools
-import zlib
 
-from aiokafka.partitioner import murmur2
-
+from streamer.kafka.partitioning import PARTITIONERS, home_partition
 from streamer.logs import get_logger
 
 log = get_logger(__name__)
-PARTITIONERS = ("murmur2", "crc32")
-
-
-@functools.lru_cache(maxsize=1 << 16)  # one entry per patient and partition count: hashing once, not per record
-def home_partition(key: bytes, partitions: int, partitioner: str = "murmur2") -> int:
-    if partitioner == "crc32":
-        return zlib.crc32(key) % partitions
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 class PartitionerWatch:

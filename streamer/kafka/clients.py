@@ -173,7 +173,7 @@ def _passed_through(kind: str, cls: type, options: dict[str, Any], managed: dict
 def make_producer(k: KafkaSettings, transactional_id: str | None = None, idempotent: bool = False,
                   **extra: Any) -> AIOKafkaProducer:
     """acks=all; idempotent when asked (the worker, where the brokers can: no duplicates from its own retries);
-    transactional for exactly-once checkpoints (checkpointing/outputs.py)."""
+    transactional for exactly-once checkpoints (delivery/)."""
     acks: Any = "all" if k.acks == "all" else int(k.acks)
     managed: dict[str, Any] = dict(
         bootstrap_servers=k.bootstrap_servers, client_id=f"{k.client_id}-producer", acks=acks, linger_ms=k.linger_ms,
@@ -231,7 +231,7 @@ def make_consumer(k: KafkaSettings, **extra: Any) -> AIOKafkaConsumer:
 
 async def committed_offsets(consumer: AIOKafkaConsumer, partitions) -> dict:
     """{partition: (committed offset or None, its metadata)} for the consumer's group. The metadata names the
-    transactional id prefix of an exactly-once commit (checkpointing/outputs.py); `committed()` gives the
+    transactional id prefix of an exactly-once commit (delivery/); `committed()` gives the
     offset only, so the group coordinator's own fetch is used (tests/test_apache_kafka.py proves it)."""
     found = await consumer._coordinator.fetch_committed_offsets(list(partitions))
     out = {}
@@ -441,3 +441,13 @@ async def retry_kafka(attempt, on_retry=None, first_delay_s: float = 0.2, max_de
                 on_retry(exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, max_delay_s)
+
+
+def transaction_end(producer: AIOKafkaProducer) -> asyncio.Future | None:
+    """The future aiokafka's transaction manager resolves when the producer's transaction ends: in a fatal
+    state aiokafka 0.14 keeps the cause (e.g. ProducerFenced) only there, and answers every later call with
+    an IllegalOperation or an AssertionError. Private (`_txn_manager`), hence here beside the other two
+    private calls, pinned with aiokafka and proven by tests/test_integration_transactions.py."""
+    manager = getattr(producer, "_txn_manager", None)
+    end = getattr(manager, "wait_for_transaction_end", None)
+    return None if end is None else end()

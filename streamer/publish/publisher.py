@@ -21,7 +21,7 @@ import time
 from typing import Awaitable, Callable
 
 from streamer.checkpointing import OffsetsLedger
-from streamer.checkpointing.outputs import AtLeastOnceOutputs, BackgroundSends, TransactionalOutputs
+from streamer.delivery import BackgroundSends, Delivery
 from streamer.logs import episode_ref, get_logger, patient_ref
 from streamer.metrics import Metrics
 from streamer.publish.episodes import EpisodeTracker
@@ -35,7 +35,7 @@ log = get_logger("streamer.publish")
 
 
 class Publisher:
-    def __init__(self, k: KafkaSettings, outputs: AtLeastOnceOutputs | TransactionalOutputs, ledger: OffsetsLedger,
+    def __init__(self, k: KafkaSettings, outputs: Delivery, ledger: OffsetsLedger,
                  store: StateStore, episodes: EpisodeTracker, metrics: Metrics, settled: asyncio.Event,
                  persist: Callable[[object, PatientState], Awaitable[None]] | None = None,
                  clock: Callable[[], float] = time.time):

@@ -15,10 +15,11 @@ from typing import Awaitable, Callable
 from aiokafka import TopicPartition
 
 from streamer.checkpointing import OffsetsLedger
-from streamer.checkpointing.event_time import EventTime
-from streamer.checkpointing.outputs import AtLeastOnceOutputs, OutputRouting, TransactionalOutputs
+from streamer.delivery.event_time import EventTime
+from streamer.delivery import Delivery
 from streamer.ingest.deadletter import DeadLetters
 from streamer.kafka.clients import committed_offsets
+from streamer.kafka.partitioning import OutputRouting
 from streamer.logs import get_logger
 from streamer.metrics import Metrics
 from streamer.publish.publisher import Publisher
@@ -41,7 +42,7 @@ class PartitionOwnership:
     event_time: EventTime
     metrics: Metrics
     settled: asyncio.Event  # set whenever an output is acknowledged
-    outputs: AtLeastOnceOutputs | TransactionalOutputs
+    delivery: Delivery
     consumer: object  # AIOKafkaConsumer of the group
     state_reader: object  # AIOKafkaConsumer without a group: reads states back
     dead_letters: DeadLetters
@@ -55,7 +56,7 @@ class PartitionOwnership:
         """Publish what is in flight for these partitions, checkpoint, then drop their buffers and states."""
         deadline = time.monotonic() + self.kafka.session_timeout_ms / 2000
         # a fenced partition's outputs are dropped, never acknowledged: nothing to wait for
-        while any(self.ledger.in_flight(tp) for tp in revoked if not self.outputs.lost(tp)):
+        while any(self.ledger.in_flight(tp) for tp in revoked if not self.delivery.lost(tp)):
             left = deadline - time.monotonic()
             if left <= 0:
                 log.warning("revoke_before_drained", pending=sum(self.ledger.in_flight(tp) for tp in revoked))
@@ -68,7 +69,7 @@ class PartitionOwnership:
         if not self.failed():
             await self.checkpoint(revoked)
         for tp in revoked:
-            await self.outputs.close(tp)
+            await self.delivery.close(tp)
             self.event_time.drop(tp)
             dropped = self.stage.drop_partition(tp)
             self.ledger.drop_partition(tp)
@@ -87,11 +88,11 @@ class PartitionOwnership:
                 raise RuntimeError(problem)
         committed = await committed_offsets(self.consumer, new)
         for tp in new:  # all checked before any is taken
-            problem = self.outputs.takeover_refusal(tp, committed[tp][1])
+            problem = self.delivery.takeover_refusal(tp, committed[tp][1])
             if problem is not None:
                 raise RuntimeError(problem)
         for tp in new:
-            await self.outputs.open(tp)
+            await self.delivery.open(tp)
         for tp in new:
             self.ledger.start_partition(tp, committed[tp][0])
         self.metrics.restoring.inc(len(new))

@@ -9,12 +9,12 @@ import asyncio
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from streamer.checkpointing.event_time import EventTime
-from streamer.checkpointing.outputs import (AtLeastOnceOutputs, OutputRouting, TransactionalOutputs,
-                                            probe_transactions)
+from streamer.delivery import AtLeastOnceDelivery, Delivery, ExactlyOnceDelivery, probe_transactions
+from streamer.delivery.event_time import EventTime
 from streamer.kafka.clients import (TlsError, check_connection, ensure_topics, make_producer, missing_topics,
                                     partition_counts, topic_config)
 from streamer.kafka.topics import compaction_fix
+from streamer.kafka.partitioning import OutputRouting
 from streamer.logs import get_logger
 from streamer.settings import KafkaSettings
 
@@ -53,11 +53,11 @@ async def output_routing(k: KafkaSettings) -> OutputRouting:
 
 
 async def choose_delivery(k: KafkaSettings, event_time: EventTime, routing: OutputRouting, on_fenced,
-                          on_committed=None) -> tuple[AtLeastOnceOutputs | TransactionalOutputs,
+                          on_committed=None) -> tuple[Delivery,
                                                       AIOKafkaProducer | None]:
     """exactly_once where the brokers run transactions (a probe), else at_least_once; logged. Returns the
-    outputs and, at least once, their one producer (exactly once: one per partition, opened on assignment).
-    The mode is chosen here once: nothing else asks which it is (outputs.py's one interface).
+    delivery and, at least once, its one producer (exactly once: one per partition, opened on assignment).
+    The mode is chosen here once: nothing else asks which it is (streamer/delivery's one interface).
     `on_committed(joined_times, at)`: how long flags waited in open transactions for their commit."""
     try:
         why_not = None
@@ -71,7 +71,7 @@ async def choose_delivery(k: KafkaSettings, event_time: EventTime, routing: Outp
         raise StartupError(f"cannot set up delivery on {k.bootstrap_servers}: {exc!r}") from None
     if k.delivery != "at_least_once" and why_not is None:
         log.info("delivery_mode", mode="exactly_once", transactional_id_prefix=k.transactional_id_prefix)
-        return TransactionalOutputs(k, lambda tid: make_producer(k, transactional_id=tid), event_time, routing,
+        return ExactlyOnceDelivery(k, lambda tid: make_producer(k, transactional_id=tid), event_time, routing,
                                     on_fenced=on_fenced, on_committed=on_committed), None
     # idempotence needs InitProducerId, which a broker without transactions may lack as well
     idempotent = k.delivery == "at_least_once" and why_not is None
@@ -79,7 +79,7 @@ async def choose_delivery(k: KafkaSettings, event_time: EventTime, routing: Outp
         why_not = "kafka.delivery = at_least_once"
     log.info("delivery_mode", mode="at_least_once", reason=why_not, idempotent=idempotent)
     producer = make_producer(k, idempotent=idempotent)
-    return AtLeastOnceOutputs(producer, event_time, routing), producer
+    return AtLeastOnceDelivery(producer, event_time, routing), producer
 
 
 async def state_topic_problem(k: KafkaSettings) -> tuple[str | None, int]:

@@ -19,13 +19,14 @@ from aiokafka.errors import KafkaError
 
 from streamer.batching import MicroBatcher
 from streamer.checkpointing import Checkpointer, OffsetsLedger
-from streamer.checkpointing.event_time import ClockOffset, EventTime
-from streamer.checkpointing.outputs import AtLeastOnceOutputs, OutputRouting, TransactionalOutputs
+from streamer.delivery.event_time import ClockOffset, EventTime
+from streamer.delivery import Delivery
 from streamer.checkpointing.schedule import CheckpointSchedule
 from streamer.ingest.deadletter import DeadLetters
 from streamer.ingest.partitioning import PartitionerWatch
 from streamer.kafka.acls import authorization_fix
 from streamer.kafka.clients import make_consumer, request_rejoin
+from streamer.kafka.partitioning import OutputRouting
 from streamer.logs import get_logger
 from streamer.metrics import HealthServer, InferenceWatch, IngestCounts, Metrics
 from streamer.model.infer import ArtifactScorer, refuse_demo_model
@@ -83,7 +84,7 @@ class Worker:
         self.backpressure = Backpressure(settings.batching.max_pending_windows, self.ledger, self.metrics)
         self.consumer = None
         self.producer = None
-        self.outputs: AtLeastOnceOutputs | TransactionalOutputs | None = None
+        self.delivery: Delivery | None = None
         self.fatal: BaseException | None = None  # a failure that must end the worker with exit 1
         self.fences: list[float] = []  # monotonic times of the recent transaction fences
         self.state_reader = None  # reads patient states back on assignment (no group)
@@ -167,20 +168,20 @@ class Worker:
         if device_batch:
             self.batcher.max_batch = min(self.batcher.max_batch, device_batch)
         self.routing = await output_routing(k)
-        self.outputs, self.producer = await choose_delivery(k, self.event_time, self.routing, self._fenced,
+        self.delivery, self.producer = await choose_delivery(k, self.event_time, self.routing, self._fenced,
                                                             on_committed=self.metrics.flag_steps.committed)
         self.consumer = make_consumer(k)
         self.state_reader = make_consumer(k, group_id=None, client_id=f"{k.client_id}-state")
-        self.checkpointer = Checkpointer(self.ledger, self.stage, self.store, self.consumer, self.outputs,
+        self.checkpointer = Checkpointer(self.ledger, self.stage, self.store, self.consumer, self.delivery,
                                          k.state_topic, k.group_id)
-        self.publisher = Publisher(k, self.outputs, self.ledger, self.store,
+        self.publisher = Publisher(k, self.delivery, self.ledger, self.store,
                                    EpisodeTracker(self.settings.episodes, info.model_id), self.metrics, self.settled,
                                    persist=self.checkpointer.persist, clock=self.clock)
-        self.dead_letters = DeadLetters(k.dead_letter_topic, self.outputs, self.ledger, self.metrics, self.settled)
+        self.dead_letters = DeadLetters(k.dead_letter_topic, self.delivery, self.ledger, self.metrics, self.settled)
         self.publisher.background.on_failure = self.dead_letters.background.on_failure = self._fail
         self.ownership = PartitionOwnership(
             k, self.assigned, self.ledger, self.stage, self.store, self.event_time, self.metrics, self.settled,
-            self.outputs, self.consumer, self.state_reader, self.dead_letters, self.publisher, self.routing,
+            self.delivery, self.consumer, self.state_reader, self.dead_letters, self.publisher, self.routing,
             checkpoint=self._commit, failed=lambda: self.fatal is not None, clock=self.clock)
         self.upkeep = Upkeep(self.settings, self.assigned, self.stage, self.ledger, self.store, self.metrics,
                              self.consumer, self.publisher, self.dead_letters, submit=self._submit,
@@ -223,10 +224,11 @@ class Worker:
     FENCES_TOLERATED, FENCE_WINDOW_S = 5, 600.0
 
     def _fenced(self, tp: TopicPartition) -> None:
-        """A partition's transaction was fenced (outputs.py): its open transaction is gone, so is this worker's
-        claim on it. As Kafka Streams does, rejoin the group: the revocation drops the partition without a
-        checkpoint, and whoever the group gives it to (this worker, after a broker failover that outlasted
-        the transaction timeout; the newer owner, if this one was a zombie) restores it from its last commit."""
+        """A partition's transaction was fenced (delivery/exactly_once.py): its open transaction is gone, so
+        is this worker's claim on it. As Kafka Streams does, rejoin the group: the revocation drops the
+        partition without a checkpoint, and whoever the group gives it to (this worker, after a broker
+        failover that outlasted the transaction timeout; the newer owner, if this one was a zombie) restores
+        it from its last commit."""
         self.metrics.fenced.inc()
         now = time.monotonic()
         self.fences = [t for t in self.fences if now - t < self.FENCE_WINDOW_S] + [now]
@@ -256,7 +258,7 @@ class Worker:
         for t in failed:
             log.error("task_failed", task=t.get_name(), error=repr(t.exception()),
                       fix=authorization_fix(t.exception(), self.settings.kafka))
-        if failed and self.fatal is None and self.outputs.task_failure_is_fatal:
+        if failed and self.fatal is None and self.delivery.task_failure_is_fatal:
             self.fatal = failed[0].exception()  # e.g. the open transactions cannot commit any more
         self.stopping.set()
         stop_wait.cancel()
@@ -343,8 +345,8 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 (closing must not hide the real exit reason)
                 log.warning("client_stop_failed", client=name, error=repr(exc))
 
-        if self.outputs is not None:
-            await close("outputs", lambda: self.outputs.stop(max(until - time.monotonic(), 0.1)))
+        if self.delivery is not None:
+            await close("delivery", lambda: self.delivery.stop(max(until - time.monotonic(), 0.1)))
         await asyncio.gather(*(close(name, client.stop) for name, client in
                                (("consumer", self.consumer), ("producer", self.producer),
                                 ("state_reader", self.state_reader)) if client is not None))
@@ -430,7 +432,7 @@ class Worker:
         """Checkpoints as the schedule says (checkpointing/schedule.py) until `commits_end` (shutdown); a
         checkpoint is never cancelled in the middle (see _shutdown)."""
         k = self.settings.kafka
-        awaiting = self.outputs.awaiting  # flags in open transactions (exactly once; else never any)
+        awaiting = self.delivery.awaiting  # flags in open transactions (exactly once; else never any)
         schedule = CheckpointSchedule(k.commit_interval_s, self.commits_end,
                                       awaiting.event if k.commit_after_flags else None, awaiting.take_partitions,
                                       spacing_s=k.flag_commit_spacing_ms / 1000)
