@@ -311,19 +311,21 @@ class AlertBridge:
     async def run(self, stop: asyncio.Event) -> None:
         from aiokafka import TopicPartition
 
-        from streamer.kafka.clients import check_connection, make_consumer, require_topics
+        from streamer.kafka.clients import check_connection, make_consumer, partition_counts, require_topics
 
         topic = self.kafka.episodes_topic
         await check_connection(self.kafka)
         await require_topics(self.kafka, [topic])
+        count = (await partition_counts(self.kafka, [topic])).get(topic, 0)
+        if count < 1:
+            raise SettingsError(f"the episodes topic {topic!r} has no partitions")
+        tps = [TopicPartition(topic, p) for p in range(count)]
         consumer = make_consumer(self.kafka, group_id=None, auto_offset_reset="earliest",
                                  client_id=f"{self.kafka.client_id}-alerts")
         await consumer.start()
         sending = asyncio.create_task(self.sender.run())
         try:
-            await consumer.topics()  # fills the metadata partitions_for_topic reads
-            tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-            consumer.assign(tps)
+            consumer.assign(tps)  # every partition, no group: an alarm system reads every bed
             await consumer.seek_to_beginning(*tps)
             ends = await consumer.end_offsets(tps)
             # catch-up: the whole topic into the view, nothing sent, then the starts of what is open now
