@@ -187,12 +187,15 @@ class EcgProvider:
         if self._thread is not None:
             self._thread.join(10)
             self._thread = None
-        if self._provider is not None:
-            self._provider.stop_all()
-            self._provider = None
+        # The server closes first, as a device shutting down stops answering: a consumer told by the
+        # SubscriptionEnd could otherwise subscribe again while sdc11073's provider iterates its
+        # subscriptions outside their lock (stop_all: "Set changed size during iteration").
         if self._http is not None:
             self._http.stop()
             self._http = None
+        if self._provider is not None:
+            self._provider.stop_all()
+            self._provider = None
 
     def restart(self) -> None:
         """A reboot: the device goes away (subscriptions ended), comes back at the same URL with a new
