@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "model.checkpoint is unset (same as model.allow_demo=true); never for patients")
 
     rp = command("replay", "publish recordings or a synthetic fleet to the input topic", cmd_replay)
-    rp.add_argument("recordings", nargs="*", help="CSV, .npy, .npz, .parquet or WFDB record")
+    rp.add_argument("recordings", nargs="*", help="CSV, .npy, .npz, .parquet, WFDB record, EDF/EDF+/BDF or .vital")
     rp.add_argument("--patient", action="append", default=[], help="patient id (one per recording)")
     _recording_options(rp, "column / lead to use")
     rp.add_argument("--speed", type=_speed, default=1.0, help="1 = real time, X = X times real time, max = no pacing")
@@ -465,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--quiet", action="store_true", help="no progress line")
 
     sc = command("score", "score a recording offline with the same windows and model path", cmd_score)
-    sc.add_argument("recording", help="CSV, .npy, .npz, .parquet, WFDB record or EDF/EDF+/BDF")
+    sc.add_argument("recording", help="CSV, .npy, .npz, .parquet, WFDB record, EDF/EDF+/BDF or .vital")
     sc.add_argument("--checkpoint", help="checkpoint .pth (default: model.checkpoint)")
     sc.add_argument("--demo", action="store_true", help="score with the bundled SYNTHETIC demo model when no "
                     "checkpoint is given (never for a validation)")

@@ -1,19 +1,21 @@
-"""Recorded lead-II signals from CSV, NumPy (.npy/.npz), Parquet, WFDB and EDF/EDF+/BDF, as (timestamps ns,
-mV; NaN where a sample is missing). Every reading is explicit or checked: time units, voltage units (from
-the header, else --units), missing samples.
+"""Recorded lead-II signals from CSV, NumPy (.npy/.npz), Parquet, WFDB, EDF/EDF+/BDF and VitalDB (.vital),
+as (timestamps ns, mV; NaN where a sample is missing). Every reading is explicit or checked: time units,
+voltage units (from the header, else --units), missing samples.
 
 A recording file is hostile until checked (it may be damaged, or made to hurt): whatever goes wrong while
 reading it is a RecordingError, one line naming the file, never another exception. A rate outside the
 stream's accepted range (windows.min_rate_hz .. max_rate_hz) is refused, and so is a length beyond the
 RecordingLimits; every length a header declares (.npy/.npz array headers and zip sizes, Parquet row counts,
-WFDB and EDF headers) is checked against the limits and against the file's size before any data is read, so
-a small file cannot make the reader allocate gigabytes."""
+WFDB and EDF headers, the size a .vital file inflates to) is checked against the limits and against the
+file's size before any data is read, so a small file cannot make the reader allocate gigabytes."""
 
 from __future__ import annotations
 
+import gzip
+import io
 import re
 import zipfile
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -284,6 +286,8 @@ def _load(path: Path, fs, start, channel, time_unit, units, limits: RecordingLim
     _regular_file(path)
     if suffix in (".edf", ".bdf"):
         return _from_edf(path, fs, start, channel, units, limits)
+    if suffix == ".vital":
+        return _from_vital(path, fs, start, channel, units, limits)
     return _scaled(_from_file(path, suffix, fs, start_ns, channel, time_unit, limits), units)
 
 
@@ -346,8 +350,8 @@ def _from_file(path: Path, suffix: str, fs, start_ns: int, channel, time_unit, l
         return _validated(regular_times(len(values), fs, start_ns), values, fs)
     if suffix == ".npz":
         return _from_npz(path, fs, start_ns, channel, limits)
-    raise RecordingError(f"unsupported recording format {suffix!r}: use .csv, .npy, .npz, .parquet, WFDB (.hea) "
-                         "or EDF/EDF+/BDF (.edf, .bdf)")
+    raise RecordingError(f"unsupported recording format {suffix!r}: use .csv, .npy, .npz, .parquet, WFDB (.hea), "
+                         "EDF/EDF+/BDF (.edf, .bdf) or VitalDB (.vital)")
 
 
 def _npy_header(f, size: int, what: str) -> tuple[tuple[int, ...], np.dtype]:
@@ -657,3 +661,146 @@ def edf_annotations(path: str | Path) -> pd.DataFrame:
         rows = [{"start_ns": t0 + round(a.onset * NS), "end_ns": t0 + round((a.onset + a.duration) * NS),
                  "kind": a.text} for a in edf.annotations if a.duration]
     return pd.DataFrame(rows, columns=["start_ns", "end_ns", "kind"])
+
+
+# -- VitalDB (.vital) -------------------------------------------------------------------------------
+_VITAL_LEAD_II = "SNUADC/ECG_II"  # VitalDB's lead II: the track of its SNUADC acquisition device
+_VITAL_WAVE = 1  # vitaldb's track type of a wave (its TYPE_WAV; 2 is a numeric, 5 a text)
+# A .vital file may inflate to 16 bytes per sample the limits admit (what a Recording takes a sample), for
+# all its tracks together: a VitalDB case holds several waves and numerics beside lead II.
+_VITAL_INFLATE_PER_SAMPLE = 16
+_VITAL_LISTED = 40  # track names a refusal lists at most
+
+
+def choose_vital_track(tracks: dict[str, bool], channel: str | None) -> str | None:
+    """The track to read among `tracks` (device/track name -> whether it is a wave track), None when none
+    fits. --channel: the full name, else the track name without its device when exactly one track has it.
+    By default SNUADC/ECG_II, then the first wave track whose own name is lead II (ECG_II, II, MLII, ECG
+    II...; never ECG_III). The caller refuses a chosen track that is no wave."""
+    if channel is not None:
+        if channel in tracks:
+            return channel
+        named = [name for name in tracks if name.rsplit("/", 1)[-1] == channel]
+        return named[0] if len(named) == 1 else None
+    if tracks.get(_VITAL_LEAD_II):
+        return _VITAL_LEAD_II
+    return next((name for name, wave in tracks.items()
+                 if wave and _lead_name(name.rsplit("/", 1)[-1]) in _LEAD_II), None)
+
+
+def _from_vital(path: Path, fs: float | None, start: str | None, channel: str | None, units: str | None,
+                limits: RecordingLimits | None = None) -> Recording:
+    """VitalDB's .vital through VitalDB's own reader (vitaldb.VitalFile; the format is theirs). The lead is
+    a wave track (choose_vital_track), its unit the track's, its samples the track's records as written:
+    each record starts at its own dt (epoch seconds) and holds samples at the track's srate (integer
+    formats through the track's gain and offset, vitaldb's gap marker read as missing). The records are
+    placed on one grid of that rate from the first record's dt, each start rounded to the nearest sample,
+    and the samples between records are missing (NaN), as EDF+D's data records are: never interpolated,
+    never resampled (vitaldb's to_numpy would resample every track to one interval by its own rounding).
+    Overlapping records are refused. --start, when given, replaces the first record's time, as it
+    replaces a WFDB or EDF header's start; `streamer replay` always gives one."""
+    limits = limits or RecordingLimits()
+    _check_vital_inflation(path, limits)
+    header = _read_vital(path, None)  # the tracks' descriptions, no sample kept
+    tracks = {name: trk.type == _VITAL_WAVE for name, trk in header.trks.items()}
+    name = choose_vital_track(tracks, channel)
+    listed = list(tracks)[:_VITAL_LISTED]
+    if name is None:
+        wanted = f"track {channel!r}" if channel is not None else "lead-II wave track (SNUADC/ECG_II, ECG_II, II)"
+        raise RecordingError(f"{path} has no {wanted}; its tracks are {listed}: name one with --channel")
+    if not tracks[name]:
+        raise RecordingError(f"{path}: track {name!r} is a numeric or text track, not a wave; its tracks are "
+                             f"{listed}")
+    described = header.trks[name]
+    rate = limits.check_rate(described.srate, f"track {name!r}'s")
+    if fs is not None and abs(fs - rate) > 1e-9 * rate:
+        raise RecordingError(f"{path}: track {name} is sampled at {rate:g} Hz by the file, not --fs {fs:g}")
+    scale = _header_scale(str(path), name, str(described.unit or "").strip(), units)
+    trk = _read_vital(path, [name]).trks.get(name)
+    recs = [r for r in (trk.recs if trk is not None else []) if len(r["val"])]
+    if not recs:
+        raise RecordingError(f"{path}: track {name!r} holds no samples")
+    dts = np.array([r["dt"] for r in recs], dtype=np.float64)
+    if not (np.isfinite(dts).all() and dts.min() >= 0 and dts.max() < _MAX_TIME_NS / NS):
+        raise RecordingError(f"{path}: a record of track {name!r} starts at dt {_worst(dts):g}, no epoch time "
+                             "in seconds (negative, not a number, or beyond the year 2262)")
+    order = np.argsort(dts, kind="stable")
+    lengths = np.array([len(recs[i]["val"]) for i in order], dtype=np.int64)
+    limits.check_length(int(lengths.sum()), rate, f"{path}: track {name!r}")
+    seconds = dts[order] - dts[order[0]]
+    # the grid spans the last record: a record a century on must not size it
+    limits.check_span(float(seconds[-1]) + int(lengths[-1]) / rate, f"{path}: track {name!r}'s records")
+    first = np.round(seconds * rate).astype(np.int64)
+    stop = first + lengths
+    if np.any(first[1:] < stop[:-1]):
+        raise RecordingError(f"{path}: records of track {name!r} overlap in time")
+    grid = np.full(int(stop[-1]), np.nan)
+    for i, at in zip(order, first):
+        grid[at:at + len(recs[i]["val"])] = _vital_samples(trk, recs[i]["val"])
+    grid *= scale
+    start_ns = parse_start(start) if start is not None else _epoch_ns(float(dts[order[0]]))
+    return _validated(regular_times(len(grid), rate, start_ns), grid, rate, name)
+
+
+def _vital_samples(trk, raw) -> np.ndarray:
+    """One record's samples in the track's unit: float formats as stored; integer formats (fmt 3..8) times
+    gain plus offset, the format's gap marker (vitaldb's FMT_NAN, what its packed writer fills gaps with)
+    missing."""
+    from vitaldb.utils import FMT_NAN
+
+    raw = np.asarray(raw)
+    values = raw.astype(np.float64)
+    if trk.fmt > 2:  # vitaldb's own rule (get_track_samples): gain and offset apply to integer formats only
+        gain, offset = float(trk.gain), float(trk.offset)
+        if not (np.isfinite(gain) and np.isfinite(offset) and gain != 0):
+            raise RecordingError(f"track {trk.dtname!r} has gain {gain:g} and offset {offset:g}: no scale")
+        values[raw == FMT_NAN.get(trk.fmt)] = np.nan
+        values = values * gain + offset
+    return values
+
+
+def _worst(dts: np.ndarray) -> float:
+    bad = dts[~(np.isfinite(dts) & (dts >= 0) & (dts < _MAX_TIME_NS / NS))]
+    return float(bad[0]) if len(bad) else float("nan")
+
+
+def _epoch_ns(seconds: float) -> int:
+    """Epoch seconds (float64) as ns: whole seconds and the fraction apart, to the microsecond float64
+    carries at today's epoch (as numeric time columns are read)."""
+    whole = int(np.floor(seconds))
+    return whole * NS + int(round((seconds - whole) * 1_000_000)) * 1000
+
+
+def _check_vital_inflation(path: Path, limits: RecordingLimits) -> None:
+    """The gzip stream of a .vital file inflated and counted (1 MiB at a time, nothing kept) before vitaldb
+    reads it: vitaldb inflates all of it and reads a packed file's wave track as one packet of whatever
+    size the packet claims, so a small gzip bomb would take gigabytes. A damaged or truncated stream is
+    refused here, loudly: vitaldb takes a stream that ends early as the end of the file (a truncated
+    recording read in silence) and prints, not raises, what else goes wrong."""
+    bound = limits.max_samples * _VITAL_INFLATE_PER_SAMPLE
+    total = 0
+    with _reading(".vital (gzip)"), gzip.open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            total += len(chunk)
+            if total > bound:
+                raise RecordingError(f"it inflates to more than {bound:,} bytes, more than --max-recording-hours "
+                                     f"{limits.max_hours:g} allows ({_VITAL_INFLATE_PER_SAMPLE} bytes a sample of "
+                                     "that many hours at 1 kHz, all tracks together); raise it to read it")
+    if total == 0:
+        raise RecordingError("not a .vital file: its gzip stream is empty")
+
+
+def _read_vital(path: Path, track_names: list[str] | None):
+    """vitaldb's reader on the file: every track described but no sample kept (track_names None), or the
+    records of those tracks. vitaldb reports a file it cannot read by printing and returning False: its
+    print is kept off stdout (where a command may write its output) and becomes the refusal."""
+    import vitaldb
+
+    said = io.StringIO()
+    vf = vitaldb.VitalFile()  # an empty file, then its own loader, whose result says whether it could read
+    with redirect_stdout(said), _reading(".vital"):
+        # an absolute path: vitaldb opens a name that parses as a URL with urllib
+        ok = vf.load_vital(str(path.resolve()), track_names=track_names, header_only=track_names is None)
+    if not ok:
+        raise RecordingError(f"not a readable .vital file ({said.getvalue().strip() or 'no VITA signature'})")
+    return vf
