@@ -29,11 +29,12 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from streamer.checkpointing import Checkpointer
 from streamer.ingest.contract import Chunk
 from streamer.checkpointing import OffsetsLedger
+from streamer.model.decision import Verdict, decide
 from streamer.publish.episodes import EpisodeTracker
-from streamer.publish.messages import flag_message
+from streamer.publish.messages import episode_doc, flag_doc
 from streamer.settings import EpisodeSettings, WindowSettings
 from streamer.state.changelog import state_key
-from streamer.state.patients import PatientState
+from streamer.state.patients import EpisodeTransition, PatientState
 from streamer.state.store import StateStore
 from streamer.windows.buffer import SCORABLE
 from streamer.windows.grid import NS, WindowGrid, as_rate
@@ -57,6 +58,13 @@ class Record:
 
 def _grid(anchor: int) -> WindowGrid:
     return WindowGrid(anchor, as_rate(FS), 10 * NS, 10 * NS)
+
+
+def _verdict_of(f: dict) -> Verdict:
+    """The verdict a published flag message carries (the reference tracker reads the flags topic)."""
+    return Verdict(f["patient_id"], f["window_start_ns"], f["window_end_ns"], f["status"], f["reason"],
+                   f["probability"], f["artifact"], f["threshold"], f["model"], f["fs"], f["missing_samples"],
+                   f["interpolated_samples"], f["produced_at_ns"], f["latency_ms"])
 
 
 def _content(flag: dict) -> tuple:
@@ -122,11 +130,11 @@ class Core:
         self.position[p] = committed or 0
         for stt in states.values():  # flags a previous owner wrote ahead: sent again (Publisher.resume)
             for e in list(stt.flags_ahead):
-                self.log.flags.append(e["flag"])
-                self.store.flag_published(p, stt.patient_id, e["flag"]["window_id"])
-                msg = self.episodes.update(e["flag"], stt.episode, self.clock_s, grid=e["grid"])
+                self.log.flags.append(flag_doc(e.verdict))
+                self.store.flag_published(p, stt.patient_id, e.verdict.window_id)
+                msg = self.episodes.update(e.verdict, stt.episode, self.clock_s, grid=e.grid)
                 if msg is not None:
-                    self.log.episodes.append(msg)
+                    self.log.episodes.append(episode_doc(msg))
 
     def poll(self, p: int, n: int) -> None:
         if p not in self.position:
@@ -177,25 +185,25 @@ class Core:
         on before a revocation is dropped: the partition's owner redoes it (Publisher.flags)."""
         if not self.tracker.is_current(w.hold):
             return
-        flag = flag_message(w, self.probability(w), 0.5, "m", produced_at_ns=1)
-        self.log.flags.append(flag)
+        verdict = decide(w, self.probability(w), 0.5, "m", produced_at_ns=1)
+        self.log.flags.append(flag_doc(verdict))
         self.store.reported(w)
-        self.store.flag_published(w.partition, w.patient_id, flag["window_id"])
+        self.store.flag_published(w.partition, w.patient_id, verdict.window_id)
         if self.store.owns(w.partition):
-            msg = self.apply_to_episode(w, flag)
+            msg = self.apply_to_episode(w, verdict)
             if msg is not None:
-                self.log.episodes.append(msg)
+                self.log.episodes.append(episode_doc(msg))
         self.tracker.release(w.hold)
 
     def write_ahead(self, batch) -> None:
         current = [w for w in batch if self.tracker.is_current(w.hold)]
-        docs = [flag_message(w, self.probability(w), 0.5, "m", produced_at_ns=1) for w in current]
-        for p, stt in self.store.write_ahead(list(zip(current, docs))):
+        verdicts = [decide(w, self.probability(w), 0.5, "m", produced_at_ns=1) for w in current]
+        for p, stt in self.store.write_ahead(list(zip(current, verdicts))):
             self.log.changelog[p][state_key("in", stt.patient_id)] = stt.to_bytes("in")
 
-    def apply_to_episode(self, w, flag: dict) -> dict | None:
+    def apply_to_episode(self, w, verdict: Verdict) -> EpisodeTransition | None:
         stt = self.store.patient(w.partition, w.patient_id)
-        msg = self.episodes.update(flag, stt.episode, self.clock_s, grid=w.anchor_ns)
+        msg = self.episodes.update(verdict, stt.episode, self.clock_s, grid=w.anchor_ns)
         self.store.changed(w.partition, w.patient_id)
         return msg
 
@@ -449,9 +457,9 @@ class DeliveryModel(RuleBasedStateMachine):
             if f["window_id"] in seen:
                 continue
             seen.add(f["window_id"])
-            msg = reference.update(f)
+            msg = reference.update(_verdict_of(f))
             if msg is not None:
-                want[f["patient_id"]] = (msg["state"], msg["episode_id"])
+                want[f["patient_id"]] = (msg.state, msg.episode_id)
         got = {}
         for m in self.log.episodes:
             got[m["patient_id"]] = (m["state"], m["episode_id"])
@@ -542,12 +550,12 @@ class TxnCore(Core):
         if w.partition not in self.txns or not self.tracker.is_current(w.hold):
             return  # revoked meanwhile: dropped, the partition's owner redoes it
         txn = self.txns[w.partition]
-        flag = flag_message(w, self.probability(w), 0.5, "m", produced_at_ns=1)
-        txn["flags"].append(flag)
+        verdict = decide(w, self.probability(w), 0.5, "m", produced_at_ns=1)
+        txn["flags"].append(flag_doc(verdict))
         self.store.reported(w)
-        msg = self.apply_to_episode(w, flag)
+        msg = self.apply_to_episode(w, verdict)
         if msg is not None:
-            txn["episodes"].append(msg)
+            txn["episodes"].append(episode_doc(msg))
         self.tracker.release(w.hold)
 
     def checkpoint(self, partitions=None) -> dict[int, int]:
@@ -600,7 +608,7 @@ class TransactionalDeliveryModel(DeliveryModel):
     @rule(p=st.integers(0, PARTITIONS - 1))
     def transaction_times_out(self, p):
         """A broker failover holds p's commit past kafka.transaction_timeout_ms: the broker aborts p's open
-        transaction with a newer epoch. The worker's next commit of p is fenced (outputs.py): p is lost, the
+        transaction with a newer epoch. The worker's next commit of p is fenced (exactly_once.py): p is lost, the
         worker is not; it rejoins the group (Worker._fenced): every partition revoked, p without a commit,
         then assigned again (fence, restore from the last commit)."""
         if p not in self.core.txns:

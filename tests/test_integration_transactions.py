@@ -1,5 +1,5 @@
 """Exactly once against what aiokafka and Apache Kafka really do (issue 32): a refused record never
-commits, outputs the brokers accept whatever the worker's clock, a shutdown that is clean at any moment and
+commits, delivery the brokers accept whatever the worker's clock, a shutdown that is clean at any moment and
 bounded, readers blocked for a bounded time, restores past another owner's open transaction, episode
 numbers that never depend on a clock, one transactional id prefix per group."""
 
@@ -53,16 +53,16 @@ def test_a_refused_record_aborts_the_whole_transaction_and_the_offsets_stay(brok
     tp = TopicPartition(k.input_topics[0], 0)
 
     async def main():
-        outputs = ExactlyOnceDelivery(k, lambda tid: make_producer(k, transactional_id=tid))
-        await outputs.open(tp)
+        delivery = ExactlyOnceDelivery(k, lambda tid: make_producer(k, transactional_id=tid))
+        await delivery.open(tp)
         try:
-            async with outputs.gate(tp):
-                await outputs.send(tp, k.dead_letter_topic, b"x" * 1000, key=b"bed-1")  # refused: too large
-                await outputs.send(tp, k.flags_topic, b'{"accepted": true}', key=b"bed-1")
+            async with delivery.gate(tp):
+                await delivery.send(tp, k.dead_letter_topic, b"x" * 1000, key=b"bed-1")  # refused: too large
+                await delivery.send(tp, k.flags_topic, b'{"accepted": true}', key=b"bed-1")
             with pytest.raises(TransactionFailed, match=f"refused; first on {k.dead_letter_topic}"):
-                await outputs.commit(tp, k.group_id, lambda: (42, []))
+                await delivery.commit(tp, k.group_id, lambda: (42, []))
         finally:
-            await outputs.stop()
+            await delivery.stop()
         visible = await read_records(k, [k.flags_topic, k.dead_letter_topic], timeout_s=4, idle_polls=None)
         return visible, await _committed(k, tp)
 
@@ -83,26 +83,26 @@ def test_the_delivery_interface_counts_in_the_transaction_and_a_refusal_fails_it
     waited: list[float] = []
 
     async def main():
-        outputs = ExactlyOnceDelivery(k, lambda tid: make_producer(k, transactional_id=tid),
+        delivery = ExactlyOnceDelivery(k, lambda tid: make_producer(k, transactional_id=tid),
                                        on_committed=lambda joined, at: waited.extend(at - t for t in joined))
-        await outputs.open(tp)
+        await delivery.open(tp)
         try:
             counted = []
-            async with outputs.deliver(tp) as d:
-                assert d.owned
-                await d.send(k.flags_topic, b'{"flag": 1}', key=b"bed-1", urgent=True,
-                             counted=lambda: counted.append(outputs.awaiting.event.is_set()))
+            async with delivery.deliver(tp) as block:
+                assert block.owned
+                await block.send(k.flags_topic, b'{"flag": 1}', key=b"bed-1", urgent=True,
+                             counted=lambda: counted.append(delivery.awaiting.event.is_set()))
                 assert counted == [True], "counted as it joined the transaction, awaiting its commit"
-            assert d.stands() and outputs.awaiting.take_partitions() == {tp}
+            assert block.stands() and delivery.awaiting.take_partitions() == {tp}
             before = await read_records(k, [k.flags_topic], timeout_s=3, idle_polls=None)
             plan = CheckpointPlan({tp: 7}, lambda _: iter(()))
-            committed = await outputs.checkpoint({tp}, lambda _: plan, None, k.group_id)
+            committed = await delivery.checkpoint({tp}, lambda _: plan, None, k.group_id)
             after = await read_records(k, [k.flags_topic], timeout_s=10, idle_polls=1)
             with pytest.raises(TransactionFailed, match=f"a record on {k.dead_letter_topic} was refused"):
-                async with outputs.deliver(tp) as d:
-                    await d.send(k.dead_letter_topic, b"x" * 1000, key=b"bed-1")  # over the topic's limit
+                async with delivery.deliver(tp) as block:
+                    await block.send(k.dead_letter_topic, b"x" * 1000, key=b"bed-1")  # over the topic's limit
         finally:
-            await outputs.stop()
+            await delivery.stop()
         return before, committed, after, await _committed(k, tp)
 
     before, committed, after, offset = asyncio.run(main())
@@ -143,7 +143,7 @@ def test_refused_state_records_stop_the_worker_loudly_and_nothing_is_committed(b
 @pytest.mark.parametrize("offset", ["+2h", "-30m"])
 def test_a_worker_clock_far_off_publishes_every_window_and_says_so(broker, checkpoint, tmp_path, offset):
     """Item 2: a worker clock two hours ahead (past the brokers' 1 h limit on future timestamps) or half an
-    hour behind, under libfaketime, with linger 100 ms: every window is flagged once, the outputs carry
+    hour behind, under libfaketime, with linger 100 ms: every window is flagged once, the delivery carry
     timestamps the brokers accepted, the worker logs clock_offset, and SIGTERM ends it with exit 0."""
     s = isolated_settings(broker.bootstrap, partitions=2)
     s.kafka.linger_ms = 100
@@ -190,7 +190,7 @@ def test_a_stop_while_a_checkpoint_commits_is_clean(broker, scorer):
             await until_true(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
             await replay(s.kafka, [_bed("bed-stop", seconds=11)], speed=None, chunk_s=0.5)
             await until_true(lambda: asyncio.sleep(0, bool(worker.ledger.committed)), 60, "a first commit")
-            producer = next(iter(worker.outputs._txns.values())).producer
+            producer = next(iter(worker.delivery._txns.values())).producer
             real = producer.commit_transaction
             armed = [True]
 
@@ -230,7 +230,7 @@ def test_shutdown_during_a_broker_freeze_ends_within_its_deadline(broker, scorer
             await replay(s.kafka, [_bed("bed-freeze", seconds=11)], speed=None, chunk_s=0.5)
             await until_true(lambda: asyncio.sleep(0, bool(worker.ledger.committed)), 60, "a first commit")
             await replay(s.kafka, [_bed("bed-more", seconds=11, seed=2)], speed=None, chunk_s=0.5)
-            txn = next(iter(worker.outputs._txns.values()))
+            txn = next(iter(worker.delivery._txns.values()))
             await until_true(lambda: asyncio.sleep(0, txn.has_writes and bool(txn.sent)), 60,
                              "a flag in the transaction")
             broker.freeze()
@@ -485,7 +485,7 @@ def test_a_fenced_transaction_costs_the_partition_not_the_worker(broker, scorer)
             tp = next(iter(worker.assigned))
             await replay(k, [first], speed=None, chunk_s=0.5)
             await until_true(lambda: asyncio.sleep(0, bool(worker.ledger.committed.get(tp))), 60, "a first commit")
-            rival = make_producer(k, transactional_id=worker.outputs.transactional_id(tp))
+            rival = make_producer(k, transactional_id=worker.delivery.transactional_id(tp))
             await rival.start()  # InitProducerId: a newer epoch; the worker's open transaction is aborted
             await rival.stop()
             await replay(k, [second], speed=None, chunk_s=0.5)

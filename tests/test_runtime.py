@@ -47,9 +47,9 @@ class _Consumer:
 def test_at_least_once_is_chosen_without_a_probe_and_brings_its_one_producer():
     async def main():
         k = KafkaSettings(bootstrap_servers="127.0.0.1:1", delivery="at_least_once")
-        outputs, producer = await choose_delivery(k, EventTime(), None, on_fenced=None)
-        assert isinstance(outputs, AtLeastOnceDelivery) and outputs.producer is producer
-        assert not isinstance(outputs, ExactlyOnceDelivery)
+        delivery, producer = await choose_delivery(k, EventTime(), None, on_fenced=None)
+        assert isinstance(delivery, AtLeastOnceDelivery) and delivery.producer is producer
+        assert not isinstance(delivery, ExactlyOnceDelivery)
         await producer.stop()  # never started: nothing to flush
 
     asyncio.run(main())

@@ -123,10 +123,10 @@ class Owner:
     def __init__(self, model: "SuppressionModel", offset_s: float):
         self.m, self.offset_s, self.alive = model, offset_s, True
         self.store, self.ledger = StateStore(), OffsetsLedger()
-        self.outputs = AtLeastOnceDelivery(MemoryProducer(model.broker, self))
+        self.delivery = AtLeastOnceDelivery(MemoryProducer(model.broker, self))
         self.checkpointer = Checkpointer(self.ledger, WindowStage(WindowSettings(), self.store), self.store,
-                                         Committer(), self.outputs, K.state_topic, "g")
-        self.publisher = Publisher(K, self.outputs, self.ledger, self.store, EpisodeTracker(EPISODES, "m"), Metrics(),
+                                         Committer(), self.delivery, K.state_topic, "g")
+        self.publisher = Publisher(K, self.delivery, self.ledger, self.store, EpisodeTracker(EPISODES, "m"), Metrics(),
                                    asyncio.Event(), persist=self.checkpointer.persist, clock=self.now)
         self.publisher.background.on_failure = model.failures.append
         self.tasks: set[asyncio.Task] = set()
