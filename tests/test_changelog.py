@@ -10,7 +10,10 @@ import orjson
 from aiokafka import TopicPartition
 
 from streamer.state.changelog import _apply, parse_state_key, state_key
-from streamer.state.patients import PatientState
+from streamer.model.decision import decide
+from streamer.spec import NoScoreReason, WindowStatus
+from streamer.state.patients import FlagAhead, PatientState
+from streamer.windows.buffer import EmittedWindow
 
 TP = TopicPartition("in", 0)
 
@@ -86,10 +89,13 @@ def test_a_state_with_wrong_field_types_is_lost_not_a_crash_later():
 def test_flags_written_ahead_survive_the_changelog_and_bad_ones_lose_the_state():
     """Version 4: the flags a wall-clock close wrote ahead are read back as written; a malformed list
     (another patient's flag, no grid, not a list) makes the state unreadable, never a crash later."""
-    flag = {"window_id": "a:0", "patient_id": "a", "status": "insufficient_data", "reason": "truncated"}
+    w = EmittedWindow("a", 0, 0, 10**10, 500.0, WindowStatus.INSUFFICIENT, NoScoreReason.TRUNCATED, None, 0, 0,
+                      None, 0.0)
+    verdict = decide(w, None, 0.5, "m", produced_at_ns=1)
+    flag = orjson.loads(PatientState("a", flags_ahead=[FlagAhead(0, verdict)]).to_bytes("in"))["flags_ahead"][0]["flag"]
     raw = _doc(flags_ahead=[{"grid": 0, "flag": flag}], v=4)
     states, lost = _read([_rec(0, state_key("in", "a"), raw)])
-    assert states["a"].flags_ahead == [{"grid": 0, "flag": flag}] and not lost
+    assert states["a"].flags_ahead == [FlagAhead(0, verdict)] and not lost
     written = orjson.loads(states["a"].to_bytes("in"))
     assert written["flags_ahead"] == [{"grid": 0, "flag": flag}] and written["v"] == 4
     plain = orjson.loads(PatientState("b").to_bytes("in"))

@@ -16,7 +16,8 @@ from hypothesis import given, settings, strategies as st
 from streamer.client import (DEFAULT_MAX_LEASE_S, MAX_LEASE_NS, MAX_SEQ, SEQ_LEAD_NS, MessageError, SuppressionView,
                              decode_episode, decode_flag)
 from streamer.publish.episodes import EpisodeTracker
-from streamer.publish.messages import flag_message
+from streamer.model.decision import Verdict, decide
+from streamer.publish.messages import episode_bytes, episode_doc, flag_doc
 from streamer.settings import EpisodeSettings
 from streamer.state.patients import EpisodeState
 from streamer.windows.buffer import SCORABLE, EmittedWindow
@@ -28,17 +29,21 @@ MODEL = "test-model@sha256:0123456789abcdef"
 MAX_LEASE = int(DEFAULT_MAX_LEASE_S * NS)
 
 
-def _flag_doc(start_ns: int, p: float | None, pid: str = "bed-1") -> dict:
+def _verdict(start_ns: int, p: float | None, pid: str = "bed-1") -> Verdict:
     w = EmittedWindow(patient_id=pid, partition=0, start_ns=start_ns, end_ns=start_ns + 10 * NS, fs=500.0,
                       status=SCORABLE if p is not None else "insufficient_data",
                       reason=None if p is not None else "no_data", samples=None, missing=0, interpolated=0,
                       min_offset=None, completed_at=0.0)
-    return dict(flag_message(w, p, 0.2, MODEL, produced_at_ns=start_ns + 11 * NS))
+    return decide(w, p, 0.2, MODEL, produced_at_ns=start_ns + 11 * NS)
+
+
+def _flag_doc(start_ns: int, p: float | None, pid: str = "bed-1") -> dict:
+    return dict(flag_doc(_verdict(start_ns, p, pid)))
 
 
 def _opened(now_s: float = NOW_S, seq: int = 0) -> tuple[EpisodeTracker, EpisodeState, dict]:
     tracker, st_ = EpisodeTracker(EpisodeSettings(open_after=1), MODEL), EpisodeState(seq=seq)
-    return tracker, st_, tracker.update(_flag_doc(NOW - 20 * NS, 0.9), st_, now_s)
+    return tracker, st_, episode_doc(tracker.update(_verdict(NOW - 20 * NS, 0.9), st_, now_s))
 
 
 def _dec(doc: dict, now_ns: int = NOW) -> object:
@@ -67,7 +72,7 @@ def test_a_forged_lease_cannot_outlast_the_readers_maximum():
 
 def test_a_reader_configured_for_a_longer_lease_honours_it():
     tracker = EpisodeTracker(EpisodeSettings(open_after=1, lease_s=120, renew_every_s=30), MODEL)
-    opened = _dec(tracker.update(_flag_doc(NOW - 20 * NS, 0.9), EpisodeState(), NOW_S))
+    opened = _dec(episode_doc(tracker.update(_verdict(NOW - 20 * NS, 0.9), EpisodeState(), NOW_S)))
     default, raised = SuppressionView(), SuppressionView(max_lease_s=125)
     for view in (default, raised):
         view.apply(opened, received_ns=NOW)
@@ -82,7 +87,7 @@ def test_seq_bound_is_by_the_readers_clock_and_never_refuses_a_real_number():
     tracker, st_, opened = _opened(NOW_S + 3600)
     assert _dec(opened).seq == int((NOW_S + 3600) * 1e6) + 1
     st_.seq += 365 * 8640
-    renewal = tracker.renew("bed-1", st_, NOW_S + 3600 + 10)
+    renewal = episode_doc(tracker.renew("bed-1", st_, NOW_S + 3600 + 10))
     assert _dec(renewal).seq == opened["seq"] + 365 * 8640 + 1
     # the most a day-ahead clock gives is in range; a day and a second is not
     lead_seq = (NOW + SEQ_LEAD_NS) // 1000
@@ -101,13 +106,13 @@ def test_a_forged_number_ahead_is_passed_by_the_worker_at_its_next_assignment():
     forged = {**opened, "seq": (NOW + SEQ_LEAD_NS) // 1000, "episode_id": "bed-1:forged"}
     view.apply(_dec(forged), received_ns=NOW + NS)
     assert not view.suppressed("bed-1", NOW + NS + MAX_LEASE + 1), "the forged lease lapses by itself"
-    close = tracker.update(_flag_doc(NOW - 10 * NS, 0.1), st_, NOW_S + 60)  # close_after 2: not yet
-    close = close or tracker.update(_flag_doc(NOW, 0.1), st_, NOW_S + 60)
-    assert close is not None and not view.apply(_dec(close, NOW + 60 * NS), received_ns=NOW + 60 * NS)
+    close = tracker.update(_verdict(NOW - 10 * NS, 0.1), st_, NOW_S + 60)  # close_after 2: not yet
+    close = close or tracker.update(_verdict(NOW, 0.1), st_, NOW_S + 60)
+    assert close is not None and not view.apply(_dec(episode_doc(close), NOW + 60 * NS), received_ns=NOW + 60 * NS)
     # the worker's next assignment: its counter starts at the highest number the topic holds
     restarted = EpisodeState(seq=max(st_.seq, forged["seq"]))
     tracker2 = EpisodeTracker(EpisodeSettings(open_after=1), MODEL)
-    reopened = tracker2.update(_flag_doc(NOW + 100 * NS, 0.9), restarted, NOW_S + 120)
+    reopened = episode_doc(tracker2.update(_verdict(NOW + 100 * NS, 0.9), restarted, NOW_S + 120))
     later = NOW + 120 * NS
     assert view.apply(_dec(reopened, later), received_ns=later) and view.suppressed("bed-1", later)
 
@@ -187,11 +192,11 @@ def test_no_sequence_of_records_suppresses_past_the_cap_after_the_last_open_appl
         if kind == "forged":
             value = _forged_episode(data.draw, st_.seq or int(t / 1000), t)
         else:
-            msg = (tracker.update(_flag_doc(NOW + step * 10 * NS, data.draw(st.sampled_from([0.9, 0.1]))), st_,
+            msg = (tracker.update(_verdict(NOW + step * 10 * NS, data.draw(st.sampled_from([0.9, 0.1]))), st_,
                                   t / NS) if kind == "flag" else tracker.renew("bed-1", st_, t / NS))
             if msg is None:
                 continue
-            value = orjson.dumps(msg)
+            value = episode_bytes(msg)
         try:
             episode = decode_episode(value, now_ns=t)
         except MessageError:

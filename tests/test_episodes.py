@@ -1,20 +1,27 @@
-"""Episode hysteresis on flags derived from known artifact stretches."""
+"""Episode hysteresis on verdicts derived from known artifact stretches."""
 
 from __future__ import annotations
 
 import orjson
 
+from streamer.model.decision import Verdict, decide
 from streamer.publish.episodes import EpisodeTracker
 from streamer.settings import EpisodeSettings
+from streamer.spec import NoScoreReason, WindowStatus
 from streamer.state.patients import EpisodeState, PatientState
+from streamer.windows.buffer import EmittedWindow
 
 W = 10**10
 
 
-def flag(k: int, artifact: bool | None, p: float | None = None, patient: str = "p1") -> dict:
-    status = "scored" if artifact is not None else "insufficient_data"
-    return {"patient_id": patient, "window_start_ns": k * W, "window_end_ns": (k + 1) * W, "status": status,
-            "artifact": artifact, "probability": p if p is not None else (0.9 if artifact else 0.05)}
+def flag(k: int, artifact: bool | None, p: float | None = None, patient: str = "p1") -> Verdict:
+    """Window k's verdict, decided (threshold 0.5) from `p` or a probability on the side `artifact` says."""
+    status = WindowStatus.SCORABLE if artifact is not None else WindowStatus.INSUFFICIENT
+    reason = None if artifact is not None else NoScoreReason.NO_DATA
+    w = EmittedWindow(patient, 0, k * W, (k + 1) * W, 500.0, status, reason, None, 0, 0, None, 0.0)
+    v = decide(w, p if p is not None else (0.9 if artifact else 0.05), 0.5, "m", produced_at_ns=1)
+    assert v.artifact is artifact
+    return v
 
 
 def run(pattern: str, open_after=2, close_after=2):
@@ -24,7 +31,7 @@ def run(pattern: str, open_after=2, close_after=2):
     for k, c in enumerate(pattern):
         msg = t.update(flag(k, {"A": True, ".": False, "?": None}[c]))
         if msg:
-            out.append((msg["state"], msg["start_ns"] // W, None if msg["end_ns"] is None else msg["end_ns"] // W))
+            out.append((msg.state, msg.start_ns // W, None if msg.end_ns is None else msg.end_ns // W))
     return out
 
 
@@ -43,18 +50,18 @@ def test_insufficient_data_neither_opens_nor_closes():
 
 def test_open_after_one_and_peak_probability():
     t = EpisodeTracker(EpisodeSettings(open_after=1, close_after=1), "m")
-    assert t.update(flag(0, True, 0.7))["state"] == "open"
+    assert t.update(flag(0, True, 0.7)).state == "open"
     assert t.update(flag(1, True, 0.95)) is None
     closed = t.update(flag(2, False))
-    assert closed["peak_probability"] == 0.95 and closed["flagged_windows"] == 2
-    assert closed["episode_id"] == "p1:0"
+    assert closed.peak_probability == 0.95 and closed.flagged_windows == 2
+    assert closed.episode_id == "p1:0"
 
 
 def test_patients_are_independent():
     t = EpisodeTracker(EpisodeSettings(open_after=2, close_after=1), "m")
     assert t.update(flag(0, True, patient="a")) is None
     assert t.update(flag(0, True, patient="b")) is None
-    assert t.update(flag(1, True, patient="a"))["patient_id"] == "a"
+    assert t.update(flag(1, True, patient="a")).patient_id == "a"
 
 
 # -- leases, sequence numbers, pending messages ------------------------------------------------------
@@ -66,28 +73,28 @@ def test_every_message_is_numbered_and_the_number_survives_closes():
     t = EpisodeTracker(LEASE, "m")
     st = EpisodeState()
     opened = t.update(flag(0, True), st, NOW)
-    assert opened["seq"] == int(NOW * 1_000_000) + 1, "a patient's first number comes from the clock (us)"
+    assert opened.seq == int(NOW * 1_000_000) + 1, "a patient's first number comes from the clock (us)"
     closed = t.update(flag(1, False), st, NOW + 10)
     again = t.update(flag(2, True), st, NOW - 3600)  # the clock stepped back an hour: order does not care
-    assert [opened["seq"], closed["seq"], again["seq"]] == [opened["seq"], opened["seq"] + 1, opened["seq"] + 2]
-    assert st.seq == again["seq"] and st.pending is again
+    assert [opened.seq, closed.seq, again.seq] == [opened.seq, opened.seq + 1, opened.seq + 2]
+    assert st.seq == again.seq and st.pending is again
 
 
 def test_an_open_episode_is_a_lease_renewed_while_it_lasts():
     t = EpisodeTracker(LEASE, "m")
     st = EpisodeState()
     opened = t.update(flag(0, True), st, NOW)
-    assert opened["valid_until_ns"] == int((NOW + 30) * 1e9) and opened["lease_ns"] == 30 * 10**9
-    assert not opened["renewal"]
+    assert opened.valid_until_ns == int((NOW + 30) * 1e9) and opened.lease_ns == 30 * 10**9
+    assert not opened.renewal
     assert t.renew("p1", st, NOW + 9.9) is None and not t.due(st, NOW + 9.9)
     assert t.due(st, NOW + 10)
     renewal = t.renew("p1", st, NOW + 10)
-    assert renewal["renewal"] and renewal["state"] == "open" and renewal["episode_id"] == opened["episode_id"]
-    assert renewal["seq"] == opened["seq"] + 1 and renewal["valid_until_ns"] == int((NOW + 40) * 1e9)
+    assert renewal.renewal and renewal.state == "open" and renewal.episode_id == opened.episode_id
+    assert renewal.seq == opened.seq + 1 and renewal.valid_until_ns == int((NOW + 40) * 1e9)
     # a clock that went back renews at once rather than waiting for its own clock to catch up
-    assert t.renew("p1", st, NOW - 3600)["renewal"]
+    assert t.renew("p1", st, NOW - 3600).renewal
     closed = t.update(flag(1, False), st, NOW + 11)
-    assert closed["valid_until_ns"] is None and closed["lease_ns"] is None
+    assert closed.valid_until_ns is None and closed.lease_ns is None
     assert t.renew("p1", st, NOW + 100) is None and not t.due(st, NOW + 100), "a closed episode has no lease"
 
 
@@ -98,15 +105,15 @@ def test_stale_close_counts_from_now_when_the_clock_is_behind_the_state():
     behind = NOW - 3600  # a new owner whose clock runs an hour behind the one that stamped the state
     assert t.stale("p1", st, behind) is None
     assert t.stale("p1", st, behind + 59) is None
-    assert t.stale("p1", st, behind + 60)["reason"] == "stale", "at most stale_after_s late, never an hour"
+    assert t.stale("p1", st, behind + 60).reason == "stale", "at most stale_after_s late, never an hour"
 
 
 def test_state_lost_close_is_a_close_of_whatever_was_open():
     t = EpisodeTracker(LEASE, "m")
     st = EpisodeState()
     msg = t.lost("p1", st, NOW)
-    assert (msg["state"], msg["reason"], msg["episode_id"], msg["start_ns"]) == ("closed", "state_lost", None, None)
-    assert st.pending is msg and msg["seq"] == int(NOW * 1_000_000) + 1
+    assert (msg.state, msg.reason, msg.episode_id, msg.start_ns) == ("closed", "state_lost", None, None)
+    assert st.pending is msg and msg.seq == int(NOW * 1_000_000) + 1
 
 
 def test_state_round_trip_keeps_seq_and_pending_and_reads_version_1():

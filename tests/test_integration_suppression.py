@@ -154,7 +154,7 @@ def test_a_close_left_pending_by_a_crash_reaches_the_topic_through_the_next_owne
             proc.wait(10)
     assert proc.returncode == 1, "a non-retriable send error ends the worker"
     pending = _states(s, "pending")
-    assert pending and pending["reason"] == "stale", "the close is in the durable state, not on the topic"
+    assert pending and pending.reason == "stale", "the close is in the durable state, not on the topic"
     assert [e.state for e in _episodes(s)] == ["open"]
     asyncio.run(_set_topic_config(s, s.kafka.episodes_topic, {"max.message.bytes": "1048588"}))
     s.episodes.stale_after_s = 3600.0
@@ -165,7 +165,7 @@ def test_a_close_left_pending_by_a_crash_reaches_the_topic_through_the_next_owne
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
-    assert (closes[0].reason, closes[0].seq) == ("stale", pending["seq"])
+    assert (closes[0].reason, closes[0].seq) == ("stale", pending.seq)
     assert _states(s, "pending") is None, "cleared once acknowledged"
     view = SuppressionView()
     for e in _episodes(s):

@@ -9,7 +9,8 @@ import pytest
 from streamer.client import (FlagDeduplicator, MessageError, SuppressionView, decode_episode, decode_flag)
 from streamer.ingest.contract import Chunk, InvalidMessage, decode_json, encode_json
 from streamer.publish.episodes import EpisodeTracker
-from streamer.publish.messages import dumps, flag_message
+from streamer.model.decision import decide
+from streamer.publish.messages import dumps, episode_bytes, episode_doc, flag_doc
 from streamer.settings import EpisodeSettings, WindowSettings
 from streamer.windows.buffer import INSUFFICIENT, SCORABLE, EmittedWindow
 from tests.kafka_utils import schema_validator
@@ -63,7 +64,7 @@ def test_counts_with_gain_match_the_schema_and_decode():
     (INSUFFICIENT, "gap_too_long", None), (INSUFFICIENT, "implausible_amplitude", None),
 ])
 def test_every_kind_of_flag_matches_the_schema_and_decodes(status, reason, p):
-    msg = flag_message(_window(status, reason), p, 0.208, MODEL)
+    msg = flag_doc(decide(_window(status, reason), p, 0.208, MODEL))
     assert _errors("artifact-flag.v1.schema.json", msg) == []
     flag = decode_flag(dumps(msg))
     assert flag.window_id == f"bed-1:{T0}" and flag.scored == (status == SCORABLE)
@@ -71,7 +72,7 @@ def test_every_kind_of_flag_matches_the_schema_and_decodes(status, reason, p):
 
 
 def test_a_flag_that_breaks_its_rules_fails_the_schema():
-    msg = flag_message(_window(SCORABLE, None), 0.5, 0.208, MODEL)
+    msg = flag_doc(decide(_window(SCORABLE, None), 0.5, 0.208, MODEL))
     assert _errors("artifact-flag.v1.schema.json", {**msg, "probability": None})  # scored without a score
     assert _errors("artifact-flag.v1.schema.json", {**msg, "status": "maybe"})
     assert _errors("artifact-flag.v1.schema.json", {**msg, "schema": 2})
@@ -92,7 +93,7 @@ def test_a_field_added_later_keeps_the_version_for_readers_but_not_for_the_worke
 
     from tests.kafka_utils import SCHEMAS
 
-    msg = {**flag_message(_window(SCORABLE, None), 0.5, 0.208, MODEL), "ward": "ICU-3"}
+    msg = {**flag_doc(decide(_window(SCORABLE, None), 0.5, 0.208, MODEL)), "ward": "ICU-3"}
     for name in ("artifact-flag.v1.schema.json", "artifact-episode.v2.schema.json"):
         published = json.loads((SCHEMAS / name).read_text())
         assert published["additionalProperties"] is True, name
@@ -109,10 +110,10 @@ def test_episode_open_and_close_match_the_schema_and_drive_suppression():
     view = SuppressionView()
     events = []
     for i, p in enumerate([0.9, 0.95, 0.1, 0.05]):
-        msg = tracker.update(flag_message(_window(SCORABLE, None, T0 + i * 10**10), p, 0.208, MODEL))
+        msg = tracker.update(decide(_window(SCORABLE, None, T0 + i * 10**10), p, 0.208, MODEL))
         if msg is not None:
-            assert _errors("artifact-episode.v2.schema.json", msg) == []
-            ep = decode_episode(dumps(msg))
+            assert _errors("artifact-episode.v2.schema.json", episode_doc(msg)) == []
+            ep = decode_episode(episode_bytes(msg))
             assert view.apply(ep)
             events.append((ep.state, view.suppressed("bed-1")))
     assert events == [("open", True), ("closed", False)]
@@ -121,8 +122,9 @@ def test_episode_open_and_close_match_the_schema_and_drive_suppression():
 
 def test_an_older_copy_of_an_episode_never_wins():
     tracker = EpisodeTracker(EpisodeSettings(open_after=1, close_after=1), MODEL)
-    opened = decode_episode(dumps(tracker.update(flag_message(_window(SCORABLE, None), 0.9, 0.2, MODEL))))
-    closed = decode_episode(dumps(tracker.update(flag_message(_window(SCORABLE, None, T0 + 10**10), 0.1, 0.2, MODEL))))
+    opened = decode_episode(episode_bytes(tracker.update(decide(_window(SCORABLE, None), 0.9, 0.2, MODEL))))
+    closed = decode_episode(episode_bytes(tracker.update(decide(_window(SCORABLE, None, T0 + 10**10), 0.1, 0.2,
+                                                                MODEL))))
     view = SuppressionView()
     assert view.apply(closed) and not view.suppressed("bed-1")
     assert not view.apply(opened), "a re-published open from before the close must not turn suppression on"
@@ -140,8 +142,8 @@ def _open_at(publisher_s: float, seq_from: int = 0, lease_s: float = 30.0) -> tu
                        MODEL)
     from streamer.state.patients import EpisodeState
     st = EpisodeState(seq=seq_from)
-    msg = t.update(flag_message(_window(SCORABLE, None), 0.9, 0.2, MODEL), st, publisher_s)
-    return t, st, decode_episode(dumps(msg))
+    msg = t.update(decide(_window(SCORABLE, None), 0.9, 0.2, MODEL), st, publisher_s)
+    return t, st, decode_episode(episode_bytes(msg))
 
 
 def test_suppression_lapses_with_the_lease_by_the_readers_clock():
@@ -152,7 +154,7 @@ def test_suppression_lapses_with_the_lease_by_the_readers_clock():
     assert view.status("bed-1", now + 34 * SECOND) == "suppressed"
     assert view.status("bed-1", now + 36 * SECOND) == "lapsed", "lease 30 s + skew 5 s, then the feed is silent"
     assert view.open_episodes(now + 36 * SECOND) == []
-    renewal = decode_episode(dumps(t.renew("bed-1", st, NOW_S + 20)))
+    renewal = decode_episode(episode_bytes(t.renew("bed-1", st, NOW_S + 20)))
     view.apply(renewal, received_ns=now + 20 * SECOND)
     assert view.status("bed-1", now + 54 * SECOND) == "suppressed"
     assert view.status("bed-1", now + 56 * SECOND) == "lapsed"
@@ -172,7 +174,7 @@ def test_a_publisher_clock_ahead_cannot_stretch_the_lease_and_one_behind_fails_s
 
 def test_order_is_by_seq_not_by_clock_and_ties_fail_safe():
     t, st, opened = _open_at(NOW_S)
-    closed = decode_episode(dumps(t.update(flag_message(_window(SCORABLE, None, T0 + 10**10), 0.1, 0.2, MODEL), st,
+    closed = decode_episode(episode_bytes(t.update(decide(_window(SCORABLE, None, T0 + 10**10), 0.1, 0.2, MODEL), st,
                                            NOW_S - 3600)))  # stamped an hour before the open: still newer
     assert closed.updated_at_ns < opened.updated_at_ns and closed.seq > opened.seq
     now = int(NOW_S * SECOND)
@@ -183,7 +185,7 @@ def test_order_is_by_seq_not_by_clock_and_ties_fail_safe():
         assert view.status("bed-1", now) == "off", order
     # a close at the same number as the open shown (two owners numbered alike): the close wins
     t2, st2, opened = _open_at(NOW_S)
-    twin = decode_episode(dumps({**t2.stale("bed-1", st2, NOW_S + 3600), "seq": opened.seq}))
+    twin = decode_episode(dumps({**episode_doc(t2.stale("bed-1", st2, NOW_S + 3600)), "seq": opened.seq}))
     view = SuppressionView()
     view.apply(opened, received_ns=now)
     assert view.apply(twin, received_ns=now) and view.status("bed-1", now) == "off"
@@ -193,13 +195,13 @@ def test_state_lost_close_ends_the_open_episode_whatever_its_number():
     # numbered above what a lost state restarts from (an earlier owner's clock ran an hour ahead)
     tracker, _, opened = _open_at(NOW_S, seq_from=int((NOW_S + 3600) * 1_000_000))
     from streamer.state.patients import EpisodeState
-    lost = decode_episode(dumps(tracker.lost("bed-1", EpisodeState(), NOW_S)))
+    lost = decode_episode(episode_bytes(tracker.lost("bed-1", EpisodeState(), NOW_S)))
     assert lost.seq < opened.seq
     now = int(NOW_S * SECOND)
     view = SuppressionView()
     view.apply(opened, received_ns=now)
     assert view.apply(lost, received_ns=now) and view.status("bed-1", now) == "off"
-    lost = orjson.loads(dumps(tracker.lost("x", EpisodeState(), NOW_S)))
+    lost = orjson.loads(episode_bytes(tracker.lost("x", EpisodeState(), NOW_S)))
     assert _errors("artifact-episode.v2.schema.json", lost) == []
 
 
@@ -214,7 +216,7 @@ def test_a_version_1_episode_is_refused_with_the_upgrade_hint():
 
 
 def test_deduplicator_passes_each_window_once_within_its_capacity():
-    flags = [decode_flag(dumps(flag_message(_window(SCORABLE, None, T0 + i * 10**10), 0.5, 0.2, MODEL)))
+    flags = [decode_flag(dumps(flag_doc(decide(_window(SCORABLE, None, T0 + i * 10**10), 0.5, 0.2, MODEL))))
              for i in range(5)]
     d = FlagDeduplicator(capacity=3)
     assert [d.first_time(f) for f in flags[:3]] == [True] * 3

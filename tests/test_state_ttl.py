@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from streamer.state.patients import EpisodeState, PatientState
+from streamer.state.patients import EpisodeState, EpisodeTransition, PatientState
 from streamer.state.store import StateStore
 
 
@@ -18,7 +18,8 @@ def test_only_unchanged_closed_idle_patients_expire():
     for pid in ("idle", "open-episode", "pending", "streaming", "changed"):
         store.patient(0, pid)
     store.patient(0, "open-episode").episode.open_start_ns = 5
-    store.patient(0, "pending").episode.pending = {"state": "closed"}
+    store.patient(0, "pending").episode.pending = EpisodeTransition("pending", 1, "closed", False, "state_lost", None,
+                                                                    None, None, None, 0, "m", 0, None, None)
     now[0] += 100
     store.changed(0, "changed")  # changed, not yet written: never forgotten before its write
     assert store.expire_idle(0, now[0], ttl_s=50, busy=lambda pid: pid == "streaming") == ["idle"]

@@ -12,9 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamer.ingest.contract import Chunk, encode_json
+from streamer.model.decision import decide
 from streamer.publish.episodes import EpisodeTracker
+from streamer.publish.messages import episode_doc
 from streamer.settings import EpisodeSettings, WindowSettings
+from streamer.spec import WindowStatus
 from streamer.state.patients import EpisodeState
+from streamer.windows.buffer import EmittedWindow
 from streamer.commands.view import STRIP_HZ, Ward
 from tests.test_view_http import flag_bytes
 
@@ -88,10 +92,10 @@ def test_a_gap_splits_the_strip_into_runs():
 def _episode(seq: int, state: str, now_ns: int, lease_s: float = 30.0) -> bytes:
     t = EpisodeTracker(EpisodeSettings(open_after=1, lease_s=lease_s, renew_every_s=lease_s / 3), "m")
     st = EpisodeState(seq=seq - 1)
-    msg = t.update({"patient_id": "bed-1", "window_start_ns": T0, "window_end_ns": T0 + 10**10,
-                    "status": "scored", "artifact": True, "probability": 0.9}, st, now_ns / 1e9)
+    w = EmittedWindow("bed-1", 0, T0, T0 + 10**10, 500.0, WindowStatus.SCORABLE, None, None, 0, 0, None, 0.0)
+    msg = episode_doc(t.update(decide(w, 0.9, 0.5, "m"), st, now_ns / 1e9))
     if state == "closed":
-        msg = t.stale("bed-1", st, now_ns / 1e9 + 1e6)
+        msg = episode_doc(t.stale("bed-1", st, now_ns / 1e9 + 1e6))
         msg["seq"] = seq
     return orjson.dumps(msg)
 

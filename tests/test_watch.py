@@ -14,7 +14,8 @@ import pytest
 
 from streamer.kafka.clients import make_producer
 from streamer.publish.episodes import EpisodeTracker
-from streamer.publish.messages import flag_message
+from streamer.model.decision import Verdict, decide
+from streamer.publish.messages import episode_doc, flag_doc
 from streamer.settings import EpisodeSettings
 from streamer.windows.buffer import SCORABLE, EmittedWindow
 from tests.kafka_utils import isolated_settings, settings_env
@@ -22,11 +23,15 @@ from tests.kafka_utils import isolated_settings, settings_env
 MODEL = "test-model@sha256:0123456789abcdef"
 
 
-def _flag(pid: str, start_ns: int, p: float) -> dict:
+def _verdict(pid: str, start_ns: int, p: float) -> Verdict:
     w = EmittedWindow(patient_id=pid, partition=0, start_ns=start_ns, end_ns=start_ns + 10**10, fs=500.0,
                       status=SCORABLE, reason=None, samples=None, missing=0, interpolated=0, min_offset=None,
                       completed_at=0.0)
-    return dict(flag_message(w, p, 0.2, MODEL))
+    return decide(w, p, 0.2, MODEL)
+
+
+def _flag(pid: str, start_ns: int, p: float) -> dict:
+    return dict(flag_doc(_verdict(pid, start_ns, p)))
 
 
 @pytest.mark.integration
@@ -38,7 +43,7 @@ def test_watch_reports_a_malformed_record_in_one_line_and_goes_on(broker):
     no_reason.update(status="insufficient_data", probability=None, artifact=None)  # and no reason: malformed
     good_after = _flag("bed-good2", t0, 0.1)
     tracker = EpisodeTracker(EpisodeSettings(open_after=1), MODEL)
-    opened = tracker.update(_flag("bed-ep", t0, 0.9), now_s=time.time())
+    opened = episode_doc(tracker.update(_verdict("bed-ep", t0, 0.9), now_s=time.time()))
     forged = {**opened, "patient_id": "bed-forged", "lease_ns": 10**18, "valid_until_ns": 2**62, "seq": 2**63 - 1}
 
     async def produce():

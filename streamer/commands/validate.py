@@ -217,7 +217,7 @@ def strip_plot(times_ns: np.ndarray, values: np.ndarray, flags: pd.DataFrame, th
         s = (f["window_start_ns"] - t0) / 1e9
         if s > seconds:
             continue
-        if f["probability"] >= threshold:
+        if is_artifact(f["probability"], threshold):
             ax.axvspan(s, s + 10, color="crimson", alpha=0.18)
         if f.get("label", False):
             ax.axvspan(s, s + 10, ymin=0, ymax=0.04, color="navy")

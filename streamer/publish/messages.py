@@ -1,17 +1,25 @@
-"""Output message building: one flag per window (schemas/artifact-flag.v1.schema.json)."""
+"""Output message encoding: a Verdict as a flag message (schemas/artifact-flag.v1.schema.json), an episode
+transition as an episode message (schemas/artifact-episode.v2.schema.json).
+
+Only encoding happens here: the decision is model.decision's, the episode logic publish.episodes', and the
+patient state keeps verdicts and transitions in its own format (state.patients). A change to a message
+touches this module, its schema and the client (`streamer.client`, client/)."""
 
 from __future__ import annotations
 
-import time
 from typing import TypedDict
 
 import orjson
 
-from streamer.model.decision import is_artifact
+from streamer.model.decision import Verdict, window_id
 from streamer.spec import FlagStatus, NoScoreReason
-from streamer.windows.buffer import SCORABLE, EmittedWindow
+from streamer.state.patients import EpisodeTransition
 
 SCHEMA_VERSION = 1
+EPISODE_SCHEMA_VERSION = 2
+
+__all__ = ["EPISODE_SCHEMA_VERSION", "SCHEMA_VERSION", "FlagDoc", "dumps", "episode_bytes", "episode_doc",
+           "flag_bytes", "flag_doc", "window_id"]
 
 
 class FlagDoc(TypedDict):
@@ -35,33 +43,30 @@ class FlagDoc(TypedDict):
     latency_ms: float
 
 
-def window_id(patient_id: str, start_ns: int) -> str:
-    """The idempotent identity of a window: re-published copies carry the same id."""
-    return f"{patient_id}:{start_ns}"
+def flag_doc(v: Verdict) -> FlagDoc:
+    """The flag message of verdict `v` (a dict literal: this runs once per window)."""
+    return {"schema": SCHEMA_VERSION, "window_id": window_id(v.patient_id, v.start_ns), "patient_id": v.patient_id,
+            "window_start_ns": v.start_ns, "window_end_ns": v.end_ns, "status": v.status, "reason": v.reason,
+            "probability": v.probability, "artifact": v.artifact, "threshold": v.threshold, "model": v.model,
+            "fs": v.fs, "missing_samples": v.missing_samples, "interpolated_samples": v.interpolated_samples,
+            "produced_at_ns": v.produced_at_ns, "latency_ms": v.latency_ms}
 
 
-def flag_message(w: EmittedWindow, probability: float | None, threshold: float, model_id: str,
-                 produced_at_ns: int | None = None) -> FlagDoc:
-    produced = produced_at_ns or time.time_ns()
-    scored = w.status == SCORABLE and probability is not None
-    return FlagDoc(
-        schema=SCHEMA_VERSION,
-        window_id=window_id(w.patient_id, w.start_ns),
-        patient_id=w.patient_id,
-        window_start_ns=w.start_ns,
-        window_end_ns=w.end_ns,
-        status=FlagStatus.SCORED if scored else FlagStatus(w.status),
-        reason=w.reason,
-        probability=float(probability) if scored else None,
-        artifact=bool(is_artifact(probability, threshold)) if scored else None,
-        threshold=threshold,
-        model=model_id,
-        fs=w.fs,
-        missing_samples=w.missing,
-        interpolated_samples=w.interpolated,
-        produced_at_ns=produced,
-        latency_ms=round(max(produced / 1e9 - w.completed_at, 0.0) * 1000, 3),
-    )
+def flag_bytes(v: Verdict) -> bytes:
+    return orjson.dumps(flag_doc(v))
+
+
+def episode_doc(t: EpisodeTransition) -> dict:
+    """The episode message of transition `t`."""
+    return {"schema": EPISODE_SCHEMA_VERSION, "patient_id": t.patient_id, "episode_id": t.episode_id,
+            "seq": t.seq, "state": t.state, "renewal": t.renewal, "reason": t.reason, "start_ns": t.start_ns,
+            "end_ns": t.end_ns, "last_flagged_end_ns": t.last_flagged_end_ns,
+            "peak_probability": t.peak_probability, "flagged_windows": t.flagged_windows, "model": t.model,
+            "updated_at_ns": t.updated_at_ns, "valid_until_ns": t.valid_until_ns, "lease_ns": t.lease_ns}
+
+
+def episode_bytes(t: EpisodeTransition) -> bytes:
+    return orjson.dumps(episode_doc(t))
 
 
 def dumps(doc: dict) -> bytes:

@@ -24,10 +24,11 @@ from streamer.checkpointing import OffsetsLedger
 from streamer.delivery import BackgroundSends, Delivery
 from streamer.logs import episode_ref, get_logger, patient_ref
 from streamer.metrics import Metrics
+from streamer.model.decision import Verdict, decide
 from streamer.publish.episodes import EpisodeTracker
-from streamer.publish.messages import dumps, flag_message
+from streamer.publish.messages import episode_bytes, flag_bytes
 from streamer.settings import KafkaSettings
-from streamer.state.patients import PatientState
+from streamer.state.patients import EpisodeTransition, FlagAhead, PatientState
 from streamer.state.store import StateStore
 from streamer.windows.buffer import EmittedWindow
 
@@ -51,11 +52,12 @@ class Publisher:
         taken = time.time()
         by_partition: dict = {}
         for w, p in zip(batch, probs):
-            by_partition.setdefault(w.partition, []).append((w, flag_message(w, p, threshold, model_id)))
+            by_partition.setdefault(w.partition, []).append((w, decide(w, p, threshold, model_id)))
         counted = await asyncio.gather(*(self._partition_flags(tp, items) for tp, items in by_partition.items()))
         self._counted([pair for pairs in counted for pair in pairs], taken)
 
-    async def _partition_flags(self, tp, items: list[tuple[EmittedWindow, dict]]) -> list[tuple[EmittedWindow, dict]]:
+    async def _partition_flags(self, tp, items: list[tuple[EmittedWindow, Verdict]]
+                               ) -> list[tuple[EmittedWindow, Verdict]]:
         """One partition's flags; returns those that count (none if the partition was lost meanwhile)."""
         counted: list = []
         async with self.outputs.deliver(tp) as d:
@@ -64,29 +66,29 @@ class Publisher:
             # A window handed on before its partition was revoked is dropped: the records it came from were
             # not committed past, so whoever owns the partition now redoes it (and a wall-clock close
             # published late beside that redo would give one window_id two contents).
-            items = [(w, doc) for w, doc in items if self.ledger.is_current(w.hold)]
+            items = [(w, v) for w, v in items if self.ledger.is_current(w.hold)]
             if self.persist is not None and any(w.by_clock for w, _ in items):
                 d.durable_first(functools.partial(self._write_ahead, items))
-            for w, doc in items:
-                await d.send(self.kafka.flags_topic, dumps(doc), key=doc["patient_id"].encode(), urgent=True,
-                             counted=functools.partial(self._flag_counted, d, w, doc, counted))
+            for w, v in items:
+                await d.send(self.kafka.flags_topic, flag_bytes(v), key=v.patient_id.encode(), urgent=True,
+                             counted=functools.partial(self._flag_counted, d, w, v, counted))
         # a refusal fails the transaction (raised above: the worker stops); a fence drops them: they are
         # redone from the partition's last commit
         return counted if d.stands() else []
 
-    async def _flag_counted(self, d, w: EmittedWindow, doc: dict, counted: list) -> None:
+    async def _flag_counted(self, d, w: EmittedWindow, v: Verdict, counted: list) -> None:
         """What a flag that counts implies: its window reported, its episode updated (and any transition
         sent with it), its hold released so the commit point may pass its records."""
         self.store.reported(w)
-        self.store.flag_published(w.partition, w.patient_id, doc["window_id"])
+        self.store.flag_published(w.partition, w.patient_id, v.window_id)
         if self.store.owns(w.partition):  # else revoked meanwhile: its new owner applies it to the restored episode
-            st, episode = self._apply_to_episode(w, doc, self.clock())
+            st, episode = self._apply_to_episode(w, v, self.clock())
             if episode is not None:
                 await self._send_episode(d, w.partition, st, episode)
         self.ledger.release(w.hold)
-        counted.append((w, doc))
+        counted.append((w, v))
 
-    async def _write_ahead(self, items: list[tuple[EmittedWindow, dict]]) -> None:
+    async def _write_ahead(self, items: list[tuple[EmittedWindow, Verdict]]) -> None:
         """Windows the wall clock closed: their patients' states, marking them reported and holding their
         flags, are written before the flags are sent (where a state is not written with its flags, at
         least once). Else a crash after the send and before the next checkpoint lets the replay complete
@@ -94,18 +96,19 @@ class Publisher:
         states = self.store.write_ahead(items)
         await asyncio.gather(*(self.persist(tp, st) for tp, st in states))
 
-    def _apply_to_episode(self, w: EmittedWindow, d: dict, now: float) -> tuple[PatientState, dict | None]:
+    def _apply_to_episode(self, w: EmittedWindow, v: Verdict, now: float
+                          ) -> tuple[PatientState, EpisodeTransition | None]:
         st = self.store.patient(w.partition, w.patient_id)
-        episode = self.episodes.update(d, st.episode, now, grid=w.anchor_ns)
+        episode = self.episodes.update(v, st.episode, now, grid=w.anchor_ns)
         if st.episode.last_window == (w.anchor_ns, w.start_ns):
             self.store.changed(w.partition, w.patient_id)
         return st, episode
 
-    def _counted(self, pairs: list[tuple[EmittedWindow, dict]], taken: float) -> None:
+    def _counted(self, pairs: list[tuple[EmittedWindow, Verdict]], taken: float) -> None:
         """`taken`: when the publisher took the batch (the `sent` step starts there)."""
         now = time.time()
-        for w, d in pairs:
-            self.metrics.windows.labels(d["status"]).inc()
+        for w, v in pairs:
+            self.metrics.windows.labels(v.status).inc()
             self.metrics.latency_s.observe(max(now - w.completed_at, 0.0))
         self.metrics.flag_steps.observe("sent", now - taken, len(pairs))
         self.settled.set()
@@ -117,25 +120,26 @@ class Publisher:
     # again (same seq, same bytes), and no number is ever sent that the durable state has not seen;
     # exactly once the message, the state and the offsets are one transaction.
 
-    async def _send_episode(self, d, partition, st: PatientState, episode: dict, durable: bool = True) -> None:
+    async def _send_episode(self, d, partition, st: PatientState, episode: EpisodeTransition,
+                            durable: bool = True) -> None:
         """`durable`: the state holding the message as pending is written first (where the outputs need
         that); False for a message restored from the durable state."""
         if durable and self.persist is not None:
             d.durable_first(functools.partial(self.persist, partition, st))
-        await d.send(self.kafka.episodes_topic, dumps(episode), key=episode["patient_id"].encode(),
+        await d.send(self.kafka.episodes_topic, episode_bytes(episode), key=episode.patient_id.encode(),
                      counted=functools.partial(self._sent, partition, st, episode))
 
-    def _sent(self, partition, st: PatientState, episode: dict) -> None:
-        if st.episode.pending is not None and st.episode.pending["seq"] == episode["seq"]:
+    def _sent(self, partition, st: PatientState, episode: EpisodeTransition) -> None:
+        if st.episode.pending is not None and st.episode.pending.seq == episode.seq:
             st.episode.pending = None
             self.store.changed(partition, st.patient_id)
-        state = "renewed" if episode["renewal"] else episode["state"]
+        state = "renewed" if episode.renewal else episode.state
         self.metrics.episodes.labels(state).inc()
-        if not episode["renewal"]:
-            log.info("episode", state=episode["state"], reason=episode["reason"], seq=episode["seq"],
-                     patient=patient_ref(episode["patient_id"]),
-                     episode=episode_ref(episode["patient_id"], episode["start_ns"])
-                     if episode["start_ns"] is not None else None)
+        if not episode.renewal:
+            log.info("episode", state=episode.state, reason=episode.reason, seq=episode.seq,
+                     patient=patient_ref(episode.patient_id),
+                     episode=episode_ref(episode.patient_id, episode.start_ns)
+                     if episode.start_ns is not None else None)
 
     def tend_episodes(self, now: float) -> int:
         """Once a second: renew the lease of each open episode when due, and close (reason stale) those
@@ -187,18 +191,18 @@ class Publisher:
             if not d.owned or not self.store.owns(partition):
                 return
             for e in entries:
-                await d.send(self.kafka.flags_topic, dumps(e["flag"]), key=st.patient_id.encode(),
+                await d.send(self.kafka.flags_topic, flag_bytes(e.verdict), key=st.patient_id.encode(),
                              counted=functools.partial(self._written_ahead_counted, d, partition, st, e))
 
-    async def _written_ahead_counted(self, d, partition, st: PatientState, entry: dict) -> None:
+    async def _written_ahead_counted(self, d, partition, st: PatientState, entry: FlagAhead) -> None:
         episode = self._flag_written_ahead_published(partition, st, entry)
         if episode is not None:
             await self._send_episode(d, partition, st, episode)
 
-    def _flag_written_ahead_published(self, partition, st: PatientState, entry: dict) -> dict | None:
-        flag = entry["flag"]
-        self.store.flag_published(partition, st.patient_id, flag["window_id"])
-        episode = self.episodes.update(flag, st.episode, self.clock(), grid=entry["grid"])
+    def _flag_written_ahead_published(self, partition, st: PatientState, entry: FlagAhead
+                                      ) -> EpisodeTransition | None:
+        self.store.flag_published(partition, st.patient_id, entry.verdict.window_id)
+        episode = self.episodes.update(entry.verdict, st.episode, self.clock(), grid=entry.grid)
         self.store.changed(partition, st.patient_id)
         return episode
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Hashable
 
-from streamer.state.patients import PatientState
+from streamer.state.patients import FlagAhead, PatientState
 
 
 class StateStore:
@@ -72,7 +72,7 @@ class StateStore:
             self.dirty.setdefault(w.partition, set()).add(w.patient_id)
 
     def write_ahead(self, batch) -> list[tuple[Hashable, PatientState]]:
-        """A batch of (EmittedWindow, flag) about to be published at least once. For each patient with a
+        """A batch of (EmittedWindow, Verdict) about to be published at least once. For each patient with a
         window the wall clock closed in it, every one of its windows in the batch (those before it too: the
         state's "reported up to" would pass them) is marked reported and its flag kept in the state until
         `flag_published`. Returns the (partition, state) pairs the caller writes before it sends the flags.
@@ -80,22 +80,22 @@ class StateStore:
         patients = {(w.partition, w.patient_id) for w, _ in batch
                     if w.by_clock and w.partition in self.partitions}
         out = {}
-        for w, flag in batch:
+        for w, verdict in batch:
             key = (w.partition, w.patient_id)
             if key not in patients:
                 continue
             st = self.patient(*key)
             st.reported(w.natural_anchor_ns, w.anchor_ns, w.rate, w.k)
-            if all(e["flag"]["window_id"] != flag["window_id"] for e in st.flags_ahead):
-                st.flags_ahead.append({"grid": w.anchor_ns, "flag": flag})
+            if all(e.verdict.window_id != verdict.window_id for e in st.flags_ahead):
+                st.flags_ahead.append(FlagAhead(w.anchor_ns, verdict))
             self.changed(*key)
             out[key] = (w.partition, st)
         return list(out.values())
 
     def flag_published(self, partition: Hashable, patient_id: str, window_id: str) -> None:
         st = self.partitions.get(partition, {}).get(patient_id)
-        if st is not None and st.flags_ahead and any(e["flag"]["window_id"] == window_id for e in st.flags_ahead):
-            st.flags_ahead = [e for e in st.flags_ahead if e["flag"]["window_id"] != window_id]
+        if st is not None and st.flags_ahead and any(e.verdict.window_id == window_id for e in st.flags_ahead):
+            st.flags_ahead = [e for e in st.flags_ahead if e.verdict.window_id != window_id]
             self.changed(partition, patient_id)
 
     def changed(self, partition: Hashable, patient_id: str) -> None:
