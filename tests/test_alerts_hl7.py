@@ -128,12 +128,19 @@ class AlertModel(RuleBasedStateMachine):
 
     @rule(dt=st.integers(0, 60 * S))
     def advance(self, dt):
+        """Time passes with no record: the bridge ticks at each deadline. Each tick moves the deadline
+        on, and a lapse is said at the lease's end (+1 ns), not at some later tick."""
         end = self.clock.now + dt
+        first, last = len(self.events), None
         while (d := self.m.next_deadline()) is not None and d <= end:
-            self.clock.now = max(self.clock.now, d)
+            assert d != last, "a tick at the deadline left it where it was"
+            last = self.clock.now = max(self.clock.now, d)
             self._tick()
         self.clock.now = end
         self._tick()
+        for e in self.events[first:]:
+            if e.phase == "end" and e.reason == "lapsed":
+                assert e.at_ns <= self.m.view.lease_end_ns(e.patient_id) + 1, "lapse said late"
 
     @invariant()
     def active_iff_suppressed(self):
