@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import fields
 
 import numpy as np
 import orjson
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamer.model.decision import Verdict, decide, is_artifact
+from streamer.model.decision import Verdict, _positional_constructor, decide, is_artifact
 from streamer.publish.episodes import EpisodeTracker
 from streamer.publish.messages import episode_bytes, flag_bytes, flag_doc
 from streamer.settings import EpisodeSettings
@@ -99,6 +100,13 @@ def test_verdicts_encode_as_the_old_flags_for_any_probability_and_threshold(p, t
     assert flag_bytes(v) == orjson.dumps(_old_flag_message(w, p, thr, "m1", P))
     if v.status == FlagStatus.SCORED:
         assert v.artifact == bool(is_artifact(p, thr))  # the one decision, and the vectorised form agree
+
+
+def test_the_fast_constructor_builds_what_the_dataclass_builds():
+    values = ("bed-7", 1, 2, FlagStatus.SCORED, None, 0.25, False, 0.5, "m1", 500.0, 3, 4, 5, 6.5)
+    fast = _positional_constructor(Verdict)(*values)
+    assert fast == Verdict(*values) and type(fast) is Verdict
+    assert [getattr(fast, f.name) for f in fields(Verdict)] == list(values)
 
 
 def test_a_verdict_is_frozen_and_slotted():
