@@ -100,8 +100,7 @@ def cmd_run(args) -> int:
     from streamer.model.errors import ModelError
     from streamer.runtime import StartupError, Worker
 
-    worker = Worker(s)
-    worker.owns_process = True
+    worker = Worker(s, owns_process=True)
 
     async def main() -> int:
         _install_stop(asyncio.get_running_loop(), worker.stop)  # from here on the loop owns the signals

@@ -69,7 +69,8 @@ def _start_worker(s, scorer) -> Worker:
         try:
             await w.start()
         finally:
-            await w._close_clients()
+            if w.parts is not None:
+                await w.parts.close()
         return w
 
     return asyncio.run(start())
@@ -77,13 +78,13 @@ def _start_worker(s, scorer) -> Worker:
 
 def test_delivery_is_exactly_once_on_apache_kafka(broker, scorer, caplog):
     w = _start_worker(isolated_settings(broker.bootstrap), scorer)
-    assert w.delivery.exactly_once
+    assert w.parts.delivery.exactly_once
 
 
 def test_delivery_falls_back_to_at_least_once_without_transactions(embedded_broker, scorer):
     s = isolated_settings(embedded_broker.bootstrap)
     w = _start_worker(s, scorer)
-    assert not w.delivery.exactly_once
+    assert not w.parts.delivery.exactly_once
     s.kafka.delivery = "exactly_once"
     with pytest.raises(StartupError, match="refused a transaction"):
         _start_worker(s, scorer)
@@ -217,7 +218,7 @@ def test_the_demo_path_on_the_embedded_broker(embedded_broker, scorer):
 
     worker, code, flags = asyncio.run(main())
     assert code == 0
-    assert not worker.delivery.exactly_once
+    assert not worker.parts.delivery.exactly_once
     assert expected <= set(scored_ids(flags))
 
 

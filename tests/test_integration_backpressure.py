@@ -44,15 +44,15 @@ def test_slow_inference_pauses_fetching_then_catches_up(broker, scorer):
         task = asyncio.create_task(worker.run())
         peak_pending, paused_seen, scrapes = 0, False, []
         try:
-            while not worker.assigned:
+            while not worker.core.assigned:
                 await asyncio.sleep(0.1)
-            port = worker.health.port
+            port = worker.parts.health.port
             await replay(s.kafka, fleet, speed=None, chunk_s=0.5)
             t_paused = None  # slow until fetching has paused, then 3 s more of it
             deadline = time.monotonic() + 90
             while t_paused is None or time.monotonic() < t_paused + 3:
                 assert time.monotonic() < deadline, "fetching never paused"
-                peak_pending = max(peak_pending, worker.ledger.in_flight())
+                peak_pending = max(peak_pending, worker.core.ledger.in_flight())
                 if worker.paused and not paused_seen:
                     paused_seen, t_paused = True, time.monotonic()
                     scrapes.append(await asyncio.to_thread(_get, port, "/metrics"))  # while paused
@@ -101,9 +101,9 @@ def test_a_micro_batch_is_one_network_call_at_most(broker, scorer):
         worker = Worker(s, scorer=scorer)
         task = asyncio.create_task(worker.run())
         try:
-            while not worker.assigned and not task.done():  # started: its partition assigned
+            while not worker.core.assigned and not task.done():  # started: its partition assigned
                 await asyncio.sleep(0.05)
-            return worker.batcher.max_batch
+            return worker.core.batcher.max_batch
         finally:
             worker.stop()
             await asyncio.wait_for(task, 60)

@@ -36,7 +36,7 @@ def test_clock_step_keeps_the_neighbour_and_the_commit_moving(broker, scorer):
         worker = Worker(s, scorer=scorer)
         task = asyncio.create_task(worker.run())
         try:
-            await until_true(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
+            await until_true(lambda: asyncio.sleep(0, bool(worker.core.assigned)), 60, "assignment")
             await replay(s.kafka, [healthy, stepped], speed=None, chunk_s=0.25)
 
             async def flagged():
@@ -45,12 +45,12 @@ def test_clock_step_keeps_the_neighbour_and_the_commit_moving(broker, scorer):
                 return len(new) >= 3 and expected_windows([healthy]) <= set(scored_ids(flags))
 
             await until_true(flagged, 90, "flags of both beds")
-            tp = next(iter(worker.assigned))
-            end = worker.consumer.highwater(tp)
-            await until_true(lambda: asyncio.sleep(0, worker.ledger.committed.get(tp, 0) == end), 60,
+            tp = next(iter(worker.core.assigned))
+            end = worker.parts.consumer.highwater(tp)
+            await until_true(lambda: asyncio.sleep(0, worker.core.ledger.committed.get(tp, 0) == end), 60,
                          "the commit to reach the end of the partition (nothing pinned by the stepped bed)")
             return flags_of(await read_topic(s.kafka, s.kafka.flags_topic, timeout_s=5)), \
-                worker.metrics.dead_letters.labels("timestamp_jump")._value.get()
+                worker.core.metrics.dead_letters.labels("timestamp_jump")._value.get()
         finally:
             worker.stop()
             assert await asyncio.wait_for(task, 60) == 0
@@ -108,7 +108,7 @@ def test_episode_opened_under_one_worker_is_closed_by_its_successor(broker, scor
 async def _bad_record_then_a_healthy_bed(s, worker, bad: bytes, key: bytes, bed) -> None:
     """Once `worker` owns the partition: one bad record, then a healthy bed; returns when the bed is
     flagged and the commit passed the bad record (offset 0)."""
-    await until_true(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
+    await until_true(lambda: asyncio.sleep(0, bool(worker.core.assigned)), 60, "assignment")
     producer = make_producer(s.kafka, max_request_size=4 << 20)
     await producer.start()
     await producer.send_and_wait(s.kafka.input_topics[0], bad, key=key)
@@ -120,8 +120,8 @@ async def _bad_record_then_a_healthy_bed(s, worker, bad: bytes, key: bytes, bed)
         return expected_windows([bed]) <= set(scored_ids(flags))
 
     await until_true(done, 60, "the healthy bed's flags")
-    tp = next(iter(worker.assigned))
-    await until_true(lambda: asyncio.sleep(0, worker.ledger.committed.get(tp, 0) >= 1), 30,
+    tp = next(iter(worker.core.assigned))
+    await until_true(lambda: asyncio.sleep(0, worker.core.ledger.committed.get(tp, 0) >= 1), 30,
                  "the commit to pass the bad record")
 
 
@@ -214,7 +214,7 @@ def test_a_dead_letter_the_topic_refuses_is_released_with_an_error_not_a_stalled
         task = asyncio.create_task(worker.run())
         try:
             await _bad_record_then_a_healthy_bed(s, worker, b"{not json at all", b"bed-bad", bed)
-            failed = worker.metrics.dead_letters_failed.labels("malformed_json")._value.get()
+            failed = worker.core.metrics.dead_letters_failed.labels("malformed_json")._value.get()
             assert worker.fatal is None and failed == 1
         finally:
             worker.stop()
@@ -238,7 +238,7 @@ def test_a_patient_unchanged_past_the_ttl_is_tombstoned_and_not_restored(broker,
         worker = Worker(s, scorer=scorer)
         task = asyncio.create_task(worker.run())
         try:
-            await until_true(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
+            await until_true(lambda: asyncio.sleep(0, bool(worker.core.assigned)), 60, "assignment")
             await replay(s.kafka, [gone], speed=None, chunk_s=0.5)
             # the other bed keeps streaming in real time: its state changes every window and stays
             feed = asyncio.create_task(replay(s.kafka, [Source("bed-kept", kept)], speed=1.0, chunk_s=0.5))
@@ -255,9 +255,9 @@ def test_a_patient_unchanged_past_the_ttl_is_tombstoned_and_not_restored(broker,
                 return any(f["patient_id"] == "bed-kept" for f in flags)
 
             await until_true(kept_reported, 60, "a window of the bed still streaming")
-            tp = next(iter(worker.assigned))
-            held = set(worker.store.partitions[tp])
-            expired = worker.metrics.states_expired._value.get()
+            tp = next(iter(worker.core.assigned))
+            held = set(worker.core.store.partitions[tp])
+            expired = worker.core.metrics.states_expired._value.get()
             feed.cancel()
             return held, expired
         finally:
@@ -352,7 +352,7 @@ def test_a_new_bed_whose_first_record_is_an_outlier_loses_only_that_record(broke
         worker = Worker(s, scorer=scorer)
         task = asyncio.create_task(worker.run())
         try:
-            await until_true(lambda: asyncio.sleep(0, bool(worker.assigned)), 60, "assignment")
+            await until_true(lambda: asyncio.sleep(0, bool(worker.core.assigned)), 60, "assignment")
             producer = make_producer(s.kafka)
             await producer.start()
             out = ChunkProducer(producer, s.kafka.input_topics[0], "json")
@@ -365,9 +365,9 @@ def test_a_new_bed_whose_first_record_is_an_outlier_loses_only_that_record(broke
                 return sum(f["status"] == "scored" for f in flags) >= 4
 
             await until_true(scored, 90, "the bed's windows")
-            tp = next(iter(worker.assigned))
-            end = worker.consumer.highwater(tp)
-            await until_true(lambda: asyncio.sleep(0, worker.ledger.committed.get(tp, 0) == end), 60,
+            tp = next(iter(worker.core.assigned))
+            end = worker.parts.consumer.highwater(tp)
+            await until_true(lambda: asyncio.sleep(0, worker.core.ledger.committed.get(tp, 0) == end), 60,
                          "the commit to reach the end of the partition")
         finally:
             worker.stop()

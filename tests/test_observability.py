@@ -94,10 +94,10 @@ def test_healthz_fails_while_inference_hangs_and_recovers(broker, scorer):
             fleet = [src for src, _ in synthetic_fleet(1, 11, parse_start("2026-11-22T08:00:00Z"), seed=3)]
             await replay(s.kafka, fleet, speed=None, chunk_s=0.5)
             async with aiohttp.ClientSession() as session:
-                while worker.health is None or not worker.health.port:
+                while worker.parts is None or worker.parts.health is None or not worker.parts.health.port:
                     assert not task.done(), "worker exited early"
                     await asyncio.sleep(0.1)
-                port = worker.health.port
+                port = worker.parts.health.port
                 stalled = await until(session, port, 503)
                 metrics = await (await session.get(f"http://127.0.0.1:{port}/metrics")).text()
                 release.set()
@@ -117,6 +117,8 @@ def test_healthz_fails_while_inference_hangs_and_recovers(broker, scorer):
 def test_readiness_is_membership_so_a_standby_without_partitions_is_ready():
     """Replicas may exceed input partitions: a standby has joined its group and holds none, and a rollout
     must not wait on partitions it can never get. Not ready: the model not loaded, or not yet a member."""
+    from types import SimpleNamespace
+
     from aiokafka import TopicPartition
 
     from streamer.settings import Settings
@@ -124,13 +126,15 @@ def test_readiness_is_membership_so_a_standby_without_partitions_is_ready():
     w = Worker(Settings())
 
     def gauge() -> float:
-        return float(re.search(r"^streamer_ready (\S+)$", w.metrics.render().decode(), re.M).group(1))
+        return float(re.search(r"^streamer_ready (\S+)$", w.core.metrics.render().decode(), re.M).group(1))
 
     assert w.ready() == (False, "model not loaded") and gauge() == 0.0
-    w.scorer, w.consumer = object(), object()
+    w.scorer = object()
     assert w.ready() == (False, "not yet a member of the consumer group") and gauge() == 0.0
-    w.joined = True  # on_assigned ran with an empty assignment
+    w.parts = SimpleNamespace(ownership=SimpleNamespace(joined=False))  # started, the group not yet joined
+    assert w.ready() == (False, "not yet a member of the consumer group") and gauge() == 0.0
+    w.parts.ownership.joined = True  # the assignment listener ran with an empty assignment
     ok, why = w.ready()
     assert ok and "standby" in why and gauge() == 1.0
-    w.assigned = {TopicPartition("ecg.lead2", 0), TopicPartition("ecg.lead2", 1)}
+    w.core.assigned.update({TopicPartition("ecg.lead2", 0), TopicPartition("ecg.lead2", 1)})
     assert w.ready() == (True, "ready: 2 partitions")

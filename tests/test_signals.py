@@ -92,4 +92,4 @@ def test_failed_inference_ends_shutdown_without_waiting_the_deadline(broker, sco
     code, worker = asyncio.run(main())
     assert code == 1
     # nothing was published, so no commit may have passed the first record
-    assert all(offset == 0 for offset in worker.ledger.committed.values()), worker.ledger.committed
+    assert all(offset == 0 for offset in worker.core.ledger.committed.values()), worker.core.ledger.committed

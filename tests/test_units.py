@@ -137,14 +137,14 @@ def test_backpressure_pauses_above_the_limit_and_resumes_at_half():
     s = Settings()
     s.batching.max_pending_windows = 10
     worker = Worker(s, scorer=object())
-    worker.consumer = _Consumer({("in", 0), ("in", 1)})
-    holds = [worker.ledger.hold(("in", 0), i) for i in range(11)]
-    worker._backpressure()
-    assert worker.paused and worker.consumer.paused == {("in", 0), ("in", 1)}
+    consumer = _Consumer({("in", 0), ("in", 1)})
+    holds = [worker.core.ledger.hold(("in", 0), i) for i in range(11)]
+    worker.core.backpressure.apply(consumer)  # what the consume loop does after each fetch
+    assert worker.paused and consumer.paused == {("in", 0), ("in", 1)}
     for h in holds[:5]:  # 6 left: above half the limit, still paused
-        worker.ledger.release(h)
-    worker._backpressure()
+        worker.core.ledger.release(h)
+    worker.core.backpressure.apply(consumer)
     assert worker.paused
-    worker.ledger.release(holds[5])  # 5 left: at half, fetching resumes
-    worker._backpressure()
-    assert not worker.paused and worker.consumer.paused == set()
+    worker.core.ledger.release(holds[5])  # 5 left: at half, fetching resumes
+    worker.core.backpressure.apply(consumer)
+    assert not worker.paused and consumer.paused == set()

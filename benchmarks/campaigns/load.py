@@ -41,19 +41,19 @@ def slow_campaign(bootstrap: str, beds: int, seconds: float, delay_s: float, slo
         slow = SlowScorer(ArtifactScorer(s.model).warm_up(), delay_s)
         worker = Worker(s, scorer=slow)
         task = asyncio.create_task(worker.run())
-        while not worker.assigned:
+        while not worker.core.assigned:
             await asyncio.sleep(0.2)
         feed = asyncio.create_task(replay(s.kafka, fleet, speed=1.0, chunk_s=0.5))
         t0 = time.monotonic()
         peak_pending = peak_bytes = paused_s = 0.0
         while time.monotonic() - t0 < slow_for_s:
-            peak_pending = max(peak_pending, worker.ledger.in_flight())
-            peak_bytes = max(peak_bytes, worker.stage.nbytes)
+            peak_pending = max(peak_pending, worker.core.ledger.in_flight())
+            peak_bytes = max(peak_bytes, worker.core.stage.nbytes)
             paused_s += 0.1 if worker.paused else 0.0
             await asyncio.sleep(0.1)
         slow.delay_s = 0.0
         recovered = time.monotonic()
-        while (worker.paused or worker.ledger.in_flight() > 8) and time.monotonic() - recovered < 300:
+        while (worker.paused or worker.core.ledger.in_flight() > 8) and time.monotonic() - recovered < 300:
             await asyncio.sleep(0.1)
         catch_up = time.monotonic() - recovered
         await feed

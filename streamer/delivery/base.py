@@ -24,9 +24,9 @@ class BackgroundSends:
     """Outputs sent beside the data path (dead letters, stale closes): the worker waits for them at shutdown
     and is told when one fails for good (`on_failure`), which it treats as fatal."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_failure: Callable[[BaseException], None] | None = None) -> None:
         self.tasks: set[asyncio.Task] = set()
-        self.on_failure = None
+        self.on_failure = on_failure
 
     def spawn(self, coro) -> None:
         task = asyncio.create_task(coro)

@@ -104,9 +104,10 @@ class DeadLetters:
     ledger until it is published (acknowledged, or in its partition's open transaction), so a crash before
     that re-reads it instead of losing it."""
 
-    def __init__(self, topic: str, delivery: Delivery, ledger, metrics, settled: asyncio.Event, clock=time.monotonic):
+    def __init__(self, topic: str, delivery: Delivery, ledger, metrics, settled: asyncio.Event, clock=time.monotonic,
+                 on_failure=None):
         self.topic, self.delivery, self.ledger, self.metrics, self.settled = topic, delivery, ledger, metrics, settled
-        self.background = BackgroundSends()
+        self.background = BackgroundSends(on_failure)  # a dead letter that fails for good is fatal
         self.max_bytes = 900_000  # under the producer's max_request_size (1 MiB) with room for the batch
         self.log_limit = LogLimit(clock)
         # per input partition, the dead letters waiting for their partition's sending task: a fetch's worth

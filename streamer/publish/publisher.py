@@ -3,8 +3,8 @@
 The publisher owns the producer side of the data path. For each window it sends the flag, records the
 report in the patient state, feeds the episode tracker (sending any transition) and releases the window's
 hold in the offsets ledger, so the commit point can move past its records. All of that is done when the
-flag counts, and the publisher does not know when that is: it sends through `outputs.deliver` (one
-interface, checkpointing/outputs.py) and makes the changes in the flag's `counted` callback. The mode
+flag counts, and the publisher does not know when that is: it sends through `delivery.deliver` (one
+interface, streamer/delivery) and makes the changes in the flag's `counted` callback. The mode
 decides the moment:
 - at least once: once the broker acknowledged the flag; unacknowledged sends are retried (a retry may
   duplicate a flag, never lose one; flags carry their window id);
@@ -21,7 +21,7 @@ import time
 from typing import Awaitable, Callable
 
 from streamer.checkpointing import OffsetsLedger
-from streamer.delivery import BackgroundSends, Delivery
+from streamer.delivery import BackgroundSends, Block, Delivery
 from streamer.logs import episode_ref, get_logger, patient_ref
 from streamer.metrics import Metrics
 from streamer.model.decision import Verdict, decide
@@ -36,15 +36,16 @@ log = get_logger("streamer.publish")
 
 
 class Publisher:
-    def __init__(self, k: KafkaSettings, outputs: Delivery, ledger: OffsetsLedger,
+    def __init__(self, k: KafkaSettings, delivery: Delivery, ledger: OffsetsLedger,
                  store: StateStore, episodes: EpisodeTracker, metrics: Metrics, settled: asyncio.Event,
                  persist: Callable[[object, PatientState], Awaitable[None]] | None = None,
-                 clock: Callable[[], float] = time.time):
-        self.kafka, self.outputs, self.ledger, self.store = k, outputs, ledger, store
+                 clock: Callable[[], float] = time.time, on_failure: Callable[[BaseException], None] | None = None):
+        self.kafka, self.delivery, self.ledger, self.store = k, delivery, ledger, store
         self.episodes, self.metrics, self.settled = episodes, metrics, settled
         self.persist = persist  # one patient's state written now (Checkpointer.persist): durable_first's writes
         self.clock = clock  # wall time (s): episode staleness and leases
-        self.background = BackgroundSends()  # episode messages sent beside the flags (renewals, stale closes)
+        # episode messages sent beside the flags (renewals, stale closes); a failure for good is fatal
+        self.background = BackgroundSends(on_failure)
 
     async def flags(self, batch: list[EmittedWindow], probs: list[float | None], threshold: float,
                     model_id: str) -> None:
@@ -60,23 +61,23 @@ class Publisher:
                                ) -> list[tuple[EmittedWindow, Verdict]]:
         """One partition's flags; returns those that count (none if the partition was lost meanwhile)."""
         counted: list = []
-        async with self.outputs.deliver(tp) as d:
-            if not d.owned:
+        async with self.delivery.deliver(tp) as block:
+            if not block.owned:
                 return []  # revoked meanwhile: its new owner redoes these windows
             # A window handed on before its partition was revoked is dropped: the records it came from were
             # not committed past, so whoever owns the partition now redoes it (and a wall-clock close
             # published late beside that redo would give one window_id two contents).
             items = [(w, v) for w, v in items if self.ledger.is_current(w.hold)]
             if self.persist is not None and any(w.by_clock for w, _ in items):
-                d.durable_first(functools.partial(self._write_ahead, items))
+                block.durable_first(functools.partial(self._write_ahead, items))
             for w, v in items:
-                await d.send(self.kafka.flags_topic, flag_bytes(v), key=v.patient_id.encode(), urgent=True,
-                             counted=functools.partial(self._flag_counted, d, w, v, counted))
+                await block.send(self.kafka.flags_topic, flag_bytes(v), key=v.patient_id.encode(), urgent=True,
+                             counted=functools.partial(self._flag_counted, block, w, v, counted))
         # a refusal fails the transaction (raised above: the worker stops); a fence drops them: they are
         # redone from the partition's last commit
-        return counted if d.stands() else []
+        return counted if block.stands() else []
 
-    async def _flag_counted(self, d, w: EmittedWindow, v: Verdict, counted: list) -> None:
+    async def _flag_counted(self, block: Block, w: EmittedWindow, v: Verdict, counted: list) -> None:
         """What a flag that counts implies: its window reported, its episode updated (and any transition
         sent with it), its hold released so the commit point may pass its records."""
         self.store.reported(w)
@@ -84,7 +85,7 @@ class Publisher:
         if self.store.owns(w.partition):  # else revoked meanwhile: its new owner applies it to the restored episode
             st, episode = self._apply_to_episode(w, v, self.clock())
             if episode is not None:
-                await self._send_episode(d, w.partition, st, episode)
+                await self._send_episode(block, w.partition, st, episode)
         self.ledger.release(w.hold)
         counted.append((w, v))
 
@@ -120,13 +121,13 @@ class Publisher:
     # again (same seq, same bytes), and no number is ever sent that the durable state has not seen;
     # exactly once the message, the state and the offsets are one transaction.
 
-    async def _send_episode(self, d, partition, st: PatientState, episode: EpisodeTransition,
+    async def _send_episode(self, block: Block, partition, st: PatientState, episode: EpisodeTransition,
                             durable: bool = True) -> None:
         """`durable`: the state holding the message as pending is written first (where the outputs need
         that); False for a message restored from the durable state."""
         if durable and self.persist is not None:
-            d.durable_first(functools.partial(self.persist, partition, st))
-        await d.send(self.kafka.episodes_topic, episode_bytes(episode), key=episode.patient_id.encode(),
+            block.durable_first(functools.partial(self.persist, partition, st))
+        await block.send(self.kafka.episodes_topic, episode_bytes(episode), key=episode.patient_id.encode(),
                      counted=functools.partial(self._sent, partition, st, episode))
 
     def _sent(self, partition, st: PatientState, episode: EpisodeTransition) -> None:
@@ -155,15 +156,15 @@ class Publisher:
         return due
 
     async def _tend(self, partition, patient_id: str, now: float) -> None:
-        async with self.outputs.deliver(partition) as d:
-            if not d.owned or not self.store.owns(partition):
+        async with self.delivery.deliver(partition) as block:
+            if not block.owned or not self.store.owns(partition):
                 return
             st = self.store.patient(partition, patient_id)
             msg = self.episodes.tend(patient_id, st.episode, now)
             if msg is None:
                 return  # closed or renewed meanwhile
             self.store.changed(partition, patient_id)
-            await self._send_episode(d, partition, st, msg)
+            await self._send_episode(block, partition, st, msg)
 
     def resume(self, partition, lost: list[str], now: float) -> None:
         """After a partition's states were restored: a conservative close (`state_lost`) for each patient
@@ -187,17 +188,17 @@ class Publisher:
         entries = list(st.flags_ahead)
         log.info("flags_republished", patient=patient_ref(st.patient_id), windows=len(entries),
                  topic=getattr(partition, "topic", None), partition=getattr(partition, "partition", partition))
-        async with self.outputs.deliver(partition) as d:
-            if not d.owned or not self.store.owns(partition):
+        async with self.delivery.deliver(partition) as block:
+            if not block.owned or not self.store.owns(partition):
                 return
             for e in entries:
-                await d.send(self.kafka.flags_topic, flag_bytes(e.verdict), key=st.patient_id.encode(),
-                             counted=functools.partial(self._written_ahead_counted, d, partition, st, e))
+                await block.send(self.kafka.flags_topic, flag_bytes(e.verdict), key=st.patient_id.encode(),
+                             counted=functools.partial(self._written_ahead_counted, block, partition, st, e))
 
-    async def _written_ahead_counted(self, d, partition, st: PatientState, entry: FlagAhead) -> None:
+    async def _written_ahead_counted(self, block: Block, partition, st: PatientState, entry: FlagAhead) -> None:
         episode = self._flag_written_ahead_published(partition, st, entry)
         if episode is not None:
-            await self._send_episode(d, partition, st, episode)
+            await self._send_episode(block, partition, st, episode)
 
     def _flag_written_ahead_published(self, partition, st: PatientState, entry: FlagAhead
                                       ) -> EpisodeTransition | None:
@@ -207,8 +208,8 @@ class Publisher:
         return episode
 
     async def _republish(self, partition, st: PatientState, fresh: bool) -> None:
-        async with self.outputs.deliver(partition) as d:
-            if not d.owned or not self.store.owns(partition) or st.episode.pending is None:
+        async with self.delivery.deliver(partition) as block:
+            if not block.owned or not self.store.owns(partition) or st.episode.pending is None:
                 return
             # a restored pending message is durable already; a state_lost close is not yet
-            await self._send_episode(d, partition, st, st.episode.pending, durable=fresh)
+            await self._send_episode(block, partition, st, st.episode.pending, durable=fresh)

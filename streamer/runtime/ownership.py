@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-from aiokafka import TopicPartition
+from aiokafka import ConsumerRebalanceListener, TopicPartition
 
 from streamer.checkpointing import OffsetsLedger
 from streamer.delivery.event_time import EventTime
@@ -51,6 +51,12 @@ class PartitionOwnership:
     checkpoint: Callable[[set[TopicPartition]], Awaitable[None]]
     failed: Callable[[], bool]  # the worker has failed: nothing more is committed
     clock: Callable[[], float] = time.time
+    joined: bool = False  # a group generation assigned this worker its partitions (none, for a standby)
+
+    def listener(self, fail: Callable[[BaseException], None]) -> ConsumerRebalanceListener:
+        """The consumer's rebalance listener: revoke, then assign; a failure of either stops the worker
+        through `fail` (aiokafka would log and swallow it: a silent stall, the partitions unread)."""
+        return _Rebalance(self, fail)
 
     async def revoke(self, revoked: set[TopicPartition]) -> None:
         """Publish what is in flight for these partitions, checkpoint, then drop their buffers and states."""
@@ -129,3 +135,23 @@ class PartitionOwnership:
         if aligned and all(p is not None for p in aligned):
             return sorted(set(aligned))
         return list(range(n_out))
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, ownership: PartitionOwnership, fail: Callable[[BaseException], None]):
+        self.ownership, self.fail = ownership, fail
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        try:
+            await self.ownership.revoke(set(revoked))
+        except Exception as exc:  # noqa: BLE001 (see PartitionOwnership.listener)
+            self.fail(exc)
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        try:
+            await self.ownership.assign(set(assigned))
+            self.ownership.joined = True
+        except Exception as exc:  # noqa: BLE001 (see PartitionOwnership.listener)
+            log.error("restore_failed", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned),
+                      error=repr(exc))
+            self.fail(exc)
