@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamer.gateways.hl7_in import Segments, tls_context
-from streamer.gateways.pcd01 import Pcd01, Refusal, parse_dtm, parse_pcd01, read_header
+from streamer.gateways.pcd01 import Pcd01, Refusal, Wave, parse_dtm, parse_pcd01, read_header
 from streamer.errors import SettingsError
 from tests.hl7_fixtures import (DIMLESS, LEAD_II, MV, MessageSpec, WaveSpec, build, dtm, ecg_mv,
                                 lead_ii_message, mv_text)
@@ -130,6 +130,13 @@ def test_content_errors_are_refused_with_their_reason(edit, reason):
     assert refusal.reason == reason and refusal.code in ("AE", "AR")
 
 
+def test_an_msh_that_repeats_a_separator_is_refused_not_raised():
+    # python-hl7's parser asserts on it: the handler must still answer (a raise closed the connection
+    # unanswered, and the station resent the message forever)
+    raw = b"MSH|^^~\\&|A|B|C|D|20260101120000+0000||ORU^R01^ORU_R01|F0|P|2.6\rPID|||MRN^^^H^MR\r"
+    assert _refusal(raw).reason == "unparseable"
+
+
 def test_values_are_strict_hl7_numbers():
     raw, _ = lead_ii_message("C1", T0, np.array([0.1, 0.2, 0.3]))
     for bad in (b"0.100^1e400^0.300", b"0.100^nan^0.300", b"0.100^^0.300", b"0.100^inf^0.300", b"0x1^2^3"):
@@ -156,6 +163,149 @@ def test_segments_continue_break_on_gaps_and_inop_and_stay_bounded():
     for p in ("A", "B"):
         seg.chunks(_parse(lead_ii_message("C6", T0, ecg_mv(5), patient=p)[0]))
     assert seg.forgotten == 1 and len(seg._beds) == 2
+
+
+def _pcd(t0_ns: int, samples, fs: float = 500.0, key: str = "MRN-1001", inop: bool = False) -> Pcd01:
+    """A parsed message of one lead-II wave, built directly (the parser has its own tests above)."""
+    return Pcd01(read_header(b""), key, "PID-3", [Wave(t0_ns, fs, None if inop else np.asarray(samples, float))])
+
+
+def _start(segments: Segments, t0_ns: int, n: int = 500, fs: float = 500.0, **kw) -> int:
+    (chunk,) = segments.chunks(_pcd(t0_ns, np.zeros(n), fs, **kw))
+    assert chunk.t0_ns == t0_ns
+    return chunk.segment_start_ns
+
+
+def test_a_resend_keeps_its_segment_and_does_not_move_the_next_sample():
+    seg = Segments(cap=4)
+    assert [_start(seg, T0 + i * 10**9) for i in range(3)] == [T0] * 3
+    assert _start(seg, T0 + 2 * 10**9) == T0  # the last message again (its ACK was lost)
+    assert _start(seg, T0 + 1 * 10**9) == T0  # an older one, wholly covered
+    assert _start(seg, T0 + 1 * 10**9 + 10**6, n=10) == T0  # a piece of one, off the grid by half a sample
+    assert _start(seg, T0 + 3 * 10**9) == T0  # the next sample was still due at T0 + 3 s
+    assert seg.resends == 3
+    # after an INOP a resend still keeps its segment; new data starts one
+    assert seg.chunks(_pcd(T0 + 4 * 10**9, [], inop=True)) == []
+    assert _start(seg, T0 + 3 * 10**9) == T0
+    assert _start(seg, T0 + 5 * 10**9) == T0 + 5 * 10**9
+
+
+def test_a_partial_overlap_continues_the_segment_and_a_gap_or_a_new_rate_starts_one():
+    seg = Segments(cap=4)
+    assert _start(seg, T0) == T0
+    assert _start(seg, T0 + 500_000_000) == T0  # starts inside, ends past: continues to T0 + 1.5 s
+    assert _start(seg, T0 + 1_500_000_000) == T0
+    assert _start(seg, T0 + 2_500_000_000 + 1_001_000) == T0 + 2_500_000_000 + 1_001_000  # half a sample late
+    assert _start(seg, T0 + 3_501_001_000, fs=250.0, n=250) == T0 + 3_501_001_000  # another rate
+
+
+def test_a_message_back_in_time_starts_a_segment_without_cutting_the_beds_stream():
+    """Before the segment's first sample: a clock stepped back or a backfill. It starts a segment (the
+    worker refuses it as an older timeline unless records confirm it); the next message that continues
+    the bed's segment keeps that segment's start, and records that continue the new timeline keep its."""
+    seg = Segments(cap=4)
+    assert [_start(seg, T0 + i * 10**9) for i in range(2)] == [T0] * 2
+    back = T0 - 60 * 10**9
+    assert _start(seg, back) == back  # a lone outlier
+    assert _start(seg, T0 + 2 * 10**9) == T0  # the bed's stream goes on
+    assert [_start(seg, back + i * 10**9) for i in range(3)] == [back] * 3  # a clock stepped back for good
+    assert _start(seg, back + 10**9) == back  # its resend
+    assert _start(seg, back + 3 * 10**9) == back
+
+
+def test_a_restart_resumes_each_beds_segment_from_decoded_records():
+    from streamer.ingest.contract import Chunk, InvalidMessage, decode, encode_binary, encode_json
+    from streamer.settings import WindowSettings
+
+    before = Segments(cap=8)
+    stored = [before.chunks(_pcd(T0 + i * 10**9, ecg_mv(500, seed=i), key=p))[0]
+              for i in range(3) for p in ("A", "B")]
+    stored.append(before.chunks(_pcd(T0 + 2 * 10**9, ecg_mv(500, seed=2), key="A"))[0])  # a resend came last
+    tail = [(c.patient_id.encode(), (encode_json if i % 2 else encode_binary)(c)) for i, c in enumerate(stored)]
+    tail += [(b"A", b"{not json"), (None, tail[0][1]), (b"C", encode_json(Chunk("C", "II", T0, 500.0, np.ones(5))))]
+    after = Segments(cap=8)
+    taken = 0
+    for key, value in tail:
+        try:
+            chunk = decode(key, value, WindowSettings(), NOW)
+        except InvalidMessage:
+            continue
+        taken += after.resume(chunk)
+    assert taken == len(stored)  # C has no segment start: not a record of this gateway's
+    assert _start(after, T0 + 3 * 10**9, key="A") == T0 and _start(after, T0 + 3 * 10**9, key="B") == T0
+    assert _start(after, T0 + 2 * 10**9, key="B") == T0  # the resend of what was stored before the restart
+    assert _start(after, T0, key="C") == T0 and _start(after, T0 + 10**9 + 10**6, key="C") == T0 + 10**9 + 10**6
+    # a record whose segment starts after its first sample is not this gateway's: not taken
+    assert not after.resume(Chunk("D", "II", T0, 500.0, np.ones(5), None, T0 + 10**9))
+
+
+@st.composite
+def station_deliveries(draw):
+    """One bed's contiguous recording cut into messages, and how a central station delivers them: each
+    message until ACKed, resent when its ACK was lost (stored) or the gateway died (stored or not); the
+    gateway may also restart between messages. Times as a DTM carries them: whole milliseconds."""
+    fs = draw(st.sampled_from([250.0, 360.0, 500.0]))
+    lengths = draw(st.lists(st.integers(1, int(1.5 * fs)), min_size=1, max_size=14))
+    fates = []
+    for _ in lengths:
+        tries = draw(st.lists(st.sampled_from(["ack_lost", "stored_crash", "lost_crash"]), max_size=3))
+        fates.append([*tries, draw(st.sampled_from(["acked", "acked_then_restart"]))])
+    tail = draw(st.integers(1, 3))
+    return fs, lengths, fates, tail
+
+
+@given(station_deliveries())
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_fuzz_resends_and_restarts_keep_one_segment_with_exact_times_and_the_workers_windows(delivery):
+    """However a station resends (and the gateway restarts), every chunk of one contiguous recording
+    carries the recording's segment start with the message's exact time and samples, and the worker's
+    stream buffer cuts from the records Kafka holds exactly the windows it cuts from one copy of each."""
+    from streamer.ingest.contract import decode, encode_json
+    from streamer.settings import WindowSettings
+    from streamer.windows.buffer import PatientStream
+
+    fs, lengths, fates, tail = delivery
+    rng = np.random.default_rng(len(lengths))
+    messages, first = [], 0
+    for n in lengths:
+        t0 = T0 + round(round(first * 1e9 / fs) / 1e6) * 10**6  # the DTM's millisecond
+        messages.append((t0, rng.normal(0, 0.5, n)))
+        first += n
+    ws = WindowSettings()
+    segments, log = Segments(cap=4), []  # log: the input topic, (chunk, message index, a resend?)
+
+    def restart():
+        nonlocal segments
+        segments = Segments(cap=4)
+        for chunk, _, _ in log[-tail:]:
+            assert segments.resume(decode(b"MRN-1001", encode_json(chunk), ws, NOW))
+
+    for i, ((t0, samples), tries) in enumerate(zip(messages, fates)):
+        for fate in tries:
+            (chunk,) = segments.chunks(_pcd(t0, samples, fs))
+            assert (chunk.segment_start_ns, chunk.t0_ns) == (T0, t0)
+            assert np.array_equal(chunk.samples, samples)
+            if fate != "lost_crash":
+                log.append((chunk, i, any(j == i for _, j, _ in log)))
+            if fate != "ack_lost" and fate != "acked":
+                restart()
+
+    def windows(records):
+        stream = PatientStream("MRN-1001", 0, ws)
+        out, dead = [], []
+        for offset, (chunk, _, resent) in enumerate(records):
+            result = stream.accept(chunk, offset, 0.0, ref=(offset, resent))
+            out += result.windows
+            dead += [ref for ref, _, _ in result.dead_letters]
+        out += stream.close(0.0)
+        return [(w.start_ns, w.status, w.reason, None if w.samples is None else w.samples.tobytes()) for w in out], dead
+
+    once = [next(r for r in log if r[1] == i) for i in range(len(messages))]
+    assert [r[1] for r in once] == list(range(len(messages)))  # every ACKed message is stored
+    got, dead = windows(log)
+    want, _ = windows(once)
+    assert got == want
+    assert all(resent for _, resent in dead)  # only a copy is ever dead-lettered (already-reported samples)
 
 
 def test_the_ack_is_a_valid_hl7_ack_that_swaps_the_applications():
@@ -447,6 +597,69 @@ def test_no_ack_while_kafka_is_frozen_then_every_ack_after(broker):
     asyncio.run(scenario())
     chunks = _by_time(_records(s, 2))
     assert [c.t0_ns for c in chunks] == [t, t + 10**9] and chunks[1].segment_start_ns == t
+
+
+@pytest.mark.integration
+def test_a_restarted_gateway_resumes_segments_from_the_topic_skipping_hostile_records(broker):
+    """The tail of the input topic, with records that do not decode among them, gives the next gateway
+    each bed's segment: its next message keeps the segment start. Unreachable brokers cost the resume
+    (logged, counted), never the gateway."""
+    from streamer.gateways.hl7_in import _resume
+    from streamer.kafka.clients import make_producer
+    from tests.kafka_utils import isolated_settings
+
+    s = isolated_settings(broker.bootstrap, partitions=2)
+    t = time.time_ns() // 10**6 * 10**6 - 60 * 10**9
+
+    async def scenario():
+        gw, server, port = await _gateway(s)
+        conn = await _client(port)
+        for i in range(3):
+            raw, _ = lead_ii_message(f"R{i}", t + i * 10**9, ecg_mv(500, seed=i), patient="MRN-R")
+            assert (await _exchange(conn, raw))[0] == "AA"
+        conn[1].close()
+        await _stop(gw, server)
+        producer = make_producer(s.kafka)
+        await producer.start()
+        try:
+            for key, value in [(b"MRN-R", b"\x00garbage"), (None, b"{}"), (b"MRN-X", b'{"patient_id": "MRN-X"}')]:
+                await producer.send_and_wait(s.kafka.input_topics[0], value, key=key, partition=0)
+                await producer.send_and_wait(s.kafka.input_topics[0], value, key=key, partition=1)
+        finally:
+            await producer.stop()
+
+        gw, server, port = await _gateway(s)
+        await _resume(gw, s, 5)  # the 3 records of MRN-R's partition are among its newest 5
+        assert gw.counts["resumed_beds"] == 1 and gw.counts["resume_skipped"] >= 2, gw.counts
+        conn = await _client(port)
+        raw, _ = lead_ii_message("R3", t + 3 * 10**9, ecg_mv(500, seed=3), patient="MRN-R")
+        assert (await _exchange(conn, raw))[0] == "AA"
+        conn[1].close()
+        await _stop(gw, server)
+
+        # port 9 (discard): nothing listens
+        unreachable = s.model_copy(update={"kafka": s.kafka.model_copy(update={"bootstrap_servers": "127.0.0.1:9"})})
+        gw2, server2, _ = await _gateway(s)
+        try:
+            await _resume(gw2, unreachable, 5, idle_timeout_s=3)
+            assert gw2.counts["resume_failed"] == 1 and "resumed_beds" not in gw2.counts
+        finally:
+            await _stop(gw2, server2)
+
+    asyncio.run(scenario())
+    from streamer.ingest.contract import InvalidMessage, decode
+    from tests.kafka_utils import read_topic
+
+    records = asyncio.run(read_topic(s.kafka, s.kafka.input_topics[0], until=lambda r: len(r) >= 10, timeout_s=30))
+    chunks = []
+    for r in records:
+        try:
+            chunks.append(decode(r.key, r.value, s.windows))
+        except InvalidMessage:
+            continue
+    chunks = [c for c in chunks if c.patient_id == "MRN-R"]
+    assert [c.t0_ns for c in _by_time(chunks)] == [t + i * 10**9 for i in range(4)]
+    assert {c.segment_start_ns for c in chunks} == {t}
 
 
 def _gateway_process(s, tmp_path, *extra):

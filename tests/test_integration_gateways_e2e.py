@@ -7,7 +7,8 @@ score` on exactly the samples the monitors sent (stream == offline).
   resolution, one as mV floats. Both gateways run as the commands, in their own processes.
 - The HL7 gateway is killed (SIGKILL) mid-stream and started again on the same port; the station resends
   what was not ACKed, as central stations do. Every ACKed sample must be on the input topic, and the flags
-  must still be `streamer score`'s.
+  must still be `streamer score`'s: the restarted gateway resumes each bed's segment from the input's tail
+  and a resent copy keeps its segment, so the worker's window grid never shifts.
 
 The offline side is built from what the monitors sent, not from what reached Kafka: the SDC provider's
 reports (float32, as the gateway's binary frames carry them) on the times the gateway gave them, the HL7
@@ -32,7 +33,7 @@ from streamer.offline.score import score_recording
 from streamer.synthetic import generate
 from tests.hl7_fixtures import lead_ii_message
 from tests.kafka_utils import flags_of, isolated_settings, read_topic, settings_env
-from tests.test_integration_stream import run_worker_until
+from tests.integration.test_integration_stream import run_worker_until
 
 pytestmark = pytest.mark.integration
 
@@ -254,14 +255,6 @@ def sdc_offline(chunks, provider, scorer):
     return score_recording(Recording(regular_times(len(values), FS, start_ns), values, FS), scorer)
 
 
-RESTART_FORGETS_SEGMENTS = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "issue 47 bug: the HL7 gateway's Segments live in memory only and a resent copy opens a new segment, so "
-    "after a restart (or any resend) the bed's next record carries a new segment_start_ns: the worker reports "
-    "the window across it insufficient_data (truncated) and cuts the rest on a shifted grid. Remove this mark "
-    "with the fix (report of issue 47's e2e test)"))
-
-
-@RESTART_FORGETS_SEGMENTS
 def test_hl7_gateway_killed_mid_stream_loses_no_acked_sample_and_flags_stay_offline_equal(broker, scorer, tmp_path):
     started = time.monotonic()
     s = isolated_settings(broker.bootstrap, partitions=2)
@@ -327,12 +320,11 @@ def test_hl7_gateway_killed_mid_stream_loses_no_acked_sample_and_flags_stay_offl
           f"{time.monotonic() - started:.1f} s")
 
 
-@RESTART_FORGETS_SEGMENTS
 def test_a_resent_message_keeps_its_beds_segment():
     """A central station resends a message whose ACK it missed (the gateway had stored it): the copy must
-    stay in the bed's segment. Segments opens a new one at the copy's t0 instead (it is not where the next
-    sample is due), and the worker then closes the bed's segment there and cuts later windows on a grid
-    `streamer score` does not have (see the kill test above)."""
+    stay in the bed's segment, and so must the message after it. Before issue 47's fix Segments opened a
+    new one at the copy's t0 (it is not where the next sample is due), and the worker then closed the bed's
+    segment there and cut later windows on a grid `streamer score` does not have (the kill test above)."""
     from streamer.gateways.hl7_in import Segments
     from streamer.gateways.pcd01 import parse_pcd01
 

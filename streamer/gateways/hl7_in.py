@@ -12,9 +12,16 @@ Invariants:
   answered AR and the connection closed, since its framing is lost); at most --max-connections are served
   (one more is closed at once and counted); a silent one is closed after --idle-timeout; the segment
   state is an LRU of at most --max-beds beds.
-- Segments: a bed's first message after start, the first valid data after an INOP or invalid status, and a
-  message whose first sample is more than half a sample period away from where the previous one ended
-  each start a new segment (segment_start_ns = that first sample).
+- Segments (`Segments`): a bed's segment_start_ns moves only where its signal really breaks: a gap of more
+  than half a sample period, another rate, the first valid data after an INOP or invalid status, a wave
+  before the segment's first sample. A resent message (all its samples already covered) and a partial
+  overlap keep the segment's start, so the worker's window grid never shifts for a resend.
+- Restart: before listening, each bed's segment is resumed from the newest --resume-records records of each
+  input partition (read_committed, no group; a record that does not decode is skipped). A read that fails
+  (no READ ACL on the input, brokers unreachable) is logged as an error, counted, and the gateway serves
+  anyway: each bed's first message then starts a new segment, as without resume. A gateway that cannot
+  resume must still take a bed's data; a shifted window grid costs a truncated window, a refused
+  monitor costs the signal.
 - SIGINT/SIGTERM: stop accepting, close idle connections, let messages in flight finish (delivered and
   ACKed), close the producer, exit 0.
 """
@@ -38,6 +45,8 @@ from streamer.logs import get_logger, json_logs, patient_ref
 from streamer.settings import Settings
 
 log = get_logger("streamer.gateways.hl7")
+
+DEFAULT_RESUME_RECORDS = 2000  # per input partition: 8 partitions hold 16000 bed-seconds of 1 s messages
 
 # HL7 table 0357 (message error condition codes) for ERR-3
 _ERR_CODES = {"AR": ("200", "Unsupported message type"), "AE": ("207", "Application internal error")}
@@ -86,43 +95,179 @@ def tls_context(args) -> ssl.SSLContext | None:
 
 @dataclass(slots=True)
 class _Segment:
-    start_ns: int
-    next_t0_ns: int  # where the next sample is due
+    start_ns: int  # its first sample: every chunk of it carries this segment_start_ns
+    next_t0_ns: int  # where the next sample is due: the end of what it covered so far
     fs: float
-    broken: bool = False  # an INOP or invalid wave came last: the next valid data starts a segment
+    broken: bool = False  # an INOP or invalid wave came since: the next valid data starts a segment
+
+
+# segments remembered per bed: the current one and the one before it, so that a lone message back in time
+# (which starts a segment of its own) does not cut the bed's stream when the next message continues it
+_REMEMBERED = 2
 
 
 class Segments:
     """Each bed's segment, an LRU of at most `cap` beds (a bed forgotten starts a new segment, which is
-    always correct: only a needless one)."""
+    always correct: only a needless one).
+
+    A lead-II wave is placed against the bed's remembered segments at its rate (newest first), `half` being
+    half a sample period:
+    - it continues a segment when its first sample is due there (within `half`), or when it starts inside
+      what the segment covered and ends past it (a partial overlap): same segment start, the segment
+      extended to the wave's end; not after an INOP or invalid wave (the segment is broken);
+    - it is a resend when all its samples fall within what a segment covered (from its start to its end,
+      within `half`): same segment start, the segment unchanged (the worker takes duplicate samples once,
+      first write wins). A central station resends a message whose ACK it missed, and one the gateway
+      stored before it died;
+    - anything else starts a new segment at its first sample: a gap of more than half a sample, another
+      rate, the first valid data after an INOP, or a wave that begins before the segment's first sample
+      (a clock stepped back, a backfill: the worker refuses it as an older timeline until enough records
+      confirm it). The segment it replaces is still remembered, so when the next message continues that
+      one, the bed's stream is not cut by a lone outlier.
+    Times alone cannot tell a resend from a monitor clock stepped back by less than the segment covered:
+    such samples are placed as resends (the worker counts them as duplicates) and the segment continues.
+
+    `resume` rebuilds the segments from the newest input records (a gateway restart), so a bed's first
+    message after a restart continues its segment as if the gateway had not stopped."""
 
     def __init__(self, cap: int):
         self.cap = cap
-        self._beds: OrderedDict[str, _Segment] = OrderedDict()
+        self._beds: OrderedDict[str, list[_Segment]] = OrderedDict()  # newest segment first
         self.forgotten = 0
+        self.resends = 0  # waves wholly within what their segment covered
 
     def chunks(self, pcd: Pcd01) -> list[Chunk]:
-        """The message's lead-II waves as chunks; updates the bed's segment. Call in delivery order."""
+        """The message's lead-II waves as chunks; updates the bed's segments. Call in delivery order."""
         out = []
         for wave in pcd.waves:
-            seg = self._beds.get(pcd.key)
+            segs = self._beds.get(pcd.key)
             if wave.samples_mv is None:
-                if seg is not None:
+                for seg in segs or ():
                     seg.broken = True
                 continue
             n = len(wave.samples_mv)
             end_ns = wave.t0_ns + round(n * 1e9 / wave.fs)
-            half = 0.5e9 / wave.fs
-            if seg is None or seg.broken or seg.fs != wave.fs or abs(wave.t0_ns - seg.next_t0_ns) > half:
+            seg = self._place(segs or [], wave.t0_ns, end_ns, wave.fs)
+            if seg is None:
                 seg = _Segment(wave.t0_ns, end_ns, wave.fs)
-            seg.next_t0_ns = end_ns
-            self._beds[pcd.key] = seg
-            self._beds.move_to_end(pcd.key)
+            self._remember(pcd.key, seg)
             out.append(Chunk(pcd.key, "II", wave.t0_ns, wave.fs, wave.samples_mv, None, seg.start_ns))
+        self._bound()
+        return out
+
+    def _place(self, segs: list[_Segment], t0_ns: int, end_ns: int, fs: float) -> _Segment | None:
+        """The remembered segment the wave [t0_ns, end_ns) belongs to (extended when it continues one), or
+        None: it starts a new one."""
+        half = 0.5e9 / fs
+        for seg in segs:
+            if seg.fs != fs or t0_ns < seg.start_ns - half:
+                continue
+            if end_ns <= seg.next_t0_ns + half:
+                self.resends += 1
+                return seg  # a resend: already covered, nothing moves
+            if not seg.broken and t0_ns <= seg.next_t0_ns + half:
+                seg.next_t0_ns = end_ns  # due here, or a partial overlap that ends past the covered range
+                return seg
+        return None
+
+    def _remember(self, key: str, seg: _Segment) -> None:
+        segs = self._beds.get(key)
+        if segs is None:
+            segs = self._beds[key] = []
+        if not segs or segs[0] is not seg:
+            segs[:] = [seg, *(g for g in segs if g is not seg)][:_REMEMBERED]
+        self._beds.move_to_end(key)
+
+    def _bound(self) -> None:
         while len(self._beds) > self.cap:
             self._beds.popitem(last=False)
             self.forgotten += 1
-        return out
+
+    def resume(self, chunk: Chunk) -> bool:
+        """Take one input record (decoded, of the newest ones, in each partition's order) as what this
+        gateway last stored of its bed: its segment becomes the bed's current one, covering up to the
+        record's end (or further, when records of it before reached further, e.g. a resend came last).
+        A record the HL7 gateway would not have written (another lead, no segment start, a segment start
+        after its first sample) is not taken: False."""
+        if chunk.lead != "II" or chunk.segment_start_ns is None or not len(chunk.samples):
+            return False
+        half = 0.5e9 / chunk.fs
+        if chunk.segment_start_ns > chunk.t0_ns + half:
+            return False
+        end_ns = chunk.t0_ns + round(len(chunk.samples) * 1e9 / chunk.fs)
+        segs = self._beds.get(chunk.patient_id) or []
+        seg = next((g for g in segs if g.start_ns == chunk.segment_start_ns and g.fs == chunk.fs), None)
+        if seg is None:
+            seg = _Segment(chunk.segment_start_ns, end_ns, chunk.fs)
+        else:
+            seg.next_t0_ns = max(seg.next_t0_ns, end_ns)
+        self._remember(chunk.patient_id, seg)
+        self._bound()
+        return True
+
+
+async def resume_segments(s: Settings, segments: Segments, per_partition: int, idle_timeout_s: float = 30.0,
+                          topic: str | None = None) -> Counter[str]:
+    """Feed `segments` the newest `per_partition` records of each partition of the input topic this gateway
+    writes (read_committed, no consumer group, nothing committed), in each partition's order (a bed's
+    records are in one partition). Records are hostile: one that does not decode is skipped and counted.
+    Returns counts (records, resumed, skipped); raises what the brokers raise (KafkaError: no READ ACL,
+    unreachable), or TimeoutError after `idle_timeout_s` without progress."""
+    from aiokafka import TopicPartition
+
+    from streamer.ingest.contract import InvalidMessage, decode
+    from streamer.kafka.clients import make_consumer, partition_counts
+
+    k = s.kafka
+    topic = topic or k.input_topics[0]
+    counts: Counter[str] = Counter()
+    if per_partition <= 0:
+        return counts
+    count = (await asyncio.wait_for(partition_counts(k, [topic]), idle_timeout_s)).get(topic, 0)
+    tps = [TopicPartition(topic, p) for p in range(count)]
+    if not tps:
+        return counts
+    consumer = make_consumer(k, group_id=None, auto_offset_reset="earliest", client_id=f"{k.client_id}-hl7-resume")
+    await asyncio.wait_for(consumer.start(), idle_timeout_s)
+    beds: set[str] = set()
+    try:
+        consumer.assign(tps)
+        firsts = await asyncio.wait_for(consumer.beginning_offsets(tps), idle_timeout_s)
+        ends = await asyncio.wait_for(consumer.end_offsets(tps), idle_timeout_s)  # read_committed: stable ends
+        remaining = set()
+        for tp in tps:
+            if ends[tp] > firsts[tp]:
+                consumer.seek(tp, max(firsts[tp], ends[tp] - per_partition))
+                remaining.add(tp)
+        deadline = time.monotonic() + idle_timeout_s
+        while remaining:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no progress for {idle_timeout_s:g} s reading the input's tail "
+                                   f"({len(remaining)} partitions unfinished)")
+            batch = await consumer.getmany(*remaining, timeout_ms=200)
+            now_ns = time.time_ns()
+            for tp, records in batch.items():
+                deadline = time.monotonic() + idle_timeout_s
+                for r in records:
+                    if r.offset >= ends[tp]:
+                        break
+                    counts["records"] += 1
+                    try:
+                        chunk = decode(r.key, r.value, s.windows, now_ns)
+                    except InvalidMessage:
+                        counts["skipped"] += 1
+                        continue
+                    if segments.resume(chunk):
+                        beds.add(chunk.patient_id)
+                    else:
+                        counts["skipped"] += 1
+            for tp in list(remaining):
+                if await consumer.position(tp) >= ends[tp]:
+                    remaining.discard(tp)
+    finally:
+        await consumer.stop()
+    counts["resumed"] = len(beds)
+    return counts
 
 
 def _escape(text: str) -> str:
@@ -302,6 +447,7 @@ async def _run(args, s: Settings, tls: ssl.SSLContext | None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, gateway.stopping.set)
+    await _resume(gateway, s, getattr(args, "resume_records", DEFAULT_RESUME_RECORDS))
     try:
         server = await gateway.serve(host, port, tls)
     except OSError as exc:
@@ -321,6 +467,7 @@ async def _run(args, s: Settings, tls: ssl.SSLContext | None) -> int:
         server.close()
         await gateway.close_connections()
         await sink.close()
+    gateway.counts["resent_waves"] = gateway.segments.resends
     summary = _log_safe(gateway.counts)
     if gateway.failure is not None:
         log.error("hl7_gateway_stopped", error=gateway.failure, exit_code=1, **summary)
@@ -329,6 +476,30 @@ async def _run(args, s: Settings, tls: ssl.SSLContext | None) -> int:
         return 1
     log.info("hl7_gateway_stopped", exit_code=0, **summary)
     return 0
+
+
+async def _resume(gateway: Hl7Gateway, s: Settings, per_partition: int, idle_timeout_s: float = 30.0) -> None:
+    """Resume each bed's segment from the input's tail; on any failure log it loudly, count it and go on
+    (the module's invariants say why a gateway serves without its segments rather than not at all)."""
+    if per_partition <= 0:
+        log.info("hl7_resume_disabled", effect="each bed's first message starts a new segment")
+        return
+    started = time.monotonic()
+    try:
+        counts = await resume_segments(s, gateway.segments, per_partition, idle_timeout_s)
+    except Exception as exc:  # noqa: BLE001 - whatever stops the resume must not stop the gateway
+        from streamer.kafka.acls import authorization_fix
+
+        gateway.counts["resume_failed"] += 1
+        fix = authorization_fix(exc, s.kafka, "gateway")
+        log.error("hl7_resume_failed", error=f"{type(exc).__name__}: {str(exc)[:200]}", **({"fix": fix} if fix else {}),
+                  effect="serving without resumed segments: each bed's first message starts a new segment, "
+                         "the worker reports the window across it truncated and cuts later ones on a new grid")
+        return
+    gateway.counts["resumed_beds"] = counts["resumed"]
+    gateway.counts["resume_skipped"] = counts["skipped"]
+    log.info("hl7_segments_resumed", beds=counts["resumed"], records=counts["records"], skipped=counts["skipped"],
+             seconds=round(time.monotonic() - started, 2))
 
 
 def _log_safe(counts: dict) -> dict:

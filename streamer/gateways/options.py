@@ -14,6 +14,12 @@ def host_port(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def non_negative(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
+
+
 def _tls(parser: argparse.ArgumentParser, side: str) -> None:
     parser.add_argument("--tls-cert", help=f"certificate chain (PEM) this {side} presents")
     parser.add_argument("--tls-key", help="private key (PEM) of --tls-cert")
@@ -32,6 +38,10 @@ def hl7_gateway_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--idle-timeout", type=float, default=300.0, help="seconds a silent connection is kept")
     parser.add_argument("--max-beds", type=int, default=10000,
                         help="beds whose segment is remembered (least recently seen forgotten: a new segment)")
+    parser.add_argument("--resume-records", type=non_negative, default=2000, metavar="N",
+                        help="at start, each bed's segment is resumed from the newest N records of each input "
+                        "partition (needs READ on the input: `streamer acls --role gateway`); 0: every bed starts "
+                        "a new segment. N should cover a few messages of every bed of a partition")
     parser.add_argument("--naive-times", choices=["refuse", "utc"], default="refuse",
                         help="a time without UTC offset (nor one in MSH-7): refused (AE), or read as UTC")
     parser.add_argument("--encoding", choices=["json", "binary"], default="json",

@@ -133,7 +133,8 @@ def parse_pcd01(raw: bytes, key_by: str = "patient", now_ns: int = 0, max_future
     except Refusal:
         raise
     except (ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError, ArithmeticError,
-            RecursionError, MemoryError, UnicodeError) as exc:
+            RecursionError, MemoryError, UnicodeError, AssertionError) as exc:
+        # AssertionError: python-hl7's parser asserts on an MSH that repeats a separator (|^^~\&)
         # the type only: its text may quote the message (ids, values) into logs and ACKs
         raise Refusal("AE", "unparseable", f"{type(exc).__name__} while parsing") from None
 

@@ -1,9 +1,11 @@
 """The minimal ACLs of each role around the worker (docs/operations.md, "Security"; tested against Apache
-Kafka's StandardAuthorizer, with Kafka's own kafka-acls, in tests/test_integration_security.py).
+Kafka's StandardAuthorizer, with Kafka's own kafka-acls, in tests/integration/test_integration_security.py).
 
 worker   `streamer run`: reads the inputs, writes the outputs, owns its state topic, group and transactions.
 gateway  `streamer gateway hl7|sdc`, another monitor gateway or `streamer replay`: writes the inputs, and the
-         dead-letter topic (a gateway's message it cannot use that holds patient data), nothing else.
+         dead-letter topic (a gateway's message it cannot use that holds patient data); reads the inputs
+         (`streamer gateway hl7` resumes each bed's segment from the input's newest records at start, without
+         a consumer group), nothing else.
 reader   an alarm system or `streamer alerts hl7`: reads flags and episodes, with its own consumer group when it
          uses one.
 view     `streamer view` and `streamer watch`: read flags, episodes and (view's ECG strip) the inputs; no group.
@@ -40,7 +42,9 @@ def role_acls(k: KafkaSettings, role: str, group: str | None = None) -> list[Acl
     if role == "worker":
         return worker_acls(k)
     if role == "gateway":
-        return [("topic", "literal", t, "WRITE,DESCRIBE") for t in (*k.input_topics, k.dead_letter_topic)]
+        # READ on the inputs: the HL7 gateway's restart resumes segments from their tail (no group: no group ACL)
+        return ([("topic", "literal", t, "READ,WRITE,DESCRIBE") for t in k.input_topics]
+                + [("topic", "literal", k.dead_letter_topic, "WRITE,DESCRIBE")])
     if role == "reader":
         acls: list[Acl] = [("topic", "literal", t, "READ,DESCRIBE") for t in (k.flags_topic, k.episodes_topic)]
         return acls + ([("group", "literal", group, "READ,DESCRIBE")] if group else [])
