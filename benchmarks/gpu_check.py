@@ -13,7 +13,7 @@ Each section is timed and its failure recorded without losing the others; device
 after every section, so a run cut short still brings back what it measured. `--record` appends the rows
 to benchmarks/RESULTS.md; `--from-json FILE` records the rows of an earlier run (one that came back from
 the GPU machine) without measuring. `--cpu-dry-run` runs every section on the CPU at tiny sizes, so the
-suite proves the script works (tests/test_device_check.py).
+suite proves the script works (tests/integration/test_device_check.py).
 """
 
 from __future__ import annotations

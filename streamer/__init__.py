@@ -1,7 +1,7 @@
 """streamer: real-time ECG artifact flags from bedside-monitor lead-II streams in Kafka.
 
 The package's public face: the version and `score_series` (offline scoring from Python, docs/commands.md).
-It sits above every layer (tests/test_layering.py): the worker is `streamer.runtime`, the commands
+It sits above every layer (tests/unit/test_layering.py): the worker is `streamer.runtime`, the commands
 `streamer.cli`, and no module of theirs imports this one."""
 
 from streamer._version import __version__

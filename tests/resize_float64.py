@@ -2,7 +2,7 @@
 
 Pillow's fixed-point weights as two dense matrix products in float64, where every partial sum is an
 integer below 2**53 and so exact, then Pillow's rounding pass (add one half, exact power-of-two multiply,
-floor, clip). tests/test_resize_exact.py proves the integer resize equal to it and to Pillow itself, and
+floor, clip). tests/unit/test_resize_exact.py proves the integer resize equal to it and to Pillow itself, and
 benchmarks/bench_resize.py times the two side by side.
 """
 

@@ -1,5 +1,5 @@
 """docs/settings.md, generated from streamer/settings.py (the code is the source): every setting with its
-environment variable, type, default and description. tests/test_settings_doc.py fails when they differ.
+environment variable, type, default and description. tests/unit/test_settings_doc.py fails when they differ.
 
     python -m tools.settings_doc          # rewrite docs/settings.md
 """

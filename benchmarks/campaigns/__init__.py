@@ -15,7 +15,7 @@
     python -m benchmarks.campaigns broker-crash --beds 50 --kills 5      # durable (S3) storage
     python -m benchmarks.campaigns soak --beds 100 --seconds 600 --storage s3
 
-Each prints its figures and appends them to benchmarks/RESULTS.md. tests/test_campaigns.py runs short
+Each prints its figures and appends them to benchmarks/RESULTS.md. tests/campaigns/test_campaigns.py runs short
 versions of the same functions in CI. One module per kind of fault (worker_faults, broker_faults,
 input_faults, load); common.py holds what they share.
 """

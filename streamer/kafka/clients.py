@@ -232,7 +232,7 @@ def make_consumer(k: KafkaSettings, **extra: Any) -> AIOKafkaConsumer:
 async def committed_offsets(consumer: AIOKafkaConsumer, partitions) -> dict:
     """{partition: (committed offset or None, its metadata)} for the consumer's group. The metadata names the
     transactional id prefix of an exactly-once commit (delivery/); `committed()` gives the
-    offset only, so the group coordinator's own fetch is used (tests/test_apache_kafka.py proves it)."""
+    offset only, so the group coordinator's own fetch is used (tests/integration/test_apache_kafka.py proves it)."""
     found = await consumer._coordinator.fetch_committed_offsets(list(partitions))
     out = {}
     for tp in partitions:
@@ -245,7 +245,7 @@ async def committed_offsets(consumer: AIOKafkaConsumer, partitions) -> dict:
 def request_rejoin(consumer: AIOKafkaConsumer) -> None:
     """Make the consumer rejoin its group (revoking, then assigning, through the rebalance listener), as
     Kafka Streams does when a task's producer is fenced. aiokafka 0.14 has no public call for it: its group
-    coordinator's request_rejoin (tests/test_integration_transactions.py proves the round trip)."""
+    coordinator's request_rejoin (tests/integration/test_integration_transactions.py proves the round trip)."""
     consumer._coordinator.request_rejoin()
 
 
@@ -447,7 +447,7 @@ def transaction_end(producer: AIOKafkaProducer) -> asyncio.Future | None:
     """The future aiokafka's transaction manager resolves when the producer's transaction ends: in a fatal
     state aiokafka 0.14 keeps the cause (e.g. ProducerFenced) only there, and answers every later call with
     an IllegalOperation or an AssertionError. Private (`_txn_manager`), hence here beside the other two
-    private calls, pinned with aiokafka and proven by tests/test_integration_transactions.py."""
+    private calls, pinned with aiokafka and proven by tests/integration/test_integration_transactions.py."""
     manager = getattr(producer, "_txn_manager", None)
     end = getattr(manager, "wait_for_transaction_end", None)
     return None if end is None else end()

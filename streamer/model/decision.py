@@ -64,7 +64,7 @@ class Verdict:
 def _positional_constructor(kind):
     """`kind(*values)` for a frozen slotted dataclass, without its generated __init__'s object.__setattr__
     call per field (2 us of a window's 4 on the publish path): each slot set once through its descriptor.
-    tests/test_verdict.py checks it builds what `kind(...)` builds."""
+    tests/unit/test_verdict.py checks it builds what `kind(...)` builds."""
     names = [f.name for f in fields(kind)]
     setters = {f"_set_{n}": getattr(kind, n).__set__ for n in names}
     body = "".join(f"    _set_{n}(v, {n})\n" for n in names)

@@ -1,7 +1,7 @@
 """Any source rate -> the model's 5000 samples (docs/preprocessing.md: FFT method, scipy.signal.resample).
 
 scipy.signal.resample's real-input path, step for step, on scipy.fft: the same rfft, the same handling of
-the unpaired bin, the same irfft, so the result is bit-identical (tests/test_signals.py checks it against
+the unpaired bin, the same irfft, so the result is bit-identical (tests/integration/test_signals.py checks it against
 the installed scipy.signal). Importing scipy.signal costs about a second at every start (it pulls
 scipy.stats in); scipy.fft a quarter of that.
 """

@@ -1,5 +1,5 @@
-"""Short versions of the reliability campaigns (benchmarks/campaigns/ has the full ones).
-The short crash campaign is tests/test_integration_faults.py::test_kill_9_at_random_moments_loses_no_window."""
+"""Short versions of the reliability campaigns (benchmarks/campaigns/ has the full ones). The short crash
+campaign is tests/integration/test_integration_faults.py::test_kill_9_at_random_moments_loses_no_window."""
 
 from __future__ import annotations
 

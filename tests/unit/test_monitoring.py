@@ -15,7 +15,7 @@ import yaml
 from streamer.metrics import Metrics
 from tools.promtool import promtool
 
-DOCKER = Path(__file__).resolve().parent.parent / "docker"
+DOCKER = Path(__file__).resolve().parents[2] / "docker"
 MONITORING = DOCKER / "monitoring"
 
 

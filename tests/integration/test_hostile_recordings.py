@@ -214,7 +214,7 @@ def _refused_in_one_line(code: int, lines: list[str], path: Path, command: str) 
 # -- score --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("make", HOSTILE, ids=lambda f: f.__name__)
 def test_score_refuses_a_hostile_recording_in_one_line(make, tmp_path, capsys):
-    """In process, as tests/test_validate.py runs commands (any traceback would be an exception here)."""
+    """In process, as tests/unit/test_validate.py runs commands (any traceback would be an exception here)."""
     path, extra = make(tmp_path)
     code = main(["score", str(path), *extra, "--demo", "--out", str(tmp_path / "o.csv")])
     _refused_in_one_line(code, capsys.readouterr().err.splitlines(), path, "score")

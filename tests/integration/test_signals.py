@@ -1,6 +1,6 @@
 """SIGTERM/SIGINT are honoured at any moment of `streamer run`: while starting (settings, imports, model
 load and warm-up) the worker exits 0 at once without joining the group; afterwards it drains and commits
-(tests/test_integration_faults.py: test_sigterm_mid_stream_exits_0_and_loses_nothing)."""
+(tests/integration/test_integration_faults.py: test_sigterm_mid_stream_exits_0_and_loses_nothing)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """At least once through the one delivery interface (delivery/), without a broker: the
 order of durable writes, sends, acknowledgements and `counted` callbacks the publisher relies on. Exactly
-once, against Apache Kafka: tests/test_integration_transactions.py."""
+once, against Apache Kafka: tests/integration/test_integration_transactions.py."""
 
 from __future__ import annotations
 

@@ -382,7 +382,7 @@ def test_a_gzip_bomb_is_refused_before_vitaldb_inflates_it(tmp_path):
 
 
 # a command in a child, then its exit code (124: killed after 90 s) and peak RSS in KiB on stderr (as in
-# tests/test_hostile_recordings.py)
+# tests/integration/test_hostile_recordings.py)
 _MEASURED = """
 import resource, subprocess, sys
 try:

@@ -20,7 +20,7 @@ from streamer.spec import WindowStatus
 from streamer.state.patients import EpisodeState
 from streamer.windows.buffer import EmittedWindow
 from streamer.commands.view import STRIP_HZ, Ward
-from tests.test_view_http import flag_bytes
+from tests.unit.test_view_http import flag_bytes
 
 T0 = 1_795_316_700_000_000_000
 S = WindowSettings()

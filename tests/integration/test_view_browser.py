@@ -25,7 +25,7 @@ from streamer.offline.replay import Source, replay
 from streamer.synthetic import generate
 from tests.kafka_utils import (isolated_settings, log_events, settings_env, start_worker_process, wait_for_event,
                                wait_until)
-from tests.test_view_http import T0, fill, flag_bytes, serving
+from tests.unit.test_view_http import T0, fill, flag_bytes, serving
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ import pytest
 
 from streamer.settings import SettingsError, load_settings
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_file_then_env_precedence(tmp_path, monkeypatch):

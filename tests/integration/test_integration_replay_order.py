@@ -21,7 +21,7 @@ from aiokafka.structs import TopicPartition
 from streamer.offline.replay import replay, synthetic_fleet
 from streamer.offline.score import score_recording
 from tests.kafka_utils import flags_of, isolated_settings, read_topic
-from tests.test_integration_stream import run_worker_until
+from tests.integration.test_integration_stream import run_worker_until
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from streamer.settings import setting_variables
 from tools.settings_doc import OUT, render, undocumented
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_the_settings_table_matches_the_code():

@@ -17,7 +17,7 @@ from streamer.offline.score import score_recording
 from streamer.settings import ModelSettings
 from streamer.offline.dataset import write_dataset
 from tests.kafka_utils import expected_windows, flags_of, isolated_settings, read_topic, scored_ids
-from tests.test_integration_stream import run_worker_until
+from tests.integration.test_integration_stream import run_worker_until
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ import yaml
 from streamer.cli import build_parser
 from streamer.settings import load_settings
 
-DOCKER = Path(__file__).resolve().parent.parent / "docker"
+DOCKER = Path(__file__).resolve().parents[2] / "docker"
 
 
 def _subcommands() -> set[str]:

@@ -18,7 +18,7 @@ from streamer.runtime import StartupError, Worker
 from tests.kafka_utils import isolated_settings
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _listening(port: int) -> bool:
