@@ -42,7 +42,7 @@ log = get_logger("streamer.gateways.sdc")
 
 MDC_ECG_ELEC_POTL_II = "131330"
 MDC_DIM_MILLI_VOLT = "266418"
-MDC_DIM_MICRO_VOLT = "266432"
+MDC_DIM_MICRO_VOLT = "266419"  # 11073-10101: volt 266400 + the micro prefix (19); milli is + 18
 # BICEPS: no CodingSystem means MDC (ISO/IEEE 11073-10101); some devices name it explicitly
 MDC_CODING_SYSTEMS = {None, "", "urn:oid:1.2.840.10004.1.1.1.0.0.1", "MDC"}
 MV_PER_UNIT = {MDC_DIM_MILLI_VOLT: 1.0, MDC_DIM_MICRO_VOLT: 1e-3}
@@ -82,7 +82,7 @@ def find_lead_ii(mdib, min_rate_hz: float, max_rate_hz: float) -> Waveform:
     unit = str(d.Unit.Code) if d.Unit is not None and d.Unit.CodingSystem in MDC_CODING_SYSTEMS else None
     if unit not in MV_PER_UNIT:
         raise UnusableDevice(f"lead II {d.Handle!r} is in unit {unit!r}: only MDC_DIM_MILLI_VOLT (266418) or "
-                             f"MDC_DIM_MICRO_VOLT (266432) are read"[:300])
+                             f"MDC_DIM_MICRO_VOLT (266419) are read"[:300])
     period = d.SamplePeriod  # sdc11073 parses the xsd duration into seconds
     if not (isinstance(period, (int, float)) and math.isfinite(period) and period > 0):
         raise UnusableDevice(f"lead II {d.Handle!r} has no usable SamplePeriod")

@@ -127,7 +127,9 @@ def _mdib_with_unit(unit: str):
 def test_lead_ii_is_found_by_mdc_code_and_other_units_are_refused():
     w = find_lead_ii(_mdib_with_unit("266418"), 50, 10000)
     assert (w.handle, w.fs, w.mv_per_unit) == ("ecg.ii", 500.0, 1.0)
-    assert find_lead_ii(_mdib_with_unit("266432"), 50, 10000).mv_per_unit == 1e-3
+    assert find_lead_ii(_mdib_with_unit("266419"), 50, 10000).mv_per_unit == 1e-3  # MDC_DIM_MICRO_VOLT
+    with pytest.raises(UnusableDevice, match="unit"):
+        find_lead_ii(_mdib_with_unit("266432"), 50, 10000)  # another unit of the volt's block, not micro volt
     with pytest.raises(UnusableDevice, match="unit"):
         find_lead_ii(_mdib_with_unit("262656"), 50, 10000)  # MDC_DIM_DIMLESS: not a voltage
     with pytest.raises(UnusableDevice, match="rate"):
