@@ -530,8 +530,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = command("acls", "print the kafka-acls.sh commands that grant one role its minimal ACLs", cmd_acls)
     a.add_argument("--role", choices=["worker", "gateway", "reader", "view"], default="worker",
-                   help="worker: streamer run; gateway: a monitor gateway or streamer replay (writes the input); "
-                   "reader: an alarm system (reads flags and episodes); view: streamer view and watch")
+                   help="worker: streamer run; gateway: streamer gateway hl7|sdc, another monitor gateway or "
+                   "streamer replay (writes the input and dead letters, reads the input to resume segments); "
+                   "reader: an alarm system or streamer alerts hl7 (reads flags and episodes); view: streamer view "
+                   "and watch")
     a.add_argument("--principal", default="User:streamer", help="the role's principal (default User:streamer)")
     a.add_argument("--group", help="reader only: the consumer group it reads with (none: no group ACL)")
     a.add_argument("--command-config", default="admin.properties", help="the admin client's properties file")
