@@ -39,6 +39,7 @@ from streamer.client import (DEFAULT_MAX_LEASE_S, DEFAULT_SKEW_S, Episode, Suppr
                              decode_flag)
 from streamer.errors import SettingsError
 from streamer.ingest.contract import decode
+from streamer.netaddr import is_loopback
 from streamer.logs import get_logger
 from streamer.settings import KafkaSettings, WindowSettings
 
@@ -284,15 +285,6 @@ def _serialize_snapshot(frozen: dict) -> bytes:
 
 
 # -- who may reach the page -------------------------------------------------------------------------
-def is_loopback(host: str) -> bool:
-    if host.strip("[]").lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a name other than localhost may resolve anywhere: not loopback
-
-
 def _host_name(name: str) -> str:
     """A host as a Host header writes it: lower case, an IPv6 address in brackets, no trailing dot."""
     name = name.strip().lower().rstrip(".")

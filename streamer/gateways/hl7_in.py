@@ -29,7 +29,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import signal
 import sys
 import ssl
@@ -41,6 +40,7 @@ from streamer.errors import SettingsError
 from streamer.gateways.pcd01 import Header, Pcd01, Refusal, holds_patient_data, parse_pcd01, read_header
 from streamer.gateways.sink import ConfirmedSink, SinkFailed
 from streamer.ingest.contract import Chunk
+from streamer.netaddr import is_loopback
 from streamer.logs import get_logger, json_logs, patient_ref
 from streamer.settings import Settings
 
@@ -55,15 +55,6 @@ _ERR_BY_REASON = {"not_hl7": ("100", "Segment sequence error"), "no_patient": ("
                   "no_time": ("101", "Required field missing"), "unknown_unit": ("103", "Table value not found"),
                   "bad_value": ("102", "Data type error"), "bad_time": ("102", "Data type error"),
                   "unsupported_message": ("200", "Unsupported message type")}
-
-
-def is_loopback(host: str) -> bool:
-    if host.strip("[]").lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a name other than localhost may resolve anywhere
 
 
 def tls_context(args) -> ssl.SSLContext | None:
