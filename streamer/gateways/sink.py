@@ -6,8 +6,10 @@ Invariants:
   could still lose; it raises `SinkFailed` when they could not be delivered, and the peer is answered with
   an error instead.
 - No chunk lands behind a newer one of its bed (streamer.ingest.producer.OrderedSender does the resends).
-- Every connection shares one sender and one confirmation: a flush covers every waiter that sent before it
-  began (group commit), so many monitors cost one round trip, not one each.
+- Every connection shares one sender and one confirmation: a confirmation covers every waiter that sent
+  before it began (group commit), so many monitors cost one round trip, not one each. While it waits for
+  the brokers, new chunks go on being sent (idempotent producer: the brokers keep each partition's order);
+  only a failed delivery takes the sender to itself, for the ordered resend (OrderedSender.flush).
 - Memory is bounded by the sender's `max_unconfirmed` chunks: `deliver` waits when they are out.
 """
 
@@ -124,12 +126,16 @@ class ConfirmedSink:
             await self._wake.wait()
             self._wake.clear()
             async with self._lock:
-                target = self._sent
-                try:
-                    await self.sender.flush()
-                except KafkaError as exc:
-                    self._fail(exc)
-                    return
+                target, waiting = self._sent, self.sender.unconfirmed()
+            if waiting is not None:  # wait for the brokers without holding up newer sends
+                await asyncio.gather(*waiting, return_exceptions=True)
+            try:
+                async with self._lock:
+                    if waiting is None or not self.sender.confirmed_head(waiting):
+                        await self.sender.flush()  # the ordered resend path, with no send beside it
+            except KafkaError as exc:
+                self._fail(exc)
+                return
             async with self._changed:
                 self._confirmed = target
                 self._changed.notify_all()

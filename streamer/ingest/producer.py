@@ -153,6 +153,26 @@ class OrderedSender:
         while self._last:
             await self._settle(*self._last.popitem()[1])
 
+    def unconfirmed(self) -> list[asyncio.Future] | None:
+        """Idempotent producer with no delivery failed: the deliveries handed over and not yet confirmed, in
+        the order sent, to await without holding up newer sends (`confirmed_head` then); None where only
+        `flush()` may confirm (a plain producer, or a failure that needs the resend path)."""
+        if not self.idempotent or self._failed:
+            return None
+        return [fut for _, fut in self._pending]
+
+    def confirmed_head(self, futures: list[asyncio.Future]) -> bool:
+        """Forget `futures` (from `unconfirmed()`) as confirmed if they are still the oldest deliveries and
+        every one succeeded; False otherwise, and nothing changes: `flush()` settles them, resending as
+        needed. Call it with no send in progress (the caller's lock), like send and flush."""
+        head = self._pending[:len(futures)]
+        if len(head) != len(futures) or any(fut is not mine for (_, fut), mine in zip(head, futures)):
+            return False
+        if any(not fut.done() or fut.cancelled() or fut.exception() is not None for fut in futures):
+            return False
+        del self._pending[:len(futures)]
+        return True
+
     async def stop(self) -> None:
         """Flush what the producer holds and close it (call flush() first to have every chunk confirmed)."""
         if self.out is not None:
