@@ -76,7 +76,7 @@ def test_episode_opened_under_one_worker_is_closed_by_its_successor(broker, scor
         s_a.episodes.stale_after_s = 3600.0  # a does not close it: the bed is still "recent" for a
         a.settings = s_a
         ta = asyncio.create_task(a.run())
-        await until_true(lambda: asyncio.sleep(0, bool(a.assigned)), 60, "assignment of a")
+        await until_true(lambda: asyncio.sleep(0, bool(a.core.assigned)), 60, "assignment of a")
         await replay(s.kafka, [bed], speed=None, chunk_s=0.5)
 
         async def opened():
