@@ -720,3 +720,63 @@ def test_kill_9_mid_stream_loses_no_acked_sample_and_sigterm_exits_0(broker, tmp
     asyncio.run(stream(port, ["K4"], killer=lambda: proc.send_signal(signal.SIGTERM), after=5))
     assert proc.wait(30) == 0
     assert proc.stdout.read() == ""
+
+
+@pytest.mark.integration
+def test_mllp_over_mutual_tls_takes_only_monitors_with_a_certificate_of_its_ca(broker, tmp_path):
+    """--tls-cert/--tls-key/--tls-ca: a monitor presenting a certificate of the CA gets AA over TLS; one
+    without a certificate, or speaking plain MLLP to the TLS port, never gets an ACK, and the gateway
+    goes on serving the next good monitor."""
+    import ssl
+
+    from hl7.mllp import open_hl7_connection
+
+    from tests.kafka_utils import isolated_settings
+    from tests.tls import have_openssl, make_ca, make_server_cert
+
+    if not have_openssl():
+        pytest.skip("needs openssl to make the certificates")
+    make_ca(tmp_path, "ward-ca")
+    cert, key = make_server_cert(tmp_path, "ward-ca", "gateway", "IP:127.0.0.1,DNS:localhost")
+    monitor_cert, monitor_key = make_server_cert(tmp_path, "ward-ca", "monitor", "DNS:monitor-12")
+    args = argparse.Namespace(listen=("127.0.0.1", 0), tls_cert=str(cert), tls_key=str(key),
+                              tls_ca=str(tmp_path / "ward-ca.pem"), allow_plain_mllp=False)
+    server_tls = tls_context(args)
+    assert server_tls.verify_mode == ssl.CERT_REQUIRED
+    s = isolated_settings(broker.bootstrap, partitions=1)
+    t0 = time.time_ns() // 10**6 * 10**6 - 60 * 10**9
+
+    def client_tls(with_certificate: bool) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "ward-ca.pem"))
+        if with_certificate:
+            ctx.load_cert_chain(str(monitor_cert), str(monitor_key))
+        return ctx
+
+    async def scenario():
+        from streamer.gateways.hl7_in import Hl7Gateway
+        from streamer.gateways.sink import ConfirmedSink
+
+        sink = await ConfirmedSink.open(s.kafka, encoding="json")
+        gw = Hl7Gateway(sink, s)
+        server = await gw.serve("127.0.0.1", 0, server_tls)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            raw, _ = lead_ii_message("TLS-1", t0, ecg_mv(500))
+            for refused in ({"ssl": client_tls(False), "server_hostname": "127.0.0.1"}, {}):
+                try:
+                    conn = await open_hl7_connection("127.0.0.1", port, encoding="utf-8", **refused)
+                    got = await _exchange(conn, raw, timeout_s=5)
+                except (ssl.SSLError, ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError, OSError):
+                    got = None
+                assert got is None, f"an ACK without a client certificate over {refused or 'plain MLLP'}: {got}"
+            conn = await open_hl7_connection("127.0.0.1", port, encoding="utf-8", ssl=client_tls(True),
+                                             server_hostname="127.0.0.1")
+            assert (await _exchange(conn, raw))[:2] == ("AA", "TLS-1")
+            conn[1].close()
+        finally:
+            server.close()
+            await gw.close_connections(5.0)
+            await sink.close()
+
+    asyncio.run(scenario())
+    assert [c.t0_ns for c in _records(s, 1)] == [t0]
