@@ -394,6 +394,7 @@ class SdcGateway:
         self.timelines: dict[str, Timeline] = {}
         self.inboxes: dict[str, Inbox] = {}
         self.connects: dict[str, int] = {}
+        self.connect_failures: dict[str, int] = {}  # attempts that failed (unreachable, TLS refused, ...)
         self.latencies_ns: deque[int] = deque(maxlen=100_000)  # report received -> brokers acknowledged
         self._stop = asyncio.Event()
 
@@ -440,6 +441,7 @@ class SdcGateway:
                         return
                     continue
                 except Exception as exc:  # noqa: BLE001 -- sdc11073 raises what its HTTP, SOAP and TLS layers raise
+                    self.connect_failures[url] = self.connect_failures.get(url, 0) + 1
                     log.warning("sdc_connect_failed", device=url, error=f"{type(exc).__name__}: {exc}"[:300],
                                 retry_in_s=retry_s)
                     if await self._pause(retry_s):

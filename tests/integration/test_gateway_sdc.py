@@ -266,3 +266,55 @@ def test_the_command_stops_on_sigterm_with_exit_0_and_refuses_https_without_tls(
     text = log.read_text()
     assert "sdc_plain_http" in text and "sdc_gateway_stopped" in text
     assert "MRN-0001" not in text  # patient ids are hashed in logs by default
+
+
+def test_mutual_tls_both_ways_and_a_device_of_another_ca_is_never_read(broker, tmp_path):
+    """SDPi's mutual TLS (--tls-cert/--tls-key/--tls-ca): with certificates of one CA the provider's
+    waveform arrives over https, the notifications coming back over TLS too; a provider whose certificate
+    another CA signed is never connected and nothing of it is sent."""
+    import argparse
+
+    from sdc11073.certloader import mk_ssl_contexts
+
+    from streamer.gateways.sdc_in import _ssl_contexts
+    from streamer.gateways.sink import ConfirmedSink
+    from tests.sdc_provider import EcgProvider
+    from tests.tls import have_openssl, make_ca, make_server_cert
+
+    if not have_openssl():
+        pytest.skip("needs openssl to make the certificates")
+    for ca in ("ward-ca", "rogue-ca"):
+        make_ca(tmp_path, ca)
+    gw_cert, gw_key = make_server_cert(tmp_path, "ward-ca", "gateway", "IP:127.0.0.1,DNS:localhost")
+    dev_cert, dev_key = make_server_cert(tmp_path, "ward-ca", "monitor", "IP:127.0.0.1,DNS:localhost")
+    rogue_cert, rogue_key = make_server_cert(tmp_path, "rogue-ca", "rogue", "IP:127.0.0.1,DNS:localhost")
+    gateway_tls = _ssl_contexts(argparse.Namespace(tls_cert=str(gw_cert), tls_key=str(gw_key),
+                                                   tls_ca=str(tmp_path / "ward-ca.pem")))
+    s = isolated_settings(broker.bootstrap, partitions=1)
+    topic = s.kafka.input_topics[0]
+    good = EcgProvider(_signal(), fs=FS, patient="MRN-TLS",
+                       ssl_context_container=mk_ssl_contexts(dev_key, dev_cert, tmp_path / "ward-ca.pem")).start()
+    rogue = EcgProvider(_signal(), fs=FS, patient="MRN-ROGUE",
+                        ssl_context_container=mk_ssl_contexts(rogue_key, rogue_cert, tmp_path / "rogue-ca.pem")).start()
+    assert good.url.startswith("https://") and rogue.url.startswith("https://")
+
+    async def scenario():
+        sink = await ConfirmedSink.open(s.kafka)
+        gateway = SdcGateway(GatewayOptions([good.url, rogue.url], ssl_contexts=gateway_tls, silence_s=3.0), sink)
+        run = asyncio.create_task(gateway.run())
+        try:
+            got = await read_topic(s.kafka, topic, until=lambda rs: len(_decoded(s, rs)) >= 10, timeout_s=40)
+            await _until(lambda: gateway.connect_failures.get(rogue.url, 0) >= 1, "the rogue device refused")
+        finally:
+            gateway.stop()
+            await asyncio.wait_for(run, 30)
+            await sink.close()
+        return gateway, _decoded(s, got)
+
+    try:
+        gateway, chunks = asyncio.run(scenario())
+    finally:
+        good.stop()
+        rogue.stop()
+    assert len(chunks) >= 10 and {c.patient_id for c in chunks} == {"MRN-TLS"}
+    assert gateway.connects.get(good.url) == 1 and not gateway.connects.get(rogue.url)
