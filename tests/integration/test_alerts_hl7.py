@@ -223,15 +223,16 @@ class AlarmManager:
     """python-hl7's MLLP server: records each message it parsed and answers by `script` (a list of
     "AA", "AE", "AR" or "drop", one per message received, then AA)."""
 
-    def __init__(self, script=()):
+    def __init__(self, script=(), tls=None):
         self.script = list(script)
         self.received: list[hl7.Message] = []
         self.server = None
+        self.tls = tls  # an ssl.SSLContext: MLLP over TLS
 
     async def start(self) -> int:
         from hl7.mllp import start_hl7_server
 
-        self.server = await start_hl7_server(self._client, "127.0.0.1", 0, encoding="utf-8")
+        self.server = await start_hl7_server(self._client, "127.0.0.1", 0, encoding="utf-8", ssl=self.tls)
         return self.server.sockets[0].getsockname()[1]
 
     async def _client(self, reader, writer):
@@ -299,6 +300,54 @@ def test_sender_resends_until_acked_and_keeps_each_beds_order(script, resent):
     assert len(set(controls)) == 4  # a resend carries the same MSH-10
     assert sender.counts["acked"] == (3 if "AR" in script else 4)
     assert sender.counts["rejected"] == script.count("AR")
+
+
+def test_alerts_go_over_mutual_tls_and_never_to_an_alarm_manager_of_another_ca(tmp_path):
+    """--tls-cert/--tls-key/--tls-ca: the alarm manager (python-hl7's server over TLS, client certificates
+    required) gets the alerts from a bridge with a certificate of its CA; a server whose certificate another
+    CA signed is never sent a message (the bridge keeps it queued, resending to nobody)."""
+    import ssl
+
+    from streamer.gateways.alerts_out import client_tls
+    from tests.tls import have_openssl, make_ca, make_server_cert
+
+    if not have_openssl():
+        pytest.skip("needs openssl to make the certificates")
+    for ca in ("ward-ca", "rogue-ca"):
+        make_ca(tmp_path, ca)
+    am_cert, am_key = make_server_cert(tmp_path, "ward-ca", "alarm-manager", "IP:127.0.0.1,DNS:localhost")
+    rogue_cert, rogue_key = make_server_cert(tmp_path, "rogue-ca", "rogue", "IP:127.0.0.1,DNS:localhost")
+    bridge_cert, bridge_key = make_server_cert(tmp_path, "ward-ca", "bridge", "DNS:bridge")
+
+    def server_tls(cert, key) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tmp_path / "ward-ca.pem"))
+        ctx.load_cert_chain(str(cert), str(key))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    async def main():
+        good = AlarmManager(tls=server_tls(am_cert, am_key))
+        rogue = AlarmManager(tls=server_tls(rogue_cert, rogue_key))
+        tls = client_tls(str(bridge_cert), str(bridge_key), str(tmp_path / "ward-ca.pem"))
+        senders = [AlertSender("127.0.0.1", await am.start(), tls=tls, ack_timeout_s=5, backoff_s=(0.01, 0.05))
+                   for am in (good, rogue)]
+        tasks = []
+        for sender in senders:
+            for e in _events("x", "start", "end"):
+                sender.enqueue(e)
+            tasks.append(asyncio.create_task(sender.run()))
+        await _until(lambda: senders[0].pending() == 0)
+        await _until(lambda: senders[1].counts["resent_no_ack"] >= 2)  # the handshake failed, twice
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for am in (good, rogue):
+            await am.stop()
+        return good, rogue, senders
+
+    good, rogue, senders = asyncio.run(main())
+    assert good.phases() == [("x", "start"), ("x", "end")]
+    assert rogue.received == [] and senders[1].pending() == 2 and senders[1].counts["acked"] == 0
 
 
 def test_a_queued_continue_is_superseded_but_never_a_start():
