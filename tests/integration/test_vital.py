@@ -25,6 +25,7 @@ from streamer.offline.recordings import RecordingError, RecordingLimits, choose_
 from streamer.settings import WindowSettings
 from streamer.synthetic import generate
 from streamer.windows.grid import NS
+from tests.integration.test_hostile_recordings import _MEASURED
 
 FS = 500
 T0_S = 1_700_000_000  # the first record's dt, epoch seconds: 2023-11-14 22:13:20 UTC
@@ -379,18 +380,6 @@ def test_a_gzip_bomb_is_refused_before_vitaldb_inflates_it(tmp_path):
     assert code == 0 and "inflates to more than 28,800,000 bytes, more than --max-recording-hours 0.5" in r.stdout, \
         r.stdout + r.stderr[-2000:]
     assert rss_kib // 1024 < 600, f"peak RSS {rss_kib // 1024} MiB"
-
-
-# a command in a child, then its exit code (124: killed after 90 s) and peak RSS in KiB on stderr (as in
-# tests/integration/test_hostile_recordings.py)
-_MEASURED = """
-import resource, subprocess, sys
-try:
-    code = subprocess.run(sys.argv[1:], timeout=90).returncode
-except subprocess.TimeoutExpired:
-    code = 124
-print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)
-"""
 
 
 def _decompressed(path: Path) -> bytes:
