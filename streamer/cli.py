@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from streamer.errors import SettingsError
-from streamer.lifecycle import EarlyStop, ignore_further_stops, install_early_stop, stop_requested
+from streamer.lifecycle import EarlyStop, ignore_further_stops, install_early_stop, stop_on_signals, stop_requested
 
 # Only the standard library above: `streamer run` installs its stop handler before anything slow is
 # imported, and `--help` answers without importing pydantic or torch.
@@ -50,11 +50,6 @@ def _say(command: str, message: str, logged: bool = False) -> None:
         print(f"streamer {command}: {message}", file=sys.stderr)
     elif not logged:
         _log().error("command_failed", command=command, error=message)
-
-
-def _install_stop(loop: asyncio.AbstractEventLoop, stop) -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop)
 
 
 # -- broker ---------------------------------------------------------------------------------------
@@ -103,7 +98,7 @@ def cmd_run(args) -> int:
     worker = Worker(s, owns_process=True)
 
     async def main() -> int:
-        _install_stop(asyncio.get_running_loop(), worker.stop)  # from here on the loop owns the signals
+        stop_on_signals(asyncio.get_running_loop(), worker.stop)  # from here on the loop owns the signals
         if stop_requested.is_set():
             worker.stop()
         code = await worker.run()
@@ -274,7 +269,7 @@ def cmd_view(args) -> int:
 
     async def main() -> int:
         stop = asyncio.Event()
-        _install_stop(asyncio.get_running_loop(), stop.set)
+        stop_on_signals(asyncio.get_running_loop(), stop.set)
         await server.run(stop)
         return 0
 

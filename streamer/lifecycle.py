@@ -37,3 +37,10 @@ def ignore_further_stops() -> None:
     """After the first request: record later ones without interrupting the clean exit under way."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, lambda signum, frame: stop_requested.set())
+
+
+def stop_on_signals(loop, stop) -> None:
+    """Once an asyncio loop runs: SIGINT and SIGTERM call `stop()` in it (every long-running command's
+    clean stop: finish what is in flight, then exit 0)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)

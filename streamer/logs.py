@@ -125,3 +125,10 @@ def episode_ref(patient_id: str, start_ns: int) -> str | None:
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     return structlog.get_logger(name)
+
+
+def printable(text: str) -> str:
+    """`text` with every non-printable character escaped (as Python writes it): text from a record or a
+    peer reaches an operator's terminal or a log, where an escape sequence could erase lines or write fake
+    ones."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)

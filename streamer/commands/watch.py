@@ -12,6 +12,7 @@ import time
 from streamer.client import (DEFAULT_MAX_LEASE_S, DEFAULT_SKEW_S, Episode, Flag, MessageError, SuppressionView,
                              decode_episode, decode_flag)
 from streamer.kafka.clients import check_connection, make_consumer, require_topics
+from streamer.logs import printable
 from streamer.settings import KafkaSettings
 
 
@@ -19,24 +20,18 @@ def _clock(ns: int) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(ns / 1e9))
 
 
-def _shown(line: str) -> str:
-    """The line with every non-printable character escaped: a record's text fields reach an operator's
-    terminal, where an escape sequence could erase lines or write fake ones."""
-    return line if line.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in line)
-
-
 def format_flag(f: Flag) -> str:
     if f.scored:
         mark = "ARTIFACT" if f.artifact else "clean   "
-        return _shown(f"flag    {f.patient_id:<10} {_clock(f.window_start_ns)}+10s  {mark} p={f.probability:.3f}  "
+        return printable(f"flag    {f.patient_id:<10} {_clock(f.window_start_ns)}+10s  {mark} p={f.probability:.3f}  "
                       f"latency={f.latency_ms:.0f}ms")
-    return _shown(f"flag    {f.patient_id:<10} {_clock(f.window_start_ns)}+10s  {f.status} ({f.reason})")
+    return printable(f"flag    {f.patient_id:<10} {_clock(f.window_start_ns)}+10s  {f.status} ({f.reason})")
 
 
 def format_episode(e: Episode) -> str | None:
     """One line per opening and closing (None for a lease renewal: nothing changes for a reader)."""
     line = _episode_line(e)
-    return None if line is None else _shown(line)
+    return None if line is None else printable(line)
 
 
 def _episode_line(e: Episode) -> str | None:
@@ -56,12 +51,12 @@ def _episode_line(e: Episode) -> str | None:
 
 
 def lapsed_line(patient_id: str) -> str:
-    return _shown(f"EPISODE {patient_id:<10} lease lapsed with no renewal: feed silent, alarms NOT suppressed")
+    return printable(f"EPISODE {patient_id:<10} lease lapsed with no renewal: feed silent, alarms NOT suppressed")
 
 
 def unreadable_line(r, exc: Exception) -> str:
     """One line for a record the decoders refused: where it is and why (the reason is the decoder's, cut)."""
-    return _shown(f"unreadable record at {r.topic}[{r.partition}]@{r.offset}: {str(exc)[:200]}")
+    return printable(f"unreadable record at {r.topic}[{r.partition}]@{r.offset}: {str(exc)[:200]}")
 
 
 async def watch(k: KafkaSettings, seconds: float | None = None, from_beginning: bool = False, sink=print,

@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 
 from streamer.client import DEFAULT_MAX_LEASE_S, DEFAULT_SKEW_S, Episode, MessageError, SuppressionView, decode_episode
 from streamer.errors import SettingsError
-from streamer.gateways.pcd04 import AlertEvent, build_alert, check_ack, printable
-from streamer.logs import get_logger
+from streamer.gateways.pcd04 import AlertEvent, build_alert, check_ack
+from streamer.lifecycle import stop_on_signals
+from streamer.logs import get_logger, printable
 
 log = get_logger(__name__)
 
@@ -372,7 +373,6 @@ class AlertBridge:
 
 def run_hl7_alerts(args, settings) -> int:
     """`streamer alerts hl7`: until SIGINT/SIGTERM. Bad TLS files or options: SettingsError (exit 2)."""
-    import signal
 
     s = settings
     lease_s = s.episodes.lease_s
@@ -388,9 +388,7 @@ def run_hl7_alerts(args, settings) -> int:
 
     async def main() -> int:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop_on_signals(asyncio.get_running_loop(), stop.set)
         sender = AlertSender(host, port, tls=tls, ack_timeout_s=args.ack_timeout)
         await AlertBridge(s.kafka, machine, sender).run(stop)
         log.info("alerts_stopped", counts=dict(sender.counts), unsent=sender.pending())

@@ -29,7 +29,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 import ssl
 import time
@@ -41,6 +40,7 @@ from streamer.gateways.pcd01 import Header, Pcd01, Refusal, holds_patient_data, 
 from streamer.gateways.sink import ConfirmedSink, SinkFailed
 from streamer.ingest.contract import Chunk
 from streamer.netaddr import is_loopback
+from streamer.lifecycle import stop_on_signals
 from streamer.logs import get_logger, json_logs, patient_ref
 from streamer.settings import Settings
 
@@ -435,9 +435,7 @@ async def _run(args, s: Settings, tls: ssl.SSLContext | None) -> int:
     sink = await ConfirmedSink.open(s.kafka, encoding=getattr(args, "encoding", "json"))
     gateway = Hl7Gateway(sink, s, args.key_by, args.max_connections, args.max_message_bytes, args.idle_timeout,
                          getattr(args, "max_beds", 10000), getattr(args, "naive_times", "refuse"))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, gateway.stopping.set)
+    stop_on_signals(asyncio.get_running_loop(), gateway.stopping.set)
     await _resume(gateway, s, getattr(args, "resume_records", DEFAULT_RESUME_RECORDS))
     try:
         server = await gateway.serve(host, port, tls)

@@ -27,6 +27,8 @@ import hashlib
 import time
 from dataclasses import dataclass
 
+from streamer.logs import printable
+
 PROFILE_ID = "IHE_PCD_ACM_001^IHE PCD^1.3.6.1.4.1.19376.1.6.4.4^ISO"
 ALERT_CODE = "ECG_SIGNAL_ARTIFACT^ECG signal artifact^99STREAMER"  # local code: no MDC one exists for it
 ALERT_TEXT = "ECG signal artifact (lead II): hold this bed's ECG alarm notifications while active"
@@ -185,7 +187,3 @@ def check_ack(block: bytes, control_id: str) -> Ack:
     if code not in ("AA", "AE", "AR", "CA", "CE", "CR"):
         return Ack("invalid", f"unknown acknowledgment code {printable(code[:8])!r}")
     return Ack(code, printable(text[:200]))
-
-
-def printable(text: str) -> str:
-    return text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import signal
 import sys
 import threading
 import time
@@ -36,6 +35,7 @@ import numpy as np
 
 from streamer.gateways.sink import ConfirmedSink, SinkFailed
 from streamer.ingest.contract import MAX_PATIENT_ID, MIN_TIMESTAMP_NS, Chunk
+from streamer.lifecycle import stop_on_signals
 from streamer.logs import get_logger, patient_ref
 
 log = get_logger("streamer.gateways.sdc")
@@ -546,9 +546,7 @@ def run_sdc_gateway(args, settings) -> int:
         sink = await ConfirmedSink.open(settings.kafka)
         try:
             gateway = SdcGateway(options, sink, settings.windows.min_rate_hz, settings.windows.max_rate_hz)
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, gateway.stop)
+            stop_on_signals(asyncio.get_running_loop(), gateway.stop)
             log.info("sdc_gateway_started", devices=len(devices), key_by=args.key_by, tls=ssl_contexts is not None)
             try:
                 await gateway.run()
