@@ -12,9 +12,10 @@ Rules (docs/windows-and-delivery.md):
 - What was already reported is the patient's state (state/patients.py), not a guess: a stream opened
   after a restart, rebalance or eviction starts at the state's first unreported window of its grid.
 - Clock events: a record off the current timeline (far ahead, wholly late, an earlier segment) is rejected
-  and remembered; once `new_timeline_chunks` consecutive, mutually consistent records follow the new
-  timeline, the old segment is closed and the new one starts (re-anchored at that record if it kept the
-  same segment_start_ns). A lone outlier never moves the grid.
+  and remembered; once `new_timeline_chunks` mutually consistent records follow the new timeline (a
+  repeat counts once) and they outnumber the records that kept to the old one meanwhile, the old segment
+  is closed and the new one starts (re-anchored at that record if it kept the same segment_start_ns). A
+  lone outlier never moves the grid, nor does a minority timeline interleaved with the current one.
 - A new or reopened stream is provisional: its first records are held until `provisional_records` of them
   agree (same segment and rate, times within `reorder_tolerance_s` of each other); that group, in time
   order, sets the timeline, and the others are judged against it. An outlier first record (+10 min) cannot
@@ -184,7 +185,8 @@ class PatientStream:
         # a replay after a restart starts at most this far before what the state says was reported
         self.replay_horizon_ns = round((settings.window_s + settings.reorder_tolerance_s + settings.idle_evict_s) * NS)
         self.segment: _Segment | None = None
-        self.candidates: list[_Candidate] = []
+        self.candidates: list[_Candidate] = []  # consistent records off the timeline, in time order
+        self.interleaved = 0  # records on the current timeline since the first candidate
         self.held: list[_Held] = []  # a provisional stream's first records
         self.dead: list[tuple[object, str, str]] = []  # held records refused when the stream closed
         # end of the latest window reported for this patient (on any grid), from the state and since
@@ -302,7 +304,9 @@ class PatientStream:
                 return AcceptResult(out, late_samples=n, rejected="timestamp_jump")
         if seg is None:
             seg = self._open_segment(natural, fs, chunk.t0_ns, stepped_from)
-        self.candidates.clear()
+            self._forget_candidates()
+        elif self.candidates:
+            self._interleave()
         result = self._fill(seg, chunk, offset, now)
         result.windows[:0] = out
         return result
@@ -333,13 +337,33 @@ class PatientStream:
         end_ns = chunk.t0_ns + round(len(chunk.samples) * NS / fs)
         c = _Candidate(natural, fs, chunk.t0_ns, end_ns, offset)
         tolerance = self.settings.reorder_tolerance_s * NS
+        if any(x.t0_ns == c.t0_ns and x.end_ns == end_ns and x.natural_anchor_ns == natural and x.rate == fs
+               for x in self.candidates):
+            return False  # a redelivered candidate: no evidence either way, so it neither counts nor breaks the run
         last = self.candidates[-1] if self.candidates else None
         consistent = (last is not None and last.natural_anchor_ns == natural and last.rate == fs
                       and chunk.t0_ns > last.t0_ns and abs(chunk.t0_ns - last.end_ns) <= tolerance)
         if not consistent:
-            self.candidates.clear()
+            self._forget_candidates()
         self.candidates.append(c)
-        return len(self.candidates) >= self.settings.new_timeline_chunks
+        # a majority, not only a run: two timelines interleaved in one stream (a second source, a gateway
+        # re-dating some records) leave the stream on the one most of its records follow, and never flip back
+        # on a minority; a clock that stepped (the old timeline silent) switches after new_timeline_chunks
+        n = len(self.candidates)
+        return n >= self.settings.new_timeline_chunks and n > self.interleaved
+
+    def _interleave(self) -> None:
+        """A record on the current timeline while candidates wait: it counts against them, and once they are
+        the minority (a lone outlier after two records) or the two stay level for long, they are forgotten:
+        memory stays bounded and their offsets no longer hold the commit."""
+        self.interleaved += 1
+        n = len(self.candidates)
+        if self.interleaved > n or n > 4 * self.settings.new_timeline_chunks:
+            self._forget_candidates()
+
+    def _forget_candidates(self) -> None:
+        self.candidates.clear()
+        self.interleaved = 0
 
     def _open_segment(self, natural: int, fs: Fraction, t0_ns: int, stepped_from: _Segment | None) -> _Segment:
         """The grid a record starts (or resumes): the one the state remembers for it, else its natural
@@ -503,7 +527,7 @@ class PatientStream:
         else:
             early = []
         seg = self.segment
-        self.candidates.clear()
+        self._forget_candidates()
         if seg is None:
             return early
         out = early + list(self._due(seg, now, flush=True))

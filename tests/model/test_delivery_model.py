@@ -322,8 +322,11 @@ def recordings(draw):
             if draw(st.integers(0, 15)) == 0:
                 chunks.append((c, False))  # duplicate
             if draw(st.integers(0, 25)) == 0:  # an outlier dated +30 min, before or after its chunk: also
-                # a new bed's first record (its provisional stream holds it until records agree)
-                outlier = (Chunk(c.patient_id, "II", c.t0_ns + 1800 * NS, float(FS), c.samples, j, anchor), True)
+                # a new bed's first record (its provisional stream holds it until records agree). Each is
+                # 5 s further out than the last, so outliers never agree with each other: several that do are
+                # a second timeline, which the window stage may rightly follow (tests/unit/test_windows.py)
+                shift = (1800 + 5 * j) * NS
+                outlier = (Chunk(c.patient_id, "II", c.t0_ns + shift, float(FS), c.samples, j, anchor), True)
                 chunks.insert(len(chunks) - 1 if draw(st.booleans()) else len(chunks), outlier)
         for j in range(len(chunks) - 1):
             if draw(st.integers(0, 8)) == 0:
@@ -332,8 +335,9 @@ def recordings(draw):
             chunks += [chunks[-1]] * draw(st.integers(3, 20))
         per_patient.append(chunks)
     # interleave patients by time; patient i on partition i % PARTITIONS
-    merged = sorted(((c.t0_ns if not o else c.t0_ns - 1800 * NS, k, i, c, o) for i, chunks in enumerate(per_patient)
-                     for k, (c, o) in enumerate(chunks)), key=lambda t: (t[0], t[2], t[1]))
+    merged = sorted(((c.t0_ns if not o else c.t0_ns - (1800 + 5 * c.seq) * NS, k, i, c, o)
+                     for i, chunks in enumerate(per_patient) for k, (c, o) in enumerate(chunks)),
+                    key=lambda t: (t[0], t[2], t[1]))
     parts: dict[int, list[Record]] = {p: [] for p in range(PARTITIONS)}
     for _, _, i, c, o in merged:
         p = i % PARTITIONS

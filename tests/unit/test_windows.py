@@ -266,8 +266,33 @@ def test_unresolved_off_timeline_records_hold_the_commit():
         stream.accept(c, 100 + i, 0.0)
     stream.accept(Chunk("p1", "II", START + 7200 * 10**9, 500.0, np.zeros(250), None, START), 7, 0.0)
     assert stream.min_open_offset() == 7  # the candidate must be re-read after a restart
-    stream.accept(chunks[10], 110, 0.0)  # the old timeline goes on: it was an outlier
+    stream.accept(chunks[10], 110, 0.0)  # the old timeline goes on: one record is a tie, not yet a majority
+    assert stream.min_open_offset() == 7
+    stream.accept(chunks[11], 111, 0.0)  # two: the candidate is the minority, an outlier
     assert stream.min_open_offset() == 100
+
+
+def test_a_minority_timeline_interleaved_from_the_first_records_is_left_for_the_majority():
+    """Found by the delivery model: a new bed whose first records hold three contiguous copies dated +30 min
+    (a second source, or a gateway re-dating some records) between its real ones, one real record repeated.
+    The provisional group can only pick the copies; the real records that follow, most of the stream,
+    must take the bed back instead of being dead-lettered `late` until the copies stop (30 min unmonitored)."""
+    real = _timeline(500, 40, START, START, chunk=50)
+    ahead = [dataclasses.replace(c, t0_ns=c.t0_ns + 1800 * 10**9) for c in real]
+    arrivals = [real[0], ahead[0], real[0], real[1], ahead[1], ahead[2]]  # copies agree first: 3 to 2
+    # 2.4 s lost, then a copy after every third real record: never four real records in a row
+    arrivals += [x for i in range(26, len(real)) for x in ([real[i], ahead[i]] if i % 3 == 1 else [real[i]])]
+    stream = PatientStream("p1", 0, WindowSettings())
+    results = [stream.accept(c, i, 0.0) for i, c in enumerate(arrivals)]
+    ahead_from = START + 1800 * 10**9
+    real_scored = [k for k, r in enumerate(results) for w in r.windows
+                   if w.status == SCORABLE and w.start_ns < ahead_from]
+    assert len(real_scored) >= 2, [(w.start_ns - START, w.status) for r in results for w in r.windows]  # 10-40 s
+    # once back, the copies (a quarter of the records) never take the bed again
+    after = [w for r in results[real_scored[0]:] for w in r.windows]
+    assert all(w.start_ns < ahead_from for w in after) and all(w.start_ns < ahead_from for w in stream.close(0.0))
+    refused = [c for c, r in zip(arrivals[real_scored[0]:], results[real_scored[0]:]) if r.rejected]
+    assert refused and all(c.t0_ns >= ahead_from for c in refused)  # the copies, dead-lettered (timestamp_jump)
 
 
 @pytest.mark.parametrize("case", ["dropped_segment_start", "earlier_segment"])
