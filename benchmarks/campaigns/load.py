@@ -41,7 +41,7 @@ def slow_campaign(bootstrap: str, beds: int, seconds: float, delay_s: float, slo
         slow = SlowScorer(ArtifactScorer(s.model).warm_up(), delay_s)
         worker = Worker(s, scorer=slow)
         task = asyncio.create_task(worker.run())
-        while not worker.core.assigned:
+        while not worker.core.partitions:
             await asyncio.sleep(0.2)
         feed = asyncio.create_task(replay(s.kafka, fleet, speed=1.0, chunk_s=0.5))
         t0 = time.monotonic()

@@ -9,107 +9,140 @@ no record (a window of a gap), so the ledger alone says how much is in flight.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from typing import Collection, Hashable
+
+from streamer.partitions import CLOSED, OwnedPartition, OwnedPartitions
 
 
 @dataclass(frozen=True, slots=True)
 class Hold:
-    """An output on its way to the broker; `release` it when acknowledged."""
-    partition: Hashable
-    generation: int
+    """An output on its way to the broker; `release` it when acknowledged. It belongs to one assignment of
+    its partition (`owner`): released after that one closed, it changes nothing."""
+    owner: OwnedPartition
     offset: int | None  # the record it depends on, if any
+
+    @property
+    def partition(self) -> Hashable:
+        return self.owner.tp
 
 
 class OffsetsLedger:
-    def __init__(self) -> None:
-        self.next_offset: dict[Hashable, int] = {}  # last consumed + 1
-        self.committed: dict[Hashable, int] = {}
-        self._held: dict[Hashable, Counter] = {}  # partition -> offset (or None) -> outputs in flight
-        # The same, counted per partition: in_flight() runs on every consume-loop pass (backpressure), so
-        # it must not walk every held offset.
-        self._count: Counter = Counter()
-        # Bumped at every assignment and revocation: an acknowledgement from an earlier assignment of a
-        # partition must not release a hold taken by the current one.
-        self.generation: dict[Hashable, int] = {}
+    """Reads and writes each owned partition's `offsets` (partitions.PartitionOffsets); `partitions` is the
+    worker's registry (a ledger of its own when alone, as in tests: `start_partition` then opens them)."""
+
+    def __init__(self, partitions: OwnedPartitions | None = None) -> None:
+        self.partitions = partitions if partitions is not None else OwnedPartitions()
+        self._own_registry = partitions is None
+
+    def _offsets(self, partition: Hashable):
+        task = self.partitions.get(partition)
+        return task.offsets if task is not None else None
 
     # -- the way in ------------------------------------------------------------------------------
     def consumed(self, partition: Hashable, offset: int) -> bool:
         """Record `offset` was read. Refuses to go backwards (False): a position never moves back within
-        an assignment, so a stale or repeated record cannot move the commit point."""
-        if offset + 1 <= self.next_offset.get(partition, -1):
+        an assignment, so a stale or repeated record cannot move the commit point. False for a partition
+        not held."""
+        o = self._offsets(partition)
+        if o is None or (o.next_offset is not None and offset + 1 <= o.next_offset):
             return False
-        self.next_offset[partition] = offset + 1
+        o.next_offset = offset + 1
         return True
 
     def hold(self, partition: Hashable, offset: int | None) -> Hold:
-        hold = Hold(partition, self.generation.get(partition, 0), offset)
-        self._held.setdefault(partition, Counter())[offset] += 1
-        self._count[partition] += 1
-        return hold
+        """An output of `partition` handed on; of a partition not held (revoked meanwhile), a hold that
+        never counts: whoever owns the partition now redoes that output."""
+        task = self.partitions.get(partition)
+        if task is None:
+            return Hold(CLOSED, offset)
+        task.offsets.held[offset] += 1
+        task.offsets.count += 1
+        return Hold(task, offset)
 
     def release(self, hold: Hold | None) -> bool:
-        """The output was acknowledged. False (nothing changes) for a hold of an earlier assignment."""
-        if hold is None:
+        """The output was acknowledged. False (nothing changes) for a hold of a closed assignment."""
+        if hold is None or not hold.owner.mine:
             return False
-        held = self._held.get(hold.partition)
-        if hold.generation != self.generation.get(hold.partition, 0) or held is None or held[hold.offset] <= 0:
+        o = hold.owner.offsets
+        if o.held[hold.offset] <= 0:
             return False
-        held[hold.offset] -= 1
-        if held[hold.offset] == 0:
-            del held[hold.offset]
-        self._count[hold.partition] -= 1
+        o.held[hold.offset] -= 1
+        if o.held[hold.offset] == 0:
+            del o.held[hold.offset]
+        o.count -= 1
         return True
 
-    def is_current(self, hold: Hold | None) -> bool:
+    @staticmethod
+    def is_current(hold: Hold | None) -> bool:
         """Whether the output was handed on during the partition's current assignment. One from an earlier
         assignment is redone from the committed offset by this one (exactly once: never publish both)."""
-        return hold is not None and hold.generation == self.generation.get(hold.partition, 0)
+        return hold is not None and hold.owner.mine
 
     # -- what it says ----------------------------------------------------------------------------
     def position(self, partition: Hashable) -> int:
         """Next offset to consume, as far as this worker knows (the committed one before any record)."""
-        return self.next_offset.get(partition, self.committed.get(partition, 0))
+        o = self._offsets(partition)
+        if o is None:
+            return 0
+        return o.next_offset if o.next_offset is not None else (o.committed or 0)
 
     def in_flight(self, partition: Hashable | None = None) -> int:
-        """Outputs not yet acknowledged, of one partition or of all."""
-        return self._count[partition] if partition is not None else self._count.total()
+        """Outputs not yet acknowledged, of one partition or of all held."""
+        if partition is not None:
+            o = self._offsets(partition)
+            return o.count if o is not None else 0
+        return sum(task.offsets.count for task in self.partitions.values())
+
+    @property
+    def committed(self) -> dict[Hashable, int]:
+        """The last committed offset of each held partition that has one."""
+        return {t.tp: t.offsets.committed for t in self.partitions.values() if t.offsets.committed is not None}
+
+    @property
+    def next_offset(self) -> dict[Hashable, int]:
+        """Last consumed + 1 of each held partition that consumed a record."""
+        return {t.tp: t.offsets.next_offset for t in self.partitions.values() if t.offsets.next_offset is not None}
 
     def commit_points(self, open_offsets: dict[Hashable, int],
                       partitions: Collection[Hashable] | None = None) -> dict[Hashable, int]:
-        """Offsets safe to commit now (of `partitions`, else of all; `open_offsets` must cover them), only
-        those that moved forward since the last commit."""
+        """Offsets safe to commit now (of `partitions`, else of all held; `open_offsets` must cover them),
+        only those that moved forward since the last commit."""
         out = {}
-        for partition, nxt in self.next_offset.items():
-            if partitions is not None and partition not in partitions:
+        tasks = self.partitions.values() if partitions is None else filter(None, map(self.partitions.get, partitions))
+        for task in tasks:
+            o = task.offsets
+            if o.next_offset is None:
                 continue
-            point = nxt
-            if partition in open_offsets:
-                point = min(point, open_offsets[partition])
-            held = [o for o in self._held.get(partition, ()) if o is not None]
+            point = o.next_offset
+            if task.tp in open_offsets:
+                point = min(point, open_offsets[task.tp])
+            held = [off for off in o.held if off is not None]
             if held:
                 point = min(point, min(held))
-            if point > self.committed.get(partition, -1):
-                out[partition] = point
+            if point > (o.committed if o.committed is not None else -1):
+                out[task.tp] = point
         return out
 
     def mark_committed(self, points: dict[Hashable, int]) -> None:
         for p, off in points.items():
-            self.committed[p] = max(off, self.committed.get(p, -1))
+            o = self._offsets(p)
+            if o is not None:
+                o.committed = max(off, o.committed if o.committed is not None else -1)
 
-    # -- assignment ------------------------------------------------------------------------------
-    def start_partition(self, partition: Hashable, committed: int | None) -> None:
-        self._reset(partition)
-        if committed is not None:
-            self.committed[partition] = committed
+    # -- assignment (a ledger of its own only: the worker's registry opens and closes partitions) --------
+    def start_partition(self, partition: Hashable, committed: int | None) -> OwnedPartition:
+        """The partition's offsets start at `committed`: a new assignment in a ledger of its own; in the
+        worker's, the assignment the registry opened."""
+        if self._own_registry:
+            self.partitions.forget(partition)
+            return self.partitions.open(partition, committed)
+        task = self.partitions.get(partition)
+        task.offsets.committed = committed
+        return task
 
     def drop_partition(self, partition: Hashable) -> None:
-        self._reset(partition)
-
-    def _reset(self, partition: Hashable) -> None:
-        self.generation[partition] = self.generation.get(partition, 0) + 1
-        self.next_offset.pop(partition, None)
-        self._held.pop(partition, None)
-        self._count.pop(partition, None)
-        self.committed.pop(partition, None)
+        """A ledger of its own: the assignment ends (its holds count no more). The worker's registry
+        closes its partitions itself."""
+        if self._own_registry:
+            self.partitions.forget(partition)

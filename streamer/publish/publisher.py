@@ -25,6 +25,7 @@ from streamer.delivery import BackgroundSends, Block, Delivery
 from streamer.logs import episode_ref, get_logger, patient_ref
 from streamer.metrics import Metrics
 from streamer.model.decision import Verdict, decide
+from streamer.partitions import OwnedPartition
 from streamer.publish.episodes import EpisodeTracker
 from streamer.publish.messages import episode_bytes, flag_bytes
 from streamer.settings import KafkaSettings
@@ -41,6 +42,7 @@ class Publisher:
                  persist: Callable[[object, PatientState], Awaitable[None]] | None = None,
                  clock: Callable[[], float] = time.time, on_failure: Callable[[BaseException], None] | None = None):
         self.kafka, self.delivery, self.ledger, self.store = k, delivery, ledger, store
+        self.partitions = ledger.partitions  # the worker's registry: "still mine?" is `OwnedPartition.mine`
         self.episodes, self.metrics, self.settled = episodes, metrics, settled
         self.persist = persist  # one patient's state written now (Checkpointer.persist): durable_first's writes
         self.clock = clock  # wall time (s): episode staleness and leases
@@ -79,13 +81,16 @@ class Publisher:
 
     async def _flag_counted(self, block: Block, w: EmittedWindow, v: Verdict, counted: list) -> None:
         """What a flag that counts implies: its window reported, its episode updated (and any transition
-        sent with it), its hold released so the commit point may pass its records."""
+        sent with it), its hold released so the commit point may pass its records. Of an assignment that
+        ended meanwhile, nothing: the partition's next assignment (here or elsewhere) redoes the window from
+        its last commit, against the state it restored."""
+        if not w.hold.owner.mine:
+            return
         self.store.reported(w)
         self.store.flag_published(w.partition, w.patient_id, v.window_id)
-        if self.store.owns(w.partition):  # else revoked meanwhile: its new owner applies it to the restored episode
-            st, episode = self._apply_to_episode(w, v, self.clock())
-            if episode is not None:
-                await self._send_episode(block, w.partition, st, episode)
+        st, episode = self._apply_to_episode(w, v, self.clock())
+        if episode is not None:
+            await self._send_episode(block, w.partition, st, episode)
         self.ledger.release(w.hold)
         counted.append((w, v))
 
@@ -147,17 +152,19 @@ class Publisher:
         no scored window updated for episodes.stale_after_s; in the background. Returns how many."""
         due = 0
         for partition, st in list(self.store):
-            if not self.episodes.due(st.episode, now):
+            task = self.partitions.get(partition)
+            if task is None or not self.episodes.due(st.episode, now):
                 continue
             due += 1
             # decided when its delivery begins (exactly once: under the partition's gate), so the message
             # and its state count together
-            self.background.spawn(self._tend(partition, st.patient_id, now))
+            self.background.spawn(self._tend(task, st.patient_id, now))
         return due
 
-    async def _tend(self, partition, patient_id: str, now: float) -> None:
+    async def _tend(self, task: OwnedPartition, patient_id: str, now: float) -> None:
+        partition = task.tp
         async with self.delivery.deliver(partition) as block:
-            if not block.owned or not self.store.owns(partition):
+            if not block.owned or not task.mine:
                 return
             st = self.store.patient(partition, patient_id)
             msg = self.episodes.tend(patient_id, st.episode, now)
@@ -176,20 +183,21 @@ class Publisher:
             self.metrics.states_lost.inc()
             log.error("state_lost", patient=patient_ref(patient_id), topic=getattr(partition, "topic", None),
                       partition=getattr(partition, "partition", partition))
+        task = self.partitions.get(partition)
         for st in list(self.store.partitions.get(partition, {}).values()):
             if st.flags_ahead:
-                self.background.spawn(self._republish_flags(partition, st))
+                self.background.spawn(self._republish_flags(task, st))
             if st.episode.pending is not None:
-                self.background.spawn(self._republish(partition, st, fresh=st.patient_id in lost))
+                self.background.spawn(self._republish(task, st, fresh=st.patient_id in lost))
 
-    async def _republish_flags(self, partition, st: PatientState) -> None:
+    async def _republish_flags(self, task: OwnedPartition, st: PatientState) -> None:
         """Flags a previous owner wrote ahead and may not have published: sent again, the same bytes (a
         consumer de-duplicates by window_id), applied to the episode (a no-op if they were), cleared."""
-        entries = list(st.flags_ahead)
+        partition, entries = task.tp, list(st.flags_ahead)
         log.info("flags_republished", patient=patient_ref(st.patient_id), windows=len(entries),
                  topic=getattr(partition, "topic", None), partition=getattr(partition, "partition", partition))
         async with self.delivery.deliver(partition) as block:
-            if not block.owned or not self.store.owns(partition):
+            if not block.owned or not task.mine:
                 return
             for e in entries:
                 await block.send(self.kafka.flags_topic, flag_bytes(e.verdict), key=st.patient_id.encode(),
@@ -207,9 +215,10 @@ class Publisher:
         self.store.changed(partition, st.patient_id)
         return episode
 
-    async def _republish(self, partition, st: PatientState, fresh: bool) -> None:
+    async def _republish(self, task: OwnedPartition, st: PatientState, fresh: bool) -> None:
+        partition = task.tp
         async with self.delivery.deliver(partition) as block:
-            if not block.owned or not self.store.owns(partition) or st.episode.pending is None:
+            if not block.owned or not task.mine or st.episode.pending is None:
                 return
             # a restored pending message is durable already; a state_lost close is not yet
             await self._send_episode(block, partition, st, st.episode.pending, durable=fresh)

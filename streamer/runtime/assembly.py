@@ -28,6 +28,7 @@ from streamer.logs import get_logger
 from streamer.metrics import HealthServer, InferenceWatch, IngestCounts, Metrics
 from streamer.model.infer import ArtifactScorer
 from streamer.model.scoring import WindowScorer
+from streamer.partitions import OwnedPartitions
 from streamer.publish.episodes import EpisodeTracker
 from streamer.publish.publisher import Publisher
 from streamer.runtime.ownership import PartitionOwnership
@@ -45,7 +46,8 @@ log = get_logger("streamer.worker")
 class Core:
     """The worker's own state and stages, which exist before any broker is reached: the patient states
     (`store`), the windows (`stage`), the offsets (`ledger`), the micro-batcher, the output stamps
-    (`event_time`) and the partitions let in (`assigned`: what the consume loop reads)."""
+    (`event_time`) and the partitions held (`partitions`: one object per assignment; what the consume loop
+    reads, what the ledger keeps offsets on)."""
     settings: Settings
     clock: Callable[[], float]  # the wall clock episodes are stamped and aged by
     metrics: Metrics
@@ -60,13 +62,14 @@ class Core:
     partitioner_watch: PartitionerWatch
     inference_watch: InferenceWatch
     settled: asyncio.Event  # set whenever an output is acknowledged (revocation waits on it)
-    assigned: set[TopicPartition]
+    partitions: OwnedPartitions
 
     @classmethod
     def build(cls, settings: Settings, clock: Callable[[], float] = time.time) -> "Core":
         metrics = Metrics()
         store = StateStore(clock)
-        ledger = OffsetsLedger()
+        partitions = OwnedPartitions()
+        ledger = OffsetsLedger(partitions)
         k = settings.kafka
         core = cls(
             settings=settings, clock=clock, metrics=metrics, ingest_counts=IngestCounts(metrics), store=store,
@@ -76,7 +79,7 @@ class Core:
             event_time=EventTime(), clock_offset=ClockOffset(k.clock_offset_warn_s, metrics.clock_offset_s),
             partitioner_watch=PartitionerWatch(k.input_partitioner, k.input_topics, metrics.partitioner_mismatch),
             inference_watch=InferenceWatch(settings.model.inference_stall_s), settled=asyncio.Event(),
-            assigned=set())
+            partitions=partitions)
         metrics.watch_inference(core.inference_watch)
         metrics.watch_episodes(store.open_episodes)
         metrics.patient_states.set_function(store.count)
@@ -96,19 +99,22 @@ class Hooks:
 
 class FenceWatch:
     """A partition's transaction was fenced (delivery/exactly_once.py): its open transaction is gone, so is
-    this worker's claim on it. As Kafka Streams does, the worker rejoins the group: the revocation drops the
-    partition without a checkpoint, and whoever the group gives it to (this worker, after a broker failover
-    that outlasted the transaction timeout; the newer owner, if this one was a zombie) restores it from its
-    last commit. Fenced more than `tolerated` times within `window_s`, the worker is fighting another owner,
-    not riding out a failover: it fails."""
+    this worker's claim on it: the partition is closed dirty at once (partitions.py). As Kafka Streams does,
+    the worker rejoins the group: the revocation releases the partition without a drain or a checkpoint, and
+    whoever the group gives it to (this worker, after a broker failover that outlasted the transaction
+    timeout; the newer owner, if this one was a zombie) restores it from its last commit. Fenced more than
+    `tolerated` times within `window_s`, the worker is fighting another owner, not riding out a failover:
+    it fails."""
 
-    def __init__(self, metrics: Metrics, rejoin: Callable[[], None], fail: Callable[[BaseException], None],
-                 tolerated: int = 5, window_s: float = 600.0, clock: Callable[[], float] = time.monotonic):
-        self.metrics, self.rejoin, self.fail = metrics, rejoin, fail
+    def __init__(self, metrics: Metrics, partitions: OwnedPartitions, rejoin: Callable[[], None],
+                 fail: Callable[[BaseException], None], tolerated: int = 5, window_s: float = 600.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.metrics, self.partitions, self.rejoin, self.fail = metrics, partitions, rejoin, fail
         self.tolerated, self.window_s, self.clock = tolerated, window_s, clock
         self.fences: list[float] = []  # monotonic times of the recent fences
 
     def __call__(self, tp: TopicPartition) -> None:
+        self.partitions.close_dirty(tp)  # nothing of it counts from now on; the revocation releases it
         self.metrics.fenced.inc()
         now = self.clock()
         self.fences = [t for t in self.fences if now - t < self.window_s] + [now]
@@ -172,7 +178,8 @@ async def assemble(core: Core, scorer: ArtifactScorer, hooks: Hooks) -> Parts:
     window_scorer = WindowScorer(scorer, s.model.cpu_fallback, core.metrics)
     routing = await output_routing(k)
     # a fence can only come once a partition is assigned, so after `consumer` below exists
-    fenced = FenceWatch(core.metrics, lambda: hooks.stopping() or request_rejoin(consumer), hooks.fail)
+    fenced = FenceWatch(core.metrics, core.partitions, lambda: hooks.stopping() or request_rejoin(consumer),
+                        hooks.fail)
     delivery, producer = await choose_delivery(k, core.event_time, routing, fenced,
                                                on_committed=core.metrics.flag_steps.committed)
     consumer = make_consumer(k)
@@ -184,10 +191,11 @@ async def assemble(core: Core, scorer: ArtifactScorer, hooks: Hooks) -> Parts:
     dead_letters = DeadLetters(k.dead_letter_topic, delivery, core.ledger, core.metrics, core.settled,
                                on_failure=hooks.fail)
     ownership = PartitionOwnership(
-        k, core.assigned, core.ledger, core.stage, core.store, core.event_time, core.metrics, core.settled,
-        delivery, consumer, state_reader, dead_letters, publisher, routing,
+        kafka=k, partitions=core.partitions, stage=core.stage, store=core.store, event_time=core.event_time,
+        metrics=core.metrics, settled=core.settled, delivery=delivery, consumer=consumer, state_reader=state_reader,
+        dead_letters=dead_letters, publisher=publisher, routing=routing,
         checkpoint=hooks.checkpoint, failed=hooks.failed, clock=core.clock)
-    upkeep = Upkeep(s, core.assigned, core.stage, core.ledger, core.store, core.metrics, consumer, publisher,
+    upkeep = Upkeep(s, core.partitions, core.stage, core.ledger, core.store, core.metrics, consumer, publisher,
                     dead_letters, submit=hooks.submit, paused=lambda: core.backpressure.paused, clock=core.clock)
     try:
         if producer is not None:

@@ -1,9 +1,11 @@
 """Taking and giving back input partitions on a rebalance: the only place partitions change hands.
 
-revoke: publish what is in flight for the partitions, checkpoint them, then close their outputs and drop
-their buffers, states and offsets. assign: check the state topic, refuse a partition whose last commit used
-another transactional id prefix, take its transactional id (fencing a previous owner), restore its patient
-states and episode numbers, then let its records in (never before: `assigned` gates the consume loop)."""
+Each assignment of a partition is one `OwnedPartition` (streamer/partitions.py). assign: check the state
+topic, refuse a partition whose last commit used another transactional id prefix, take its transactional id
+(fencing a previous owner), restore its patient states and episode numbers, register how each part releases
+the partition, then admit it (never before: the registry gates the consume loop). revoke: publish what is
+in flight for the partitions still mine, checkpoint them, then one `close` each (a fenced one, closed dirty
+already, skips the drain and the checkpoint)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ from typing import Awaitable, Callable
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
-from streamer.checkpointing import OffsetsLedger
 from streamer.delivery.event_time import EventTime
 from streamer.delivery import Delivery
 from streamer.ingest.deadletter import DeadLetters
@@ -22,6 +23,7 @@ from streamer.kafka.clients import committed_offsets
 from streamer.kafka.partitioning import OutputRouting
 from streamer.logs import get_logger
 from streamer.metrics import Metrics
+from streamer.partitions import OwnedPartition, OwnedPartitions
 from streamer.publish.publisher import Publisher
 from streamer.runtime.startup import state_topic_problem
 from streamer.settings import KafkaSettings
@@ -35,8 +37,7 @@ log = get_logger("streamer.worker")
 @dataclass
 class PartitionOwnership:
     kafka: KafkaSettings
-    assigned: set[TopicPartition]  # the worker's: what the consume loop lets in
-    ledger: OffsetsLedger
+    partitions: OwnedPartitions  # the worker's: what the consume loop lets in
     stage: WindowStage
     store: StateStore
     event_time: EventTime
@@ -51,6 +52,10 @@ class PartitionOwnership:
     checkpoint: Callable[[set[TopicPartition]], Awaitable[None]]
     failed: Callable[[], bool]  # the worker has failed: nothing more is committed
     clock: Callable[[], float] = time.time
+    # seams (the delivery model drives this class over in-memory clients): the state topic's check, and how
+    # long a revocation waits for what is in flight (None: half the session timeout)
+    check_state_topic: Callable[[KafkaSettings], Awaitable[tuple[str | None, int]]] = state_topic_problem
+    drain_timeout_s: float | None = None
     joined: bool = False  # a group generation assigned this worker its partitions (none, for a standby)
 
     def listener(self, fail: Callable[[BaseException], None]) -> ConsumerRebalanceListener:
@@ -59,35 +64,37 @@ class PartitionOwnership:
         return _Rebalance(self, fail)
 
     async def revoke(self, revoked: set[TopicPartition]) -> None:
-        """Publish what is in flight for these partitions, checkpoint, then drop their buffers and states."""
-        deadline = time.monotonic() + self.kafka.session_timeout_ms / 2000
+        """Publish what is in flight for these partitions, checkpoint, then close each (its buffers, states,
+        offsets and outputs released)."""
+        tasks = [t for t in map(self.partitions.held, sorted(revoked)) if t is not None]
         # a fenced partition's outputs are dropped, never acknowledged: nothing to wait for
-        while any(self.ledger.in_flight(tp) for tp in revoked if not self.delivery.lost(tp)):
+        mine = [t for t in tasks if t.mine]
+        wait_s = self.kafka.session_timeout_ms / 2000 if self.drain_timeout_s is None else self.drain_timeout_s
+        deadline = time.monotonic() + wait_s
+        while any(t.offsets.count for t in mine):
             left = deadline - time.monotonic()
             if left <= 0:
-                log.warning("revoke_before_drained", pending=sum(self.ledger.in_flight(tp) for tp in revoked))
+                log.warning("revoke_before_drained", pending=sum(t.offsets.count for t in mine))
                 break
             self.settled.clear()
             try:
                 await asyncio.wait_for(self.settled.wait(), left)
             except asyncio.TimeoutError:
                 pass
-        if not self.failed():
-            await self.checkpoint(revoked)
-        for tp in revoked:
-            await self.delivery.close(tp)
-            self.event_time.drop(tp)
-            dropped = self.stage.drop_partition(tp)
-            self.ledger.drop_partition(tp)
-            self.assigned.discard(tp)
-            log.info("partition_revoked", topic=tp.topic, partition=tp.partition, patients_dropped=dropped)
+        if not self.failed() and any(t.mine for t in mine):
+            await self.checkpoint({t.tp for t in mine if t.mine})
+        for t in tasks:
+            patients = len(self.stage.partition_streams.get(t.tp, ()))
+            await self.partitions.close(t.tp)
+            log.info("partition_revoked", topic=t.tp.topic, partition=t.tp.partition, patients_dropped=patients,
+                     fenced=t.fenced)
 
     async def assign(self, assigned: set[TopicPartition]) -> None:
         """Take the partitions' transactional ids (exactly once: fencing a previous owner), restore their
         patient states, then let their records in (never before)."""
-        new = sorted(assigned - self.assigned)
+        new = sorted(tp for tp in assigned if self.partitions.held(tp) is None)
         if new:
-            problem, state_partitions = await state_topic_problem(self.kafka)  # the topics may have changed
+            problem, state_partitions = await self.check_state_topic(self.kafka)  # the topics may have changed
             if problem is None and max(tp.partition for tp in new) >= state_partitions:
                 problem = f"{self.kafka.state_topic} has no partition {max(tp.partition for tp in new)}"
             if problem is not None:
@@ -97,10 +104,11 @@ class PartitionOwnership:
             problem = self.delivery.takeover_refusal(tp, committed[tp][1])
             if problem is not None:
                 raise RuntimeError(problem)
+        tasks: dict[TopicPartition, OwnedPartition] = {}
         for tp in new:
             await self.delivery.open(tp)
-        for tp in new:
-            self.ledger.start_partition(tp, committed[tp][0])
+            task = tasks[tp] = OwnedPartition(tp, committed[tp][0])
+            self.release_at_close(task)
         self.metrics.restoring.inc(len(new))
         try:
             with self.metrics.restore_s.time():
@@ -120,18 +128,30 @@ class PartitionOwnership:
             bad = [u for u in restored.unreadable if u.partition == tp]
             for u in bad:
                 self.dead_letters.send(tp, u.record, "state_unreadable", u.reason, held=False)
+            self.partitions.admit(tasks[tp])
             self.publisher.resume(tp, [u.patient_id for u in bad if u.patient_id is not None], now)
-            self.assigned.add(tp)
             log.info("partition_assigned", topic=tp.topic, partition=tp.partition,
-                     committed=self.ledger.committed.get(tp), patients_restored=len(states),
-                     states_unreadable=len(bad))
+                     committed=committed[tp][0], patients_restored=len(states), states_unreadable=len(bad))
+
+    def release_at_close(self, task: OwnedPartition) -> None:
+        """What each part keeps of the partition, released at its close (newest first: the windows and
+        states, the output stamps, then the outputs, whose open transaction is aborted)."""
+        tp = task.tp
+        task.on_close(lambda: self.delivery.close(tp))
+        task.on_close(lambda: self.event_time.drop(tp))
+        task.on_close(lambda: self._drop_windows(tp))
+
+    def _drop_windows(self, tp: TopicPartition) -> None:
+        self.stage.drop_partition(tp)  # the stage drops the store's states of it too
 
     def _episode_partitions(self, partitions) -> list[int]:
         """The episodes topic's partitions that hold these input partitions' patients' messages: the same
         numbers when the topics line up (OutputRouting), else all of them."""
         k = self.kafka
-        n_out = self.routing.counts.get(k.episodes_topic, 0) if self.routing else 0
-        aligned = [self.routing.partition(tp, k.episodes_topic, None) for tp in partitions] if self.routing else []
+        if self.routing is None:  # never guess: an empty list would restore no episode numbers at all
+            raise RuntimeError("the episodes topic's partitions are unknown (no output routing)")
+        n_out = self.routing.counts.get(k.episodes_topic, 0)
+        aligned = [self.routing.partition(tp, k.episodes_topic, None) for tp in partitions]
         if aligned and all(p is not None for p in aligned):
             return sorted(set(aligned))
         return list(range(n_out))

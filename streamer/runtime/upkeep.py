@@ -14,6 +14,7 @@ from streamer.checkpointing import OffsetsLedger
 from streamer.ingest.deadletter import DeadLetters
 from streamer.logs import get_logger
 from streamer.metrics import Metrics
+from streamer.partitions import OwnedPartitions
 from streamer.publish.publisher import Publisher
 from streamer.settings import Settings
 from streamer.state.store import StateStore
@@ -51,7 +52,7 @@ class Backpressure:
 @dataclass
 class Upkeep:
     settings: Settings
-    assigned: set[TopicPartition]  # the worker's
+    partitions: OwnedPartitions  # the worker's (iterates the topic-partitions held)
     stage: WindowStage
     ledger: OffsetsLedger
     store: StateStore
@@ -82,7 +83,7 @@ class Upkeep:
         now_ms = time.time() * 1000
         fresh_ms = 2 * self.settings.kafka.fetch_max_wait_ms + 1000
         out = []
-        for tp in self.assigned:
+        for tp in self.partitions:
             high, polled = self.consumer.highwater(tp), self.consumer.last_poll_timestamp(tp)
             if high is not None and polled is not None and now_ms - polled <= fresh_ms and not self.paused() \
                     and self.ledger.position(tp) >= high:
@@ -95,7 +96,7 @@ class Upkeep:
         if now < self.next_expiry:
             return
         self.next_expiry = now + min(300.0, ttl / 4)
-        for tp in self.assigned:
+        for tp in self.partitions:
             gone = self.store.expire_idle(tp, now, ttl, lambda pid, tp=tp: (tp, pid) in self.stage.streams)
             if gone:
                 self.metrics.states_expired.inc(len(gone))
@@ -127,7 +128,7 @@ class Upkeep:
         self.metrics.max_patients.set(self.settings.windows.max_patients)
         self.metrics.buffer_bytes.set(self.stage.nbytes)
         self.metrics.pending.set(self.ledger.in_flight())
-        for tp in self.assigned:
+        for tp in self.partitions:
             high = self.consumer.highwater(tp)
             if high is not None:
                 self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(high - self.ledger.position(tp), 0))

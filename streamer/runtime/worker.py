@@ -67,9 +67,9 @@ class Worker:
             return False, "model not loaded"
         if self.parts is None or not self.parts.ownership.joined:
             return False, "not yet a member of the consumer group"
-        if not self.core.assigned:
+        if not self.core.partitions:
             return True, "ready: standby, no partitions assigned"
-        return True, f"ready: {len(self.core.assigned)} partitions"
+        return True, f"ready: {len(self.core.partitions.tps())} partitions"
 
     async def start(self) -> bool:
         """Load the model, check topics, join the group. False if a stop came before the model was ready:
@@ -186,7 +186,7 @@ class Worker:
             log.error("task_failed", task="commit", error=repr(self.fatal),
                       fix=authorization_fix(self.fatal, self.settings.kafka))
         if self.fatal is None and not self.deadline_exceeded:
-            final = asyncio.ensure_future(self._commit(self.core.assigned))
+            final = asyncio.ensure_future(self._commit(self.core.partitions.tps()))
             if not await _within(final, end - 1.0):
                 self.deadline_exceeded = True
             elif final.exception() is not None:  # the transaction cannot commit: the next owner redoes it
@@ -211,7 +211,7 @@ class Worker:
             now = time.time()
             for tp, batch in records.items():
                 partitions = len(consumer.partitions_for_topic(tp.topic) or ())
-                if tp not in core.assigned:
+                if tp not in core.partitions:
                     # fetched before its states were restored (aiokafka fetches before the assignment
                     # listener returns): fetch these again later rather than skip them
                     if batch and tp in consumer.assignment():
@@ -281,7 +281,7 @@ class Worker:
         schedule = CheckpointSchedule(k.commit_interval_s, self.commits_end,
                                       awaiting.event if k.commit_after_flags else None, awaiting.take_partitions,
                                       spacing_s=k.flag_commit_spacing_ms / 1000)
-        while (partitions := await schedule.next(self.core.assigned)) is not None:
+        while (partitions := await schedule.next(self.core.partitions.tps())) is not None:
             if partitions:
                 await self._commit(partitions)
 

@@ -44,7 +44,7 @@ def test_slow_inference_pauses_fetching_then_catches_up(broker, scorer):
         task = asyncio.create_task(worker.run())
         peak_pending, paused_seen, scrapes = 0, False, []
         try:
-            while not worker.core.assigned:
+            while not worker.core.partitions:
                 await asyncio.sleep(0.1)
             port = worker.parts.health.port
             await replay(s.kafka, fleet, speed=None, chunk_s=0.5)
@@ -101,7 +101,7 @@ def test_a_micro_batch_is_one_network_call_at_most(broker, scorer):
         worker = Worker(s, scorer=scorer)
         task = asyncio.create_task(worker.run())
         try:
-            while not worker.core.assigned and not task.done():  # started: its partition assigned
+            while not worker.core.partitions and not task.done():  # started: its partition assigned
                 await asyncio.sleep(0.05)
             return worker.core.batcher.max_batch
         finally:

@@ -51,10 +51,10 @@ def test_worker_leaving_the_group_hands_over_without_loss(broker, scorer):
         ta, tb = asyncio.create_task(a.run()), asyncio.create_task(b.run())
         try:
             deadline = time.monotonic() + 45
-            while not (a.core.assigned and b.core.assigned) and time.monotonic() < deadline:
+            while not (a.core.partitions and b.core.partitions) and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
-            assert a.core.assigned and b.core.assigned, "both workers must own partitions"
-            assert not a.core.assigned & b.core.assigned
+            assert a.core.partitions and b.core.partitions, "both workers must own partitions"
+            assert not a.core.partitions.tps() & b.core.partitions.tps()
             feed = asyncio.create_task(replay(s.kafka, fleet, speed=10.0, chunk_s=0.5))
             deadline = time.monotonic() + 60
             while not a.core.ledger.next_offset:  # a has consumed records of its partitions
@@ -70,7 +70,7 @@ def test_worker_leaving_the_group_hands_over_without_loss(broker, scorer):
                 if expected <= set(scored_ids(flags)):
                     break
                 await asyncio.sleep(1)
-            assert len(b.core.assigned) == 4, "the remaining worker must own every partition"
+            assert len(b.core.partitions) == 4, "the remaining worker must own every partition"
         finally:
             a.stop()
             b.stop()

@@ -36,7 +36,7 @@ def test_clock_step_keeps_the_neighbour_and_the_commit_moving(broker, scorer):
         worker = Worker(s, scorer=scorer)
         task = asyncio.create_task(worker.run())
         try:
-            await until_true(lambda: asyncio.sleep(0, bool(worker.core.assigned)), 60, "assignment")
+            await until_true(lambda: asyncio.sleep(0, bool(worker.core.partitions)), 60, "assignment")
             await replay(s.kafka, [healthy, stepped], speed=None, chunk_s=0.25)
 
             async def flagged():
@@ -45,7 +45,7 @@ def test_clock_step_keeps_the_neighbour_and_the_commit_moving(broker, scorer):
                 return len(new) >= 3 and expected_windows([healthy]) <= set(scored_ids(flags))
 
             await until_true(flagged, 90, "flags of both beds")
-            tp = next(iter(worker.core.assigned))
+            tp = next(iter(worker.core.partitions))
             end = worker.parts.consumer.highwater(tp)
             await until_true(lambda: asyncio.sleep(0, worker.core.ledger.committed.get(tp, 0) == end), 60,
                          "the commit to reach the end of the partition (nothing pinned by the stepped bed)")
@@ -76,7 +76,7 @@ def test_episode_opened_under_one_worker_is_closed_by_its_successor(broker, scor
         s_a.episodes.stale_after_s = 3600.0  # a does not close it: the bed is still "recent" for a
         a.settings = s_a
         ta = asyncio.create_task(a.run())
-        await until_true(lambda: asyncio.sleep(0, bool(a.core.assigned)), 60, "assignment of a")
+        await until_true(lambda: asyncio.sleep(0, bool(a.core.partitions)), 60, "assignment of a")
         await replay(s.kafka, [bed], speed=None, chunk_s=0.5)
 
         async def opened():
@@ -108,7 +108,7 @@ def test_episode_opened_under_one_worker_is_closed_by_its_successor(broker, scor
 async def _bad_record_then_a_healthy_bed(s, worker, bad: bytes, key: bytes, bed) -> None:
     """Once `worker` owns the partition: one bad record, then a healthy bed; returns when the bed is
     flagged and the commit passed the bad record (offset 0)."""
-    await until_true(lambda: asyncio.sleep(0, bool(worker.core.assigned)), 60, "assignment")
+    await until_true(lambda: asyncio.sleep(0, bool(worker.core.partitions)), 60, "assignment")
     producer = make_producer(s.kafka, max_request_size=4 << 20)
     await producer.start()
     await producer.send_and_wait(s.kafka.input_topics[0], bad, key=key)
@@ -120,7 +120,7 @@ async def _bad_record_then_a_healthy_bed(s, worker, bad: bytes, key: bytes, bed)
         return expected_windows([bed]) <= set(scored_ids(flags))
 
     await until_true(done, 60, "the healthy bed's flags")
-    tp = next(iter(worker.core.assigned))
+    tp = next(iter(worker.core.partitions))
     await until_true(lambda: asyncio.sleep(0, worker.core.ledger.committed.get(tp, 0) >= 1), 30,
                  "the commit to pass the bad record")
 
@@ -238,7 +238,7 @@ def test_a_patient_unchanged_past_the_ttl_is_tombstoned_and_not_restored(broker,
         worker = Worker(s, scorer=scorer)
         task = asyncio.create_task(worker.run())
         try:
-            await until_true(lambda: asyncio.sleep(0, bool(worker.core.assigned)), 60, "assignment")
+            await until_true(lambda: asyncio.sleep(0, bool(worker.core.partitions)), 60, "assignment")
             await replay(s.kafka, [gone], speed=None, chunk_s=0.5)
             # the other bed keeps streaming in real time: its state changes every window and stays
             feed = asyncio.create_task(replay(s.kafka, [Source("bed-kept", kept)], speed=1.0, chunk_s=0.5))
@@ -255,7 +255,7 @@ def test_a_patient_unchanged_past_the_ttl_is_tombstoned_and_not_restored(broker,
                 return any(f["patient_id"] == "bed-kept" for f in flags)
 
             await until_true(kept_reported, 60, "a window of the bed still streaming")
-            tp = next(iter(worker.core.assigned))
+            tp = next(iter(worker.core.partitions))
             held = set(worker.core.store.partitions[tp])
             expired = worker.core.metrics.states_expired._value.get()
             feed.cancel()
@@ -352,7 +352,7 @@ def test_a_new_bed_whose_first_record_is_an_outlier_loses_only_that_record(broke
         worker = Worker(s, scorer=scorer)
         task = asyncio.create_task(worker.run())
         try:
-            await until_true(lambda: asyncio.sleep(0, bool(worker.core.assigned)), 60, "assignment")
+            await until_true(lambda: asyncio.sleep(0, bool(worker.core.partitions)), 60, "assignment")
             producer = make_producer(s.kafka)
             await producer.start()
             out = ChunkProducer(producer, s.kafka.input_topics[0], "json")
@@ -365,7 +365,7 @@ def test_a_new_bed_whose_first_record_is_an_outlier_loses_only_that_record(broke
                 return sum(f["status"] == "scored" for f in flags) >= 4
 
             await until_true(scored, 90, "the bed's windows")
-            tp = next(iter(worker.core.assigned))
+            tp = next(iter(worker.core.partitions))
             end = worker.parts.consumer.highwater(tp)
             await until_true(lambda: asyncio.sleep(0, worker.core.ledger.committed.get(tp, 0) == end), 60,
                          "the commit to reach the end of the partition")

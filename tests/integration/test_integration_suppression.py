@@ -102,7 +102,7 @@ def test_a_takeover_by_a_worker_an_hour_behind_is_honoured(broker, scorer, check
     async def main():
         a = Worker(s, scorer=scorer)
         ta = asyncio.create_task(a.run())
-        await _until(lambda: bool(a.core.assigned), 60, "assignment of a")
+        await _until(lambda: bool(a.core.partitions), 60, "assignment of a")
         await replay(s.kafka, [_bed("bed-skew", 21)], speed=None, chunk_s=0.5)
         await _until(lambda: _states(s, "open"), 60, "the episode to open under a", slow=True)
         a.stop()
@@ -112,7 +112,7 @@ def test_a_takeover_by_a_worker_an_hour_behind_is_honoured(broker, scorer, check
         b = Worker(s, scorer=clean, clock=lambda: time.time() - behind)
         tb = asyncio.create_task(b.run())
         try:
-            await _until(lambda: bool(b.core.assigned), 60, "assignment of b")
+            await _until(lambda: bool(b.core.partitions), 60, "assignment of b")
             later = Source("bed-skew", Recording(regular_times(500 * 30, 500, T0 + 21 * 10**9),
                                                  generate(30, fs=500, seed=4).values, 500.0))
             await replay(s.kafka, [later], speed=None, chunk_s=0.5)

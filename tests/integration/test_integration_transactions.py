@@ -125,7 +125,7 @@ def test_refused_state_records_stop_the_worker_loudly_and_nothing_is_committed(b
         worker = Worker(s, scorer=scorer)
         task = asyncio.create_task(worker.run())
         try:
-            await until_true(lambda: asyncio.sleep(0, bool(worker.core.assigned)), 60, "assignment")
+            await until_true(lambda: asyncio.sleep(0, bool(worker.core.partitions)), 60, "assignment")
             await replay(k, [_bed("bed-state")], speed=None, chunk_s=0.5)
             code = await asyncio.wait_for(task, 60)
         finally:
@@ -187,7 +187,7 @@ def test_a_stop_while_a_checkpoint_commits_is_clean(broker, scorer):
         worker = Worker(s, scorer=scorer)
         task = asyncio.create_task(worker.run())
         try:
-            await until_true(lambda: asyncio.sleep(0, bool(worker.core.assigned)), 60, "assignment")
+            await until_true(lambda: asyncio.sleep(0, bool(worker.core.partitions)), 60, "assignment")
             await replay(s.kafka, [_bed("bed-stop", seconds=11)], speed=None, chunk_s=0.5)
             await until_true(lambda: asyncio.sleep(0, bool(worker.core.ledger.committed)), 60, "a first commit")
             producer = next(iter(worker.parts.delivery._txns.values())).producer
@@ -226,7 +226,7 @@ def test_shutdown_during_a_broker_freeze_ends_within_its_deadline(broker, scorer
         worker = Worker(s, scorer=scorer)
         task = asyncio.create_task(worker.run())
         try:
-            await until_true(lambda: asyncio.sleep(0, bool(worker.core.assigned)), 60, "assignment")
+            await until_true(lambda: asyncio.sleep(0, bool(worker.core.partitions)), 60, "assignment")
             await replay(s.kafka, [_bed("bed-freeze", seconds=11)], speed=None, chunk_s=0.5)
             await until_true(lambda: asyncio.sleep(0, bool(worker.core.ledger.committed)), 60, "a first commit")
             await replay(s.kafka, [_bed("bed-more", seconds=11, seed=2)], speed=None, chunk_s=0.5)
@@ -320,7 +320,7 @@ def test_outputs_line_up_with_the_input_partitions_under_crc32(broker, scorer):
         worker = Worker(s, scorer=scorer)
         task = asyncio.create_task(worker.run())
         try:
-            await until_true(lambda: asyncio.sleep(0, len(worker.core.assigned) == 4), 60, "assignment")
+            await until_true(lambda: asyncio.sleep(0, len(worker.core.partitions) == 4), 60, "assignment")
             from streamer.ingest.producer import chunks_of, encode
 
             producer = make_producer(s.kafka)  # a gateway that places records as librdkafka's default does
@@ -447,7 +447,7 @@ def test_a_worker_with_another_transactional_id_prefix_is_refused(broker, scorer
         worker = Worker(settings, scorer=scorer)
         task = asyncio.create_task(worker.run())
         try:
-            await until_true(lambda: asyncio.sleep(0, bool(worker.core.assigned) or task.done()), 60, "assignment")
+            await until_true(lambda: asyncio.sleep(0, bool(worker.core.partitions) or task.done()), 60, "assignment")
             if task.done():
                 return task.result(), worker
             await replay(settings.kafka, [_bed("bed-prefix", seconds=11)], speed=None, chunk_s=0.5)
@@ -482,8 +482,8 @@ def test_a_fenced_transaction_costs_the_partition_not_the_worker(broker, scorer)
         worker = Worker(s, scorer=scorer)
         task = asyncio.create_task(worker.run())
         try:
-            await until_true(lambda: asyncio.sleep(0, bool(worker.core.assigned)), 60, "assignment")
-            tp = next(iter(worker.core.assigned))
+            await until_true(lambda: asyncio.sleep(0, bool(worker.core.partitions)), 60, "assignment")
+            tp = next(iter(worker.core.partitions))
             await replay(k, [first], speed=None, chunk_s=0.5)
             await until_true(lambda: asyncio.sleep(0, bool(worker.core.ledger.committed.get(tp))), 60, "a first commit")
             rival = make_producer(k, transactional_id=worker.parts.delivery.transactional_id(tp))

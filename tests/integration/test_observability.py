@@ -136,5 +136,6 @@ def test_readiness_is_membership_so_a_standby_without_partitions_is_ready():
     w.parts.ownership.joined = True  # the assignment listener ran with an empty assignment
     ok, why = w.ready()
     assert ok and "standby" in why and gauge() == 1.0
-    w.core.assigned.update({TopicPartition("ecg.lead2", 0), TopicPartition("ecg.lead2", 1)})
+    for tp in (TopicPartition("ecg.lead2", 0), TopicPartition("ecg.lead2", 1)):
+        w.core.partitions.open(tp)
     assert w.ready() == (True, "ready: 2 partitions")

@@ -34,14 +34,16 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from streamer.checkpointing import Checkpointer, OffsetsLedger
 from streamer.delivery import AtLeastOnceDelivery
 from streamer.ingest.contract import Chunk
-from streamer.kafka.clients import committed_offsets
+from streamer.kafka.partitioning import OutputRouting
 from streamer.metrics import Metrics
 from streamer.model.decision import Verdict, decide
 from streamer.publish.episodes import EpisodeTracker
 from streamer.publish.messages import episode_doc, flag_doc
+from streamer.partitions import OwnedPartition, OwnedPartitions
 from streamer.publish.publisher import Publisher
+from streamer.runtime.ownership import PartitionOwnership
 from streamer.settings import EpisodeSettings, KafkaSettings, WindowSettings
-from streamer.state.changelog import read_episode_seqs, read_states, state_key
+from streamer.state.changelog import state_key
 from streamer.state.patients import PatientState
 from streamer.state.store import StateStore
 from streamer.windows.buffer import SCORABLE
@@ -109,18 +111,19 @@ class Log:
 class Core:
     """The worker's loops, with its real glue: poll -> windows -> Publisher.flags (flags, write-ahead,
     episodes, holds released when a flag counts) -> Checkpointer.checkpoint, through AtLeastOnceDelivery
-    on one event loop, against the log through the in-memory clients of memory_kafka.py. A partition is
-    taken as PartitionOwnership.assign takes it and given back as its revoke does, step by step through
-    the same real calls (committed_offsets, read_states, read_episode_seqs, StateStore.load,
-    Publisher.resume; Checkpointer.checkpoint, drops): assign itself first asks the brokers' admin about the
-    state topic, and revoke waits on the wall clock for what is in flight."""
+    on one event loop, against the log through the in-memory clients of memory_kafka.py. Partitions are
+    taken and given back by the real PartitionOwnership (assign: committed offsets, restore, admit, resume;
+    revoke: checkpoint, one close) over the worker's OwnedPartitions, with its two seams set: the state
+    topic's check answers from the model, and a revocation does not wait on the wall clock for what is in
+    flight (the model drains first, or revokes undrained on purpose)."""
     probability = staticmethod(_probability)  # the model's stand-in for the network
 
     def __init__(self, log: Log, loop: asyncio.AbstractEventLoop):
         self.log, self.loop = log, loop
         self.store = StateStore()
         self.stage = WindowStage(WINDOW, self.store)
-        self.tracker = OffsetsLedger()
+        self.partitions = OwnedPartitions()
+        self.tracker = OffsetsLedger(self.partitions)
         self.producer = MemoryProducer(self._land)
         self.consumer = MemoryConsumer(log.committed, _number)
         self.delivery = AtLeastOnceDelivery(self.producer)
@@ -130,6 +133,13 @@ class Core:
         self.publisher = Publisher(K, self.delivery, self.tracker, self.store, self.episodes, _metrics(),
                                    asyncio.Event(), persist=self.checkpointer.persist, clock=lambda: self.clock_s,
                                    on_failure=self._background_failed)
+        self.ownership = PartitionOwnership(
+            kafka=K, partitions=self.partitions, stage=self.stage, store=self.store,
+            event_time=self.delivery.event_time, metrics=_metrics(), settled=asyncio.Event(), delivery=self.delivery,
+            consumer=self.consumer, state_reader=MemoryReader(self._records), dead_letters=None,
+            publisher=self.publisher, routing=OutputRouting({K.episodes_topic: 1}, "murmur2"),
+            checkpoint=self._revoking_checkpoint, failed=lambda: False, clock=lambda: self.clock_s,
+            check_state_topic=_state_topic_fine, drain_timeout_s=0.0)
         self.pending: list = []  # emitted windows, in order, not yet published
         self.position: dict[int, int] = {}
         self.now = 0.0  # wall time: moves only in the time_passes rule
@@ -166,20 +176,14 @@ class Core:
         return out
 
     def assign(self, p: int) -> None:
+        """The real assignment (the model writes only readable states: no dead letter of one is needed);
+        flags a previous owner wrote ahead and pending episodes are sent again in the background."""
         tp = TopicPartition("in", p)
-        committed = self.run(committed_offsets(self.consumer, [tp]))[tp][0]
-        self.tracker.start_partition(tp, committed)
-        reader = MemoryReader(self._records)
-        restored = self.run(read_states(reader, K.state_topic, [tp], idle_timeout_s=5.0))
-        seqs = self.run(read_episode_seqs(reader, K.episodes_topic, [0], idle_timeout_s=5.0))
-        self.store.load(tp, restored.states[tp], seqs)
-        lost = [u.patient_id for u in restored.unreadable if u.patient_id is not None]
-        assert not restored.unreadable, "the model writes only readable states"
-        self.position[p] = committed or 0
-        self.run(self._resume(tp, lost))  # flags a previous owner wrote ahead, pending episodes: sent again
+        self.run(self.ownership.assign({tp}))
+        self.position[p] = self.partitions.get(tp).offsets.committed or 0
 
-    async def _resume(self, tp, lost: list[str]) -> None:
-        self.publisher.resume(tp, lost, self.clock_s)  # spawns its sends on the running loop
+    async def _revoking_checkpoint(self, partitions) -> None:
+        await self.checkpointer.checkpoint(partitions)
 
     def poll(self, p: int, n: int) -> None:
         if p not in self.position:
@@ -273,19 +277,23 @@ class Core:
             assert not points and self.log.committed == before, points
 
     def revoke(self, p: int, drain: bool = True) -> None:
+        """The real revocation: checkpoint, then one close. Drained first, as on_revoked waits for what is
+        in flight, or not (`drain=False`: the wait ran out)."""
         tp = TopicPartition("in", p)
         if drain:
-            self.publish(len(self.pending), only=p)  # as on_revoked does within its deadline
-        self.checkpoint({p})
-        self.run(self.delivery.close(tp))
-        self.delivery.event_time.drop(tp)
-        self.stage.drop_partition(tp)
-        self.tracker.drop_partition(tp)
+            self.publish(len(self.pending), only=p)
+        self.consumer.last = {}
+        self.run(self.ownership.revoke({tp}))
+        assert self.partitions.held(tp) is None
         self.position.pop(p, None)
 
     def close_all(self) -> None:
         for w in self.stage.close_all(now=0.0):
             self.submit(w)
+
+
+async def _state_topic_fine(kafka) -> tuple[None, int]:
+    return None, PARTITIONS
 
 
 @functools.cache
@@ -638,12 +646,14 @@ class TxnCore(Core):
         self.txns[p] = _empty_txn()
         tp = TopicPartition("in", p)
         committed = self.log.committed.get(p)
-        self.tracker.start_partition(tp, committed)
+        task = OwnedPartition(tp, committed)
+        self.ownership.release_at_close(task)
         states = {}
         for raw in self.log.changelog[p].values():
             topic, stt = PatientState.from_bytes(raw)
             states[stt.patient_id] = stt
         self.store.load(tp, states, self.seq_floors())
+        self.partitions.admit(task)
         self.position[p] = committed or 0
         assert not any(stt.flags_ahead for stt in states.values()), "nothing is written ahead with transactions"
 
@@ -696,6 +706,9 @@ class TxnCore(Core):
 
     def checkpoint_write_fails(self) -> None:
         pass  # a transaction's failed write is a_record_is_refused
+
+    async def _revoking_checkpoint(self, partitions) -> None:
+        self.checkpoint({_number(tp) for tp in partitions})
 
     def revoke(self, p: int, drain: bool = True) -> None:
         super().revoke(p, drain)

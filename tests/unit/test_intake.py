@@ -36,6 +36,7 @@ class Path:
         metrics = Metrics()
         self.stage = WindowStage(self.settings.windows, StateStore())
         self.ledger = OffsetsLedger()
+        self.ledger.start_partition(TP, None)
         self.dead: list[tuple[object, str, str]] = []
         self.windows = []
         self.intake = Intake(self.settings, self.ledger, self.stage, IngestCounts(metrics), metrics,

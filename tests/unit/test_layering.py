@@ -53,7 +53,7 @@ def test_no_stage_imports_a_later_stage():
 LAYERS = [
     ("foundation", {"streamer._version", "streamer.errors", "streamer.spec", "streamer.settings", "streamer.logs",
                     "streamer.lifecycle", "streamer.metrics", "streamer.client", "streamer.synthetic",
-                    "streamer.netaddr"}),
+                    "streamer.netaddr", "streamer.partitions"}),
     ("kafka", {"streamer.kafka", "streamer.kafka.clients", "streamer.kafka.acls", "streamer.kafka.topics",
                "streamer.kafka.partitioning"}),
     # where outputs go and when they count (both modes behind one interface): below every stage that sends

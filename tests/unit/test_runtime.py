@@ -13,6 +13,7 @@ from streamer.delivery.event_time import EventTime
 from streamer.delivery import AtLeastOnceDelivery, ExactlyOnceDelivery
 from streamer.checkpointing.schedule import CheckpointSchedule
 from streamer.metrics import Metrics
+from streamer.partitions import OwnedPartitions
 from streamer.runtime.ownership import PartitionOwnership
 from streamer.runtime.startup import choose_delivery
 from streamer.runtime.upkeep import Backpressure, Upkeep
@@ -58,33 +59,37 @@ def test_at_least_once_is_chosen_without_a_probe_and_brings_its_one_producer():
 def test_revocation_checkpoints_then_drops_the_partition_unless_the_worker_failed():
     async def main(failed: bool):
         s = Settings()
-        ledger, store, metrics = OffsetsLedger(), StateStore(), Metrics()
+        partitions = OwnedPartitions()
+        ledger, store, metrics = OffsetsLedger(partitions), StateStore(), Metrics()
         stage = WindowStage(s.windows, store)
-        assigned = {TP0, TP1}
-        for tp in assigned:
-            ledger.start_partition(tp, 10)
+        closed = []
+        for tp in (TP0, TP1):
+            partitions.open(tp, 10).on_close(lambda tp=tp: closed.append(tp))
             ledger.consumed(tp, 10)
+        revoked = partitions.get(TP1)
         checkpoints: list[set] = []
 
         async def checkpoint(partitions):
             checkpoints.append(set(partitions))
 
-        own = PartitionOwnership(s.kafka, assigned, ledger, stage, store, EventTime(), metrics, asyncio.Event(),
-                                 AtLeastOnceDelivery(producer=None), consumer=None, state_reader=None,
+        own = PartitionOwnership(kafka=s.kafka, partitions=partitions, stage=stage, store=store,
+                                 event_time=EventTime(), metrics=metrics, settled=asyncio.Event(),
+                                 delivery=AtLeastOnceDelivery(producer=None), consumer=None, state_reader=None,
                                  dead_letters=None, publisher=None, routing=None, checkpoint=checkpoint,
                                  failed=lambda: failed)
         await own.revoke({TP1})
-        return assigned, checkpoints, ledger
+        return set(partitions), checkpoints, ledger, revoked, closed
 
-    assigned, checkpoints, ledger = asyncio.run(main(failed=False))
-    assert assigned == {TP0} and checkpoints == [{TP1}]
-    assert ledger.in_flight(TP1) == 0
-    assigned, checkpoints, _ = asyncio.run(main(failed=True))
-    assert assigned == {TP0} and checkpoints == []  # a failed worker commits nothing more
+    held, checkpoints, ledger, revoked, closed = asyncio.run(main(failed=False))
+    assert held == {TP0} and checkpoints == [{TP1}] and closed == [TP1]
+    assert ledger.in_flight(TP1) == 0 and not revoked.mine  # one close: every part released, "mine" no more
+    held, checkpoints, _, revoked, closed = asyncio.run(main(failed=True))
+    assert held == {TP0} and checkpoints == [] and closed == [TP1]  # a failed worker commits nothing more
 
 
 def test_backpressure_pauses_the_whole_assignment_and_resumes_at_half():
     ledger, metrics = OffsetsLedger(), Metrics()
+    ledger.start_partition(TP0, None)
     bp = Backpressure(4, ledger, metrics)
     consumer = _Consumer({TP0, TP1})
     holds = [ledger.hold(TP0, i) for i in range(5)]

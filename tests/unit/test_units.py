@@ -138,6 +138,7 @@ def test_backpressure_pauses_above_the_limit_and_resumes_at_half():
     s.batching.max_pending_windows = 10
     worker = Worker(s, scorer=object())
     consumer = _Consumer({("in", 0), ("in", 1)})
+    worker.core.partitions.open(("in", 0))
     holds = [worker.core.ledger.hold(("in", 0), i) for i in range(11)]
     worker.core.backpressure.apply(consumer)  # what the consume loop does after each fetch
     assert worker.paused and consumer.paused == {("in", 0), ("in", 1)}
