@@ -192,8 +192,8 @@ class WindowSettings(_Group):
                                       "also caps the no_data windows one record can produce")
     new_timeline_chunks: int = Field(4, ge=1, description="consistent records off the timeline (a clock step, a "
                                      "new earlier segment, segment_start_ns dropped) that start a new segment, when "
-                                     "they also outnumber the records that kept to the old timeline meanwhile (repeats "
-                                     "not counted); fewer are outliers, dead-lettered without moving the grid")
+                                     "they are also at least twice the records that kept to the old timeline meanwhile "
+                                     "(repeats not counted); fewer are outliers, dead-lettered without moving the grid")
     provisional_records: int = Field(3, ge=1, description="records a new or reopened stream holds before its "
                                      "timeline is set: the largest group of them that agree (same segment and rate, "
                                      "times within reorder_tolerance_s) sets it, so an outlier first record cannot; "

@@ -201,9 +201,13 @@ class Publisher:
                 return
             for e in entries:
                 await block.send(self.kafka.flags_topic, flag_bytes(e.verdict), key=st.patient_id.encode(),
-                             counted=functools.partial(self._written_ahead_counted, block, partition, st, e))
+                             counted=functools.partial(self._written_ahead_counted, block, task, st, e))
 
-    async def _written_ahead_counted(self, block: Block, partition, st: PatientState, entry: FlagAhead) -> None:
+    async def _written_ahead_counted(self, block: Block, task: OwnedPartition, st: PatientState,
+                                     entry: FlagAhead) -> None:
+        if not task.mine:
+            return  # acknowledged after its assignment ended: the next one republishes it from its state
+        partition = task.tp
         episode = self._flag_written_ahead_published(partition, st, entry)
         if episode is not None:
             await self._send_episode(block, partition, st, episode)

@@ -71,10 +71,10 @@ class PartitionOwnership:
         mine = [t for t in tasks if t.mine]
         wait_s = self.kafka.session_timeout_ms / 2000 if self.drain_timeout_s is None else self.drain_timeout_s
         deadline = time.monotonic() + wait_s
-        while any(t.offsets.count for t in mine):
+        while any(t.mine and t.offsets.count for t in mine):  # one fenced meanwhile has nothing to wait for
             left = deadline - time.monotonic()
             if left <= 0:
-                log.warning("revoke_before_drained", pending=sum(t.offsets.count for t in mine))
+                log.warning("revoke_before_drained", pending=sum(t.offsets.count for t in mine if t.mine))
                 break
             self.settled.clear()
             try:
@@ -92,6 +92,10 @@ class PartitionOwnership:
     async def assign(self, assigned: set[TopicPartition]) -> None:
         """Take the partitions' transactional ids (exactly once: fencing a previous owner), restore their
         patient states, then let their records in (never before)."""
+        for tp in sorted(assigned):
+            held = self.partitions.held(tp)
+            if held is not None and not held.mine:  # fenced, and no revocation came (never with eager rebalances)
+                await self.partitions.close(tp)
         new = sorted(tp for tp in assigned if self.partitions.held(tp) is None)
         if new:
             problem, state_partitions = await self.check_state_topic(self.kafka)  # the topics may have changed

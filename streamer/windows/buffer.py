@@ -13,9 +13,10 @@ Rules (docs/windows-and-delivery.md):
   after a restart, rebalance or eviction starts at the state's first unreported window of its grid.
 - Clock events: a record off the current timeline (far ahead, wholly late, an earlier segment) is rejected
   and remembered; once `new_timeline_chunks` mutually consistent records follow the new timeline (a
-  repeat counts once) and they outnumber the records that kept to the old one meanwhile, the old segment
-  is closed and the new one starts (re-anchored at that record if it kept the same segment_start_ns). A
-  lone outlier never moves the grid, nor does a minority timeline interleaved with the current one.
+  repeat counts once) and they are at least twice the records that kept to the old one meanwhile, the old
+  segment is closed and the new one starts (re-anchored at that record if it kept the same
+  segment_start_ns). A lone outlier never moves the grid, nor does a timeline interleaved evenly with the
+  current one, or fewer.
 - A new or reopened stream is provisional: its first records are held until `provisional_records` of them
   agree (same segment and rate, times within `reorder_tolerance_s` of each other); that group, in time
   order, sets the timeline, and the others are judged against it. An outlier first record (+10 min) cannot
@@ -241,12 +242,21 @@ class PatientStream:
         return max(self._agreeing_groups(), key=_distinct)
 
     def _release(self, group: list[_Held], now: float) -> AcceptResult:
-        """Set the timeline from `group` (in time order), then judge the other held records against it."""
+        """Set the timeline from `group` (in time order), then judge the other held records against it.
+        Held records of the group's segment and rate that lie before it, within max_forward_jump_s (records
+        of the same recording that came before a loss, not a clock event), start it: they go first, so their
+        windows are reported (with holes) instead of their samples being refused as late."""
         held, self.held = self.held, []
         self.nbytes -= sum(h.chunk.samples.nbytes for h in held)
         chosen = {id(h) for h in group}
+        first = group[0]
+        reach = round(self.settings.max_forward_jump_s * NS)
+        earlier = sorted((h for h in held if id(h) not in chosen and h.natural_anchor_ns == first.natural_anchor_ns
+                          and h.rate == first.rate and first.chunk.t0_ns - reach <= h.chunk.t0_ns < first.chunk.t0_ns),
+                         key=lambda h: h.chunk.t0_ns)
+        chosen |= {id(h) for h in earlier}
         out = AcceptResult([])
-        for h in [*group, *(h for h in held if id(h) not in chosen)]:
+        for h in [*earlier, *group, *(h for h in held if id(h) not in chosen)]:
             try:
                 r = self._accept(h.chunk, h.offset, now, confirmed=id(h) in chosen and len(group) > 1)
             except Exception as exc:  # a bug costs this record (dead-lettered), never the others held with it
@@ -346,16 +356,18 @@ class PatientStream:
         if not consistent:
             self._forget_candidates()
         self.candidates.append(c)
-        # a majority, not only a run: two timelines interleaved in one stream (a second source, a gateway
-        # re-dating some records) leave the stream on the one most of its records follow, and never flip back
-        # on a minority; a clock that stepped (the old timeline silent) switches after new_timeline_chunks
+        # two to one, not only a run: of two timelines interleaved in one stream (a second source, a gateway
+        # re-dating some records) the stream goes to one that twice as many records follow, and an even
+        # interleave never moves it (each switch would truncate a window); a clock that stepped (the old
+        # timeline silent) switches after new_timeline_chunks, as a run always did
         n = len(self.candidates)
-        return n >= self.settings.new_timeline_chunks and n > self.interleaved
+        return n >= self.settings.new_timeline_chunks and n >= 2 * self.interleaved
 
     def _interleave(self) -> None:
         """A record on the current timeline while candidates wait: it counts against them, and once they are
-        the minority (a lone outlier after two records) or the two stay level for long, they are forgotten:
-        memory stays bounded and their offsets no longer hold the commit."""
+        the minority (a lone outlier after two records) or the two stay level for long (an even interleave:
+        4 x new_timeline_chunks candidates), they are forgotten: memory stays bounded and their offsets no
+        longer hold the commit."""
         self.interleaved += 1
         n = len(self.candidates)
         if self.interleaved > n or n > 4 * self.settings.new_timeline_chunks:

@@ -1,10 +1,11 @@
 """In-memory stand-ins for the Kafka clients the worker's glue talks to, over a model's log.
 
-What the real parts await (AtLeastOnceDelivery: `producer.send`; Checkpointer through the delivery:
-`consumer.commit`; the restore: `committed_offsets(consumer, ...)`, `read_states` and `read_episode_seqs`
-over a group-less reader) is answered from plain Python structures that a hypothesis model owns, so the
-models drive the real Publisher, delivery and checkpoint instead of a copy of their glue. Nothing here
-decides what the worker does: each fake only stores or returns records, in Kafka's shapes.
+What the real parts await (AtLeastOnceDelivery: `producer.send`; ExactlyOnceDelivery: a transactional
+producer per partition; Checkpointer through the delivery: `consumer.commit`; the restore:
+`committed_offsets(consumer, ...)`, `read_states` and `read_episode_seqs` over a group-less reader) is
+answered from plain Python structures that a hypothesis model owns, so the models drive the real
+Publisher, delivery, ownership and checkpoint instead of a copy of their glue. Nothing here decides what
+the worker does: each fake only stores or returns records, in Kafka's shapes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import asyncio
 from types import SimpleNamespace
 from typing import Callable
 
-from aiokafka.errors import KafkaConnectionError
+import orjson
+from aiokafka.errors import KafkaConnectionError, ProducerFenced, RecordTooLargeError
 
 
 class Killed(Exception):
@@ -45,6 +47,65 @@ class MemoryProducer:
             self.land(topic, key, value, partition)
             fut.set_result(None)
         return fut
+
+
+class MemoryTxnProducer:
+    """aiokafka's transactional producer as ExactlyOnceDelivery drives it, over a log with transactions
+    (`fence(p)` -> a newer epoch of p's transactional id, `commit(p, epoch, txn)` -> False when fenced):
+    - start() is InitProducerId: this producer takes the next epoch of its id, which aborts the previous
+      holder's open transaction and fences its later commits;
+    - records and the consumer offset join the open transaction; nothing is visible before
+      commit_transaction, which raises ProducerFenced when a newer epoch exists (the transaction aborted);
+    - `refuse`: the next record's delivery fails as a broker refusal (RecordTooLarge), as a topic with a
+      smaller max.message.bytes would; `topics` tells which key of the open transaction a topic fills."""
+
+    def __init__(self, log, partition: int, topics: dict[str, str]):
+        self.log, self.p, self.topics = log, partition, topics
+        self.epoch: int | None = None
+        self.txn: dict | None = None
+        self.refuse = False
+        self.refused = 0  # records refused so far
+
+    def has_writes(self) -> bool:
+        """Whether the open transaction holds records (only such a transaction is ongoing at the
+        coordinator, so only it can time out)."""
+        return self.txn is not None and any(self.txn[k] for k in ("flags", "episodes", "states"))
+
+    async def start(self) -> None:
+        self.epoch = self.log.fence(self.p)
+
+    async def stop(self) -> None:
+        self.txn = None
+
+    async def begin_transaction(self) -> None:
+        self.txn = {"flags": [], "episodes": [], "states": {}, "offset": None}
+
+    async def send(self, topic, value, key=None, headers=None, partition=None, timestamp_ms=None):
+        fut = asyncio.get_running_loop().create_future()
+        if self.refuse:
+            self.refuse, self.refused = False, self.refused + 1
+            self.txn["refused"] = True
+            fut.set_exception(RecordTooLargeError(f"{topic}: injected refusal"))
+            return fut
+        where = self.topics[topic]
+        if where == "states":
+            self.txn["states"][key] = value
+        else:
+            self.txn[where].append(orjson.loads(value))
+        fut.set_result(None)
+        return fut
+
+    async def send_offsets_to_transaction(self, offsets: dict, group_id: str) -> None:
+        for _, meta in offsets.items():
+            self.txn["offset"] = meta.offset
+
+    async def commit_transaction(self) -> None:
+        txn, self.txn = self.txn, None
+        if not self.log.commit(self.p, self.epoch, txn):
+            raise ProducerFenced()
+
+    async def abort_transaction(self) -> None:
+        self.txn = {"flags": [], "episodes": [], "states": {}, "offset": None}
 
 
 class MemoryConsumer:

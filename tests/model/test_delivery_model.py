@@ -32,24 +32,22 @@ from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from streamer.checkpointing import Checkpointer, OffsetsLedger
-from streamer.delivery import AtLeastOnceDelivery
+from streamer.delivery import AtLeastOnceDelivery, ExactlyOnceDelivery, TransactionFailed
 from streamer.ingest.contract import Chunk
 from streamer.kafka.partitioning import OutputRouting
 from streamer.metrics import Metrics
-from streamer.model.decision import Verdict, decide
+from streamer.model.decision import Verdict
 from streamer.publish.episodes import EpisodeTracker
-from streamer.publish.messages import episode_doc, flag_doc
-from streamer.partitions import OwnedPartition, OwnedPartitions
+from streamer.partitions import OwnedPartitions
 from streamer.publish.publisher import Publisher
 from streamer.runtime.ownership import PartitionOwnership
 from streamer.settings import EpisodeSettings, KafkaSettings, WindowSettings
-from streamer.state.changelog import state_key
 from streamer.state.patients import PatientState
 from streamer.state.store import StateStore
 from streamer.windows.buffer import SCORABLE
 from streamer.windows.grid import NS, WindowGrid, as_rate
 from streamer.windows.stage import WindowStage
-from tests.model.memory_kafka import Killed, MemoryConsumer, MemoryProducer, MemoryReader
+from tests.model.memory_kafka import Killed, MemoryConsumer, MemoryProducer, MemoryReader, MemoryTxnProducer
 
 FS = 50  # small windows (500 samples) keep the model fast
 START = 1_795_000_000_000_000_000
@@ -126,7 +124,7 @@ class Core:
         self.tracker = OffsetsLedger(self.partitions)
         self.producer = MemoryProducer(self._land)
         self.consumer = MemoryConsumer(log.committed, _number)
-        self.delivery = AtLeastOnceDelivery(self.producer)
+        self.delivery = self._make_delivery()
         self.checkpointer = Checkpointer(self.tracker, self.stage, self.store, self.consumer, self.delivery,
                                          K.state_topic, "g")
         self.episodes = EpisodeTracker(EPISODES, "m")
@@ -144,6 +142,9 @@ class Core:
         self.position: dict[int, int] = {}
         self.now = 0.0  # wall time: moves only in the time_passes rule
         self.clock_s = 1_790_000_000.0  # the worker's wall clock, as episodes number and stamp by it
+
+    def _make_delivery(self):
+        return AtLeastOnceDelivery(self.producer)
 
     def _land(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None) -> None:
         """A record the producer sent, now in the log."""
@@ -612,107 +613,64 @@ class TxnLog(Log):
         return True
 
 
-def _empty_txn() -> dict:
-    return {"flags": [], "episodes": [], "states": {}, "offset": None}
-
-
 class TxnCore(Core):
-    """The worker with ExactlyOnceDelivery: outputs and state changes join the partition's open
-    transaction together (publisher.py), the checkpoint commits states and offsets with them
-    (checkpoint.py). A fenced commit marks the worker fenced: a zombie stops for good (zombie_acts); a worker
-    that still owns the partition rejoins the group (transaction_times_out).
-
-    Unlike Core, this one still re-states that glue (the publishing, the restore, the transactional
-    checkpoint) over the real StateStore, OffsetsLedger, Checkpointer.prepare and EpisodeTracker:
-    ExactlyOnceDelivery runs on a transactional producer (InitProducerId, AddPartitionsToTxn,
-    SendOffsetsToTransaction, EndTxn) that memory_kafka.py does not model yet."""
+    """The worker with the real ExactlyOnceDelivery, one MemoryTxnProducer per owned partition (memory_kafka.py):
+    outputs and state changes join the partition's open transaction together (publisher.py), the
+    checkpoint commits states and offsets with them (checkpoint.py). Taking a partition takes its
+    transactional id's next epoch, which fences the previous owner. A fenced commit closes the partition
+    dirty (as FenceWatch does) and marks the worker fenced: a zombie stops for good (zombie_acts); a worker
+    that still owns the partition rejoins the group (transaction_times_out). A refused record fails the
+    transaction: it is aborted and the worker stops (a TransactionFailed)."""
 
     def __init__(self, log: TxnLog, loop: asyncio.AbstractEventLoop):
+        self.producers: dict[int, MemoryTxnProducer] = {}
         super().__init__(log, loop)
-        self.epochs: dict[int, int] = {}
-        self.txns: dict[int, dict] = {}
         self.fenced = False
         self.stopped = False  # a refused record aborted a transaction: the worker exits 1
 
-    def seq_floors(self) -> dict[str, int]:
-        """What the worker reads back from the episodes topic at assignment (read_episode_seqs)."""
-        floors: dict[str, int] = {}
-        for m in self.log.episodes:
-            floors[m["patient_id"]] = max(floors.get(m["patient_id"], 0), m["seq"])
-        return floors
+    def _make_delivery(self):
+        return ExactlyOnceDelivery(K, self._txn_producer, on_fenced=self._on_fenced)
 
-    def assign(self, p: int) -> None:
-        self.epochs[p] = self.log.fence(p)  # before the restore: aborts the previous owner's transaction
-        self.txns[p] = _empty_txn()
-        tp = TopicPartition("in", p)
-        committed = self.log.committed.get(p)
-        task = OwnedPartition(tp, committed)
-        self.ownership.release_at_close(task)
-        states = {}
-        for raw in self.log.changelog[p].values():
-            topic, stt = PatientState.from_bytes(raw)
-            states[stt.patient_id] = stt
-        self.store.load(tp, states, self.seq_floors())
-        self.partitions.admit(task)
-        self.position[p] = committed or 0
-        assert not any(stt.flags_ahead for stt in states.values()), "nothing is written ahead with transactions"
+    def _txn_producer(self, transactional_id: str) -> MemoryTxnProducer:
+        p = int(transactional_id.rsplit("-", 1)[1])
+        producer = self.producers[p] = MemoryTxnProducer(
+            self.log, p, {K.flags_topic: "flags", K.episodes_topic: "episodes", K.state_topic: "states"})
+        return producer
+
+    def _on_fenced(self, tp) -> None:
+        self.partitions.close_dirty(tp)  # what FenceWatch does; the worker then rejoins (or, a zombie, stops)
+        self.fenced = True
+
+    def owned(self) -> list[int]:
+        """The partitions this worker holds, fenced or not (what its next revocation gives back)."""
+        return sorted(p for p in self.position if self.partitions.held(TopicPartition("in", p)) is not None)
+
+    def refuse_next(self, p: int) -> None:
+        self.producers[p].refuse = True
 
     def publish(self, n: int, only: int | None = None) -> None:
-        for w in self.take(n, only):
-            self.publish_one(w)
+        try:
+            super().publish(n, only)
+        except TransactionFailed:
+            self.stopped = True
 
     def publish_killed_at_flags(self, n: int) -> None:
         pass  # the transaction that holds the flags holds the states: nothing to write ahead
 
-    def publish_one(self, w) -> None:
-        """Exactly once: the flag, the state change and the episode join the partition's transaction."""
-        p = _number(w.partition)
-        if p not in self.txns or not self.tracker.is_current(w.hold):
-            return  # revoked meanwhile: dropped, the partition's owner redoes it
-        txn = self.txns[p]
-        verdict = decide(w, self.probability(w), 0.5, "m", produced_at_ns=1)
-        txn["flags"].append(flag_doc(verdict))
-        self.store.reported(w)
-        stt = self.store.patient(w.partition, w.patient_id)
-        msg = self.episodes.update(verdict, stt.episode, self.clock_s, grid=w.anchor_ns)
-        self.store.changed(w.partition, w.patient_id)
-        if msg is not None:
-            txn["episodes"].append(episode_doc(msg))
-        self.tracker.release(w.hold)
-
     def checkpoint(self, partitions=None) -> dict[int, int]:
-        partitions = set(self.txns) if partitions is None else partitions & set(self.txns)
-        out = {}
-        for p in sorted(partitions):
-            tp = TopicPartition("in", p)
-            points, dirty, expired = self.checkpointer.prepare({tp})
-            txn = self.txns[p]
-            assert not expired.get(tp), "this model runs no time-to-live sweep"
-            for stt in dirty.get(tp, ()):
-                txn["states"][state_key("in", stt.patient_id)] = stt.to_bytes("in")
-            txn["offset"] = points.get(tp)
-            if txn.get("refused"):  # every send confirmed before the offsets join (outputs._confirm_sent)
-                self.txns[p] = _empty_txn()  # aborted: nothing of it visible, the offsets unmoved
-                self.stopped = True
-                return out
-            if not self.log.commit(p, self.epochs[p], txn):
-                self.fenced = True  # the worker stops; its memory is worthless now
-                return out
-            self.txns[p] = _empty_txn()
-            if tp in points:
-                out[p] = points[tp]
-                self.tracker.mark_committed({tp: points[tp]})
-        return out
+        """The offsets this checkpoint's transactions committed."""
+        before = dict(self.log.committed)
+        try:
+            Core.checkpoint(self, partitions)
+        except TransactionFailed:
+            self.stopped = True
+        return {p: off for p, off in self.log.committed.items() if before.get(p) != off}
 
     def checkpoint_write_fails(self) -> None:
         pass  # a transaction's failed write is a_record_is_refused
 
     async def _revoking_checkpoint(self, partitions) -> None:
-        self.checkpoint({_number(tp) for tp in partitions})
-
-    def revoke(self, p: int, drain: bool = True) -> None:
-        super().revoke(p, drain)
-        self.txns.pop(p, None)  # closed: whatever it still held is aborted
+        await self.checkpointer.checkpoint(partitions)
 
 
 class TransactionalDeliveryModel(DeliveryModel):
@@ -727,12 +685,16 @@ class TransactionalDeliveryModel(DeliveryModel):
     def a_record_is_refused(self, p):
         """The broker refuses one record of p's open transaction (too large for the topic, a timestamp out
         of range): its checkpoint aborts the transaction and the worker stops; the next one redoes it."""
-        if p not in self.core.txns:
+        if p not in self.core.owned():
             return
-        self.core.txns[p]["refused"] = True
-        self.core.checkpoint()
-        assert self.core.stopped
-        self.crash()
+        self.core.publish(len(self.core.pending), only=p)  # flags join the transaction; their states change
+        self.core.refuse_next(p)
+        self.core.checkpoint()  # the changed states join the transaction: the first of them is refused
+        if self.core.producers[p].refused:
+            assert self.core.stopped, "a transaction was committed over a refused record"
+            self.crash()
+        else:
+            self.core.producers[p].refuse = False  # nothing was sent: nothing to refuse
 
     @rule(p=st.integers(0, PARTITIONS - 1))
     def transaction_times_out(self, p):
@@ -740,12 +702,12 @@ class TransactionalDeliveryModel(DeliveryModel):
         transaction with a newer epoch. The worker's next commit of p is fenced (exactly_once.py): p is lost, the
         worker is not; it rejoins the group (Worker._fenced): every partition revoked, p without a commit,
         then assigned again (fence, restore from the last commit)."""
-        if p not in self.core.txns:
-            return
+        if p not in self.core.owned() or not self.core.producers[p].has_writes():
+            return  # an empty transaction is not ongoing at the coordinator: nothing times out
         self.log.fence(p)
         self.core.checkpoint()
         assert self.core.fenced
-        owned = sorted(self.core.txns)
+        owned = self.core.owned()
         for q in owned:
             self.core.revoke(q)
         for q in owned:
@@ -772,10 +734,12 @@ class TransactionalDeliveryModel(DeliveryModel):
     @rule(p=st.integers(0, PARTITIONS - 1), n=st.integers(1, 20))
     def zombie_acts(self, p, n):
         z = self.zombie
+        before = (len(self.log.flags), len(self.log.episodes), dict(self.log.committed), len(self.log.state_history))
         z.poll(p, n)
         z.publish(n)
         z.checkpoint()
-        assert z.fenced, "a fenced owner's checkpoint went through"
+        after = (len(self.log.flags), len(self.log.episodes), dict(self.log.committed), len(self.log.state_history))
+        assert after == before, "a fenced owner's checkpoint went through"
 
     @rule()
     def checkpoint(self):

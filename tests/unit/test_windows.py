@@ -295,6 +295,22 @@ def test_a_minority_timeline_interleaved_from_the_first_records_is_left_for_the_
     assert refused and all(c.t0_ns >= ahead_from for c in refused)  # the copies, dead-lettered (timestamp_jump)
 
 
+def test_an_even_interleave_of_two_timelines_never_moves_the_grid():
+    """Two sources for one bed, record by record (found by review: with a bare majority each side won in
+    turn, 66 grid switches and no window scored). The stream keeps the timeline it had; the copies are
+    dead-lettered, and its candidates stay bounded (4 x new_timeline_chunks)."""
+    real = _timeline(500, 48, START, START, chunk=50)
+    ahead = [dataclasses.replace(c, t0_ns=c.t0_ns + 1800 * 10**9) for c in real]
+    arrivals = real[:10] + [x for i in range(10, len(real)) for x in (real[i], ahead[i])]
+    stream = PatientStream("p1", 0, WindowSettings())
+    results = [stream.accept(c, i, 0.0) for i, c in enumerate(arrivals)]
+    windows = [w for r in results for w in r.windows]
+    assert all(w.start_ns < START + 1800 * 10**9 for w in windows)
+    assert sum(w.status == SCORABLE for w in windows) >= 3 and not any(w.reason == "truncated" for w in windows)
+    assert all(r.rejected for c, r in zip(arrivals, results) if c.t0_ns >= START + 1800 * 10**9)
+    assert len(stream.candidates) <= 4 * WindowSettings().new_timeline_chunks
+
+
 @pytest.mark.parametrize("case", ["dropped_segment_start", "earlier_segment"])
 def test_segment_changes_that_look_stale_start_a_segment_once_consistent(case):
     before = _timeline(500, 15, START, START)
