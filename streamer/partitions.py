@@ -127,9 +127,6 @@ class OwnedPartitions:
     def get(self, tp: Hashable) -> OwnedPartition | None:
         return self._by_tp.get(tp)
 
-    def mine(self, tp: Hashable) -> bool:
-        return tp in self._by_tp
-
     def tps(self) -> set:
         """A snapshot of the topic-partitions held (safe to iterate across awaits)."""
         return set(self._by_tp)

@@ -29,11 +29,10 @@ class Hold:
 
 class OffsetsLedger:
     """Reads and writes each owned partition's `offsets` (partitions.PartitionOffsets); `partitions` is the
-    worker's registry (a ledger of its own when alone, as in tests: `start_partition` then opens them)."""
+    worker's registry (a registry of its own when the ledger is used alone, as in tests)."""
 
     def __init__(self, partitions: OwnedPartitions | None = None) -> None:
         self.partitions = partitions if partitions is not None else OwnedPartitions()
-        self._own_registry = partitions is None
 
     def _offsets(self, partition: Hashable):
         task = self.partitions.get(partition)
@@ -130,19 +129,12 @@ class OffsetsLedger:
             if o is not None:
                 o.committed = max(off, o.committed if o.committed is not None else -1)
 
-    # -- assignment (a ledger of its own only: the worker's registry opens and closes partitions) --------
+    # -- assignment, for a ledger used alone (the worker's ownership opens and closes its partitions) ------
     def start_partition(self, partition: Hashable, committed: int | None) -> OwnedPartition:
-        """The partition's offsets start at `committed`: a new assignment in a ledger of its own; in the
-        worker's, the assignment the registry opened."""
-        if self._own_registry:
-            self.partitions.forget(partition)
-            return self.partitions.open(partition, committed)
-        task = self.partitions.get(partition)
-        task.offsets.committed = committed
-        return task
+        """A new assignment of `partition`, its offsets starting at `committed` (any earlier one ended)."""
+        self.partitions.forget(partition)
+        return self.partitions.open(partition, committed)
 
     def drop_partition(self, partition: Hashable) -> None:
-        """A ledger of its own: the assignment ends (its holds count no more). The worker's registry
-        closes its partitions itself."""
-        if self._own_registry:
-            self.partitions.forget(partition)
+        """The assignment ends: its holds count no more."""
+        self.partitions.forget(partition)

@@ -86,9 +86,6 @@ class AtLeastOnceDelivery(Stamped):
         yield delivery
         await delivery.flush()
 
-    def lost(self, partition: Hashable) -> bool:
-        return False
-
     def takeover_refusal(self, partition: Hashable, committed_metadata: str | None) -> str | None:
         """Why this worker must not take `partition` (None: it may). At least once, nothing to fence."""
         return None

@@ -167,11 +167,6 @@ class ExactlyOnceDelivery(Stamped):
         await asyncio.gather(*(one(tp) for tp in sorted(partitions)))
         return committed
 
-    def lost(self, partition) -> bool:
-        """Whether the partition's transaction was fenced (it awaits its revocation; nothing of it counts)."""
-        txn = self._txns.get(partition)
-        return txn is not None and txn.fenced
-
     def transactional_id(self, partition) -> str:
         return f"{self.kafka.transactional_id_prefix}-{partition.topic}-{partition.partition}"
 

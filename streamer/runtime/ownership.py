@@ -67,22 +67,23 @@ class PartitionOwnership:
         """Publish what is in flight for these partitions, checkpoint, then close each (its buffers, states,
         offsets and outputs released)."""
         tasks = [t for t in map(self.partitions.held, sorted(revoked)) if t is not None]
-        # a fenced partition's outputs are dropped, never acknowledged: nothing to wait for
-        mine = [t for t in tasks if t.mine]
         wait_s = self.kafka.session_timeout_ms / 2000 if self.drain_timeout_s is None else self.drain_timeout_s
         deadline = time.monotonic() + wait_s
-        while any(t.mine and t.offsets.count for t in mine):  # one fenced meanwhile has nothing to wait for
+        # a fenced partition's outputs (fenced before or during the wait) are dropped, never acknowledged:
+        # nothing to wait for
+        while pending := sum(t.offsets.count for t in tasks if t.mine):
             left = deadline - time.monotonic()
             if left <= 0:
-                log.warning("revoke_before_drained", pending=sum(t.offsets.count for t in mine if t.mine))
+                log.warning("revoke_before_drained", pending=pending)
                 break
             self.settled.clear()
             try:
                 await asyncio.wait_for(self.settled.wait(), left)
             except asyncio.TimeoutError:
                 pass
-        if not self.failed() and any(t.mine for t in mine):
-            await self.checkpoint({t.tp for t in mine if t.mine})
+        mine = {t.tp for t in tasks if t.mine}
+        if mine and not self.failed():
+            await self.checkpoint(mine)
         for t in tasks:
             patients = len(self.stage.partition_streams.get(t.tp, ()))
             await self.partitions.close(t.tp)

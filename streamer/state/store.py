@@ -35,9 +35,6 @@ class StateStore:
         self.dirty[partition] = set()
         self.expired[partition] = set()
 
-    def owns(self, partition: Hashable) -> bool:
-        return partition in self.partitions
-
     def patient(self, partition: Hashable, patient_id: str) -> PatientState:
         st = self.lookup(partition, patient_id)
         if st is None:
