@@ -154,7 +154,9 @@ class _StrictResponse(Response):
         try:
             fields = [field.decode(buf) for field in cls.SCHEMA.fields]
         except (ValueError, struct.error) as exc:
-            raise MalformedResponse(f"{cls.__name__} does not decode: {exc}") from None
+            # aiokafka's text repeats the raw bytes: keep only the reason (a peer's bytes never reach a log)
+            reason = str(exc).rpartition("hit error: ")[2][:120]
+            raise MalformedResponse(f"{cls.__name__} does not decode at byte {buf.tell()}: {reason}") from None
         if buf.read(1):
             raise MalformedResponse(f"{cls.__name__} has bytes after its last field")
         return cls(*fields)
