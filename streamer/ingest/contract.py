@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,6 +56,16 @@ class Chunk:
     def __post_init__(self) -> None:
         samples = self.samples
         self.peak_mv = float(_largest(np.abs(samples))) if len(samples) else 0.0
+
+
+def _chunk_with_peak(patient_id: str, lead: str, t0_ns: int, fs: float, samples: np.ndarray, seq: int | None,
+                     segment_start_ns: int | None, peak_mv: float) -> Chunk:
+    """A Chunk whose peak was found for the whole fetch at once (decode_many): the same fields as
+    Chunk(...), without __post_init__'s pass over the samples."""
+    chunk = object.__new__(Chunk)
+    chunk.patient_id, chunk.lead, chunk.t0_ns, chunk.fs = patient_id, lead, t0_ns, fs
+    chunk.samples, chunk.seq, chunk.segment_start_ns, chunk.peak_mv = samples, seq, segment_start_ns, peak_mv
+    return chunk
 
 
 class JsonChunk(BaseModel):
@@ -109,7 +120,7 @@ def _check(chunk: Chunk, key: bytes | None, s: WindowSettings, now_ns: int) -> C
 
 def check_gain(gain: float, s: WindowSettings | None) -> None:
     """Counts need a finite gain inside the plausible range (a gain of 1e-300 turns counts into nonsense)."""
-    if not (np.isfinite(gain) and gain != 0):
+    if not (math.isfinite(gain) and gain != 0):  # a float (struct or float()): math's is numpy's, 20x cheaper
         raise InvalidMessage("bad_gain", "counts need a finite non-zero gain (counts per mV)")
     if s is not None and not s.min_gain <= abs(gain) <= s.max_gain:
         raise InvalidMessage("bad_gain", f"gain {gain!r} counts/mV outside [{s.min_gain}, {s.max_gain}]")
@@ -118,10 +129,10 @@ def check_gain(gain: float, s: WindowSettings | None) -> None:
 _PLAIN_FIELDS = frozenset(("patient_id", "lead", "t0_ns", "fs", "samples", "seq", "segment_start_ns"))
 
 
-def _plain_json(raw: dict, value: bytes) -> Chunk | None:
-    """The usual message (mV samples, nothing optional but seq and segment start) checked without pydantic,
-    by exactly JsonChunk's rules; None hands anything else to JsonChunk, which decides it and words the
-    error. pydantic costs a third of a JSON record's decoding."""
+def _plain_fields(raw: dict, value: bytes) -> tuple | None:
+    """The usual message's fields (patient_id, lead, t0_ns, fs, samples list, seq, segment_start_ns) when
+    their types are exactly JsonChunk's; None hands anything else to JsonChunk, which decides it and words
+    the error. pydantic costs a third of a JSON record's decoding."""
     if not raw.keys() <= _PLAIN_FIELDS or b"u" in value or value.find(b"f", value.find(b"f") + 1) >= 0:
         # perhaps a boolean (strict fields refuse one where numpy would take it as 1 or 0): `true` holds
         # the only "u" and `false` the only "f" but that of "fs" these fields' names and numbers can have;
@@ -133,25 +144,54 @@ def _plain_json(raw: dict, value: bytes) -> Chunk | None:
             or type(t0_ns) is not int or type(fs) not in (float, int) or type(samples) is not list
             or (seq is not None and type(seq) is not int) or (seg is not None and type(seg) is not int)):
         return None
+    return pid, lead, t0_ns, fs, samples, seq, seg
+
+
+def _plain_array(samples: list) -> np.ndarray | None:
+    """The samples as float64 when every one is a JSON number numpy holds exactly as int64 or float64; None
+    (JsonChunk decides) for anything else."""
     try:
         array = np.array(samples)
     except (ValueError, TypeError, OverflowError):
         return None  # ragged or too deeply nested lists: JsonChunk words the error
     if array.ndim != 1 or array.dtype.kind not in "fi":
         return None  # null, text, nested lists, integers past 64 bits
-    return Chunk(pid, lead, t0_ns, float(fs), array.astype(np.float64, copy=False), seq, seg)
+    return array.astype(np.float64, copy=False)
 
 
-def decode_json(value: bytes, s: WindowSettings | None = None) -> Chunk:
+def _plain_json(raw: dict, value: bytes) -> Chunk | None:
+    """The usual message (mV samples, nothing optional but seq and segment start) checked without pydantic,
+    by exactly JsonChunk's rules; None hands anything else to JsonChunk."""
+    fields = _plain_fields(raw, value)
+    if fields is None:
+        return None
+    pid, lead, t0_ns, fs, samples, seq, seg = fields
+    array = _plain_array(samples)
+    if array is None:
+        return None
+    return Chunk(pid, lead, t0_ns, float(fs), array, seq, seg)
+
+
+def _json_object(value: bytes) -> dict:
     try:
         raw = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
         raise InvalidMessage("malformed_json", str(exc)[:200]) from None
     if not isinstance(raw, dict):
         raise InvalidMessage("malformed_json", "the value must be a JSON object")
+    return raw
+
+
+def decode_json(value: bytes, s: WindowSettings | None = None) -> Chunk:
+    raw = _json_object(value)
     plain = _plain_json(raw, value)
     if plain is not None:
         return plain
+    return _validated_json(raw, s)
+
+
+def _validated_json(raw: dict, s: WindowSettings | None) -> Chunk:
+    """Any JSON message but the plain one, by JsonChunk's rules (pydantic words the errors)."""
     try:
         msg = JsonChunk.model_validate(raw)
     except ValidationError as exc:
@@ -178,7 +218,9 @@ def decode_json(value: bytes, s: WindowSettings | None = None) -> Chunk:
     return Chunk(msg.patient_id, msg.lead, msg.t0_ns, float(msg.fs), samples, msg.seq, msg.segment_start_ns)
 
 
-def decode_binary(value: bytes, s: WindowSettings | None = None) -> Chunk:
+def _binary_header(value: bytes, s: WindowSettings | None) -> tuple:
+    """A frame's header, checked: (sample type, fs, t0_ns, segment start, seq, gain, baseline, n, patient
+    id, lead, where the samples start); raises InvalidMessage. The frame is exactly header + id + samples."""
     if len(value) < HEADER_SIZE:
         raise InvalidMessage("malformed_binary", f"{len(value)} bytes is shorter than the {HEADER_SIZE}-byte header")
     (magic, version, dtype, _reserved, fs, t0_ns, seg, seq, gain, baseline, n, lead,
@@ -196,16 +238,31 @@ def decode_binary(value: bytes, s: WindowSettings | None = None) -> Chunk:
         lead_s = lead.rstrip(b"\0").decode("ascii")
     except UnicodeDecodeError:
         raise InvalidMessage("malformed_binary", "patient id or lead is not valid text") from None
-    body = HEADER_SIZE + id_len  # where the samples start: read in place, not copied out first
+    if dtype == DTYPE_INT16_COUNTS:
+        if not math.isfinite(baseline):  # a float from the header: math's is numpy's
+            raise InvalidMessage("malformed_binary", "int16 counts need a finite baseline")
+        check_gain(gain, s)
+    return (dtype, fs, t0_ns, None if seg == NO_VALUE else seg, None if seq == NO_VALUE else seq, gain, baseline,
+            n, patient_id, lead_s, HEADER_SIZE + id_len)
+
+
+def decode_binary(value: bytes, s: WindowSettings | None = None) -> Chunk:
+    dtype, fs, t0_ns, seg, seq, gain, baseline, n, patient_id, lead, body = _binary_header(value, s)
+    # the samples are read in place (from `body`), not copied out first
     if dtype == DTYPE_FLOAT32_MV:
         samples = np.frombuffer(value, dtype="<f4", count=n, offset=body).astype(np.float64)
     else:
-        if not np.isfinite(baseline):
-            raise InvalidMessage("malformed_binary", "int16 counts need a finite baseline")
-        check_gain(gain, s)
         samples = (np.frombuffer(value, dtype="<i2", count=n, offset=body).astype(np.float64) - baseline) / gain
-    return Chunk(patient_id, lead_s, t0_ns, fs, samples,
-                 None if seq == NO_VALUE else seq, None if seg == NO_VALUE else seg)
+    return Chunk(patient_id, lead, t0_ns, fs, samples, seq, seg)
+
+
+# what numpy, pydantic or struct may raise on a shape nobody foresaw: `undecodable`, never a raise
+_FOREIGN = (ValueError, TypeError, OverflowError, ArithmeticError, RecursionError, MemoryError)
+
+
+def _undecodable(exc: BaseException) -> InvalidMessage:
+    # the exception's type only: its text may quote the record (samples, ids) into logs and headers
+    return InvalidMessage("undecodable", f"{type(exc).__name__} while decoding")
 
 
 def decode(key: bytes | None, value: bytes | None, settings: WindowSettings, now_ns: int | None = None) -> Chunk:
@@ -221,9 +278,115 @@ def decode(key: bytes | None, value: bytes | None, settings: WindowSettings, now
         return _check(chunk, key, settings, now_ns if now_ns is not None else time.time_ns())
     except InvalidMessage:
         raise
-    except (ValueError, TypeError, OverflowError, ArithmeticError, RecursionError, MemoryError) as exc:
-        # the exception's type only: its text may quote the record (samples, ids) into logs and headers
-        raise InvalidMessage("undecodable", f"{type(exc).__name__} while decoding") from None
+    except _FOREIGN as exc:
+        raise _undecodable(exc) from None
+
+
+def _decoded(key: bytes | None, value: bytes | None, settings: WindowSettings, now_ns: int) -> Chunk | InvalidMessage:
+    try:
+        return decode(key, value, settings, now_ns)
+    except InvalidMessage as exc:
+        return exc
+
+
+def decode_many(records: Sequence[tuple[bytes | None, bytes | None]], settings: WindowSettings,
+                now_ns: int | None = None) -> list[Chunk | InvalidMessage]:
+    """Decode and validate one fetch: for each (key, value), in order, the Chunk `decode` returns or the
+    InvalidMessage it raises, with the same reason and detail, all judged at one `now_ns`.
+
+    The per-record work that costs the most is done once for the fetch: the samples of all float32 frames
+    are converted in one numpy pass, those of all int16 frames in another (each scaled by its own baseline
+    and gain, the same float64 operations as `decode_binary`), and the largest |sample| of every record is
+    found in one reduction per path. Headers, JSON objects, JSON sample lists and `_check` stay per record,
+    through the same functions as `decode`: one array conversion of all the fetch's lists joined costs the
+    same (numpy's per-element type discovery is the cost, benchmarks/RESULTS.md, issue 48 item 3) and one
+    hostile list would spoil it for the whole fetch. A tombstone goes through `decode` itself.
+
+    Invariant: each Chunk owns its samples (a copy, not a view of the fetch's array), so a record the
+    window stage holds keeps only its own bytes alive, as its memory accounting assumes."""
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    out: list = [None] * len(records)
+    # per path: (index, key, header or fields) and the number of samples each record holds
+    floats, counts, texts = [], [], []
+    float_bytes, count_bytes, arrays = [], [], []
+    for i, (key, value) in enumerate(records):
+        if value is None:
+            out[i] = _decoded(key, value, settings, now_ns)
+            continue
+        try:
+            if value[:4] == MAGIC:
+                header = _binary_header(value, settings)
+                # the frame is exactly header + id + samples: its tail is the samples
+                if header[0] == DTYPE_FLOAT32_MV:
+                    floats.append((i, key, header))
+                    float_bytes.append(value[header[10]:])
+                else:
+                    counts.append((i, key, header))
+                    count_bytes.append(value[header[10]:])
+                continue
+            raw = _json_object(value)
+            fields = _plain_fields(raw, value)
+            array = None if fields is None else _plain_array(fields[4])
+            if array is None:
+                out[i] = _checked(_validated_json(raw, settings), key, settings, now_ns)
+            else:
+                texts.append((i, key, fields))
+                arrays.append(array)
+        except InvalidMessage as exc:
+            out[i] = exc
+        except _FOREIGN as exc:
+            out[i] = _undecodable(exc)
+    if floats:
+        samples = np.frombuffer(b"".join(float_bytes), dtype="<f4").astype(np.float64)
+        _binary_chunks(floats, samples, settings, now_ns, out)
+    if counts:
+        ns = np.array([h[7] for _, _, h in counts], dtype=np.intp)
+        baselines = np.repeat(np.array([h[6] for _, _, h in counts], dtype=np.float64), ns)
+        gains = np.repeat(np.array([h[5] for _, _, h in counts], dtype=np.float64), ns)
+        samples = (np.frombuffer(b"".join(count_bytes), dtype="<i2").astype(np.float64) - baselines) / gains
+        _binary_chunks(counts, samples, settings, now_ns, out)
+    if texts:
+        _json_chunks(texts, arrays, settings, now_ns, out)
+    return out
+
+
+def _checked(chunk: Chunk, key: bytes | None, settings: WindowSettings, now_ns: int) -> Chunk | InvalidMessage:
+    """`decode`'s outcome for a decoded chunk: checked, or the InvalidMessage it is refused with."""
+    try:
+        return _check(chunk, key, settings, now_ns)
+    except InvalidMessage as exc:
+        return exc
+    except _FOREIGN as exc:
+        return _undecodable(exc)
+
+
+def _pieces(samples: np.ndarray, sizes: list[int], copy: bool = True) -> tuple[list[np.ndarray], list[float]]:
+    """`samples` cut into records of `sizes`, each piece its own copy (none without `copy`), and each
+    piece's largest |sample| (NaN if one is NaN, 0 when empty: Chunk.peak_mv), in one reduction for all."""
+    ends = np.cumsum(sizes, dtype=np.intp)
+    starts = (ends - np.asarray(sizes, dtype=np.intp)).tolist()
+    filled = [a for a, n in zip(starts, sizes) if n]
+    peaks = iter(np.maximum.reduceat(np.abs(samples), filled).tolist() if filled else ())
+    pieces = [samples[a:a + n].copy() for a, n in zip(starts, sizes)] if copy else []
+    return pieces, [next(peaks) if n else 0.0 for n in sizes]
+
+
+def _binary_chunks(frames: list, samples: np.ndarray, settings: WindowSettings, now_ns: int, out: list) -> None:
+    pieces, peaks = _pieces(samples, [h[7] for _, _, h in frames])
+    for (i, key, h), piece, peak in zip(frames, pieces, peaks):
+        _, fs, t0_ns, seg, seq, _, _, _, patient_id, lead, _ = h
+        chunk = _chunk_with_peak(patient_id, lead, t0_ns, fs, piece, seq, seg, peak)
+        out[i] = _checked(chunk, key, settings, now_ns)
+
+
+def _json_chunks(texts: list, arrays: list, settings: WindowSettings, now_ns: int, out: list) -> None:
+    """The plain JSON messages' chunks, their peaks in one reduction over all their samples."""
+    sizes = [len(a) for a in arrays]
+    _, peaks = _pieces(np.concatenate(arrays), sizes, copy=False)
+    for (i, key, fields), samples, peak in zip(texts, arrays, peaks):
+        pid, lead, t0_ns, fs, _, seq, seg = fields
+        out[i] = _checked(_chunk_with_peak(pid, lead, t0_ns, float(fs), samples, seq, seg, peak), key, settings,
+                          now_ns)
 
 
 def encode_json(chunk: Chunk) -> bytes:

@@ -223,9 +223,7 @@ class Worker:
                     high = consumer.highwater(tp)
                     if high is not None and batch[-1].offset + 1 >= high:
                         core.clock_offset.observe(newest)  # caught up: these records are fresh
-                ingest = self.intake.ingest
-                for record in batch:
-                    ingest(tp, record, now, partitions)
+                self.intake.ingest_batch(tp, batch, now, partitions)  # decoded together, settled in order
             core.ingest_counts.flush()
             if now >= next_evict:  # scans the patients silent for idle_evict_s: once a second is enough
                 upkeep.every_second(now)
