@@ -2,8 +2,11 @@
 
 Each encoding is timed `--rounds` times over the same records, rounds interleaved across encodings (a slow
 spell of the machine then hits every encoding alike); the best round is reported, with the cost per record.
+`--bulk N` times both decoders side by side, interleaved in each round: `decode` record by record, and
+`decode_many` over fetches of N records (what Intake.ingest_batch does with one partition's fetch); the
+window stage takes the records one by one either way.
 
-    python -m benchmarks.bench_ingest [--beds 200] [--seconds 60] [--chunk-s 0.25] [--rounds 3]
+    python -m benchmarks.bench_ingest [--beds 200] [--seconds 60] [--chunk-s 0.25] [--rounds 3] [--bulk 500]
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import time
 import numpy as np
 
 from benchmarks.common import record
-from streamer.ingest.contract import decode
+from streamer.ingest.contract import Chunk, decode, decode_many
 from streamer.ingest.producer import chunks_of, encode
 from streamer.offline.recordings import regular_times
 from streamer.settings import WindowSettings
@@ -49,19 +52,50 @@ def ingest(records: list[tuple[bytes, bytes]]) -> tuple[float, int]:
     return time.perf_counter() - t0, windows
 
 
-def measure(beds: int, seconds: float, chunk_s: float, rounds: int) -> dict[str, dict]:
-    """{encoding: records, windows, best seconds, records/s, us per record, samples/s}."""
+def ingest_bulk(records: list[tuple[bytes, bytes]], batch: int) -> tuple[float, int]:
+    """As `ingest`, each fetch of `batch` records decoded by one decode_many call."""
+    settings = WindowSettings()
+    stage = WindowStage(settings)
+    now = time.time_ns()
+    windows = 0
+    t0 = time.perf_counter()
+    for first in range(0, len(records), batch):
+        for offset, chunk in enumerate(decode_many(records[first:first + batch], settings, now), first):
+            if type(chunk) is not Chunk:
+                raise SystemExit(f"record {offset} refused: {chunk}")  # the benchmark's records are all valid
+            windows += len(stage.accept(0, offset, chunk, 0.0).windows)
+    return time.perf_counter() - t0, windows
+
+
+def measure(beds: int, seconds: float, chunk_s: float, rounds: int, bulk: int = 0) -> dict[str, dict]:
+    """{encoding: records, windows, best seconds, records/s, us per record, samples/s}; with `bulk`, also
+    {encoding + " bulk": ...}, timed in the same rounds."""
     records = {e: partition_records(beds, seconds, chunk_s, e) for e in ENCODINGS}
+    runs = {e: (e, lambda r: ingest(r)) for e in ENCODINGS}
+    if bulk:
+        runs.update({f"{e} bulk": (e, lambda r: ingest_bulk(r, bulk)) for e in ENCODINGS})
     best: dict[str, float] = {}
     windows: dict[str, int] = {}
     for _ in range(rounds):
-        for e in ENCODINGS:
-            dt, windows[e] = ingest(records[e])
-            best[e] = min(best.get(e, dt), dt)
+        for e in ENCODINGS:  # per-record and bulk of one encoding back to back: the same spell of the machine
+            for name in (e, f"{e} bulk") if bulk else (e,):
+                dt, windows[name] = runs[name][1](records[e])
+                best[name] = min(best.get(name, dt), dt)
     samples = beds * int(seconds * 500.0)
-    return {e: {"records": len(records[e]), "windows": windows[e], "seconds": best[e],
-                "records_per_s": len(records[e]) / best[e], "us_per_record": best[e] / len(records[e]) * 1e6,
-                "samples_per_s": samples / best[e]} for e in ENCODINGS}
+    return {name: {"records": len(records[e]), "windows": windows[name], "seconds": best[name],
+                   "records_per_s": len(records[e]) / best[name],
+                   "us_per_record": best[name] / len(records[e]) * 1e6, "samples_per_s": samples / best[name]}
+            for name, (e, _) in runs.items()}
+
+
+# The live worker's event loop spends 60-75 us a record on its whole path around the model (docs/operations.md,
+# 400-950 beds; 3,300-4,200 beds a process at 4 records a bed a second): what a saving per record makes of it.
+EVENT_LOOP_US = (60.0, 75.0)
+
+
+def beds_per_process(saved_us: float, records_per_bed_s: float) -> str:
+    low, high = (1e6 / ((us - saved_us) * records_per_bed_s) for us in reversed(EVENT_LOOP_US))
+    return f"{low:,.0f}-{high:,.0f}"
 
 
 def main() -> None:
@@ -70,8 +104,24 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--chunk-s", type=float, default=0.25)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--bulk", type=int, default=0, metavar="N",
+                    help="also time decode_many over fetches of N records, interleaved with decode")
     args = ap.parse_args()
-    for e, r in measure(args.beds, args.seconds, args.chunk_s, args.rounds).items():
+    results = measure(args.beds, args.seconds, args.chunk_s, args.rounds, args.bulk)
+    if args.bulk:
+        for e in ENCODINGS:
+            one, many = results[e], results[f"{e} bulk"]
+            saved = one["us_per_record"] - many["us_per_record"]
+            record(f"ingest {e}: decode+validate+buffer, per-record decode vs decode_many over fetches of "
+                   f"{args.bulk}, {args.beds} beds, {args.chunk_s}s chunks, best of {args.rounds} interleaved",
+                   f"per record {one['records_per_s']:,.0f} msgs/s ({one['us_per_record']:.1f} us), bulk "
+                   f"{many['records_per_s']:,.0f} msgs/s ({many['us_per_record']:.1f} us): {saved:+.1f} us a "
+                   f"record saved; beds per process at 500 Hz (event loop {EVENT_LOOP_US[0]:.0f}-"
+                   f"{EVENT_LOOP_US[1]:.0f} us a record less that): "
+                   f"{beds_per_process(saved, 1 / args.chunk_s)} ({many['windows']} windows)",
+                   f"{one['us_per_record']:.1f} us", f"{one['us_per_record'] / many['us_per_record']:.2f}")
+        return
+    for e, r in results.items():
         record(f"ingest {e}: decode+validate+buffer, {args.beds} beds, {args.chunk_s}s chunks, best of {args.rounds}",
                f"{r['samples_per_s'] / 1e6:.2f} M samples/s, {r['records_per_s']:,.0f} msgs/s, "
                f"{r['us_per_record']:.1f} us per record ({r['windows']} windows)")
