@@ -129,10 +129,10 @@ def check_gain(gain: float, s: WindowSettings | None) -> None:
 _PLAIN_FIELDS = frozenset(("patient_id", "lead", "t0_ns", "fs", "samples", "seq", "segment_start_ns"))
 
 
-def _plain_fields(raw: dict, value: bytes) -> tuple | None:
-    """The usual message's fields (patient_id, lead, t0_ns, fs, samples list, seq, segment_start_ns) when
-    their types are exactly JsonChunk's; None hands anything else to JsonChunk, which decides it and words
-    the error. pydantic costs a third of a JSON record's decoding."""
+def _plain_json(raw: dict, value: bytes) -> Chunk | None:
+    """The usual message (mV samples, nothing optional but seq and segment start) checked without pydantic,
+    by exactly JsonChunk's rules; None hands anything else to JsonChunk, which decides it and words the
+    error. pydantic costs a third of a JSON record's decoding."""
     if not raw.keys() <= _PLAIN_FIELDS or b"u" in value or value.find(b"f", value.find(b"f") + 1) >= 0:
         # perhaps a boolean (strict fields refuse one where numpy would take it as 1 or 0): `true` holds
         # the only "u" and `false` the only "f" but that of "fs" these fields' names and numbers can have;
@@ -144,54 +144,25 @@ def _plain_fields(raw: dict, value: bytes) -> tuple | None:
             or type(t0_ns) is not int or type(fs) not in (float, int) or type(samples) is not list
             or (seq is not None and type(seq) is not int) or (seg is not None and type(seg) is not int)):
         return None
-    return pid, lead, t0_ns, fs, samples, seq, seg
-
-
-def _plain_array(samples: list) -> np.ndarray | None:
-    """The samples as float64 when every one is a JSON number numpy holds exactly as int64 or float64; None
-    (JsonChunk decides) for anything else."""
     try:
         array = np.array(samples)
     except (ValueError, TypeError, OverflowError):
         return None  # ragged or too deeply nested lists: JsonChunk words the error
     if array.ndim != 1 or array.dtype.kind not in "fi":
         return None  # null, text, nested lists, integers past 64 bits
-    return array.astype(np.float64, copy=False)
+    return Chunk(pid, lead, t0_ns, float(fs), array.astype(np.float64, copy=False), seq, seg)
 
 
-def _plain_json(raw: dict, value: bytes) -> Chunk | None:
-    """The usual message (mV samples, nothing optional but seq and segment start) checked without pydantic,
-    by exactly JsonChunk's rules; None hands anything else to JsonChunk."""
-    fields = _plain_fields(raw, value)
-    if fields is None:
-        return None
-    pid, lead, t0_ns, fs, samples, seq, seg = fields
-    array = _plain_array(samples)
-    if array is None:
-        return None
-    return Chunk(pid, lead, t0_ns, float(fs), array, seq, seg)
-
-
-def _json_object(value: bytes) -> dict:
+def decode_json(value: bytes, s: WindowSettings | None = None) -> Chunk:
     try:
         raw = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
         raise InvalidMessage("malformed_json", str(exc)[:200]) from None
     if not isinstance(raw, dict):
         raise InvalidMessage("malformed_json", "the value must be a JSON object")
-    return raw
-
-
-def decode_json(value: bytes, s: WindowSettings | None = None) -> Chunk:
-    raw = _json_object(value)
     plain = _plain_json(raw, value)
     if plain is not None:
         return plain
-    return _validated_json(raw, s)
-
-
-def _validated_json(raw: dict, s: WindowSettings | None) -> Chunk:
-    """Any JSON message but the plain one, by JsonChunk's rules (pydantic words the errors)."""
     try:
         msg = JsonChunk.model_validate(raw)
     except ValidationError as exc:
@@ -294,48 +265,39 @@ def decode_many(records: Sequence[tuple[bytes | None, bytes | None]], settings: 
     """Decode and validate one fetch: for each (key, value), in order, the Chunk `decode` returns or the
     InvalidMessage it raises, with the same reason and detail, all judged at one `now_ns`.
 
-    The per-record work that costs the most is done once for the fetch: the samples of all float32 frames
-    are converted in one numpy pass, those of all int16 frames in another (each scaled by its own baseline
-    and gain, the same float64 operations as `decode_binary`), and the largest |sample| of every record is
-    found in one reduction per path. Headers, JSON objects, JSON sample lists and `_check` stay per record,
-    through the same functions as `decode`: one array conversion of all the fetch's lists joined costs the
-    same (numpy's per-element type discovery is the cost, benchmarks/RESULTS.md, issue 48 item 3) and one
-    hostile list would spoil it for the whole fetch. A tombstone goes through `decode` itself.
+    Binary frames: the samples of all float32 frames are converted in one numpy pass, those of all int16
+    frames in another (each scaled by its own baseline and gain, the same float64 operations as
+    `decode_binary`), and the largest |sample| of each in one reduction; headers and `_check` stay per
+    record, through `decode`'s own functions. JSON messages and tombstones go through `decode` record by
+    record: orjson and numpy's per-element conversion are their cost, and one array conversion of a
+    fetch's lists (or one peak reduction) measured no faster (benchmarks/RESULTS.md, issue 48 item 3).
 
     Invariant: each Chunk owns its samples (a copy, not a view of the fetch's array), so a record the
     window stage holds keeps only its own bytes alive, as its memory accounting assumes."""
     now_ns = time.time_ns() if now_ns is None else now_ns
     out: list = [None] * len(records)
-    # per path: (index, key, header or fields) and the number of samples each record holds
-    floats, counts, texts = [], [], []
-    float_bytes, count_bytes, arrays = [], [], []
+    # per sample type: (index, key, checked header) and the frame's sample bytes
+    floats, counts = [], []
+    float_bytes, count_bytes = [], []
     for i, (key, value) in enumerate(records):
-        if value is None:
+        if value is None or value[:4] != MAGIC:
             out[i] = _decoded(key, value, settings, now_ns)
             continue
         try:
-            if value[:4] == MAGIC:
-                header = _binary_header(value, settings)
-                # the frame is exactly header + id + samples: its tail is the samples
-                if header[0] == DTYPE_FLOAT32_MV:
-                    floats.append((i, key, header))
-                    float_bytes.append(value[header[10]:])
-                else:
-                    counts.append((i, key, header))
-                    count_bytes.append(value[header[10]:])
-                continue
-            raw = _json_object(value)
-            fields = _plain_fields(raw, value)
-            array = None if fields is None else _plain_array(fields[4])
-            if array is None:
-                out[i] = _checked(_validated_json(raw, settings), key, settings, now_ns)
-            else:
-                texts.append((i, key, fields))
-                arrays.append(array)
+            header = _binary_header(value, settings)
         except InvalidMessage as exc:
             out[i] = exc
+            continue
         except _FOREIGN as exc:
             out[i] = _undecodable(exc)
+            continue
+        # the frame is exactly header + id + samples: its tail is the samples
+        if header[0] == DTYPE_FLOAT32_MV:
+            floats.append((i, key, header))
+            float_bytes.append(value[header[10]:])
+        else:
+            counts.append((i, key, header))
+            count_bytes.append(value[header[10]:])
     if floats:
         samples = np.frombuffer(b"".join(float_bytes), dtype="<f4").astype(np.float64)
         _binary_chunks(floats, samples, settings, now_ns, out)
@@ -345,8 +307,6 @@ def decode_many(records: Sequence[tuple[bytes | None, bytes | None]], settings: 
         gains = np.repeat(np.array([h[5] for _, _, h in counts], dtype=np.float64), ns)
         samples = (np.frombuffer(b"".join(count_bytes), dtype="<i2").astype(np.float64) - baselines) / gains
         _binary_chunks(counts, samples, settings, now_ns, out)
-    if texts:
-        _json_chunks(texts, arrays, settings, now_ns, out)
     return out
 
 
@@ -360,14 +320,14 @@ def _checked(chunk: Chunk, key: bytes | None, settings: WindowSettings, now_ns: 
         return _undecodable(exc)
 
 
-def _pieces(samples: np.ndarray, sizes: list[int], copy: bool = True) -> tuple[list[np.ndarray], list[float]]:
-    """`samples` cut into records of `sizes`, each piece its own copy (none without `copy`), and each
-    piece's largest |sample| (NaN if one is NaN, 0 when empty: Chunk.peak_mv), in one reduction for all."""
+def _pieces(samples: np.ndarray, sizes: list[int]) -> tuple[list[np.ndarray], list[float]]:
+    """`samples` cut into records of `sizes`, each piece its own copy, and each piece's largest |sample|
+    (NaN if one is NaN, 0 when empty: Chunk.peak_mv), in one reduction for all."""
     ends = np.cumsum(sizes, dtype=np.intp)
     starts = (ends - np.asarray(sizes, dtype=np.intp)).tolist()
     filled = [a for a, n in zip(starts, sizes) if n]
     peaks = iter(np.maximum.reduceat(np.abs(samples), filled).tolist() if filled else ())
-    pieces = [samples[a:a + n].copy() for a, n in zip(starts, sizes)] if copy else []
+    pieces = [samples[a:a + n].copy() for a, n in zip(starts, sizes)]
     return pieces, [next(peaks) if n else 0.0 for n in sizes]
 
 
@@ -377,16 +337,6 @@ def _binary_chunks(frames: list, samples: np.ndarray, settings: WindowSettings, 
         _, fs, t0_ns, seg, seq, _, _, _, patient_id, lead, _ = h
         chunk = _chunk_with_peak(patient_id, lead, t0_ns, fs, piece, seq, seg, peak)
         out[i] = _checked(chunk, key, settings, now_ns)
-
-
-def _json_chunks(texts: list, arrays: list, settings: WindowSettings, now_ns: int, out: list) -> None:
-    """The plain JSON messages' chunks, their peaks in one reduction over all their samples."""
-    sizes = [len(a) for a in arrays]
-    _, peaks = _pieces(np.concatenate(arrays), sizes, copy=False)
-    for (i, key, fields), samples, peak in zip(texts, arrays, peaks):
-        pid, lead, t0_ns, fs, _, seq, seg = fields
-        out[i] = _checked(_chunk_with_peak(pid, lead, t0_ns, float(fs), samples, seq, seg, peak), key, settings,
-                          now_ns)
 
 
 def encode_json(chunk: Chunk) -> bytes:
