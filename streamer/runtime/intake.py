@@ -69,8 +69,8 @@ class Intake:
 
     def ingest_batch(self, tp, records, now: float, partitions: int) -> list[Outcome]:
         """`records`: one partition's records of a fetch, in offset order; each ends as `ingest` would end
-        it. Decoding them together costs a third to a half of decoding them one by one (benchmarks/
-        bench_ingest.py --bulk); should decode_many itself fail (a bug), each record goes through `ingest`."""
+        it. Binary frames decode together in about half the time (benchmarks/RESULTS.md, issue 48 item 3);
+        should decode_many itself fail (a bug), each record goes through `ingest`."""
         try:
             decoded = decode_many([(r.key, r.value) for r in records], self.settings.windows)
         except Exception:  # decode_many promises outcomes only: a bug costs the bulk path, never a record
