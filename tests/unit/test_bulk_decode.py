@@ -1,9 +1,10 @@
 """Issue 48, item 3: a fetch decoded in bulk. `decode_many` converts the samples of a fetch's binary frames in
 one numpy pass per sample type and finds their peaks in one reduction (JSON messages stay record by record:
-in bulk they measured no faster); `Intake.ingest_batch` settles the records one by one in offset order. Both must be indistinguishable from the per-record path:
-the same Chunks bit for bit (float64 samples, peaks, timestamps), the same refusals with the same reason and
-detail, the same outcomes, dead letters, windows and counts, in the same order; random mixes of valid,
-damaged and hostile records drive the real path (Intake -> decode_many -> WindowStage)."""
+in bulk they measured no faster); `Intake.ingest_batch` settles the records one by one in offset order.
+Both must be indistinguishable from the per-record path: the same Chunks bit for bit (float64 samples,
+peaks, timestamps), the same refusals with the same reason and detail, the same outcomes, dead letters,
+windows and counts, in the same order; random mixes of valid, damaged and hostile records drive the real
+path (Intake -> decode_many -> WindowStage)."""
 
 from __future__ import annotations
 
