@@ -13,15 +13,21 @@ Invariants:
   partition; `close` runs those once, newest first, so a revocation releases every part in one call and no
   part is forgotten.
 - The registry holds only partitions that are `mine`: a closed one, clean or dirty, leaves it at once, so
-  the consume loop, the checkpoint schedule and the lag gauges never see it again.
+  the consume loop, the checkpoint schedule and the lag gauges never see it again. A fenced one stays
+  `held` (its parts' pieces readable) until the revocation releases it.
+- What each part keeps of the partition lives on the object (`offsets`, `windows`, `states`,
+  `event_lead_ms`), set by that part and released by its closer: no part keeps a map by partition of its
+  own. Global concerns (the memory and patient caps' LRU order, the micro-batcher) keep indexes of patients
+  only, emptied by the same closers.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Awaitable, Callable, Hashable, Iterator
+from inspect import isawaitable
+from typing import Any, Awaitable, Callable, Hashable, Iterator
 
-Closer = Callable[[], Awaitable[None] | None]
+Closer = Callable[[], Awaitable[None] | object]
 
 
 class PartitionOffsets:
@@ -36,13 +42,18 @@ class PartitionOffsets:
 
 
 class OwnedPartition:
-    __slots__ = ("tp", "mine", "fenced", "offsets", "_closers")
+    """One assignment of one input partition, and what every part keeps of it (each set by its part; the
+    types of the higher layers' pieces are named, not imported: this module sits below them)."""
+    __slots__ = ("tp", "mine", "fenced", "offsets", "windows", "states", "event_lead_ms", "_closers")
 
     def __init__(self, tp: Hashable, committed: int | None = None) -> None:
         self.tp = tp
         self.mine = True
         self.fenced = False  # closed dirty: lost to another owner
-        self.offsets = PartitionOffsets(committed)
+        self.offsets = PartitionOffsets(committed)  # checkpointing/ledger.py
+        self.windows: Any = None  # windows/stage.py PartitionWindows: its patients' streams, its flow clock
+        self.states: Any = None  # state/store.py PartitionStates: its patients' states, changed and expired
+        self.event_lead_ms: int | None = None  # delivery/event_time.py: its input's newest timestamp, ahead
         self._closers: list[Closer] = []
 
     def on_close(self, closer: Closer) -> None:
@@ -58,7 +69,7 @@ class OwnedPartition:
         for closer in closers:
             try:
                 result = closer()
-                if result is not None:
+                if isawaitable(result):  # an async part's release; what a sync one returns is not used
                     await result
             except Exception as exc:  # noqa: BLE001 (raised below, once every part was released)
                 first = first or exc
@@ -123,6 +134,10 @@ class OwnedPartitions:
     def held(self, tp: Hashable) -> OwnedPartition | None:
         """The object of `tp`, mine or fenced and not yet released (what a revocation closes)."""
         return self._by_tp.get(tp) or self._fenced.get(tp)
+
+    def every_held(self) -> list[OwnedPartition]:
+        """Every object not yet released, mine or fenced: what the parts' pieces are found on."""
+        return [*self._by_tp.values(), *self._fenced.values()]
 
     def get(self, tp: Hashable) -> OwnedPartition | None:
         return self._by_tp.get(tp)

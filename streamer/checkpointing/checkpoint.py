@@ -40,7 +40,7 @@ class Checkpointer:
         written ahead in the state before it is sent: publish/publisher.py). Skipped once the partition
         is no longer this worker's: its revocation checkpoint wrote the state."""
         async def attempt():
-            if self.store.partitions.get(tp, {}).get(st.patient_id) is not st:
+            if self.store.lookup(tp, st.patient_id) is not st:
                 return
             # serialized at each attempt, just before its send: a retry never lands a state older than
             # one a checkpoint wrote meanwhile

@@ -22,33 +22,42 @@ from collections import deque
 from typing import Callable, Hashable
 
 from streamer.logs import get_logger
+from streamer.partitions import OwnedPartition, OwnedPartitions
 
 log = get_logger("streamer.event_time")
 
 
 class EventTime:
-    """Per input partition, a bound on its outputs' timestamps (ms since 1970) from its input's."""
+    """Per owned input partition, a bound on its outputs' timestamps (ms since 1970) from its input's. What
+    it keeps of a partition (`OwnedPartition.event_lead_ms`: the newest timestamp seen minus the monotonic
+    ms it was seen at) lives and ends with the assignment. `owned`: the worker's registry (one of its own
+    when used alone: then nothing is held and the producer stamps every output)."""
 
-    def __init__(self, clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
+                 owned: OwnedPartitions | None = None):
         self.clock, self.monotonic = clock, monotonic
-        self._lead_ms: dict[Hashable, int] = {}  # newest timestamp seen minus the monotonic ms it was seen at
+        self.owned = owned if owned is not None else OwnedPartitions()
 
     def observe(self, partition: Hashable, timestamp_ms: int | None) -> None:
+        task = self.owned.held(partition)
+        if task is not None:
+            self.restore(task, timestamp_ms)
+
+    def restore(self, task: OwnedPartition, timestamp_ms: int | None) -> None:
+        """`timestamp_ms` seen of `task`'s input (at its assignment: its newest restored state record's,
+        before the registry admits it)."""
         if timestamp_ms is None or timestamp_ms < 0:
             return
         lead = timestamp_ms - int(self.monotonic() * 1000)
-        if lead > self._lead_ms.get(partition, -(1 << 62)):
-            self._lead_ms[partition] = lead
+        if task.event_lead_ms is None or lead > task.event_lead_ms:
+            task.event_lead_ms = lead
 
     def stamp(self, partition: Hashable) -> int | None:
         """The timestamp for an output of `partition` (None: nothing seen, the producer stamps it)."""
-        lead = self._lead_ms.get(partition)
-        if lead is None:
+        task = self.owned.held(partition)
+        if task is None or task.event_lead_ms is None:
             return None
-        return min(int(self.clock() * 1000), lead + int(self.monotonic() * 1000))
-
-    def drop(self, partition: Hashable) -> None:
-        self._lead_ms.pop(partition, None)
+        return min(int(self.clock() * 1000), task.event_lead_ms + int(self.monotonic() * 1000))
 
 
 class ClockOffset:

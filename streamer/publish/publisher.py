@@ -184,7 +184,7 @@ class Publisher:
             log.error("state_lost", patient=patient_ref(patient_id), topic=getattr(partition, "topic", None),
                       partition=getattr(partition, "partition", partition))
         task = self.partitions.get(partition)
-        for st in list(self.store.partitions.get(partition, {}).values()):
+        for st in list(self.store.states_of(partition).values()):
             if st.flags_ahead:
                 self.background.spawn(self._republish_flags(task, st))
             if st.episode.pending is not None:

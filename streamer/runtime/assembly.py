@@ -67,8 +67,8 @@ class Core:
     @classmethod
     def build(cls, settings: Settings, clock: Callable[[], float] = time.time) -> "Core":
         metrics = Metrics()
-        store = StateStore(clock)
-        partitions = OwnedPartitions()
+        partitions = OwnedPartitions()  # each partition's pieces hang on its object there
+        store = StateStore(clock, owned=partitions)
         ledger = OffsetsLedger(partitions)
         k = settings.kafka
         core = cls(
@@ -76,7 +76,8 @@ class Core:
             stage=WindowStage(settings.windows, store), ledger=ledger,
             batcher=MicroBatcher(settings.batching.max_batch, settings.batching.max_wait_ms),
             backpressure=Backpressure(settings.batching.max_pending_windows, ledger, metrics),
-            event_time=EventTime(), clock_offset=ClockOffset(k.clock_offset_warn_s, metrics.clock_offset_s),
+            event_time=EventTime(owned=partitions),
+            clock_offset=ClockOffset(k.clock_offset_warn_s, metrics.clock_offset_s),
             partitioner_watch=PartitionerWatch(k.input_partitioner, k.input_topics, metrics.partitioner_mismatch),
             inference_watch=InferenceWatch(settings.model.inference_stall_s), settled=asyncio.Event(),
             partitions=partitions)

@@ -85,7 +85,7 @@ class PartitionOwnership:
         if mine and not self.failed():
             await self.checkpoint(mine)
         for t in tasks:
-            patients = len(self.stage.partition_streams.get(t.tp, ()))
+            patients = len(t.windows.streams) if t.windows is not None else 0
             await self.partitions.close(t.tp)
             log.info("partition_revoked", topic=t.tp.topic, partition=t.tp.partition, patients_dropped=patients,
                      fenced=t.fenced)
@@ -128,8 +128,8 @@ class PartitionOwnership:
         now = self.clock()
         for tp in new:
             states = restored.states[tp]
-            self.event_time.observe(tp, restored.newest_timestamp_ms.get(tp))
-            self.store.load(tp, states, seqs)
+            self.event_time.restore(tasks[tp], restored.newest_timestamp_ms.get(tp))
+            self.store.load(tasks[tp], states, seqs)
             bad = [u for u in restored.unreadable if u.partition == tp]
             for u in bad:
                 self.dead_letters.send(tp, u.record, "state_unreadable", u.reason, held=False)
@@ -139,15 +139,13 @@ class PartitionOwnership:
                      committed=committed[tp][0], patients_restored=len(states), states_unreadable=len(bad))
 
     def release_at_close(self, task: OwnedPartition) -> None:
-        """What each part keeps of the partition, released at its close (newest first: the windows and
-        states, the output stamps, then the outputs, whose open transaction is aborted)."""
+        """What each part keeps of the partition, released at its close (newest first: the windows, the
+        states, then the outputs, whose open transaction is aborted). Its offsets and event time are fields
+        of the object alone: they go with it."""
         tp = task.tp
         task.on_close(lambda: self.delivery.close(tp))
-        task.on_close(lambda: self.event_time.drop(tp))
-        task.on_close(lambda: self._drop_windows(tp))
-
-    def _drop_windows(self, tp: TopicPartition) -> None:
-        self.stage.drop_partition(tp)  # the stage drops the store's states of it too
+        task.on_close(lambda: self.store.release(task))
+        task.on_close(lambda: self.stage.release(task))
 
     def _episode_partitions(self, partitions) -> list[int]:
         """The episodes topic's partitions that hold these input partitions' patients' messages: the same

@@ -1,4 +1,10 @@
-"""All patients' buffers: routing, idle eviction and the memory cap."""
+"""All patients' buffers: routing, idle eviction and the memory cap.
+
+Each partition's streams and flow clock live on its `OwnedPartition` (`windows`, a `PartitionWindows`),
+found through the registry the state store holds; `release` (one of the partition's closers) drops them.
+The stage's own indexes are of patients, across partitions: the LRU order that eviction and the memory cap
+walk, and the patient cap's provisional states.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from typing import Collection, Hashable
 
 from streamer.ingest.contract import Chunk
 from streamer.logs import get_logger, patient_ref
+from streamer.partitions import OwnedPartition
 from streamer.settings import WindowSettings
 from streamer.state.patients import PatientState
 from streamer.state.store import StateStore
@@ -19,24 +26,43 @@ log = get_logger("streamer.windows")
 FLOW_GAP_CAP_S = 10.0  # monitors send <= 1 s chunks: a longer silence of a whole partition is an outage
 
 
+Marker = tuple[int, int, Fraction, int]  # (natural anchor, anchor, rate, k): where a window lies on its grid
+
+
+class PartitionWindows:
+    """What the window stage keeps of one owned partition."""
+    __slots__ = ("streams", "flowed_s", "last_s", "emitted")
+
+    def __init__(self, now: float) -> None:
+        # its patients' streams: a checkpoint asks for one partition's streams several times a second
+        self.streams: dict[str, PatientStream] = {}
+        # (seconds it has been flowing, wall time of its last record). Gaps between its records count at
+        # most FLOW_GAP_CAP_S, so a broker or upstream outage hardly advances it and, right after one, a
+        # patient whose backlog comes a little later does not look idle.
+        self.flowed_s = 0.0
+        self.last_s = now
+        # Windows emitted when a stream closed (eviction, memory cap) that the durable state may not know yet
+        # (their flags in flight): a stream reopened meanwhile starts after them, never reporting one twice.
+        self.emitted: dict[str, list[Marker]] = {}
+
+    def flow(self, now: float) -> float:
+        self.flowed_s += min(max(now - self.last_s, 0.0), FLOW_GAP_CAP_S)
+        self.last_s = now
+        return self.flowed_s
+
+
 class WindowStage:
+    """`store`: the patients' states, and the registry of owned partitions their pieces hang on (a stage
+    used alone makes a store, with a registry, of its own)."""
+
     def __init__(self, settings: WindowSettings, store: StateStore | None = None):
         self.settings = settings
         self.store = store if store is not None else StateStore()  # what each patient already reported
+        self.owned = self.store.owned
         # least recently active first, so eviction and the memory cap look at the front only
         self.streams: OrderedDict[tuple[Hashable, str], PatientStream] = OrderedDict()
-        # the same streams by partition: a checkpoint asks for one partition's streams several times a second
-        self.partition_streams: dict[Hashable, dict[str, PatientStream]] = {}
         self.nbytes = 0  # bytes held by open windows, kept up to date on every change
-        # Per partition, (seconds it has been flowing, wall time of its last record). Gaps between its
-        # records count at most FLOW_GAP_CAP_S, so a broker or upstream outage hardly advances it and,
-        # right after one, a patient whose backlog comes a little later does not look idle.
-        self.partition_clock: dict[Hashable, tuple[float, float]] = {}
         self.patient_clock: dict[tuple[Hashable, str], float] = {}  # partition flow time at its last record
-        # Windows emitted when a stream closed (eviction, memory cap) that the durable state may not know yet
-        # (their flags in flight): a stream reopened meanwhile starts after them, never reporting one twice.
-        # Per patient, (natural anchor, anchor, rate, k) of each window: where it lies on its grid.
-        self.emitted: dict[tuple[Hashable, str], list[tuple[int, int, Fraction, int]]] = {}
         # (partition, ref, reason, detail) of held records refused when their stream closed (take_rejected)
         self.rejected: list[tuple[Hashable, object, str, str]] = []
         # per patient: (its oldest open window, partition flow time when it became the oldest)
@@ -50,7 +76,8 @@ class WindowStage:
     def accept(self, partition: Hashable, offset: int, chunk: Chunk, now: float, ref: object = None) -> AcceptResult:
         """`ref` (the Kafka record) comes back in a result's dead_letters, or from take_rejected, if the
         record is refused."""
-        flowed = self._flow(partition, now)
+        windows = self._windows(partition, now)
+        flowed = windows.flow(now)
         key = (partition, chunk.patient_id)
         stream = self.streams.get(key)
         if stream is None:
@@ -66,7 +93,7 @@ class WindowStage:
                 state = self.unadopted[key] = self.store.new_state(partition, chunk.patient_id)
             stream = self.streams[key] = PatientStream(chunk.patient_id, partition, self.settings,
                                                        self._state_after_emitted(key, state))
-            self.partition_streams.setdefault(partition, {})[chunk.patient_id] = stream
+            windows.streams[chunk.patient_id] = stream
             self.patient_clock[key] = flowed
         before = stream.nbytes
         result = stream.accept(chunk, offset, now, ref)
@@ -80,9 +107,31 @@ class WindowStage:
             self._forget(key)
         return result
 
+    def _windows(self, partition: Hashable, now: float) -> PartitionWindows:
+        """The partition's windows, made with its first record. Raises for a partition not held: a record
+        of it must not be let in."""
+        task = self.owned.held(partition)
+        if task is None:
+            raise KeyError(f"partition {partition!r} is not held: none of its records may be windowed")
+        if task.windows is None:
+            task.windows = PartitionWindows(now)
+        return task.windows
+
+    def windows_of(self, partition: Hashable) -> PartitionWindows | None:
+        task = self.owned.held(partition)
+        return task.windows if task is not None else None
+
+    def _flowed(self, partition: Hashable) -> float:
+        windows = self.windows_of(partition)
+        return windows.flowed_s if windows is not None else 0.0
+
     def _forget(self, key: tuple[Hashable, str]) -> PatientStream:
+        del self.windows_of(key[0]).streams[key[1]]
+        return self._unindex(key)
+
+    def _unindex(self, key: tuple[Hashable, str]) -> PatientStream:
+        """Drop the patient from the stage's indexes (not from its partition's streams)."""
         stream = self.streams.pop(key)
-        del self.partition_streams[key[0]][key[1]]
         self.patient_clock.pop(key, None)
         self.oldest_since.pop(key, None)
         self.unadopted.pop(key, None)
@@ -97,23 +146,18 @@ class WindowStage:
         out, self.refused_patients = self.refused_patients, 0
         return out
 
-    def _flow(self, partition: Hashable, now: float) -> float:
-        flowed, last = self.partition_clock.get(partition, (0.0, now))
-        flowed += min(max(now - last, 0.0), FLOW_GAP_CAP_S)
-        self.partition_clock[partition] = (flowed, now)
-        return flowed
-
     def flowing(self, partitions, now: float) -> None:
         """These partitions are fetched and caught up with their high watermark: silence there is real
         time passing (a patient alone on its partition can go idle), unlike a broker outage."""
         for p in partitions:
-            self._flow(p, now)
+            if self.owned.held(p) is not None:
+                self._windows(p, now).flow(now)
 
     def evict(self, now: float) -> list[EmittedWindow]:
         """Close idle patients, then the least recently active ones while above the memory cap.
 
         A patient is idle when its partition went on flowing for idle_evict_s without it (see
-        partition_clock). Candidates are only those silent that long by the wall clock (the LRU front).
+        PartitionWindows.flowed_s). Candidates are only those silent that long by the wall clock (the LRU front).
         """
         out: list[EmittedWindow] = []
         idle_s = self.settings.idle_evict_s
@@ -121,7 +165,7 @@ class WindowStage:
         for key, stream in self.streams.items():
             if now - stream.last_activity < idle_s:
                 break  # LRU order (only accepted records move a patient back): the rest were active later
-            flowed = self.partition_clock.get(key[0], (0.0, now))[0]
+            flowed = self._flowed(key[0])
             if flowed - self.patient_clock.get(key, flowed) >= idle_s:
                 idle.append(key)
         self.forget_acknowledged()
@@ -142,7 +186,7 @@ class WindowStage:
             if k is None:
                 self.oldest_since.pop(key, None)
                 continue
-            flowed = self.partition_clock.get(key[0], (0.0, 0.0))[0]
+            flowed = self._flowed(key[0])
             since = self.oldest_since.get(key)
             if since is None or since[0] != k:
                 self.oldest_since[key] = (k, flowed)
@@ -169,7 +213,8 @@ class WindowStage:
         for w in out:
             w.by_clock = True
         if out:
-            self.emitted.setdefault(key, []).extend((w.natural_anchor_ns, w.anchor_ns, w.rate, w.k) for w in out)
+            self.windows_of(key[0]).emitted.setdefault(key[1], []).extend(
+                (w.natural_anchor_ns, w.anchor_ns, w.rate, w.k) for w in out)
         return out
 
     def take_rejected(self) -> list[tuple[Hashable, object, str, str]]:
@@ -182,7 +227,8 @@ class WindowStage:
         """The patient's state as a new stream must see it: with the windows its closed streams emitted,
         acknowledged or not. A copy when some are still unknown to it (the durable state moves only on
         acknowledgement: a crash before then must replay them); the state itself otherwise."""
-        emitted = self.emitted.get(key)  # kept until the state records them (forget_acknowledged)
+        windows = self.windows_of(key[0])
+        emitted = windows.emitted.get(key[1]) if windows is not None else None  # until the state has them
         if not emitted:
             return state
         import copy
@@ -196,13 +242,17 @@ class WindowStage:
     def forget_acknowledged(self) -> None:
         """Drop the markers of closed streams whose windows the state now records (their flags were
         acknowledged), so they do not outlive their use."""
-        for key in [k for k, ws in self.emitted.items()
-                    if not any(self._unknown_to_state(k, w) for w in ws)]:
-            del self.emitted[key]
+        for task in self.owned.every_held():
+            if task.windows is None or not task.windows.emitted:
+                continue
+            emitted = task.windows.emitted
+            for pid in [pid for pid, ws in emitted.items()
+                        if not any(self._unknown_to_state((task.tp, pid), w) for w in ws)]:
+                del emitted[pid]
 
-    def _unknown_to_state(self, key, marker: tuple[int, int, Fraction, int]) -> bool:
-        states = self.store.partitions.get(key[0])
-        st = states.get(key[1]) if states else None
+    def _unknown_to_state(self, key, marker: Marker) -> bool:
+        states = self.store.of(key[0])
+        st = states.by_patient.get(key[1]) if states is not None else None
         if st is None:
             return states is not None  # forgotten state: keep until the patient's next stream or the revoke
         _, anchor, rate, k = marker
@@ -214,24 +264,28 @@ class WindowStage:
         window still needs. A checkpoint asks for the partitions it commits only, and walks only their streams:
         it runs per partition, and filtering every stream each time cost 8% of the event loop at 600 beds."""
         out: dict[Hashable, int] = {}
-        for partition in self.partition_streams if partitions is None else partitions:
-            offsets = [off for stream in self.partition_streams.get(partition, {}).values()
-                       if (off := stream.min_open_offset()) is not None]
+        if partitions is None:
+            every = [(t.tp, t.windows) for t in self.owned.every_held() if t.windows is not None]
+        else:
+            every = [(p, self.windows_of(p)) for p in partitions]
+        for partition, windows in every:
+            if windows is None:
+                continue
+            offsets = [off for stream in windows.streams.values() if (off := stream.min_open_offset()) is not None]
             if offsets:
                 out[partition] = min(offsets)
         return out
 
-    def drop_partition(self, partition: Hashable) -> int:
-        """Forget a revoked partition's buffers; its new owner rebuilds them from the committed offset."""
-        keys = [(partition, pid) for pid in self.partition_streams.get(partition, ())]
-        for k in keys:
-            self.nbytes -= self._forget(k).nbytes
-        self.partition_streams.pop(partition, None)
-        for k in [k for k in self.emitted if k[0] == partition]:
-            del self.emitted[k]
-        self.partition_clock.pop(partition, None)
-        self.store.drop(partition)
-        return len(keys)
+    def release(self, task: OwnedPartition) -> int:
+        """A closed partition's buffers forgotten (its new owner rebuilds them from the committed offset);
+        returns how many patients' streams it held. Runs once the registry let the partition go: it works
+        on the object alone."""
+        windows, task.windows = task.windows, None
+        if windows is None:
+            return 0
+        for pid in windows.streams:
+            self.nbytes -= self._unindex((task.tp, pid)).nbytes
+        return len(windows.streams)
 
     def close_all(self, now: float) -> list[EmittedWindow]:
         out: list[EmittedWindow] = []
@@ -239,7 +293,9 @@ class WindowStage:
             out.extend(stream.close(now))
             self.rejected.extend((partition, *d) for d in stream.take_dead())
         self.streams.clear()
-        self.partition_streams.clear()
+        for task in self.owned.every_held():
+            if task.windows is not None:
+                task.windows.streams.clear()
         self.patient_clock.clear()
         self.oldest_since.clear()
         self.nbytes = 0

@@ -15,6 +15,8 @@ START = 1_795_000_000_000_000_000  # as tests/unit/test_windows.py
 def test_ten_thousand_patients_memory_bounded_and_evicted():
     settings = WindowSettings(idle_evict_s=5.0, max_buffer_bytes=20 << 20)
     stage = WindowStage(settings)
+    for partition in range(8):  # assigned
+        stage.owned.open(partition)
     peak = 0
     emitted = 0
     rng = np.random.default_rng(0)

@@ -38,6 +38,7 @@ from streamer.kafka.partitioning import OutputRouting
 from streamer.metrics import Metrics
 from streamer.model.decision import Verdict
 from streamer.publish.episodes import EpisodeTracker
+from streamer.delivery.event_time import EventTime
 from streamer.partitions import OwnedPartitions
 from streamer.publish.publisher import Publisher
 from streamer.runtime.ownership import PartitionOwnership
@@ -118,9 +119,9 @@ class Core:
 
     def __init__(self, log: Log, loop: asyncio.AbstractEventLoop):
         self.log, self.loop = log, loop
-        self.store = StateStore()
+        self.partitions = OwnedPartitions()  # each partition's pieces hang on its object there
+        self.store = StateStore(owned=self.partitions)
         self.stage = WindowStage(WINDOW, self.store)
-        self.partitions = OwnedPartitions()
         self.tracker = OffsetsLedger(self.partitions)
         self.producer = MemoryProducer(self._land)
         self.consumer = MemoryConsumer(log.committed, _number)
@@ -144,7 +145,7 @@ class Core:
         self.clock_s = 1_790_000_000.0  # the worker's wall clock, as episodes number and stamp by it
 
     def _make_delivery(self):
-        return AtLeastOnceDelivery(self.producer)
+        return AtLeastOnceDelivery(self.producer, event_time=EventTime(owned=self.partitions))
 
     def _land(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None) -> None:
         """A record the producer sent, now in the log."""
@@ -629,7 +630,8 @@ class TxnCore(Core):
         self.stopped = False  # a refused record aborted a transaction: the worker exits 1
 
     def _make_delivery(self):
-        return ExactlyOnceDelivery(K, self._txn_producer, on_fenced=self._on_fenced)
+        return ExactlyOnceDelivery(K, self._txn_producer, on_fenced=self._on_fenced,
+                                   event_time=EventTime(owned=self.partitions))
 
     def _txn_producer(self, transactional_id: str) -> MemoryTxnProducer:
         p = int(transactional_id.rsplit("-", 1)[1])

@@ -39,6 +39,7 @@ from streamer.publish.messages import window_id
 from streamer.publish.publisher import Publisher
 from streamer.settings import EpisodeSettings, KafkaSettings, WindowSettings
 from streamer.state.changelog import _apply
+from streamer.partitions import OwnedPartitions
 from streamer.state.store import StateStore
 from streamer.windows.buffer import SCORABLE, EmittedWindow
 from streamer.windows.stage import WindowStage
@@ -122,7 +123,8 @@ class Owner:
 
     def __init__(self, model: "SuppressionModel", offset_s: float):
         self.m, self.offset_s, self.alive = model, offset_s, True
-        self.store, self.ledger = StateStore(), OffsetsLedger()
+        owned = OwnedPartitions()  # this process's registry: the store's and the ledger's pieces hang there
+        self.store, self.ledger = StateStore(owned=owned), OffsetsLedger(owned)
         self.delivery = AtLeastOnceDelivery(MemoryProducer(model.broker, self))
         self.checkpointer = Checkpointer(self.ledger, WindowStage(WindowSettings(), self.store), self.store,
                                          Committer(), self.delivery, K.state_topic, "g")
@@ -142,8 +144,7 @@ class Owner:
         for offset, (key, value) in enumerate(self.m.broker.changelog.items()):
             _apply(SimpleNamespace(topic=K.state_topic, partition=0, offset=offset, key=key, value=value), 0,
                    wanted, lost)
-        self.ledger.start_partition(P, None)
-        self.store.load(P, wanted[P])
+        self.store.load(self.ledger.start_partition(P, None), wanted[P])
         lost_patients = [u.patient_id for u in lost.values() if u.patient_id is not None]
         self.lost_any = bool(lost_patients)
         self.publisher.resume(P, lost_patients, self.now())
@@ -430,7 +431,7 @@ class SuppressionModel(RuleBasedStateMachine):
         assert not self.broker.inflight and not self.owner.busy(), "settling did not finish"
         now_ns = int(self.T * NS)
         for pid in PATIENTS:
-            stt = self.owner.store.partitions.get(P, {}).get(pid)
+            stt = self.owner.store.lookup(P, pid)
             assert stt is None or stt.episode.pending is None, f"{pid}: a message still pending"
             if stt is None or stt.episode.open_start_ns is None:
                 # only a zombie's lease (or one numbered above a lost state's restart) may outlive the

@@ -19,6 +19,7 @@ from streamer.ingest.partitioning import PartitionerWatch
 from streamer.metrics import IngestCounts, Metrics
 from streamer.runtime.intake import Intake, Outcome
 from streamer.settings import Settings
+from streamer.partitions import OwnedPartitions
 from streamer.state.store import StateStore
 from streamer.synthetic import generate
 from streamer.windows.stage import WindowStage
@@ -34,9 +35,10 @@ class Path:
     def __init__(self, **windows):
         self.settings = Settings(windows=windows) if windows else Settings()
         metrics = Metrics()
-        self.stage = WindowStage(self.settings.windows, StateStore())
-        self.ledger = OffsetsLedger()
-        self.ledger.start_partition(TP, None)
+        owned = OwnedPartitions()  # the worker's registry: TP assigned
+        owned.open(TP)
+        self.stage = WindowStage(self.settings.windows, StateStore(owned=owned))
+        self.ledger = OffsetsLedger(owned)
         self.dead: list[tuple[object, str, str]] = []
         self.windows = []
         self.intake = Intake(self.settings, self.ledger, self.stage, IngestCounts(metrics), metrics,
@@ -206,12 +208,13 @@ def test_a_flood_of_one_record_ids_leaves_no_state_and_no_flag_when_it_goes_idle
 
 def test_at_the_cap_idle_states_are_forgotten_early_but_never_a_streaming_bed_or_an_open_episode():
     store = StateStore(clock=lambda: 1000.0)
+    store.owned.open(0)
     for pid in ("idle-old", "idle-new", "open", "busy"):
         store.patient(0, pid).seen_at_s = {"idle-old": 100.0, "idle-new": 900.0}.get(pid, 50.0)
-    store.partitions[0]["open"].episode.open_start_ns = START
+    store.states_of(0)["open"].episode.open_start_ns = START
     gone = store.reclaim(10, now=1000.0, min_idle_s=60.0, busy=lambda p, pid: pid == "busy")
     assert gone == [(0, "idle-old"), (0, "idle-new")]
-    assert sorted(store.partitions[0]) == ["busy", "open"]
+    assert sorted(store.states_of(0)) == ["busy", "open"]
     assert store.take_expired([0]) == {0: ["idle-new", "idle-old"]}, "their tombstones go out"
 
 
@@ -220,14 +223,14 @@ def test_a_state_forgotten_early_leaves_its_episode_number_as_the_floor():
     """Review of issue 45: a state reclaimed (or expired) and made again must number its episode messages
     above every one readers saw, or they would ignore the bed's next open and close."""
     store = StateStore(clock=lambda: 1000.0)
-    store.load(0, {}, {"bed-1": 500})
+    store.load(store.owned.open(0), {}, {"bed-1": 500})
     st = store.patient(0, "bed-1")
     st.episode.seq += 40  # messages 501..540 published
     st.seen_at_s = 100.0
     assert store.reclaim(1, now=1000.0, min_idle_s=60.0, busy=lambda p, pid: False) == [(0, "bed-1")]
     assert store.patient(0, "bed-1").episode.seq == 540
-    store.partitions[0]["bed-1"].episode.seq = 560
-    store.partitions[0]["bed-1"].seen_at_s = 0.0
+    store.states_of(0)["bed-1"].episode.seq = 560
+    store.states_of(0)["bed-1"].seen_at_s = 0.0
     assert store.expire_idle(0, now=1000.0, ttl_s=60.0, busy=lambda pid: False) == ["bed-1"]
     assert store.patient(0, "bed-1").episode.seq == 560
 

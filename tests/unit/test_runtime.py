@@ -60,7 +60,7 @@ def test_revocation_checkpoints_then_drops_the_partition_unless_the_worker_faile
     async def main(failed: bool):
         s = Settings()
         partitions = OwnedPartitions()
-        ledger, store, metrics = OffsetsLedger(partitions), StateStore(), Metrics()
+        ledger, store, metrics = OffsetsLedger(partitions), StateStore(owned=partitions), Metrics()
         stage = WindowStage(s.windows, store)
         closed = []
         for tp in (TP0, TP1):

@@ -8,7 +8,7 @@ from streamer.state.store import StateStore
 
 def _store(now):
     store = StateStore(clock=lambda: now[0])
-    store.load(0, {})
+    store.load(store.owned.open(0), {})
     return store
 
 
@@ -23,7 +23,7 @@ def test_only_unchanged_closed_idle_patients_expire():
     now[0] += 100
     store.changed(0, "changed")  # changed, not yet written: never forgotten before its write
     assert store.expire_idle(0, now[0], ttl_s=50, busy=lambda pid: pid == "streaming") == ["idle"]
-    assert set(store.partitions[0]) == {"open-episode", "pending", "streaming", "changed"}
+    assert set(store.states_of(0)) == {"open-episode", "pending", "streaming", "changed"}
     assert store.take_expired({0}) == {0: ["idle"]} and store.take_expired({0}) == {}
 
 
@@ -51,7 +51,7 @@ def test_states_of_older_versions_get_a_fresh_time_to_live_at_restore():
     topic, st = PatientState.from_bytes(orjson.dumps(doc))
     assert topic == "in" and st.seen_at_s is None
     store = StateStore(clock=lambda: 123.0)
-    store.load(0, {"bed": st})
+    store.load(store.owned.open(0), {"bed": st})
     assert st.seen_at_s == 123.0
     st.seen_at_s = 7.5
     assert PatientState.from_bytes(st.to_bytes("in"))[1].seen_at_s == 7.5

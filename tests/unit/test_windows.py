@@ -328,7 +328,7 @@ def test_segment_changes_that_look_stale_start_a_segment_once_consistent(case):
 
 
 def test_buffers_grow_with_the_samples_not_a_window_per_new_id():
-    stage = WindowStage(WindowSettings(max_rate_hz=10000))
+    stage = _stage(WindowSettings(max_rate_hz=10000))
     for i in range(1200):
         stage.accept(0, i, Chunk(f"id-{i}", "II", START, 10000.0, np.zeros(1), None, START), now=0.0)
     assert stage.nbytes <= 1200 * 256 * 9, stage.nbytes  # not 1200 x 100,000 samples x 9 bytes
@@ -384,7 +384,7 @@ def test_fill_gaps_limits():
 
 def test_an_outage_of_the_whole_partition_does_not_evict_patients():
     """A broker stall silences every patient at once: that is not patients leaving."""
-    stage = WindowStage(WindowSettings(idle_evict_s=60.0))
+    stage = _stage(WindowSettings(idle_evict_s=60.0))
     times, values = recording(500, 15)
     for i, c in enumerate(chunks_of("p1", times, values, 500, fs=500)):
         if i < 5:
@@ -394,7 +394,7 @@ def test_an_outage_of_the_whole_partition_does_not_evict_patients():
 
 
 def test_a_patient_silent_while_its_partition_flows_is_evicted():
-    stage = WindowStage(WindowSettings(idle_evict_s=60.0))
+    stage = _stage(WindowSettings(idle_evict_s=60.0))
     times, values = recording(500, 15)
     chunks = list(chunks_of("p1", times, values, 500, fs=500))
     other = list(chunks_of("p2", times, values, 500, fs=500))
@@ -407,7 +407,7 @@ def test_a_patient_silent_while_its_partition_flows_is_evicted():
 
 
 def test_a_bed_whose_records_are_all_rejected_goes_idle_and_frees_the_commit():
-    stage = WindowStage(WindowSettings(idle_evict_s=60.0))
+    stage = _stage(WindowSettings(idle_evict_s=60.0))
     times, values = recording(500, 200)
     p1 = list(chunks_of("p1", times, values, 500, fs=500, segment_start_ns=START))
     p2 = list(chunks_of("p2", times, values, 500, fs=500, segment_start_ns=START))
@@ -423,7 +423,7 @@ def test_a_bed_whose_records_are_all_rejected_goes_idle_and_frees_the_commit():
 
 
 def test_open_offsets_of_some_partitions_are_those_of_all_restricted_to_them():
-    stage = WindowStage(WindowSettings())
+    stage = _stage(WindowSettings())
     times, values = recording(500, 30)
     for partition in range(3):
         for i, c in enumerate(chunks_of(f"p{partition}", times, values, 700, fs=500, segment_start_ns=START)):
@@ -436,7 +436,7 @@ def test_open_offsets_of_some_partitions_are_those_of_all_restricted_to_them():
 
 
 def test_a_patient_alone_on_a_caught_up_partition_is_evicted():
-    stage = WindowStage(WindowSettings(idle_evict_s=60.0))
+    stage = _stage(WindowSettings(idle_evict_s=60.0))
     times, values = recording(500, 15)
     for i, c in enumerate(chunks_of("p1", times, values, 500, fs=500)):
         if i < 5:
@@ -449,7 +449,7 @@ def test_a_patient_alone_on_a_caught_up_partition_is_evicted():
 def test_right_after_an_outage_a_patient_whose_backlog_comes_later_is_kept():
     """Found by the 120 s broker-stall campaign: the first backlog record of a partition must not make
     the patients whose records follow a moment later look 120 s idle."""
-    stage = WindowStage(WindowSettings(idle_evict_s=60.0))
+    stage = _stage(WindowSettings(idle_evict_s=60.0))
     times, values = recording(500, 200)
     p1 = list(chunks_of("p1", times, values, 500, fs=500))
     p2 = list(chunks_of("p2", times, values, 500, fs=500))
@@ -465,7 +465,7 @@ def test_right_after_an_outage_a_patient_whose_backlog_comes_later_is_kept():
 def test_a_monitor_whose_clock_froze_goes_idle_and_frees_the_commit():
     """The same t0 again and again adds no samples: not activity. The bed is evicted like a silent one,
     its window reported (truncated) and the commit no longer held at its first record."""
-    stage = WindowStage(WindowSettings(idle_evict_s=60.0))
+    stage = _stage(WindowSettings(idle_evict_s=60.0))
     times, values = recording(500, 200)
     p1 = list(chunks_of("p1", times, values, 500, fs=500, segment_start_ns=START))
     p2 = list(chunks_of("p2", times, values, 500, fs=500, segment_start_ns=START))
@@ -483,7 +483,7 @@ def test_a_backlog_after_an_eviction_never_reopens_a_window_still_in_flight():
     """A bed evicted as silent (its partial window reported truncated, the flag not yet acknowledged) whose
     delayed chunks then arrive: the window is not reported a second time with other content; the bed
     goes on with the next window."""
-    stage = WindowStage(WindowSettings(idle_evict_s=60.0))
+    stage = _stage(WindowSettings(idle_evict_s=60.0))
     times, values = recording(500, 200)
     p1 = list(chunks_of("p1", times, values, 500, fs=500, segment_start_ns=START))
     p2 = list(chunks_of("p2", times, values, 500, fs=500, segment_start_ns=START))
@@ -535,7 +535,7 @@ def test_a_provisional_stream_that_closes_early_reports_nothing_and_leaves_no_st
     fs = 500
     times, values = recording(fs, 4)
     chunks = list(chunks_of("p1", times, values, 500, fs=fs))
-    stage = WindowStage(WindowSettings(idle_evict_s=5.0))
+    stage = _stage(WindowSettings(idle_evict_s=5.0))
     stray = dataclasses.replace(chunks[0], segment_start_ns=chunks[0].segment_start_ns - 3600 * 10**9,
                                 t0_ns=chunks[0].t0_ns - 3600 * 10**9)
     for i, c in enumerate([chunks[0], stray, chunks[1]]):
@@ -560,7 +560,7 @@ def test_a_known_patients_reopened_stream_that_closes_early_still_reports_its_wi
     fs = 500
     times, values = recording(fs, 4)
     chunks = list(chunks_of("p1", times, values, 500, fs=fs))
-    stage = WindowStage(WindowSettings(idle_evict_s=5.0))
+    stage = _stage(WindowSettings(idle_evict_s=5.0))
     stage.store.patient(0, "p1")  # known: restored from the changelog
     for i, c in enumerate(chunks[:2]):
         stage.accept(0, i, c, now=float(i), ref=f"r{i}")
@@ -576,7 +576,7 @@ def test_a_window_that_outlives_its_maximum_life_is_reported_and_frees_the_commi
     holds its window open for ever; after max_window_life_s of partition flow it is reported truncated and
     the commit moves on. A broker outage counts at most FLOW_GAP_CAP_S (10 s), not its wall time."""
     fs = 500
-    stage = WindowStage(WindowSettings(max_window_life_s=30.0, idle_evict_s=60.0, provisional_records=1))
+    stage = _stage(WindowSettings(max_window_life_s=30.0, idle_evict_s=60.0, provisional_records=1))
     values = generate(2, fs=fs, seed=1).values
     closed_at, now = None, 0.0
     for i in range(40):  # a record a second, each 10 new samples (20 ms of signal): the window needs 500 s
@@ -631,6 +631,14 @@ def test_provisional_records_agree_across_a_gateways_rate_noise():
     assert not stream.held and not any(r.dead_letters for r in results)
 
 
+def _stage(settings: WindowSettings) -> WindowStage:
+    """A stage alone, partitions 0, 1 and 2 assigned to it."""
+    stage = WindowStage(settings)
+    for partition in (0, 1, 2):
+        stage.owned.open(partition)
+    return stage
+
+
 def _brute_min_open_offsets(stage: WindowStage) -> dict:
     out: dict = {}
     for (partition, _), stream in stage.streams.items():
@@ -646,7 +654,7 @@ def _brute_min_open_offsets(stage: WindowStage) -> dict:
 def test_the_partition_index_follows_every_stream_opened_closed_or_dropped(ops):
     """min_open_offsets walks the streams by partition: through accepts (in order, late, repeated), idle
     evictions, the memory cap and revocations it must answer what a walk of every stream answers."""
-    stage = WindowStage(WindowSettings(idle_evict_s=5.0, max_buffer_bytes=60_000))  # two beds' windows pass it
+    stage = _stage(WindowSettings(idle_evict_s=5.0, max_buffer_bytes=60_000))  # two beds' windows pass it
     times, values = recording(500, 40)
     chunks = {pid: list(chunks_of(f"p{pid}", times, values, 250, fs=500, segment_start_ns=START)) for pid in range(4)}
     offset, now = 0, 0.0
@@ -659,10 +667,17 @@ def test_the_partition_index_follows_every_stream_opened_closed_or_dropped(ops):
             now += 6.0 * (i % 2)  # every other eviction after a silence: idle streams close
             stage.flowing([0, 1, 2], now)
             stage.evict(now)
-        else:
-            stage.drop_partition(partition)
-        assert {(p, k) for p, s in stage.partition_streams.items() for k in s} == set(stage.streams)
-        assert all(stage.partition_streams[p][k] is s for (p, k), s in stage.streams.items())
+        else:  # revoked, then assigned again: a new object, nothing of the old one
+            task = stage.owned.held(partition)
+            streams = sum(1 for p, _ in stage.streams if p == partition)
+            assert stage.release(task) == streams and task.windows is None
+            assert not any(p == partition for p, _ in stage.streams)
+            stage.owned.forget(partition)
+            stage.owned.open(partition)
+        by_partition = {(t.tp, k): s for t in stage.owned.every_held() if t.windows
+                        for k, s in t.windows.streams.items()}
+        assert set(by_partition) == set(stage.streams)
+        assert all(by_partition[key] is s for key, s in stage.streams.items())
         assert stage.min_open_offsets() == _brute_min_open_offsets(stage)
         assert stage.min_open_offsets({partition}) == {
             p: o for p, o in _brute_min_open_offsets(stage).items() if p == partition}
