@@ -256,7 +256,7 @@ def test_a_patient_unchanged_past_the_ttl_is_tombstoned_and_not_restored(broker,
 
             await until_true(kept_reported, 60, "a window of the bed still streaming")
             tp = next(iter(worker.core.partitions))
-            held = set(worker.core.store.partitions[tp])
+            held = set(worker.core.store.states_of(tp))
             expired = worker.core.metrics.states_expired._value.get()
             feed.cancel()
             return held, expired
