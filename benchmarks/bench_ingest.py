@@ -42,11 +42,17 @@ def partition_records(beds: int, seconds: float, chunk_s: float, encoding: str, 
     return [bed[i] for i in range(len(per_bed[0])) for bed in per_bed]
 
 
+def fresh_stage(settings: WindowSettings) -> WindowStage:
+    """A window stage alone, its one partition (0) assigned."""
+    stage = WindowStage(settings)
+    stage.owned.open(0)
+    return stage
+
+
 def ingest(records: list[tuple[bytes, bytes]]) -> tuple[float, int]:
     """Seconds to decode, validate and buffer every record in a fresh window stage; windows emitted."""
     settings = WindowSettings()
-    stage = WindowStage(settings)
-    stage.owned.open(0)  # the one partition, assigned
+    stage = fresh_stage(settings)
     now = time.time_ns()
     windows = 0
     t0 = time.perf_counter()
@@ -58,8 +64,7 @@ def ingest(records: list[tuple[bytes, bytes]]) -> tuple[float, int]:
 def ingest_bulk(records: list[tuple[bytes, bytes]], batch: int) -> tuple[float, int]:
     """As `ingest`, each fetch of `batch` records decoded by one decode_many call."""
     settings = WindowSettings()
-    stage = WindowStage(settings)
-    stage.owned.open(0)  # the one partition, assigned
+    stage = fresh_stage(settings)
     now = time.time_ns()
     windows = 0
     t0 = time.perf_counter()
@@ -79,9 +84,7 @@ def paired(records: list[tuple[bytes, bytes]], batch: int, rounds: int) -> dict[
     now = time.time_ns()
     one_us, many_us, ratios = [], [], []
     for n in range(rounds):
-        one, many = WindowStage(settings), WindowStage(settings)
-        one.owned.open(0)  # the one partition, assigned
-        many.owned.open(0)
+        one, many = fresh_stage(settings), fresh_stage(settings)
         for first in range(0, len(records), batch):
             fetch = records[first:first + batch]
             times = {}
