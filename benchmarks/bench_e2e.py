@@ -244,7 +244,8 @@ def describe_setup(args, beds: int) -> tuple[str, str]:
     setup = (f"{beds} beds real time, {args.seconds:.0f}s measured after {args.warmup:.0f}s, {args.encoding}, "
              f"batch<={args.max_batch}, {args.backend}"
              + (f", {args.cpu_threads} inference thread(s)" if args.cpu_threads else "")
-             + (f", device batch {args.device_batch}" if args.device_batch else ""))
+             + (f", device batch {args.device_batch}" if args.device_batch else "")
+             + (f", {args.event_loop} event loop" if args.event_loop else ""))
     return on, setup
 
 
@@ -347,6 +348,8 @@ def main() -> None:
     ap.add_argument("--device-batch", type=int, default=None, help="model.device_batch for the worker")
     ap.add_argument("--broker", choices=["apache", "embedded"], default="apache")
     ap.add_argument("--commit-interval", type=float, default=0.25, help="kafka.commit_interval_s (checkpoints)")
+    ap.add_argument("--event-loop", choices=["asyncio", "uvloop"], default=None,
+                    help="the worker's event_loop setting (default: the setting's default)")
     ap.add_argument("--profile", action="store_true", help="sample the worker with py-spy; a row per stage")
     ap.add_argument("--warmup", type=float, default=20.0, help="seconds streamed before the measured ones")
     ap.add_argument("--pin", action="store_true", help="broker, replayer and reader on CPU 0, the worker on CPU 1")
@@ -355,6 +358,8 @@ def main() -> None:
                          "as a ratio to the model alone on the worker's core (at the device batch the "
                          "model alone does best with, unless --device-batch)")
     args = ap.parse_args()
+    if args.event_loop:
+        os.environ["STREAMER_EVENT_LOOP"] = args.event_loop  # the worker's environment is this one's
     if args.capacity:
         return capacity(args, [int(b) for b in args.capacity.split(",")])
     raw = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_e2e_worker_{args.beds}.pyspy" if args.profile else None

@@ -84,6 +84,17 @@ def cmd_broker(args) -> int:
 
 
 # -- run ------------------------------------------------------------------------------------------
+def _loop_factory(event_loop: str):
+    """What makes the worker's event loop (None: asyncio's own). Raises ImportError naming the package."""
+    if event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            raise ImportError("event_loop is uvloop but the uvloop package is not installed") from None
+        return uvloop.new_event_loop
+    return None
+
+
 def cmd_run(args) -> int:
     """The worker. A stop signal before it consumes anything exits 0 at once (see streamer.lifecycle)."""
     s = _settings(args)
@@ -91,7 +102,13 @@ def cmd_run(args) -> int:
         s.kafka.create_topics = True
     if args.demo:
         s.model.allow_demo = True
-    _log().info("worker_starting", group=s.kafka.group_id, topics=s.kafka.input_topics)
+    try:
+        loop_factory = _loop_factory(s.event_loop)
+    except ImportError as exc:
+        _log().error("startup_failed", error=str(exc), exit_code=1)
+        _say("run", str(exc), logged=True)
+        return 1
+    _log().info("worker_starting", group=s.kafka.group_id, topics=s.kafka.input_topics, event_loop=s.event_loop)
     from streamer.model.errors import ModelError
     from streamer.runtime import StartupError, Worker
 
@@ -110,7 +127,8 @@ def cmd_run(args) -> int:
         return code
 
     try:
-        code = asyncio.run(main())
+        with asyncio.Runner(loop_factory=loop_factory) as runner:  # asyncio.run, with the chosen loop
+            code = runner.run(main())
     except (StartupError, ModelError) as exc:
         _log().error("startup_failed", error=str(exc), exit_code=1)
         _say("run", str(exc), logged=True)

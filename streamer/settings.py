@@ -329,6 +329,10 @@ class Settings(BaseSettings):
     patient_id_log_key_file: Path | None = Field(None, description="...or a file holding it (a mounted secret)")
     shutdown_deadline_s: float = Field(30.0, gt=0, description="on SIGTERM: time to publish what is in flight and "
                                                                "commit before exit 1")
+    event_loop: Literal["asyncio", "uvloop"] = Field(
+        "asyncio", description="the worker's event loop: asyncio's own, or uvloop's (libuv), for measuring: "
+        "uvloop is not installed with streamer (it did not win: benchmarks/RESULTS.md, 2026-12-06); without "
+        "it the worker refuses to start")
     metrics_host: str = Field("127.0.0.1", description="address of /metrics, /healthz, /readyz (the images: 0.0.0.0 "
                                                        "inside the container)")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="serve /metrics, /healthz, /readyz")
