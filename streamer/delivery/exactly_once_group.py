@@ -22,7 +22,7 @@ Invariants (those of exactly_once.py, for one transaction instead of one per par
   are then dropped, `on_fenced(partitions)` is told once (it closes them dirty and rejoins) and whoever owns
   them next redoes them from their last commit. Any other failure is fatal, as in exactly_once.py.
 - A partition that leaves with writes in the open transaction (no checkpoint came first) aborts it: the
-  other partitions' writes go with it, so they are lost too (`on_fenced`).
+  other partitions with writes in it lose them, so they are lost too (`on_fenced`).
 - Offsets are read back with OffsetFetch v7 require_stable (`read_committed`: it waits for a transaction
   holding the group's offsets) and the consumer is sought there: aiokafka's own fetch does not wait.
 - Fencing a worker of the other mode: `open` takes the partition's per-partition id `<prefix>-<topic>-
@@ -216,8 +216,10 @@ class ExactlyOnceGroupDelivery(Stamped):
             if owned.fenced or partition not in self._txn.dirty or self._txn.failed is not None:
                 self._txn.dirty.discard(partition)
                 return
+            others = self._txn.dirty - {partition}
             await self._abort("partition_closed_uncommitted")
-            self._lose_all(RuntimeError(f"{partition} left with uncommitted writes"), aborted=True)
+            # only the partitions with writes in it lost anything (eager rebalances revoke them all anyway)
+            self._lose_all(RuntimeError(f"{partition} left with uncommitted writes"), aborted=True, only=others)
 
     async def stop(self, timeout_s: float = 20.0) -> None:
         """Abort what the transaction holds and close the producer, within `timeout_s` (past it the producer
@@ -403,11 +405,12 @@ class ExactlyOnceGroupDelivery(Stamped):
             asyncio.ensure_future(_quietly_stopped(producer))
         self._lose_all(exc, aborted=False)
 
-    def _lose_all(self, exc: BaseException, aborted: bool) -> None:
-        """Every partition's outputs dropped with the transaction; `on_fenced` told once."""
-        lost = [tp for tp, owned in self._owned.items() if not owned.fenced]
-        for owned in self._owned.values():
-            owned.fenced = True
+    def _lose_all(self, exc: BaseException, aborted: bool, only: set | None = None) -> None:
+        """Every partition's outputs dropped with the transaction (`only`: just those partitions'); the
+        transaction is over; `on_fenced` told once."""
+        lost = sorted(tp for tp, owned in self._owned.items() if not owned.fenced and (only is None or tp in only))
+        for tp in lost:
+            self._owned[tp].fenced = True
         for _, f in self._txn.sent:  # dropped with the transaction: their errors are this one, handled here
             f.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._txn = _WorkerTxn()  # ended: aborted here, or by the fence of the id (no producer left)
