@@ -25,9 +25,10 @@ Invariants (those of exactly_once.py, for one transaction instead of one per par
   other partitions with writes in it lose them, so they are lost too (`on_fenced`).
 - Offsets are read back with OffsetFetch v7 require_stable (`read_committed`: it waits for a transaction
   holding the group's offsets) and the consumer is sought there: aiokafka's own fetch does not wait.
-- Fencing a worker of the other mode: `open` takes the partition's per-partition id `<prefix>-<topic>-
-  <partition>` once, aborting what a per_partition owner left open and refusing its further writes (its
-  offset commits carry no generation). The prefix check of exactly_once.py applies unchanged.
+- Fencing a worker of the other mode: `read_committed` first takes the partition's per-partition id
+  `<prefix>-<topic>-<partition>` once, aborting what a per_partition owner left open and refusing its
+  further writes (its offset commits carry no generation). The prefix check of exactly_once.py applies
+  unchanged.
 """
 
 from __future__ import annotations
@@ -170,6 +171,8 @@ class ExactlyOnceGroupDelivery(Stamped):
         partitions = list(partitions)
         if not partitions:
             return {}
+        for tp in partitions:  # first: a per_partition owner could still commit between the read and a fence
+            await self._fence_per_partition_ids(tp)
         wait_s = 2 * self.kafka.transaction_timeout_ms / 1000 + 10
         found = await committed_offsets_stable(consumer, partitions, timeout_s=wait_s)
         for tp, (offset, _) in found.items():
@@ -177,13 +180,19 @@ class ExactlyOnceGroupDelivery(Stamped):
                 consumer.seek(tp, offset)
         return found
 
+    async def _fence_per_partition_ids(self, partition) -> None:
+        """Take the partition's per-partition ids once (this prefix's and the previous one's): a per_partition
+        owner's open transaction is aborted and its later writes and offset commits (unfenced by generation)
+        refused."""
+        k = self.kafka
+        for prefix in sorted({k.transactional_id_prefix, k.previous_transactional_id_prefix} - {None}):
+            await self._fence(f"{prefix}-{partition.topic}-{partition.partition}")
+
     async def open(self, partition) -> None:
-        """Fence the partition's per-partition ids (a per_partition owner's, and the previous prefix's), keep
-        the generation it is assigned in, and make sure the worker's transaction is open."""
+        """Keep the generation the partition is assigned in and make sure the worker's transaction is open
+        (its per-partition ids were fenced by `read_committed`, just before)."""
         if partition in self._owned:
             return
-        for prefix in {self.kafka.transactional_id_prefix, self.kafka.previous_transactional_id_prefix} - {None}:
-            await self._fence(f"{prefix}-{partition.topic}-{partition.partition}")
         group = self._group_member()  # UnfencedGroupMetadata between generations: loud
         async with self._lock:
             if self._txn.failed is not None:
