@@ -11,7 +11,7 @@ import asyncio
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from streamer.delivery import CheckpointPlan, ExactlyOnceGroupDelivery
+from streamer.delivery import CheckpointPlan, ExactlyOnceGroupDelivery, TransactionFailed
 from streamer.kafka.clients import make_consumer, make_producer, read_records
 from streamer.kafka.kip447 import Kip447Producer, committed_offsets_stable, group_metadata
 from streamer.runtime import Worker
@@ -155,3 +155,42 @@ def test_a_worker_on_per_worker_flags_every_window_once_with_one_transactional_i
     assert expected <= set(scored_ids(flags)) and len(ids) == len(set(ids))
     metadata = f"{TXN_METADATA_PREFIX}{s.kafka.transactional_id_prefix}"
     assert all(offset is not None and meta == metadata for offset, meta in committed.values()), committed
+
+
+def test_a_refused_record_of_one_partition_aborts_the_worker_transaction_and_no_offset_moves(broker):
+    """One transaction = [a record of partition 0 the broker refuses, a record of partition 1 it accepts,
+    both partitions' offsets]: the checkpoint fails naming the refusing topic, nothing is visible to a
+    read_committed reader, neither offset moves, and the delivery refuses to go on (the worker stops)."""
+    from tests.kafka_utils import set_topic_config
+
+    s = isolated_settings(broker.bootstrap, partitions=2, kafka={"transactions": "per_worker", "worker_id": "refused"})
+    k = s.kafka
+    asyncio.run(set_topic_config(k, k.dead_letter_topic, **{"max.message.bytes": "200"}))
+
+    async def main():
+        consumer = await _joined(k, "only", partitions=2)
+        tps = sorted(consumer.assignment())
+        delivery = ExactlyOnceGroupDelivery(k, _producers(k), lambda: group_metadata(consumer))
+        try:
+            await delivery.start()
+            for tp in tps:
+                await delivery.open(tp)
+            async with delivery.gate(tps[0]):
+                await delivery.send(tps[0], k.dead_letter_topic, b"x" * 1000, key=b"bed-1")  # too large
+            async with delivery.gate(tps[1]):
+                await delivery.send(tps[1], k.flags_topic, b'{"accepted": true}', key=b"bed-2")
+            with pytest.raises(TransactionFailed, match=f"refused; first on {k.dead_letter_topic}"):
+                await delivery.checkpoint({tps[1]}, _plan({tp: 42 for tp in tps}), consumer, k.group_id)
+            with pytest.raises(TransactionFailed):
+                async with delivery.gate(tps[1]):
+                    pass
+            committed = await committed_offsets_stable(consumer, tps, timeout_s=20.0)
+        finally:
+            await delivery.stop()
+            await consumer.stop()
+        visible = await read_records(k, [k.flags_topic, k.dead_letter_topic], timeout_s=4, idle_polls=None)
+        return tps, committed, visible
+
+    tps, committed, visible = asyncio.run(asyncio.wait_for(main(), TEST_TIMEOUT_S))
+    assert visible == [], "a record of an aborted transaction became visible"
+    assert set(committed) == set(tps) and all(offset is None for offset, _ in committed.values()), committed
