@@ -171,8 +171,8 @@ class ExactlyOnceGroupDelivery(Stamped):
         partitions = list(partitions)
         if not partitions:
             return {}
-        for tp in partitions:  # first: a per_partition owner could still commit between the read and a fence
-            await self._fence_per_partition_ids(tp)
+        # first: a per_partition owner could still commit between the read and a fence
+        await asyncio.gather(*(self._fence_per_partition_ids(tp) for tp in partitions))
         wait_s = 2 * self.kafka.transaction_timeout_ms / 1000 + 10
         found = await committed_offsets_stable(consumer, partitions, timeout_s=wait_s)
         for tp, (offset, _) in found.items():
@@ -216,7 +216,7 @@ class ExactlyOnceGroupDelivery(Stamped):
 
     async def close(self, partition) -> None:
         """Drop the partition (after its last checkpoint). Writes of it still in the open transaction abort
-        the transaction, and every other partition with it (module docstring)."""
+        the transaction: the other partitions with writes in it are lost too, the rest go on in a new one."""
         self.awaiting.forget(partition)
         owned = self._owned.pop(partition, None)
         if owned is None:
@@ -229,6 +229,9 @@ class ExactlyOnceGroupDelivery(Stamped):
             await self._abort("partition_closed_uncommitted")
             # only the partitions with writes in it lost anything (eager rebalances revoke them all anyway)
             self._lose_all(RuntimeError(f"{partition} left with uncommitted writes"), aborted=True, only=others)
+            if self._producer is not None and any(not o.fenced for o in self._owned.values()):
+                await self._producer.begin_transaction()  # for the partitions that lost nothing
+                self._txn.open = True
 
     async def stop(self, timeout_s: float = 20.0) -> None:
         """Abort what the transaction holds and close the producer, within `timeout_s` (past it the producer
