@@ -194,3 +194,39 @@ def test_a_refused_record_of_one_partition_aborts_the_worker_transaction_and_no_
     tps, committed, visible = asyncio.run(asyncio.wait_for(main(), TEST_TIMEOUT_S))
     assert visible == [], "a record of an aborted transaction became visible"
     assert set(committed) == set(tps) and all(offset is None for offset, _ in committed.values()), committed
+
+
+def test_a_partition_that_leaves_uncommitted_aborts_only_what_the_transaction_held(broker):
+    """Partition 0 leaves with a record in the open transaction (no checkpoint came first): the transaction
+    is aborted, so that record is never seen; partition 1 had nothing in it, loses nothing and goes on in a
+    new transaction, whose commit is seen with its offset."""
+    s = isolated_settings(broker.bootstrap, partitions=2, kafka={"transactions": "per_worker", "worker_id": "leave"})
+    k = s.kafka
+
+    async def main():
+        consumer = await _joined(k, "only", partitions=2)
+        tps = sorted(consumer.assignment())
+        lost: list[list] = []
+        delivery = ExactlyOnceGroupDelivery(k, _producers(k), lambda: group_metadata(consumer), on_fenced=lost.append)
+        try:
+            await delivery.start()
+            for tp in tps:
+                await delivery.open(tp)
+            async with delivery.deliver(tps[0]) as block:
+                await block.send(k.flags_topic, b"left-uncommitted", key=b"bed-0", out_partition=0)
+            await delivery.close(tps[0])
+            async with delivery.deliver(tps[1]) as block:
+                await block.send(k.flags_topic, b"stays", key=b"bed-1", out_partition=1)
+            committed = await delivery.checkpoint({tps[1]}, _plan({tps[1]: 5}), consumer, k.group_id)
+            offsets = await committed_offsets_stable(consumer, tps, timeout_s=20.0)
+        finally:
+            await delivery.stop()
+            await consumer.stop()
+        seen = await read_records(k, [k.flags_topic], timeout_s=30,
+                                  until=lambda rs: any(r.value == b"stays" for r in rs))
+        return tps, lost, committed, offsets, [r.value for r in seen]
+
+    tps, lost, committed, offsets, values = asyncio.run(asyncio.wait_for(main(), TEST_TIMEOUT_S))
+    assert lost == [], "partition 1 had nothing in the aborted transaction"
+    assert committed == {tps[1]: 5} and offsets[tps[1]][0] == 5 and offsets[tps[0]][0] is None, offsets
+    assert b"stays" in values and b"left-uncommitted" not in values, values
