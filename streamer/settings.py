@@ -66,6 +66,17 @@ class KafkaSettings(_Group):
                                                          "transactional_id_prefix (every worker stopped first): "
                                                          "partitions last committed under this prefix are "
                                                          "taken, after fencing its ids")
+    transactions: Literal["per_partition", "per_worker"] = Field(
+        "per_partition", description="exactly_once: per_partition, one transactional producer per input "
+        "partition (id <prefix>-<topic>-<partition>; a new owner fences the old one by taking its id); "
+        "per_worker, one producer and one transaction per worker (id <prefix>-worker-<worker_id>) whose "
+        "offset commits the group coordinator fences by generation (KIP-447, Kafka 2.5+; docs/windows-and-"
+        "delivery.md). Switching either way: stop every worker first")
+    worker_id: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,100}$", description="transactions = "
+                                  "per_worker: this worker's part of its transactional id, stable across its "
+                                  "restarts and unique in the group (two live workers with one id fence each "
+                                  "other until one fails); default <host name>-<process id> (stable in a "
+                                  "container, whose process id is 1)")
     transaction_timeout_ms: int = Field(10000, ge=1000, description="the broker aborts a transaction left open "
                                         "this long (a worker that died with no successor); read_committed "
                                         "readers of its output partitions wait at most this plus the brokers' "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -27,6 +28,8 @@ def isolated_settings(bootstrap: str, kafka: dict | None = None, **overrides) ->
                   state_topic=f"state-{tag}", replication_factor=replication, min_insync_replicas=1,
                   input_partitions=overrides.pop("partitions", 4), create_topics=True,
                   commit_interval_s=0.3, session_timeout_ms=6000, heartbeat_interval_ms=1000)
+    if os.environ.get("STREAMER_KAFKA__TRANSACTIONS"):  # the exactly-once suite run on either mode
+        fields["transactions"] = os.environ["STREAMER_KAFKA__TRANSACTIONS"]
     kafka = KafkaSettings(**{**fields, **(kafka or {})})
     s = Settings(kafka=kafka, log_format="console", **overrides)
     asyncio.run(ensure_topics(s.kafka))  # tests call this outside any event loop

@@ -63,7 +63,9 @@ def campaign_settings(bootstrap: str, partitions: int = 4, checkpoint: str | Non
                       episodes_topic=f"episodes-{tag}", dead_letter_topic=f"dlq-{tag}", group_id=f"g-{tag}", state_topic=f"state-{tag}",
                       replication_factor=replication, min_insync_replicas=min_insync,
                       input_partitions=partitions, commit_interval_s=0.5, session_timeout_ms=6000,
-                      heartbeat_interval_ms=1000)
+                      heartbeat_interval_ms=1000,
+                      # the exactly-once campaigns run on either mode (tests/kafka_utils.py does the same)
+                      transactions=os.environ.get("STREAMER_KAFKA__TRANSACTIONS") or "per_partition")
     asyncio.run(ensure_topics(k))
     s = Settings(kafka=k)
     s.model.checkpoint = checkpoint

@@ -16,6 +16,9 @@ which is when `counted` runs (the state changes an output implies are made there
 - `ExactlyOnceDelivery` (exactly_once.py): an output counts once it joined its partition's open
   transaction, which the checkpoint commits with the partition's states and offsets; a fence drops the
   partition (its next owner redoes it), any other failure of a transaction stops the worker.
+- `ExactlyOnceGroupDelivery` (exactly_once_group.py, kafka.transactions = per_worker): the same, with one
+  transaction for every partition of the worker, its offsets fenced by the group generation (KIP-447); a
+  lost transaction loses every partition at once.
 
 Both modes stamp every output with the worker's clock capped by its input partition's event time
 (event_time.py: never further ahead of the brokers than a record they accepted), and route flags,
@@ -30,6 +33,7 @@ from streamer.delivery.at_least_once import AtLeastOnceDelivery
 from streamer.delivery.base import (AwaitingCommit, BackgroundSends, Block, CheckpointPlan, Counted, Delivery,
                                     TransactionFailed)
 from streamer.delivery.exactly_once import ExactlyOnceDelivery, probe_transactions
+from streamer.delivery.exactly_once_group import ExactlyOnceGroupDelivery
 
 __all__ = ["AtLeastOnceDelivery", "AwaitingCommit", "BackgroundSends", "Block", "CheckpointPlan", "Counted",
-           "Delivery", "ExactlyOnceDelivery", "TransactionFailed", "probe_transactions"]
+           "Delivery", "ExactlyOnceDelivery", "ExactlyOnceGroupDelivery", "TransactionFailed", "probe_transactions"]

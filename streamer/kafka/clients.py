@@ -171,9 +171,10 @@ def _passed_through(kind: str, cls: type, options: dict[str, Any], managed: dict
 
 
 def make_producer(k: KafkaSettings, transactional_id: str | None = None, idempotent: bool = False,
-                  **extra: Any) -> AIOKafkaProducer:
+                  producer_class: type[AIOKafkaProducer] = AIOKafkaProducer, **extra: Any) -> AIOKafkaProducer:
     """acks=all; idempotent when asked (the worker, where the brokers can: no duplicates from its own retries);
-    transactional for exactly-once checkpoints (delivery/)."""
+    transactional for exactly-once checkpoints (delivery/); `producer_class`: a subclass with the same
+    options (kafka/kip447.py's Kip447Producer)."""
     acks: Any = "all" if k.acks == "all" else int(k.acks)
     managed: dict[str, Any] = dict(
         bootstrap_servers=k.bootstrap_servers, client_id=f"{k.client_id}-producer", acks=acks, linger_ms=k.linger_ms,
@@ -184,7 +185,7 @@ def make_producer(k: KafkaSettings, transactional_id: str | None = None, idempot
     opts.update(_passed_through("producer", AIOKafkaProducer, k.producer_options, managed))
     opts.update(managed)
     opts.update(extra)  # a caller's own needs (a reader without a group, a test's timeout)
-    return AIOKafkaProducer(**opts, **security_kwargs(k))
+    return producer_class(**opts, **security_kwargs(k))
 
 
 async def start_ordered_producer(k: KafkaSettings, timeout_s: float = 30.0,

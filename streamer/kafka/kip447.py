@@ -19,7 +19,8 @@ silently unfenced older version. Error codes from 82 on reach aiokafka as Unknow
 compared here. Private aiokafka attributes used (pinned with aiokafka 0.14, proven by
 tests/integration/test_kip447.py): AIOKafkaProducer._sender/_txn_manager/_message_accumulator, Sender.
 _acks/_retry_backoff/_request_timeout_ms/_find_coordinator/_coordinator_dead/_do_txn_offset_commit,
-TransactionManager.add_offsets_to_txn/error_transaction/offset_committed/is_in_transaction, and
+TransactionManager.add_offsets_to_txn/error_transaction/offset_committed/is_in_transaction/_txn_partitions/
+_txn_consumer_group, and
 AIOKafkaConsumer._coordinator (.group_id, .generation, .member_id, ._group_instance_id, .coordinator_id,
 .ensure_coordinator_known, ._send_req, .coordinator_dead).
 """
@@ -357,6 +358,18 @@ class _FencedOffsets(dict):
     member: GroupMetadata
 
 
+def abortable(txn_manager, exc: BaseException) -> None:
+    """End the transaction in an abortable error, still knowing what it holds. aiokafka's error_transaction
+    forgets the partitions and the group already added to it: abort_transaction then takes it for empty and
+    ends it locally, sending no EndTxn(ABORT), and the broker's transaction, records and all, stays open
+    under the same producer id and epoch until the next commit_transaction of that producer commits it
+    (tests/integration/test_exactly_once_group.py proved it: a zombie's record became visible)."""
+    added, group = set(txn_manager._txn_partitions), txn_manager._txn_consumer_group
+    txn_manager.error_transaction(exc)
+    txn_manager._txn_partitions.update(added)
+    txn_manager._txn_consumer_group = group
+
+
 class FencedTxnOffsetCommitHandler(TxnOffsetCommitHandler):
     """aiokafka's TxnOffsetCommitHandler sending v3. The three group errors end the transaction as
     abortable (the caller aborts, rejoins, redoes): aiokafka raises them, which kills the sender task and
@@ -387,7 +400,7 @@ class FencedTxnOffsetCommitHandler(TxnOffsetCommitHandler):
             elif code in GROUP_FENCED_CODES:
                 log.warning("txn_offset_commit_fenced", group=self._group_id, partition=str(tp), code=code,
                             generation=self._member.generation_id, member=self._member.member_id)
-                txn_manager.error_transaction(GroupFenced(code, self._member))
+                abortable(txn_manager, GroupFenced(code, self._member))
                 # send_offsets_to_transaction raises it; the transaction's end future holds it too, and
                 # abort_transaction replaces that future unread: asyncio would log it as never retrieved
                 txn_manager.wait_for_transaction_end().exception()
@@ -402,7 +415,7 @@ class FencedTxnOffsetCommitHandler(TxnOffsetCommitHandler):
             elif code == TRANSACTIONAL_ID_AUTHORIZATION_FAILED:
                 raise TransactionalIdAuthorizationFailed(txn_manager.transactional_id)
             elif code == GROUP_AUTHORIZATION_FAILED:
-                txn_manager.error_transaction(GroupAuthorizationFailedError(self._group_id))
+                abortable(txn_manager, GroupAuthorizationFailedError(self._group_id))
                 return None
             else:
                 # as aiokafka: an error nobody planned for stops the producer, with its raw code
@@ -422,7 +435,7 @@ class Kip447Sender(Sender):
         try:
             node_id = await self._find_coordinator(CoordinationType.GROUP, group_id)
         except GroupAuthorizationFailedError as exc:
-            self._txn_manager.error_transaction(exc)
+            abortable(self._txn_manager, exc)
             return
         await FencedTxnOffsetCommitHandler(self, offsets, group_id).do(node_id)
 

@@ -22,7 +22,8 @@ from streamer.delivery import Delivery
 from streamer.delivery.event_time import ClockOffset, EventTime
 from streamer.ingest.deadletter import DeadLetters
 from streamer.ingest.partitioning import PartitionerWatch
-from streamer.kafka.clients import make_consumer, request_rejoin
+from streamer.kafka.clients import committed_offsets, make_consumer, request_rejoin
+from streamer.kafka.kip447 import group_metadata
 from streamer.kafka.partitioning import OutputRouting
 from streamer.logs import get_logger
 from streamer.metrics import HealthServer, InferenceWatch, IngestCounts, Metrics
@@ -115,12 +116,18 @@ class FenceWatch:
         self.fences: list[float] = []  # monotonic times of the recent fences
 
     def __call__(self, tp: TopicPartition) -> None:
-        self.partitions.close_dirty(tp)  # nothing of it counts from now on; the revocation releases it
+        self.together([tp])
+
+    def together(self, tps: list[TopicPartition]) -> None:
+        """One fence that cost these partitions at once (kafka.transactions = per_worker: the worker's one
+        transaction was lost): each closed dirty, counted once, one rejoin."""
+        for tp in tps:
+            self.partitions.close_dirty(tp)  # nothing of it counts from now on; the revocation releases it
         self.metrics.fenced.inc()
         now = self.clock()
         self.fences = [t for t in self.fences if now - t < self.window_s] + [now]
-        log.error("partition_fenced", topic=tp.topic, partition=tp.partition, fences=len(self.fences),
-                  action="rejoin the group")
+        log.error("partition_fenced", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in tps),
+                  fences=len(self.fences), action="rejoin the group")
         if len(self.fences) > self.tolerated:
             self.fail(RuntimeError(f"fenced {len(self.fences)} times in {self.window_s:.0f} s: another worker "
                                    "keeps taking these partitions' transactional ids"))
@@ -182,7 +189,9 @@ async def assemble(core: Core, scorer: ArtifactScorer, hooks: Hooks) -> Parts:
     fenced = FenceWatch(core.metrics, core.partitions, lambda: hooks.stopping() or request_rejoin(consumer),
                         hooks.fail)
     delivery, producer = await choose_delivery(k, core.event_time, routing, fenced,
-                                               on_committed=core.metrics.flag_steps.committed)
+                                               on_committed=core.metrics.flag_steps.committed,
+                                               group_member=lambda: group_metadata(consumer),
+                                               on_fenced_together=fenced.together)
     consumer = make_consumer(k)
     state_reader = make_consumer(k, group_id=None, client_id=f"{k.client_id}-state")
     checkpointer = Checkpointer(core.ledger, core.stage, core.store, consumer, delivery, k.state_topic, k.group_id)
@@ -195,7 +204,9 @@ async def assemble(core: Core, scorer: ArtifactScorer, hooks: Hooks) -> Parts:
         kafka=k, partitions=core.partitions, stage=core.stage, store=core.store, event_time=core.event_time,
         metrics=core.metrics, settled=core.settled, delivery=delivery, consumer=consumer, state_reader=state_reader,
         dead_letters=dead_letters, publisher=publisher, routing=routing,
-        checkpoint=hooks.checkpoint, failed=hooks.failed, clock=core.clock)
+        checkpoint=hooks.checkpoint, failed=hooks.failed, clock=core.clock,
+        # per_worker: a stable read, then a seek (delivery/exactly_once_group.py)
+        read_committed=getattr(delivery, "read_committed", committed_offsets))
     upkeep = Upkeep(s, core.partitions, core.stage, core.ledger, core.store, core.metrics, consumer, publisher,
                     dead_letters, submit=hooks.submit, paused=lambda: core.backpressure.paused, clock=core.clock)
     try:

@@ -57,6 +57,9 @@ class PartitionOwnership:
     check_state_topic: Callable[[KafkaSettings], Awaitable[tuple[str | None, int]]] = state_topic_problem
     drain_timeout_s: float | None = None
     joined: bool = False  # a group generation assigned this worker its partitions (none, for a standby)
+    # (consumer, partitions) -> {tp: (offset, metadata)}: where the new partitions resume (per_worker: read
+    # stable, waiting for a transaction that holds the group's offsets, and sought there)
+    read_committed: Callable[..., Awaitable[dict]] = committed_offsets
 
     def listener(self, fail: Callable[[BaseException], None]) -> ConsumerRebalanceListener:
         """The consumer's rebalance listener: revoke, then assign; a failure of either stops the worker
@@ -104,7 +107,7 @@ class PartitionOwnership:
                 problem = f"{self.kafka.state_topic} has no partition {max(tp.partition for tp in new)}"
             if problem is not None:
                 raise RuntimeError(problem)
-        committed = await committed_offsets(self.consumer, new)
+        committed = await self.read_committed(self.consumer, new)
         for tp in new:  # all checked before any is taken
             problem = self.delivery.takeover_refusal(tp, committed[tp][1])
             if problem is not None:

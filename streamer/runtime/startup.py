@@ -9,7 +9,8 @@ import asyncio
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from streamer.delivery import AtLeastOnceDelivery, Delivery, ExactlyOnceDelivery, probe_transactions
+from streamer.delivery import (AtLeastOnceDelivery, Delivery, ExactlyOnceDelivery, ExactlyOnceGroupDelivery,
+                               probe_transactions)
 from streamer.delivery.event_time import EventTime
 from streamer.kafka.clients import (TlsError, check_connection, ensure_topics, make_producer, missing_topics,
                                     partition_counts, topic_config)
@@ -53,12 +54,15 @@ async def output_routing(k: KafkaSettings) -> OutputRouting:
 
 
 async def choose_delivery(k: KafkaSettings, event_time: EventTime, routing: OutputRouting, on_fenced,
-                          on_committed=None) -> tuple[Delivery,
-                                                      AIOKafkaProducer | None]:
+                          on_committed=None, group_member=None,
+                          on_fenced_together=None) -> tuple[Delivery, AIOKafkaProducer | None]:
     """exactly_once where the brokers run transactions (a probe), else at_least_once; logged. Returns the
-    delivery and, at least once, its one producer (exactly once: one per partition, opened on assignment).
-    The mode is chosen here once: nothing else asks which it is (streamer/delivery's one interface).
-    `on_committed(joined_times, at)`: how long flags waited in open transactions for their commit."""
+    delivery and, at least once, its one producer (exactly once per_partition: one per partition, opened on
+    assignment; per_worker: the delivery's own, started here, refused with one line by brokers without
+    KIP-447). The mode is chosen here once: nothing else asks which it is (streamer/delivery's one
+    interface). `on_committed(joined_times, at)`: how long flags waited in open transactions for their
+    commit. per_worker: `group_member()` reads the consumer's group membership, `on_fenced_together(tps)`
+    is told when the worker's transaction is lost with every partition in it."""
     try:
         why_not = None
         if k.delivery != "at_least_once":
@@ -69,8 +73,11 @@ async def choose_delivery(k: KafkaSettings, event_time: EventTime, routing: Outp
                                    "transactions")
     except KafkaError as exc:
         raise StartupError(f"cannot set up delivery on {k.bootstrap_servers}: {exc!r}") from None
+    if k.delivery != "at_least_once" and why_not is None and k.transactions == "per_worker":
+        return await _per_worker(k, event_time, routing, group_member, on_fenced_together, on_committed), None
     if k.delivery != "at_least_once" and why_not is None:
-        log.info("delivery_mode", mode="exactly_once", transactional_id_prefix=k.transactional_id_prefix)
+        log.info("delivery_mode", mode="exactly_once", transactional_id_prefix=k.transactional_id_prefix,
+                 transactions="per_partition")
         return ExactlyOnceDelivery(k, lambda tid: make_producer(k, transactional_id=tid), event_time, routing,
                                     on_fenced=on_fenced, on_committed=on_committed), None
     # idempotence needs InitProducerId, which a broker without transactions may lack as well
@@ -80,6 +87,31 @@ async def choose_delivery(k: KafkaSettings, event_time: EventTime, routing: Outp
     log.info("delivery_mode", mode="at_least_once", reason=why_not, idempotent=idempotent)
     producer = make_producer(k, idempotent=idempotent)
     return AtLeastOnceDelivery(producer, event_time, routing), producer
+
+
+async def _per_worker(k: KafkaSettings, event_time: EventTime, routing: OutputRouting, group_member,
+                      on_fenced_together, on_committed) -> Delivery:
+    """kafka.transactions = per_worker: the worker's one transactional producer, started (its id taken)."""
+    from streamer.kafka.kip447 import Kip447Producer, Kip447Unsupported
+
+    if group_member is None:
+        raise StartupError("kafka.transactions = per_worker needs the consumer's group membership (a bug)")
+
+    def producer(tid: str, kip447: bool) -> AIOKafkaProducer:
+        return make_producer(k, transactional_id=tid, producer_class=Kip447Producer if kip447 else AIOKafkaProducer)
+
+    delivery = ExactlyOnceGroupDelivery(k, producer, group_member, event_time, routing,
+                                        on_fenced=on_fenced_together, on_committed=on_committed)
+    try:
+        await delivery.start()
+    except Kip447Unsupported as exc:
+        raise StartupError(f"kafka.transactions = per_worker: {exc} (use per_partition)") from None
+    except KafkaError as exc:
+        raise StartupError(f"cannot take the transactional id {delivery.worker_id!r} on {k.bootstrap_servers}: "
+                           f"{exc!r}") from None
+    log.info("delivery_mode", mode="exactly_once", transactional_id_prefix=k.transactional_id_prefix,
+             transactions="per_worker", transactional_id=delivery.worker_id)
+    return delivery
 
 
 async def state_topic_problem(k: KafkaSettings) -> tuple[str | None, int]:

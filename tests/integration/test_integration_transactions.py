@@ -43,6 +43,15 @@ async def _committed(k, tp: TopicPartition) -> int | None:
         await consumer.stop()
 
 
+def _an_open_transaction(delivery):
+    """(its producer, its state: has_writes, sent) of an open transaction of either exactly-once delivery
+    (kafka.transactions: per_partition, one per partition; per_worker, the worker's one)."""
+    if isinstance(delivery, ExactlyOnceDelivery):
+        txn = next(iter(delivery._txns.values()))
+        return txn.producer, txn
+    return delivery._producer, delivery._txn
+
+
 def test_a_refused_record_aborts_the_whole_transaction_and_the_offsets_stay(broker):
     """Item 1, deterministic: one transaction = [a record the broker refuses, a record it accepts, consumer
     offset 42]. aiokafka alone would commit the accepted record and offset 42; here nothing is visible to a
@@ -190,7 +199,7 @@ def test_a_stop_while_a_checkpoint_commits_is_clean(broker, scorer):
             await until_true(lambda: asyncio.sleep(0, bool(worker.core.partitions)), 60, "assignment")
             await replay(s.kafka, [_bed("bed-stop", seconds=11)], speed=None, chunk_s=0.5)
             await until_true(lambda: asyncio.sleep(0, bool(worker.core.ledger.committed)), 60, "a first commit")
-            producer = next(iter(worker.parts.delivery._txns.values())).producer
+            producer, _ = _an_open_transaction(worker.parts.delivery)
             real = producer.commit_transaction
             armed = [True]
 
@@ -230,7 +239,7 @@ def test_shutdown_during_a_broker_freeze_ends_within_its_deadline(broker, scorer
             await replay(s.kafka, [_bed("bed-freeze", seconds=11)], speed=None, chunk_s=0.5)
             await until_true(lambda: asyncio.sleep(0, bool(worker.core.ledger.committed)), 60, "a first commit")
             await replay(s.kafka, [_bed("bed-more", seconds=11, seed=2)], speed=None, chunk_s=0.5)
-            txn = next(iter(worker.parts.delivery._txns.values()))
+            _, txn = _an_open_transaction(worker.parts.delivery)
             await until_true(lambda: asyncio.sleep(0, txn.has_writes and bool(txn.sent)), 60,
                              "a flag in the transaction")
             broker.freeze()
