@@ -125,11 +125,17 @@ class OwnedPartitions:
         return task
 
     def forget(self, tp: Hashable) -> None:
-        """End `tp`'s assignment where no part registered anything to release (a ledger of its own)."""
-        task = self._by_tp.pop(tp, None) or self._fenced.pop(tp, None)
-        if task is not None:
-            task.mine = False
-            task._closers.clear()
+        """End `tp`'s assignment where no part keeps anything of it (a ledger of its own). Refused while a
+        part does (windows, states or a closer): those are released by `close`, never dropped unreleased
+        (the stage's patient indexes would keep streams of an ended assignment)."""
+        task = self._by_tp.get(tp) or self._fenced.get(tp)
+        if task is None:
+            return
+        if task.windows is not None or task.states is not None or task._closers:
+            raise RuntimeError(f"{task!r} holds the parts' pieces: close it, do not forget it")
+        self._by_tp.pop(tp, None)
+        self._fenced.pop(tp, None)
+        task.mine = False
 
     def held(self, tp: Hashable) -> OwnedPartition | None:
         """The object of `tp`, mine or fenced and not yet released (what a revocation closes)."""

@@ -47,7 +47,7 @@ class StateStore:
             if st.seen_at_s is None:  # an older state version: its time to live starts now
                 st.seen_at_s = now
             st.episode.seq = max(st.episode.seq, floors.get(st.patient_id, 0))
-        task.states = PartitionStates(states, dict(floors))
+        task.states = PartitionStates(states, floors)  # one dict for every partition the restore read
 
     def release(self, task: OwnedPartition) -> None:
         """The partition's close: its states go with it (its next owner restores them from the changelog)."""

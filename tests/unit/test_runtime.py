@@ -13,11 +13,14 @@ from streamer.delivery.event_time import EventTime
 from streamer.delivery import AtLeastOnceDelivery, ExactlyOnceDelivery
 from streamer.checkpointing.schedule import CheckpointSchedule
 from streamer.metrics import Metrics
-from streamer.partitions import OwnedPartitions
+from streamer.ingest.producer import chunks_of
+from streamer.offline.recordings import regular_times
+from streamer.partitions import OwnedPartition, OwnedPartitions
 from streamer.runtime.ownership import PartitionOwnership
 from streamer.runtime.startup import choose_delivery
 from streamer.runtime.upkeep import Backpressure, Upkeep
-from streamer.settings import KafkaSettings, Settings
+from streamer.settings import KafkaSettings, Settings, WindowSettings
+from streamer.synthetic import generate
 from streamer.state.store import StateStore
 from streamer.windows.stage import WindowStage
 
@@ -227,3 +230,77 @@ def test_checkpoints_for_flags_are_spaced_and_the_end_cuts_the_spacing_short():
         assert await asyncio.wait_for(periodic.next({"p0"}), 1.0) == {"p0"}
 
     asyncio.run(main())
+
+
+START = 1_795_000_000_000_000_000
+
+
+def _chunks(pid: str, seconds: int = 30, fs: int = 500) -> list:
+    rec = generate(seconds, fs=fs, seed=1)
+    return list(chunks_of(pid, regular_times(len(rec.values), fs, START), rec.values, 250, fs=fs,
+                          segment_start_ns=START))
+
+
+def test_a_fenced_then_revoked_partition_leaves_nothing_and_its_next_assignment_starts_clean():
+    """Review of the pieces moved onto OwnedPartition: a fence keeps them readable until the revocation,
+    whose closers (registered by the real PartitionOwnership) release the windows, the stage's patient
+    indexes, the states and the event time; the next assignment is a new object with none of them."""
+    owned = OwnedPartitions()
+    store = StateStore(clock=lambda: 1000.0, owned=owned)
+    stage = WindowStage(WindowSettings(idle_evict_s=5.0, provisional_records=1), store)
+
+    async def checkpoint(partitions):
+        pass
+
+    own = PartitionOwnership(kafka=Settings().kafka, partitions=owned, stage=stage, store=store,
+                             event_time=EventTime(owned=owned), metrics=Metrics(), settled=asyncio.Event(),
+                             delivery=AtLeastOnceDelivery(producer=None), consumer=None, state_reader=None,
+                             dead_letters=None, publisher=None, routing=None, checkpoint=checkpoint,
+                             failed=lambda: False, drain_timeout_s=0.0)
+
+    def assign(floors: dict) -> OwnedPartition:  # PartitionOwnership.assign's steps, without the clients
+        task = OwnedPartition(TP0, 0)
+        own.release_at_close(task)
+        own.event_time.restore(task, 1_795_000_000_000)
+        store.load(task, {}, floors)
+        return owned.admit(task)
+
+    old = assign({"p1": 7})
+    chunks = _chunks("p1")
+    for i, c in enumerate(chunks[:30]):
+        stage.accept(TP0, i, c, now=i * 0.5)
+    stage.accept(TP0, 100, _chunks("p2")[0], now=15.0)
+    stage.flowing([TP0], 40.0)
+    assert stage.evict(40.0) and old.windows.emitted.get("p1")  # p1 closed, its windows' markers kept
+    for i, c in enumerate(chunks[40:50]):  # p1 again: a new stream, after the markers
+        stage.accept(TP0, 200 + i, c, now=41.0)
+    assert (TP0, "p1") in stage.streams and stage.nbytes > 0
+    owned.close_dirty(TP0)  # fenced: still held, its pieces readable until the revocation
+    assert stage.windows_of(TP0) is old.windows and store.of(TP0) is old.states
+    assert EventTime(owned=owned).stamp(TP0) is not None
+    asyncio.run(own.revoke({TP0}))
+    assert old.windows is None and old.states is None and not old.mine
+    assert not stage.streams and stage.nbytes == 0 and not stage.unadopted
+    assert not stage.patient_clock and not stage.oldest_since and store.count() == 0
+    assert EventTime(owned=owned).stamp(TP0) is None
+    new = assign({})
+    assert new is not old and new.windows is None and store.lookup(TP0, "p1") is None
+    stage.accept(TP0, 0, chunks[0], now=50.0)
+    assert set(new.windows.streams) == {"p1"} and not new.windows.emitted
+    assert new.states.seq_floors == {}, "the old assignment's floors must not leak"
+
+
+def test_an_assignment_whose_parts_keep_pieces_is_closed_never_forgotten():
+    """Review: `forget` (a ledger's own start/drop) would drop the windows without the stage's release, and
+    the stage's patient indexes would keep streams of an ended assignment: it refuses."""
+    owned = OwnedPartitions()
+    ledger, stage = OffsetsLedger(owned), WindowStage(WindowSettings(provisional_records=1), StateStore(owned=owned))
+    ledger.start_partition(TP0, None)
+    stage.accept(TP0, 0, _chunks("p1")[0], now=0.0)
+    try:
+        ledger.start_partition(TP0, None)
+    except RuntimeError as exc:
+        assert "close it" in str(exc)
+    else:
+        raise AssertionError("an assignment holding windows was forgotten unreleased")
+    assert (TP0, "p1") in stage.streams and stage.windows_of(TP0).streams.keys() == {"p1"}
