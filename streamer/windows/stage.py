@@ -121,9 +121,9 @@ class WindowStage:
         task = self.owned.held(partition)
         return task.windows if task is not None else None
 
-    def _flowed(self, partition: Hashable) -> float:
-        windows = self.windows_of(partition)
-        return windows.flowed_s if windows is not None else 0.0
+    def _flow_times(self) -> dict[Hashable, float]:
+        """Each held partition's flow time: looked up once per pass over the streams, not once per stream."""
+        return {t.tp: t.windows.flowed_s for t in self.owned.every_held() if t.windows is not None}
 
     def _forget(self, key: tuple[Hashable, str]) -> PatientStream:
         del self.windows_of(key[0]).streams[key[1]]
@@ -162,21 +162,22 @@ class WindowStage:
         out: list[EmittedWindow] = []
         idle_s = self.settings.idle_evict_s
         idle = []
+        flow_times = self._flow_times()
         for key, stream in self.streams.items():
             if now - stream.last_activity < idle_s:
                 break  # LRU order (only accepted records move a patient back): the rest were active later
-            flowed = self._flowed(key[0])
+            flowed = flow_times.get(key[0], 0.0)
             if flowed - self.patient_clock.get(key, flowed) >= idle_s:
                 idle.append(key)
         self.forget_acknowledged()
-        for key in idle + self._outlived():
+        for key in idle + self._outlived(flow_times):
             if key in self.streams:
                 out.extend(self._close(key, now))
         while self.streams and self.nbytes > self.settings.max_buffer_bytes:
             out.extend(self._close(next(iter(self.streams)), now))
         return out
 
-    def _outlived(self) -> list[tuple[Hashable, str]]:
+    def _outlived(self, flow_times: dict[Hashable, float]) -> list[tuple[Hashable, str]]:
         """Patients whose oldest open window has stayed open max_window_life_s of partition flow time: a
         monitor clock crawling (records that each add a few samples) would otherwise pin the commit for ever."""
         life = self.settings.max_window_life_s
@@ -186,7 +187,7 @@ class WindowStage:
             if k is None:
                 self.oldest_since.pop(key, None)
                 continue
-            flowed = self._flowed(key[0])
+            flowed = flow_times.get(key[0], 0.0)
             since = self.oldest_since.get(key)
             if since is None or since[0] != k:
                 self.oldest_since[key] = (k, flowed)
@@ -245,19 +246,9 @@ class WindowStage:
         for task in self.owned.every_held():
             if task.windows is None or not task.windows.emitted:
                 continue
-            emitted = task.windows.emitted
-            for pid in [pid for pid, ws in emitted.items()
-                        if not any(self._unknown_to_state((task.tp, pid), w) for w in ws)]:
+            emitted, states = task.windows.emitted, task.states
+            for pid in [pid for pid, ws in emitted.items() if not any(_unknown_to_state(states, pid, w) for w in ws)]:
                 del emitted[pid]
-
-    def _unknown_to_state(self, key, marker: Marker) -> bool:
-        states = self.store.of(key[0])
-        st = states.by_patient.get(key[1]) if states is not None else None
-        if st is None:
-            return states is not None  # forgotten state: keep until the patient's next stream or the revoke
-        _, anchor, rate, k = marker
-        grid = st.grid(anchor, rate)
-        return grid is None or grid.next_k <= k
 
     def min_open_offsets(self, partitions: Collection[Hashable] | None = None) -> dict[Hashable, int]:
         """Per partition (of `partitions`, else of all), the smallest input offset that an open (unemitted)
@@ -300,3 +291,13 @@ class WindowStage:
         self.oldest_since.clear()
         self.nbytes = 0
         return out
+
+
+def _unknown_to_state(states, patient_id: str, marker: Marker) -> bool:
+    """Whether the partition's states (a PartitionStates, or None) do not yet record the marked window."""
+    st = states.by_patient.get(patient_id) if states is not None else None
+    if st is None:
+        return states is not None  # forgotten state: keep until the patient's next stream or the revoke
+    _, anchor, rate, k = marker
+    grid = st.grid(anchor, rate)
+    return grid is None or grid.next_k <= k
