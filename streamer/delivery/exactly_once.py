@@ -82,13 +82,17 @@ class RecordRefused(KafkaError):
 
 
 class TransactionBlock:
-    """Exactly once, what `deliver` yields (under the partition's lock): each record joins the open
+    """Exactly once, what `deliver` yields (under the transaction's lock): each record joins the open
     transaction as it is sent and counts at once (`counted` runs then); the block's end awaits their
-    deliveries. `durable_first` needs nothing: the transaction carries the states with the outputs."""
+    deliveries. `durable_first` needs nothing: the transaction carries the states with the outputs.
+    `holders`: the delivery's map of what holds each partition's outputs now (its transaction, per
+    partition; its share of the worker's transaction, per worker: exactly_once_group.py), each with a
+    `fenced` flag; `transactional_id`: what a refusal names."""
 
-    def __init__(self, delivery: "ExactlyOnceDelivery", partition, owned: bool):
+    def __init__(self, delivery, partition, owned: bool, holders: dict, transactional_id: str):
         self._delivery, self.partition, self.owned = delivery, partition, owned
-        self._txn = delivery._txns.get(partition)
+        self._holders, self._transactional_id = holders, transactional_id
+        self._txn = holders.get(partition)
         self.sent: list[tuple[str, asyncio.Future]] = []
 
     async def send(self, topic: str, value: bytes | None, key: bytes | None = None, headers=None,
@@ -105,9 +109,9 @@ class TransactionBlock:
         pass
 
     def stands(self) -> bool:
-        """Whether the block's outputs are still in the partition's transaction (not revoked, not fenced)."""
-        return self._txn is not None and self._delivery._txns.get(self.partition) is self._txn \
-            and not self._txn.fenced
+        """Whether the block's outputs are still in their transaction (the partition not revoked, not fenced,
+        not lost with the transaction)."""
+        return self._txn is not None and self._holders.get(self.partition) is self._txn and not self._txn.fenced
 
     async def confirmed(self) -> None:
         """Every record of the block delivered to its broker (a fence resolves them to None: dropped with the
@@ -115,8 +119,8 @@ class TransactionBlock:
         results = await asyncio.gather(*(fut for _, fut in self.sent), return_exceptions=True)
         for (topic, _), result in zip(self.sent, results):
             if isinstance(result, BaseException):
-                raise TransactionFailed(f"{self._delivery.transactional_id(self.partition)}: a record on {topic} "
-                                        f"was refused: {result!r}") from result
+                raise TransactionFailed(f"{self._transactional_id}: a record on {topic} was refused: "
+                                        f"{result!r}") from result
 
 
 class ExactlyOnceDelivery(Stamped):
@@ -141,7 +145,7 @@ class ExactlyOnceDelivery(Stamped):
         """Outputs of `partition` that count together (module docstring): the block runs under the
         partition's gate; its end awaits the records' deliveries."""
         async with self.gate(partition) as owned:
-            delivery = TransactionBlock(self, partition, owned)
+            delivery = TransactionBlock(self, partition, owned, self._txns, self.transactional_id(partition))
             yield delivery
         await delivery.confirmed()
 

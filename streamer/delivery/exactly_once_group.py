@@ -37,14 +37,14 @@ import asyncio
 import contextlib
 import os
 import socket
-import time
-from typing import AsyncIterator, Awaitable, Callable, Hashable
+from typing import AsyncIterator, Callable, Hashable
 
 from aiokafka.errors import IllegalOperation, KafkaError
 
-from streamer.delivery.base import CheckpointPlan, Counted, Stamped, TransactionFailed, AwaitingCommit, run_counted
+from streamer.delivery.base import CheckpointPlan, Stamped, TransactionFailed, AwaitingCommit
 from streamer.delivery.event_time import EventTime
-from streamer.delivery.exactly_once import FENCED, TXN_METADATA_PREFIX, RecordRefused, _resolved, refused_prefix
+from streamer.delivery.exactly_once import (FENCED, TXN_METADATA_PREFIX, RecordRefused, TransactionBlock, _resolved,
+                                           refused_prefix)
 from streamer.kafka.clients import transaction_end
 from streamer.kafka.kip447 import GroupFenced, GroupMetadata, committed_offsets_stable
 from streamer.kafka.partitioning import OutputRouting
@@ -79,40 +79,6 @@ class _WorkerTxn:
         self.dirty: set = set()  # the partitions with records in it
         self.failed: BaseException | None = None  # fatal: the worker stops
         self.sent: list[tuple[str, asyncio.Future]] = []  # (topic, delivery) of each record in it
-
-
-class WorkerTransactionBlock:
-    """What `deliver` yields (under the worker's transaction lock): as exactly_once.TransactionBlock."""
-
-    def __init__(self, delivery: "ExactlyOnceGroupDelivery", partition, owned: bool):
-        self._delivery, self.partition, self.owned = delivery, partition, owned
-        self._owned = delivery._owned.get(partition)
-        self.sent: list[tuple[str, asyncio.Future]] = []
-
-    async def send(self, topic: str, value: bytes | None, key: bytes | None = None, headers=None,
-                   out_partition: int | None = None, timestamp_ms: int | None = None,
-                   counted: Counted | None = None, urgent: bool = False) -> None:
-        self.sent.append((topic, await self._delivery.send(self.partition, topic, value, key=key, headers=headers,
-                                                          out_partition=out_partition, timestamp_ms=timestamp_ms)))
-        if urgent:
-            self._delivery.awaiting.add(self.partition, time.time())
-        await run_counted(counted)
-
-    def durable_first(self, write: Callable[[], Awaitable[None]]) -> None:
-        pass
-
-    def stands(self) -> bool:
-        """Whether the block's outputs are still in the worker's transaction (the partition not revoked, not
-        lost with the transaction)."""
-        return self._owned is not None and self._delivery._owned.get(self.partition) is self._owned \
-            and not self._owned.fenced
-
-    async def confirmed(self) -> None:
-        results = await asyncio.gather(*(fut for _, fut in self.sent), return_exceptions=True)
-        for (topic, _), result in zip(self.sent, results):
-            if isinstance(result, BaseException):
-                raise TransactionFailed(f"{self._delivery.worker_id}: a record on {topic} was refused: "
-                                        f"{result!r}") from result
 
 
 class ExactlyOnceGroupDelivery(Stamped):
@@ -154,9 +120,9 @@ class ExactlyOnceGroupDelivery(Stamped):
         log.info("worker_transactions_started", transactional_id=self.worker_id)
 
     @contextlib.asynccontextmanager
-    async def deliver(self, partition) -> AsyncIterator[WorkerTransactionBlock]:
+    async def deliver(self, partition) -> AsyncIterator[TransactionBlock]:
         async with self.gate(partition) as owned:
-            block = WorkerTransactionBlock(self, partition, owned)
+            block = TransactionBlock(self, partition, owned, self._owned, self.worker_id)
             yield block
         await block.confirmed()
 
