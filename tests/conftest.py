@@ -16,6 +16,20 @@ os.environ.setdefault("STREAMER_LOG_FORMAT", "console")
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="streamer-test-cache-")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--quick", action="store_true", default=False,
+                     help="the inner loop: a quarter of each hypothesis budget (tests/budget.py); never in CI")
+
+
+def pytest_configure(config):
+    from tests import budget
+
+    budget.quick = config.getoption("quick")  # before collection: test modules read it as they are imported
+    if budget.quick:  # and the tests that keep hypothesis' default budget (100) run a share of it too
+        hypothesis.settings.register_profile("quick", max_examples=budget.examples(100))
+        hypothesis.settings.load_profile("quick")
+
+
 def varied_windows(n_each: int = 4, seed: int = 0) -> dict[str, list[np.ndarray]]:
     """Source-rate windows of many kinds: clean ECG, each artifact, noise, flat line, other rates."""
     rng = np.random.default_rng(seed)

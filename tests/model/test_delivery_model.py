@@ -30,6 +30,7 @@ import orjson
 from aiokafka import TopicPartition
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from tests.budget import examples
 
 from streamer.checkpointing import Checkpointer, OffsetsLedger
 from streamer.delivery import AtLeastOnceDelivery, ExactlyOnceDelivery, TransactionFailed
@@ -581,7 +582,7 @@ def _never_needed(r: Record, wid: str, log: Log) -> bool:
 
 
 TestDeliveryModel = DeliveryModel.TestCase
-TestDeliveryModel.settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
+TestDeliveryModel.settings = settings(max_examples=examples(150), stateful_step_count=40, deadline=None,
                                       suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -769,7 +770,7 @@ class TransactionalDeliveryModel(DeliveryModel):
 
 
 TestTransactionalDeliveryModel = TransactionalDeliveryModel.TestCase
-TestTransactionalDeliveryModel.settings = settings(max_examples=100, stateful_step_count=40, deadline=None,
+TestTransactionalDeliveryModel.settings = settings(max_examples=examples(100), stateful_step_count=40, deadline=None,
                                                    suppress_health_check=[HealthCheck.too_slow,
                                                                           HealthCheck.data_too_large])
 

@@ -29,6 +29,7 @@ import orjson
 from aiokafka import TopicPartition
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from tests.budget import examples
 
 from streamer.checkpointing import Checkpointer, OffsetsLedger
 from streamer.delivery import AtLeastOnceDelivery
@@ -459,5 +460,5 @@ class SuppressionModel(RuleBasedStateMachine):
 
 
 TestSuppressionModel = SuppressionModel.TestCase
-TestSuppressionModel.settings = settings(max_examples=300, stateful_step_count=60, deadline=None,
+TestSuppressionModel.settings = settings(max_examples=examples(300), stateful_step_count=60, deadline=None,
                                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -14,6 +14,7 @@ import numpy as np
 import orjson
 from aiokafka.structs import ConsumerRecord
 from hypothesis import HealthCheck, given, settings, strategies as st
+from tests.budget import examples
 from streamer_client.frames import HEADER
 
 from streamer.ingest.contract import Chunk, InvalidMessage, decode, decode_many, encode_binary
@@ -149,7 +150,7 @@ RECORDS = st.lists(one_record(), min_size=1, max_size=30)
 
 
 # -- decode_many is decode, record by record ---------------------------------------------------------------
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.data_too_large])
 @given(records=RECORDS)
 def test_decode_many_gives_each_record_what_decode_gives_it(records):
@@ -228,7 +229,7 @@ def _run(pairs, cuts: list[int] | None, partitions: int, **windows):
             "counts": (counts.messages, counts.samples, counts.duplicate, counts.late, counts.implausible)}
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.data_too_large])
 @given(records=RECORDS, data=st.data())
 def test_a_batch_ends_every_record_as_one_by_one(records, data):

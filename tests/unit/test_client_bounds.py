@@ -12,6 +12,7 @@ import math
 import orjson
 import pytest
 from hypothesis import given, settings, strategies as st
+from tests.budget import examples
 
 from streamer.client import (DEFAULT_MAX_LEASE_S, MAX_LEASE_NS, MAX_SEQ, SEQ_LEAD_NS, MessageError, SuppressionView,
                              decode_episode, decode_flag)
@@ -145,7 +146,7 @@ def test_a_flag_missing_a_field_or_with_its_end_before_its_start_is_refused():
         decode_flag(b'{"schema": 1, "probability": NaN}')
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.dictionaries(st.sampled_from(sorted(_flag_doc(NOW, 0.5))), st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
@@ -176,7 +177,7 @@ def _forged_episode(draw, last_seq: int, now_ns: int) -> bytes:
                          "lease_ns": lease}).encode()
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(st.data())
 def test_no_sequence_of_records_suppresses_past_the_cap_after_the_last_open_applied(data):
     """Forged records (any seq, lease, validity, state) interleaved with a real worker's opens, renewals and

@@ -76,9 +76,10 @@ def _auroc_brute_force(y, s):
 
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
+from tests.budget import examples  # noqa: E402
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.5, 0.75, 1.0])
                           | st.floats(0, 1, allow_nan=False)), min_size=1, max_size=60))
 def test_roc_and_auroc_equal_their_definitions(pairs):
@@ -113,7 +114,7 @@ def test_a_cluster_bootstrap_resamples_patients_and_widens_the_interval():
     assert sizes == {1600}, "every resample holds 8 whole patients"
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.sampled_from([0.1, 0.3, 0.3, 0.6, 0.9]), st.integers(0, 3)),
                 min_size=2, max_size=40), st.lists(st.integers(0, 3), min_size=4, max_size=4))
 def test_the_weighted_bootstrap_sample_equals_the_metrics_of_the_resampled_windows(rows, picks):

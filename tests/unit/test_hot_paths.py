@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.budget import examples
 
 from benchmarks.bench_e2e import histogram_quantile
 from benchmarks.profile_stages import IDLE, fold, stage_of, table
@@ -24,7 +25,7 @@ class _Clock:
         return self.t
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.lists(st.tuples(st.floats(0, 30), st.integers(-5_000, 5_000)), min_size=1, max_size=60),
        st.floats(1, 60))
 def test_clock_offset_is_the_minimum_over_its_window(steps, window_s):
@@ -139,7 +140,7 @@ def _decoded(value: bytes, plain: bool):
         contract._plain_json = skip
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=examples(600), deadline=None)
 @given(st.fixed_dictionaries(
     {"patient_id": st.one_of(st.text("abcdeghij-0123456789", max_size=130), st.text(max_size=130), _SCALARS),
      "lead": st.one_of(st.sampled_from(["II", "", "123456789"]), _SCALARS),

@@ -11,6 +11,7 @@ import orjson
 import pytest
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from hypothesis import HealthCheck, given, settings, strategies as st
+from tests.budget import examples
 from streamer_client.frames import HEADER
 
 from streamer.checkpointing import OffsetsLedger
@@ -132,7 +133,7 @@ def hostile_values(draw) -> bytes:
     return bytes(frame)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(records=st.lists(st.tuples(st.sampled_from([None, b"p", b"bed-1", b"\xff\xfe", "p" * 200]), hostile_values()),
                         min_size=1, max_size=12))
 def test_any_record_is_accepted_dropped_or_a_dead_letter_never_a_crash(records):

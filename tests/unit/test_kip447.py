@@ -10,6 +10,7 @@ import pytest
 from aiokafka.structs import TopicPartition
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.budget import examples
 
 from streamer.kafka.kip447 import (GroupMetadata, Kip447Unsupported, MalformedResponse, OffsetFetchResponse_v7,
                                    StableOffsetFetch, TxnOffsetCommitResponse_v3, TxnOffsetCommitV3,
@@ -166,7 +167,7 @@ VALID = [_txn_response(0), _txn_response(22),
              [i32(0) + i64(7) + i32(3) + compact_string("m") + i16(0) + NO_TAGS]) + NO_TAGS]) + i16(0) + NO_TAGS]
 
 
-@settings(max_examples=400, deadline=2000)
+@settings(max_examples=examples(400), deadline=2000)
 @given(data=st.data())
 def test_hostile_or_truncated_responses_raise_one_clear_error(data):
     """Through the real decoders (the ones conn.py calls): a valid answer cut short, with bytes flipped, or

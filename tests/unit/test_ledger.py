@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.budget import examples
 
 from streamer.checkpointing import OffsetsLedger
 
@@ -70,7 +71,7 @@ def test_a_release_from_an_earlier_assignment_changes_nothing():
     assert ledger.commit_points({}) == {P: 1}
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["consume", "hold", "release", "commit"]), st.integers(0, 30)),
                 max_size=60))
 def test_never_commits_past_a_held_record(ops):
@@ -98,7 +99,7 @@ def test_never_commits_past_a_held_record(ops):
                 last_commit = point
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 40), st.booleans()), max_size=40),
        st.sets(st.integers(0, 3)))
 def test_commit_points_of_some_partitions_are_those_of_all_restricted_to_them(ops, asked):

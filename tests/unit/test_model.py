@@ -24,21 +24,29 @@ def test_released_layout_has_362_tensors_with_prefix():
     assert "efficientnet.classifier.0.weight" in keys and "efficientnet.classifier.3.bias" in keys
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "auto"])
-def test_batched_probabilities_equal_per_window_reference(checkpoint, windows_by_kind, backend):
-    """Batched, folded-stem, channels_last scorer vs the per-window path: torch.stft per window (as the
-    released offline path), numpy dB/8-bit, Pillow resize, plain 3-channel NCHW fp32 model, batch 1."""
-    scorer = ArtifactScorer(ModelSettings(checkpoint=checkpoint, backend=backend, device="cpu"))
-    raw = [w for ws in windows_by_kind.values() for w in ws]
-    batched = scorer.probabilities(np.stack([to_model_samples(w) for w in raw]))
+@pytest.fixture(scope="module")
+def per_window_reference(checkpoint, windows_by_kind) -> np.ndarray:
+    """The offline path, one window at a time: torch.stft per window (as the released offline path), numpy
+    dB/8-bit, Pillow resize, plain 3-channel NCHW fp32 model, batch 1. Computed once for every backend."""
     state, _ = load_state_dict(checkpoint)
     plain = build_network(state)
     per_window = []
     with torch.no_grad():
-        for w in raw:
-            img = torch.from_numpy(ref.image(ref.resample_5000(w), fft="torch"))[None]
-            per_window.append(torch.softmax(plain(img), 1)[0, 1].item())
-    dp = np.abs(batched - np.array(per_window))
+        for ws in windows_by_kind.values():
+            for w in ws:
+                img = torch.from_numpy(ref.image(ref.resample_5000(w), fft="torch"))[None]
+                per_window.append(torch.softmax(plain(img), 1)[0, 1].item())
+    return np.array(per_window)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "auto"])
+def test_batched_probabilities_equal_per_window_reference(checkpoint, windows_by_kind, per_window_reference,
+                                                          backend):
+    """The batched, folded-stem, channels_last scorer of each backend equals the per-window offline path."""
+    scorer = ArtifactScorer(ModelSettings(checkpoint=checkpoint, backend=backend, device="cpu"))
+    raw = [w for ws in windows_by_kind.values() for w in ws]
+    batched = scorer.probabilities(np.stack([to_model_samples(w) for w in raw]))
+    dp = np.abs(batched - per_window_reference)
     assert dp.max() <= 1e-5, f"max |dp| {dp.max():.2e}"
     assert np.ptp(batched) > 1e-3, "the calibrated test model must respond to its input"
 
@@ -129,18 +137,19 @@ def test_onnxruntime_backend_keeps_parity(checkpoint, windows_by_kind):
     assert np.abs(ort_p - torch_p).max() <= 1e-5
 
 
-def test_cpu_threads_limits_inference_threads(checkpoint, windows_by_kind):
-    """model.cpu_threads caps torch's CPU threads (for hosts shared with other busy processes)
-    and the scores do not depend on it."""
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])  # auto picks one of these two
+def test_cpu_threads_limits_inference_threads(checkpoint, windows_by_kind, backend):
+    """model.cpu_threads caps torch's CPU threads, and onnxruntime's that follow them (for hosts shared with
+    other busy processes), and the scores do not depend on it."""
     before = torch.get_num_threads()
     x = np.stack([to_model_samples(w) for ws in windows_by_kind.values() for w in ws[:1]])
     try:
-        one = ArtifactScorer(ModelSettings(checkpoint=checkpoint, device="cpu", cpu_threads=1))
+        one = ArtifactScorer(ModelSettings(checkpoint=checkpoint, backend=backend, device="cpu", cpu_threads=1))
         assert torch.get_num_threads() == 1
         p_one = one.probabilities(x)
     finally:
         torch.set_num_threads(before)
-    p_all = ArtifactScorer(ModelSettings(checkpoint=checkpoint, device="cpu")).probabilities(x)
+    p_all = ArtifactScorer(ModelSettings(checkpoint=checkpoint, backend=backend, device="cpu")).probabilities(x)
     assert np.abs(p_one - p_all).max() <= 1e-5
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
+from tests.budget import examples
 from PIL import Image
 
 from streamer.model.preprocess import (
@@ -85,7 +86,7 @@ def synthetic_images(draw) -> np.ndarray:
     return np.round(a + (b - a) * ramp).astype(np.uint8)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(synthetic_images(), min_size=1, max_size=4))
 def test_synthetic_images_are_pillow_exact(images):
     assert_exact(np.stack(images))
@@ -104,7 +105,7 @@ def ecg_windows(draw) -> np.ndarray:
     return to_model_samples(x * 10.0 ** draw(st.floats(-3, 3))).astype(np.float32)
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(80), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(ecg_windows(), min_size=1, max_size=3))
 def test_real_like_spectrograms_are_pillow_exact(windows):
     spectrograms = PRE.spectrogram_u8(torch.from_numpy(np.stack(windows))).numpy()

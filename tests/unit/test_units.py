@@ -11,6 +11,7 @@ import pytest
 from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.budget import examples
 
 from streamer.batching import MicroBatcher
 from streamer.ingest.contract import Chunk, decode, encode_binary, encode_json
@@ -61,7 +62,7 @@ def test_batcher_close_flushes_the_rest_then_ends():
 finite_mv = st.floats(min_value=-50, max_value=50, allow_nan=False, width=32)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(pid=st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=0x2FFF, categories=["L", "N", "P"]),
                    min_size=1, max_size=40),
        fs=st.sampled_from([125.0, 250.0, 360.0, 500.0, 1000.0]),

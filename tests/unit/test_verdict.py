@@ -14,6 +14,7 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.budget import examples
 
 from streamer.model.decision import Verdict, _positional_constructor, decide, is_artifact
 from streamer.publish.episodes import EpisodeTracker
@@ -88,7 +89,7 @@ def test_a_verdict_encodes_to_the_flag_the_old_encoder_made(status, reason, p):
     assert v.window_id == f"bed-7:{w.start_ns}"
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(p=st.one_of(st.none(), st.floats(0, 1), st.just(float("nan"))), thr=st.floats(0, 1),
        completed=st.floats(-5.0, 30.0), fs=st.sampled_from([500.0, 250.0, 1001 / 2]),
        status=st.sampled_from([SCORABLE, INSUFFICIENT]))

@@ -10,6 +10,7 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.budget import examples
 
 from streamer.ingest.contract import Chunk, encode_json
 from streamer.model.decision import decide
@@ -178,7 +179,7 @@ _flag_fields = st.fixed_dictionaries({}, optional={k: _json for k in (
     "artifact", "threshold", "model", "fs", "missing_samples", "interpolated_samples", "produced_at_ns", "latency_ms")})
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(kind=st.sampled_from(["flag", "episode", "input"]),
        value=st.one_of(st.binary(max_size=300), _json.map(orjson.dumps), st.integers().map(lambda i: str(i).encode()),
                        _flag_fields.map(lambda over: _flag("bed-1", T0, 0.5, **over))))

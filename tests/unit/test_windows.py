@@ -9,6 +9,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from tests.budget import examples
 
 from streamer.ingest.contract import Chunk
 from streamer.ingest.producer import chunks_of
@@ -84,7 +85,7 @@ def chunkings(draw):
     return fs, n, pieces, order
 
 
-@hsettings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@hsettings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(chunkings())
 def test_any_chunking_duplication_and_local_reordering_gives_identical_windows(case):
     fs, n, pieces, order = case
@@ -345,7 +346,7 @@ def test_grid_arithmetic_matches_fractions():
         assert g.end_index(k) > i and (k == 0 or g.end_index(k - 1) <= i)
 
 
-@hsettings(max_examples=300, deadline=None)
+@hsettings(max_examples=examples(300), deadline=None)
 @given(st.sampled_from([128.5, 250.0, 256.0, 360.0, 500.0, 500.001, 1000.0, 999.9]),
        st.integers(-10**12, 10**12), st.integers(0, 10**7), st.integers(0, 500),
        st.sampled_from([10 * 10**9, 5 * 10**9, 2_500_000_000, 7 * 10**9 + 1]))
@@ -648,7 +649,7 @@ def _brute_min_open_offsets(stage: WindowStage) -> dict:
     return out
 
 
-@hsettings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@hsettings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.sampled_from(["accept", "accept", "accept", "evict", "drop"]),
                           st.integers(0, 2), st.integers(0, 3), st.integers(0, 30)), max_size=60))
 def test_the_partition_index_follows_every_stream_opened_closed_or_dropped(ops):
