@@ -245,7 +245,8 @@ def describe_setup(args, beds: int) -> tuple[str, str]:
              f"batch<={args.max_batch}, {args.backend}"
              + (f", {args.cpu_threads} inference thread(s)" if args.cpu_threads else "")
              + (f", device batch {args.device_batch}" if args.device_batch else "")
-             + (f", {args.event_loop} event loop" if args.event_loop else ""))
+             + (f", {args.event_loop} event loop" if args.event_loop else "")
+             + (f", transactions {args.transactions}" if args.transactions else ""))
     return on, setup
 
 
@@ -350,6 +351,8 @@ def main() -> None:
     ap.add_argument("--commit-interval", type=float, default=0.25, help="kafka.commit_interval_s (checkpoints)")
     ap.add_argument("--event-loop", choices=["asyncio", "uvloop"], default=None,
                     help="the worker's event_loop setting (default: the setting's default)")
+    ap.add_argument("--transactions", choices=["per_partition", "per_worker"], default=None,
+                    help="the worker's kafka.transactions (default: the setting's default)")
     ap.add_argument("--profile", action="store_true", help="sample the worker with py-spy; a row per stage")
     ap.add_argument("--warmup", type=float, default=20.0, help="seconds streamed before the measured ones")
     ap.add_argument("--pin", action="store_true", help="broker, replayer and reader on CPU 0, the worker on CPU 1")
@@ -360,6 +363,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.event_loop:
         os.environ["STREAMER_EVENT_LOOP"] = args.event_loop  # the worker's environment is this one's
+    if args.transactions:
+        os.environ["STREAMER_KAFKA__TRANSACTIONS"] = args.transactions
     if args.capacity:
         return capacity(args, [int(b) for b in args.capacity.split(",")])
     raw = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_e2e_worker_{args.beds}.pyspy" if args.profile else None
