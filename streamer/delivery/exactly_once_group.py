@@ -37,7 +37,7 @@ import asyncio
 import contextlib
 import os
 import socket
-from typing import AsyncIterator, Callable, Hashable
+from typing import AsyncIterator, Awaitable, Callable, Hashable
 
 from aiokafka.errors import IllegalOperation, KafkaError
 
@@ -88,8 +88,12 @@ class ExactlyOnceGroupDelivery(Stamped):
     def __init__(self, k: KafkaSettings, make_producer, group_member: Callable[[], GroupMetadata],
                  event_time: EventTime | None = None, routing: OutputRouting | None = None,
                  on_fenced: Callable[[list], None] | None = None,
-                 on_committed: Callable[[list[float], float], None] | None = None):
+                 on_committed: Callable[[list[float], float], None] | None = None,
+                 read_stable: Callable[..., Awaitable[dict]] = committed_offsets_stable):
         self.kafka = k
+        # (consumer, partitions, timeout_s) -> {tp: (offset, metadata)}: OffsetFetch v7 require_stable on a
+        # broker; the delivery model's in-memory group coordinator in tests/model
+        self._read_stable = read_stable
         # (transactional_id, kip447) -> producer: a Kip447Producer when kip447, else a plain one (fencing ids)
         self._make_producer = make_producer
         self._group_member = group_member  # the consumer's membership now: read only in `open`
@@ -140,7 +144,7 @@ class ExactlyOnceGroupDelivery(Stamped):
         # first: a per_partition owner could still commit between the read and a fence
         await asyncio.gather(*(self._fence_per_partition_ids(tp) for tp in partitions))
         wait_s = 2 * self.kafka.transaction_timeout_ms / 1000 + 10
-        found = await committed_offsets_stable(consumer, partitions, timeout_s=wait_s)
+        found = await self._read_stable(consumer, partitions, timeout_s=wait_s)
         for tp, (offset, _) in found.items():
             if offset is not None:
                 consumer.seek(tp, offset)
