@@ -12,7 +12,10 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncContextManager, Awaitable, Callable, Hashable, Iterable, Protocol
 
+from aiokafka.structs import TopicPartition
+
 from streamer.delivery.event_time import EventTime
+from streamer.kafka.clients import ask_for_partitions
 from streamer.kafka.partitioning import OutputRouting
 
 class TransactionFailed(RuntimeError):
@@ -95,6 +98,7 @@ class CheckpointPlan:
 
 class Stamped:
     """Event-time stamps and output routing, shared by both modes."""
+    kafka: object  # KafkaSettings
     event_time: EventTime
     routing: OutputRouting | None
 
@@ -105,6 +109,19 @@ class Stamped:
             timestamp_ms = self.event_time.stamp(partition)
         return out_partition, timestamp_ms
 
+    def _state_partition(self, partition) -> TopicPartition | None:
+        """Where `partition`'s state records go: the state topic's partition of the same number
+        (checkpointing/checkpoint.py), whatever their keys."""
+        state_topic = getattr(self.kafka, "state_topic", None)
+        number = getattr(partition, "partition", None)
+        return TopicPartition(state_topic, number) if state_topic and isinstance(number, int) else None
+
+    def _with_its_state_partition(self, producer, partition, topic: str) -> None:
+        """Before a partition's first output of a transaction: its state partition is asked for with it, in
+        one AddPartitionsToTxn (a flag changes its patient's state, whose record joins at the checkpoint)."""
+        state = self._state_partition(partition)
+        if state is not None and topic != state.topic:
+            ask_for_partitions(producer, [state])
 
 
 class Block(Protocol):

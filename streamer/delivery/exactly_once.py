@@ -250,6 +250,7 @@ class ExactlyOnceDelivery(Stamped):
         if txn.fenced:
             return _resolved()
         out_partition, timestamp_ms = self._placed(partition, topic, key, out_partition, timestamp_ms)
+        first = not txn.has_writes
         try:
             fut = await txn.producer.send(topic, value, key=key, headers=headers, partition=out_partition,
                                           timestamp_ms=timestamp_ms)
@@ -258,6 +259,8 @@ class ExactlyOnceDelivery(Stamped):
             if txn.fenced:
                 return _resolved()
             raise failure from exc
+        if first:  # after the send, before anything yields: both are pending when aiokafka's sender asks
+            self._with_its_state_partition(txn.producer, partition, topic)
         txn.sent.append((topic, fut))
         txn.has_writes = True
         return self._for_caller(partition, txn, fut)

@@ -518,3 +518,110 @@ def test_a_fenced_transaction_costs_the_partition_not_the_worker(broker, scorer)
     assert len(ids) == len(set(ids)), "a window published twice"
     assert fenced == 1, fenced
     assert code == 0 and fatal is None, fatal
+
+
+def _counting_requests(make, counts: dict):
+    """A producer factory whose producers count the requests their client sends, by API key (24
+    AddPartitionsToTxn, 0 Produce, 25 AddOffsetsToTxn, 28 TxnOffsetCommit, 26 EndTxn)."""
+    def counted(*args, **kwargs):
+        producer = make(*args, **kwargs)
+        send = producer.client.send
+
+        async def counting(node_id, request, *more, **named):
+            counts[request.API_KEY] = counts.get(request.API_KEY, 0) + 1
+            return await send(node_id, request, *more, **named)
+
+        producer.client.send = counting
+        return producer
+    return counted
+
+
+def test_aiokafka_asks_for_a_transactions_partitions_as_their_records_come_unless_named_first(broker):
+    """The premise of `ask_for_partitions` (kafka/clients.py), on aiokafka 0.14 and Apache Kafka: a record
+    sent after the first one's partition joined costs an AddPartitionsToTxn of its own; its partition named
+    right after the first send joins in the first one's request. A named partition with no record commits."""
+    s = isolated_settings(broker.bootstrap, partitions=1)
+    k = s.kafka
+    from streamer.kafka.clients import ask_for_partitions
+
+    async def one_transaction(tid: str, name_first: bool, write_state: bool = True) -> dict:
+        counts: dict = {}
+        producer = _counting_requests(lambda: make_producer(k, transactional_id=tid), counts)()
+        await producer.start()
+        try:
+            await producer.begin_transaction()
+            flag = await producer.send(k.flags_topic, b"flag", key=b"bed-1", partition=0)
+            if name_first:  # as the delivery does: right after the first send, before anything yields
+                ask_for_partitions(producer, [TopicPartition(k.state_topic, 0)])
+            await flag
+            if write_state:
+                await (await producer.send(k.state_topic, b"state", key=b"bed-1", partition=0))
+            await producer.commit_transaction()
+        finally:
+            await producer.stop()
+        return counts
+
+    async def main():
+        return (await one_transaction(f"{k.transactional_id_prefix}-a", False),
+                await one_transaction(f"{k.transactional_id_prefix}-b", True),
+                await one_transaction(f"{k.transactional_id_prefix}-c", True, write_state=False))
+
+    late, named, unused = asyncio.run(main())
+    assert late.get(24) == 2 and named.get(24) == 1 and unused.get(24) == 1, (late, named, unused)
+    assert late.get(26) == named.get(26) == unused.get(26) == 1  # each committed (EndTxn answered)
+    visible = asyncio.run(read_records(k, [k.flags_topic, k.state_topic], timeout_s=10, idle_polls=2))
+    assert sorted(r.value for r in visible) == [b"flag", b"flag", b"flag", b"state", b"state"]
+
+
+def test_a_flag_and_its_state_join_their_transaction_in_one_add_partitions_request(broker):
+    """Issue 48 item 4, through the delivery (either mode: STREAMER_KAFKA__TRANSACTIONS): a partition's
+    first flag of a transaction asks for its state partition too, so the checkpoint that writes the state
+    record sends no AddPartitionsToTxn of its own; flag, state and offset commit together."""
+    s = isolated_settings(broker.bootstrap, partitions=1)
+    k = s.kafka
+    tp = TopicPartition(k.input_topics[0], 0)
+    counts: dict = {}
+    plan = CheckpointPlan({tp: 5}, lambda _: [(k.state_topic, b"bed-1", b"state", 0)])
+
+    async def main():
+        if k.transactions == "per_worker":
+            from aiokafka import AIOKafkaProducer
+
+            from streamer.delivery import ExactlyOnceGroupDelivery
+            from streamer.kafka.kip447 import Kip447Producer, group_metadata
+
+            consumer = make_consumer(k, client_id="only")
+            await consumer.start()
+            consumer.subscribe(k.input_topics)
+
+            async def assigned() -> bool:
+                await consumer.getmany(timeout_ms=200)  # joins the group
+                return bool(consumer.assignment())
+
+            await until_true(assigned, 60, "the partition assigned")
+            delivery = ExactlyOnceGroupDelivery(k, _counting_requests(
+                lambda tid, kip447: make_producer(k, transactional_id=tid, producer_class=Kip447Producer
+                                                  if kip447 else AIOKafkaProducer), counts),
+                lambda: group_metadata(consumer))
+            await delivery.start()
+        else:
+            consumer = None
+            delivery = ExactlyOnceDelivery(k, _counting_requests(lambda tid: make_producer(k, transactional_id=tid),
+                                                                 counts))
+        await delivery.open(tp)
+        try:
+            async with delivery.deliver(tp) as block:
+                await block.send(k.flags_topic, b'{"flag": 1}', key=b"bed-1", urgent=True)
+            before_checkpoint = counts.get(24, 0)
+            committed = await delivery.checkpoint({tp}, lambda _: plan, consumer, k.group_id)
+        finally:
+            await delivery.stop()
+            if consumer is not None:
+                await consumer.stop()
+        return before_checkpoint, committed, await _committed(k, tp)
+
+    before_checkpoint, committed, offset = asyncio.run(main())
+    assert before_checkpoint == 1 and counts.get(24) == 1, counts
+    assert committed == {tp: 5} and offset == 5
+    visible = asyncio.run(read_records(k, [k.flags_topic, k.state_topic], timeout_s=10, idle_polls=2))
+    assert sorted(r.value for r in visible) == [b"state", b'{"flag": 1}']
