@@ -16,6 +16,7 @@ from typing import Callable
 
 import orjson
 from aiokafka.errors import KafkaConnectionError, ProducerFenced, RecordTooLargeError
+from aiokafka.errors import IllegalOperation
 
 
 class Killed(Exception):
@@ -168,3 +169,147 @@ class MemoryReader:
 
     async def position(self, tp) -> int:
         return self._positions[tp]
+
+
+class MemoryGroupConsumer(MemoryConsumer):
+    """The group consumer as kafka.transactions = per_worker reads it: its membership where aiokafka keeps it
+    (`_coordinator.group_id/generation/member_id/_group_instance_id`, what kip447.group_metadata reads) and
+    `seek`, where read_committed puts it after the stable read (`sought`: the latest seek per partition)."""
+
+    def __init__(self, committed: dict, number: Callable[[object], int], group_id: str, member_id: str):
+        super().__init__(committed, number)
+        self._coordinator.group_id = group_id
+        self._coordinator.member_id = member_id
+        self._coordinator.generation = -1  # not in the group until it joins
+        self._coordinator._group_instance_id = None
+        self.sought: dict = {}
+
+    def joined(self, generation: int) -> None:
+        """The group coordinator assigned this member `generation` (a JoinGroup/SyncGroup round)."""
+        self._coordinator.generation = generation
+
+    def seek(self, tp, offset: int) -> None:
+        self.sought[tp] = offset
+
+
+class MemoryGroupTxnProducer:
+    """A Kip447Producer (or, `kip447` False, a plain transactional one: only started and stopped, to fence
+    its id) as ExactlyOnceGroupDelivery drives it, over a log with one transaction per worker:
+    - start() is InitProducerId: `log.take_id(id)` gives the id's next epoch, which aborts what the previous
+      holder left open and fences it: every later call of that holder fails with ProducerFenced (a send's
+      future, or the call itself), as the brokers answer a stale epoch;
+    - records of every partition and the offsets join the one open transaction; nothing is visible before
+      commit_transaction, which hands it to `log.commit_worker(id, epoch, txn)`;
+    - send_offsets_to_transaction(offsets, GroupMetadata) asks `log.refuses(member)` (the group coordinator's
+      generation check, TxnOffsetCommit v3): a stale generation raises GroupFenced and leaves the transaction
+      in the abortable state (commit raises it again; only abort_transaction ends it);
+    - `refuse`: the next record's delivery fails as a broker refusal (RecordTooLarge), and the transaction
+      cannot commit over it;
+    - `in_flight`: each call yields to the loop once before it acts (an EndTxn on the wire), so a stop can
+      come in between; an abort while the commit is on its way is refused (IllegalOperation), as aiokafka does.
+    `topics` tells which part of the transaction a topic fills; `partition_of(topic, key, value, partition)`
+    names the input partition a record belongs to (what the log checks each commit against)."""
+
+    def __init__(self, log, transactional_id: str, kip447: bool, topics: dict[str, str],
+                 partition_of: Callable[[str, bytes | None, bytes | None, int | None], int]):
+        self.log, self.transactional_id, self.kip447 = log, transactional_id, kip447
+        self.topics, self.partition_of = topics, partition_of
+        self.epoch: int | None = None
+        self.txn: dict | None = None
+        self.committing = False
+        self.refuse = False
+        self.refused = 0  # records refused so far
+        self.aborted = 0  # transactions aborted so far
+        self.generation_refused = 0  # offsets the group coordinator refused so far (GroupFenced)
+        self.in_flight = False
+        self.stopped = False
+
+    def fenced(self) -> bool:
+        return self.epoch is not None and self.log.ids[self.transactional_id] != self.epoch
+
+    def has_writes(self) -> bool:
+        """Whether the open transaction holds records (only such a transaction is ongoing at the coordinator,
+        so only it can time out)."""
+        return self.txn is not None and bool(self.txn["records"])
+
+    def partitions_with_writes(self) -> set[int]:
+        return set() if self.txn is None else {p for p, _, _ in self.txn["records"]}
+
+    async def _step(self) -> None:
+        if self.in_flight:
+            await asyncio.sleep(0)
+
+    def _check(self) -> None:
+        if self.fenced():
+            raise ProducerFenced()
+        if self.txn is None:
+            raise IllegalOperation("No transaction in progress")
+
+    async def start(self) -> None:
+        self.epoch = self.log.take_id(self.transactional_id)
+
+    async def stop(self) -> None:
+        self.stopped = True  # an open transaction stays open: the next InitProducerId or the timeout ends it
+
+    async def begin_transaction(self) -> None:
+        if self.fenced():
+            raise ProducerFenced()
+        if self.txn is not None:
+            raise IllegalOperation("a transaction is already in progress")
+        self.txn = {"records": [], "offsets": {}, "refused": False, "group_fenced": None}
+
+    async def send(self, topic, value, key=None, headers=None, partition=None, timestamp_ms=None):
+        if self.txn is None:
+            raise IllegalOperation("Can't send messages while not in transaction")
+        fut = asyncio.get_running_loop().create_future()
+        if self.fenced():  # the brokers answer the record's batch with the stale epoch
+            fut.set_exception(ProducerFenced())
+        elif self.refuse:
+            self.refuse, self.refused = False, self.refused + 1
+            self.txn["refused"] = True
+            fut.set_exception(RecordTooLargeError(f"{topic}: injected refusal"))
+        else:
+            self.txn["records"].append((self.partition_of(topic, key, value, partition), self.topics[topic],
+                                        (key, value)))
+            fut.set_result(None)
+        return fut
+
+    async def send_offsets_to_transaction(self, offsets: dict, group_metadata) -> None:
+        from streamer.kafka.kip447 import GroupFenced, GroupMetadata
+
+        if not isinstance(group_metadata, GroupMetadata):
+            raise TypeError("send_offsets_to_transaction needs GroupMetadata")
+        await self._step()
+        self._check()
+        code = self.log.refuses(group_metadata)
+        if code is not None:
+            self.generation_refused += 1
+            self.txn["group_fenced"] = GroupFenced(code, group_metadata)
+            raise self.txn["group_fenced"]
+        for tp, meta in offsets.items():
+            self.txn["offsets"][tp.partition] = (meta.offset, meta.metadata)
+
+    async def commit_transaction(self) -> None:
+        self._check()
+        txn = self.txn
+        if txn["group_fenced"] is not None:
+            raise txn["group_fenced"]  # abortable: only an abort ends it
+        if txn["refused"]:
+            raise RecordTooLargeError("a record of the transaction was refused")
+        self.committing = True
+        try:
+            await self._step()
+            if self.fenced():
+                raise ProducerFenced()
+            self.log.commit_worker(self.transactional_id, self.epoch, txn)
+            self.txn = None
+        finally:
+            self.committing = False
+
+    async def abort_transaction(self) -> None:
+        await self._step()
+        if self.committing:
+            raise IllegalOperation("the transaction is committing")
+        self._check()
+        self.txn = None
+        self.aborted += 1
