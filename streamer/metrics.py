@@ -70,6 +70,9 @@ class Metrics:
         self.windows = Counter("streamer_windows_total", "windows published", ["status"], registry=r)
         self.episodes = Counter("streamer_episodes_total", "episode messages published (open, closed, renewed)",
                                 ["state"], registry=r)
+        self.scores_not_finite = Counter("streamer_scores_not_finite_total", "scorable windows the model gave a "
+                                         "NaN or infinite probability (each reported unscored, reason "
+                                         "score_not_finite: never clean)", registry=r)
         self.states_lost = Counter("streamer_states_lost_total", "patient states that could not be read back "
                                    "(each closed conservatively, reason state_lost)", registry=r)
         self.batch_size = Histogram("streamer_batch_size_windows", "windows per inference batch", registry=r,

@@ -36,3 +36,5 @@ class NoScoreReason(StrEnum):
     TRUNCATED = "truncated"
     TOO_SHORT = "too_short"
     IMPLAUSIBLE_AMPLITUDE = "implausible_amplitude"
+    # the model gave no finite probability (an fp16 overflow, a broken checkpoint): unscored, never "clean"
+    SCORE_NOT_FINITE = "score_not_finite"

@@ -11,6 +11,7 @@ message. None of them decides again."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
@@ -37,9 +38,10 @@ class Verdict:
 
     Invariants, kept by `decide` (and checked where a verdict is read back from a state record):
     `probability` and `artifact` are None unless `status` is SCORED; a scored verdict's `artifact` is
-    `is_artifact(probability, threshold)` as decided (a NaN probability is scored and not artifact; its
-    message writes it as null, and a verdict read back from the state keeps that null). `reason` says why
-    an unscored window has no score. `produced_at_ns` is when it was decided and `latency_ms` how long after
+    `is_artifact(probability, threshold)` as decided, and its probability is finite: a scorable window the
+    model gave a NaN or an infinity is not scored (reason score_not_finite), so it is never reported clean,
+    and its flag keeps the schema (a scored flag carries a number). `reason` says why an unscored window
+    has no score. `produced_at_ns` is when it was decided and `latency_ms` how long after
     the window's last sample arrived."""
     patient_id: str
     start_ns: int
@@ -75,6 +77,7 @@ def _positional_constructor(kind):
 
 _verdict = _positional_constructor(Verdict)
 _SCORED, _SCORABLE = FlagStatus.SCORED, WindowStatus.SCORABLE  # enum member lookups are slow in 3.11
+_UNSCORED, _NOT_FINITE = FlagStatus.INSUFFICIENT, NoScoreReason.SCORE_NOT_FINITE
 
 
 def decide(w: EmittedWindow, probability: float | None, threshold: float, model_id: str,
@@ -82,6 +85,10 @@ def decide(w: EmittedWindow, probability: float | None, threshold: float, model_
     """The verdict on window `w`: scored when the window was scorable and the model gave a probability."""
     produced = produced_at_ns or time.time_ns()
     scored = w.status == _SCORABLE and probability is not None
+    if scored and not math.isfinite(probability):
+        return _verdict(w.patient_id, w.start_ns, w.end_ns, _UNSCORED, _NOT_FINITE, None, None, threshold,
+                        model_id, w.fs, w.missing, w.interpolated, produced,
+                        round(max(produced / 1e9 - w.completed_at, 0.0) * 1000, 3))
     return _verdict(
         w.patient_id, w.start_ns, w.end_ns,
         _SCORED if scored else FlagStatus(w.status),

@@ -31,8 +31,14 @@ class WindowScorer:
         probs: list[float | None] = [None] * len(batch)
         if idx:
             x = np.stack([to_model_samples(batch[i].samples) for i in idx])
-            for i, p in zip(idx, self._score(x)):
+            scores = self._score(x)
+            for i, p in zip(idx, scores):
                 probs[i] = float(p)
+            if not_finite := int(np.count_nonzero(~np.isfinite(scores))):  # decide() reports them unscored
+                self.metrics.scores_not_finite.inc(not_finite)
+                log.error("scores_not_finite", windows=not_finite, batch=len(idx),
+                          device=str(self.scorer.info.device), action="reported unscored (reason "
+                          "score_not_finite), never as clean")
             self.metrics.batch_size.observe(len(idx))
             self.metrics.inference_s.observe(time.perf_counter() - t0)
         return probs

@@ -77,7 +77,9 @@ def score_recording(rec: Recording, scorer: ArtifactScorer, window_s: float = 10
     if bar is not None:
         bar.close()
     starts = np.array([w.start_ns for w in windows], dtype=np.int64)
-    reasons = [r for _, r, _ in prepared]
+    # as the stream decides (model/decision.py): a score that is not finite leaves its window unscored
+    reasons = [r if r is not None or np.isfinite(p) else NoScoreReason.SCORE_NOT_FINITE.value
+               for (_, r, _), p in zip(prepared, probs)]
     return pd.DataFrame({
         "window_start_ns": starts,
         "window_end_ns": np.array([w.end_ns for w in windows], dtype=np.int64),

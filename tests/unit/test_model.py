@@ -164,3 +164,42 @@ def test_the_flag_decision_is_one_function_online_and_offline():
     assert is_artifact(RELEASED_THRESHOLD, RELEASED_THRESHOLD) and not is_artifact(0.2080211, RELEASED_THRESHOLD)
     p = np.array([0.0, RELEASED_THRESHOLD, 0.9])
     assert is_artifact(p, RELEASED_THRESHOLD).tolist() == [False, True, True]
+
+
+def test_a_checkpoint_with_a_nan_or_an_infinity_is_refused_at_load(checkpoint, tmp_path):
+    """Every probability would be NaN: the worker refuses such a file at start, naming the tensor."""
+    state, _ = load_state_dict(checkpoint)
+    for bad in (float("nan"), float("inf")):
+        broken = dict(state)
+        key = "efficientnet.features.3.0.block.1.1.running_var"
+        broken[key] = broken[key].clone()
+        broken[key][5] = bad
+        path = tmp_path / "broken.pth"
+        torch.save(broken, path)
+        with pytest.raises(CheckpointError, match=f"NaN or infinite values in 1 tensor.*{key}"):
+            ArtifactScorer(ModelSettings(checkpoint=str(path), backend="torch", device="cpu"))
+
+
+def test_scores_that_are_not_finite_are_counted_and_their_windows_reported_unscored(checkpoint, windows_by_kind):
+    """A model that gives NaN at run time (an fp16 overflow on a GPU; here the loaded network's weights
+    broken in memory, past the load's check): the scorer counts them and logs once a batch, and the
+    verdicts are unscored with reason score_not_finite, never clean."""
+    from streamer.metrics import Metrics
+    from streamer.model.decision import decide
+    from streamer.model.scoring import WindowScorer
+    from streamer.spec import FlagStatus, NoScoreReason
+    from streamer.windows.buffer import SCORABLE, EmittedWindow
+
+    scorer = ArtifactScorer(ModelSettings(checkpoint=checkpoint, backend="torch", device="cpu"))
+    with torch.no_grad():
+        next(scorer.runner.net.parameters()).fill_(float("nan"))
+    metrics = Metrics()
+    window_scorer = WindowScorer(scorer, cpu_fallback=False, metrics=metrics)
+    wins = [EmittedWindow("bed-1", 0, 10**18 + i * 10**10, 10**18 + (i + 1) * 10**10, 500.0, SCORABLE, None, w, 0, 0,
+                          None, 0.0) for i, w in enumerate(windows_by_kind["ecg_500hz"][:3])]
+    probs = window_scorer(wins)
+    assert len(probs) == 3 and all(p != p for p in probs)
+    assert metrics.scores_not_finite._value.get() == 3
+    verdicts = [decide(w, p, scorer.threshold, scorer.info.model_id) for w, p in zip(wins, probs)]
+    assert {(v.status, v.reason, v.artifact) for v in verdicts} == {
+        (FlagStatus.INSUFFICIENT, NoScoreReason.SCORE_NOT_FINITE, None)}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import numpy as np
 import orjson
@@ -67,9 +67,8 @@ CASES = [
     (SCORABLE, None, math.nextafter(THR, 1.0)),
     (SCORABLE, None, np.float32(THR)),  # the model's own dtype
     (SCORABLE, None, 0.0), (SCORABLE, None, 1.0),
-    (SCORABLE, None, float("nan")),  # scored, no artifact, written as null
     (SCORABLE, None, None),
-    *[(INSUFFICIENT, r, None) for r in NoScoreReason],
+    *[(INSUFFICIENT, r, None) for r in NoScoreReason if r is not NoScoreReason.SCORE_NOT_FINITE],
     (INSUFFICIENT, NoScoreReason.TRUNCATED, 0.9),  # a probability for an unscorable window is ignored
 ]
 
@@ -98,9 +97,32 @@ def test_verdicts_encode_as_the_old_flags_for_any_probability_and_threshold(p, t
     if status == SCORABLE and p is None:
         return  # covered above: both raise
     v = decide(w, p, thr, "m1", P)
+    if status == SCORABLE and p != p:  # the old encoder published it scored and clean, with a null score
+        assert v.status == FlagStatus.INSUFFICIENT and v.reason == NoScoreReason.SCORE_NOT_FINITE
+        return
     assert flag_bytes(v) == orjson.dumps(_old_flag_message(w, p, thr, "m1", P))
     if v.status == FlagStatus.SCORED:
         assert v.artifact == bool(is_artifact(p, thr))  # the one decision, and the vectorised form agree
+
+
+@pytest.mark.parametrize("p", [float("nan"), float("inf"), -float("inf"), np.float32("nan")])
+def test_a_score_that_is_not_finite_leaves_its_window_unscored_never_clean(p):
+    """The model gave a NaN or an infinity (an fp16 overflow, a broken checkpoint): the window is reported
+    unscored with its reason, never scored clean (it was before: status scored, artifact false, probability
+    null, which its own schema and client refused). Alarm systems treat it as any unscored window."""
+    from jsonschema import Draft202012Validator
+
+    from streamer.client import decode_flag
+    from tests.kafka_utils import schema_validator
+
+    v = decide(_win(4), p, THR, "m@sha256:0123456789abcdef", P)
+    assert (v.status, v.reason, v.probability, v.artifact) == (FlagStatus.INSUFFICIENT,
+                                                                NoScoreReason.SCORE_NOT_FINITE, None, None)
+    doc = flag_doc(v)
+    validator: Draft202012Validator = schema_validator("artifact-flag.v1.schema.json")
+    assert not list(validator.iter_errors(doc))
+    flag = decode_flag(flag_bytes(v))
+    assert not flag.scored and flag.reason == "score_not_finite" and flag.artifact is None
 
 
 def test_the_fast_constructor_builds_what_the_dataclass_builds():
@@ -154,7 +176,8 @@ def _episode_run():
     upd(4, 0.7, NOW + 30)
     upd(5, 0.5, NOW + 31)
     st_.flags_ahead = [FlagAhead(0, decide(_win(6), 0.5, 0.5, "m1", P)),
-                       FlagAhead(0, decide(_win(7), float("nan"), 0.5, "m1", P)),
+                       # a NaN scored the old way (decide now leaves it unscored): old records still load
+                       FlagAhead(0, replace(decide(_win(7), 0.4, 0.5, "m1", P), probability=float("nan"))),
                        FlagAhead(0, decide(_win(8, INSUFFICIENT, NoScoreReason.TRUNCATED), None, 0.5, "m1", P))]
     state = st_.to_bytes("in")
     out.append(t.tend("bed-7", st_.episode, NOW + 100))
