@@ -246,6 +246,7 @@ class ExactlyOnceGroupDelivery(Stamped):
             return _resolved()
         txn = self._txn
         out_partition, timestamp_ms = self._placed(partition, topic, key, out_partition, timestamp_ms)
+        first = partition not in txn.dirty
         try:
             fut = await self._producer.send(topic, value, key=key, headers=headers, partition=out_partition,
                                             timestamp_ms=timestamp_ms)
@@ -254,6 +255,8 @@ class ExactlyOnceGroupDelivery(Stamped):
             if owned.fenced:
                 return _resolved()
             raise failure from exc
+        if first:  # after the send, before anything yields: both are pending when aiokafka's sender asks
+            self._with_its_state_partition(self._producer, partition, topic)
         txn.sent.append((topic, fut))
         txn.has_writes = True
         txn.dirty.add(partition)

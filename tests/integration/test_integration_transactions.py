@@ -569,7 +569,8 @@ def test_aiokafka_asks_for_a_transactions_partitions_as_their_records_come_unles
     late, named, unused = asyncio.run(main())
     assert late.get(24) == 2 and named.get(24) == 1 and unused.get(24) == 1, (late, named, unused)
     assert late.get(26) == named.get(26) == unused.get(26) == 1  # each committed (EndTxn answered)
-    visible = asyncio.run(read_records(k, [k.flags_topic, k.state_topic], timeout_s=10, idle_polls=2))
+    visible = asyncio.run(read_records(k, [k.flags_topic, k.state_topic], until=lambda got: len(got) >= 5,
+                                       timeout_s=20, idle_polls=None))
     assert sorted(r.value for r in visible) == [b"flag", b"flag", b"flag", b"state", b"state"]
 
 
@@ -618,10 +619,13 @@ def test_a_flag_and_its_state_join_their_transaction_in_one_add_partitions_reque
             await delivery.stop()
             if consumer is not None:
                 await consumer.stop()
-        return before_checkpoint, committed, await _committed(k, tp)
+        # the coordinator applies a transaction's offsets as it writes the commit markers, after EndTxn
+        # returned: a plain OffsetFetch may still see the old offset for a moment
+        return before_checkpoint, committed, await until_true(lambda: _committed(k, tp), 20, "the offset")
 
     before_checkpoint, committed, offset = asyncio.run(main())
     assert before_checkpoint == 1 and counts.get(24) == 1, counts
     assert committed == {tp: 5} and offset == 5
-    visible = asyncio.run(read_records(k, [k.flags_topic, k.state_topic], timeout_s=10, idle_polls=2))
+    visible = asyncio.run(read_records(k, [k.flags_topic, k.state_topic], until=lambda got: len(got) >= 2,
+                                       timeout_s=20, idle_polls=None))
     assert sorted(r.value for r in visible) == [b"state", b'{"flag": 1}']
