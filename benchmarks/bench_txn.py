@@ -29,9 +29,11 @@ from streamer.settings import KafkaSettings
 ADD_PARTITIONS = 24
 
 
-def _counting(k: KafkaSettings, counts: dict):
-    def make(tid: str):
-        producer = make_producer(k, transactional_id=tid)
+def counting_requests(make, counts: dict):
+    """A producer factory like `make` whose producers count the requests their client sends, by API key
+    into `counts` (24 AddPartitionsToTxn, 0 Produce, 25 AddOffsetsToTxn, 28 TxnOffsetCommit, 26 EndTxn)."""
+    def counted_producer(*args, **kwargs):
+        producer = make(*args, **kwargs)
         send = producer.client.send
 
         async def counted(node_id, request, *more, **named):
@@ -40,13 +42,13 @@ def _counting(k: KafkaSettings, counts: dict):
 
         producer.client.send = counted
         return producer
-    return make
+    return counted_producer
 
 
 async def one_variant(k: KafkaSettings, partitions: int, rounds: int, name_state: bool) -> dict:
     """`rounds` checkpoints over `partitions` partitions with one delivery; the per-transaction figures."""
     counts: dict = {}
-    delivery = ExactlyOnceDelivery(k, _counting(k, counts))
+    delivery = ExactlyOnceDelivery(k, counting_requests(lambda tid: make_producer(k, transactional_id=tid), counts))
     tps = [TopicPartition(k.input_topics[0], p) for p in range(partitions)]
     real = Stamped._with_its_state_partition
     if not name_state:

@@ -20,6 +20,7 @@ from streamer.kafka.clients import make_consumer, make_producer, read_records
 from streamer.offline.recordings import Recording, parse_start, regular_times
 from streamer.offline.replay import Source, replay
 from streamer.synthetic import generate
+from benchmarks.bench_txn import counting_requests
 from benchmarks.campaigns.common import feed_in_background
 from streamer.runtime import Worker
 from tests.kafka_utils import (expected_windows, faketime_env, flags_of, isolated_settings, log_events,
@@ -520,22 +521,6 @@ def test_a_fenced_transaction_costs_the_partition_not_the_worker(broker, scorer)
     assert code == 0 and fatal is None, fatal
 
 
-def _counting_requests(make, counts: dict):
-    """A producer factory whose producers count the requests their client sends, by API key (24
-    AddPartitionsToTxn, 0 Produce, 25 AddOffsetsToTxn, 28 TxnOffsetCommit, 26 EndTxn)."""
-    def counted(*args, **kwargs):
-        producer = make(*args, **kwargs)
-        send = producer.client.send
-
-        async def counting(node_id, request, *more, **named):
-            counts[request.API_KEY] = counts.get(request.API_KEY, 0) + 1
-            return await send(node_id, request, *more, **named)
-
-        producer.client.send = counting
-        return producer
-    return counted
-
-
 def test_aiokafka_asks_for_a_transactions_partitions_as_their_records_come_unless_named_first(broker):
     """The premise of `ask_for_partitions` (kafka/clients.py), on aiokafka 0.14 and Apache Kafka: a record
     sent after the first one's partition joined costs an AddPartitionsToTxn of its own; its partition named
@@ -546,7 +531,7 @@ def test_aiokafka_asks_for_a_transactions_partitions_as_their_records_come_unles
 
     async def one_transaction(tid: str, name_first: bool, write_state: bool = True) -> dict:
         counts: dict = {}
-        producer = _counting_requests(lambda: make_producer(k, transactional_id=tid), counts)()
+        producer = counting_requests(lambda: make_producer(k, transactional_id=tid), counts)()
         await producer.start()
         try:
             await producer.begin_transaction()
@@ -600,14 +585,14 @@ def test_a_flag_and_its_state_join_their_transaction_in_one_add_partitions_reque
                 return bool(consumer.assignment())
 
             await until_true(assigned, 60, "the partition assigned")
-            delivery = ExactlyOnceGroupDelivery(k, _counting_requests(
+            delivery = ExactlyOnceGroupDelivery(k, counting_requests(
                 lambda tid, kip447: make_producer(k, transactional_id=tid, producer_class=Kip447Producer
                                                   if kip447 else AIOKafkaProducer), counts),
                 lambda: group_metadata(consumer))
             await delivery.start()
         else:
             consumer = None
-            delivery = ExactlyOnceDelivery(k, _counting_requests(lambda tid: make_producer(k, transactional_id=tid),
+            delivery = ExactlyOnceDelivery(k, counting_requests(lambda tid: make_producer(k, transactional_id=tid),
                                                                  counts))
         await delivery.open(tp)
         try:
