@@ -25,6 +25,8 @@ def pytest_configure(config):
     from tests import budget
 
     budget.quick = config.getoption("quick")  # before collection: test modules read it as they are imported
+    if budget.quick and os.environ.get("CI"):  # e.g. PYTEST_ADDOPTS=--quick in a CI job
+        raise pytest.UsageError("--quick is the inner loop's smaller budget: CI runs every budget as written")
     if budget.quick:  # and the tests that keep hypothesis' default budget (100) run a share of it too
         hypothesis.settings.register_profile("quick", max_examples=budget.examples(100))
         hypothesis.settings.load_profile("quick")

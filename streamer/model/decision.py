@@ -40,8 +40,9 @@ class Verdict:
     `probability` and `artifact` are None unless `status` is SCORED; a scored verdict's `artifact` is
     `is_artifact(probability, threshold)` as decided, and its probability is finite: a scorable window the
     model gave a NaN or an infinity is not scored (reason score_not_finite), so it is never reported clean,
-    and its flag keeps the schema (a scored flag carries a number). `reason` says why an unscored window
-    has no score. `produced_at_ns` is when it was decided and `latency_ms` how long after
+    and its flag keeps the schema (a scored flag carries a number; a state record written before this rule
+    may hold a scored verdict with a null probability: it loads and republishes as written). `reason` says
+    why an unscored window has no score. `produced_at_ns` is when it was decided and `latency_ms` how long after
     the window's last sample arrived."""
     patient_id: str
     start_ns: int

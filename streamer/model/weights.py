@@ -72,12 +72,13 @@ def build_network(state: dict[str, torch.Tensor], source: str = "checkpoint") ->
              if tuple(state[k].shape) != tuple(v.shape)]
     if wrong:
         raise CheckpointError(f"{source} has wrong tensor shapes: {wrong[:5]}")
+    state = {k: v.to(expected[k].dtype) for k, v in state.items()}  # a float64 1e39 is inf in float32
     # a NaN or an infinity anywhere makes every probability NaN: refused at start, never scored
     not_finite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if not_finite:
         raise CheckpointError(f"{source} holds NaN or infinite values in {len(not_finite)} tensor(s), first "
                               f"{not_finite[0]}: refusing to score with it")
-    net.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    net.load_state_dict(state)
     return net.eval()
 
 

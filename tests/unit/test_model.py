@@ -146,6 +146,8 @@ def test_cpu_threads_limits_inference_threads(checkpoint, windows_by_kind, backe
     try:
         one = ArtifactScorer(ModelSettings(checkpoint=checkpoint, backend=backend, device="cpu", cpu_threads=1))
         assert torch.get_num_threads() == 1
+        if backend == "onnxruntime":
+            assert one.runner.session.get_session_options().intra_op_num_threads == 1
         p_one = one.probabilities(x)
     finally:
         torch.set_num_threads(before)
@@ -169,10 +171,10 @@ def test_the_flag_decision_is_one_function_online_and_offline():
 def test_a_checkpoint_with_a_nan_or_an_infinity_is_refused_at_load(checkpoint, tmp_path):
     """Every probability would be NaN: the worker refuses such a file at start, naming the tensor."""
     state, _ = load_state_dict(checkpoint)
-    for bad in (float("nan"), float("inf")):
+    for bad in (float("nan"), float("inf"), 1e39):  # 1e39 in float64: inf once cast to the network's float32
         broken = dict(state)
         key = "efficientnet.features.3.0.block.1.1.running_var"
-        broken[key] = broken[key].clone()
+        broken[key] = broken[key].to(torch.float64)
         broken[key][5] = bad
         path = tmp_path / "broken.pth"
         torch.save(broken, path)
