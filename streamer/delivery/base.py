@@ -117,8 +117,9 @@ class Stamped:
         return TopicPartition(state_topic, number) if state_topic and isinstance(number, int) else None
 
     def _with_its_state_partition(self, producer, partition, topic: str) -> None:
-        """Before a partition's first output of a transaction: its state partition is asked for with it, in
-        one AddPartitionsToTxn (a flag changes its patient's state, whose record joins at the checkpoint)."""
+        """Right after a partition's first output of a transaction is sent (nothing yielded since): its state
+        partition is asked for with it, in one AddPartitionsToTxn (a flag changes its patient's state, whose
+        record joins at the checkpoint)."""
         state = self._state_partition(partition)
         if state is not None and topic != state.topic:
             ask_for_partitions(producer, [state])
