@@ -102,6 +102,29 @@ async def until_true(condition, timeout_s: float, what: str, interval_s: float =
     return value
 
 
+async def poll_until(consumers, done, what: str, timeout_s: float = 60.0) -> None:
+    """Poll every consumer (heartbeats, joins, rejoins) until done() holds; fail after `timeout_s`."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        await asyncio.gather(*(c.getmany(timeout_ms=200) for c in consumers))
+        if done():
+            return
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def joined_consumer(k: KafkaSettings, name: str, partitions: int | None = None):
+    """A started consumer of the group, subscribed to the input topics; with `partitions`, polled until it
+    holds that many."""
+    from streamer.kafka.clients import make_consumer
+
+    consumer = make_consumer(k, client_id=name)
+    await consumer.start()
+    consumer.subscribe(k.input_topics)
+    if partitions is not None:
+        await poll_until([consumer], lambda: len(consumer.assignment()) == partitions, f"{name} assigned")
+    return consumer
+
+
 async def set_topic_config(k: KafkaSettings, topic: str, **configs: str) -> None:
     """AlterConfigs on one topic (it replaces the topic's whole configuration: name every setting kept)."""
     from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType

@@ -16,7 +16,7 @@ from streamer.kafka.clients import make_consumer, make_producer, read_records
 from streamer.kafka.kip447 import Kip447Producer, committed_offsets_stable, group_metadata
 from streamer.runtime import Worker
 from streamer.delivery.exactly_once import TXN_METADATA_PREFIX
-from tests.kafka_utils import isolated_settings
+from tests.kafka_utils import isolated_settings, joined_consumer, poll_until
 
 pytestmark = pytest.mark.integration
 TEST_TIMEOUT_S = 150.0
@@ -33,25 +33,6 @@ def _plan(offsets: dict, records: dict | None = None):
                                              lambda tp: list((records or {}).get(tp, ())))
 
 
-async def _poll_until(consumers, done, what: str, timeout_s: float = 60.0) -> None:
-    """Poll every consumer (heartbeats, rejoins) until done() holds."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while asyncio.get_running_loop().time() < deadline:
-        await asyncio.gather(*(c.getmany(timeout_ms=200) for c in consumers))
-        if done():
-            return
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-async def _joined(k, name: str, partitions: int | None = None):
-    consumer = make_consumer(k, client_id=name)
-    await consumer.start()
-    consumer.subscribe(k.input_topics)
-    if partitions is not None:
-        await _poll_until([consumer], lambda: len(consumer.assignment()) == partitions, f"{name} assigned")
-    return consumer
-
-
 def test_a_zombie_worker_of_an_old_generation_can_neither_commit_offsets_nor_be_seen(broker):
     """The worker commits both partitions in one transaction; a second member joins, so the worker's
     generation is over, but it was never told (no rebalance listener: a zombie). Its next checkpoint, with
@@ -62,7 +43,7 @@ def test_a_zombie_worker_of_an_old_generation_can_neither_commit_offsets_nor_be_
     k = s.kafka
 
     async def main():
-        first = await _joined(k, "first", partitions=2)
+        first = await joined_consumer(k, "first", partitions=2)
         tps = sorted(first.assignment())
         lost: list[list] = []
         zombie = ExactlyOnceGroupDelivery(k, _producers(k), lambda: group_metadata(first), on_fenced=lost.append)
@@ -73,8 +54,8 @@ def test_a_zombie_worker_of_an_old_generation_can_neither_commit_offsets_nor_be_
                 await zombie.open(tp)
             first_commit = await zombie.checkpoint(set(tps), _plan({tp: 3 for tp in tps}), first, k.group_id)
             generation = zombie._owned[tps[0]].group.generation_id
-            second = await _joined(k, "second")
-            await _poll_until([first, second], lambda: first._coordinator.generation > generation
+            second = await joined_consumer(k, "second")
+            await poll_until([first, second], lambda: first._coordinator.generation > generation
                               and len(first.assignment()) == 1 and len(second.assignment()) == 1,
                               "the rebalance after the second member joined")
             async with zombie.deliver(tps[0]) as block:
@@ -168,7 +149,7 @@ def test_a_refused_record_of_one_partition_aborts_the_worker_transaction_and_no_
     asyncio.run(set_topic_config(k, k.dead_letter_topic, **{"max.message.bytes": "200"}))
 
     async def main():
-        consumer = await _joined(k, "only", partitions=2)
+        consumer = await joined_consumer(k, "only", partitions=2)
         tps = sorted(consumer.assignment())
         delivery = ExactlyOnceGroupDelivery(k, _producers(k), lambda: group_metadata(consumer))
         try:
@@ -204,7 +185,7 @@ def test_a_partition_that_leaves_uncommitted_aborts_only_what_the_transaction_he
     k = s.kafka
 
     async def main():
-        consumer = await _joined(k, "only", partitions=2)
+        consumer = await joined_consumer(k, "only", partitions=2)
         tps = sorted(consumer.assignment())
         lost: list[list] = []
         delivery = ExactlyOnceGroupDelivery(k, _producers(k), lambda: group_metadata(consumer), on_fenced=lost.append)

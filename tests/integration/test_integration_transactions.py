@@ -23,7 +23,7 @@ from streamer.synthetic import generate
 from benchmarks.bench_txn import counting_requests
 from benchmarks.campaigns.common import feed_in_background
 from streamer.runtime import Worker
-from tests.kafka_utils import (expected_windows, faketime_env, flags_of, isolated_settings, log_events,
+from tests.kafka_utils import (expected_windows, faketime_env, flags_of, isolated_settings, joined_consumer, log_events,
                                set_topic_config, start_worker_process, until_true, wait_for_event, wait_until)
 
 pytestmark = pytest.mark.integration
@@ -576,15 +576,7 @@ def test_a_flag_and_its_state_join_their_transaction_in_one_add_partitions_reque
             from streamer.delivery import ExactlyOnceGroupDelivery
             from streamer.kafka.kip447 import Kip447Producer, group_metadata
 
-            consumer = make_consumer(k, client_id="only")
-            await consumer.start()
-            consumer.subscribe(k.input_topics)
-
-            async def assigned() -> bool:
-                await consumer.getmany(timeout_ms=200)  # joins the group
-                return bool(consumer.assignment())
-
-            await until_true(assigned, 60, "the partition assigned")
+            consumer = await joined_consumer(k, "only", partitions=1)
             delivery = ExactlyOnceGroupDelivery(k, counting_requests(
                 lambda tid, kip447: make_producer(k, transactional_id=tid, producer_class=Kip447Producer
                                                   if kip447 else AIOKafkaProducer), counts),

@@ -10,11 +10,11 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
-from streamer.kafka.clients import committed_offsets, make_consumer
+from streamer.kafka.clients import committed_offsets
 from streamer.kafka.kip447 import (ILLEGAL_GENERATION, OFFSET_FETCH_KEY, TXN_OFFSET_COMMIT_KEY,
                                    UNSTABLE_OFFSET_COMMIT, GroupFenced, Kip447Producer, StableOffsetFetch,
                                    UnstableOffsets, committed_offsets_stable, group_metadata)
-from tests.kafka_utils import isolated_settings
+from tests.kafka_utils import isolated_settings, joined_consumer, poll_until
 
 TEST_TIMEOUT_S = 120.0
 
@@ -22,25 +22,6 @@ TEST_TIMEOUT_S = 120.0
 def _producer(bootstrap: str, cls=Kip447Producer) -> AIOKafkaProducer:
     return cls(bootstrap_servers=bootstrap, transactional_id=f"kip447-{uuid.uuid4().hex[:8]}",
                enable_idempotence=True, acks="all", request_timeout_ms=15000)
-
-
-async def _poll_until(consumers, done, what: str, timeout_s: float = 60.0) -> None:
-    """Poll every consumer (heartbeats, rejoins) until done() holds."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while asyncio.get_running_loop().time() < deadline:
-        await asyncio.gather(*(c.getmany(timeout_ms=200) for c in consumers))
-        if done():
-            return
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-async def _joined(s, name: str, partitions: int | None = None):
-    consumer = make_consumer(s.kafka, client_id=name)
-    await consumer.start()
-    consumer.subscribe(s.kafka.input_topics)
-    if partitions is not None:
-        await _poll_until([consumer], lambda: len(consumer.assignment()) == partitions, f"{name} assigned")
-    return consumer
 
 
 def _alive(producer: AIOKafkaProducer) -> bool:
@@ -53,7 +34,7 @@ def test_one_producer_commits_two_partitions_with_v3_visible_only_after_commit(b
     tps = [TopicPartition(topic, 0), TopicPartition(topic, 1)]
 
     async def main():
-        consumer = await _joined(s, "only", partitions=2)
+        consumer = await joined_consumer(s.kafka, "only", partitions=2)
         producer = _producer(broker.bootstrap)
         await producer.start()
         try:
@@ -89,12 +70,12 @@ def test_a_stale_generation_is_refused_and_the_same_producer_commits_after_abort
     topic = s.kafka.input_topics[0]
 
     async def main():
-        first = await _joined(s, "first", partitions=2)
+        first = await joined_consumer(s.kafka, "first", partitions=2)
         stale = group_metadata(first)
         owned_then = sorted(first.assignment())
-        second = await _joined(s, "second")
+        second = await joined_consumer(s.kafka, "second")
         try:
-            await _poll_until([first, second],
+            await poll_until([first, second],
                               lambda: first._coordinator.generation > stale.generation_id
                               and len(first.assignment()) == 1 and len(second.assignment()) == 1,
                               "the rebalance after the second member joined")
@@ -146,7 +127,7 @@ def test_a_stable_fetch_waits_for_an_open_transaction_holding_the_groups_offsets
     tp = TopicPartition(s.kafka.input_topics[0], 0)
 
     async def main():
-        consumer = await _joined(s, "reader", partitions=2)
+        consumer = await joined_consumer(s.kafka, "reader", partitions=2)
         other = _producer(broker.bootstrap)
         await other.start()
         try:
