@@ -10,6 +10,7 @@ const cards = new Map();         // patient id -> its card element
 const broken = new Set();        // beds whose last merge or drawing failed
 let stripS = 60, slotNs = 8e6, model = null, selected = null, dirty = new Set(), skipped = 0;
 let connected = false, pending = null, lastFrameAt = Date.now();  // pending: what "live" says once drawn
+let forgotten = false;           // beds left the page since the last frame: recount
 
 function merge(pid, d) {
   let b = beds.get(pid);
@@ -173,7 +174,8 @@ function renderDetail() {
 function render() {
   // at most once per animation frame, only beds that changed; order: beds in artifact first
   try {
-    const drawn = dirty.size;
+    const drawn = dirty.size || forgotten;
+    forgotten = false;
     for (const pid of dirty) {
       try { renderBed(pid); broken.delete(pid); cards.get(pid).classList.remove("bad"); } catch (e) { markBroken(pid, e); }
     }
@@ -206,12 +208,31 @@ function render() {
 
 function inArtifactSafe(pid) { try { return inArtifact(beds.get(pid)); } catch (e) { return false; } }
 
-function apply(msg) {
+// A bed the server no longer holds leaves the page: its last state (an open suppression, say) would
+// otherwise stay on screen for ever, with nothing left to lapse it.
+function forget(pid) {
+  beds.delete(pid); broken.delete(pid); dirty.delete(pid);
+  const c = cards.get(pid);
+  if (c) c.remove();
+  cards.delete(pid);
+  forgotten = true;
+  if (selected === pid) { selected = null; renderDetail(); }
+}
+
+// whole: a snapshot, every bed the server holds (the others are forgotten); else a delta, whose `gone`
+// names the beds the server dropped
+function apply(msg, whole) {
   if (typeof msg.model === "string") model = msg.model;
   if (typeof msg.strip_s === "number") stripS = msg.strip_s;
   if (typeof msg.slot_ns === "number") slotNs = msg.slot_ns;
   if (typeof msg.skipped === "number") skipped = msg.skipped;
-  for (const [pid, d] of Object.entries(msg.beds || {})) {
+  const held = (msg.beds && typeof msg.beds === "object") ? msg.beds : {};
+  if (whole) {
+    for (const pid of [...beds.keys()]) if (!Object.prototype.hasOwnProperty.call(held, pid)) forget(pid);
+  } else if (Array.isArray(msg.gone)) {
+    for (const pid of msg.gone) if (typeof pid === "string" && beds.has(pid)) forget(pid);
+  }
+  for (const [pid, d] of Object.entries(held)) {
     try { merge(pid, d); } catch (e) { dirty.add(pid); markBroken(pid, e); }
   }
 }
@@ -219,8 +240,8 @@ function apply(msg) {
 function connect() {
   const es = new EventSource("events");
   const live = document.getElementById("live");
-  es.addEventListener("snapshot", e => { connected = true; apply(JSON.parse(e.data)); pending = "live"; });
-  es.addEventListener("delta", e => { apply(JSON.parse(e.data)); pending = `live, updated ${clock()}`; });
+  es.addEventListener("snapshot", e => { connected = true; apply(JSON.parse(e.data), true); pending = "live"; });
+  es.addEventListener("delta", e => { apply(JSON.parse(e.data), false); pending = `live, updated ${clock()}`; });
   es.addEventListener("reload", () => { es.close(); connect(); });
   es.onerror = () => { connected = false; live.textContent = "reconnecting"; live.className = "muted"; };
 }

@@ -195,6 +195,7 @@ class Ward:
         self.beds: OrderedDict[str, BedView] = OrderedDict()
         self.model: str | None = None
         self.changed: set[str] = set()
+        self.gone: set[str] = set()  # beds dropped (max_beds) since the last delta: the page forgets them
         # episodes by seq, bounded by their lease and at most max_lease_s after arrival, as alarm systems do
         self.suppression = SuppressionView(skew_s, max_lease_s=max_lease_s)
         self.skipped: Counter[str] = Counter()  # records not shown, by topic kind ("input", "flag", "episode")
@@ -203,9 +204,11 @@ class Ward:
         b = self.beds.get(patient_id)
         if b is None:
             b = self.beds[patient_id] = BedView(self.strip_s, self.history)
+            self.gone.discard(patient_id)
             while len(self.beds) > self.max_beds:
                 gone, _ = self.beds.popitem(last=False)
                 self.changed.discard(gone)
+                self.gone.add(gone)
         self.beds.move_to_end(patient_id)
         b.heard_at = time.time()
         self.changed.add(patient_id)
@@ -267,11 +270,15 @@ class Ward:
         return build_snapshot(self.frozen())
 
     def delta(self) -> dict | None:
-        if not self.changed:
+        """What changed since the last delta: the beds that changed, and `gone`, the beds dropped (a page
+        forgets them: nothing would ever update their last state again)."""
+        if not self.changed and not self.gone:
             return None
         beds = {pid: self.beds[pid].summary(full=False) for pid in self.changed if pid in self.beds}
+        gone = sorted(self.gone)
         self.changed.clear()
-        return {"model": self.model, "skipped": sum(self.skipped.values()), "beds": beds}
+        self.gone.clear()
+        return {"model": self.model, "skipped": sum(self.skipped.values()), "beds": beds, "gone": gone}
 
 
 def build_snapshot(frozen: dict) -> dict:

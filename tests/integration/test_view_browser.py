@@ -199,5 +199,39 @@ def test_one_bed_the_page_cannot_draw_leaves_the_others_live(chromium):
         browser.close()
 
 
+def test_a_bed_the_server_drops_leaves_the_page(chromium):
+    """max_beds: the server drops the bed heard of least recently, and the page forgets it too (the delta's
+    `gone`), so a dropped bed's last state (an artifact flag here, an open suppression as well) never stays
+    on screen with nothing left to update it; a page opened later never shows it (the snapshot)."""
+    from playwright.sync_api import sync_playwright
+
+    ward = Ward(max_beds=2)
+    fill(ward, 2, 3)  # bed-000, then bed-001: bed-000 is the least recently heard of
+    ward.on_flag(flag_bytes("bed-000", T0 + 10**10, 0.9))  # bed-000 in artifact; now bed-001 is the oldest
+    with serving(ward, push_interval_s=0.2) as server, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 720})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(server.url)
+        page.wait_for_selector('[data-bed="bed-001"] .latest[data-artifact="true"]', timeout=30_000)
+        page.click('[data-bed="bed-001"]')  # its detail open as it goes
+        page.wait_for_selector("#detail", state="visible", timeout=30_000)
+        asyncio.run_coroutine_threadsafe(_call(ward.on_flag, flag_bytes("bed-new", T0, 0.01)),
+                                         server._pusher.get_loop()).result(10)
+        page.wait_for_selector('[data-bed="bed-new"] .latest[data-artifact="false"]', timeout=30_000)
+        page.wait_for_selector('[data-bed="bed-001"]', state="detached", timeout=30_000)
+        assert page.is_visible('[data-bed="bed-000"]')
+        page.wait_for_function("document.getElementById('counts').textContent.startsWith('2 beds, 1 in artifact')",
+                               timeout=30_000)
+        assert not page.is_visible("#detail"), "the detail of a bed that left stayed open"
+        later = browser.new_page(viewport={"width": 1280, "height": 720})
+        later.goto(server.url)
+        later.wait_for_selector('[data-bed="bed-new"]', timeout=30_000)
+        assert later.query_selector('[data-bed="bed-001"]') is None
+        assert errors == [], errors
+        browser.close()
+
+
 async def _call(fn, *args):
     return fn(*args)

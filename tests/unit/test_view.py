@@ -59,11 +59,18 @@ def test_flags_bounded_and_republished_copies_dropped():
     assert len({f["window_id"] for f in flags}) == 5
 
 
-def test_beds_bounded_least_recent_dropped():
+def test_beds_bounded_least_recent_dropped_and_the_page_told():
     ward = Ward(max_beds=3)
     for pid in ("a", "b", "c", "d"):
         ward.on_flag(_flag(pid, T0, 0.1))
     assert list(ward.beds) == ["b", "c", "d"]
+    first = ward.delta()
+    assert first["gone"] == ["a"] and "a" not in first["beds"]
+    ward.on_flag(_flag("b", T0 + 10**10, 0.1))  # b heard of again: c is the oldest now
+    ward.on_flag(_flag("a", T0 + 10**10, 0.1))  # a back: c goes
+    second = ward.delta()
+    assert second["gone"] == ["c"] and set(second["beds"]) == {"a", "b"}
+    assert ward.delta() is None
 
 
 def test_delta_has_only_what_changed_then_nothing():
