@@ -7,6 +7,7 @@ to miss, through a crafted ward) leaves every other bed live."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -170,24 +171,15 @@ def test_one_bed_the_page_cannot_draw_leaves_the_others_live(chromium):
     that is not a number, which `decode_flag` refuses, so it is put into the ward here past the server's
     checks, as a check the server missed would) is marked; every other bed keeps being redrawn, and "live"
     follows the drawing loop."""
-    from playwright.sync_api import sync_playwright
-
     ward = Ward()
     fill(ward, 2, 5)  # bed-000, bed-001: a strip and one clean flag each
     ward.bed("bad-1").add_flag({"window_id": "bad-1:0", "window_start_ns": T0, "window_end_ns": T0 + 10**10,
                                 "status": "scored", "reason": None, "probability": "high", "artifact": True,
                                 "threshold": 0.2, "latency_ms": 1.0})
-    with serving(ward, push_interval_s=0.2) as server, sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 720})
-        errors = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(server.url)
+    with _ward_page(chromium, ward) as (server, browser, page, errors):
         page.wait_for_selector('[data-bed="bed-001"] .latest[data-artifact="true"]', timeout=30_000)
         # a new flag for bed-000 after the bad bed was met: the page still draws it
-        later = T0 + 10**10
-        asyncio.run_coroutine_threadsafe(_call(ward.on_flag, flag_bytes("bed-000", later, 0.01)),
-                                         server._pusher.get_loop()).result(10)
+        _on_server_loop(server, ward.on_flag, flag_bytes("bed-000", T0 + 10**10, 0.01))
         page.wait_for_selector('[data-bed="bed-000"] .latest[data-artifact="false"]', timeout=30_000)
         assert "clean p=0.010" in page.inner_text('[data-bed="bed-000"] .latest')
         page.wait_for_function("document.getElementById('live').textContent.startsWith('live, updated')",
@@ -203,22 +195,14 @@ def test_a_bed_the_server_drops_leaves_the_page(chromium):
     """max_beds: the server drops the bed heard of least recently, and the page forgets it too (the delta's
     `gone`), so a dropped bed's last state (an artifact flag here, an open suppression as well) never stays
     on screen with nothing left to update it; a page opened later never shows it (the snapshot)."""
-    from playwright.sync_api import sync_playwright
-
     ward = Ward(max_beds=2)
     fill(ward, 2, 3)  # bed-000, then bed-001: bed-000 is the least recently heard of
     ward.on_flag(flag_bytes("bed-000", T0 + 10**10, 0.9))  # bed-000 in artifact; now bed-001 is the oldest
-    with serving(ward, push_interval_s=0.2) as server, sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 720})
-        errors = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(server.url)
+    with _ward_page(chromium, ward) as (server, browser, page, errors):
         page.wait_for_selector('[data-bed="bed-001"] .latest[data-artifact="true"]', timeout=30_000)
         page.click('[data-bed="bed-001"]')  # its detail open as it goes
         page.wait_for_selector("#detail", state="visible", timeout=30_000)
-        asyncio.run_coroutine_threadsafe(_call(ward.on_flag, flag_bytes("bed-new", T0, 0.01)),
-                                         server._pusher.get_loop()).result(10)
+        _on_server_loop(server, ward.on_flag, flag_bytes("bed-new", T0, 0.01))
         page.wait_for_selector('[data-bed="bed-new"] .latest[data-artifact="false"]', timeout=30_000)
         page.wait_for_selector('[data-bed="bed-001"]', state="detached", timeout=30_000)
         assert page.is_visible('[data-bed="bed-000"]')
@@ -233,5 +217,24 @@ def test_a_bed_the_server_drops_leaves_the_page(chromium):
         browser.close()
 
 
-async def _call(fn, *args):
-    return fn(*args)
+@contextlib.contextmanager
+def _ward_page(chromium, ward: Ward):
+    """`ward` served on loopback and opened in Chromium: (server, browser, page, the page's uncaught
+    errors)."""
+    from playwright.sync_api import sync_playwright
+
+    with serving(ward, push_interval_s=0.2) as server, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 720})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(server.url)
+        yield server, browser, page, errors
+
+
+def _on_server_loop(server, fn, *args) -> None:
+    """`fn(*args)` on the view's event loop (the ward is that loop's alone)."""
+    async def call():
+        return fn(*args)
+
+    asyncio.run_coroutine_threadsafe(call(), server._pusher.get_loop()).result(10)
