@@ -14,7 +14,7 @@ from aiokafka.errors import KafkaError
 
 from streamer.delivery.base import AwaitingCommit, CheckpointPlan, Counted, Stamped, run_counted
 from streamer.delivery.event_time import EventTime
-from streamer.kafka.clients import retry_kafka
+from streamer.kafka.clients import committed_offsets, retry_kafka
 from streamer.kafka.partitioning import OutputRouting
 from streamer.logs import get_logger
 
@@ -89,6 +89,10 @@ class AtLeastOnceDelivery(Stamped):
     def takeover_refusal(self, partition: Hashable, committed_metadata: str | None) -> str | None:
         """Why this worker must not take `partition` (None: it may). At least once, nothing to fence."""
         return None
+
+    async def read_committed(self, consumer, partitions) -> dict:
+        """Where new partitions resume: the group's committed offsets as the coordinator has them."""
+        return await committed_offsets(consumer, partitions)
 
     async def checkpoint(self, partitions, plan_for: Callable[[set], CheckpointPlan], consumer,
                          group_id: str) -> dict | None:

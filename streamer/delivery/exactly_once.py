@@ -28,7 +28,7 @@ from aiokafka.errors import IllegalOperation, InvalidProducerEpoch, KafkaError, 
 
 from streamer.delivery.base import AwaitingCommit, CheckpointPlan, Counted, Stamped, TransactionFailed, run_counted
 from streamer.delivery.event_time import EventTime
-from streamer.kafka.clients import transaction_end
+from streamer.kafka.clients import committed_offsets, transaction_end
 from streamer.kafka.partitioning import OutputRouting
 from streamer.logs import get_logger
 from streamer.settings import KafkaSettings
@@ -135,6 +135,7 @@ class ExactlyOnceDelivery(Stamped):
         self.kafka = k
         self._make_producer = make_producer  # (transactional_id) -> AIOKafkaProducer
         self._txns: dict[Hashable, _Txn] = {}
+        self._stopped = False  # `stop` began: a partition assigned meanwhile gets no producer
         self.event_time = event_time or EventTime()
         self.routing = routing
         self.on_fenced = on_fenced  # (partition) -> None, called once per fenced transaction
@@ -152,6 +153,11 @@ class ExactlyOnceDelivery(Stamped):
     def takeover_refusal(self, partition, committed_metadata: str | None) -> str | None:
         """Why this worker must not take `partition` (None: it may): refused_prefix."""
         return refused_prefix(self.kafka, committed_metadata, partition)
+
+    async def read_committed(self, consumer, partitions) -> dict:
+        """Where new partitions resume: the group's committed offsets as the coordinator has them (each
+        partition's transaction commits its own; `open` fences the partition's id next)."""
+        return await committed_offsets(consumer, partitions)
 
     async def checkpoint(self, partitions, plan_for: Callable[[set], CheckpointPlan], consumer,
                          group_id: str) -> dict:
@@ -176,8 +182,10 @@ class ExactlyOnceDelivery(Stamped):
 
     async def open(self, partition) -> None:
         """Take the partition's transactional id (fencing any earlier owner, aborting its open transaction)
-        and begin a transaction. Before the partition's states and offsets are read."""
-        if partition in self._txns:
+        and begin a transaction. Before the partition's states and offsets are read. After `stop` began
+        (an assignment racing the shutdown) nothing is opened: its outputs are dropped, as for a partition
+        no longer owned, and no producer outlives the delivery."""
+        if partition in self._txns or self._stopped:
             return
         previous = self.kafka.previous_transactional_id_prefix
         if previous and previous != self.kafka.transactional_id_prefix:
@@ -190,6 +198,10 @@ class ExactlyOnceDelivery(Stamped):
             with contextlib.suppress(Exception):
                 await producer.stop()
             raise
+        if self._stopped:  # stop began while this one started: it never saw it
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            return
         self._txns[partition] = _Txn(producer)
         log.info("transaction_opened", transactional_id=self.transactional_id(partition))
 
@@ -221,6 +233,7 @@ class ExactlyOnceDelivery(Stamped):
         """Close every partition's producer (aborting what its open transaction holds), side by side, within
         `timeout_s`: a producer that cannot close in time is left (its transaction is aborted by the next
         owner's fencing or the transaction timeout)."""
+        self._stopped = True
         closing = [asyncio.ensure_future(self.close(partition)) for partition in list(self._txns)]
         if closing:
             await asyncio.wait(closing, timeout=timeout_s)
@@ -263,69 +276,17 @@ class ExactlyOnceDelivery(Stamped):
             self._with_its_state_partition(txn.producer, partition, topic)
         txn.sent.append((topic, fut))
         txn.has_writes = True
-        return self._for_caller(partition, txn, fut)
-
-    def _for_caller(self, partition, txn: _Txn, fut: asyncio.Future) -> asyncio.Future:
-        """`fut` as the caller sees it: a fence resolves it to None (and marks the partition lost)."""
-        out = asyncio.get_running_loop().create_future()
-
-        def settle(f: asyncio.Future) -> None:
-            if out.done():
-                return
-            if f.cancelled():
-                out.cancel()
-            elif isinstance(f.exception(), FENCED):
-                self._mark_fenced(partition, txn, f.exception())
-                out.set_result(None)
-            elif f.exception() is not None:
-                out.set_exception(f.exception())
-            else:
-                out.set_result(f.result())
-
-        fut.add_done_callback(settle)
-        return out
-
-    async def _confirm_sent(self, partition, txn: _Txn) -> None:
-        """Every record of the open transaction acknowledged by its broker, or RecordRefused naming the first
-        refused one (its topic and the broker's error)."""
-        sent, txn.sent = txn.sent, []
-        if not sent:
-            return
-        results = await asyncio.gather(*(fut for _, fut in sent), return_exceptions=True)
-        fence = next((r for r in results if isinstance(r, FENCED)), None)
-        if fence is not None:
-            raise fence  # not a refusal: the partition is lost (commit)
-        refused = [(topic, r) for (topic, _), r in zip(sent, results) if isinstance(r, BaseException)]
-        if refused:
-            topic, exc = refused[0]
-            raise RecordRefused(f"{len(refused)} of {len(sent)} records of the transaction refused; first on "
-                                f"{topic}: {exc!r}") from exc
+        return for_caller(fut, lambda exc: self._mark_fenced(partition, txn, exc))
 
     async def _failed(self, partition, txn: _Txn, exc: BaseException) -> TransactionFailed:
-        """Mark the transaction failed, naming its own error: once a write was refused (e.g. an ACL), aiokafka
-        only says "not in transaction" to later sends; committing raises the stored cause."""
-        if isinstance(exc, IllegalOperation):
-            try:
-                await asyncio.wait_for(txn.producer.commit_transaction(), 5)
-            except Exception as cause:  # noqa: BLE001 (the cause is what we are after)
-                exc = cause
+        """Mark the transaction failed, naming its own error (`failure_cause`); a fence behind it marks the
+        partition lost."""
+        exc = await failure_cause(txn.producer, exc)
         txn.failed = txn.failed or exc
-        fence = exc if isinstance(exc, FENCED) else next(
-            (f.exception() for f in self._failed_futures(txn) if isinstance(f.exception(), FENCED)), None)
+        fence = fence_behind(exc, txn.producer, txn.sent)
         if fence is not None:
             self._mark_fenced(partition, txn, fence)
         return TransactionFailed(f"{self.transactional_id(partition)}: {exc!r}")
-
-    @staticmethod
-    def _failed_futures(txn: _Txn) -> list[asyncio.Future]:
-        """The transaction's failed deliveries, and the producer's own transaction-end future: in a fatal
-        state aiokafka 0.14 keeps the cause (e.g. ProducerFenced) only there, and answers every later call
-        with an IllegalOperation or an AssertionError."""
-        futures = [f for _, f in txn.sent]
-        end = transaction_end(txn.producer)
-        if end is not None:
-            futures.append(end)
-        return [f for f in futures if f.done() and not f.cancelled() and f.exception() is not None]
 
     def _mark_fenced(self, partition, txn: _Txn, exc: BaseException) -> None:
         if txn.fenced:
@@ -362,7 +323,7 @@ class ExactlyOnceDelivery(Stamped):
                                                                     timestamp_ms=stamp)))
                     txn.has_writes = True
                 # before the offsets join it: a refused record must leave the offsets where they were
-                await self._confirm_sent(partition, txn)
+                await confirm_sent(txn)
                 if offset is not None:
                     metadata = f"{TXN_METADATA_PREFIX}{self.kafka.transactional_id_prefix}"
                     await txn.producer.send_offsets_to_transaction(
@@ -392,6 +353,73 @@ class ExactlyOnceDelivery(Stamped):
             log.error("transaction_abort_failed", transactional_id=self.transactional_id(partition),
                       error=repr(exc))
         txn.has_writes = False
+
+
+def for_caller(fut: asyncio.Future, on_fence: Callable[[BaseException], None]) -> asyncio.Future:
+    """A record's delivery `fut` as the caller sees it: a fence resolves it to None, after `on_fence(exc)`
+    (the partition is lost, the record dropped with it); any other outcome passes through."""
+    out = asyncio.get_running_loop().create_future()
+
+    def settle(f: asyncio.Future) -> None:
+        if out.done():
+            return
+        if f.cancelled():
+            out.cancel()
+        elif isinstance(f.exception(), FENCED):
+            on_fence(f.exception())
+            out.set_result(None)
+        elif f.exception() is not None:
+            out.set_exception(f.exception())
+        else:
+            out.set_result(f.result())
+
+    fut.add_done_callback(settle)
+    return out
+
+
+async def confirm_sent(txn) -> None:
+    """Every record of the open transaction (`txn.sent`, then emptied) acknowledged by its broker; a fence is
+    raised as itself (the partitions are lost, not refused), else RecordRefused names the first refused one
+    (its topic and the broker's error)."""
+    sent, txn.sent = txn.sent, []
+    if not sent:
+        return
+    results = await asyncio.gather(*(fut for _, fut in sent), return_exceptions=True)
+    fence = next((r for r in results if isinstance(r, FENCED)), None)
+    if fence is not None:
+        raise fence
+    refused = [(topic, r) for (topic, _), r in zip(sent, results) if isinstance(r, BaseException)]
+    if refused:
+        topic, exc = refused[0]
+        raise RecordRefused(f"{len(refused)} of {len(sent)} records of the transaction refused; first on "
+                            f"{topic}: {exc!r}") from exc
+
+
+async def failure_cause(producer, exc: BaseException) -> BaseException:
+    """The transaction's own error: once a write was refused (e.g. an ACL), aiokafka only says "not in
+    transaction" (IllegalOperation) to later sends; committing raises the stored cause."""
+    if isinstance(exc, IllegalOperation) and producer is not None:
+        try:
+            await asyncio.wait_for(producer.commit_transaction(), 5)
+        except Exception as cause:  # noqa: BLE001 (the cause is what we are after)
+            return cause
+    return exc
+
+
+def fence_behind(exc: BaseException, producer, sent: list[tuple[str, asyncio.Future]]) -> BaseException | None:
+    """The fence of the transactional id behind a failure, if any: `exc` itself, a failed delivery's error,
+    or the producer's own transaction-end future's (in a fatal state aiokafka 0.14 keeps the cause, e.g.
+    ProducerFenced, only there, and answers every later call with an IllegalOperation or an
+    AssertionError)."""
+    if isinstance(exc, FENCED):
+        return exc
+    futures = [f for _, f in sent]
+    end = transaction_end(producer) if producer is not None else None
+    if end is not None:
+        futures.append(end)
+    # every failed future's exception is read (asyncio logs one never retrieved), then the first fence
+    failures = [f.exception() for f in futures if f.done() and not f.cancelled() and f.exception() is not None]
+    return next((e for e in failures if isinstance(e, FENCED)), None)
 
 
 def _resolved(value=None) -> asyncio.Future:

@@ -43,9 +43,8 @@ from aiokafka.errors import IllegalOperation, KafkaError
 
 from streamer.delivery.base import CheckpointPlan, Stamped, TransactionFailed, AwaitingCommit
 from streamer.delivery.event_time import EventTime
-from streamer.delivery.exactly_once import (FENCED, TXN_METADATA_PREFIX, RecordRefused, TransactionBlock, _resolved,
-                                           refused_prefix)
-from streamer.kafka.clients import transaction_end
+from streamer.delivery.exactly_once import (TXN_METADATA_PREFIX, RecordRefused, TransactionBlock, _resolved,
+                                           confirm_sent, failure_cause, fence_behind, for_caller, refused_prefix)
 from streamer.kafka.kip447 import GroupFenced, GroupMetadata, committed_offsets_stable
 from streamer.kafka.partitioning import OutputRouting
 from streamer.logs import get_logger
@@ -102,6 +101,7 @@ class ExactlyOnceGroupDelivery(Stamped):
         self._txn = _WorkerTxn()
         self._lock = asyncio.Lock()  # one transaction: outputs of every partition and the commit exclude each other
         self._owned: dict[Hashable, _Owned] = {}
+        self._stopped = False  # `stop` began: no partition opens, no producer starts
         self.event_time = event_time or EventTime()
         self.routing = routing
         self.on_fenced = on_fenced  # (partitions) -> None, once per lost transaction
@@ -161,10 +161,12 @@ class ExactlyOnceGroupDelivery(Stamped):
     async def open(self, partition) -> None:
         """Keep the generation the partition is assigned in and make sure the worker's transaction is open
         (its per-partition ids were fenced by `read_committed`, just before)."""
-        if partition in self._owned:
+        if partition in self._owned or self._stopped:
             return
         group = self._group_member()  # UnfencedGroupMetadata between generations: loud
         async with self._lock:
+            if self._stopped:  # an assignment racing the shutdown: its outputs are dropped, nothing starts
+                return
             if self._txn.failed is not None:
                 raise TransactionFailed(f"{self.worker_id}: {self._txn.failed!r}")
             if self._producer is None:
@@ -204,22 +206,35 @@ class ExactlyOnceGroupDelivery(Stamped):
                 self._txn.open = True
 
     async def stop(self, timeout_s: float = 20.0) -> None:
-        """Abort what the transaction holds and close the producer, within `timeout_s` (past it the producer
-        is left: the next incarnation's InitProducerId or the transaction timeout aborts it)."""
-        self._owned.clear()
-        producer, self._producer = self._producer, None
-        if producer is None:
-            return
+        """Abort what the transaction holds and close the producer. A commit in flight ends first (the lock,
+        as exactly_once.py's close), for at most half of `timeout_s`: it never finds its partitions or its
+        producer taken from under it. Past that its partitions are marked lost (their outputs dropped) and
+        the producer is stopped under it within the rest (past that it is left: the next incarnation's
+        InitProducerId or the transaction timeout aborts it). No partition opens after this."""
+        self._stopped = True
 
         async def ending() -> None:
-            if self._txn.open and self._txn.has_writes and self._txn.failed is None:
+            async with self._lock:
+                self._owned.clear()
+                producer = self._producer
+                if producer is None:
+                    return
+                if self._txn.open and self._txn.has_writes and self._txn.failed is None:
+                    with contextlib.suppress(Exception):
+                        await producer.abort_transaction()
+                self._producer = None
                 with contextlib.suppress(Exception):
-                    await producer.abort_transaction()
-            with contextlib.suppress(Exception):
-                await producer.stop()
+                    await producer.stop()
 
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(ending(), timeout_s)
+        try:
+            await asyncio.wait_for(ending(), timeout_s / 2)
+        except asyncio.TimeoutError:
+            for owned in self._owned.values():  # the commit holding the lock keeps them, lost
+                owned.fenced = True
+            producer, self._producer = self._producer, None
+            if producer is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(producer.stop(), timeout_s / 2)
 
     @contextlib.asynccontextmanager
     async def gate(self, partition) -> AsyncIterator[bool]:
@@ -260,27 +275,7 @@ class ExactlyOnceGroupDelivery(Stamped):
         txn.sent.append((topic, fut))
         txn.has_writes = True
         txn.dirty.add(partition)
-        return self._for_caller(txn, fut)
-
-    def _for_caller(self, txn: _WorkerTxn, fut: asyncio.Future) -> asyncio.Future:
-        out = asyncio.get_running_loop().create_future()
-
-        def settle(f: asyncio.Future) -> None:
-            if out.done():
-                return
-            if f.cancelled():
-                out.cancel()
-            elif isinstance(f.exception(), FENCED):
-                if txn is self._txn:
-                    self._producer_fenced(f.exception())
-                out.set_result(None)
-            elif f.exception() is not None:
-                out.set_exception(f.exception())
-            else:
-                out.set_result(f.result())
-
-        fut.add_done_callback(settle)
-        return out
+        return for_caller(fut, self._fenced_while_current(txn))
 
     async def checkpoint(self, partitions, plan_for: Callable[[set], CheckpointPlan], consumer,
                          group_id: str) -> dict:
@@ -294,7 +289,8 @@ class ExactlyOnceGroupDelivery(Stamped):
             txn = self._txn
             if txn.failed is not None:
                 raise TransactionFailed(f"{self.worker_id}: {txn.failed!r}")
-            if self._producer is None or not txn.open:
+            producer = self._producer  # the one this commit runs on, even if `stop` detaches it
+            if producer is None or not txn.open:
                 return {}
             together = sorted(tp for tp in set(partitions) | txn.dirty
                               if tp in self._owned and not self._owned[tp].fenced)
@@ -307,11 +303,11 @@ class ExactlyOnceGroupDelivery(Stamped):
                 for tp in together:
                     stamp = self.event_time.stamp(tp)
                     for topic, key, value, out_partition in plan.records(tp):
-                        txn.sent.append((topic, await self._producer.send(
+                        txn.sent.append((topic, await producer.send(
                             topic, value, key=key, partition=out_partition, timestamp_ms=stamp)))
                         txn.has_writes = True
                 # before the offsets join it: a refused record must leave every offset where it was
-                await self._confirm_sent(txn)
+                await confirm_sent(txn)
                 metadata = f"{TXN_METADATA_PREFIX}{self.kafka.transactional_id_prefix}"
                 by_member: dict[GroupMetadata, dict] = {}
                 for tp in together:
@@ -322,13 +318,13 @@ class ExactlyOnceGroupDelivery(Stamped):
                 # one generation in practice (eager rebalances reassign every partition at once); an older
                 # one is refused (GroupFenced) and the whole transaction with it
                 for member, offsets in sorted(by_member.items(), key=lambda m: m[0].generation_id):
-                    await self._producer.send_offsets_to_transaction(offsets, member)
+                    await producer.send_offsets_to_transaction(offsets, member)
                     txn.has_writes = True
                 if txn.has_writes:
-                    await self._producer.commit_transaction()
+                    await producer.commit_transaction()
                     txn.has_writes = False
                     txn.dirty.clear()
-                    await self._producer.begin_transaction()
+                    await producer.begin_transaction()
             except GroupFenced as exc:
                 await self._abort("group_fenced")
                 self._lose_all(exc, aborted=True)
@@ -344,42 +340,24 @@ class ExactlyOnceGroupDelivery(Stamped):
             self.awaiting.committed(joined[tp])
         return committed
 
-    async def _confirm_sent(self, txn: _WorkerTxn) -> None:
-        sent, txn.sent = txn.sent, []
-        if not sent:
-            return
-        results = await asyncio.gather(*(fut for _, fut in sent), return_exceptions=True)
-        fence = next((r for r in results if isinstance(r, FENCED)), None)
-        if fence is not None:
-            raise fence
-        refused = [(topic, r) for (topic, _), r in zip(sent, results) if isinstance(r, BaseException)]
-        if refused:
-            topic, exc = refused[0]
-            raise RecordRefused(f"{len(refused)} of {len(sent)} records of the transaction refused; first on "
-                                f"{topic}: {exc!r}") from exc
-
     async def _failed(self, exc: BaseException) -> TransactionFailed:
-        """As exactly_once.py: the transaction failed with its own error; a fence of the producer's id loses
-        every partition instead (`_producer_fenced`), and leaves `failed` unset (not fatal)."""
-        if isinstance(exc, IllegalOperation) and self._producer is not None:
-            try:
-                await asyncio.wait_for(self._producer.commit_transaction(), 5)
-            except Exception as cause:  # noqa: BLE001 (the cause is what we are after)
-                exc = cause
-        fence = exc if isinstance(exc, FENCED) else next(
-            (f.exception() for f in self._failed_futures() if isinstance(f.exception(), FENCED)), None)
+        """As exactly_once.py: the transaction failed with its own error (`failure_cause`); a fence of the
+        producer's id loses every partition instead (`_producer_fenced`), and leaves `failed` unset (not
+        fatal)."""
+        exc = await failure_cause(self._producer, exc)
+        fence = fence_behind(exc, self._producer, self._txn.sent)
         if fence is not None:
             self._producer_fenced(fence)
         else:
             self._txn.failed = self._txn.failed or exc
         return TransactionFailed(f"{self.worker_id}: {exc!r}")
 
-    def _failed_futures(self) -> list[asyncio.Future]:
-        futures = [f for _, f in self._txn.sent]
-        end = transaction_end(self._producer) if self._producer is not None else None
-        if end is not None:
-            futures.append(end)
-        return [f for f in futures if f.done() and not f.cancelled() and f.exception() is not None]
+    def _fenced_while_current(self, txn: _WorkerTxn) -> Callable[[BaseException], None]:
+        """What a fenced delivery does: loses every partition, unless its transaction already ended."""
+        def fenced(exc: BaseException) -> None:
+            if txn is self._txn:
+                self._producer_fenced(exc)
+        return fenced
 
     def _producer_fenced(self, exc: BaseException) -> None:
         """A newer epoch of the worker's id: its producer is unusable; a new one takes the id at the next

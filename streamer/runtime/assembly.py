@@ -22,7 +22,7 @@ from streamer.delivery import Delivery
 from streamer.delivery.event_time import ClockOffset, EventTime
 from streamer.ingest.deadletter import DeadLetters
 from streamer.ingest.partitioning import PartitionerWatch
-from streamer.kafka.clients import committed_offsets, make_consumer, request_rejoin
+from streamer.kafka.clients import make_consumer, request_rejoin
 from streamer.kafka.kip447 import group_metadata
 from streamer.kafka.partitioning import OutputRouting
 from streamer.logs import get_logger
@@ -205,8 +205,7 @@ async def assemble(core: Core, scorer: ArtifactScorer, hooks: Hooks) -> Parts:
         metrics=core.metrics, settled=core.settled, delivery=delivery, consumer=consumer, state_reader=state_reader,
         dead_letters=dead_letters, publisher=publisher, routing=routing,
         checkpoint=hooks.checkpoint, failed=hooks.failed, clock=core.clock,
-        # per_worker: a stable read, then a seek (delivery/exactly_once_group.py)
-        read_committed=getattr(delivery, "read_committed", committed_offsets))
+        read_committed=delivery.read_committed)  # per_worker: a stable read, then a seek
     upkeep = Upkeep(s, core.partitions, core.stage, core.ledger, core.store, core.metrics, consumer, publisher,
                     dead_letters, submit=hooks.submit, paused=lambda: core.backpressure.paused, clock=core.clock)
     try:

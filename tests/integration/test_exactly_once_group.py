@@ -211,3 +211,37 @@ def test_a_partition_that_leaves_uncommitted_aborts_only_what_the_transaction_he
     assert lost == [], "partition 1 had nothing in the aborted transaction"
     assert committed == {tps[1]: 5} and offsets[tps[1]][0] == 5 and offsets[tps[0]][0] is None, offsets
     assert b"stays" in values and b"left-uncommitted" not in values, values
+
+
+def test_a_partition_assigned_as_the_worker_stops_starts_nothing(broker):
+    """The worker stops its delivery before its consumer, so an assignment can land after `stop` began:
+    that partition gets no producer and no transaction (a gate yields False: its outputs are dropped, as
+    for a partition no longer owned), and no producer outlives the delivery. Before, `open` found no
+    producer and started a new one, whose transaction nothing ever ended."""
+    s = isolated_settings(broker.bootstrap, partitions=2, kafka={"transactions": "per_worker", "worker_id": "stops"})
+    k = s.kafka
+    made: list[AIOKafkaProducer] = []
+
+    def counted(tid: str, kip447: bool) -> AIOKafkaProducer:
+        made.append(_producers(k)(tid, kip447))
+        return made[-1]
+
+    async def main():
+        consumer = await joined_consumer(k, "only", partitions=2)
+        tps = sorted(consumer.assignment())
+        delivery = ExactlyOnceGroupDelivery(k, counted, lambda: group_metadata(consumer))
+        try:
+            await delivery.start()
+            await delivery.open(tps[0])
+            await delivery.stop()
+            await delivery.open(tps[1])
+            for tp in tps:
+                async with delivery.gate(tp) as owned:
+                    assert owned is False, f"{tp} still takes outputs after stop"
+        finally:
+            await consumer.stop()
+
+    asyncio.run(asyncio.wait_for(main(), TEST_TIMEOUT_S))
+    assert len(made) == 1, f"{len(made)} producers: one started after stop"
+    assert all(p._closed for p in made), "a producer outlived the delivery"
+

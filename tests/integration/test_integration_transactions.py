@@ -606,3 +606,29 @@ def test_a_flag_and_its_state_join_their_transaction_in_one_add_partitions_reque
     visible = asyncio.run(read_records(k, [k.flags_topic, k.state_topic], until=lambda got: len(got) >= 2,
                                        timeout_s=20, idle_polls=None))
     assert sorted(r.value for r in visible) == [b"state", b'{"flag": 1}']
+
+
+def test_a_partition_assigned_as_the_worker_stops_gets_no_producer(broker):
+    """per_partition: an assignment landing after `stop` began (the worker stops its delivery before its
+    consumer) opens nothing, so no partition's producer outlives the delivery (before, it was started and
+    left running with an open transaction)."""
+    s = isolated_settings(broker.bootstrap, partitions=2)
+    k = s.kafka
+    made: list = []
+
+    def counted(tid: str):
+        made.append(make_producer(k, transactional_id=tid))
+        return made[-1]
+
+    async def main():
+        delivery = ExactlyOnceDelivery(k, counted)
+        tps = [TopicPartition(k.input_topics[0], p) for p in (0, 1)]
+        await delivery.open(tps[0])
+        await delivery.stop()
+        await delivery.open(tps[1])
+        async with delivery.gate(tps[1]) as owned:
+            assert owned is False
+
+    asyncio.run(main())
+    assert len(made) == 1 and all(p._closed for p in made), [p._closed for p in made]
+

@@ -321,8 +321,9 @@ class GroupTransactionalDeliveryModel(TransactionalDeliveryModel):
     def stop_while_committing(self, deadline_exceeded, turns, n):
         """Adapted: SIGTERM while the worker's commit is on the wire. Within the deadline (Worker._shutdown)
         the commit is awaited, the final checkpoint made, then delivery.stop, and the next worker starts from
-        what both committed. Past it, delivery.stop runs `turns` loop turns into the commit (every producer
-        call one turn on the wire) and the process exits: the transaction is visible whole or not at all."""
+        what both committed. Past it, delivery.stop comes `turns` loop turns into the commit (every producer
+        call one turn on the wire) and waits for it (its lock) before it aborts and closes, and the process
+        exits: the transaction is visible whole or not at all, and the commit is never broken midway."""
         core = self.core
         self._with_writes(n)
         producer = core.worker_producer
@@ -339,7 +340,10 @@ class GroupTransactionalDeliveryModel(TransactionalDeliveryModel):
         for _ in range(turns):
             self.loop.run_until_complete(asyncio.sleep(0))
         self.loop.run_until_complete(core.delivery.stop(1.0))
-        self.loop.run_until_complete(asyncio.gather(commit, return_exceptions=True))
+        [outcome] = self.loop.run_until_complete(asyncio.gather(commit, return_exceptions=True))
+        # stop waits for the commit on the wire (as per_partition's close does): the commit never finds its
+        # partitions or its producer taken from under it
+        assert not isinstance(outcome, (AttributeError, KeyError, TypeError)), f"stop broke the commit: {outcome!r}"
         assert self.log.commits - before[0] <= 1, "a stopped worker committed twice"
         self.crash()
 
