@@ -23,6 +23,21 @@ SOURCE_TOPIC = "__streams.errors.topic"
 SOURCE_PARTITION = "__streams.errors.partition"
 SOURCE_OFFSET = "__streams.errors.offset"
 _OURS = (ERROR_CLASS, ERROR_MESSAGE, SOURCE_TOPIC, SOURCE_PARTITION, SOURCE_OFFSET)
+# The largest dead letter written as the record itself: a batch holding it alone (its value, key, headers
+# and every framing byte, as aiokafka's batch builder bounds it), under the producer's max_request_size
+# (1 MiB); a larger one goes as its small stand-in
+MAX_DEAD_LETTER_BYTES = 900_000
+# Room the topic's max.message.bytes keeps beyond that (runtime/startup.py checks it under exactly once,
+# where a refusal stops the worker)
+DEAD_LETTER_FRAMING_BYTES = 8_192
+
+
+def batch_bytes(key: bytes | None, value: bytes | None, headers) -> int:
+    """An upper bound on the bytes of a record batch holding this record alone (header keys as UTF-8,
+    null header values, each field's varint framing), as aiokafka's batch builder bounds it."""
+    from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+    return DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, list(headers))
 
 
 def dead_letter_headers(reason: str, detail: str, topic: str, partition: int, offset: int,
@@ -108,7 +123,7 @@ class DeadLetters:
                  on_failure=None):
         self.topic, self.delivery, self.ledger, self.metrics, self.settled = topic, delivery, ledger, metrics, settled
         self.background = BackgroundSends(on_failure)  # a dead letter that fails for good is fatal
-        self.max_bytes = 900_000  # under the producer's max_request_size (1 MiB) with room for the batch
+        self.max_bytes = MAX_DEAD_LETTER_BYTES
         self.log_limit = LogLimit(clock)
         # per input partition, the dead letters waiting for their partition's sending task: a fetch's worth
         # goes in one delivery block (one task, one gate, one acknowledgement wait), so a flood of bad records
@@ -160,7 +175,9 @@ class DeadLetters:
         headers = dead_letter_headers(reason, detail, record.topic, record.partition, record.offset,
                                       record.headers)
         value = record.value or b""
-        if len(value) + len(record.key or b"") + sum(len(k) + len(v) for k, v in headers) > self.max_bytes:
+        # counted as the broker counts it: a header key is UTF-8, a header value may be null (a hostile
+        # record's 300,000 empty headers weigh about a megabyte, not 300 kB)
+        if batch_bytes(record.key, value, headers) > self.max_bytes:
             log.warning("dead_letter_replaced", error="over the producer's max request size", topic=tp.topic,
                         partition=tp.partition, offset=record.offset)
             value, headers = oversized_dead_letter(record, headers, "record too large for a dead letter")

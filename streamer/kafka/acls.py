@@ -26,7 +26,9 @@ def worker_acls(k: KafkaSettings) -> list[Acl]:
     """What `streamer run` reads and writes, nothing more."""
     acls: list[Acl] = [("topic", "literal", t, "READ,DESCRIBE") for t in k.input_topics]
     acls += [("topic", "literal", k.state_topic, "READ,WRITE,DESCRIBE,DESCRIBE_CONFIGS")]
-    acls += [("topic", "literal", t, "WRITE,DESCRIBE") for t in (k.flags_topic, k.dead_letter_topic)]
+    acls += [("topic", "literal", k.flags_topic, "WRITE,DESCRIBE")]
+    # exactly once the start checks the dead-letter topic takes the largest dead letter (max.message.bytes)
+    acls += [("topic", "literal", k.dead_letter_topic, "WRITE,DESCRIBE,DESCRIBE_CONFIGS")]
     # episodes: READ too, each patient's highest seq is read back at assignment (state/changelog.py)
     acls += [("topic", "literal", k.episodes_topic, "READ,WRITE,DESCRIBE")]
     acls += [("group", "literal", k.group_id, "READ,DESCRIBE"),

@@ -64,6 +64,11 @@ def kafka_topics_commands(plan: list[TopicSpec], bootstrap: str, config: str | N
 
 def compaction_fix(k: KafkaSettings, topic: str, config: str = "admin.properties") -> str:
     """The `kafka-configs.sh` line that makes an existing topic compacted, runnable as printed."""
+    return topic_config_fix(k, topic, "cleanup.policy", "compact", config)
+
+
+def topic_config_fix(k: KafkaSettings, topic: str, name: str, value: str, config: str = "admin.properties") -> str:
+    """The `kafka-configs.sh` line that sets one configuration of an existing topic, runnable as printed."""
     return shlex.join(["kafka-configs.sh", "--bootstrap-server", k.bootstrap_servers, "--command-config", config,
                        "--alter", "--entity-type", "topics", "--entity-name", topic,
-                       "--add-config", "cleanup.policy=compact"])
+                       "--add-config", f"{name}={value}"])

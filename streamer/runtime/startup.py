@@ -14,7 +14,8 @@ from streamer.delivery import (AtLeastOnceDelivery, Delivery, ExactlyOnceDeliver
 from streamer.delivery.event_time import EventTime
 from streamer.kafka.clients import (TlsError, check_connection, ensure_topics, make_producer, missing_topics,
                                     partition_counts, topic_config)
-from streamer.kafka.topics import compaction_fix
+from streamer.kafka.topics import compaction_fix, topic_config_fix
+from streamer.ingest.deadletter import DEAD_LETTER_FRAMING_BYTES, MAX_DEAD_LETTER_BYTES
 from streamer.kafka.partitioning import OutputRouting
 from streamer.logs import get_logger
 from streamer.settings import KafkaSettings
@@ -71,6 +72,10 @@ async def choose_delivery(k: KafkaSettings, event_time: EventTime, routing: Outp
                 raise StartupError(f"kafka.delivery = exactly_once but the brokers at {k.bootstrap_servers} "
                                    f"refused a transaction ({why_not}); use at_least_once for brokers without "
                                    "transactions")
+        if k.delivery != "at_least_once" and why_not is None:
+            problem = await dead_letter_topic_problem(k, MAX_DEAD_LETTER_BYTES)
+            if problem is not None:
+                raise StartupError(problem)
     except KafkaError as exc:
         raise StartupError(f"cannot set up delivery on {k.bootstrap_servers}: {exc!r}") from None
     if k.delivery != "at_least_once" and why_not is None and k.transactions == "per_worker":
@@ -133,3 +138,29 @@ async def state_topic_problem(k: KafkaSettings) -> tuple[str | None, int]:
         return (f"{k.state_topic} has cleanup.policy={policy}; the state changelog must be compacted: "
                 f"{compaction_fix(k, k.state_topic)}"), n
     return None, n
+
+
+async def dead_letter_topic_problem(k: KafkaSettings, largest: int) -> str | None:
+    """At start, exactly once: the dead-letter topic must take the largest dead letter the worker writes
+    (`largest` bytes and their framing; a bigger record goes as its small stand-in). There a refused dead
+    letter fails its transaction and stops the worker, and the record is read again on every restart: a
+    topic limit below the input's would let one hostile record stop its partition's monitoring. (At least
+    once a refused dead letter is replaced by its stand-in, or released with an error.) Returns why it
+    cannot be used, with the fix, or None."""
+    try:
+        value = await topic_config(k, k.dead_letter_topic, "max.message.bytes")
+    except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+        value, why = None, repr(exc)[:200]
+    else:
+        why = "not described (no DESCRIBE_CONFIGS on it?)" if value is None else f"unreadable: {value[:40]!r}"
+    if value is None or not value.strip().isdigit():
+        # unchecked, not refused: an upgrade must not stop a worker whose ACLs predate the check
+        log.warning("dead_letter_topic_limit_unknown", topic=k.dead_letter_topic, why=why,
+                    hint="grant DESCRIBE_CONFIGS on it (streamer acls --role worker)")
+        return None
+    need = largest + DEAD_LETTER_FRAMING_BYTES
+    if int(value) >= need:
+        return None
+    return (f"{k.dead_letter_topic} has max.message.bytes={int(value)}, below the {need} a dead letter may need: "
+            f"with exactly-once delivery a refused dead letter stops the worker on every restart (raise it to at "
+            f"least the input topics'): {topic_config_fix(k, k.dead_letter_topic, 'max.message.bytes', str(need))}")

@@ -112,18 +112,48 @@ def test_a_state_topic_that_is_not_compacted_stops_the_worker(broker, scorer, tm
     asyncio.run(create())
     with pytest.raises(StartupError, match="cleanup.policy=delete.*compacted") as refused:
         _start_worker(s, scorer)
-    # the fix it prints runs as printed, with Kafka's own kafka-configs.sh (an admin.properties beside it)
+    # the fix it prints runs as printed
     from streamer.kafka.clients import topic_config
+
+    _run_as_printed(str(refused.value).split("compacted: ", 1)[1], tmp_path)
+    assert asyncio.run(topic_config(s.kafka, s.kafka.state_topic, "cleanup.policy")) == "compact"
+
+
+def _run_as_printed(fix: str, folder: Path) -> None:
+    """A fix the worker printed, run as printed with Kafka's own kafka-configs.sh (an admin.properties beside
+    it)."""
     from tools.kafka_cluster import tools_bin
 
-    fix = str(refused.value).split("compacted: ", 1)[1]
-    assert fix.startswith("kafka-configs.sh --bootstrap-server ")
-    folder = tmp_path
+    assert fix.startswith("kafka-configs.sh --bootstrap-server "), fix
     (folder / "admin.properties").write_text("")  # a plaintext broker: an admin needs no settings
     done = subprocess.run(["bash", "-c", fix], cwd=folder, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PATH": f"{tools_bin()}:{os.environ['PATH']}"})
     assert done.returncode == 0, done.stdout + done.stderr
-    assert asyncio.run(topic_config(s.kafka, s.kafka.state_topic, "cleanup.policy")) == "compact"
+
+
+def test_a_dead_letter_topic_too_small_for_a_dead_letter_stops_an_exactly_once_worker_at_start(broker, scorer,
+                                                                                                 tmp_path):
+    """Exactly once, a dead letter the topic refuses fails its transaction and stops the worker, and the
+    record is read again after every restart: one hostile record would stop its partition for good. So the
+    dead-letter topic's max.message.bytes is checked at start; the fix printed runs as printed, and then the
+    worker starts. (At least once the worker runs: a refused dead letter goes as its stand-in,
+    test_integration_state.py.)"""
+    from streamer.ingest.deadletter import DEAD_LETTER_FRAMING_BYTES, MAX_DEAD_LETTER_BYTES
+    from streamer.kafka.clients import topic_config
+    from tests.kafka_utils import set_topic_config, wait_until
+
+    s = isolated_settings(broker.bootstrap)
+    asyncio.run(set_topic_config(s.kafka, s.kafka.dead_letter_topic, **{"max.message.bytes": "200"}))
+    # the brokers answer DescribeConfigs with the old value for a moment after AlterConfigs (seen on 4.4)
+    wait_until(lambda: asyncio.run(topic_config(s.kafka, s.kafka.dead_letter_topic, "max.message.bytes")) == "200",
+               30, "the new max.message.bytes described", interval_s=0.2)
+    with pytest.raises(StartupError, match=f"{s.kafka.dead_letter_topic} has max.message.bytes=200") as refused:
+        _start_worker(s, scorer)
+    _run_as_printed(str(refused.value).rsplit("): ", 1)[1], tmp_path)
+    need = MAX_DEAD_LETTER_BYTES + DEAD_LETTER_FRAMING_BYTES
+    wait_until(lambda: asyncio.run(topic_config(s.kafka, s.kafka.dead_letter_topic, "max.message.bytes")) == str(need),
+               30, "the fixed max.message.bytes described", interval_s=0.2)
+    assert _start_worker(s, scorer).parts.delivery.exactly_once
 
 
 def test_aiokafka_tells_a_standby_member_its_empty_assignment(broker):

@@ -105,13 +105,13 @@ def test_episode_opened_under_one_worker_is_closed_by_its_successor(broker, scor
     assert episodes[0]["episode_id"] == episodes[1]["episode_id"]
 
 
-async def _bad_record_then_a_healthy_bed(s, worker, bad: bytes, key: bytes, bed) -> None:
+async def _bad_record_then_a_healthy_bed(s, worker, bad: bytes, key: bytes, bed, headers=None) -> None:
     """Once `worker` owns the partition: one bad record, then a healthy bed; returns when the bed is
     flagged and the commit passed the bad record (offset 0)."""
     await until_true(lambda: asyncio.sleep(0, bool(worker.core.partitions)), 60, "assignment")
     producer = make_producer(s.kafka, max_request_size=4 << 20)
     await producer.start()
-    await producer.send_and_wait(s.kafka.input_topics[0], bad, key=key)
+    await producer.send_and_wait(s.kafka.input_topics[0], bad, key=key, headers=headers)
     await producer.stop()
     await replay(s.kafka, [bed], speed=None, chunk_s=0.5)
 
@@ -146,6 +146,30 @@ def test_an_oversized_record_is_dead_lettered_small_and_the_partition_moves_on(b
     assert reason_of(dead[0].headers) == "malformed_json" and h["value_omitted"] == "too_large"
     summary = orjson.loads(dead[0].value)
     assert summary["value_size"] == len(big) and len(summary["value_sha256"]) == 64
+
+
+def test_a_bad_record_with_a_null_header_value_is_dead_lettered_with_it(broker, scorer):
+    """Kafka allows a header without a value (null): such a malformed record is a dead letter keeping that
+    header, and the exactly-once worker goes on (its size count once raised TypeError on the null, which
+    failed the dead-letter task: the worker stopped, and again on every restart)."""
+    s = isolated_settings(broker.bootstrap, partitions=1)
+    bed = Source("bed-ok", Recording(regular_times(500 * 21, 500, T0), generate(21, fs=500, seed=4).values, 500.0))
+
+    async def main():
+        worker = Worker(s, scorer=scorer)
+        task = asyncio.create_task(worker.run())
+        try:
+            await _bad_record_then_a_healthy_bed(s, worker, b"{not json", b"bed-bad", bed,
+                                                 headers=[("trace", None), ("source", b"monitor-7")])
+            assert worker.parts.delivery.exactly_once and worker.fatal is None
+            return await read_topic(s.kafka, s.kafka.dead_letter_topic, until=lambda r: len(r) >= 1)
+        finally:
+            worker.stop()
+            assert await asyncio.wait_for(task, 30) == 0
+
+    dead = asyncio.run(main())
+    assert reason_of(dead[0].headers) == "malformed_json" and dead[0].value == b"{not json"
+    assert list(dead[0].headers)[:2] == [("trace", None), ("source", b"monitor-7")]
 
 
 def test_a_leading_hole_is_reported_across_kill_9(broker, checkpoint, tmp_path):
