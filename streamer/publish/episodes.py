@@ -13,7 +13,7 @@ import time
 
 from streamer.model.decision import Verdict
 from streamer.settings import EpisodeSettings
-from streamer.spec import FlagStatus
+from streamer.spec import FlagStatus, NoScoreReason
 from streamer.state.patients import EpisodeState, EpisodeTransition
 
 
@@ -35,8 +35,9 @@ class EpisodeTracker:
 
     An episode opens after `open_after` consecutive artifact windows (it starts at the first of them) and
     closes after `close_after` consecutive clean windows (it ends at the last artifact window's end), or,
-    reason `stale`, once no scored window came for `stale_after_s` (see `stale`).
-    Windows without a score (insufficient data) neither open nor close an episode. A verdict at or before
+    reason `stale`, once no scored window came for `stale_after_s` (see `stale`), or at once on a window the
+    model gave no finite score (`score_not_finite`: a model failure must not keep alarms suppressed).
+    Other windows without a score (insufficient data) neither open nor close an episode. A verdict at or before
     the last one applied on the same grid (a re-published copy) is ignored.
     It consumes verdicts (model.decision) and returns transitions (state.patients.EpisodeTransition), which
     publish.messages encodes. Every transition made here is also left in the state as `pending` until the
@@ -52,7 +53,7 @@ class EpisodeTracker:
     def update(self, v: Verdict, st: EpisodeState | None = None, now_s: float | None = None,
                grid: int = 0) -> EpisodeTransition | None:
         """Feed one verdict; returns the transition when an episode opens or closes."""
-        if v.status != FlagStatus.SCORED:
+        if v.status != FlagStatus.SCORED and v.reason != NoScoreReason.SCORE_NOT_FINITE:
             return None
         if st is None:
             st = self.patients.setdefault(v.patient_id, EpisodeState())
@@ -61,6 +62,12 @@ class EpisodeTracker:
         if st.last_window is not None and st.last_window[0] == grid and here[1] <= st.last_window[1]:
             return None  # already applied
         st.last_window = here
+        if v.status != FlagStatus.SCORED:
+            # the model failed on this window (a NaN, an overflow): nothing says the ECG is still noisy, so
+            # an open suppression ends now (reason stale: no usable score), not stale_after_s later, and
+            # no episode opens across it
+            st.flagged_streak = 0
+            return self._close(v.patient_id, st, "stale", now_s) if st.open_start_ns is not None else None
         st.updated_at_s = now_s
         p = v.probability
         if v.artifact:

@@ -126,3 +126,28 @@ def test_state_round_trip_keeps_seq_and_pending_and_reads_version_1():
                        "episode": {"open_start_ns": 5, "updated_at_s": NOW, "last_window": [0, 5]}})
     _, old = PatientState.from_bytes(v1)
     assert (old.episode.open_start_ns, old.episode.seq, old.episode.pending) == (5, 0, None)
+
+
+def _not_finite(k: int, patient: str = "p1") -> Verdict:
+    """Window k's verdict when the model gave it a NaN (an fp16 overflow, a broken checkpoint)."""
+    w = EmittedWindow(patient, 0, k * W, (k + 1) * W, 500.0, WindowStatus.SCORABLE, None, None, 0, 0, None, 0.0)
+    v = decide(w, float("nan"), 0.5, "m", produced_at_ns=1)
+    assert v.reason == NoScoreReason.SCORE_NOT_FINITE
+    return v
+
+
+def test_a_model_failure_ends_an_open_suppression_at_once():
+    """A window the model gave no finite score says nothing about the ECG: an open episode closes on it at
+    once (reason stale, as when no score comes), not stale_after_s later while renewals go on; with nothing
+    open it does nothing, no episode opens across it, and a re-published copy is ignored."""
+    t = EpisodeTracker(EpisodeSettings(open_after=2, close_after=2), "m")
+    st = EpisodeState()
+    assert t.update(_not_finite(0), st, 100.0) is None
+    assert t.update(flag(1, True), st, 101.0) is None
+    assert t.update(flag(2, True), st, 102.0).state == "open"
+    closed = t.update(_not_finite(3), st, 103.0)
+    assert (closed.state, closed.reason, closed.start_ns, closed.end_ns) == ("closed", "stale", 1 * W, 3 * W)
+    assert st.open_start_ns is None and t.update(_not_finite(3), st, 104.0) is None
+    # artifact, failure, artifact: not two consecutive artifact windows, so nothing opens
+    assert [t.update(v, st, 105.0) for v in (flag(4, True), _not_finite(5), flag(6, True))] == [None] * 3
+    assert t.update(flag(7, True), st, 106.0).state == "open"
