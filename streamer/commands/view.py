@@ -204,7 +204,12 @@ class Ward:
         b = self.beds.get(patient_id)
         if b is None:
             b = self.beds[patient_id] = BedView(self.strip_s, self.history)
-            self.gone.discard(patient_id)
+            # a bed dropped and back within one push stays in `gone`: the page forgets the old card before
+            # it takes this one; and it starts with the episode the ward's suppression holds for it (a new
+            # bed without it would show no suppression while one is on, and expire() would never lapse it)
+            episode = self.suppression.episode(patient_id)
+            if episode is not None:
+                b.set_episode(episode, self.suppression.status(patient_id))
             while len(self.beds) > self.max_beds:
                 gone, _ = self.beds.popitem(last=False)
                 self.changed.discard(gone)

@@ -46,7 +46,7 @@ def _episode_line(e: Episode) -> str | None:
         return (f"EPISODE {e.patient_id:<10} opened at {_clock(e.start_ns)}, peak p={peak}: suppress ECG alarms "
                 f"(lease {(e.lease_ns or 0) / 1e9:.0f} s, renewed while it lasts)")
     end = _clock(e.end_ns) if e.end_ns is not None else "?"
-    why = " (stale: no scored window lately)" if e.reason == "stale" else ""
+    why = " (stale: no scored window lately, or one the model could not score)" if e.reason == "stale" else ""
     return f"EPISODE {e.patient_id:<10} closed: {_clock(e.start_ns)} -> {end}, peak p={peak}{why}"
 
 

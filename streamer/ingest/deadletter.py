@@ -27,9 +27,15 @@ _OURS = (ERROR_CLASS, ERROR_MESSAGE, SOURCE_TOPIC, SOURCE_PARTITION, SOURCE_OFFS
 # and every framing byte, as aiokafka's batch builder bounds it), under the producer's max_request_size
 # (1 MiB); a larger one goes as its small stand-in
 MAX_DEAD_LETTER_BYTES = 900_000
-# Room the topic's max.message.bytes keeps beyond that (runtime/startup.py checks it under exactly once,
-# where a refusal stops the worker)
-DEAD_LETTER_FRAMING_BYTES = 8_192
+# Margin kept under the dead-letter topic's max.message.bytes, beyond aiokafka's own bound
+DEAD_LETTER_FRAMING_BYTES = 1_024
+# A record key kept in a stand-in at most this long (a patient id is at most 128 characters); a longer one
+# is named by its size and SHA-256 instead
+STAND_IN_KEY_BYTES = 1_024
+# The largest stand-in: its summary, our headers (the error message capped at 1,000 bytes, a topic name
+# at most 249) and a key of STAND_IN_KEY_BYTES, with their batch. A dead-letter topic must take this much
+# (runtime/startup.py refuses an exactly-once start below it)
+STAND_IN_MAX_BYTES = 4_096
 
 
 def batch_bytes(key: bytes | None, value: bytes | None, headers) -> int:
@@ -63,9 +69,10 @@ def reason_of(headers) -> str | None:
 
 
 def oversized_dead_letter(record, headers: list[tuple[str, bytes]],
-                          error: str) -> tuple[bytes, list[tuple[str, bytes]]]:
-    """A dead letter the producer refused (too large with its headers): a small one in its place that
-    identifies the original (size and SHA-256 of its value, its position and original headers)."""
+                          error: str) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
+    """A dead letter too large for the producer or the topic: (key, value, headers) of a small one in its
+    place that identifies the original (size and SHA-256 of its value, and of its key when that is longer
+    than STAND_IN_KEY_BYTES, its position and our headers). At most STAND_IN_MAX_BYTES in a batch."""
     import hashlib
 
     import orjson
@@ -77,8 +84,12 @@ def oversized_dead_letter(record, headers: list[tuple[str, bytes]],
         "value_sha256": hashlib.sha256(value).hexdigest(),
         "error": error[:200],
     }
+    key = record.key
+    if key is not None and len(key) > STAND_IN_KEY_BYTES:
+        summary.update(key_omitted="too_large", key_size=len(key), key_sha256=hashlib.sha256(key).hexdigest())
+        key = None
     # the original headers may be what made it too large: only ours are kept
-    return orjson.dumps(summary), [(k, v) for k, v in headers if k in _OURS] + [("value_omitted", b"too_large")]
+    return key, orjson.dumps(summary), [(k, v) for k, v in headers if k in _OURS] + [("value_omitted", b"too_large")]
 
 
 def _timestamp(record) -> int | None:
@@ -123,12 +134,20 @@ class DeadLetters:
                  on_failure=None):
         self.topic, self.delivery, self.ledger, self.metrics, self.settled = topic, delivery, ledger, metrics, settled
         self.background = BackgroundSends(on_failure)  # a dead letter that fails for good is fatal
-        self.max_bytes = MAX_DEAD_LETTER_BYTES
+        self.max_bytes = MAX_DEAD_LETTER_BYTES  # lowered to the topic's own limit at start (`fit_to`)
         self.log_limit = LogLimit(clock)
         # per input partition, the dead letters waiting for their partition's sending task: a fetch's worth
         # goes in one delivery block (one task, one gate, one acknowledgement wait), so a flood of bad records
         # costs the other beds of the partition little more than reading them
         self._queued: dict = {}
+
+    def fit_to(self, topic_max_message_bytes: int | None) -> None:
+        """The dead-letter topic's max.message.bytes, read at start: a larger dead letter goes as its
+        stand-in at once instead of being refused first (exactly once a refusal stops the worker). Never
+        below STAND_IN_MAX_BYTES: a topic that small cannot take a stand-in either (startup.py)."""
+        if topic_max_message_bytes is not None:
+            self.max_bytes = max(STAND_IN_MAX_BYTES, min(MAX_DEAD_LETTER_BYTES,
+                                                         topic_max_message_bytes - DEAD_LETTER_FRAMING_BYTES))
 
     def send(self, tp, record, reason: str, detail: str, held: bool = True) -> None:
         """Dead-letter `record` on behalf of input partition `tp`. `held`: the record is one of tp's own, so
@@ -154,9 +173,9 @@ class DeadLetters:
         try:
             async with self.delivery.deliver(tp) as block:
                 if block.owned:  # else revoked meanwhile: the partition's owner reads the records again
-                    for record, _, value, headers, hold in prepared:
+                    for record, _, key, value, headers, hold in prepared:
                         if hold is None or self.ledger.is_current(hold):
-                            await block.send(self.topic, value, key=record.key, headers=headers,
+                            await block.send(self.topic, value, key=key, headers=headers,
                                          timestamp_ms=_timestamp(record),
                                          counted=functools.partial(self.ledger.release, hold))
         except KafkaError as exc:
@@ -169,24 +188,24 @@ class DeadLetters:
         for reason, n in collections.Counter(reason for _, reason, _, _ in items).items():
             self.metrics.dead_letters.labels(reason).inc(n)
 
-    def _sized(self, tp, record, reason: str, detail: str) -> tuple[bytes, list]:
-        """The dead letter's value and headers: the record's own, or its small stand-in when the producer
-        would refuse it (exactly once that would fail the whole transaction)."""
+    def _sized(self, tp, record, reason: str, detail: str) -> tuple[bytes | None, bytes, list]:
+        """The dead letter's key, value and headers: the record's own, or its small stand-in when the
+        producer or the topic would refuse it (exactly once that would fail the whole transaction)."""
         headers = dead_letter_headers(reason, detail, record.topic, record.partition, record.offset,
                                       record.headers)
         value = record.value or b""
         # counted as the broker counts it: a header key is UTF-8, a header value may be null (a hostile
         # record's 300,000 empty headers weigh about a megabyte, not 300 kB)
         if batch_bytes(record.key, value, headers) > self.max_bytes:
-            log.warning("dead_letter_replaced", error="over the producer's max request size", topic=tp.topic,
+            log.warning("dead_letter_replaced", error=f"over {self.max_bytes} bytes", topic=tp.topic,
                         partition=tp.partition, offset=record.offset)
-            value, headers = oversized_dead_letter(record, headers, "record too large for a dead letter")
-        return value, headers
+            return oversized_dead_letter(record, headers, "record too large for a dead letter")
+        return record.key, value, headers
 
     async def _send(self, tp, record, reason: str, detail: str, hold) -> None:
-        value, headers = self._sized(tp, record, reason, detail)
+        key, value, headers = self._sized(tp, record, reason, detail)
         try:
-            await self._deliver(tp, record, value, headers, hold)
+            await self._deliver(tp, record, key, value, headers, hold)
         except KafkaError as exc:  # the broker refused it (exactly once a refusal is TransactionFailed, fatal)
             if retriable(exc):
                 raise
@@ -208,9 +227,9 @@ class DeadLetters:
         self.settled.set()
         self.metrics.dead_letters.labels(reason).inc()
 
-    async def _deliver(self, tp, record, value: bytes, headers, hold) -> None:
+    async def _deliver(self, tp, record, key: bytes | None, value: bytes, headers, hold) -> None:
         async with self.delivery.deliver(tp) as block:
             if not block.owned or (hold is not None and not self.ledger.is_current(hold)):
                 return  # revoked meanwhile: the partition's owner reads the record again
-            await block.send(self.topic, value, key=record.key, headers=headers, timestamp_ms=_timestamp(record),
+            await block.send(self.topic, value, key=key, headers=headers, timestamp_ms=_timestamp(record),
                          counted=functools.partial(self.ledger.release, hold))

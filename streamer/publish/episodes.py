@@ -67,7 +67,10 @@ class EpisodeTracker:
             # an open suppression ends now (reason stale: no usable score), not stale_after_s later, and
             # no episode opens across it
             st.flagged_streak = 0
-            return self._close(v.patient_id, st, "stale", now_s) if st.open_start_ns is not None else None
+            # (a window from before the episode began, late from an older grid, says nothing about it)
+            if st.open_start_ns is None or v.end_ns <= st.open_start_ns:
+                return None
+            return self._close(v.patient_id, st, "stale", now_s)
         st.updated_at_s = now_s
         p = v.probability
         if v.artifact:

@@ -33,7 +33,8 @@ from streamer.partitions import OwnedPartitions
 from streamer.publish.episodes import EpisodeTracker
 from streamer.publish.publisher import Publisher
 from streamer.runtime.ownership import PartitionOwnership
-from streamer.runtime.startup import StartupError, choose_delivery, output_routing, state_topic_problem
+from streamer.runtime.startup import (StartupError, choose_delivery, dead_letter_topic_limit, output_routing,
+                                      state_topic_problem)
 from streamer.runtime.upkeep import Backpressure, Upkeep
 from streamer.settings import Settings
 from streamer.state.store import StateStore
@@ -200,6 +201,7 @@ async def assemble(core: Core, scorer: ArtifactScorer, hooks: Hooks) -> Parts:
                           on_failure=hooks.fail)
     dead_letters = DeadLetters(k.dead_letter_topic, delivery, core.ledger, core.metrics, core.settled,
                                on_failure=hooks.fail)
+    dead_letters.fit_to(await dead_letter_topic_limit(k))  # larger ones go as their stand-in at once
     ownership = PartitionOwnership(
         kafka=k, partitions=core.partitions, stage=core.stage, store=core.store, event_time=core.event_time,
         metrics=core.metrics, settled=core.settled, delivery=delivery, consumer=consumer, state_reader=state_reader,

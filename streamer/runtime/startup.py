@@ -15,10 +15,12 @@ from streamer.delivery.event_time import EventTime
 from streamer.kafka.clients import (TlsError, check_connection, ensure_topics, make_producer, missing_topics,
                                     partition_counts, topic_config)
 from streamer.kafka.topics import compaction_fix, topic_config_fix
-from streamer.ingest.deadletter import DEAD_LETTER_FRAMING_BYTES, MAX_DEAD_LETTER_BYTES
+from streamer.ingest.deadletter import DEAD_LETTER_FRAMING_BYTES, STAND_IN_MAX_BYTES
 from streamer.kafka.partitioning import OutputRouting
 from streamer.logs import get_logger
 from streamer.settings import KafkaSettings
+
+KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1_048_588  # a topic's max.message.bytes unless configured
 
 log = get_logger("streamer.worker")
 
@@ -73,7 +75,7 @@ async def choose_delivery(k: KafkaSettings, event_time: EventTime, routing: Outp
                                    f"refused a transaction ({why_not}); use at_least_once for brokers without "
                                    "transactions")
         if k.delivery != "at_least_once" and why_not is None:
-            problem = await dead_letter_topic_problem(k, MAX_DEAD_LETTER_BYTES)
+            problem = await dead_letter_topic_problem(k)
             if problem is not None:
                 raise StartupError(problem)
     except KafkaError as exc:
@@ -140,13 +142,9 @@ async def state_topic_problem(k: KafkaSettings) -> tuple[str | None, int]:
     return None, n
 
 
-async def dead_letter_topic_problem(k: KafkaSettings, largest: int) -> str | None:
-    """At start, exactly once: the dead-letter topic must take the largest dead letter the worker writes
-    (`largest` bytes and their framing; a bigger record goes as its small stand-in). There a refused dead
-    letter fails its transaction and stops the worker, and the record is read again on every restart: a
-    topic limit below the input's would let one hostile record stop its partition's monitoring. (At least
-    once a refused dead letter is replaced by its stand-in, or released with an error.) Returns why it
-    cannot be used, with the fix, or None."""
+async def dead_letter_topic_limit(k: KafkaSettings) -> int | None:
+    """The dead-letter topic's max.message.bytes as the brokers describe it, or None (warned) when they do
+    not say: unchecked, not refused, so an upgrade never stops a worker whose ACLs predate the check."""
     try:
         value = await topic_config(k, k.dead_letter_topic, "max.message.bytes")
     except (KafkaError, OSError, asyncio.TimeoutError) as exc:
@@ -154,13 +152,23 @@ async def dead_letter_topic_problem(k: KafkaSettings, largest: int) -> str | Non
     else:
         why = "not described (no DESCRIBE_CONFIGS on it?)" if value is None else f"unreadable: {value[:40]!r}"
     if value is None or not value.strip().isdigit():
-        # unchecked, not refused: an upgrade must not stop a worker whose ACLs predate the check
         log.warning("dead_letter_topic_limit_unknown", topic=k.dead_letter_topic, why=why,
                     hint="grant DESCRIBE_CONFIGS on it (streamer acls --role worker)")
         return None
-    need = largest + DEAD_LETTER_FRAMING_BYTES
-    if int(value) >= need:
+    return int(value)
+
+
+async def dead_letter_topic_problem(k: KafkaSettings) -> str | None:
+    """At start, exactly once: the dead-letter topic must take at least a dead letter's small stand-in
+    (deadletter.STAND_IN_MAX_BYTES; anything larger than the topic takes goes as one, `DeadLetters.fit_to`).
+    There a refused dead letter fails its transaction and stops the worker, and the record is read again on
+    every restart: one hostile record would stop its partition's monitoring. (At least once a refused dead
+    letter is released with an error.) Returns why the topic cannot be used, with the fix, or None."""
+    limit = await dead_letter_topic_limit(k)
+    need = STAND_IN_MAX_BYTES + DEAD_LETTER_FRAMING_BYTES
+    if limit is None or limit >= need:
         return None
-    return (f"{k.dead_letter_topic} has max.message.bytes={int(value)}, below the {need} a dead letter may need: "
-            f"with exactly-once delivery a refused dead letter stops the worker on every restart (raise it to at "
-            f"least the input topics'): {topic_config_fix(k, k.dead_letter_topic, 'max.message.bytes', str(need))}")
+    return (f"{k.dead_letter_topic} has max.message.bytes={limit}, below the {need} bytes even a dead letter's "
+            f"small stand-in needs: with exactly-once delivery a refused dead letter stops the worker on every "
+            f"restart (give it the input topics' limit, e.g. Kafka's default): "
+            f"{topic_config_fix(k, k.dead_letter_topic, 'max.message.bytes', str(KAFKA_DEFAULT_MAX_MESSAGE_BYTES))}")

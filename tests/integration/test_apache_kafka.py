@@ -131,15 +131,15 @@ def _run_as_printed(fix: str, folder: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_a_dead_letter_topic_too_small_for_a_dead_letter_stops_an_exactly_once_worker_at_start(broker, scorer,
-                                                                                                 tmp_path):
+def test_a_dead_letter_topic_too_small_for_a_stand_in_stops_an_exactly_once_worker_at_start(broker, scorer,
+                                                                                               tmp_path):
     """Exactly once, a dead letter the topic refuses fails its transaction and stops the worker, and the
-    record is read again after every restart: one hostile record would stop its partition for good. So the
-    dead-letter topic's max.message.bytes is checked at start; the fix printed runs as printed, and then the
-    worker starts. (At least once the worker runs: a refused dead letter goes as its stand-in,
-    test_integration_state.py.)"""
-    from streamer.ingest.deadletter import DEAD_LETTER_FRAMING_BYTES, MAX_DEAD_LETTER_BYTES
+    record is read again after every restart: one hostile record would stop its partition for good. A dead
+    letter larger than the topic takes goes as its small stand-in (test_integration_state.py), so only a
+    topic too small for even that is refused at start; the fix printed runs as printed, and then the worker
+    starts. (At least once the worker runs: a refused dead letter is released with an error.)"""
     from streamer.kafka.clients import topic_config
+    from streamer.runtime.startup import KAFKA_DEFAULT_MAX_MESSAGE_BYTES
     from tests.kafka_utils import set_topic_config, wait_until
 
     s = isolated_settings(broker.bootstrap)
@@ -150,7 +150,7 @@ def test_a_dead_letter_topic_too_small_for_a_dead_letter_stops_an_exactly_once_w
     with pytest.raises(StartupError, match=f"{s.kafka.dead_letter_topic} has max.message.bytes=200") as refused:
         _start_worker(s, scorer)
     _run_as_printed(str(refused.value).rsplit("): ", 1)[1], tmp_path)
-    need = MAX_DEAD_LETTER_BYTES + DEAD_LETTER_FRAMING_BYTES
+    need = KAFKA_DEFAULT_MAX_MESSAGE_BYTES
     wait_until(lambda: asyncio.run(topic_config(s.kafka, s.kafka.dead_letter_topic, "max.message.bytes")) == str(need),
                30, "the fixed max.message.bytes described", interval_s=0.2)
     assert _start_worker(s, scorer).parts.delivery.exactly_once

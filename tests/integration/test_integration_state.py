@@ -172,6 +172,38 @@ def test_a_bad_record_with_a_null_header_value_is_dead_lettered_with_it(broker, 
     assert list(dead[0].headers)[:2] == [("trace", None), ("source", b"monitor-7")]
 
 
+def test_a_dead_letter_over_the_topic_limit_goes_as_its_stand_in_under_exactly_once(broker, scorer):
+    """The dead-letter topic takes 20,000 bytes and a malformed 50 kB record (with a 30 kB key) comes in: the
+    exactly-once worker, sized to the topic's limit at start, writes the small stand-in naming the record's
+    size and SHA-256 (and its key's), never the record, which the topic would refuse (a refusal fails the
+    transaction: the worker stopped, on every restart); the healthy bed is flagged and the worker goes on."""
+    from streamer.kafka.clients import topic_config
+    from tests.kafka_utils import set_topic_config, wait_until
+
+    s = isolated_settings(broker.bootstrap, partitions=1)
+    asyncio.run(set_topic_config(s.kafka, s.kafka.dead_letter_topic, **{"max.message.bytes": "20000"}))
+    wait_until(lambda: asyncio.run(topic_config(s.kafka, s.kafka.dead_letter_topic, "max.message.bytes")) == "20000",
+               30, "the new max.message.bytes described", interval_s=0.2)
+    bed = Source("bed-ok", Recording(regular_times(500 * 21, 500, T0), generate(21, fs=500, seed=4).values, 500.0))
+    big, key = b"{" + b"x" * 50_000, b"k" * 30_000
+
+    async def main():
+        worker = Worker(s, scorer=scorer)
+        task = asyncio.create_task(worker.run())
+        try:
+            await _bad_record_then_a_healthy_bed(s, worker, big, key, bed)
+            assert worker.parts.delivery.exactly_once and worker.fatal is None
+            return await read_topic(s.kafka, s.kafka.dead_letter_topic, until=lambda r: len(r) >= 1)
+        finally:
+            worker.stop()
+            assert await asyncio.wait_for(task, 30) == 0
+
+    dead = asyncio.run(main())
+    assert headers_dict(dead[0].headers)["value_omitted"] == "too_large" and dead[0].key is None
+    summary = orjson.loads(dead[0].value)
+    assert (summary["value_size"], summary["key_size"]) == (len(big), len(key))
+
+
 def test_a_leading_hole_is_reported_across_kill_9(broker, checkpoint, tmp_path):
     """A monitor that joined 4 s into its segment: the first window is reported (insufficient data) whether
     or not the worker is killed and restarted around it."""

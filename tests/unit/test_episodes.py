@@ -151,3 +151,5 @@ def test_a_model_failure_ends_an_open_suppression_at_once():
     # artifact, failure, artifact: not two consecutive artifact windows, so nothing opens
     assert [t.update(v, st, 105.0) for v in (flag(4, True), _not_finite(5), flag(6, True))] == [None] * 3
     assert t.update(flag(7, True), st, 106.0).state == "open"
+    # a failed window from before this episode began (late, from an older grid) says nothing about it
+    assert t.update(_not_finite(2), st, 107.0, grid=1) is None and st.open_start_ns == 6 * W

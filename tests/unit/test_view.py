@@ -71,6 +71,28 @@ def test_beds_bounded_least_recent_dropped_and_the_page_told():
     second = ward.delta()
     assert second["gone"] == ["c"] and set(second["beds"]) == {"a", "b"}
     assert ward.delta() is None
+    ward.on_flag(_flag("c", T0 + 2 * 10**10, 0.1))  # c back: d goes...
+    for pid in ("x", "y", "z"):  # ...then three new beds push b, a and c out...
+        ward.on_flag(_flag(pid, T0, 0.1))
+    ward.on_flag(_flag("c", T0 + 3 * 10**10, 0.1))  # ...and c comes back, all within one push
+    third = ward.delta()
+    # the page forgets c's old card (gone) before it takes the new one (beds)
+    assert "c" in third["gone"] and "c" in third["beds"]
+
+
+def test_a_bed_dropped_and_back_keeps_the_suppression_the_ward_holds():
+    """A bed with an open episode dropped past max_beds and heard of again starts with that episode, not
+    without one (the page would show no suppression while one is on, and expire() would never lapse it)."""
+    ward = Ward(max_beds=1)
+    now = time.time_ns()
+    ward.on_episode(_episode(5, "open", now))
+    assert ward.beds["bed-1"].episode["state"] == "open"
+    ward.on_flag(_flag("other", T0, 0.1))  # bed-1 dropped
+    assert "bed-1" not in ward.beds
+    ward.on_flag(_flag("bed-1", T0 + 10**10, 0.1))  # back
+    assert ward.beds["bed-1"].episode["state"] == "open"
+    ward.expire(now_ns=now + 10**12)  # long past the lease: shown lapsed, as if it had never left
+    assert ward.beds["bed-1"].episode["state"] == "lapsed"
 
 
 def test_delta_has_only_what_changed_then_nothing():
