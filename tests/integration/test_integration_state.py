@@ -125,23 +125,34 @@ async def _bad_record_then_a_healthy_bed(s, worker, bad: bytes, key: bytes, bed,
                  "the commit to pass the bad record")
 
 
-def test_an_oversized_record_is_dead_lettered_small_and_the_partition_moves_on(broker, scorer):
-    s = isolated_settings(broker.bootstrap, partitions=1)
+def _dead_letters_of_a_bad_record(s, scorer, bad: bytes, key: bytes, headers=None) -> list:
+    """A worker runs while one bad record and then a healthy bed come in (`_bad_record_then_a_healthy_bed`);
+    returns the dead-letter topic's records once it has one. The worker must not have failed, and must
+    stop cleanly (never hang on the dead letter)."""
     bed = Source("bed-ok", Recording(regular_times(500 * 21, 500, T0), generate(21, fs=500, seed=4).values, 500.0))
-    big = orjson.dumps({"patient_id": "bed-big", "lead": "II", "t0_ns": T0, "fs": 500, "samples": [0.0] * 1000,
-                        "pad": "x" * (1024 * 1024 - 200)})[:1024 * 1024 - 100]  # just under 1 MiB, broken JSON
 
     async def main():
         worker = Worker(s, scorer=scorer)
         task = asyncio.create_task(worker.run())
         try:
-            await _bad_record_then_a_healthy_bed(s, worker, big, b"bed-big", bed)
-            return await read_topic(s.kafka, s.kafka.dead_letter_topic, until=lambda r: len(r) >= 1)
+            await _bad_record_then_a_healthy_bed(s, worker, bad, key, bed, headers=headers)
+            assert worker.fatal is None, worker.fatal
+            return worker.parts.delivery.exactly_once, await read_topic(s.kafka, s.kafka.dead_letter_topic,
+                                                                        until=lambda r: len(r) >= 1)
         finally:
             worker.stop()
             assert await asyncio.wait_for(task, 30) == 0, "shutdown must not hang on the dead letter"
 
-    dead = asyncio.run(main())
+    exactly_once, dead = asyncio.run(main())
+    assert exactly_once, "these cases are about exactly once, where a refused dead letter stops the worker"
+    return dead
+
+
+def test_an_oversized_record_is_dead_lettered_small_and_the_partition_moves_on(broker, scorer):
+    s = isolated_settings(broker.bootstrap, partitions=1)
+    big = orjson.dumps({"patient_id": "bed-big", "lead": "II", "t0_ns": T0, "fs": 500, "samples": [0.0] * 1000,
+                        "pad": "x" * (1024 * 1024 - 200)})[:1024 * 1024 - 100]  # just under 1 MiB, broken JSON
+    dead = _dead_letters_of_a_bad_record(s, scorer, big, b"bed-big")
     h = headers_dict(dead[0].headers)
     assert reason_of(dead[0].headers) == "malformed_json" and h["value_omitted"] == "too_large"
     summary = orjson.loads(dead[0].value)
@@ -153,21 +164,8 @@ def test_a_bad_record_with_a_null_header_value_is_dead_lettered_with_it(broker, 
     header, and the exactly-once worker goes on (its size count once raised TypeError on the null, which
     failed the dead-letter task: the worker stopped, and again on every restart)."""
     s = isolated_settings(broker.bootstrap, partitions=1)
-    bed = Source("bed-ok", Recording(regular_times(500 * 21, 500, T0), generate(21, fs=500, seed=4).values, 500.0))
-
-    async def main():
-        worker = Worker(s, scorer=scorer)
-        task = asyncio.create_task(worker.run())
-        try:
-            await _bad_record_then_a_healthy_bed(s, worker, b"{not json", b"bed-bad", bed,
-                                                 headers=[("trace", None), ("source", b"monitor-7")])
-            assert worker.parts.delivery.exactly_once and worker.fatal is None
-            return await read_topic(s.kafka, s.kafka.dead_letter_topic, until=lambda r: len(r) >= 1)
-        finally:
-            worker.stop()
-            assert await asyncio.wait_for(task, 30) == 0
-
-    dead = asyncio.run(main())
+    dead = _dead_letters_of_a_bad_record(s, scorer, b"{not json", b"bed-bad",
+                                         headers=[("trace", None), ("source", b"monitor-7")])
     assert reason_of(dead[0].headers) == "malformed_json" and dead[0].value == b"{not json"
     assert list(dead[0].headers)[:2] == [("trace", None), ("source", b"monitor-7")]
 
@@ -184,21 +182,8 @@ def test_a_dead_letter_over_the_topic_limit_goes_as_its_stand_in_under_exactly_o
     asyncio.run(set_topic_config(s.kafka, s.kafka.dead_letter_topic, **{"max.message.bytes": "20000"}))
     wait_until(lambda: asyncio.run(topic_config(s.kafka, s.kafka.dead_letter_topic, "max.message.bytes")) == "20000",
                30, "the new max.message.bytes described", interval_s=0.2)
-    bed = Source("bed-ok", Recording(regular_times(500 * 21, 500, T0), generate(21, fs=500, seed=4).values, 500.0))
     big, key = b"{" + b"x" * 50_000, b"k" * 30_000
-
-    async def main():
-        worker = Worker(s, scorer=scorer)
-        task = asyncio.create_task(worker.run())
-        try:
-            await _bad_record_then_a_healthy_bed(s, worker, big, key, bed)
-            assert worker.parts.delivery.exactly_once and worker.fatal is None
-            return await read_topic(s.kafka, s.kafka.dead_letter_topic, until=lambda r: len(r) >= 1)
-        finally:
-            worker.stop()
-            assert await asyncio.wait_for(task, 30) == 0
-
-    dead = asyncio.run(main())
+    dead = _dead_letters_of_a_bad_record(s, scorer, big, key)
     assert headers_dict(dead[0].headers)["value_omitted"] == "too_large" and dead[0].key is None
     summary = orjson.loads(dead[0].value)
     assert (summary["value_size"], summary["key_size"]) == (len(big), len(key))
