@@ -150,10 +150,12 @@ async def dead_letter_topic_limit(k: KafkaSettings) -> int | None:
     except (KafkaError, OSError, asyncio.TimeoutError) as exc:
         value, why = None, repr(exc)[:200]
     else:
-        why = "not described (no DESCRIBE_CONFIGS on it?)" if value is None else f"unreadable: {value[:40]!r}"
+        why = "not described" if value is None else f"unreadable: {value[:40]!r}"
     if value is None or not value.strip().isdigit():
         log.warning("dead_letter_topic_limit_unknown", topic=k.dead_letter_topic, why=why,
-                    hint="grant DESCRIBE_CONFIGS on it (streamer acls --role worker)")
+                    effect="dead letters sized to the producer's limit only",
+                    hint="no DESCRIBE_CONFIGS on it (streamer acls --role worker), or a broker that does not "
+                         "describe topics (the embedded demo broker)")
         return None
     return int(value)
 
