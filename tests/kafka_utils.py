@@ -137,6 +137,19 @@ async def set_topic_config(k: KafkaSettings, topic: str, **configs: str) -> None
         await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, configs=configs)])
     finally:
         await admin.close()
+    for name, value in configs.items():
+        await topic_config_described(k, topic, name, value)
+
+
+async def topic_config_described(k: KafkaSettings, topic: str, name: str, value: str, timeout_s: float = 30.0):
+    """Until the brokers describe `name` of `topic` as `value`: Apache Kafka 4.4 answers a DescribeConfigs
+    right after AlterConfigs with the old value for a moment."""
+    from streamer.kafka.clients import topic_config
+
+    async def described():
+        return await topic_config(k, topic, name) == value
+
+    await until_true(described, timeout_s, f"{topic} described with {name}={value}", interval_s=0.2)
 
 
 def faketime_env(offset: str | None) -> dict[str, str]:

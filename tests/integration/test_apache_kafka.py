@@ -138,21 +138,16 @@ def test_a_dead_letter_topic_too_small_for_a_stand_in_stops_an_exactly_once_work
     letter larger than the topic takes goes as its small stand-in (test_integration_state.py), so only a
     topic too small for even that is refused at start; the fix printed runs as printed, and then the worker
     starts. (At least once the worker runs: a refused dead letter is released with an error.)"""
-    from streamer.kafka.clients import topic_config
     from streamer.runtime.startup import KAFKA_DEFAULT_MAX_MESSAGE_BYTES
-    from tests.kafka_utils import set_topic_config, wait_until
+    from tests.kafka_utils import set_topic_config, topic_config_described
 
     s = isolated_settings(broker.bootstrap)
     asyncio.run(set_topic_config(s.kafka, s.kafka.dead_letter_topic, **{"max.message.bytes": "200"}))
-    # the brokers answer DescribeConfigs with the old value for a moment after AlterConfigs (seen on 4.4)
-    wait_until(lambda: asyncio.run(topic_config(s.kafka, s.kafka.dead_letter_topic, "max.message.bytes")) == "200",
-               30, "the new max.message.bytes described", interval_s=0.2)
     with pytest.raises(StartupError, match=f"{s.kafka.dead_letter_topic} has max.message.bytes=200") as refused:
         _start_worker(s, scorer)
     _run_as_printed(str(refused.value).rsplit("): ", 1)[1], tmp_path)
-    need = KAFKA_DEFAULT_MAX_MESSAGE_BYTES
-    wait_until(lambda: asyncio.run(topic_config(s.kafka, s.kafka.dead_letter_topic, "max.message.bytes")) == str(need),
-               30, "the fixed max.message.bytes described", interval_s=0.2)
+    asyncio.run(topic_config_described(s.kafka, s.kafka.dead_letter_topic, "max.message.bytes",
+                                       str(KAFKA_DEFAULT_MAX_MESSAGE_BYTES)))
     assert _start_worker(s, scorer).parts.delivery.exactly_once
 
 
